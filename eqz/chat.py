@@ -1,0 +1,90 @@
+"""Chat slash commands: parse a line, act on the session, say what happened. No terminal I/O here."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import EqzError
+from .session import ChatSession
+from .vector_files import parse_scaled_path
+
+
+@dataclass
+class CommandResult:
+    message: str = ""
+    quit: bool = False
+
+
+@dataclass(frozen=True)
+class Command:
+    usage: str
+    summary: str
+    run: Callable[["ChatCommands", list[str], str], CommandResult]
+
+
+class ChatCommands:
+    """The ``/command`` language of ``eqz chat``."""
+
+    def __init__(self, session: ChatSession):
+        self.session = session
+
+    def handle(self, line: str) -> CommandResult:
+        """Run one slash command line; raises EqzError with a one-line message for bad input."""
+        name, _, rest = line.strip()[1:].partition(" ")
+        command = COMMANDS.get(name.lower())
+        if command is None:
+            raise EqzError(f"unknown command /{name}; type /help for the list")
+        try:
+            args = shlex.split(rest)
+        except ValueError as error:
+            raise EqzError(f"could not parse /{name} arguments ({error}); usage: {command.usage}") from None
+        return command.run(self, args, rest.strip())
+
+    # -- the commands
+
+    def help(self, _args: list[str], _rest: str) -> CommandResult:
+        width = max(len(command.usage) for command in COMMANDS.values())
+        lines = [f"  {command.usage:<{width}}  {command.summary}" for command in COMMANDS.values()]
+        return CommandResult("\n".join(lines))
+
+    def system(self, _args: list[str], rest: str) -> CommandResult:
+        self.session.system = rest or None
+        return CommandResult(f"system prompt {'set' if rest else 'cleared (the model default applies)'}")
+
+    def vector(self, args: list[str], _rest: str) -> CommandResult:
+        if len(args) != 2:
+            raise EqzError(f"usage: {COMMANDS['vector'].usage}")
+        path, scale = parse_scaled_path(f"{args[0]}:{args[1]}", "/vector")
+        self.session.set_steering(self.session.steering.with_vector(path, scale))
+        return CommandResult(f"vector {path} {'removed' if scale == 0 else f'at scale {scale:g}'}")
+
+    def reset(self, _args: list[str], _rest: str) -> CommandResult:
+        self.session.reset()
+        return CommandResult("history cleared")
+
+    def save(self, args: list[str], _rest: str) -> CommandResult:
+        if len(args) != 1:
+            raise EqzError(f"usage: {COMMANDS['save'].usage}")
+        path = Path(args[0]).expanduser()
+        try:
+            path.write_text(json.dumps(self.session.transcript(), indent=2, ensure_ascii=False) + "\n")
+        except OSError as error:
+            raise EqzError(f"could not write {path}: {error.strerror}") from None
+        return CommandResult(f"saved {len(self.session.history)} messages to {path}")
+
+    def quit(self, _args: list[str], _rest: str) -> CommandResult:
+        return CommandResult(quit=True)
+
+
+COMMANDS: dict[str, Command] = {
+    "help": Command("/help", "show these commands", ChatCommands.help),
+    "system": Command("/system TEXT", "set the system prompt (empty: model default)", ChatCommands.system),
+    "vector": Command("/vector FILE SCALE", "steer with a llama.cpp control vector (0 removes it)", ChatCommands.vector),
+    "reset": Command("/reset", "forget the conversation", ChatCommands.reset),
+    "save": Command("/save FILE", "write the transcript with every setting as JSON", ChatCommands.save),
+    "quit": Command("/quit", "leave (Ctrl-D works too)", ChatCommands.quit),
+}

@@ -1,0 +1,611 @@
+"""eqz's one door to llama.cpp: models, contexts, batches, sampling, control vectors and hidden-state taps.
+
+Nothing else in eqz imports ``llama_cpp``. Everything here speaks numpy and plain Python to the rest of the
+package, so the math on vectors can be tested without a model and the CLI stays thin.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import importlib.machinery
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+import llama_cpp as L
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .errors import EqzError
+from .sampling import Sampling
+
+# --------------------------------------------------------------------------------------------------------------
+# Library-wide set-up: logging, the ggml functions llama_cpp does not bind, the C eval-callback filter.
+
+
+class _LlamaLog:
+    """llama.cpp's log, kept quiet: the last lines are kept to explain a failure; --debug prints them all."""
+
+    ERROR_LEVEL = 4
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.errors: deque[str] = deque(maxlen=20)
+        self.callback = L.llama_log_callback(self._on_log)
+        L.llama_log_set(self.callback, None)
+
+    def _on_log(self, level: int, text: bytes, _user_data) -> None:
+        line = text.decode("utf-8", "replace")
+        if level == self.ERROR_LEVEL and line.strip():
+            self.errors.append(line.strip())
+        if self.verbose:
+            os.write(2, text)
+
+    def take_errors(self) -> list[str]:
+        lines = list(self.errors)
+        self.errors.clear()
+        return lines
+
+
+_log = _LlamaLog()
+L.llama_backend_init()
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show llama.cpp's own log on stderr (``--debug``)."""
+    _log.verbose = verbose
+
+
+_LIB_DIR = Path(L.__file__).parent / "lib"
+_ggml = ctypes.CDLL(str(_LIB_DIR / "libggml-base.so"))
+_ggml.ggml_get_name.restype = ctypes.c_char_p
+_ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_tensor_get.restype = None
+_ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_ggml.ggml_backend_tensor_set.restype = None
+_ggml.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+
+
+class _GgmlTensor(ctypes.Structure):
+    """The head of ``struct ggml_tensor`` (ggml.h), enough to read a node's shape, type and name."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+    ]
+
+
+_GGML_TYPE_F32 = 0
+_MAX_TAP_LAYERS = 1024
+
+
+class _TapFilterState(ctypes.Structure):
+    """Mirror of ``eqz_tap_filter`` in _tapfilter.c."""
+
+    _fields_ = [
+        ("answer", L.ggml_backend_sched_eval_callback),
+        ("name_offset", ctypes.c_size_t),
+        ("wanted", ctypes.c_ubyte * _MAX_TAP_LAYERS),
+    ]
+
+
+def _load_tap_filter() -> ctypes.CDLL:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_tapfilter{suffix}"
+        if candidate.exists():
+            return ctypes.CDLL(str(candidate))
+    raise EqzError("eqz's compiled tap filter is missing; reinstall eqz (make clean && make test)", exit_code=1)
+
+
+_tap_filter_lib = _load_tap_filter()
+_tap_filter_eval = L.ggml_backend_sched_eval_callback(("eqz_tap_filter_eval", _tap_filter_lib))
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp decodes fastest with one thread per core."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What eqz needs to know about a model, read from llama.cpp after loading."""
+
+    path: str
+    name: str
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    has_chat_template: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "name": self.name,
+            "architecture": self.architecture,
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "n_vocab": self.n_vocab,
+            "n_ctx_train": self.n_ctx_train,
+            "chat_template": self.has_chat_template,
+        }
+
+
+FALLBACK_STOPS = ("\nUser:", "\nAssistant:")
+
+
+def _check_gguf_header(path: Path) -> None:
+    if not path.exists():
+        raise EqzError(f"model file not found: {path} (pass --model PATH or set EQZ_MODEL)")
+    if not path.is_file():
+        raise EqzError(f"model path is not a file: {path} (pass the .gguf file itself)")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise EqzError(f"{path} is not a GGUF file (llama.cpp models are .gguf files that start with 'GGUF')")
+
+
+def _explain_load_failure(path: Path, errors: list[str]) -> EqzError:
+    detail = errors[-1] if errors else "no reason given"
+    joined = " ".join(errors)
+    if "unknown model architecture" in joined:
+        arch = joined.split("unknown model architecture:", 1)[1].strip().split()[0].strip("'")
+        if arch == "controlvector":
+            return EqzError(f"{path} is a control vector, not a model; pass it with --vector FILE[:SCALE]")
+        return EqzError(
+            f"{path}: architecture '{arch}' is not supported by the llama.cpp in this eqz "
+            f"(llama-cpp-python {L.__version__}); use a model of a supported architecture"
+        )
+    if "tensor" in joined and ("bounds" in joined or "data is not within" in joined or "truncat" in joined):
+        return EqzError(f"{path} is truncated or corrupt ({detail}); download or copy the file again")
+    return EqzError(f"llama.cpp could not load {path}: {detail}")
+
+
+class Model:
+    """A GGUF model loaded by llama.cpp (weights and vocabulary), shared by the contexts made from it."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        self.path = Path(path)
+        _check_gguf_header(self.path)
+        self.threads = threads or physical_cores()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0
+        _log.take_errors()
+        self._model = L.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise _explain_load_failure(self.path, _log.take_errors())
+        self._vocab = L.llama_model_get_vocab(self._model)
+        template = L.llama_model_chat_template(self._model, None)
+        self._template = template.decode("utf-8") if template else None
+        self._formatter = (
+            Jinja2ChatFormatter(self._template, self._token_text(self.eos), self._token_text(self.bos))
+            if self._template
+            else None
+        )
+        self.info = ModelInfo(
+            path=str(self.path),
+            name=self.meta("general.name") or self.path.stem,
+            architecture=self.meta("general.architecture") or "unknown",
+            n_layer=L.llama_model_n_layer(self._model),
+            n_embd=L.llama_model_n_embd(self._model),
+            n_vocab=L.llama_vocab_n_tokens(self._vocab),
+            n_ctx_train=L.llama_model_n_ctx_train(self._model),
+            has_chat_template=self._template is not None,
+        )
+
+    def close(self) -> None:
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- metadata and vocabulary
+
+    def meta(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(4096)
+        size = L.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", "replace") if size >= 0 else None
+
+    @property
+    def bos(self) -> int:
+        return L.llama_vocab_bos(self._vocab)
+
+    @property
+    def eos(self) -> int:
+        return L.llama_vocab_eos(self._vocab)
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return L.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self._vocab, token))
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Tokens of ``text``; ``add_special`` adds BOS where the model wants one (never twice)."""
+        if add_special and self.bos >= 0 and text.startswith(self._token_text(self.bos)):
+            add_special = False
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (L.llama_token * capacity)()
+        count = L.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        if count < 0:
+            capacity = -count
+            buffer = (L.llama_token * capacity)()
+            count = L.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        return list(buffer[:count])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as empty)."""
+        buffer = ctypes.create_string_buffer(64)
+        size = L.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = L.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:size]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(token) for token in tokens).decode("utf-8", "replace")
+
+    # -- chat formatting
+
+    def chat_prompt(self, messages: Sequence[dict]) -> tuple[str, tuple[str, ...]]:
+        """The prompt text for ``messages`` ending where the assistant speaks, and the stop strings it needs.
+
+        Uses the model's own chat template from the GGUF metadata; models without one (base models) get a
+        plain "User:/Assistant:" transcript, which needs stop strings to end a reply.
+        """
+        if self._formatter is not None:
+            try:
+                return self._formatter(messages=list(messages)).prompt, ()
+            except Exception as error:  # a template may reject e.g. a system message: say so plainly
+                raise EqzError(f"the model's chat template rejected the conversation: {error}") from None
+        lines = []
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if role == "system":
+                lines.append(f"{content}\n")
+            else:
+                lines.append(f"{'User' if role == 'user' else 'Assistant'}: {content}")
+        return "\n".join(lines) + "\nAssistant:", FALLBACK_STOPS
+
+    def context(self, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = 512, taps: bool = False) -> "Context":
+        return Context(self, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, taps=taps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+class Sampler:
+    """A llama.cpp sampler chain: repeat penalty, top-k, top-p, min-p, temperature, then a seeded draw."""
+
+    def __init__(self, model: Model, settings: Sampling, seed: int):
+        self.settings = settings
+        self.seed = seed
+        self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        add = lambda sampler: L.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
+        if settings.repeat_penalty != 1.0:
+            n_vocab = model.info.n_vocab
+            add(L.llama_sampler_init_penalties(n_vocab, settings.repeat_last_n, settings.repeat_penalty, 0.0, 0.0))
+        if settings.temperature <= 0:
+            add(L.llama_sampler_init_greedy())
+            return
+        if settings.top_k > 0:
+            add(L.llama_sampler_init_top_k(settings.top_k))
+        add(L.llama_sampler_init_top_p(settings.top_p, 1))
+        add(L.llama_sampler_init_min_p(settings.min_p, 1))
+        add(L.llama_sampler_init_temp(settings.temperature))
+        add(L.llama_sampler_init_dist(seed))
+
+    def sample(self, context: "Context", row: int) -> int:
+        """Draw a token from the logits of batch row ``row`` (-1: the last row) and remember it."""
+        return L.llama_sampler_sample(self._chain, context._ctx, row)
+
+    def close(self) -> None:
+        if self._chain:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Contexts: decoding, control vectors, taps
+
+
+class Tap(Protocol):
+    """Sees the residual stream after chosen layers while llama.cpp computes a batch.
+
+    ``layers``: the layer indices N of the ``l_out-N`` tensors wanted. ``__call__(layer, hidden)`` gets a
+    (tokens, n_embd) float32 copy, rows in batch order; return True to write ``hidden`` back into the graph,
+    which changes everything downstream (the next layers, the K/V stored in the cache, the logits). The final
+    layer only has rows for the tokens whose logits were requested.
+    """
+
+    layers: frozenset[int]
+
+    def __call__(self, layer: int, hidden: np.ndarray) -> bool: ...
+
+
+@dataclass
+class Step:
+    """One generated token and the text it completes (possibly empty while a UTF-8 sequence is open).
+
+    A last Step with ``token`` None may flush text held back while it could have begun a stop string.
+    """
+
+    token: int | None
+    text: str
+
+
+class Context:
+    """A llama.cpp context: KV cache, control vector and taps. Sequence 0 is the single-stream "session"."""
+
+    def __init__(self, model: Model, n_ctx: int, n_seq: int, n_batch: int, taps: bool):
+        self.model = model
+        self.n_layer = model.info.n_layer
+        self.n_embd = model.info.n_embd
+        params = L.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch  # one micro-batch per decode: taps see rows in batch order
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = model.threads
+        params.no_perf = True
+        self._filter = None
+        if taps:
+            self._answer = L.ggml_backend_sched_eval_callback(self._on_tap)
+            self._filter = _TapFilterState(self._answer, _GgmlTensor.name.offset)
+            params.cb_eval = _tap_filter_eval
+            params.cb_eval_user_data = ctypes.addressof(self._filter)
+        self._tap: Tap | None = None
+        self._tap_error: BaseException | None = None
+        _log.take_errors()
+        self._ctx = L.llama_init_from_model(model._model, params)
+        if not self._ctx:
+            detail = "; ".join(_log.take_errors()) or "out of memory?"
+            raise EqzError(f"llama.cpp could not create a context of {n_ctx} tokens: {detail}", exit_code=1)
+        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._batch = L.llama_batch_init(n_batch, 0, max(1, n_seq))
+        self._memory = L.llama_get_memory(self._ctx)
+        self.session_tokens: list[int] = []  # what the KV cache holds for sequence 0
+        self.control_vector: np.ndarray | None = None
+
+    def close(self) -> None:
+        if self._ctx:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- control vectors
+
+    def set_control_vector(self, vector: np.ndarray | None) -> None:
+        """Steer every token decoded from now on by ``vector`` (n_layer, n_embd): row N is added after layer N.
+
+        None, or all zeros, clears it: the graph is then exactly the unsteered one. Row 0 must be zero
+        (llama.cpp cannot steer layer 0). Tokens already in the KV cache keep the activations they had.
+        """
+        if vector is None or not np.any(vector):
+            L.llama_set_adapter_cvec(self._ctx, None, 0, self.n_embd, -1, -1)
+            self.control_vector = None
+            return
+        if vector.shape != (self.n_layer, self.n_embd):
+            raise EqzError(
+                f"control vector has shape {vector.shape}, the model needs ({self.n_layer}, {self.n_embd})"
+            )
+        if np.any(vector[0]):
+            raise EqzError("a control vector cannot steer layer 0 (llama.cpp starts at layer 1)")
+        rows = np.ascontiguousarray(vector[1:], dtype=np.float32)
+        data = rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if L.llama_set_adapter_cvec(self._ctx, data, rows.size, self.n_embd, 1, self.n_layer - 1) != 0:
+            raise EqzError("llama.cpp refused the control vector", exit_code=1)
+        self.control_vector = vector.copy()
+
+    # -- taps
+
+    def set_tap(self, tap: Tap | None) -> None:
+        """Route the residual stream of ``tap.layers`` to ``tap`` on every following decode (None: stop)."""
+        if tap is not None and self._filter is None:
+            raise RuntimeError("this context was made without taps=True")
+        if self._filter is not None:
+            wanted = np.zeros(_MAX_TAP_LAYERS, dtype=np.uint8)
+            if tap is not None:
+                wanted[list(tap.layers)] = 1
+            ctypes.memmove(self._filter.wanted, wanted.ctypes.data, _MAX_TAP_LAYERS)
+        self._tap = tap
+
+    def _on_tap(self, tensor: int, ask: bool, _user_data) -> bool:
+        # Called by llama.cpp (through the C filter) once a wanted l_out-N is computed, before its consumers.
+        try:
+            head = _GgmlTensor.from_address(tensor)
+            if self._tap is None or head.type != _GGML_TYPE_F32:
+                return True
+            layer = int(head.name[6:])
+            hidden = np.empty((head.ne[1], head.ne[0]), dtype=np.float32)
+            _ggml.ggml_backend_tensor_get(tensor, hidden.ctypes.data, 0, hidden.nbytes)
+            if self._tap(layer, hidden):
+                _ggml.ggml_backend_tensor_set(tensor, np.ascontiguousarray(hidden).ctypes.data, 0, hidden.nbytes)
+        except BaseException as error:  # never let an exception unwind through C; re-raised after decode
+            self._tap_error = error
+        return True
+
+    # -- decoding
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]):
+        """One llama_decode of up to ``n_batch`` tokens; ``seqs[i]`` is token i's sequence."""
+        count = len(tokens)
+        if count > self.n_batch:
+            raise ValueError(f"{count} tokens exceed the batch size {self.n_batch}")
+        batch = self._batch
+        batch.n_tokens = count
+        for i in range(count):
+            batch.token[i] = tokens[i]
+            batch.pos[i] = positions[i]
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seqs[i]
+            batch.logits[i] = logits[i]
+        status = L.llama_decode(self._ctx, batch)
+        if self._tap_error is not None:
+            error, self._tap_error = self._tap_error, None
+            raise error
+        if status == 1:
+            raise EqzError("the context is full; raise --ctx or shorten the conversation", exit_code=1)
+        if status != 0:
+            raise EqzError(f"llama.cpp failed to decode (status {status})", exit_code=1)
+
+    def logits(self, row: int) -> np.ndarray:
+        """The logits of batch row ``row`` of the last decode (a copy)."""
+        pointer = L.llama_get_logits_ith(self._ctx, row)
+        return np.ctypeslib.as_array(pointer, shape=(self.model.info.n_vocab,)).copy()
+
+    def clear(self) -> None:
+        L.llama_memory_clear(self._memory, True)
+        self.session_tokens = []
+
+    def forget(self, seq: int, start: int = 0) -> None:
+        """Drop sequence ``seq`` from position ``start`` on."""
+        L.llama_memory_seq_rm(self._memory, seq, start, -1)
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        """Make sequence 0 hold exactly ``tokens``, reusing the longest prefix already in the cache.
+
+        Afterwards the logits of the last token are ready for sampling.
+        """
+        tokens = list(tokens)
+        if not tokens:
+            raise EqzError("nothing to decode: the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise EqzError(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                "shorten it or raise --ctx"
+            )
+        keep = 0
+        for cached, new in zip(self.session_tokens, tokens):
+            if cached != new:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)  # always decode the last token again to get its logits
+        self.forget(0, keep)
+        self.session_tokens = tokens[:keep]
+        for start in range(keep, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            last = start + len(chunk) == len(tokens)
+            self.decode(
+                chunk,
+                range(start, start + len(chunk)),
+                [0] * len(chunk),
+                [last and i == len(chunk) - 1 for i in range(len(chunk))],
+            )
+            self.session_tokens.extend(chunk)
+
+    def stream(self, sampler: Sampler, max_tokens: int, stop: Sequence[str] = ()) -> "Stream":
+        """Generate after ``prefill``: iterate the returned Stream for tokens as they come."""
+        return Stream(self, sampler, max_tokens, stop)
+
+
+class Stream:
+    """Tokens of one reply on sequence 0, sampled and decoded one at a time.
+
+    Each Step is yielded *before* its token is decoded, so a control vector set while handling step k
+    steers the logits of step k+1: a slider moved mid-reply changes the very next token.
+    ``finish_reason`` ends as "stop" (end of turn or stop string), "length" (max_tokens) or "context" (full).
+    """
+
+    def __init__(self, context: Context, sampler: Sampler, max_tokens: int, stop: Sequence[str]):
+        self.context = context
+        self.sampler = sampler
+        self.max_tokens = max_tokens
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[Step]:
+        context, model = self.context, self.context.model
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        held = ""  # text that might be the start of a stop string
+        while True:
+            if len(self.tokens) >= self.max_tokens:
+                self.finish_reason = "length"
+                break
+            if len(context.session_tokens) >= context.n_ctx:
+                self.finish_reason = "context"
+                break
+            token = self.sampler.sample(context, -1)
+            if model.is_eog(token):
+                self.finish_reason = "stop"
+                break
+            self.tokens.append(token)
+            held += decoder.decode(model.piece(token))
+            emit, held, stopped = _split_at_stop(held, self.stop)
+            self.text += emit
+            if stopped:
+                self.finish_reason = "stop"
+                yield Step(token, emit)
+                return
+            yield Step(token, emit)
+            position = len(context.session_tokens)
+            context.decode([token], [position], [0], [True])
+            context.session_tokens.append(token)
+        tail = held + decoder.decode(b"", final=True)
+        if tail:
+            self.text += tail
+            yield Step(None, tail)
+
+
+def _split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split ``text`` into (safe to show, held back, stopped): hold back a possible start of a stop string."""
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0:
+            return text[:index], "", True
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False

@@ -1,0 +1,76 @@
+"""Sampling settings: one validated record shared by generate, chat, batch, presets and saved transcripts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import EqzError
+
+# (low, high, integer?) for every setting; None on a side means unbounded.
+_LIMITS: dict[str, tuple[float | None, float | None, bool]] = {
+    "temperature": (0.0, 5.0, False),
+    "top_k": (0, None, True),
+    "top_p": (0.0, 1.0, False),
+    "min_p": (0.0, 1.0, False),
+    "repeat_penalty": (0.0, 5.0, False),
+    "repeat_last_n": (-1, None, True),
+    "max_tokens": (1, None, True),
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked. ``temperature`` 0 means greedy; ``seed`` None means a fresh random seed."""
+
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    max_tokens: int = 256
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SETTING_NAMES = tuple(f.name for f in fields(Sampling))
+
+
+def check_setting(name: str, value) -> float | int:
+    """Return ``value`` as the right number type for setting ``name``, or raise a one-line EqzError."""
+    if name == "seed":
+        return _as_int(name, value, 0, 2**32 - 1)
+    if name not in _LIMITS:
+        raise EqzError(f"unknown sampling setting '{name}'; known: {', '.join(SETTING_NAMES)}")
+    low, high, integer = _LIMITS[name]
+    if integer:
+        return _as_int(name, value, low, high)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise EqzError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
+        raise EqzError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    return number
+
+
+def _as_int(name: str, value, low, high) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise EqzError(f"{name} must be a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise EqzError(f"{name} must be a whole number, got {value!r}") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise EqzError(f"{name} must be {bounds}, got {value!r}")
+    return number
+
+
+def make_sampling(base: Sampling | None = None, **changes) -> Sampling:
+    """``base`` (or the defaults) with every non-None value of ``changes`` validated and applied."""
+    checked = {name: check_setting(name, value) for name, value in changes.items() if value is not None}
+    return replace(base or Sampling(), **checked)

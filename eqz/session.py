@@ -1,0 +1,214 @@
+"""A conversation with a model: history, system prompt, sampling, steering, and the context window.
+
+Used by ``eqz chat`` (many turns) and ``eqz generate`` (one turn). The CLI only reads input and shows
+output; everything that decides what the model sees lives here.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Iterator
+
+import numpy as np
+
+from . import __version__
+from .engine import Model, Sampler
+from .models import fingerprint
+from .sampling import Sampling
+from .steering import Steerer, Steering
+
+
+def model_record(model: Model) -> dict:
+    """How records and transcripts name the model: path, name and fingerprint."""
+    info = model.info
+    return {
+        "name": info.name,
+        "path": info.path,
+        "fingerprint": fingerprint(info.architecture, info.n_layer, info.n_embd, info.n_vocab, info.name),
+    }
+
+
+@dataclass
+class ReplyRecord:
+    """Everything needed to know how one reply came about."""
+
+    seed: int
+    sampling: dict
+    steering: dict
+    changes: list[dict] = field(default_factory=list)  # live steering changes: at_token, text_offset, steering
+    n_tokens: int = 0
+    finish_reason: str | None = None
+    seconds: float = 0.0
+    dropped_messages: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "sampling": self.sampling,
+            "steering": self.steering,
+            "changes": self.changes,
+            "n_tokens": self.n_tokens,
+            "finish_reason": self.finish_reason,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "dropped_messages": self.dropped_messages,
+        }
+
+
+class ChatSession:
+    """Holds the conversation and one llama.cpp context whose KV cache follows it turn by turn."""
+
+    def __init__(
+        self,
+        model: Model,
+        sampling: Sampling,
+        system: str | None = None,
+        steering: Steering | None = None,
+        n_ctx: int = 4096,
+        taps: bool = False,
+    ):
+        self.model = model
+        self.context = model.context(n_ctx=min(n_ctx, model.info.n_ctx_train), taps=taps)
+        self.steerer = Steerer(model.info)
+        self.sampling = sampling
+        self.system = system
+        self.history: list[dict] = []  # user and assistant messages; assistant ones carry a "reply" record
+        self.steering = Steering()
+        self._pending: tuple[Steering, np.ndarray | None] | None = None
+        self._pending_lock = threading.Lock()
+        self.set_steering(steering or Steering())
+
+    def close(self) -> None:
+        self.context.close()
+
+    # -- settings
+
+    def set_steering(self, steering: Steering) -> None:
+        """Apply ``steering`` now (between replies). Raises EqzError if a vector does not fit the model."""
+        self.context.set_control_vector(self.steerer.matrix(steering))
+        self.steering = steering
+
+    def request_steering(self, steering: Steering) -> None:
+        """Ask for ``steering`` from any thread; a streaming reply applies it before its next token."""
+        matrix = self.steerer.matrix(steering)
+        with self._pending_lock:
+            self._pending = (steering, matrix)
+
+    def _take_pending(self) -> tuple[Steering, np.ndarray | None] | None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and settings stay)."""
+        self.history = []
+
+    def messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": m["role"], "content": m["content"]} for m in self.history]
+
+    # -- replies
+
+    def reply(self, user_text: str) -> "Turn":
+        """Start the assistant's reply to ``user_text``; iterate the Turn for its text as it streams."""
+        return Turn(self, user_text)
+
+    def _fit_prompt(self) -> tuple[list[int], tuple[str, ...], int]:
+        """Tokens of the conversation, dropping the oldest turns until a reply has room. Returns the count dropped."""
+        dropped = 0
+        reserve = min(self.sampling.max_tokens, self.context.n_ctx // 2)
+        while True:
+            text, stops = self.model.chat_prompt(self.messages())
+            tokens = self.model.tokenize(text, add_special=True, parse_special=True)
+            if len(tokens) + reserve <= self.context.n_ctx or len(self.history) <= 1:
+                return tokens, stops, dropped
+            cut = 2 if len(self.history) > 2 and self.history[1]["role"] == "assistant" else 1
+            del self.history[:cut]
+            dropped += cut
+
+    def transcript(self) -> dict:
+        """The whole conversation with every setting, as ``/save`` writes it."""
+        return {
+            "eqz_version": __version__,
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": model_record(self.model),
+            "system": self.system,
+            "sampling": self.sampling.to_dict(),
+            "steering": self.steering.to_dict(),
+            "messages": self.history,
+        }
+
+
+class Turn:
+    """One assistant reply, streamed. Iterating yields text pieces; ``record`` says how it was made.
+
+    Steering requested while it streams is applied between two tokens and logged in ``record.changes``
+    with the index of the first token it steered. Stopping the iteration early (Ctrl-C) keeps the text so far.
+    """
+
+    def __init__(self, session: ChatSession, user_text: str):
+        self.session = session
+        session.history.append({"role": "user", "content": user_text})
+        try:
+            tokens, stops, dropped = session._fit_prompt()
+            session.context.prefill(tokens)
+        except Exception:
+            session.history.pop()
+            raise
+        sampling = session.sampling
+        seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
+        self.record = ReplyRecord(
+            seed=seed,
+            sampling=replace(sampling, seed=seed).to_dict(),
+            steering=session.steering.to_dict(),
+            dropped_messages=dropped,
+        )
+        self._sampler = Sampler(session.model, sampling, seed)
+        self._stream = session.context.stream(self._sampler, sampling.max_tokens, stops)
+        self._stop_requested = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the reply to end after the current token (safe from a signal handler or another thread)."""
+        self._stop_requested.set()
+
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    def __iter__(self) -> Iterator[str]:
+        started = time.perf_counter()
+        try:
+            for step in self._stream:
+                yield step.text
+                if self._stop_requested.is_set():
+                    break
+                pending = self.session._take_pending()
+                if pending is not None:
+                    self._apply(*pending)
+        finally:
+            self.record.seconds = time.perf_counter() - started
+            self.record.n_tokens = len(self._stream.tokens)
+            self.record.finish_reason = self._stream.finish_reason or "interrupted"
+            self.session.history.append(
+                {"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()}
+            )
+            self._sampler.close()
+
+    def _apply(self, steering: Steering, matrix: np.ndarray | None) -> None:
+        self.session.context.set_control_vector(matrix)
+        self.session.steering = steering
+        self.record.changes.append(
+            {
+                "at_token": len(self._stream.tokens),
+                "text_offset": len(self._stream.text),
+                "steering": steering.to_dict(),
+            }
+        )

@@ -1,0 +1,130 @@
+"""llama.cpp control-vector GGUF files: read, check against a model, write.
+
+The format is llama.cpp's (and repeng's): one 1-D F32 tensor ``direction.N`` per steered layer N >= 1,
+``general.architecture = controlvector``, ``controlvector.model_hint`` and ``controlvector.layer_count``.
+A file eqz writes is what ``llama-cli --control-vector-scaled FILE 1.0`` applies, and the other way round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .errors import EqzError
+
+ARCHITECTURE = "controlvector"
+
+
+@dataclass
+class ControlVectorFile:
+    path: Path
+    directions: dict[int, np.ndarray]  # layer N -> (n_embd,) float32
+    model_hint: str | None
+
+    @property
+    def n_embd(self) -> int:
+        return len(next(iter(self.directions.values())))
+
+    def matrix(self, n_layer: int, n_embd: int, model_name: str = "the model") -> np.ndarray:
+        """The file as an (n_layer, n_embd) matrix for a model of that shape, or a one-line error."""
+        if self.n_embd != n_embd:
+            raise EqzError(
+                f"{self.path} has n_embd {self.n_embd} but {model_name} has {n_embd}: "
+                f"it was made for another model{self._hint()}; use a vector trained for this model"
+            )
+        top = max(self.directions)
+        if top >= n_layer:
+            raise EqzError(
+                f"{self.path} steers layer {top} but {model_name} has layers 0-{n_layer - 1}: "
+                f"it was made for another model{self._hint()}; use a vector trained for this model"
+            )
+        matrix = np.zeros((n_layer, n_embd), dtype=np.float32)
+        for layer, direction in self.directions.items():
+            matrix[layer] = direction
+        return matrix
+
+    def _hint(self) -> str:
+        return f" ({self.model_hint})" if self.model_hint else ""
+
+
+def read_control_vector(path: str | Path) -> ControlVectorFile:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EqzError(f"control vector not found: {path}")
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise EqzError(f"{path} is not a GGUF control vector (the file does not start with 'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as error:
+        raise EqzError(f"{path} is truncated or corrupt ({error}); write or copy it again") from None
+    architecture = _string_field(reader, "general.architecture")
+    directions: dict[int, np.ndarray] = {}
+    for tensor in reader.tensors:
+        prefix, _, index = tensor.name.partition(".")
+        if prefix != "direction" or not index.isdigit():
+            continue
+        layer = int(index)
+        if layer == 0:
+            raise EqzError(f"{path}: direction.0 is invalid (llama.cpp control vectors start at layer 1)")
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise EqzError(f"{path}: {tensor.name} is {tensor.tensor_type.name}, control vectors are F32")
+        directions[layer] = np.array(tensor.data, dtype=np.float32).reshape(-1)
+    if not directions:
+        if architecture and architecture != ARCHITECTURE:
+            raise EqzError(f"{path} is a '{architecture}' model, not a control vector; pass it with --model")
+        raise EqzError(f"{path} has no direction.N tensors; it is not a llama.cpp control vector")
+    sizes = {len(direction) for direction in directions.values()}
+    if len(sizes) != 1:
+        raise EqzError(f"{path}: its directions have different lengths {sorted(sizes)}; the file is broken")
+    if any(not np.all(np.isfinite(direction)) for direction in directions.values()):
+        raise EqzError(f"{path} contains NaN or infinite values; the file is broken")
+    return ControlVectorFile(path, directions, _string_field(reader, "controlvector.model_hint"))
+
+
+def _string_field(reader: gguf.GGUFReader, key: str) -> str | None:
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value if isinstance(value, str) else None
+
+
+def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) -> Path:
+    """Write the non-zero rows of ``matrix`` (n_layer, n_embd) as ``direction.N`` tensors."""
+    path = Path(path).expanduser()
+    layers = [layer for layer in range(1, len(matrix)) if np.any(matrix[layer])]
+    if np.any(matrix[0]):
+        raise EqzError("layer 0 cannot be steered; a control vector starts at layer 1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
+    writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
+    writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(layers))
+    for layer in layers:
+        writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(matrix[layer], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def parse_scaled_path(spec: str, option: str = "--vector") -> tuple[Path, float]:
+    """``FILE[:SCALE]`` -> (path, scale). The scale must be a finite number."""
+    if ":" in spec and not Path(spec).expanduser().exists():
+        name, _, scale_text = spec.rpartition(":")
+    else:
+        name, scale_text = spec, "1"
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        scale = math.nan
+    if not math.isfinite(scale):
+        raise EqzError(f"invalid scale '{scale_text}' in {option} {spec}; write FILE:SCALE with a finite number, "
+                       "e.g. joy.gguf:0.8")
+    return Path(name).expanduser(), scale
+

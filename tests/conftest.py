@@ -1,0 +1,62 @@
+"""Shared fixtures: the real default model, the Gemma test model, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eqz.engine import Model
+from eqz.models import default_model_path
+from eqz.vector_files import write_control_vector
+
+GEMMA_PATH = Path(sys.prefix) / "share" / "eqz" / "models" / "gemma-3-270m-q4_k_m.gguf"
+EQZ = str(Path(sys.executable).parent / "eqz")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    path = default_model_path()
+    assert path is not None, "the default model is not installed: run `make setup`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(model_path) -> Model:
+    with Model(model_path) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    assert GEMMA_PATH.exists(), f"{GEMMA_PATH} is missing: run `make setup`"
+    return GEMMA_PATH
+
+
+def random_direction_matrix(n_layer: int, n_embd: int, layers: range, norm: float, seed: int = 0) -> np.ndarray:
+    """A control vector that certainly changes the output: one random unit direction per layer, times norm."""
+    rng = np.random.default_rng(seed)
+    matrix = np.zeros((n_layer, n_embd), dtype=np.float32)
+    for layer in layers:
+        direction = rng.standard_normal(n_embd)
+        matrix[layer] = norm * direction / np.linalg.norm(direction)
+    return matrix
+
+
+@pytest.fixture(scope="session")
+def random_vector_file(tmp_path_factory, model) -> Path:
+    info = model.info
+    matrix = random_direction_matrix(info.n_layer, info.n_embd, range(3, 20), norm=40.0)
+    return write_control_vector(tmp_path_factory.mktemp("vectors") / "random.gguf", matrix, info.architecture)
+
+
+def run_eqz(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
+    """Run the installed ``eqz`` command as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [EQZ, *args], input=input, capture_output=True, text=True, env=full_env, timeout=timeout
+    )
