@@ -80,11 +80,18 @@ def _steering(vectors: list[str] | None):
     return steering
 
 
-def _load_model(model: str | None, threads: int | None):
+def _load_model(model: str | None, threads: int | None, chatting: bool = False):
     from .engine import Model
     from .models import resolve_model_path
 
-    return Model(resolve_model_path(model), threads=threads)
+    loaded = Model(resolve_model_path(model), threads=threads)
+    if chatting and not loaded.info.has_chat_template:
+        _warn(f"{loaded.info.name} has no chat template; using a plain 'User:/Assistant:' transcript")
+    return loaded
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"eqz: warning: {message}\n")
 
 
 # -- commands ------------------------------------------------------------------------------------------------
@@ -165,7 +172,7 @@ def generate(
 
     sampling = _sampling(max_tokens, seed, temperature, top_p, top_k, min_p, repeat_penalty)
     steering = _steering(vector)
-    with _load_model(model, threads) as loaded:
+    with _load_model(model, threads, chatting=True) as loaded:
         session = ChatSession(loaded, sampling, system=system, steering=steering, n_ctx=ctx)
         turn = session.reply(prompt)
         for piece in turn:
@@ -207,7 +214,7 @@ def chat(
 
     sampling = _sampling(max_tokens, seed, temperature, top_p, top_k, min_p, repeat_penalty)
     steering = _steering(vector)
-    with _load_model(model, threads) as loaded:
+    with _load_model(model, threads, chatting=True) as loaded:
         session = ChatSession(loaded, sampling, system=system, steering=steering, n_ctx=ctx)
         try:
             run_chat(session)

@@ -174,8 +174,10 @@ def _check_gguf_header(path: Path) -> None:
 
 
 def _explain_load_failure(path: Path, errors: list[str]) -> EqzError:
-    detail = errors[-1] if errors else "no reason given"
+    """Turn llama.cpp's log lines about a failed load into one actionable line."""
     joined = " ".join(errors)
+    cause = next((line for line in errors if "failed to load model" not in line), "no reason given")
+    cause = cause.split("error loading model: ", 1)[-1]
     if "unknown model architecture" in joined:
         arch = joined.split("unknown model architecture:", 1)[1].strip().split()[0].strip("'")
         if arch == "controlvector":
@@ -184,9 +186,9 @@ def _explain_load_failure(path: Path, errors: list[str]) -> EqzError:
             f"{path}: architecture '{arch}' is not supported by the llama.cpp in this eqz "
             f"(llama-cpp-python {L.__version__}); use a model of a supported architecture"
         )
-    if "tensor" in joined and ("bounds" in joined or "data is not within" in joined or "truncat" in joined):
-        return EqzError(f"{path} is truncated or corrupt ({detail}); download or copy the file again")
-    return EqzError(f"llama.cpp could not load {path}: {detail}")
+    if "not within the file bounds" in joined or "gguf_init" in joined:
+        return EqzError(f"{path} is truncated or corrupt ({cause}); download or copy the file again")
+    return EqzError(f"llama.cpp could not load {path}: {cause}")
 
 
 class Model:
@@ -541,9 +543,14 @@ class Context:
             )
             self.session_tokens.extend(chunk)
 
-    def stream(self, sampler: Sampler, max_tokens: int, stop: Sequence[str] = ()) -> "Stream":
-        """Generate after ``prefill``: iterate the returned Stream for tokens as they come."""
-        return Stream(self, sampler, max_tokens, stop)
+    def stream(
+        self, sampler: Sampler, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False
+    ) -> "Stream":
+        """Generate after ``prefill``: iterate the returned Stream for tokens as they come.
+
+        ``ignore_eos`` keeps going past end-of-turn tokens (fixed-length runs for benchmarks and tests).
+        """
+        return Stream(self, sampler, max_tokens, stop, ignore_eos)
 
 
 class Stream:
@@ -554,8 +561,9 @@ class Stream:
     ``finish_reason`` ends as "stop" (end of turn or stop string), "length" (max_tokens) or "context" (full).
     """
 
-    def __init__(self, context: Context, sampler: Sampler, max_tokens: int, stop: Sequence[str]):
+    def __init__(self, context: Context, sampler: Sampler, max_tokens: int, stop: Sequence[str], ignore_eos: bool):
         self.context = context
+        self.ignore_eos = ignore_eos
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.stop = tuple(stop)
@@ -575,7 +583,7 @@ class Stream:
                 self.finish_reason = "context"
                 break
             token = self.sampler.sample(context, -1)
-            if model.is_eog(token):
+            if model.is_eog(token) and not self.ignore_eos:
                 self.finish_reason = "stop"
                 break
             self.tokens.append(token)

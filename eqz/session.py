@@ -160,7 +160,7 @@ class Turn:
         try:
             tokens, stops, dropped = session._fit_prompt()
             session.context.prefill(tokens)
-        except Exception:
+        except BaseException:  # including Ctrl-C during a long prefill: the message was not answered
             session.history.pop()
             raise
         sampling = session.sampling

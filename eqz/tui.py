@@ -41,7 +41,7 @@ def _read_line(console: Console) -> str | None:
 
 
 def run_chat(session: ChatSession, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(highlight=False)
     commands = ChatCommands(session)
     info = session.model.info
     console.print(f"[bold]eqz chat[/bold] · {info.name} · /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
@@ -65,7 +65,11 @@ def run_chat(session: ChatSession, console: Console | None = None) -> None:
 
 
 def _stream_reply(session: ChatSession, text: str, console: Console) -> None:
-    turn = session.reply(text)
+    try:
+        turn = session.reply(text)
+    except KeyboardInterrupt:  # Ctrl-C while the prompt was being read in: nothing was said yet
+        console.print("\n[dim]\\[stopped][/dim]")
+        return
     if turn.record.dropped_messages:
         console.print(f"[dim](dropped the {turn.record.dropped_messages} oldest messages to fit the context)[/dim]")
     out = sys.stdout
@@ -75,6 +79,6 @@ def _stream_reply(session: ChatSession, text: str, console: Console) -> None:
             out.flush()
     out.write("\n")
     if turn.record.finish_reason == "interrupted":
-        console.print("[dim][stopped][/dim]")
+        console.print("[dim]\\[stopped][/dim]")
     elif turn.record.finish_reason == "context":
-        console.print("[dim][the context is full: the oldest turns will be dropped next time][/dim]")
+        console.print("[dim]\\[the context is full: the oldest turns will be dropped next time][/dim]")

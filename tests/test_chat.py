@@ -1,0 +1,87 @@
+"""``eqz chat`` in a real pseudo-terminal: turns, slash commands, Ctrl-C mid-reply, Ctrl-D, /save."""
+
+from __future__ import annotations
+
+import json
+
+import pexpect
+import pytest
+
+from .conftest import EQZ
+
+PROMPT = "you> "
+
+
+def spawn_chat(*args: str, rows: int = 24, cols: int = 80) -> pexpect.spawn:
+    child = pexpect.spawn(EQZ, ["chat", *args], encoding="utf-8", timeout=60, dimensions=(rows, cols))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def test_chat_turns_commands_save_and_clean_exit(tmp_path, random_vector_file):
+    child = spawn_chat("--seed", "4", "-n", "24")
+    child.sendline("Hello! Who are you?")
+    child.expect_exact(PROMPT)
+    child.sendline("/system You are a pirate.")
+    child.expect_exact("system prompt set")
+    child.sendline(f"/vector {random_vector_file} 0.5")
+    child.expect_exact("at scale 0.5")
+    child.sendline("What do you like?")
+    child.expect_exact(PROMPT)
+    child.sendline("/nonsense")
+    child.expect_exact("unknown command /nonsense")
+    saved = tmp_path / "chat.json"
+    child.sendline(f"/save {saved}")
+    child.expect_exact("saved 4 messages")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    transcript = json.loads(saved.read_text())
+    roles = [m["role"] for m in transcript["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert transcript["system"] == "You are a pirate."
+    second = transcript["messages"][3]["reply"]
+    assert second["steering"]["vectors"] == [{"path": str(random_vector_file), "scale": 0.5}]
+    assert second["sampling"]["seed"] == 4 and second["n_tokens"] > 0
+    assert transcript["model"]["fingerprint"].startswith("llama-30x576")
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_chat(tmp_path):
+    child = spawn_chat("--seed", "1", "-n", "2000", "--ctx", "4096")
+    child.sendline("Write a very long story about a lighthouse keeper and his many adventures at sea.")
+    child.expect_exact("at sea.\r\n")  # the echo of what we typed
+    child.expect(r"\w+ \w+ \w+")  # the reply is streaming
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(PROMPT)
+    saved = tmp_path / "stopped.json"
+    child.sendline(f"/save {saved}")
+    child.expect_exact("saved 2 messages")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    reply = json.loads(saved.read_text())["messages"][1]
+    assert reply["reply"]["finish_reason"] == "interrupted"
+    assert 0 < reply["reply"]["n_tokens"] < 2000
+
+
+def test_ctrl_c_at_the_prompt_does_not_quit():
+    child = spawn_chat()
+    child.sendintr()
+    child.expect_exact("Ctrl-D or /quit")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("command,fragment", [("/vector /no/such.gguf 1", "not found"), ("/vector x.gguf abc", "invalid scale"), ("/save", "usage")])
+def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
+    child = spawn_chat()
+    child.sendline(command)
+    child.expect_exact(fragment)
+    child.expect_exact(PROMPT)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)

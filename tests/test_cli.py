@@ -1,0 +1,134 @@
+"""The real ``eqz`` command: help, version, generate, models, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+from eqz.vector_files import write_control_vector
+
+from .conftest import run_eqz
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("eqz: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_version_and_help_with_examples():
+    version = run_eqz("--version")
+    assert version.returncode == 0 and version.stdout.startswith("eqz 0.")
+    top = run_eqz("--help")
+    assert top.returncode == 0 and "Examples" in top.stdout and "eqz chat" in top.stdout
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "models"])
+def test_every_command_says_what_it_does(command):
+    result = run_eqz(command, "--help")
+    assert result.returncode == 0
+    assert "Usage" in result.stdout and len(result.stdout.splitlines()) > 3
+
+
+def test_models_shows_the_default_model(model_path):
+    result = run_eqz("models", "--json")
+    info = json.loads(result.stdout)
+    assert info["path"] == str(model_path)
+    assert (info["architecture"], info["n_layer"], info["n_embd"]) == ("llama", 30, 576)
+    assert info["chat_template"] is True and info["n_ctx_train"] == 8192
+
+
+def test_generate_streams_and_json_record_is_complete():
+    plain = run_eqz("generate", "Say hello.", "--seed", "3", "-n", "16")
+    assert plain.returncode == 0 and plain.stdout.strip()
+    record = json.loads(run_eqz("generate", "Say hello.", "--seed", "3", "-n", "16", "--json").stdout)
+    assert record["output"].strip() == plain.stdout.strip()
+    for key in ("prompt", "output", "sampling", "steering", "n_tokens", "tokens_per_second", "seed", "model"):
+        assert key in record
+    assert record["sampling"]["seed"] == 3 and record["sampling"]["max_tokens"] == 16
+    assert 0 < record["n_tokens"] <= 16 and record["tokens_per_second"] > 0
+
+
+def test_generate_with_vector_file_steers_and_scale_zero_does_not(random_vector_file):
+    args = ("generate", "Describe a rainy day.", "--seed", "2", "-n", "24", "--json")
+    plain = json.loads(run_eqz(*args).stdout)["output"]
+    steered = json.loads(run_eqz(*args, "--vector", f"{random_vector_file}:1.0").stdout)
+    zero = json.loads(run_eqz(*args, "--vector", f"{random_vector_file}:0").stdout)["output"]
+    assert steered["output"] != plain
+    assert steered["steering"]["vectors"] == [{"path": str(random_vector_file), "scale": 1.0}]
+    assert zero == plain
+
+
+def test_missing_model_path():
+    assert_one_line_error(run_eqz("generate", "hi", "--model", "/no/such/model.gguf"), "not found", "--model")
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("just some text\n")
+    assert_one_line_error(run_eqz("generate", "hi", "-m", str(path)), "not a GGUF file")
+
+
+def test_truncated_gguf(tmp_path, model_path):
+    path = tmp_path / "half.gguf"
+    path.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    assert_one_line_error(run_eqz("generate", "hi", "-m", str(path)), "truncated or corrupt")
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "madeup.gguf"
+    writer = gguf.GGUFWriter(str(path), "madeup")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(run_eqz("generate", "hi", "-m", str(path)), "architecture 'madeup' is not supported")
+
+
+def test_control_vector_of_another_width(tmp_path):
+    path = write_control_vector(tmp_path / "wide.gguf", np.ones((18, 640), np.float32) * (np.arange(18) > 0)[:, None], "gemma3")
+    assert_one_line_error(run_eqz("generate", "hi", "--vector", str(path)), "n_embd 640", "576", "another model")
+
+
+def test_control_vector_with_more_layers_than_the_model(tmp_path):
+    matrix = np.zeros((40, 576), np.float32)
+    matrix[35] = 1.0
+    path = write_control_vector(tmp_path / "deep.gguf", matrix, "llama")
+    assert_one_line_error(run_eqz("generate", "hi", "--vector", str(path)), "layer 35", "0-29")
+
+
+@pytest.mark.parametrize("scale", ["abc", "nan", "inf", "-inf"])
+def test_bad_vector_scale(random_vector_file, scale):
+    assert_one_line_error(run_eqz("generate", "hi", "--vector", f"{random_vector_file}:{scale}"), "invalid scale")
+
+
+@pytest.mark.parametrize(
+    "flag,value,fragment",
+    [("--temperature", "warm", "--temperature"), ("--temperature", "nan", "temperature"), ("--top-p", "2", "top_p")],
+)
+def test_bad_sampling_values(flag, value, fragment):
+    assert_one_line_error(run_eqz("generate", "hi", flag, value), fragment)
+
+
+def test_prompt_longer_than_the_context():
+    assert_one_line_error(run_eqz("generate", "word " * 600, "--ctx", "256"), "context holds 256", "--ctx")
+
+
+def test_model_given_as_a_control_vector(random_vector_file):
+    assert_one_line_error(run_eqz("generate", "hi", "-m", str(random_vector_file)), "control vector, not a model")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("x")
+    result = run_eqz("--debug", "generate", "hi", "-m", str(path))
+    assert result.returncode != 0 and "Traceback" in result.stderr

@@ -1,0 +1,232 @@
+"""The engine on the real default model: control vectors, live changes, taps, templates, the context window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eqz.engine import Sampler
+from eqz.errors import EqzError
+from eqz.sampling import Sampling
+from eqz.session import ChatSession
+from eqz.steering import Steering
+
+from .conftest import random_direction_matrix
+
+PROMPT = "Describe your walk to the bus stop this morning."
+SAMPLING = Sampling(temperature=0.8, seed=7, max_tokens=40)
+
+
+def reply_tokens(context, model, prompt=PROMPT, sampling=SAMPLING, on_step=None) -> list[int]:
+    text, stops = model.chat_prompt([{"role": "user", "content": prompt}])
+    context.prefill(model.tokenize(text, parse_special=True))
+    sampler = Sampler(model, sampling, sampling.seed)
+    stream = context.stream(sampler, sampling.max_tokens, stops)
+    for index, _step in enumerate(stream):
+        if on_step:
+            on_step(index)
+    return stream.tokens
+
+
+@pytest.fixture
+def context(model):
+    with model.context(n_ctx=1024) as ctx:
+        yield ctx
+
+
+@pytest.fixture(scope="module")
+def steer_matrix(model):
+    return random_direction_matrix(model.info.n_layer, model.info.n_embd, range(3, 20), norm=40.0)
+
+
+def test_control_vector_changes_output_and_clearing_restores_it(model, context, steer_matrix):
+    plain = reply_tokens(context, model)
+    context.clear()
+    context.set_control_vector(steer_matrix)
+    steered = reply_tokens(context, model)
+    context.clear()
+    context.set_control_vector(None)
+    restored = reply_tokens(context, model)
+    assert steered != plain
+    assert restored == plain
+
+
+def test_all_zero_vector_is_the_unsteered_graph(model, context):
+    plain = reply_tokens(context, model)
+    context.clear()
+    context.set_control_vector(np.zeros((model.info.n_layer, model.info.n_embd), np.float32))
+    assert context.control_vector is None
+    assert reply_tokens(context, model) == plain
+
+
+def test_vector_changed_mid_reply_steers_only_what_follows(model, context, steer_matrix):
+    plain = reply_tokens(context, model)
+    context.clear()
+    switch_after = 10
+
+    def switch(index):
+        if index == switch_after - 1:
+            context.set_control_vector(steer_matrix)
+
+    live = reply_tokens(context, model, on_step=switch)
+    context.set_control_vector(None)
+    assert live[:switch_after] == plain[:switch_after]
+    assert live[switch_after:] != plain[switch_after:]
+
+
+def test_greedy_is_deterministic_and_seed_changes_sampling(model, context):
+    greedy = Sampling(temperature=0, max_tokens=20)
+    first = reply_tokens(context, model, sampling=greedy)
+    context.clear()
+    assert reply_tokens(context, model, sampling=greedy) == first
+    context.clear()
+    outputs = set()
+    for seed in (1, 2, 3):
+        context.clear()
+        outputs.add(tuple(reply_tokens(context, model, sampling=Sampling(temperature=1.0, seed=seed, max_tokens=20))))
+    assert len(outputs) > 1
+
+
+def test_vector_with_wrong_shape_or_layer_zero_is_refused(model, context):
+    info = model.info
+    with pytest.raises(EqzError, match="shape"):
+        context.set_control_vector(np.ones((info.n_layer, info.n_embd + 1), np.float32))
+    layer_zero = np.zeros((info.n_layer, info.n_embd), np.float32)
+    layer_zero[0] = 1
+    with pytest.raises(EqzError, match="layer 0"):
+        context.set_control_vector(layer_zero)
+
+
+class Recorder:
+    def __init__(self, layers, write=None):
+        self.layers = frozenset(layers)
+        self.seen: list[tuple[int, np.ndarray]] = []
+        self.write = write
+
+    def __call__(self, layer, hidden):
+        self.seen.append((layer, hidden.copy()))
+        if self.write is None:
+            return False
+        self.write(layer, hidden)
+        return True
+
+
+def test_taps_read_the_residual_stream_of_the_chosen_layers(model):
+    with model.context(n_ctx=512, taps=True) as ctx:
+        recorder = Recorder([2, 15])
+        ctx.set_tap(recorder)
+        tokens = model.tokenize("The cat sat on the mat.")
+        ctx.prefill(tokens)
+    assert [layer for layer, _ in recorder.seen] == [2, 15]
+    for _, hidden in recorder.seen:
+        assert hidden.shape == (len(tokens), model.info.n_embd)
+    # the residual stream grows with depth
+    assert np.linalg.norm(recorder.seen[1][1]) > np.linalg.norm(recorder.seen[0][1])
+
+
+def test_tap_rows_follow_batch_order_across_sequences(model):
+    texts = ["Rain fell on the quiet town.", "Numbers add up.", "A dog barked twice at the postman."]
+    token_lists = [model.tokenize(t) for t in texts]
+    alone = []
+    with model.context(n_ctx=512, n_seq=3, taps=True) as ctx:
+        for tokens in token_lists:
+            recorder = Recorder([10])
+            ctx.set_tap(recorder)
+            ctx.clear()
+            ctx.decode(tokens, range(len(tokens)), [0] * len(tokens), [False] * (len(tokens) - 1) + [True])
+            alone.append(recorder.seen[0][1])
+        recorder = Recorder([10])
+        ctx.set_tap(recorder)
+        ctx.clear()
+        flat = [(t, pos, seq) for seq, tokens in enumerate(token_lists) for pos, t in enumerate(tokens)]
+        ctx.decode([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat], [True] * len(flat))
+    together = recorder.seen[0][1]
+    np.testing.assert_array_equal(together, np.concatenate(alone))
+
+
+def test_writing_the_hidden_state_back_changes_what_follows(model):
+    def ablate_nothing(_layer, _hidden):
+        pass
+
+    def push(_layer, hidden):
+        hidden += 30.0 * np.sign(hidden.mean(axis=0))
+
+    outputs = []
+    with model.context(n_ctx=512, taps=True) as ctx:
+        for writer in (None, ablate_nothing, push):
+            ctx.clear()
+            ctx.set_tap(Recorder([8], writer))
+            outputs.append(reply_tokens(ctx, model, sampling=Sampling(temperature=0, max_tokens=20)))
+    plain, rewritten_same, pushed = outputs
+    assert rewritten_same == plain
+    assert pushed != plain
+
+
+def test_tap_errors_surface_after_the_decode(model):
+    def broken(_layer, _hidden):
+        raise ValueError("boom")
+
+    with model.context(n_ctx=512, taps=True) as ctx:
+        ctx.set_tap(Recorder([4], broken))
+        with pytest.raises(ValueError, match="boom"):
+            ctx.prefill(model.tokenize("hello there"))
+
+
+def test_chat_template_from_gguf_and_plain_fallback(model, gemma_path):
+    from eqz.engine import Model
+
+    prompt, stops = model.chat_prompt([{"role": "user", "content": "hi"}])
+    assert "<|im_start|>user\nhi<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert stops == ()
+    with Model(gemma_path) as gemma:
+        assert not gemma.info.has_chat_template
+        prompt, stops = gemma.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert prompt == "Be brief.\n\nUser: hi\nAssistant:"
+    assert "\nUser:" in stops
+
+
+def test_stop_strings_end_a_fallback_reply(gemma_path):
+    from eqz.engine import Model
+
+    with Model(gemma_path) as gemma:
+        session = ChatSession(gemma, Sampling(temperature=0.7, seed=3, max_tokens=120), n_ctx=1024)
+        turn = session.reply("Tell me about cats.")
+        text = "".join(turn)
+        session.close()
+    assert "User:" not in text and "Assistant:" not in text
+    assert text == turn.text
+
+
+def test_prompt_longer_than_context_is_refused(model):
+    session = ChatSession(model, SAMPLING, n_ctx=256)
+    with pytest.raises(EqzError, match=r"prompt is \d+ tokens but the context holds 256"):
+        session.reply("word " * 400)
+    assert session.history == []
+    session.close()
+
+
+def test_full_context_drops_oldest_turns_and_keeps_system(model):
+    session = ChatSession(model, Sampling(seed=1, max_tokens=48), system="You are terse.", n_ctx=256)
+    dropped = 0
+    for i in range(8):
+        turn = session.reply(f"Question {i}: tell me a fact about the number {i}.")
+        "".join(turn)
+        dropped += turn.record.dropped_messages
+        assert turn.record.finish_reason in ("stop", "length", "context")
+    assert dropped > 0
+    assert session.messages()[0] == {"role": "system", "content": "You are terse."}
+    assert session.history[0]["role"] == "user"
+    session.close()
+
+
+def test_steering_requested_during_a_reply_is_logged_with_its_token(model, tmp_path, random_vector_file):
+    session = ChatSession(model, Sampling(seed=5, max_tokens=30), n_ctx=1024)
+    turn = session.reply(PROMPT)
+    for index, _ in enumerate(turn):
+        if index == 4:
+            session.request_steering(Steering(((str(random_vector_file), 1.0),)))
+    change = turn.record.changes[0]
+    assert change["at_token"] == 5
+    assert change["steering"]["vectors"][0]["scale"] == 1.0
+    assert session.history[-1]["reply"]["changes"] == [change]
+    session.close()
