@@ -6,9 +6,13 @@ import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from functools import partial
 from typing import Callable
 
+from .bands import BANDS, gain_warning, parse_set
 from .errors import EqzError
+from .presets import get_preset
+from .sampling import make_sampling
 from .session import ChatSession
 from .vector_files import parse_scaled_path
 
@@ -17,6 +21,7 @@ from .vector_files import parse_scaled_path
 class CommandResult:
     message: str = ""
     quit: bool = False
+    show_panel: bool = False  # the screen should draw the equalizer
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,34 @@ class ChatCommands:
         self.session.set_steering(self.session.steering.with_vector(path, scale))
         return CommandResult(f"vector {path} {'removed' if scale == 0 else f'at scale {scale:g}'}")
 
+    def set(self, args: list[str], _rest: str) -> CommandResult:
+        if len(args) != 2:
+            raise EqzError(f"usage: {COMMANDS['set'].usage}")
+        band, gain = parse_set(f"{args[0]}={args[1]}", self.session.steerer.bands or BANDS)
+        self.session.set_steering(self.session.steering.with_gain(band, gain))
+        return CommandResult(f"{band} = {gain:+.2f}{gain_warning(band, gain)}")
+
+    def sliders(self, _args: list[str], _rest: str) -> CommandResult:
+        bands = self.session.steerer.bands
+        if not bands:
+            return CommandResult("no emotion bank for this model; run `eqz train` to make one")
+        steering = self.session.steering
+        listing = "  ".join(f"{band} {steering.gain(band):+.2f}" for band in bands)
+        return CommandResult(listing, show_panel=True)
+
+    def preset(self, args: list[str], _rest: str) -> CommandResult:
+        if len(args) != 1:
+            raise EqzError(f"usage: {COMMANDS['preset'].usage}")
+        preset = get_preset(args[0], self.session.steerer.bands or BANDS)
+        self.session.apply_preset(preset)
+        return CommandResult(f"preset {preset.name}: {preset.description}", show_panel=True)
+
+    def sampling(self, args: list[str], _rest: str, setting: str = "") -> CommandResult:
+        if len(args) != 1:
+            raise EqzError(f"usage: /{setting.replace('_', '-')} VALUE")
+        self.session.sampling = make_sampling(self.session.sampling, **{setting: args[0]})
+        return CommandResult(f"{setting} = {getattr(self.session.sampling, setting)}")
+
     def reset(self, _args: list[str], _rest: str) -> CommandResult:
         self.session.reset()
         return CommandResult("history cleared")
@@ -80,10 +113,27 @@ class ChatCommands:
         return CommandResult(quit=True)
 
 
+SAMPLING_COMMANDS = {
+    "temp": "temperature",
+    "top-p": "top_p",
+    "top-k": "top_k",
+    "min-p": "min_p",
+    "repeat-penalty": "repeat_penalty",
+    "max-tokens": "max_tokens",
+    "seed": "seed",
+}
+
 COMMANDS: dict[str, Command] = {
     "help": Command("/help", "show these commands", ChatCommands.help),
     "system": Command("/system TEXT", "set the system prompt (empty: model default)", ChatCommands.system),
     "vector": Command("/vector FILE SCALE", "steer with a llama.cpp control vector (0 removes it)", ChatCommands.vector),
+    "set": Command("/set BAND GAIN", "move a slider (gain -2..2; 1 = calibrated strength)", ChatCommands.set),
+    "sliders": Command("/sliders", "show every band's gain", ChatCommands.sliders),
+    "preset": Command("/preset NAME", "apply a preset mood (sliders, sampling, system prompt)", ChatCommands.preset),
+    **{
+        alias: Command(f"/{alias} VALUE", f"set {setting}", partial(ChatCommands.sampling, setting=setting))
+        for alias, setting in SAMPLING_COMMANDS.items()
+    },
     "reset": Command("/reset", "forget the conversation", ChatCommands.reset),
     "save": Command("/save FILE", "write the transcript with every setting as JSON", ChatCommands.save),
     "quit": Command("/quit", "leave (Ctrl-D works too)", ChatCommands.quit),

@@ -45,6 +45,11 @@ VectorOpt = Annotated[
     Optional[list[str]],
     typer.Option("--vector", help="llama.cpp control vector FILE[:SCALE], repeatable; summed like llama.cpp"),
 ]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="preset mood (see eqz presets list)")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="slider BAND=GAIN, repeatable (gain -2..2; 1 = calibrated strength)"),
+]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="most tokens per reply [256]")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="random seed [random]")]
 TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 = greedy [0.7]")]
@@ -55,29 +60,45 @@ RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", h
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON record")]
 
 
-def _sampling(max_tokens, seed, temperature, top_p, top_k, min_p, repeat_penalty):
+def _gains(sets: list[str] | None, valid: tuple[str, ...]) -> dict[str, float]:
+    from .bands import gain_warning, parse_set
+
+    gains = {}
+    for spec in sets or []:
+        band, gain = parse_set(spec, valid)
+        gains[band] = gain
+        if gain_warning(band, gain):
+            _warn(f"{band}={gain:g}{gain_warning(band, gain)}")
+    return gains
+
+
+def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx: int, taps: bool = False):
+    """A ChatSession set up from the command line: the preset first, then explicit flags win over it."""
+    from .bands import BANDS
+    from .presets import get_preset
     from .sampling import make_sampling
-
-    return make_sampling(
-        max_tokens=max_tokens,
-        seed=seed,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-    )
-
-
-def _steering(vectors: list[str] | None):
+    from .session import ChatSession
     from .steering import Steering
     from .vector_files import parse_scaled_path
 
-    steering = Steering()
+    bank = _bank_for(loaded.info, required=bool(sets or preset))
+    chosen = get_preset(preset, bank.names) if preset else None
+    settings = make_sampling(make_sampling(None, **chosen.sampling) if chosen else None, **sampling)
+    system = system or (chosen.system if chosen else None)
+    steering = Steering().with_gains(chosen.sliders if chosen else {})
+    steering = steering.with_gains(_gains(sets, bank.names if bank else BANDS))
     for spec in vectors or []:
         path, scale = parse_scaled_path(spec)
-        steering = Steering(steering.vectors + ((str(path), scale),))
-    return steering
+        steering = steering.with_vector(path, scale)
+    session = ChatSession(loaded, settings, system=system, steering=steering, n_ctx=ctx, taps=taps, bank=bank)
+    session.preset = chosen.name if chosen else None
+    return session
+
+
+def _bank_for(info, required: bool):
+    from .bank import find_bank, require_bank
+
+    return require_bank(info) if required else find_bank(info)
 
 
 def _load_model(model: str | None, threads: int | None, chatting: bool = False):
@@ -155,6 +176,8 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="the user message")],
     model: ModelOpt = None,
     system: SystemOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     vector: VectorOpt = None,
     max_tokens: MaxTokensOpt = None,
     seed: SeedOpt = None,
@@ -168,12 +191,13 @@ def generate(
     ctx: CtxOpt = 4096,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout."""
-    from .session import ChatSession, model_record
+    from .session import model_record
 
-    sampling = _sampling(max_tokens, seed, temperature, top_p, top_k, min_p, repeat_penalty)
-    steering = _steering(vector)
+    sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                    min_p=min_p, repeat_penalty=repeat_penalty)
     with _load_model(model, threads, chatting=True) as loaded:
-        session = ChatSession(loaded, sampling, system=system, steering=steering, n_ctx=ctx)
+        session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
+                                sampling=sampling, ctx=ctx)
         turn = session.reply(prompt)
         for piece in turn:
             if not json_output:
@@ -182,7 +206,8 @@ def generate(
         if json_output:
             record = {
                 "prompt": prompt,
-                "system": system,
+                "system": session.system,
+                "preset": session.preset,
                 "output": turn.text,
                 "model": model_record(loaded),
                 **turn.record.to_dict(),
@@ -197,6 +222,8 @@ def generate(
 def chat(
     model: ModelOpt = None,
     system: SystemOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     vector: VectorOpt = None,
     max_tokens: MaxTokensOpt = None,
     seed: SeedOpt = None,
@@ -207,19 +234,205 @@ def chat(
     repeat_penalty: RepeatPenaltyOpt = None,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
+    panel: Annotated[
+        bool, typer.Option("--panel/--no-panel", help="equalizer panel and hotkeys while replies stream")
+    ] = True,
 ) -> None:
-    """Chat in the terminal with streamed replies; /help lists the slash commands."""
-    from .session import ChatSession
+    """Chat in the terminal with streamed replies and live sliders; /help lists the slash commands."""
     from .tui import run_chat
 
-    sampling = _sampling(max_tokens, seed, temperature, top_p, top_k, min_p, repeat_penalty)
-    steering = _steering(vector)
+    sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                    min_p=min_p, repeat_penalty=repeat_penalty)
     with _load_model(model, threads, chatting=True) as loaded:
-        session = ChatSession(loaded, sampling, system=system, steering=steering, n_ctx=ctx)
+        session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
+                                sampling=sampling, ctx=ctx)
         try:
-            run_chat(session)
+            run_chat(session, panel=panel)
         finally:
             session.close()
+
+
+@app.command()
+def train(
+    model: ModelOpt = None,
+    bands: Annotated[
+        Optional[str], typer.Option("--bands", help="comma-separated bands to make [default: all ten]")
+    ] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="bank directory [default: user data dir]")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="fewer stimuli and calibration replies (~3x faster)")] = False,
+    orthogonalize: Annotated[
+        bool, typer.Option("--orthogonalize", help="make the eight primaries orthogonal (less crosstalk)")
+    ] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Train emotion vectors for a GGUF model from eqz's stimulus set and calibrate their gains."""
+    from pathlib import Path
+
+    from .bands import BANDS
+    from .bank import slug, user_data_dir
+    from .display import progress_bars, print_bank
+    from .errors import EqzError
+    from .train import TrainSettings, train_bank
+
+    chosen = tuple(b.strip().lower() for b in bands.split(",")) if bands else BANDS
+    unknown = [b for b in chosen if b not in BANDS]
+    if unknown:
+        raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")
+    with _load_model(model, threads) as loaded:
+        directory = Path(out).expanduser() if out else user_data_dir() / slug(loaded.info.name)
+        with progress_bars() as progress:
+            bank = train_bank(loaded, TrainSettings(bands=chosen, quick=quick, orthogonalize=orthogonalize), progress)
+        bank.save(directory)
+    print_bank(bank)
+
+
+vectors_app = typer.Typer(help="List, inspect, export and import emotion vector banks.", no_args_is_help=True)
+app.add_typer(vectors_app, name="vectors")
+
+
+@vectors_app.command("list")
+def vectors_list(json_output: JsonOpt = False) -> None:
+    """List the banks eqz can find (shipped, user-trained, $EQZ_VECTORS)."""
+    from .bank import list_banks
+    from .display import print_bank_list
+
+    banks = list_banks()
+    if json_output:
+        typer.echo(json.dumps([{"path": str(d), **m["model"], "bands": list(m["bands"])} for d, m in banks], indent=2))
+        return
+    print_bank_list(banks)
+
+
+@vectors_app.command("show")
+def vectors_show(
+    bank: Annotated[Optional[str], typer.Argument(help="bank directory or name [default: the model's bank]")] = None,
+    model: ModelOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Show a bank's bands, layers, calibration and quality figures."""
+    from .bank import resolve_bank
+    from .display import print_bank
+
+    if bank is None:
+        with _load_model(model, None) as loaded:
+            found = resolve_bank(None, loaded.info)
+    else:
+        found = resolve_bank(bank, None)
+    if json_output:
+        typer.echo(json.dumps(found.manifest, indent=2, default=str))
+        return
+    print_bank(found)
+
+
+@vectors_app.command("export")
+def vectors_export(
+    output: Annotated[str, typer.Option("--output", "-o", help="the .gguf file to write")],
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Write one llama.cpp control vector for a slider mix (use with llama-cli --control-vector)."""
+    from .bank import require_bank
+    from .errors import EqzError
+    from .vector_files import write_control_vector
+
+    with _load_model(model, None) as loaded:
+        bank = require_bank(loaded.info)
+        gains = _gains(set_, bank.names)
+        mix = bank.mix(gains)
+        if mix is None:
+            raise EqzError("nothing to export: give at least one non-zero --set BAND=GAIN")
+        path = write_control_vector(output, mix, loaded.info.architecture)
+    typer.echo(f"wrote {path} ({', '.join(f'{b}={g:g}' for b, g in gains.items())}); "
+               f"apply with: llama-cli -m MODEL --control-vector {path}")
+
+
+@vectors_app.command("import")
+def vectors_import(
+    file: Annotated[str, typer.Argument(help="a llama.cpp / repeng control-vector .gguf")],
+    band: Annotated[str, typer.Option("--band", help="the slider name it becomes")],
+    model: ModelOpt = None,
+) -> None:
+    """Adopt a repeng or llama.cpp control vector as a band of this model's bank (gain 1 = the file as is)."""
+    from .bank import adopt_vector, writable_bank
+
+    with _load_model(model, None) as loaded:
+        bank = writable_bank(loaded.info)
+        adopt_vector(bank, file, band.strip().lower(), loaded.info)
+        directory = bank.save()
+    typer.echo(f"band '{band}' added to the bank in {directory}; try: eqz chat --set {band}=0.5")
+
+
+presets_app = typer.Typer(help="List, show, save and validate preset moods.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+
+
+@presets_app.command("list")
+def presets_list(json_output: JsonOpt = False) -> None:
+    """List preset moods (bundled and user) with a small bar chart of each; broken files show their error."""
+    from .display import print_preset_list
+    from .presets import discover
+
+    entries = discover()
+    if json_output:
+        typer.echo(json.dumps([{"name": e.name, "path": str(e.path), "source": e.source, "error": e.error,
+                                "sliders": e.preset.sliders if e.preset else None} for e in entries.values()], indent=2))
+        return
+    print_preset_list(list(entries.values()))
+
+
+@presets_app.command("show")
+def presets_show(name: Annotated[str, typer.Argument(help="preset name")]) -> None:
+    """Show one preset: description, sliders, sampling, system prompt, filters, file."""
+    from .display import print_preset
+    from .presets import get_preset
+
+    print_preset(get_preset(name))
+
+
+@presets_app.command("save")
+def presets_save(
+    name: Annotated[str, typer.Argument(help="name of the new preset")],
+    set_: SetOpt = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="start from this preset")] = None,
+    description: Annotated[Optional[str], typer.Option("--description", "-d", help="one line about the mood")] = None,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+) -> None:
+    """Save a user preset from --set gains (and an optional --from preset) to the user config dir."""
+    from .bands import BANDS
+    from .presets import Preset, check_name, get_preset, save_preset
+    from .sampling import check_setting
+
+    base = get_preset(from_) if from_ else None
+    sliders = dict(base.sliders) if base else {}
+    sliders.update(_gains(set_, BANDS))
+    sampling = dict(base.sampling) if base else {}
+    flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty)
+    sampling.update({k: check_setting(k, v) for k, v in flags.items() if v is not None})
+    preset = Preset(
+        check_name(name),
+        description or (base.description if base else ""),
+        {band: gain for band, gain in sliders.items() if gain != 0},
+        sampling,
+        system or (base.system if base else None),
+        dict(base.filters) if base else {},
+    )
+    typer.echo(f"saved {save_preset(preset)}")
+
+
+@presets_app.command("validate")
+def presets_validate(file: Annotated[str, typer.Argument(help="a preset YAML file")]) -> None:
+    """Check a preset file: prints 'ok' or the one problem found (and exits non-zero)."""
+    from pathlib import Path
+
+    from .presets import load_preset_file
+
+    preset = load_preset_file(Path(file))
+    typer.echo(f"ok: {preset.name} ({len(preset.sliders)} sliders, {len(preset.sampling)} sampling settings)")
 
 
 # -- entry point ---------------------------------------------------------------------------------------------

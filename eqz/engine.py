@@ -13,7 +13,7 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -305,8 +305,13 @@ class Model:
                 lines.append(f"{'User' if role == 'user' else 'Assistant'}: {content}")
         return "\n".join(lines) + "\nAssistant:", FALLBACK_STOPS
 
-    def context(self, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = 512, taps: bool = False) -> "Context":
-        return Context(self, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, taps=taps)
+    def context(
+        self, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = 512, taps: bool = False, unified: bool = True
+    ) -> "Context":
+        """A new context. ``unified`` shares one KV cache among sequences, keeping batch rows in order for
+        taps and allowing shared prefixes; non-unified gives each sequence its own cache of n_ctx / n_seq
+        cells laid out exactly as if it ran alone (what makes parallel generation reproducible)."""
+        return Context(self, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, taps=taps, unified=unified)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -379,15 +384,16 @@ class Step:
 class Context:
     """A llama.cpp context: KV cache, control vector and taps. Sequence 0 is the single-stream "session"."""
 
-    def __init__(self, model: Model, n_ctx: int, n_seq: int, n_batch: int, taps: bool):
+    def __init__(self, model: Model, n_ctx: int, n_seq: int, n_batch: int, taps: bool, unified: bool):
         self.model = model
+        self.n_seq = n_seq
         self.n_layer = model.info.n_layer
         self.n_embd = model.info.n_embd
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch  # one micro-batch per decode: taps see rows in batch order
         params.n_seq_max = n_seq
-        params.kv_unified = True
+        params.kv_unified = unified
         params.n_threads = params.n_threads_batch = model.threads
         params.no_perf = True
         self._filter = None
@@ -397,6 +403,7 @@ class Context:
             params.cb_eval = _tap_filter_eval
             params.cb_eval_user_data = ctypes.addressof(self._filter)
         self._tap: Tap | None = None
+        self._stop_after: int | None = None
         self._tap_error: BaseException | None = None
         _log.take_errors()
         self._ctx = L.llama_init_from_model(model._model, params)
@@ -448,8 +455,12 @@ class Context:
 
     # -- taps
 
-    def set_tap(self, tap: Tap | None) -> None:
-        """Route the residual stream of ``tap.layers`` to ``tap`` on every following decode (None: stop)."""
+    def set_tap(self, tap: Tap | None, stop_after: int | None = None) -> None:
+        """Route the residual stream of ``tap.layers`` to ``tap`` on every following decode (None: stop).
+
+        ``stop_after``: skip the rest of the graph once that layer is read (hidden states only: the KV cache
+        of later layers and the logits are left unset, so clear the context afterwards).
+        """
         if tap is not None and self._filter is None:
             raise RuntimeError("this context was made without taps=True")
         if self._filter is not None:
@@ -458,6 +469,7 @@ class Context:
                 wanted[list(tap.layers)] = 1
             ctypes.memmove(self._filter.wanted, wanted.ctypes.data, _MAX_TAP_LAYERS)
         self._tap = tap
+        self._stop_after = stop_after
 
     def _on_tap(self, tensor: int, ask: bool, _user_data) -> bool:
         # Called by llama.cpp (through the C filter) once a wanted l_out-N is computed, before its consumers.
@@ -470,14 +482,16 @@ class Context:
             _ggml.ggml_backend_tensor_get(tensor, hidden.ctypes.data, 0, hidden.nbytes)
             if self._tap(layer, hidden):
                 _ggml.ggml_backend_tensor_set(tensor, np.ascontiguousarray(hidden).ctypes.data, 0, hidden.nbytes)
+            return layer != self._stop_after  # False makes llama.cpp skip the rest of the graph
         except BaseException as error:  # never let an exception unwind through C; re-raised after decode
             self._tap_error = error
         return True
 
     # -- decoding
 
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]):
-        """One llama_decode of up to ``n_batch`` tokens; ``seqs[i]`` is token i's sequence."""
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence, logits: Sequence[bool]):
+        """One llama_decode of up to ``n_batch`` tokens; ``seqs[i]`` is token i's sequence, or a tuple of
+        sequences that share it (a common prefix computed once)."""
         count = len(tokens)
         if count > self.n_batch:
             raise ValueError(f"{count} tokens exceed the batch size {self.n_batch}")
@@ -486,8 +500,14 @@ class Context:
         for i in range(count):
             batch.token[i] = tokens[i]
             batch.pos[i] = positions[i]
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seqs[i]
+            owners = seqs[i]
+            if isinstance(owners, int):
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = owners
+            else:
+                batch.n_seq_id[i] = len(owners)
+                for k, owner in enumerate(owners):
+                    batch.seq_id[i][k] = owner
             batch.logits[i] = logits[i]
         status = L.llama_decode(self._ctx, batch)
         if self._tap_error is not None:
@@ -510,6 +530,10 @@ class Context:
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop sequence ``seq`` from position ``start`` on."""
         L.llama_memory_seq_rm(self._memory, seq, start, -1)
+
+    def share(self, source: int, target: int) -> None:
+        """Let sequence ``target`` reuse every cached token of ``source`` (a shared prompt prefix, no compute)."""
+        L.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
     def prefill(self, tokens: Sequence[int]) -> None:
         """Make sequence 0 hold exactly ``tokens``, reusing the longest prefix already in the cache.
@@ -553,6 +577,30 @@ class Context:
         return Stream(self, sampler, max_tokens, stop, ignore_eos)
 
 
+class _TextAssembler:
+    """Token bytes -> text: completes UTF-8 sequences across tokens and holds back a possible stop string."""
+
+    def __init__(self, model: Model, stops: Sequence[str]):
+        self.model = model
+        self.stops = tuple(stops)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.held = ""
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (text that is safe to show, whether a stop string was reached)."""
+        self.held += self.decoder.decode(self.model.piece(token))
+        emit, self.held, stopped = _split_at_stop(self.held, self.stops)
+        self.text += emit
+        return emit, stopped
+
+    def flush(self) -> str:
+        tail = self.held + self.decoder.decode(b"", final=True)
+        self.held = ""
+        self.text += tail
+        return tail
+
+
 class Stream:
     """Tokens of one reply on sequence 0, sampled and decoded one at a time.
 
@@ -566,15 +614,16 @@ class Stream:
         self.ignore_eos = ignore_eos
         self.sampler = sampler
         self.max_tokens = max_tokens
-        self.stop = tuple(stop)
         self.tokens: list[int] = []
-        self.text = ""
         self.finish_reason: str | None = None
+        self._assembler = _TextAssembler(context.model, stop)
+
+    @property
+    def text(self) -> str:
+        return self._assembler.text
 
     def __iter__(self) -> Iterator[Step]:
         context, model = self.context, self.context.model
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        held = ""  # text that might be the start of a stop string
         while True:
             if len(self.tokens) >= self.max_tokens:
                 self.finish_reason = "length"
@@ -587,20 +636,16 @@ class Stream:
                 self.finish_reason = "stop"
                 break
             self.tokens.append(token)
-            held += decoder.decode(model.piece(token))
-            emit, held, stopped = _split_at_stop(held, self.stop)
-            self.text += emit
+            emit, stopped = self._assembler.push(token)
+            yield Step(token, emit)
             if stopped:
                 self.finish_reason = "stop"
-                yield Step(token, emit)
                 return
-            yield Step(token, emit)
             position = len(context.session_tokens)
             context.decode([token], [position], [0], [True])
             context.session_tokens.append(token)
-        tail = held + decoder.decode(b"", final=True)
+        tail = self._assembler.flush()
         if tail:
-            self.text += tail
             yield Step(None, tail)
 
 
@@ -617,3 +662,267 @@ def _split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
                 hold = max(hold, size)
                 break
     return text[: len(text) - hold], text[len(text) - hold :], False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Many sequences at once: hidden states of many texts, and parallel generation
+
+
+def _packs(lengths: Sequence[int], n_batch: int, n_slots: int, slots: Sequence[int]) -> Iterator[list[int]]:
+    """Group item indices so each pack fits one decode: at most ``n_batch`` tokens and ``n_slots`` sequences
+    (item i needs ``slots[i]`` sequences)."""
+    pack: list[int] = []
+    size = used = 0
+    for index, length in enumerate(lengths):
+        if length > n_batch or slots[index] > n_slots:
+            raise EqzError(f"text group {index} ({length} tokens) does not fit one batch of {n_batch}")
+        if pack and (size + length > n_batch or used + slots[index] > n_slots):
+            yield pack
+            pack, size, used = [], 0, 0
+        pack.append(index)
+        size += length
+        used += slots[index]
+    if pack:
+        yield pack
+
+
+@dataclass
+class TextGroup:
+    """Texts that share a prefix: each text is ``prefix + tail``; the prefix is computed once for all."""
+
+    prefix: list[int]
+    tails: list[list[int]]
+    pool_from: int = 0  # first position pooled and scored (e.g. len(prompt) to read only a reply)
+
+
+@dataclass
+class Reading:
+    """What read_texts measured, one row per text in group order."""
+
+    pooled: np.ndarray  # (n_texts, n_layers, n_embd): mean residual stream over the pooled positions
+    token_norm: np.ndarray  # (n_layers,): mean L2 norm of one pooled token's residual stream
+    logprobs: list[np.ndarray]  # per text: log p of each token at positions >= max(pool_from, 1)
+
+
+class _PoolingTap:
+    """Sums rows into per-text totals while read_texts decodes packed groups."""
+
+    def __init__(self, layers: Sequence[int], n_texts: int, n_embd: int):
+        self.layers = frozenset(layers)
+        self.column = {layer: i for i, layer in enumerate(layers)}
+        self.sums = np.zeros((n_texts, len(layers), n_embd), dtype=np.float64)
+        self.norm_sums = np.zeros(len(layers), dtype=np.float64)
+        self.norm_rows = 0
+        self.segments: list[tuple[int, int, int]] = []  # (text, first row, end row) in the current batch
+
+    def __call__(self, layer: int, hidden: np.ndarray) -> bool:
+        column = self.column[layer]
+        for text, start, end in self.segments:
+            if end > start:
+                rows = hidden[start:end]
+                self.sums[text, column] += rows.sum(axis=0)
+                self.norm_sums[column] += np.linalg.norm(rows, axis=1).sum()
+                if column == 0:
+                    self.norm_rows += end - start
+        return False
+
+
+def read_texts(
+    context: Context,
+    groups: Sequence[TextGroup],
+    layers: Sequence[int] = (),
+    logprobs: bool = False,
+    progress=None,
+) -> Reading:
+    """Run texts through the model without generating: pooled hidden states at ``layers`` and/or the
+    log-probability of every token, under the context's current steering.
+
+    Groups are packed many to a decode, one sequence per text; a group's prefix rows are shared by its texts.
+    Without ``logprobs`` the graph stops after the deepest layer read, skipping the rest of the model.
+    ``progress(n)`` is called with the number of texts finished after each decode.
+    """
+    layers = list(layers)
+    if layers and max(layers) >= context.n_layer - 1:
+        raise ValueError("the last layer only has rows for tokens with logits; it cannot be pooled")
+    n_texts = sum(len(group.tails) for group in groups)
+    tap = _PoolingTap(layers, n_texts, context.n_embd) if layers else None
+    counts = np.zeros(n_texts)
+    scores: list[np.ndarray] = [np.zeros(0, np.float32)] * n_texts
+    firsts = np.cumsum([0] + [len(group.tails) for group in groups])
+    context.clear()
+    context.set_tap(tap, stop_after=max(layers) if layers and not logprobs else None)
+    try:
+        sizes = [len(g.prefix) + sum(len(t) for t in g.tails) for g in groups]
+        for pack in _packs(sizes, context.n_batch, context.n_seq, [len(g.tails) for g in groups]):
+            tokens, positions, seqs, wanted, segments, targets = [], [], [], [], [], []
+            slot = 0
+            for index in pack:
+                group, first_text = groups[index], int(firsts[index])
+                owners = tuple(range(slot, slot + len(group.tails)))
+                prefix_row = len(tokens)
+                base = len(group.prefix)
+                tokens += group.prefix
+                positions += range(base)
+                seqs += [owners] * base
+                first_scored = max(group.pool_from, 1)  # the first position whose token gets a log-probability
+                wanted += [logprobs and i >= first_scored - 1 for i in range(base)]
+                for k, tail in enumerate(group.tails):
+                    text = first_text + k
+                    start = max(group.pool_from, 0)
+                    segments.append((text, prefix_row + min(start, base), prefix_row + base))
+                    tail_row = len(tokens)
+                    segments.append((text, tail_row + max(start - base, 0), tail_row + len(tail)))
+                    counts[text] = base + len(tail) - start
+                    # logits rows predicting tokens at positions >= max(start, 1)
+                    full = list(group.prefix) + list(tail)
+                    rows = [prefix_row + p - 1 if p - 1 < base else tail_row + p - 1 - base for p in range(first_scored, len(full))]
+                    targets.append((text, rows, full[first_scored:]))
+                    tokens += tail
+                    positions += range(base, base + len(tail))
+                    seqs += [owners[k]] * len(tail)
+                    wanted += [logprobs and base + i >= first_scored - 1 and i < len(tail) - 1 for i in range(len(tail))]
+                slot += len(group.tails)
+            if not any(wanted):
+                wanted[-1] = True  # llama.cpp wants at least one output
+            if tap is not None:
+                tap.segments = segments
+            context.decode(tokens, positions, seqs, wanted)
+            if logprobs:
+                for text, rows, goal in targets:
+                    if rows:
+                        logits = np.stack([context.logits(row) for row in rows])
+                        shifted = logits - logits.max(axis=1, keepdims=True)
+                        log_norm = np.log(np.exp(shifted).sum(axis=1))
+                        scores[text] = (shifted[np.arange(len(rows)), goal] - log_norm).astype(np.float32)
+            context.clear()
+            if progress:
+                progress(sum(len(groups[i].tails) for i in pack))
+    finally:
+        context.set_tap(None)
+        context.clear()
+    if tap is None:
+        return Reading(np.zeros((n_texts, 0, context.n_embd), np.float32), np.zeros(0), scores)
+    pooled = (tap.sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+    return Reading(pooled, tap.norm_sums / max(tap.norm_rows, 1), scores)
+
+
+@dataclass
+class Job:
+    """One reply to generate in parallel with others. Jobs with the same ``vector_key`` share a control vector."""
+
+    prompt: Sequence[int]
+    sampling: Sampling
+    seed: int
+    stop: tuple[str, ...] = ()
+    vector: np.ndarray | None = None
+    vector_key: object = None
+    tag: object = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Finished:
+    job: Job
+    tokens: list[int]
+    text: str
+    finish_reason: str
+
+
+class _Slot:
+    def __init__(self, context: Context, seq: int, job: Job):
+        self.seq = seq
+        self.job = job
+        self.sampler = Sampler(context.model, job.sampling, job.seed)
+        self.assembler = _TextAssembler(context.model, job.stop)
+        self.tokens: list[int] = []
+        self.position = len(job.prompt)
+        self.next_token: int | None = None
+        self.finish_reason: str | None = None
+
+    def take(self, context: Context, row: int) -> int | None:
+        """Sample from batch row ``row``; returns the token to decode next, or None when the job is done."""
+        job, model = self.job, context.model
+        token = self.sampler.sample(context, row)
+        if model.is_eog(token) and not job.ignore_eos:
+            self.finish_reason = "stop"
+            return None
+        self.tokens.append(token)
+        _, stopped = self.assembler.push(token)
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= job.sampling.max_tokens:
+            self.finish_reason = "length"
+        elif self.position >= context.n_ctx // context.n_seq:
+            self.finish_reason = "context"
+        return None if self.finish_reason else token
+
+    def result(self) -> Finished:
+        self.assembler.flush()
+        self.sampler.close()
+        return Finished(self.job, self.tokens, self.assembler.text, self.finish_reason or "length")
+
+
+def generate_parallel(context: Context, jobs: Iterable[Job], window: int | None = None) -> Iterator[Finished]:
+    """Generate many jobs, up to ``context.n_seq`` at a time in one batch, yielding results in job order.
+
+    Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
+    and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
+    Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
+    """
+    window = window or 4 * context.n_seq
+    queue = iter(jobs)
+    upcoming: Job | None = next(queue, None)
+    active: dict[int, tuple[int, _Slot]] = {}  # seq -> (job number, slot)
+    done: dict[int, Finished] = {}
+    started = emitted = 0
+    current_key: object = object()
+    context.clear()
+    while upcoming is not None or active or done:
+        # start jobs while there is room, the vector matches, and results are not piling up
+        while (
+            upcoming is not None
+            and len(active) < context.n_seq
+            and started - emitted < window
+            and (not active or upcoming.vector_key == current_key)
+        ):
+            if upcoming.vector_key != current_key:
+                context.set_control_vector(upcoming.vector)
+                current_key = upcoming.vector_key
+            seq = next(s for s in range(context.n_seq) if s not in active)
+            slot = _Slot(context, seq, upcoming)
+            prompt = list(upcoming.prompt)
+            if len(prompt) >= context.n_ctx // context.n_seq:
+                raise EqzError(
+                    f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
+                    "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
+                )
+            for start in range(0, len(prompt), context.n_batch):
+                chunk = prompt[start : start + context.n_batch]
+                last = start + len(chunk) == len(prompt)
+                context.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk),
+                               [last and i == len(chunk) - 1 for i in range(len(chunk))])
+            slot.next_token = slot.take(context, -1)
+            active[seq] = (started, slot)
+            started += 1
+            upcoming = next(queue, None)
+        # finish slots that are done, then decode one token for every running slot
+        for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
+            number, slot = active.pop(seq)
+            context.forget(seq)
+            done[number] = slot.result()
+        while emitted in done:
+            yield done.pop(emitted)
+            emitted += 1
+        running = sorted(active.items())
+        if not running:
+            continue
+        context.decode(
+            [slot.next_token for _, (_, slot) in running],
+            [slot.position for _, (_, slot) in running],
+            [seq for seq, _ in running],
+            [True] * len(running),
+        )
+        for row, (_, (_, slot)) in enumerate(running):
+            slot.position += 1
+            slot.next_token = slot.take(context, row)
+

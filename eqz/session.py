@@ -18,7 +18,9 @@ import numpy as np
 from . import __version__
 from .engine import Model, Sampler
 from .models import fingerprint
-from .sampling import Sampling
+from .presets import Preset
+from .sampling import Sampling, make_sampling
+from .bank import Bank
 from .steering import Steerer, Steering
 
 
@@ -74,13 +76,15 @@ class ChatSession:
         steering: Steering | None = None,
         n_ctx: int = 4096,
         taps: bool = False,
+        bank: Bank | None = None,
     ):
         self.model = model
         self.context = model.context(n_ctx=min(n_ctx, model.info.n_ctx_train), taps=taps)
-        self.steerer = Steerer(model.info)
+        self.steerer = Steerer(model.info, bank)
         self.sampling = sampling
         self.system = system
         self.history: list[dict] = []  # user and assistant messages; assistant ones carry a "reply" record
+        self.preset: str | None = None
         self.steering = Steering()
         self._pending: tuple[Steering, np.ndarray | None] | None = None
         self._pending_lock = threading.Lock()
@@ -102,10 +106,27 @@ class ChatSession:
         with self._pending_lock:
             self._pending = (steering, matrix)
 
+    def pending_or_current_steering(self) -> Steering:
+        """The steering the next token will get: a requested one not yet applied, else the current one."""
+        with self._pending_lock:
+            return self._pending[0] if self._pending else self.steering
+
     def _take_pending(self) -> tuple[Steering, np.ndarray | None] | None:
         with self._pending_lock:
             pending, self._pending = self._pending, None
         return pending
+
+    def apply_preset(self, preset: Preset) -> None:
+        """The preset's sliders replace every gain; its sampling settings and system prompt are applied."""
+        self.set_steering(Steering(vectors=self.steering.vectors).with_gains(preset.sliders))
+        self.sampling = make_sampling(self.sampling, **preset.sampling)
+        if preset.system:
+            self.system = preset.system
+        self.preset = preset.name
+
+    def steering_record(self, steering: Steering | None = None) -> dict:
+        """``steering`` (default: the current one) with every band of the bank listed."""
+        return (steering or self.steering).to_dict(self.steerer.bands)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and settings stay)."""
@@ -119,6 +140,10 @@ class ChatSession:
 
     def reply(self, user_text: str) -> "Turn":
         """Start the assistant's reply to ``user_text``; iterate the Turn for its text as it streams."""
+        pending = self._take_pending()  # a slider moved after the last token of the previous reply
+        if pending is not None:
+            self.context.set_control_vector(pending[1])
+            self.steering = pending[0]
         return Turn(self, user_text)
 
     def _fit_prompt(self) -> tuple[list[int], tuple[str, ...], int]:
@@ -141,8 +166,9 @@ class ChatSession:
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": model_record(self.model),
             "system": self.system,
+            "preset": self.preset,
             "sampling": self.sampling.to_dict(),
-            "steering": self.steering.to_dict(),
+            "steering": self.steering_record(),
             "messages": self.history,
         }
 
@@ -168,7 +194,7 @@ class Turn:
         self.record = ReplyRecord(
             seed=seed,
             sampling=replace(sampling, seed=seed).to_dict(),
-            steering=session.steering.to_dict(),
+            steering=session.steering_record(),
             dropped_messages=dropped,
         )
         self._sampler = Sampler(session.model, sampling, seed)
@@ -209,6 +235,6 @@ class Turn:
             {
                 "at_token": len(self._stream.tokens),
                 "text_offset": len(self._stream.text),
-                "steering": steering.to_dict(),
+                "steering": self.session.steering_record(steering),
             }
         )

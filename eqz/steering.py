@@ -1,4 +1,4 @@
-"""What steers a model: raw control-vector files with scales, and (with a bank) named band gains.
+"""What steers a model: band gains (the sliders, read through a bank) and raw control-vector files.
 
 ``Steering`` is a plain value that goes into records and transcripts; ``Steerer`` turns it into the
 (n_layer, n_embd) matrix the engine applies, loading each file once.
@@ -11,15 +11,27 @@ from pathlib import Path
 
 import numpy as np
 
+from .bank import Bank, require_bank
 from .engine import ModelInfo
 from .vector_files import ControlVectorFile, read_control_vector
 
 
 @dataclass(frozen=True)
 class Steering:
-    """Raw vectors as (path, scale) pairs, summed as llama.cpp does."""
+    """Slider gains as (band, gain) pairs and raw vectors as (path, scale) pairs; all are summed."""
 
+    gains: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     vectors: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+
+    def with_gain(self, band: str, gain: float) -> "Steering":
+        kept = tuple((b, g) for b, g in self.gains if b != band)
+        return replace(self, gains=kept + (((band, gain),) if gain != 0 else ()))
+
+    def with_gains(self, gains: dict[str, float]) -> "Steering":
+        steering = self
+        for band, gain in gains.items():
+            steering = steering.with_gain(band, gain)
+        return steering
 
     def with_vector(self, path: str | Path, scale: float) -> "Steering":
         """Set one file's scale (0 removes it), keeping the others."""
@@ -27,20 +39,31 @@ class Steering:
         kept = tuple((p, s) for p, s in self.vectors if p != path)
         return replace(self, vectors=kept + (((path, scale),) if scale != 0 else ()))
 
-    def to_dict(self) -> dict:
-        return {"vectors": [{"path": path, "scale": scale} for path, scale in self.vectors]}
+    def gain(self, band: str) -> float:
+        return dict(self.gains).get(band, 0.0)
+
+    def to_dict(self, bands: tuple[str, ...] = ()) -> dict:
+        """``gains`` lists every band of ``bands`` (zeros included) plus any other non-zero one."""
+        gains = {band: 0.0 for band in bands}
+        gains.update(dict(self.gains))
+        return {"gains": gains, "vectors": [{"path": path, "scale": scale} for path, scale in self.vectors]}
 
     @property
     def is_neutral(self) -> bool:
-        return not self.vectors
+        return not self.gains and not self.vectors
 
 
 class Steerer:
     """Builds control-vector matrices for one model; checks each file fits it the first time it is seen."""
 
-    def __init__(self, info: ModelInfo):
+    def __init__(self, info: ModelInfo, bank: Bank | None = None):
         self.info = info
+        self.bank = bank
         self._files: dict[str, ControlVectorFile] = {}
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return self.bank.names if self.bank else ()
 
     def load(self, path: str | Path) -> ControlVectorFile:
         key = str(Path(path).expanduser())
@@ -55,6 +78,12 @@ class Steerer:
         if steering.is_neutral:
             return None
         total = np.zeros((self.info.n_layer, self.info.n_embd), dtype=np.float32)
+        if steering.gains:
+            if self.bank is None:
+                self.bank = require_bank(self.info)
+            mix = self.bank.mix(dict(steering.gains))
+            if mix is not None:
+                total += mix
         for path, scale in steering.vectors:
             total += np.float32(scale) * self.load(path).matrix(self.info.n_layer, self.info.n_embd)
         return total

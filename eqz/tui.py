@@ -1,17 +1,222 @@
-"""The chat screen: read a line, run slash commands, stream replies, stop a reply on Ctrl-C."""
+"""The chat screen: a line editor between replies; while a reply streams, an equalizer panel and hotkeys.
+
+The panel (rich Live) shows one bar per band, the active preset, the sampling settings and tokens/s. Keys are
+read on a thread in cbreak mode, so a key press never waits for a token; the gain it sets is applied by the
+decode loop before the very next token. The terminal is restored on exit, Ctrl-C or any error.
+"""
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import sys
+import termios
+import threading
+import time
+import tty
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.text import Text
 
 from .chat import ChatCommands
 from .errors import EqzError
 from .session import ChatSession, Turn
+
+SHORT_NAMES = {
+    "joy": "joy", "trust": "trust", "fear": "fear", "surprise": "surpr", "sadness": "sad", "disgust": "disg",
+    "anger": "anger", "anticipation": "antic", "valence": "val", "arousal": "arous",
+}
+STEP = 0.1
+LIMIT = 2.0
+_UP_BLOCKS = " ▁▂▃▄▅▆▇█"
+KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r reset all  Ctrl-C stop"
+
+# -------------------------------------------------------------------------------------------------- state
+
+
+class Equalizer:
+    """What the panel shows and the hotkeys change."""
+
+    def __init__(self, session: ChatSession):
+        self.session = session
+        self.selected = 0
+        self.tokens_per_second = 0.0
+        self.lock = threading.Lock()
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return self.session.steerer.bands
+
+    def press(self, key: str) -> None:
+        """Apply a hotkey; a gain change is handed to the session for the next token."""
+        if not self.bands:
+            return
+        with self.lock:
+            band = self.bands[self.selected]
+            steering = self.session.pending_or_current_steering()
+            gain = steering.gain(band)
+            if key == "left":
+                self.selected = (self.selected - 1) % len(self.bands)
+            elif key == "right":
+                self.selected = (self.selected + 1) % len(self.bands)
+            elif key.isdigit():
+                index = (int(key) - 1) % 10
+                if index < len(self.bands):
+                    self.selected = index
+            elif key in ("up", "down"):
+                step = STEP if key == "up" else -STEP
+                self.session.request_steering(steering.with_gain(band, round(max(-LIMIT, min(LIMIT, gain + step)), 2)))
+            elif key == "z":
+                self.session.request_steering(steering.with_gain(band, 0.0))
+            elif key == "r":
+                self.session.request_steering(steering.with_gains({b: 0.0 for b in self.bands}))
+
+
+# -------------------------------------------------------------------------------------------------- drawing
+
+
+def _bar_cells(gain: float) -> tuple[str, str, str, str]:
+    """Four cells, top to bottom: two above the zero line (1.0 each), two below."""
+    up = [min(max(gain - offset, 0.0), 1.0) for offset in (1.0, 0.0)]
+    down = [min(max(-gain - offset, 0.0), 1.0) for offset in (0.0, 1.0)]
+    cells = [_UP_BLOCKS[round(f * 8)] for f in up]
+    cells += ["█" if f >= 0.875 else "▀" if f >= 0.375 else "▔" if f > 0 else " " for f in down]
+    return tuple(cells)  # type: ignore[return-value]
+
+
+def render_panel(equalizer: Equalizer, width: int) -> Panel:
+    session = equalizer.session
+    bands = equalizer.bands
+    steering = session.pending_or_current_steering()
+    lines: list[Text] = []
+    if bands:
+        column = max(4, min(7, (width - 10) // len(bands)))
+        label = Text("      ")
+        for index, band in enumerate(bands):
+            style = "reverse bold" if index == equalizer.selected else "bold"
+            label.append(SHORT_NAMES.get(band, band[:5]).center(column - 1)[: column - 1], style=style)
+            label.append(" ")
+        lines.append(label)
+        gains = [steering.gain(band) for band in bands]
+        cells = [_bar_cells(gain) for gain in gains]
+        for row, axis in enumerate(("  +2 ", "  +1 ", "  -1 ", "  -2 ")):
+            line = Text(axis + " ", style="dim")
+            for gain, cell in zip(gains, cells):
+                colour = "green" if gain > 0 else "red"
+                line.append((cell[row] * 2).center(column - 1), style=colour)
+                line.append(" ")
+            lines.append(line)
+            if row == 1:
+                lines.append(Text("   0 " + "─" * (column * len(bands) + 1), style="dim"))
+        values = Text("      ")
+        for gain in gains:
+            values.append(f"{gain:+.1f}".center(column - 1), style="green" if gain > 0 else "red" if gain < 0 else "dim")
+            values.append(" ")
+        lines.append(values)
+    else:
+        lines.append(Text("no emotion bank for this model: run `eqz train` to get sliders", style="yellow"))
+    s = session.sampling
+    lines.append(
+        Text(
+            f"temp {s.temperature:.2f} · top-p {s.top_p:.2f} · top-k {s.top_k} · min-p {s.min_p:.2f} · "
+            f"repeat {s.repeat_penalty:.2f} · {equalizer.tokens_per_second:.0f} tok/s",
+            style="dim",
+        )
+    )
+    lines.append(Text(KEY_HELP, style="dim"))
+    title = f"eqz · {session.model.info.name}" + (f" · preset {session.preset}" if session.preset else "")
+    return Panel(Group(*lines), title=title, title_align="left", border_style="blue", width=width)
+
+
+def reply_text(text: str, changes: list[dict], bands: tuple[str, ...]) -> Text:
+    """The reply with a dim marker where each live slider change took effect."""
+    rendered = Text()
+    cursor = 0
+    previous: dict = {}
+    for change in changes:
+        offset = change["text_offset"]
+        rendered.append(text[cursor:offset])
+        gains = change["steering"]["gains"]
+        moved = [f"{b} {g:+.1f}" for b, g in gains.items() if previous.get(b, 0.0) != g] or ["sliders"]
+        rendered.append(f"⟨{', '.join(moved)}⟩", style="dim italic")
+        previous = gains
+        cursor = offset
+    rendered.append(text[cursor:])
+    return rendered
+
+
+# -------------------------------------------------------------------------------------------------- keys
+
+
+KEY_SEQUENCES = {
+    b"\x1b[A": "up", b"\x1b[B": "down", b"\x1b[C": "right", b"\x1b[D": "left",
+    b"\x1bOA": "up", b"\x1bOB": "down", b"\x1bOC": "right", b"\x1bOD": "left",
+}
+
+
+def parse_keys(buffer: bytes) -> tuple[list[str], bytes]:
+    """Key names found in ``buffer`` and the bytes of an unfinished escape sequence to keep for later."""
+    keys = []
+    while buffer:
+        if buffer.startswith(b"\x1b"):
+            match = next((seq for seq in KEY_SEQUENCES if buffer.startswith(seq)), None)
+            if match:
+                keys.append(KEY_SEQUENCES[match])
+                buffer = buffer[len(match):]
+                continue
+            if len(buffer) < 3 and any(seq.startswith(buffer) for seq in KEY_SEQUENCES):
+                break  # wait for the rest of the sequence
+            buffer = buffer[1:]
+            continue
+        char = chr(buffer[0])
+        buffer = buffer[1:]
+        if char.isdigit() or char in "zr":
+            keys.append(char)
+    return keys, buffer
+
+
+class KeyReader:
+    """Reads hotkeys on a thread while a reply streams; the terminal mode is always restored."""
+
+    def __init__(self, on_key: Callable[[str], None]):
+        self.on_key = on_key
+        self.fd = sys.stdin.fileno()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.saved = None
+
+    def __enter__(self) -> "KeyReader":
+        self.saved = termios.tcgetattr(self.fd)
+        tty.setcbreak(self.fd)  # keys arrive at once, no echo; Ctrl-C still raises SIGINT
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=1)
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def _run(self) -> None:
+        pending = b""
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.fd, 64)
+            except OSError:
+                return
+            keys, pending = parse_keys(pending + chunk)
+            for key in keys:
+                self.on_key(key)
+
+
+# -------------------------------------------------------------------------------------------------- the loop
 
 
 @contextmanager
@@ -40,11 +245,15 @@ def _read_line(console: Console) -> str | None:
             console.print("\n[dim](Ctrl-D or /quit to leave)[/dim]")
 
 
-def run_chat(session: ChatSession, console: Console | None = None) -> None:
+def run_chat(session: ChatSession, panel: bool = True, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
+    panel = panel and console.is_terminal and sys.stdin.isatty()
+    equalizer = Equalizer(session)
     commands = ChatCommands(session)
     info = session.model.info
     console.print(f"[bold]eqz chat[/bold] · {info.name} · /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
+    if panel and equalizer.bands:
+        console.print(render_panel(equalizer, min(console.width, 100)))
     while True:
         line = _read_line(console)
         if line is None:
@@ -54,30 +263,73 @@ def run_chat(session: ChatSession, console: Console | None = None) -> None:
         try:
             if line.lstrip().startswith("/"):
                 result = commands.handle(line)
-                if result.message:
-                    console.print(result.message, markup=False, highlight=False)
+                if result.show_panel and panel:
+                    console.print(render_panel(equalizer, min(console.width, 100)))
+                elif result.message:
+                    console.print(result.message, markup=False)
                 if result.quit:
                     return
                 continue
-            _stream_reply(session, line, console)
+            turn = _start_reply(session, line, console)
+            if turn is None:
+                continue
+            if panel:
+                _stream_with_panel(turn, equalizer, console)
+            else:
+                _stream_plain(turn)
+            _report_end(turn, console)
         except EqzError as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False)
+            console.print(f"[red]error:[/red] {error}")
 
 
-def _stream_reply(session: ChatSession, text: str, console: Console) -> None:
+def _start_reply(session: ChatSession, text: str, console: Console) -> Turn | None:
     try:
         turn = session.reply(text)
     except KeyboardInterrupt:  # Ctrl-C while the prompt was being read in: nothing was said yet
         console.print("\n[dim]\\[stopped][/dim]")
-        return
+        return None
     if turn.record.dropped_messages:
         console.print(f"[dim](dropped the {turn.record.dropped_messages} oldest messages to fit the context)[/dim]")
+    return turn
+
+
+def _stream_plain(turn: Turn) -> None:
     out = sys.stdout
     with ctrl_c_stops(turn):
         for piece in turn:
             out.write(piece)
             out.flush()
     out.write("\n")
+
+
+def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> None:
+    started = time.perf_counter()
+    count = 0
+    bands = equalizer.bands
+
+    def screen():
+        width = min(console.width, 100)
+        with equalizer.lock:
+            board = render_panel(equalizer, width)
+        board_height = len(console.render_lines(board, console.options.update(width=width)))
+        room = max(3, console.height - board_height - 2)
+        body = reply_text(turn.text, list(turn.record.changes), bands)
+        lines = body.wrap(console, width)
+        tail = Text("\n").join(lines[-room:]) if len(lines) else Text("")
+        return Group(tail, board)
+
+    with ctrl_c_stops(turn), KeyReader(equalizer.press), Live(
+        get_renderable=screen, console=console, transient=True, refresh_per_second=15, redirect_stdout=False
+    ):
+        for _ in turn:
+            count += 1
+            equalizer.tokens_per_second = count / max(time.perf_counter() - started, 1e-6)
+    console.print(reply_text(turn.text, turn.record.changes, bands))
+    summary = "  ".join(f"{b} {g:+.1f}" for b, g in turn.session.steering.gains) or "all sliders at 0"
+    console.print(f"[dim]{summary} · {turn.record.n_tokens} tokens · {equalizer.tokens_per_second:.0f} tok/s[/dim]")
+
+
+def _report_end(turn: Turn, console: Console) -> None:
     if turn.record.finish_reason == "interrupted":
         console.print("[dim]\\[stopped][/dim]")
     elif turn.record.finish_reason == "context":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ import pytest
 from eqz.engine import Model
 from eqz.models import default_model_path
 from eqz.vector_files import write_control_vector
+
+# Tests never read or write the real user's presets and banks.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="eqz-test-config-")
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="eqz-test-data-")
 
 GEMMA_PATH = Path(sys.prefix) / "share" / "eqz" / "models" / "gemma-3-270m-q4_k_m.gguf"
 EQZ = str(Path(sys.executable).parent / "eqz")

@@ -145,7 +145,7 @@ def test_tap_rows_follow_batch_order_across_sequences(model):
 
 
 def test_writing_the_hidden_state_back_changes_what_follows(model):
-    def ablate_nothing(_layer, _hidden):
+    def write_back_unchanged(_layer, _hidden):
         pass
 
     def push(_layer, hidden):
@@ -153,7 +153,7 @@ def test_writing_the_hidden_state_back_changes_what_follows(model):
 
     outputs = []
     with model.context(n_ctx=512, taps=True) as ctx:
-        for writer in (None, ablate_nothing, push):
+        for writer in (None, write_back_unchanged, push):
             ctx.clear()
             ctx.set_tap(Recorder([8], writer))
             outputs.append(reply_tokens(ctx, model, sampling=Sampling(temperature=0, max_tokens=20)))

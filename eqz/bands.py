@@ -1,0 +1,58 @@
+"""The equalizer's bands: Plutchik's eight primaries and the two circumplex axes built from them."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import EqzError
+
+PRIMARIES = ("joy", "trust", "fear", "surprise", "sadness", "disgust", "anger", "anticipation")
+AXES = ("valence", "arousal")
+BANDS = PRIMARIES + AXES
+
+# Where each primary sits on Russell's circumplex (valence, arousal), from the usual placements of these
+# emotion words in circumplex studies, on a -1..1 scale. The axes are these weighted sums of the primaries'
+# directions: no separate stimuli, and exactly the contrast "pleasant vs unpleasant" / "activated vs calm"
+# that the primaries already carry. See README "How the bank is built".
+CIRCUMPLEX = {
+    #               valence  arousal
+    "joy":          (0.9,     0.5),
+    "trust":        (0.6,    -0.3),
+    "fear":         (-0.7,    0.7),
+    "surprise":     (0.1,     0.8),
+    "sadness":      (-0.8,   -0.5),
+    "disgust":      (-0.7,    0.2),
+    "anger":        (-0.7,    0.8),
+    "anticipation": (0.4,     0.4),
+}
+
+MAX_GAIN = 2.0
+SAFE_GAIN = 1.0
+
+
+def check_gain(band: str, value, valid: tuple[str, ...] = BANDS) -> float:
+    """A gain for ``band`` as a float, or a one-line EqzError naming the valid bands / range."""
+    if band not in valid:
+        raise EqzError(f"unknown band '{band}'; valid bands: {', '.join(valid)}")
+    try:
+        gain = float(value)
+    except (TypeError, ValueError):
+        raise EqzError(f"gain for {band} must be a number, got {value!r}; valid bands: {', '.join(valid)}") from None
+    if not math.isfinite(gain) or abs(gain) > MAX_GAIN:
+        raise EqzError(f"gain for {band} must be a finite number in [-{MAX_GAIN:g}, {MAX_GAIN:g}], got {value!r}")
+    return gain
+
+
+def parse_set(spec: str, valid: tuple[str, ...] = BANDS) -> tuple[str, float]:
+    """``BAND=GAIN`` (as given to --set) -> (band, gain)."""
+    band, sep, value = spec.partition("=")
+    if not sep:
+        raise EqzError(f"--set takes BAND=GAIN, got '{spec}'; valid bands: {', '.join(valid)}")
+    return band.strip().lower(), check_gain(band.strip().lower(), value.strip(), valid)
+
+
+def gain_warning(band: str, gain: float) -> str:
+    """A short warning suffix for gains past the calibrated range, else ''."""
+    if abs(gain) > SAFE_GAIN:
+        return f" (beyond the calibrated ±{SAFE_GAIN:g} for {band}: expect less fluent text)"
+    return ""

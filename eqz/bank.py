@@ -1,0 +1,241 @@
+"""A bank of band vectors for one model: one llama.cpp control-vector GGUF per band plus ``bank.yaml``.
+
+Each band's GGUF holds exactly what gain +1 applies, so ``llama-cli --control-vector-scaled joy.gguf 1.0``
+steers like ``eqz --set joy=1``. ``bank.yaml`` holds the model fingerprint, the read layer and steered layers,
+each band's negative-side ratio and meter calibration, how the bank was made and how well it works.
+Banks ship in ``vectors/`` (the default model's) and are trained into the user data dir; both are found by
+fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .engine import ModelInfo
+from .errors import EqzError
+from .models import fingerprint
+from .vector_files import read_control_vector, write_control_vector
+
+MANIFEST = "bank.yaml"
+BANK_FORMAT = 1
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "vectors"
+_BAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def user_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "eqz" / "vectors"
+
+
+def search_dirs() -> list[Path]:
+    """Where banks are looked for, first match wins: $EQZ_VECTORS, the user data dir, the shipped vectors/."""
+    extra = [Path(os.environ["EQZ_VECTORS"])] if os.environ.get("EQZ_VECTORS") else []
+    return extra + [user_data_dir(), SHIPPED_DIR]
+
+
+def model_fingerprint(info: ModelInfo) -> str:
+    return fingerprint(info.architecture, info.n_layer, info.n_embd, info.n_vocab, info.name)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
+
+
+@dataclass
+class Band:
+    """One slider: its gain-+1 vector and how the meter reads it."""
+
+    name: str
+    matrix: np.ndarray  # (n_layer, n_embd): added at gain +1
+    negative_ratio: float = 1.0  # gain -1 adds -negative_ratio * matrix (the negative side is calibrated apart)
+    readout: dict | None = None  # {"neutral": [...], "unit": [...]} per steered layer; None: not metered
+
+    def unit_direction(self, layer: int) -> np.ndarray:
+        row = self.matrix[layer]
+        norm = float(np.linalg.norm(row))
+        return row / norm if norm > 0 else row
+
+
+@dataclass
+class Bank:
+    directory: Path
+    manifest: dict
+    bands: dict[str, Band] = field(default_factory=dict)
+
+    @property
+    def read_layer(self) -> int:
+        return int(self.manifest["layers"]["read"])
+
+    @property
+    def steered_layers(self) -> list[int]:
+        return [int(layer) for layer in self.manifest["layers"]["steered"]]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.bands)
+
+    def check_gains(self, gains: dict[str, float]) -> None:
+        unknown = [band for band in gains if band not in self.bands]
+        if unknown:
+            raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(self.names)}")
+
+    def mix(self, gains: dict[str, float]) -> np.ndarray | None:
+        """The control vector for these slider gains (None when every gain is 0)."""
+        self.check_gains(gains)
+        active = {band: gain for band, gain in gains.items() if gain != 0}
+        if not active:
+            return None
+        total = np.zeros_like(next(iter(self.bands.values())).matrix)
+        for band, gain in active.items():
+            entry = self.bands[band]
+            side = 1.0 if gain > 0 else entry.negative_ratio
+            total += np.float32(gain * side) * entry.matrix
+        return total
+
+    # -- files
+
+    @classmethod
+    def load(cls, directory: Path) -> "Bank":
+        directory = Path(directory)
+        try:
+            manifest = yaml.safe_load((directory / MANIFEST).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise EqzError(f"cannot read the bank in {directory}: {error}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
+            raise EqzError(f"{directory / MANIFEST} is not an eqz bank (format {BANK_FORMAT})")
+        model = manifest["model"]
+        bank = cls(directory, manifest)
+        for name, entry in manifest["bands"].items():
+            vector_file = read_control_vector(directory / entry["file"])
+            bank.bands[name] = Band(
+                name,
+                vector_file.matrix(model["n_layer"], model["n_embd"], model["name"]),
+                float(entry.get("negative_ratio", 1.0)),
+                entry.get("readout"),
+            )
+        return bank
+
+    def save(self, directory: Path | None = None) -> Path:
+        """Write the band GGUFs and bank.yaml (atomically replacing the manifest)."""
+        directory = Path(directory or self.directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        hint = self.manifest["model"]["architecture"]
+        bands = {}
+        for name, band in self.bands.items():
+            write_control_vector(directory / f"{name}.gguf", band.matrix, hint)
+            bands[name] = {
+                **self.manifest["bands"].get(name, {}),
+                "file": f"{name}.gguf",
+                "negative_ratio": round(float(band.negative_ratio), 4),
+                "readout": band.readout,
+            }
+        self.manifest["bands"] = bands
+        temporary = directory / f".{MANIFEST}.tmp"
+        temporary.write_text(yaml.safe_dump(self.manifest, sort_keys=False, width=120))
+        temporary.replace(directory / MANIFEST)
+        self.directory = directory
+        return directory
+
+
+def list_banks() -> list[tuple[Path, dict]]:
+    """Every bank in the search dirs (shadowed ones included), as (directory, manifest)."""
+    found = []
+    for root in search_dirs():
+        for manifest_path in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
+            try:
+                manifest = yaml.safe_load(manifest_path.read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(manifest, dict) and manifest.get("format") == BANK_FORMAT:
+                found.append((manifest_path.parent, manifest))
+    return found
+
+
+def find_bank(info: ModelInfo) -> Bank | None:
+    """The bank trained for this model (by fingerprint), or None."""
+    wanted = model_fingerprint(info)
+    for directory, manifest in list_banks():
+        if manifest.get("model", {}).get("fingerprint") == wanted:
+            return Bank.load(directory)
+    return None
+
+
+def require_bank(info: ModelInfo) -> Bank:
+    bank = find_bank(info)
+    if bank is None:
+        raise EqzError(
+            f"no emotion bank fits {info.name} ({model_fingerprint(info)}); "
+            f"run `eqz train --model {info.path}` to make one"
+        )
+    return bank
+
+
+def resolve_bank(spec: str | None, info: ModelInfo | None) -> Bank:
+    """A bank named by directory, by its folder name, or (spec None) the one for ``info``'s model."""
+    if spec is None:
+        assert info is not None
+        return require_bank(info)
+    path = Path(spec).expanduser()
+    if (path / MANIFEST).exists():
+        return Bank.load(path)
+    for directory, _ in list_banks():
+        if directory.name == spec:
+            return Bank.load(directory)
+    raise EqzError(f"no bank named '{spec}'; `eqz vectors list` shows the banks found")
+
+
+def writable_bank(info: ModelInfo) -> Bank:
+    """The user's own bank for this model, created from the shipped one (or empty) on first use."""
+    own = user_data_dir() / slug(info.name)
+    if (own / MANIFEST).exists():
+        bank = Bank.load(own)
+        if bank.manifest["model"]["fingerprint"] == model_fingerprint(info):
+            return bank
+        own = user_data_dir() / f"{slug(info.name)}-{model_fingerprint(info)[-10:]}"
+        if (own / MANIFEST).exists():
+            return Bank.load(own)
+    existing = find_bank(info)
+    if existing is not None:
+        shutil.copytree(existing.directory, own, dirs_exist_ok=True)
+        return Bank.load(own)
+    manifest = new_manifest(info)
+    return Bank(own, manifest)
+
+
+def new_manifest(info: ModelInfo) -> dict:
+    return {
+        "format": BANK_FORMAT,
+        "model": {
+            "name": info.name,
+            "architecture": info.architecture,
+            "n_layer": info.n_layer,
+            "n_embd": info.n_embd,
+            "n_vocab": info.n_vocab,
+            "fingerprint": model_fingerprint(info),
+        },
+        "layers": {"read": None, "steered": []},
+        "bands": {},
+    }
+
+
+def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Band:
+    """Add a repeng / llama.cpp control vector to ``bank`` as band ``name`` (gain 1 = the file as it is)."""
+    if not _BAND_NAME.match(name):
+        raise EqzError(f"band name '{name}' must be lowercase letters, digits or _, starting with a letter")
+    vector_file = read_control_vector(path)
+    matrix = vector_file.matrix(info.n_layer, info.n_embd, info.name)
+    band = Band(name, matrix, 1.0, None)
+    bank.bands[name] = band
+    bank.manifest["bands"][name] = {"file": f"{name}.gguf", "source": str(Path(path).expanduser())}
+    layers = bank.manifest["layers"]
+    if layers["read"] is None:
+        steered = [layer for layer in range(info.n_layer) if np.any(matrix[layer])]
+        layers["steered"] = steered
+        layers["read"] = steered[len(steered) // 2]
+    return band

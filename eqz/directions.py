@@ -1,0 +1,142 @@
+"""Emotion directions from pooled hidden states. Plain numpy: every step is testable without a model.
+
+Arrays are per layer: a state set is (n_texts, n_layers, n_embd); a direction set is (n_layers, n_embd).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .bands import CIRCUMPLEX, PRIMARIES
+
+
+def mean_differences(emotional: Mapping[str, np.ndarray], neutral: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per band: mean of its emotional texts minus mean of their matched neutral counterparts."""
+    return {band: emotional[band].mean(axis=0) - neutral[band].mean(axis=0) for band in emotional}
+
+
+def centre(differences: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Subtract the mean over all bands: what every emotion shares ("vivid, feeling-laden text") goes."""
+    common = np.mean([differences[band] for band in differences], axis=0)
+    return {band: vector - common for band, vector in differences.items()}
+
+
+def top_components(states: np.ndarray, count: int) -> np.ndarray:
+    """Per layer, the ``count`` leading principal directions of ``states``: (n_layers, count, n_embd)."""
+    centred = states - states.mean(axis=0, keepdims=True)
+    components = np.zeros((states.shape[1], count, states.shape[2]), dtype=np.float32)
+    for layer in range(states.shape[1]):
+        _, _, vt = np.linalg.svd(centred[:, layer, :].astype(np.float64), full_matrices=False)
+        components[layer] = vt[:count]
+    return components
+
+
+def remove_components(vectors: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Project each layer's vector off that layer's (orthonormal) components."""
+    coefficients = np.einsum("lke,le->lk", components, vectors)
+    return vectors - np.einsum("lk,lke->le", coefficients, components)
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """Each layer's row scaled to length 1 (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def circumplex_axes(differences: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Valence and arousal as circumplex-weighted sums of the primaries' centred difference vectors."""
+    return {
+        axis: sum(CIRCUMPLEX[band][index] * differences[band] for band in PRIMARIES)
+        for index, axis in enumerate(("valence", "arousal"))
+    }
+
+
+def orthogonalize(units: Mapping[str, np.ndarray], bands: Sequence[str]) -> dict[str, np.ndarray]:
+    """Symmetric (Löwdin) orthogonalisation of ``bands`` per layer: the orthonormal set closest to the
+    originals, so boosting one band moves the others' readouts as little as possible."""
+    stack = np.stack([units[band] for band in bands], axis=1).astype(np.float64)  # (layers, bands, embd)
+    result = {band: units[band].copy() for band in units}
+    for layer in range(stack.shape[0]):
+        rows = stack[layer]
+        if not np.any(rows):
+            continue
+        u, _, vt = np.linalg.svd(rows, full_matrices=False)
+        orthonormal = u @ vt
+        for index, band in enumerate(bands):
+            result[band][layer] = orthonormal[index]
+    return result
+
+
+def project(states: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """(n, n_embd) states on (bands, n_embd) unit directions -> (n, bands) projections."""
+    return states @ directions.T
+
+
+def calibrated(projections: np.ndarray, neutral: np.ndarray, unit_level: np.ndarray) -> np.ndarray:
+    """Readouts in band units: 0 at the neutral level, 1 at the typical level of the band's own text."""
+    return (projections - neutral) / unit_level
+
+
+def readout_levels(
+    neutral_states: np.ndarray, band_states: Mapping[str, np.ndarray], directions: Mapping[str, np.ndarray]
+) -> dict[str, tuple[float, float]]:
+    """Per band at one layer: (neutral level, unit) where unit = band text level minus neutral level.
+
+    ``neutral_states`` is (n, n_embd); ``band_states[band]`` the band's emotional texts. Bands without their
+    own texts (the axes) take as unit the spread of the primaries along them.
+    """
+    levels = {}
+    for band, direction in directions.items():
+        neutral = float(np.mean(neutral_states @ direction))
+        if band in band_states:
+            unit_level = float(np.mean(band_states[band] @ direction)) - neutral
+        else:
+            means = [float(np.mean(band_states[p] @ direction)) - neutral for p in PRIMARIES if p in band_states]
+            unit_level = float(np.max(np.abs(means)))
+        levels[band] = (neutral, unit_level if abs(unit_level) > 1e-6 else 1.0)
+    return levels
+
+
+def classify(readouts: np.ndarray) -> np.ndarray:
+    """Index of the band with the highest calibrated readout, per row."""
+    return np.argmax(readouts, axis=1)
+
+
+def layer_accuracies(
+    train: Mapping[str, np.ndarray],
+    train_neutral: np.ndarray,
+    heldout: Mapping[str, np.ndarray],
+    directions: Mapping[str, np.ndarray],
+) -> np.ndarray:
+    """Held-out 8-way accuracy per layer of classifying emotional text by its calibrated readouts."""
+    bands = [band for band in PRIMARIES if band in heldout]
+    n_layers = train_neutral.shape[1]
+    accuracies = np.zeros(n_layers)
+    labels = np.concatenate([np.full(len(heldout[b]), i) for i, b in enumerate(bands)])
+    for layer in range(n_layers):
+        dirs = {b: directions[b][layer] for b in bands}
+        if not any(np.any(d) for d in dirs.values()):
+            continue
+        levels = readout_levels(train_neutral[:, layer], {b: train[b][:, layer] for b in bands}, dirs)
+        matrix = np.stack([dirs[b] for b in bands])
+        neutral = np.array([levels[b][0] for b in bands])
+        unit_level = np.array([levels[b][1] for b in bands])
+        states = np.concatenate([heldout[b][:, layer] for b in bands])
+        predicted = classify(calibrated(project(states, matrix), neutral, unit_level))
+        accuracies[layer] = float(np.mean(predicted == labels))
+    return accuracies
+
+
+def choose_layers(accuracies: np.ndarray, candidates: range, tolerance: float = 0.1) -> tuple[int, list[int]]:
+    """The read layer (best held-out accuracy among ``candidates``) and the steered band: the contiguous run
+    of candidate layers around it whose accuracy is within ``tolerance`` of the best."""
+    read = max(candidates, key=lambda layer: (accuracies[layer], -abs(layer - np.mean(candidates))))
+    floor = accuracies[read] - tolerance
+    low = high = read
+    while low - 1 in candidates and accuracies[low - 1] >= floor:
+        low -= 1
+    while high + 1 in candidates and accuracies[high + 1] >= floor:
+        high += 1
+    return read, list(range(low, high + 1))

@@ -1,0 +1,137 @@
+"""Rich renderings shared by the commands: progress bars and bank tables. Display only, no decisions."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .bands import BANDS
+from .bank import SHIPPED_DIR, Bank
+from .presets import Preset, PresetEntry
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """``progress(stage, total)`` starts a bar and returns ``advance(n)``; bars go to stderr."""
+    columns = (TextColumn("{task.description:<42}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as bars:
+
+        def start(stage: str, total: int) -> Callable[[int], None]:
+            task = bars.add_task(stage, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield start
+
+
+def _where(directory: Path) -> str:
+    return "shipped" if SHIPPED_DIR in directory.parents else "user"
+
+
+def print_bank_list(banks: list[tuple[Path, dict]]) -> None:
+    if not banks:
+        console.print("no banks found; `eqz train` makes one for a model")
+        return
+    table = Table(header_style="bold")
+    for column in ("bank", "model", "fingerprint", "bands", "held-out acc.", "where"):
+        table.add_column(column)
+    for directory, manifest in banks:
+        accuracy = manifest.get("quality", {}).get("heldout_accuracy")
+        table.add_row(
+            directory.name,
+            manifest["model"]["name"],
+            manifest["model"]["fingerprint"],
+            str(len(manifest["bands"])),
+            f"{accuracy:.0%}" if accuracy is not None else "-",
+            f"{_where(directory)}: {directory}",
+        )
+    console.print(table)
+
+
+def print_bank(bank: Bank) -> None:
+    manifest = bank.manifest
+    model, layers = manifest["model"], manifest["layers"]
+    console.print(f"[bold]{bank.directory}[/bold]")
+    console.print(f"model {model['name']} ({model['fingerprint']}), {model['n_layer']} layers x {model['n_embd']}")
+    steered = layers.get("steered") or []
+    if steered:
+        console.print(f"read layer {layers['read']}, steered layers {steered[0]}-{steered[-1]}")
+    quality = manifest.get("quality", {})
+    if "heldout_accuracy" in quality:
+        console.print(
+            f"held-out 8-way classification: {quality['heldout_accuracy']:.1%} of {quality['heldout_texts']} texts "
+            f"(chance {quality['chance']:.1%})"
+        )
+    table = Table(header_style="bold")
+    for column in ("band", "strength c", "negative", "ppl ratio @+1", "rep. 3-grams @+1", "lexicon @+1", "readout @+1"):
+        table.add_column(column, justify="right" if column != "band" else "left")
+    for name, entry in manifest["bands"].items():
+        at_one = next((row for row in entry.get("calibration", []) if row["strength"] == entry.get("strength")), None)
+        cells = [f"{entry['strength']:g}" if "strength" in entry else "imported", f"x{entry.get('negative_ratio', 1):g}"]
+        if at_one:
+            cells += [f"{at_one['ppl_ratio']:.2f}", f"{at_one['repeated_3grams']:.0%}", f"{at_one['lexicon']:.2f}",
+                      f"{at_one['readout']:+.2f}"]
+        else:
+            cells += ["-"] * 4
+        table.add_row(name, *cells)
+    console.print(table)
+    dose = quality.get("dose_response")
+    if dose:
+        console.print("dose-response (eqz eval): see `eqz vectors show --json` or the README table")
+    trained = manifest.get("trained")
+    if trained:
+        console.print(f"trained in {trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}")
+
+
+_LEVELS = "▁▂▃▄▅▆▇█"
+
+
+def mini_chart(sliders: dict[str, float]) -> Text:
+    """One cell per band (BANDS order): height = |gain|, green up, red down, · for 0."""
+    chart = Text()
+    for band in BANDS:
+        gain = sliders.get(band, 0.0)
+        if gain == 0:
+            chart.append("· ", style="dim")
+        else:
+            chart.append(_LEVELS[min(7, int(abs(gain) / 2 * 7.999))] + " ", style="green" if gain > 0 else "red")
+    return chart
+
+
+def print_preset_list(entries: list[PresetEntry]) -> None:
+    table = Table(header_style="bold")
+    table.add_column("preset")
+    table.add_column(" ".join(b[:1] for b in BANDS), no_wrap=True)
+    table.add_column("description")
+    table.add_column("source")
+    for entry in sorted(entries, key=lambda e: e.name):
+        if entry.preset:
+            table.add_row(entry.name, mini_chart(entry.preset.sliders), entry.preset.description, entry.source)
+        else:
+            table.add_row(entry.name, Text("invalid", style="red"), Text(entry.error or "", style="red"), entry.source)
+    console.print(table)
+    console.print(f"[dim]chart columns: {', '.join(BANDS)}[/dim]")
+
+
+def print_preset(preset: Preset) -> None:
+    console.print(f"[bold]{preset.name}[/bold] — {preset.description}")
+    for band in BANDS:
+        gain = preset.sliders.get(band, 0.0)
+        if gain:
+            bar = "█" * round(abs(gain) * 10)
+            console.print(f"  {band:<13} {gain:+.2f} ", Text(bar, style="green" if gain > 0 else "red"))
+    if preset.sampling:
+        console.print("  sampling: " + ", ".join(f"{k} {v}" for k, v in preset.sampling.items()))
+    if preset.system:
+        console.print(f"  system: {preset.system}")
+    if preset.filters:
+        console.print(f"  filters: {preset.filters}")
+    console.print(f"[dim]  {preset.path}[/dim]")

@@ -1,0 +1,179 @@
+"""Preset moods: YAML files naming slider gains by band, sampling settings, an optional system prompt and filters.
+
+Bundled presets live in ``presets/``; user presets in ``$XDG_CONFIG_HOME/eqz/presets`` override bundled ones of
+the same name. Every problem is reported as one line naming the file, the field and what is allowed. Because
+moods are named by bands, a preset works on every model that has a bank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .bands import BANDS, check_gain
+from .errors import EqzError
+from .sampling import SETTING_NAMES, check_setting
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "presets"
+KEYS = ("name", "description", "sliders", "sampling", "system", "filters")
+FILTER_KEYS = ("clamp", "ablate")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+
+def user_dir() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "eqz" / "presets"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    sliders: dict[str, float]
+    sampling: dict[str, float | int]
+    system: str | None = None
+    filters: dict = field(default_factory=dict)  # {"clamp": {band: level}, "ablate": [band, ...]}
+    path: Path | None = None
+
+    def to_yaml(self) -> str:
+        data: dict = {"name": self.name, "description": self.description, "sliders": self.sliders}
+        if self.sampling:
+            data["sampling"] = self.sampling
+        if self.system:
+            data["system"] = self.system
+        if self.filters:
+            data["filters"] = self.filters
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+def parse_preset(data, where: str, bands: tuple[str, ...] = BANDS) -> Preset:
+    """Validate a loaded YAML mapping; ``where`` names the file in error messages."""
+    if not isinstance(data, dict):
+        raise EqzError(f"{where}: a preset is a YAML mapping with keys {', '.join(KEYS)}")
+    unknown = [key for key in data if key not in KEYS]
+    if unknown:
+        raise EqzError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise EqzError(f"{where}: name must be lowercase letters, digits, - or _ (got {name!r})")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise EqzError(f"{where}: description must be text")
+    sliders = data.get("sliders") or {}
+    if not isinstance(sliders, dict):
+        raise EqzError(f"{where}: sliders must map band names to gains, e.g. joy: 0.5")
+    checked_sliders = {}
+    for band, gain in sliders.items():
+        try:
+            checked_sliders[str(band)] = check_gain(str(band), gain, bands)
+        except EqzError as error:
+            raise EqzError(f"{where}: sliders.{band}: {error}") from None
+    sampling = data.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        raise EqzError(f"{where}: sampling must be a mapping; allowed settings: {', '.join(SETTING_NAMES)}")
+    checked_sampling = {}
+    for key, value in sampling.items():
+        if key not in SETTING_NAMES:
+            raise EqzError(f"{where}: sampling.{key} is not a setting; allowed: {', '.join(SETTING_NAMES)}")
+        try:
+            checked_sampling[key] = check_setting(key, value)
+        except EqzError as error:
+            raise EqzError(f"{where}: sampling.{key}: {error}") from None
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise EqzError(f"{where}: system must be text")
+    filters = _parse_filters(data.get("filters") or {}, where, bands)
+    return Preset(name, description, checked_sliders, checked_sampling, system, filters)
+
+
+def _parse_filters(filters, where: str, bands: tuple[str, ...]) -> dict:
+    if not isinstance(filters, dict):
+        raise EqzError(f"{where}: filters must be a mapping with keys {', '.join(FILTER_KEYS)}")
+    unknown = [key for key in filters if key not in FILTER_KEYS]
+    if unknown:
+        raise EqzError(f"{where}: filters.{unknown[0]} is not a filter; allowed: {', '.join(FILTER_KEYS)}")
+    result: dict = {}
+    clamp = filters.get("clamp") or {}
+    if not isinstance(clamp, dict):
+        raise EqzError(f"{where}: filters.clamp must map bands to levels, e.g. fear: 0")
+    if clamp:
+        result["clamp"] = {}
+        for band, level in clamp.items():
+            try:
+                result["clamp"][str(band)] = check_gain(str(band), level, bands)
+            except EqzError as error:
+                raise EqzError(f"{where}: filters.clamp.{band}: {error}") from None
+    ablate = filters.get("ablate") or []
+    if not isinstance(ablate, list) or any(band not in bands for band in ablate):
+        raise EqzError(f"{where}: filters.ablate must list bands among: {', '.join(bands)}")
+    if ablate:
+        result["ablate"] = list(ablate)
+    return result
+
+
+def load_preset_file(path: Path, bands: tuple[str, ...] = BANDS) -> Preset:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise EqzError(f"{path}: cannot read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise EqzError(f"{path}: not valid YAML{at}: {getattr(error, 'problem', error)}") from None
+    preset = parse_preset(data, str(path), bands)
+    return Preset(**{**preset.__dict__, "path": path})
+
+
+@dataclass
+class PresetEntry:
+    """A preset file found on disk: loaded, or the reason it could not be."""
+
+    name: str
+    path: Path
+    source: str  # "bundled" or "user"
+    preset: Preset | None
+    error: str | None
+
+
+def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
+    """Every preset by name, user ones overriding bundled ones; broken files are listed with their error."""
+    entries: dict[str, PresetEntry] = {}
+    for source, directory in (("bundled", BUNDLED_DIR), ("user", user_dir())):
+        for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+            try:
+                preset = load_preset_file(path, bands)
+                entries[preset.name] = PresetEntry(preset.name, path, source, preset, None)
+            except EqzError as error:
+                entries[path.stem] = PresetEntry(path.stem, path, source, None, str(error))
+    return entries
+
+
+def get_preset(name: str, bands: tuple[str, ...] = BANDS) -> Preset:
+    entries = discover(bands)
+    entry = entries.get(name)
+    if entry is None:
+        valid = ", ".join(sorted(n for n, e in entries.items() if e.preset)) or "none"
+        raise EqzError(f"no preset named '{name}'; available: {valid}")
+    if entry.preset is None:
+        raise EqzError(entry.error or f"preset {name} is invalid")
+    return entry.preset
+
+
+def save_preset(preset: Preset) -> Path:
+    """Write a user preset (overriding a bundled one of the same name)."""
+    directory = user_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{preset.name}.yaml"
+    path.write_text(preset.to_yaml(), encoding="utf-8")
+    return path
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise EqzError(f"preset name '{name}' must be lowercase letters, digits, - or _ (at most 40)")
+    return name
+

@@ -1,0 +1,101 @@
+"""Preset moods: the bundled ones, user overrides, and one clear line for every kind of broken file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eqz.bands import BANDS
+from eqz.errors import EqzError
+from eqz.presets import BUNDLED_DIR, discover, load_preset_file, user_dir
+
+from .conftest import run_eqz
+
+BUNDLED = sorted(BUNDLED_DIR.glob("*.yaml"))
+
+
+def test_at_least_eight_moods_ship():
+    assert len(BUNDLED) >= 8
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_bundled_preset_is_valid(path):
+    preset = load_preset_file(path)
+    assert preset.name == path.stem
+    assert preset.description and preset.sliders
+    assert set(preset.sliders) <= set(BANDS)
+    result = run_eqz("presets", "validate", str(path))
+    assert result.returncode == 0 and result.stdout.startswith("ok")
+
+
+def write(tmp_path: Path, data, name="mood.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+GOOD = {"name": "mood", "description": "a test mood", "sliders": {"joy": 0.5}, "sampling": {"temperature": 0.7}}
+
+BROKEN = [
+    ({**GOOD, "sliders": {"happiness": 0.5}}, "sliders.happiness", "valid bands: joy"),
+    ({**GOOD, "colour": "blue"}, "unknown key 'colour'", "allowed keys: name"),
+    ({**GOOD, "sliders": {"joy": 3.5}}, "sliders.joy", "[-2, 2]"),
+    ({**GOOD, "sliders": {"joy": "lots"}}, "sliders.joy", "must be a number"),
+    ({**GOOD, "sliders": {"joy": float("nan")}}, "sliders.joy", "finite"),
+    ({**GOOD, "sampling": {"temperature": "hot"}}, "sampling.temperature", "number"),
+    ({**GOOD, "sampling": {"top_p": 1.5}}, "sampling.top_p", "[0.0, 1.0]"),
+    ({**GOOD, "sampling": {"warmth": 1}}, "sampling.warmth", "allowed: temperature"),
+    ({**GOOD, "name": "Bad Name"}, "name must be", "lowercase"),
+    ({**GOOD, "filters": {"clamp": {"fear": 9}}}, "filters.clamp.fear", "[-2, 2]"),
+    ("name: [unclosed\n", "not valid YAML", "line"),
+    ("!!python/object/apply:os.system ['echo pwned']\n", "not valid YAML", ""),
+]
+
+
+@pytest.mark.parametrize("data,field,allowed", BROKEN, ids=[b[1] for b in BROKEN])
+def test_each_validation_error_is_one_line_naming_file_field_and_allowed(tmp_path, data, field, allowed):
+    path = write(tmp_path, data)
+    with pytest.raises(EqzError) as caught:
+        load_preset_file(path)
+    message = str(caught.value)
+    assert str(path) in message and field in message and allowed in message
+    result = run_eqz("presets", "validate", str(path))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in result.stderr
+
+
+def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
+    config = tmp_path / "config"
+    presets = config / "eqz" / "presets"
+    presets.mkdir(parents=True)
+    (presets / "serene.yaml").write_text(yaml.safe_dump({**GOOD, "name": "serene", "description": "mine"}))
+    (presets / "broken.yaml").write_text(yaml.safe_dump({**GOOD, "name": "broken", "sliders": {"zest": 1}}))
+    env = {"XDG_CONFIG_HOME": str(config)}
+    listing = run_eqz("presets", "list", "--json", env=env)
+    entries = {e["name"]: e for e in __import__("json").loads(listing.stdout)}
+    assert entries["serene"]["source"] == "user"
+    assert entries["broken"]["error"] and "zest" in entries["broken"]["error"]
+    assert entries["melancholy"]["error"] is None  # the others still load
+    table = run_eqz("presets", "list", env=env)
+    assert "invalid" in table.stdout and "mine" in table.stdout
+
+
+def test_presets_save_writes_a_valid_user_preset(tmp_path):
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    result = run_eqz("presets", "save", "sunny", "--from", "serene", "--set", "joy=0.9", "--temperature", "0.8", env=env)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "eqz" / "presets" / "sunny.yaml"
+    preset = load_preset_file(path)
+    assert preset.sliders["joy"] == 0.9 and preset.sliders["trust"] == 0.5
+    assert preset.sampling["temperature"] == 0.8
+    shown = run_eqz("presets", "show", "sunny", env=env)
+    assert "sunny" in shown.stdout and "+0.90" in shown.stdout
+
+
+def test_unknown_preset_lists_the_available_ones():
+    result = run_eqz("presets", "show", "nope")
+    assert result.returncode != 0 and "available: anxious" in result.stderr
