@@ -43,11 +43,11 @@ def check_gain(band: str, value, valid: tuple[str, ...] = BANDS) -> float:
     return gain
 
 
-def parse_set(spec: str, valid: tuple[str, ...] = BANDS) -> tuple[str, float]:
-    """``BAND=GAIN`` (as given to --set) -> (band, gain)."""
+def parse_set(spec: str, valid: tuple[str, ...] = BANDS, option: str = "--set") -> tuple[str, float]:
+    """``BAND=GAIN`` (as given to --set or --clamp) -> (band, gain)."""
     band, sep, value = spec.partition("=")
     if not sep:
-        raise EqzError(f"--set takes BAND=GAIN, got '{spec}'; valid bands: {', '.join(valid)}")
+        raise EqzError(f"{option} takes BAND=VALUE, got '{spec}'; valid bands: {', '.join(valid)}")
     return band.strip().lower(), check_gain(band.strip().lower(), value.strip(), valid)
 
 

@@ -95,6 +95,41 @@ class ChatCommands:
         self.session.sampling = make_sampling(self.session.sampling, **{setting: args[0]})
         return CommandResult(f"{setting} = {getattr(self.session.sampling, setting)}")
 
+    def clamp(self, args: list[str], _rest: str) -> CommandResult:
+        if len(args) != 2:
+            raise EqzError(f"usage: {COMMANDS['clamp'].usage}")
+        band, level = parse_set(f"{args[0]}={args[1]}", self.session.steerer.bands or BANDS, "/clamp")
+        current = self._filters()
+        current["clamp"][band] = level
+        current["ablate"] = [b for b in current["ablate"] if b != band]
+        self.session.set_filters(**current)
+        return CommandResult(f"{band} clamped at {level:+.2f}")
+
+    def ablate(self, args: list[str], _rest: str) -> CommandResult:
+        if len(args) != 1:
+            raise EqzError(f"usage: {COMMANDS['ablate'].usage}")
+        band = args[0].lower()
+        current = self._filters()
+        current["clamp"].pop(band, None)
+        current["ablate"] = [b for b in current["ablate"] if b != band] + [band]
+        self.session.set_filters(**current)
+        return CommandResult(f"{band} notched to the neutral level")
+
+    def filters(self, args: list[str], _rest: str) -> CommandResult:
+        if args == ["off"]:
+            self.session.set_filters()
+            return CommandResult("filters off")
+        if args:
+            raise EqzError(f"usage: {COMMANDS['filters'].usage}")
+        current = self._filters()
+        parts = [f"clamp {b} {level:+.2f}" for b, level in current["clamp"].items()]
+        parts += [f"ablate {b}" for b in current["ablate"]]
+        return CommandResult(", ".join(parts) or "no filters")
+
+    def _filters(self) -> dict:
+        filters = self.session.filters
+        return {"clamp": dict(filters.clamp), "ablate": list(filters.ablate)} if filters else {"clamp": {}, "ablate": []}
+
     def reset(self, _args: list[str], _rest: str) -> CommandResult:
         self.session.reset()
         return CommandResult("history cleared")
@@ -134,6 +169,9 @@ COMMANDS: dict[str, Command] = {
         alias: Command(f"/{alias} VALUE", f"set {setting}", partial(ChatCommands.sampling, setting=setting))
         for alias, setting in SAMPLING_COMMANDS.items()
     },
+    "clamp": Command("/clamp BAND LEVEL", "hold a band at a level inside the model", ChatCommands.clamp),
+    "ablate": Command("/ablate BAND", "notch a band to the model's neutral level", ChatCommands.ablate),
+    "filters": Command("/filters [off]", "show the filters, or turn them all off", ChatCommands.filters),
     "reset": Command("/reset", "forget the conversation", ChatCommands.reset),
     "save": Command("/save FILE", "write the transcript with every setting as JSON", ChatCommands.save),
     "quit": Command("/quit", "leave (Ctrl-D works too)", ChatCommands.quit),

@@ -57,6 +57,13 @@ TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="nucleus sampl
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="0 = off [40]")]
 MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="[0.05]")]
 RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="1 = off [1.1]")]
+ClampOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--clamp", help="hold BAND=LEVEL inside the model (calibrated units), repeatable"),
+]
+AblateOpt = Annotated[
+    Optional[list[str]], typer.Option("--ablate", help="notch BAND to the model's neutral level, repeatable")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON record")]
 
 
@@ -72,7 +79,26 @@ def _gains(sets: list[str] | None, valid: tuple[str, ...]) -> dict[str, float]:
     return gains
 
 
-def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx: int, taps: bool = False):
+def _filters(preset_filters: dict, clamp: list[str] | None, ablate: list[str] | None, valid) -> dict:
+    """Filters from a preset, then --clamp BAND=LEVEL / --ablate BAND on top."""
+    from .bands import parse_set
+    from .errors import EqzError
+
+    clamps = dict(preset_filters.get("clamp", {}))
+    for spec in clamp or []:
+        band, level = parse_set(spec, valid, "--clamp")
+        clamps[band] = level
+    ablates = list(preset_filters.get("ablate", []))
+    for band in ablate or []:
+        band = band.strip().lower()
+        if band not in valid:
+            raise EqzError(f"unknown band '{band}' for --ablate; valid bands: {', '.join(valid)}")
+        ablates.append(band)
+    return {"clamp": clamps, "ablate": ablates} if clamps or ablates else {}
+
+
+def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx: int, meter: bool = False,
+                  clamp=None, ablate=None):
     """A ChatSession set up from the command line: the preset first, then explicit flags win over it."""
     from .bands import BANDS
     from .presets import get_preset
@@ -81,8 +107,9 @@ def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx:
     from .steering import Steering
     from .vector_files import parse_scaled_path
 
-    bank = _bank_for(loaded.info, required=bool(sets or preset))
+    bank = _bank_for(loaded.info, required=bool(sets or preset or clamp or ablate))
     chosen = get_preset(preset, bank.names) if preset else None
+    filters = _filters(chosen.filters if chosen else {}, clamp, ablate, bank.names if bank else BANDS)
     settings = make_sampling(make_sampling(None, **chosen.sampling) if chosen else None, **sampling)
     system = system or (chosen.system if chosen else None)
     steering = Steering().with_gains(chosen.sliders if chosen else {})
@@ -90,7 +117,8 @@ def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx:
     for spec in vectors or []:
         path, scale = parse_scaled_path(spec)
         steering = steering.with_vector(path, scale)
-    session = ChatSession(loaded, settings, system=system, steering=steering, n_ctx=ctx, taps=taps, bank=bank)
+    session = ChatSession(loaded, settings, system=system, steering=steering, n_ctx=ctx, bank=bank, meter=meter,
+                          filters=filters)
     session.preset = chosen.name if chosen else None
     return session
 
@@ -186,6 +214,8 @@ def generate(
     top_k: TopKOpt = None,
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
+    clamp: ClampOpt = None,
+    ablate: AblateOpt = None,
     json_output: JsonOpt = False,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
@@ -197,7 +227,7 @@ def generate(
                     min_p=min_p, repeat_penalty=repeat_penalty)
     with _load_model(model, threads, chatting=True) as loaded:
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
-                                sampling=sampling, ctx=ctx)
+                                sampling=sampling, ctx=ctx, meter=json_output, clamp=clamp, ablate=ablate)
         turn = session.reply(prompt)
         for piece in turn:
             if not json_output:
@@ -237,6 +267,9 @@ def chat(
     panel: Annotated[
         bool, typer.Option("--panel/--no-panel", help="equalizer panel and hotkeys while replies stream")
     ] = True,
+    meter: Annotated[bool, typer.Option("--meter/--no-meter", help="live readout of the model's own state")] = True,
+    clamp: ClampOpt = None,
+    ablate: AblateOpt = None,
 ) -> None:
     """Chat in the terminal with streamed replies and live sliders; /help lists the slash commands."""
     from .tui import run_chat
@@ -245,11 +278,118 @@ def chat(
                     min_p=min_p, repeat_penalty=repeat_penalty)
     with _load_model(model, threads, chatting=True) as loaded:
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
-                                sampling=sampling, ctx=ctx)
+                                sampling=sampling, ctx=ctx, meter=meter, clamp=clamp, ablate=ablate)
         try:
             run_chat(session, panel=panel)
         finally:
             session.close()
+
+
+@app.command()
+def batch(
+    prompts: Annotated[str, typer.Argument(help="prompt file: .txt (one per line), .jsonl ({\"prompt\", \"id\"?, \"system\"?}) or - for stdin")],
+    output: Annotated[str, typer.Option("--output", "-o", help="JSONL file the rows are appended to")],
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    presets: Annotated[Optional[str], typer.Option("--presets", help="comma-separated presets to cross with the grid")] = None,
+    set_: SetOpt = None,
+    sweep: Annotated[
+        Optional[list[str]], typer.Option("--sweep", help="BAND=START:STOP:N, repeatable; the grid is their product")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="replies per prompt and setting")] = 1,
+    seed: Annotated[int, typer.Option(help="base seed; each row's seed comes from it, the prompt id and the sample")] = 0,
+    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1, max=64, help="sequences decoded together")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="keep the rows already in OUTPUT and add the rest")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad prompt lines instead of stopping")] = False,
+    meter: Annotated[bool, typer.Option("--meter", help="add each reply's mean readout per band to its row")] = False,
+    clamp: ClampOpt = None,
+    ablate: AblateOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
+    from .bands import BANDS
+    from .batch import Output, PromptFile, build_grid, parse_sweep, plan, run_batch
+    from .display import batch_progress
+    from .errors import EqzError
+    from .steering import Steerer
+
+    if preset and presets:
+        raise EqzError("use either --preset NAME or --presets a,b,c, not both")
+    source = PromptFile(prompts, skip_bad=skip_bad)
+    try:
+        with _load_model(model, threads, chatting=True) as loaded:
+            bank = _bank_for(loaded.info, required=bool(set_ or sweep or preset or presets or meter or clamp or ablate))
+            bands = bank.names if bank else BANDS
+            filters = _filters({}, clamp, ablate, bands)
+            sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            min_p=min_p, repeat_penalty=repeat_penalty)
+            grid = build_grid(bank.names if bank else (), preset, [p.strip() for p in presets.split(",")] if presets else [],
+                              _gains(set_, bands), [parse_sweep(s, bands) for s in sweep or []], sampling, system)
+            count, longest = plan(source, loaded)
+            for skipped in source.skipped:
+                _warn(f"skipped {skipped}")
+            source.skipped.clear()
+            total = count * len(grid) * samples
+            sys.stderr.write(f"eqz batch: {count} prompts x {len(grid)} settings x {samples} samples = {total} rows\n")
+            sink = Output(output, resume)
+            from .session import model_record
+
+            sink.check_compatible(model_record(loaded), grid)
+            try:
+                with batch_progress(total) as (on_row, stats):
+                    run_batch(loaded, Steerer(loaded.info, bank), source, grid, sink, samples, seed, parallel,
+                              longest, on_row, stats, meter=meter, filters=filters)
+            except KeyboardInterrupt:
+                sink.close()
+                sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. "
+                                 "Run the same command with --resume to finish.\n")
+                raise typer.Exit(130)
+            sink.close()
+    finally:
+        source.close()
+    sys.stderr.write(
+        f"eqz batch: {stats.written} rows written ({stats.skipped_existing} already there), {stats.tokens} tokens "
+        f"in {stats.seconds:.1f} s, {stats.tokens_per_second:.1f} tok/s -> {output}\n"
+    )
+
+
+@app.command()
+def analyze(
+    text: Annotated[Optional[str], typer.Argument(help="the text to read (or use --file)")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="read the text from this file")] = None,
+    by: Annotated[str, typer.Option("--by", help="sentence or token")] = "sentence",
+    model: ModelOpt = None,
+    json_output: JsonOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Show how the model itself reads a text, band by band, per sentence or per token."""
+    from pathlib import Path
+
+    from .analyze import analyze as run_analysis
+    from .bank import require_bank
+    from .display import print_analysis
+    from .errors import EqzError
+
+    if (text is None) == (file is None):
+        raise EqzError("give the text as an argument or with --file, not both")
+    if file is not None:
+        try:
+            text = Path(file).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise EqzError(f"cannot read {file}: {error}") from None
+    with _load_model(model, threads) as loaded:
+        result = run_analysis(loaded, require_bank(loaded.info), text, by)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    print_analysis(result)
 
 
 @app.command()

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -135,3 +142,58 @@ def print_preset(preset: Preset) -> None:
     if preset.filters:
         console.print(f"  filters: {preset.filters}")
     console.print(f"[dim]  {preset.path}[/dim]")
+
+
+@contextmanager
+def batch_progress(total: int):
+    """(on_row, stats) for a batch run: a rich bar on a terminal, a plain line every few seconds otherwise."""
+    from .batch import BatchStats
+
+    stats = BatchStats(total=total)
+    if err_console.is_terminal:
+        columns = (TextColumn("rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err_console) as bars:
+            task = bars.add_task("rows", total=total, rate="")
+
+            def on_row(_row: dict, current: BatchStats) -> None:
+                bars.update(task, completed=current.written + current.skipped_existing,
+                            rate=f"{current.tokens_per_second:.0f} tok/s")
+
+            yield on_row, stats
+        return
+    last = [0.0]
+
+    def on_row(_row: dict, current: BatchStats) -> None:
+        done = current.written + current.skipped_existing
+        if current.seconds - last[0] >= 5 or done == total:
+            last[0] = current.seconds
+            remaining = (total - done) * current.seconds / max(current.written, 1)
+            err_console.print(f"rows {done}/{total} · {current.tokens_per_second:.0f} tok/s · eta {remaining:.0f} s")
+
+    yield on_row, stats
+
+
+def _strip_style(value: float) -> str:
+    if value >= 0.75:
+        return "bold green"
+    if value >= 0.35:
+        return "green"
+    if value <= -0.35:
+        return "red"
+    return "dim"
+
+
+def print_analysis(analysis) -> None:
+    """A table: one row per sentence/token, one coloured cell per band."""
+    table = Table(header_style="bold", show_lines=False)
+    table.add_column("text", overflow="fold", max_width=48)
+    for band in analysis.bands:
+        table.add_column(band[:5], justify="right")
+    for segment in analysis.segments:
+        cells = [Text(f"{segment.readouts[b]:+.2f}", style=_strip_style(segment.readouts[b])) for b in analysis.bands]
+        table.add_row(segment.text, *cells)
+    overall = [Text(f"{analysis.overall[b]:+.2f}", style="bold " + _strip_style(analysis.overall[b])) for b in analysis.bands]
+    table.add_row(Text("whole text", style="bold"), *overall)
+    console.print(table)
+    console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band[/dim]")

@@ -13,7 +13,7 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -416,6 +416,10 @@ class Context:
         self._memory = L.llama_get_memory(self._ctx)
         self.session_tokens: list[int] = []  # what the KV cache holds for sequence 0
         self.control_vector: np.ndarray | None = None
+
+    @property
+    def has_taps(self) -> bool:
+        return self._filter is not None
 
     def close(self) -> None:
         if self._ctx:
@@ -862,8 +866,13 @@ class _Slot:
         return Finished(self.job, self.tokens, self.assembler.text, self.finish_reason or "length")
 
 
-def generate_parallel(context: Context, jobs: Iterable[Job], window: int | None = None) -> Iterator[Finished]:
+def generate_parallel(
+    context: Context, jobs: Iterable[Job], window: int | None = None, on_decode: Callable[[list | None], None] | None = None
+) -> Iterator[Finished]:
     """Generate many jobs, up to ``context.n_seq`` at a time in one batch, yielding results in job order.
+
+    ``on_decode(rows)`` is told, before each decode, which job each batch row is a reply token of (None for a
+    decode of prompt tokens): how a meter on the context's tap attributes its readings.
 
     Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
     and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
@@ -896,6 +905,8 @@ def generate_parallel(context: Context, jobs: Iterable[Job], window: int | None 
                     f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
                     "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
                 )
+            if on_decode:
+                on_decode(None)
             for start in range(0, len(prompt), context.n_batch):
                 chunk = prompt[start : start + context.n_batch]
                 last = start + len(chunk) == len(prompt)
@@ -916,6 +927,8 @@ def generate_parallel(context: Context, jobs: Iterable[Job], window: int | None 
         running = sorted(active.items())
         if not running:
             continue
+        if on_decode:
+            on_decode([slot.job for _, (_, slot) in running])
         context.decode(
             [slot.next_token for _, (_, slot) in running],
             [slot.position for _, (_, slot) in running],

@@ -21,6 +21,8 @@ from .models import fingerprint
 from .presets import Preset
 from .sampling import Sampling, make_sampling
 from .bank import Bank
+from .errors import EqzError
+from .meter import Filters, Instruments, metered_bands
 from .steering import Steerer, Steering
 
 
@@ -46,6 +48,8 @@ class ReplyRecord:
     finish_reason: str | None = None
     seconds: float = 0.0
     dropped_messages: int = 0
+    meter: dict[str, float] | None = None  # mean readout per band over the reply
+    filters: dict | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,6 +66,8 @@ class ReplyRecord:
             "seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 1),
             "dropped_messages": self.dropped_messages,
+            **({"meter": self.meter} if self.meter is not None else {}),
+            **({"filters": self.filters} if self.filters else {}),
         }
 
 
@@ -75,12 +81,18 @@ class ChatSession:
         system: str | None = None,
         steering: Steering | None = None,
         n_ctx: int = 4096,
-        taps: bool = False,
         bank: Bank | None = None,
+        meter: bool = False,
+        filters: dict | None = None,
     ):
         self.model = model
+        # taps (the meter, the filters) need the eval callback, which can only be set when the context is made
+        taps = bank is not None and bool(metered_bands(bank)) and (meter or bool(filters))
         self.context = model.context(n_ctx=min(n_ctx, model.info.n_ctx_train), taps=taps)
         self.steerer = Steerer(model.info, bank)
+        self.instruments: Instruments | None = None
+        self.filters: Filters | None = None
+        self.meter_on = meter and taps
         self.sampling = sampling
         self.system = system
         self.history: list[dict] = []  # user and assistant messages; assistant ones carry a "reply" record
@@ -89,6 +101,8 @@ class ChatSession:
         self._pending: tuple[Steering, np.ndarray | None] | None = None
         self._pending_lock = threading.Lock()
         self.set_steering(steering or Steering())
+        if taps:
+            self.set_filters(**(filters or {}))
 
     def close(self) -> None:
         self.context.close()
@@ -99,6 +113,15 @@ class ChatSession:
         """Apply ``steering`` now (between replies). Raises EqzError if a vector does not fit the model."""
         self.context.set_control_vector(self.steerer.matrix(steering))
         self.steering = steering
+
+    def set_filters(self, clamp: dict[str, float] | None = None, ablate: list[str] | None = None) -> None:
+        """Clamp bands to levels / notch them to neutral inside the forward pass (empty: no filters)."""
+        bank = self.steerer.bank
+        if not self.context.has_taps or bank is None:
+            raise EqzError("filters need the model's bank and the meter: start eqz chat with a bank and --meter")
+        self.filters = Filters(bank, clamp or {}, ablate or [])
+        self.instruments = Instruments(bank, meter=self.meter_on, filters=self.filters)
+        self.context.set_tap(self.instruments if self.instruments.layers else None)
 
     def request_steering(self, steering: Steering) -> None:
         """Ask for ``steering`` from any thread; a streaming reply applies it before its next token."""
@@ -117,8 +140,10 @@ class ChatSession:
         return pending
 
     def apply_preset(self, preset: Preset) -> None:
-        """The preset's sliders replace every gain; its sampling settings and system prompt are applied."""
+        """The preset's sliders replace every gain; its sampling, system prompt and filters are applied."""
         self.set_steering(Steering(vectors=self.steering.vectors).with_gains(preset.sliders))
+        if preset.filters or self.filters:
+            self.set_filters(**preset.filters)
         self.sampling = make_sampling(self.sampling, **preset.sampling)
         if preset.system:
             self.system = preset.system
@@ -183,8 +208,11 @@ class Turn:
     def __init__(self, session: ChatSession, user_text: str):
         self.session = session
         session.history.append({"role": "user", "content": user_text})
+        instruments = session.instruments
         try:
             tokens, stops, dropped = session._fit_prompt()
+            if instruments:
+                instruments.owners(None)  # the prompt is not part of the reply's readout
             session.context.prefill(tokens)
         except BaseException:  # including Ctrl-C during a long prefill: the message was not answered
             session.history.pop()
@@ -200,6 +228,8 @@ class Turn:
         self._sampler = Sampler(session.model, sampling, seed)
         self._stream = session.context.stream(self._sampler, sampling.max_tokens, stops)
         self._stop_requested = threading.Event()
+        if instruments:
+            instruments.owners([self])  # every following decode is one token of this reply
 
     def stop(self) -> None:
         """Ask the reply to end after the current token (safe from a signal handler or another thread)."""
@@ -223,6 +253,9 @@ class Turn:
             self.record.seconds = time.perf_counter() - started
             self.record.n_tokens = len(self._stream.tokens)
             self.record.finish_reason = self._stream.finish_reason or "interrupted"
+            if self.session.instruments is not None:
+                self.record.meter = self.session.instruments.mean(self)
+                self.record.filters = self.session.filters.describe() if self.session.filters else None
             self.session.history.append(
                 {"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()}
             )

@@ -46,7 +46,18 @@ class Equalizer:
         self.session = session
         self.selected = 0
         self.tokens_per_second = 0.0
+        self.levels: dict[str, float] | None = {} if session.meter_on else None  # smoothed meter readouts
         self.lock = threading.Lock()
+
+    def update_meter(self, smoothing: float = 0.3) -> None:
+        """Fold the latest readout into the shown levels (exponential smoothing over the last few tokens)."""
+        instruments = self.session.instruments
+        if self.levels is None or instruments is None or instruments.latest is None:
+            return
+        with self.lock:
+            for band, value in zip(instruments.metered, instruments.latest):
+                previous = self.levels.get(band)
+                self.levels[band] = float(value) if previous is None else previous + smoothing * (float(value) - previous)
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -90,11 +101,15 @@ def _bar_cells(gain: float) -> tuple[str, str, str, str]:
 
 
 def render_panel(equalizer: Equalizer, width: int) -> Panel:
+    """The equalizer: per band the gain set (green/red bar) and, with the meter on, the level the model is at
+    (cyan/magenta bar), side by side; then the sampling settings, tokens/s and the key map."""
     session = equalizer.session
     bands = equalizer.bands
     steering = session.pending_or_current_steering()
+    levels = equalizer.levels
     lines: list[Text] = []
     if bands:
+        bar = 2 if levels is None else 1
         column = max(4, min(7, (width - 10) // len(bands)))
         label = Text("      ")
         for index, band in enumerate(bands):
@@ -103,31 +118,46 @@ def render_panel(equalizer: Equalizer, width: int) -> Panel:
             label.append(" ")
         lines.append(label)
         gains = [steering.gain(band) for band in bands]
-        cells = [_bar_cells(gain) for gain in gains]
+        metered = [levels.get(band) if levels else None for band in bands]
         for row, axis in enumerate(("  +2 ", "  +1 ", "  -1 ", "  -2 ")):
             line = Text(axis + " ", style="dim")
-            for gain, cell in zip(gains, cells):
-                colour = "green" if gain > 0 else "red"
-                line.append((cell[row] * 2).center(column - 1), style=colour)
-                line.append(" ")
+            for gain, level in zip(gains, metered):
+                cell = Text()
+                cell.append(_bar_cells(gain)[row] * bar, style="green" if gain > 0 else "red")
+                if levels is not None:
+                    shown = 0.0 if level is None else max(-LIMIT, min(LIMIT, level))
+                    cell.append(_bar_cells(shown)[row], style="cyan" if shown > 0 else "magenta")
+                pad = column - 1 - cell.cell_len
+                line.append(" " * (pad // 2))
+                line.append_text(cell)
+                line.append(" " * (pad - pad // 2 + 1))
             lines.append(line)
             if row == 1:
                 lines.append(Text("   0 " + "─" * (column * len(bands) + 1), style="dim"))
-        values = Text("      ")
+        values = Text(" set  ")
         for gain in gains:
             values.append(f"{gain:+.1f}".center(column - 1), style="green" if gain > 0 else "red" if gain < 0 else "dim")
             values.append(" ")
         lines.append(values)
+        if levels is not None:
+            meter = Text(" now  ")
+            for level in metered:
+                shown = "  ·" if level is None else f"{level:+.1f}"
+                meter.append(shown.center(column - 1), style="cyan")
+                meter.append(" ")
+            lines.append(meter)
     else:
         lines.append(Text("no emotion bank for this model: run `eqz train` to get sliders", style="yellow"))
     s = session.sampling
-    lines.append(
-        Text(
-            f"temp {s.temperature:.2f} · top-p {s.top_p:.2f} · top-k {s.top_k} · min-p {s.min_p:.2f} · "
-            f"repeat {s.repeat_penalty:.2f} · {equalizer.tokens_per_second:.0f} tok/s",
-            style="dim",
-        )
+    filters = session.filters.describe() if session.filters else None
+    status = (
+        f"temp {s.temperature:.2f} · top-p {s.top_p:.2f} · top-k {s.top_k} · min-p {s.min_p:.2f} · "
+        f"repeat {s.repeat_penalty:.2f} · {equalizer.tokens_per_second:.0f} tok/s"
     )
+    lines.append(Text(status, style="dim"))
+    if filters and (filters["clamp"] or filters["ablate"]):
+        described = [f"clamp {b} {v:+.1f}" for b, v in filters["clamp"].items()] + [f"ablate {b}" for b in filters["ablate"]]
+        lines.append(Text("filters: " + ", ".join(described), style="yellow"))
     lines.append(Text(KEY_HELP, style="dim"))
     title = f"eqz · {session.model.info.name}" + (f" · preset {session.preset}" if session.preset else "")
     return Panel(Group(*lines), title=title, title_align="left", border_style="blue", width=width)
@@ -324,6 +354,7 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
         for _ in turn:
             count += 1
             equalizer.tokens_per_second = count / max(time.perf_counter() - started, 1e-6)
+            equalizer.update_meter()
     console.print(reply_text(turn.text, turn.record.changes, bands))
     summary = "  ".join(f"{b} {g:+.1f}" for b, g in turn.session.steering.gains) or "all sliders at 0"
     console.print(f"[dim]{summary} · {turn.record.n_tokens} tokens · {equalizer.tokens_per_second:.0f} tok/s[/dim]")

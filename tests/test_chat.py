@@ -13,7 +13,8 @@ PROMPT = "you> "
 
 
 def spawn_chat(*args: str, rows: int = 24, cols: int = 80) -> pexpect.spawn:
-    child = pexpect.spawn(EQZ, ["chat", *args], encoding="utf-8", timeout=60, dimensions=(rows, cols))
+    """Plain mode (no panel): what a chat looks like in a pipe or with --no-panel."""
+    child = pexpect.spawn(EQZ, ["chat", "--no-panel", *args], encoding="utf-8", timeout=60, dimensions=(rows, cols))
     child.expect_exact(PROMPT)
     return child
 
@@ -24,12 +25,15 @@ def test_chat_turns_commands_save_and_clean_exit(tmp_path, random_vector_file):
     child.expect_exact(PROMPT)
     child.sendline("/system You are a pirate.")
     child.expect_exact("system prompt set")
+    child.expect_exact(PROMPT)
     child.sendline(f"/vector {random_vector_file} 0.5")
     child.expect_exact("at scale 0.5")
+    child.expect_exact(PROMPT)
     child.sendline("What do you like?")
     child.expect_exact(PROMPT)
     child.sendline("/nonsense")
     child.expect_exact("unknown command /nonsense")
+    child.expect_exact(PROMPT)
     saved = tmp_path / "chat.json"
     child.sendline(f"/save {saved}")
     child.expect_exact("saved 4 messages")

@@ -224,7 +224,7 @@ def test_steering_requested_during_a_reply_is_logged_with_its_token(model, tmp_p
     turn = session.reply(PROMPT)
     for index, _ in enumerate(turn):
         if index == 4:
-            session.request_steering(Steering(((str(random_vector_file), 1.0),)))
+            session.request_steering(Steering(vectors=((str(random_vector_file), 1.0),)))
     change = turn.record.changes[0]
     assert change["at_token"] == 5
     assert change["steering"]["vectors"][0]["scale"] == 1.0

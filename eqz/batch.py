@@ -1,0 +1,359 @@
+"""``eqz batch``: prompts x slider settings x samples -> JSONL, reproducibly and without ever losing a row.
+
+- Input is streamed twice: once to validate every line before any generation, once per setting to generate.
+  Standard input is spooled to a temporary file first. Only ids are remembered (to refuse duplicates).
+- Rows are generated setting by setting (a control vector is per context), up to ``--parallel`` at a time in
+  one llama.cpp batch, and written in a fixed order, each flushed as soon as it is done.
+- Seeds come from (--seed, prompt id, sample index), so a command gives the same file at any --parallel and
+  the same prompt gets the same seed under every mood (paired comparisons).
+- ``--resume`` keeps the rows already in OUT (dropping a half-written last line) and writes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import __version__
+from .bands import check_gain
+from .engine import Job, Model, generate_parallel
+from .meter import Filters, Instruments
+from .errors import EqzError
+from .presets import Preset, get_preset
+from .sampling import Sampling, make_sampling
+from .session import model_record
+from .steering import Steerer, Steering
+
+
+# -------------------------------------------------------------------------------------------------- input
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    line: int
+    id: str
+    prompt: str
+    system: str | None
+
+
+class PromptFile:
+    """A .txt (one prompt per non-empty line) or .jsonl ({"prompt", "id"?, "system"?}) file, or '-' (stdin)."""
+
+    def __init__(self, spec: str, skip_bad: bool = False):
+        self.skip_bad = skip_bad
+        self._spool: Path | None = None
+        if spec == "-":
+            handle, name = tempfile.mkstemp(prefix="eqz-stdin-", suffix=".txt")
+            with os.fdopen(handle, "wb") as spool:
+                shutil.copyfileobj(sys.stdin.buffer, spool)
+            self._spool = self.path = Path(name)
+            self.jsonl = _looks_like_jsonl(self.path)
+        else:
+            self.path = Path(spec).expanduser()
+            if not self.path.is_file():
+                raise EqzError(f"prompt file not found: {self.path}")
+            if self.path.suffix not in (".txt", ".jsonl"):
+                raise EqzError(f"{self.path}: prompt files are .txt (one per line) or .jsonl ({{\"prompt\": ...}})")
+            self.jsonl = self.path.suffix == ".jsonl"
+        self.skipped: list[str] = []
+
+    def close(self) -> None:
+        if self._spool:
+            self._spool.unlink(missing_ok=True)
+
+    def rows(self) -> Iterator[PromptRow]:
+        """Valid rows in file order (bad lines raise, or are skipped with --skip-bad)."""
+        with self.path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    row = self._parse(number, raw)
+                except EqzError as error:
+                    if not self.skip_bad:
+                        raise
+                    self.skipped.append(str(error))
+                    continue
+                if row is not None:
+                    yield row
+
+    def _parse(self, number: int, raw: bytes) -> PromptRow | None:
+        where = f"{self.path.name if not self._spool else 'stdin'} line {number}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EqzError(f"{where}: not valid UTF-8; fix the line or pass --skip-bad") from None
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            return None
+        if not self.jsonl:
+            return PromptRow(number, str(number), text, None)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise EqzError(f"{where}: invalid JSON ({error.msg}); fix the line or pass --skip-bad") from None
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
+            raise EqzError(f"{where}: missing \"prompt\" (a non-empty string); fix the line or pass --skip-bad")
+        system = data.get("system")
+        if system is not None and not isinstance(system, str):
+            raise EqzError(f"{where}: \"system\" must be a string; fix the line or pass --skip-bad")
+        return PromptRow(number, str(data.get("id", number)), data["prompt"], system)
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                return raw.lstrip().startswith(b"{")
+    return False
+
+
+# -------------------------------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Setting:
+    preset: str | None
+    gains: dict[str, float]
+    sampling: Sampling
+    system: str | None
+    filters: dict = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.preset, tuple(sorted(self.gains.items())))
+
+
+def parse_sweep(spec: str, bands: tuple[str, ...]) -> tuple[str, list[float]]:
+    """``BAND=START:STOP:N`` -> (band, N evenly spaced gains from START to STOP)."""
+    band, sep, rest = spec.partition("=")
+    parts = rest.split(":")
+    if not sep or len(parts) != 3:
+        raise EqzError(f"--sweep takes BAND=START:STOP:N, e.g. joy=-1:1:5; got '{spec}'")
+    try:
+        count = int(parts[2])
+    except ValueError:
+        raise EqzError(f"--sweep {spec}: N must be a whole number") from None
+    if count < 1:
+        raise EqzError(f"--sweep {spec}: N must be at least 1")
+    start = check_gain(band.strip(), parts[0], bands)
+    stop = check_gain(band.strip(), parts[1], bands)
+    return band.strip(), [round(float(g), 6) for g in np.linspace(start, stop, count)]
+
+
+def build_grid(
+    bands: tuple[str, ...],
+    base_preset: str | None,
+    presets: list[str],
+    sets: dict[str, float],
+    sweeps: list[tuple[str, list[float]]],
+    sampling_flags: dict,
+    system: str | None,
+) -> list[Setting]:
+    """Settings = (presets, or the one --preset) x the cartesian product of sweeps; --set and sweeps win."""
+    chosen: list[Preset | None] = [get_preset(name, bands) for name in presets] if presets else (
+        [get_preset(base_preset, bands)] if base_preset else [None]
+    )
+    settings = []
+    for preset in chosen:
+        base_gains = dict(preset.sliders) if preset else {}
+        sampling = make_sampling(make_sampling(None, **preset.sampling) if preset else None, **sampling_flags)
+        for combo in itertools.product(*[[(band, g) for g in gains] for band, gains in sweeps]):
+            gains = {band: 0.0 for band in bands}
+            gains.update(base_gains)
+            gains.update(sets)
+            gains.update(dict(combo))
+            settings.append(Setting(preset.name if preset else None, gains, sampling,
+                                    system or (preset.system if preset else None),
+                                    dict(preset.filters) if preset else {}))
+    return settings
+
+
+def row_seed(seed: int, prompt_id: str, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{prompt_id}|{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def row_key(prompt_id: str, preset: str | None, gains: dict, sample: int, seed: int) -> str:
+    return json.dumps([prompt_id, preset, sorted(gains.items()), sample, seed])
+
+
+# -------------------------------------------------------------------------------------------------- output
+
+
+class Output:
+    """The JSONL file: rows are appended and flushed one by one; resume reads what is already there."""
+
+    def __init__(self, path: str, resume: bool):
+        self.path = Path(path).expanduser()
+        self.done: set[str] = set()
+        self.first: dict | None = None
+        if self.path.exists() and self.path.stat().st_size > 0:
+            if not resume:
+                raise EqzError(f"{self.path} already has rows; pass --resume to continue it or choose another -o")
+            self._load_existing()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("a", encoding="utf-8")
+
+    def _load_existing(self) -> None:
+        keep = 0
+        with self.path.open("rb") as handle:
+            for raw in handle:
+                if not raw.endswith(b"\n"):
+                    break  # a half-written last line: dropped below
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise EqzError(f"{self.path} has a broken line after {keep} bytes; it is not an eqz batch file") from None
+                self.first = self.first or row
+                self.done.add(row_key(row["id"], row["preset"], row["sliders"], row["sample"], row["seed"]))
+                keep += len(raw)
+        if keep < self.path.stat().st_size:
+            with self.path.open("r+b") as handle:
+                handle.truncate(keep)
+
+    def check_compatible(self, model: dict, settings: list[Setting]) -> None:
+        if self.first is None:
+            return
+        if self.first["model"]["fingerprint"] != model["fingerprint"]:
+            raise EqzError(f"{self.path} was written by another model ({self.first['model']['name']}); "
+                           "resume with that model or choose another -o")
+        if self.first["sampling"] not in [setting.sampling.to_dict() for setting in settings]:
+            raise EqzError(f"{self.path} was written with other sampling settings ({self.first['sampling']}); "
+                           "resume with the same flags or choose another -o")
+
+    def write(self, row: dict) -> None:
+        self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+# -------------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class BatchStats:
+    total: int = 0
+    skipped_existing: int = 0
+    written: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan(prompts: PromptFile, model: Model) -> tuple[int, int]:
+    """Validate every line before any generation; returns (valid prompts, longest prompt in tokens)."""
+    seen: set[str] = set()
+    count = longest = 0
+    for row in prompts.rows():
+        if row.id in seen:
+            raise EqzError(f"line {row.line}: duplicate id '{row.id}'; ids must be unique for --resume to work")
+        seen.add(row.id)
+        count += 1
+        longest = max(longest, len(model.tokenize(row.prompt)) + 64 + len(model.tokenize(row.system or "")))
+    if count == 0:
+        raise EqzError(f"{prompts.path}: no prompts found")
+    return count, longest
+
+
+def run_batch(
+    model: Model,
+    steerer: Steerer,
+    prompts: PromptFile,
+    settings: list[Setting],
+    output: Output,
+    samples: int,
+    seed: int,
+    parallel: int,
+    longest: int,
+    on_row: Callable[[dict, BatchStats], None] = lambda row, stats: None,
+    stats: BatchStats | None = None,
+    meter: bool = False,
+    filters: dict | None = None,
+) -> BatchStats:
+    """Generate every missing row; returns the counts. Interrupting loses only rows not yet finished.
+
+    Preset filters apply per setting; ``filters`` (from --clamp/--ablate) apply to every row on top.
+    """
+    stats = stats or BatchStats()
+    bands = steerer.bands
+    record_model = model_record(model)
+    per_sequence = longest + max(s.sampling.max_tokens for s in settings) + 8
+    per_sequence = (per_sequence + 255) // 256 * 256
+    filtered = bool(filters) or any(setting.filters for setting in settings)
+    taps = (meter or filtered) and steerer.bank is not None
+    with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=max(512, per_sequence), unified=False,
+                       taps=taps) as context:
+        for index, setting in enumerate(settings):
+            matrix = steerer.matrix(Steering().with_gains(setting.gains))
+            instruments = None
+            if taps:
+                merged = {"clamp": {**setting.filters.get("clamp", {}), **(filters or {}).get("clamp", {})},
+                          "ablate": setting.filters.get("ablate", []) + (filters or {}).get("ablate", [])}
+                chosen = Filters(steerer.bank, **merged)
+                instruments = Instruments(steerer.bank, meter=meter, filters=chosen)
+                context.set_tap(instruments)
+
+            def jobs() -> Iterator[Job]:
+                for row in prompts.rows():
+                    system = row.system if row.system is not None else setting.system
+                    messages = ([{"role": "system", "content": system}] if system else []) + [
+                        {"role": "user", "content": row.prompt}
+                    ]
+                    text, stops = model.chat_prompt(messages)
+                    tokens = model.tokenize(text, parse_special=True)
+                    for sample in range(samples):
+                        row_seed_value = row_seed(seed, row.id, sample)
+                        if row_key(row.id, setting.preset, setting.gains, sample, row_seed_value) in output.done:
+                            stats.skipped_existing += 1
+                            continue
+                        yield Job(tokens, setting.sampling, row_seed_value, stops, matrix, index,
+                                  tag=(row, sample, system))
+
+            on_decode = instruments.owners if instruments else None
+            for finished in generate_parallel(context, jobs(), on_decode=on_decode):
+                row, sample, system = finished.job.tag
+                record = {
+                    "id": row.id,
+                    "prompt": row.prompt,
+                    "system": system,
+                    "preset": setting.preset,
+                    "sliders": {band: setting.gains.get(band, 0.0) for band in bands},
+                    "sampling": setting.sampling.to_dict(),
+                    "seed": finished.job.seed,
+                    "sample": sample,
+                    "output": finished.text,
+                    "n_tokens": len(finished.tokens),
+                    "finish_reason": finished.finish_reason,
+                    "model": record_model,
+                    "eqz_version": __version__,
+                }
+                if instruments is not None:
+                    if instruments.filters:
+                        record["filters"] = instruments.filters.describe()
+                    if meter:
+                        record["meter"] = instruments.mean(finished.job)
+                output.write(record)
+                stats.written += 1
+                stats.tokens += len(finished.tokens)
+                on_row(record, stats)
+    return stats

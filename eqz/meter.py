@@ -1,0 +1,131 @@
+"""The analyzer and the filters of the equalizer, in numpy: band readouts of the residual stream, and
+clamping or notching band components inside the forward pass (through the engine's writable taps).
+
+Units are the bank's calibrated ones: 0 is the model's neutral level on a band, 1 the typical level on
+clearly emotional text of that band (measured per layer when the bank was trained).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bank import Bank
+from .errors import EqzError
+
+
+@dataclass
+class LayerGeometry:
+    """The metered bands at one layer: unit directions (bands, n_embd), neutral levels and units."""
+
+    bands: tuple[str, ...]
+    directions: np.ndarray
+    neutral: np.ndarray
+    unit: np.ndarray
+
+    def readouts(self, hidden: np.ndarray) -> np.ndarray:
+        """(rows, n_embd) -> (rows, bands) calibrated readouts."""
+        return (hidden @ self.directions.T - self.neutral) / self.unit
+
+
+def metered_bands(bank: Bank) -> tuple[str, ...]:
+    """Bands with a calibrated readout (imported bands have none)."""
+    return tuple(name for name, band in bank.bands.items() if band.readout)
+
+
+def geometry(bank: Bank, layer: int, bands: tuple[str, ...]) -> LayerGeometry:
+    """Directions and calibration of ``bands`` at ``layer`` (which must be a steered layer)."""
+    position = bank.steered_layers.index(layer)
+    entries = [bank.bands[band] for band in bands]
+    return LayerGeometry(
+        bands,
+        np.stack([entry.unit_direction(layer) for entry in entries]).astype(np.float32),
+        np.array([entry.readout["neutral"][position] for entry in entries], dtype=np.float32),
+        np.array([entry.readout["unit"][position] for entry in entries], dtype=np.float32),
+    )
+
+
+class Filters:
+    """Hold band components at fixed levels (clamp) or at the neutral level (ablate) at every steered layer.
+
+    Several bands are solved together: with U the bands' unit directions, h' = h + U^T a with a chosen so that
+    U h' hits every target exactly, moving h as little as possible (directions need not be orthogonal).
+    """
+
+    def __init__(self, bank: Bank, clamp: dict[str, float], ablate: list[str]):
+        targets = {**{band: 0.0 for band in ablate}, **clamp}
+        valid = metered_bands(bank)
+        unknown = [band for band in targets if band not in valid]
+        if unknown:
+            raise EqzError(f"cannot filter '{unknown[0]}': filters work on calibrated bands: {', '.join(valid)}")
+        self.clamp = dict(clamp)
+        self.ablate = tuple(band for band in ablate if band not in clamp)
+        self.targets = targets
+        self.bands = tuple(targets)
+        self.layers = list(bank.steered_layers) if targets else []
+        self._solve = {}
+        for layer in self.layers:
+            shape = geometry(bank, layer, self.bands)
+            wanted = shape.neutral + np.array([targets[b] for b in self.bands], dtype=np.float32) * shape.unit
+            gram_inverse = np.linalg.pinv(shape.directions @ shape.directions.T)
+            self._solve[layer] = (shape.directions, wanted, gram_inverse)
+
+    def __bool__(self) -> bool:
+        return bool(self.targets)
+
+    def describe(self) -> dict:
+        return {"clamp": self.clamp, "ablate": list(self.ablate)}
+
+    def apply(self, layer: int, hidden: np.ndarray) -> bool:
+        """Rewrite ``hidden`` (rows, n_embd) in place; True if this layer is filtered."""
+        solve = self._solve.get(layer)
+        if solve is None:
+            return False
+        directions, wanted, gram_inverse = solve
+        missing = wanted[None, :] - hidden @ directions.T
+        hidden += (missing @ gram_inverse) @ directions
+        return True
+
+
+class Instruments:
+    """The engine tap for the meter and the filters together.
+
+    At the read layer the meter reads the residual stream as it arrives, before that layer's filter writes it:
+    what it shows is the level the model itself computed there given everything upstream (filters included),
+    so a clamp that does not hold shows up on the meter.
+    """
+
+    def __init__(self, bank: Bank, meter: bool, filters: Filters | None = None):
+        self.filters = filters if filters else None
+        self.read_layer = bank.read_layer
+        self.metered = metered_bands(bank) if meter else ()
+        self._geometry = geometry(bank, self.read_layer, self.metered) if self.metered else None
+        self.layers = frozenset(([self.read_layer] if self.metered else []) + (self.filters.layers if self.filters else []))
+        self.latest: np.ndarray | None = None  # readouts of the last row read
+        self._owners: list | None = None  # who each row of the next decode belongs to (None: not metered)
+        self._sums: dict = defaultdict(lambda: np.zeros(len(self.metered)))
+        self._counts: dict = defaultdict(int)
+
+    def owners(self, rows: list | None) -> None:
+        """Name the owner of each row of the next decode; rows owned by None are not accumulated."""
+        self._owners = rows
+
+    def mean(self, owner) -> dict[str, float]:
+        """Mean readout per band over the rows accumulated for ``owner`` (and forget them)."""
+        total, count = self._sums.pop(owner, None), self._counts.pop(owner, 0)
+        if total is None or count == 0:
+            return {}
+        return {band: round(float(value), 4) for band, value in zip(self.metered, total / count)}
+
+    def __call__(self, layer: int, hidden: np.ndarray) -> bool:
+        if self._geometry is not None and layer == self.read_layer:
+            readouts = self._geometry.readouts(hidden)
+            self.latest = readouts[-1]
+            if self._owners is not None:
+                for row, owner in enumerate(self._owners[: len(readouts)]):
+                    if owner is not None:
+                        self._sums[owner] += readouts[row]
+                        self._counts[owner] += 1
+        return bool(self.filters) and self.filters.apply(layer, hidden)

@@ -1,0 +1,134 @@
+"""``eqz batch`` end to end: determinism across --parallel, resume after SIGINT, bad input, the grid."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import EQZ, run_eqz
+
+PROMPTS = [
+    "Describe your walk to the bus stop this morning.",
+    "Write a short note to a neighbour about the new recycling bins.",
+    "What do you think of rainy Mondays?",
+    "Tell me about the last meal you cooked.",
+    "Explain how a kettle works.",
+    "Describe the view from your window.",
+]
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:4]) + "\n")
+    return path
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_file_whatever_the_parallelism(tmp_path, prompt_file):
+    outputs = []
+    for parallel in (1, 4):
+        out = tmp_path / f"p{parallel}.jsonl"
+        result = run_eqz("batch", str(prompt_file), "-o", str(out), "--samples", "2", "--seed", "9",
+                         "-n", "24", "--parallel", str(parallel))
+        assert result.returncode == 0, result.stderr
+        assert "4 prompts x 1 settings x 2 samples = 8 rows" in result.stderr
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+    table = rows(tmp_path / "p1.jsonl")
+    assert [(r["id"], r["sample"]) for r in table] == [(str(i), s) for i in range(1, 5) for s in (0, 1)]
+    record = table[0]
+    for key in ("id", "prompt", "system", "preset", "sliders", "sampling", "seed", "sample", "output", "n_tokens",
+                "finish_reason", "model", "eqz_version"):
+        assert key in record
+    assert record["finish_reason"] in ("stop", "length") and record["model"]["fingerprint"].startswith("llama-")
+    assert len({r["seed"] for r in table}) == 8  # every (id, sample) has its own seed
+
+
+def test_resume_after_sigint_gives_exactly_the_uninterrupted_rows(tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("\n".join(PROMPTS * 3) + "\n")
+    args = ["batch", str(prompts), "--seed", "3", "-n", "32", "--parallel", "2"]
+    whole = tmp_path / "whole.jsonl"
+    assert run_eqz(*args, "-o", str(whole)).returncode == 0
+    cut = tmp_path / "cut.jsonl"
+    process = subprocess.Popen([EQZ, *args, "-o", str(cut)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not cut.exists() or len(cut.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr
+    partial = rows(cut)
+    assert 4 <= len(partial) < 18
+    with cut.open("a") as handle:  # a half-written line, as a kill mid-write would leave
+        handle.write('{"id": "7", "prompt": "Des')
+    resumed = run_eqz(*args, "-o", str(cut), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({len(partial)} already there)" in resumed.stderr
+    assert cut.read_text() == whole.read_text()
+
+
+def test_existing_output_needs_resume(tmp_path, prompt_file):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"x": 1}\n')
+    result = run_eqz("batch", str(prompt_file), "-o", str(out))
+    assert result.returncode != 0 and "--resume" in result.stderr
+    assert out.read_text() == '{"x": 1}\n'
+
+
+def test_resume_refuses_other_settings(tmp_path, prompt_file):
+    out = tmp_path / "out.jsonl"
+    assert run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "8").returncode == 0
+    before = out.read_text()
+    result = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "8", "--temperature", "0.2", "--resume")
+    assert result.returncode != 0 and "other sampling settings" in result.stderr
+    assert out.read_text() == before
+
+
+BAD_LINES = [
+    (b'{"prompt": "fine"}\n{"prompt": "broken\n', "line 2", "invalid JSON"),
+    (b'{"prompt": "fine"}\n{"id": 4}\n', "line 2", "missing \\\"prompt\\\""),
+    (b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n', "line 2", "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("content,where,what", BAD_LINES, ids=["json", "prompt", "utf8"])
+def test_bad_prompt_line_stops_before_any_generation(tmp_path, content, where, what):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    result = run_eqz("batch", str(prompts), "-o", str(out), "-n", "8")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and where in lines[0] and what.replace("\\", "") in lines[0], result.stderr
+    assert not out.exists() or out.read_text() == ""
+    skipped = run_eqz("batch", str(prompts), "-o", str(out), "-n", "8", "--skip-bad")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped" in skipped.stderr and len(rows(out)) == 1
+
+
+def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
+    out = tmp_path / "out.jsonl"
+    lines = [json.dumps({"id": "a", "prompt": "Say hi."}), json.dumps({"id": "b", "prompt": "Say bye.", "system": "Be terse."})]
+    result = subprocess.run([EQZ, "batch", "-", "-o", str(out), "-n", "8"], input="\n".join(lines) + "\n",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    table = rows(out)
+    assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Be terse."
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+    result = run_eqz("batch", str(prompts), "-o", str(tmp_path / "o.jsonl"))
+    assert result.returncode != 0 and "duplicate id '1'" in result.stderr

@@ -1,0 +1,140 @@
+"""The numpy side of the bank, meter and filters, on synthetic data with known answers (no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eqz import directions as D
+from eqz.bands import PRIMARIES
+from eqz.bank import Band, Bank, new_manifest
+from eqz.engine import ModelInfo
+from eqz.meter import Filters, Instruments, geometry
+
+RNG = np.random.default_rng(0)
+LAYERS, EMBD = 3, 16
+
+
+def test_mean_differences_and_centring():
+    emotional = {"a": np.ones((4, LAYERS, EMBD)) * 3, "b": np.ones((4, LAYERS, EMBD)) * 1}
+    neutral = {"a": np.ones((4, LAYERS, EMBD)), "b": np.ones((4, LAYERS, EMBD))}
+    differences = D.mean_differences(emotional, neutral)
+    assert np.allclose(differences["a"], 2) and np.allclose(differences["b"], 0)
+    centred = D.centre(differences)
+    assert np.allclose(centred["a"], 1) and np.allclose(centred["b"], -1)
+
+
+def test_removing_the_leading_neutral_component():
+    axis = np.zeros(EMBD)
+    axis[0] = 1
+    states = RNG.normal(size=(200, LAYERS, EMBD)) * 0.1
+    states[:, :, 0] += RNG.normal(size=(200, LAYERS)) * 10  # neutral text varies mostly along axis 0
+    components = D.top_components(states, 1)
+    assert np.allclose(np.abs(components[:, 0, 0]), 1, atol=1e-2)
+    vector = np.tile(axis + 0.5 * np.eye(EMBD)[1], (LAYERS, 1))
+    cleaned = D.remove_components(vector, components)
+    assert np.allclose(cleaned[:, 0], 0, atol=1e-2) and np.allclose(cleaned[:, 1], 0.5, atol=1e-2)
+
+
+def test_unit_rows_keep_zero_rows():
+    vectors = np.array([[3.0, 4.0], [0.0, 0.0]])
+    assert np.allclose(D.unit(vectors), [[0.6, 0.8], [0, 0]])
+
+
+def test_orthogonalize_gives_the_closest_orthonormal_set():
+    units = {band: D.unit(RNG.normal(size=(LAYERS, EMBD)) + 2.0) for band in PRIMARIES}  # strongly overlapping
+    result = D.orthogonalize(units, PRIMARIES)
+    for layer in range(LAYERS):
+        stack = np.stack([result[b][layer] for b in PRIMARIES])
+        assert np.allclose(stack @ stack.T, np.eye(len(PRIMARIES)), atol=1e-6)
+        for band in PRIMARIES:  # each stays its own closest direction
+            cosines = [float(result[band][layer] @ units[other][layer]) for other in PRIMARIES]
+            assert PRIMARIES[int(np.argmax(cosines))] == band
+
+
+def test_circumplex_axes_weight_the_primaries():
+    differences = {band: np.zeros((LAYERS, EMBD)) for band in PRIMARIES}
+    differences["joy"][:, 0] = 1
+    differences["sadness"][:, 0] = -1
+    axes = D.circumplex_axes(differences)
+    assert axes["valence"][0, 0] == pytest.approx(0.9 + 0.8)
+    assert axes["arousal"][0, 0] == pytest.approx(0.5 + 0.5)
+
+
+def synthetic_bands(separation: float):
+    """Eight bands whose texts sit around their own random direction (layer 1 separable, layer 0 not)."""
+    centres = {band: RNG.normal(size=EMBD) for band in PRIMARIES}
+    def texts(band, n):
+        x = RNG.normal(size=(n, LAYERS, EMBD))
+        x[:, 1] += separation * centres[band]
+        return x
+    train = {band: texts(band, 30) for band in PRIMARIES}
+    heldout = {band: texts(band, 10) for band in PRIMARIES}
+    neutral = RNG.normal(size=(60, LAYERS, EMBD))
+    directions = {band: D.unit(train[band].mean(axis=0) - neutral.mean(axis=0)) for band in PRIMARIES}
+    return train, heldout, neutral, directions
+
+
+def test_layer_accuracies_find_the_separable_layer_and_choose_layers_picks_it():
+    train, heldout, neutral, directions = synthetic_bands(separation=3.0)
+    accuracies = D.layer_accuracies(train, neutral, heldout, directions)
+    assert accuracies[1] > 0.9 and accuracies[2] < 0.5
+    read, steered = D.choose_layers(accuracies, range(1, LAYERS))
+    assert read == 1 and steered == [1]
+
+
+def test_choose_layers_takes_the_run_within_tolerance():
+    accuracies = np.array([0.0, 0.5, 0.82, 0.9, 0.88, 0.6, 0.85])
+    read, steered = D.choose_layers(accuracies, range(1, 7))
+    assert read == 3 and steered == [2, 3, 4]
+
+
+def tiny_bank(directions: dict[str, np.ndarray], steered=(1, 2)) -> Bank:
+    info = ModelInfo("x.gguf", "tiny", "llama", LAYERS + 1, EMBD, 100, 512, True)
+    manifest = new_manifest(info)
+    manifest["layers"] = {"read": steered[0], "steered": list(steered)}
+    bank = Bank(None, manifest)
+    for band, direction in directions.items():
+        matrix = np.zeros((LAYERS + 1, EMBD), np.float32)
+        for layer in steered:
+            matrix[layer] = direction
+        readout = {"neutral": [0.5] * len(steered), "unit": [2.0] * len(steered)}
+        bank.bands[band] = Band(band, matrix, 0.5, readout)
+    return bank
+
+
+def test_bank_mix_uses_the_negative_ratio():
+    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD))})
+    plus, minus = bank.mix({"joy": 1.0}), bank.mix({"joy": -1.0})
+    assert np.allclose(minus, -0.5 * plus)
+    assert bank.mix({"joy": 0.0}) is None
+
+
+def test_filters_hit_every_target_even_for_overlapping_directions():
+    base = D.unit(RNG.normal(size=EMBD))
+    joy = D.unit(base + 0.3 * RNG.normal(size=EMBD))
+    fear = D.unit(base + 0.3 * RNG.normal(size=EMBD))
+    bank = tiny_bank({"joy": joy, "fear": fear})
+    filters = Filters(bank, clamp={"joy": 1.0}, ablate=["fear"])
+    hidden = RNG.normal(size=(5, EMBD)).astype(np.float32) * 4
+    original = hidden.copy()
+    assert filters.apply(1, hidden)
+    shape = geometry(bank, 1, ("joy", "fear"))
+    assert np.allclose(shape.readouts(hidden), [[1.0, 0.0]] * 5, atol=1e-4)
+    # the change stays inside the span of the two directions
+    change = hidden - original
+    residual = change - (change @ np.linalg.pinv(shape.directions)) @ shape.directions
+    assert np.allclose(residual, 0, atol=1e-4)
+    assert not filters.apply(0, hidden)  # layer 0 is not steered, so not filtered
+
+
+def test_instruments_read_before_writing_and_average_per_owner():
+    joy = D.unit(RNG.normal(size=EMBD))
+    bank = tiny_bank({"joy": joy})
+    instruments = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, []))
+    hidden = np.stack([joy * 0.5, joy * 4.5]).astype(np.float32)  # readouts 0 and 2
+    instruments.owners(["a", "b"])
+    assert instruments(1, hidden)
+    assert instruments.mean("a")["joy"] == pytest.approx(0.0, abs=1e-5)
+    assert instruments.mean("b")["joy"] == pytest.approx(2.0, abs=1e-5)
+    assert np.allclose(geometry(bank, 1, ("joy",)).readouts(hidden), 1.0, atol=1e-4)  # and then clamped
