@@ -392,6 +392,56 @@ def analyze(
     print_analysis(result)
 
 
+@app.command("eval")
+def eval_command(
+    model: ModelOpt = None,
+    bands: Annotated[Optional[str], typer.Option("--bands", help="comma-separated bands [default: all in the bank]")] = None,
+    gains: Annotated[str, typer.Option("--gains", help="comma-separated gains")] = "-1,-0.5,0,0.5,1",
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="prompt file, one per line [default: built-in neutral set]")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="directory for eval.json, eval.csv (and the plot)")] = "eval",
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens per reply", min=8)] = 32,
+    plot: Annotated[bool, typer.Option("--plot", help="also draw dose_response.png (needs matplotlib)")] = False,
+    record: Annotated[bool, typer.Option("--record", help="store the dose-response figures in the bank's bank.yaml")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Measure what each slider does: dose-response, crosstalk and fluency on neutral prompts."""
+    from pathlib import Path
+
+    from .bands import check_gain
+    from .bank import require_bank
+    from .display import print_eval, progress_bars
+    from .errors import EqzError
+    from .eval import evaluate, non_fluent_gains, write_outputs
+
+    try:
+        gain_list = tuple(float(g) for g in gains.split(","))
+    except ValueError:
+        raise EqzError(f"--gains takes numbers separated by commas, e.g. -1,0,1; got '{gains}'") from None
+    prompt_list = None
+    if prompts:
+        try:
+            prompt_list = [line.strip() for line in Path(prompts).expanduser().read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise EqzError(f"cannot read {prompts}: {error}") from None
+        if not prompt_list:
+            raise EqzError(f"{prompts} has no prompts")
+    with _load_model(model, threads, chatting=True) as loaded:
+        bank = require_bank(loaded.info)
+        chosen = tuple(b.strip() for b in bands.split(",")) if bands else bank.names
+        bank.check_gains({band: 0.0 for band in chosen})
+        for gain in gain_list:
+            check_gain(chosen[0], gain, bank.names)
+        with progress_bars() as progress:
+            result = evaluate(loaded, bank, chosen, gain_list, prompt_list, tokens, progress=progress)
+        if record:
+            bank.manifest.setdefault("quality", {})["dose_response"] = result.dose_response()
+            bank.manifest["quality"]["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": tokens}
+            bank.save()
+    print_eval(result, non_fluent_gains(result))
+    for path in write_outputs(result, Path(output), plot):
+        typer.echo(f"wrote {path}")
+
+
 @app.command()
 def train(
     model: ModelOpt = None,

@@ -197,3 +197,19 @@ def print_analysis(analysis) -> None:
     table.add_row(Text("whole text", style="bold"), *overall)
     console.print(table)
     console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band[/dim]")
+
+
+def print_eval(result, flagged: dict[str, list[float]]) -> None:
+    """One table per band: gain against the band's readout and word score, fluency and length."""
+    for band in result.bands:
+        table = Table(title=f"{band}", title_justify="left", header_style="bold")
+        for column in ("gain", "readout", "words/100", "ppl ratio", "rep. 3-grams", "distinct-2", "tokens"):
+            table.add_column(column, justify="right")
+        for row in result.table(band):
+            style = None if row["fluent"] else "red"
+            table.add_row(f"{row['gain']:+.2f}", f"{row['readout']:+.2f}", f"{row['lexicon']:.2f}",
+                          f"{row['ppl_ratio']:.2f}", f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}",
+                          f"{row['length']:.0f}", style=style)
+        console.print(table)
+        if flagged.get(band):
+            console.print(f"[red]  not fluent at gain {', '.join(f'{g:+g}' for g in flagged[band])}[/red]")

@@ -866,76 +866,118 @@ class _Slot:
         return Finished(self.job, self.tokens, self.assembler.text, self.finish_reason or "length")
 
 
+class _RowSteering:
+    """Per-sequence control vectors: adds each batch row's own vector to the residual stream after each layer.
+
+    llama.cpp's control vector is one per context; writing ``l_out-N + v`` back through a tap is the same float
+    addition its ``ggml_add`` does, so a row steered here gets exactly the tokens the context vector would give,
+    while rows with different settings share one batch.
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = frozenset(layers)
+        self.rows: list[np.ndarray | None] = []
+
+    def __call__(self, layer: int, hidden: np.ndarray) -> bool:
+        changed = False
+        for row, vector in enumerate(self.rows[: len(hidden)]):
+            if vector is not None and np.any(vector[layer]):
+                hidden[row] += vector[layer]
+                changed = True
+        return changed
+
+
 def generate_parallel(
-    context: Context, jobs: Iterable[Job], window: int | None = None, on_decode: Callable[[list | None], None] | None = None
+    context: Context,
+    jobs: Iterable[Job],
+    window: int | None = None,
+    on_decode: Callable[[list | None], None] | None = None,
+    row_steering: Sequence[int] | None = None,
 ) -> Iterator[Finished]:
     """Generate many jobs, up to ``context.n_seq`` at a time in one batch, yielding results in job order.
 
     ``on_decode(rows)`` is told, before each decode, which job each batch row is a reply token of (None for a
     decode of prompt tokens): how a meter on the context's tap attributes its readings.
+    ``row_steering`` (the steered layers) applies each job's ``vector`` to its own rows through a tap instead of
+    the context's control vector, so jobs with different vectors run together (the context needs taps).
 
     Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
     and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
     Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
     """
     window = window or 4 * context.n_seq
-    queue = iter(jobs)
-    upcoming: Job | None = next(queue, None)
-    active: dict[int, tuple[int, _Slot]] = {}  # seq -> (job number, slot)
-    done: dict[int, Finished] = {}
-    started = emitted = 0
-    current_key: object = object()
-    context.clear()
-    while upcoming is not None or active or done:
-        # start jobs while there is room, the vector matches, and results are not piling up
-        while (
-            upcoming is not None
-            and len(active) < context.n_seq
-            and started - emitted < window
-            and (not active or upcoming.vector_key == current_key)
-        ):
-            if upcoming.vector_key != current_key:
-                context.set_control_vector(upcoming.vector)
-                current_key = upcoming.vector_key
-            seq = next(s for s in range(context.n_seq) if s not in active)
-            slot = _Slot(context, seq, upcoming)
-            prompt = list(upcoming.prompt)
-            if len(prompt) >= context.n_ctx // context.n_seq:
-                raise EqzError(
-                    f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
-                    "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
-                )
-            if on_decode:
-                on_decode(None)
-            for start in range(0, len(prompt), context.n_batch):
-                chunk = prompt[start : start + context.n_batch]
-                last = start + len(chunk) == len(prompt)
-                context.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk),
-                               [last and i == len(chunk) - 1 for i in range(len(chunk))])
-            slot.next_token = slot.take(context, -1)
-            active[seq] = (started, slot)
-            started += 1
-            upcoming = next(queue, None)
-        # finish slots that are done, then decode one token for every running slot
-        for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
-            number, slot = active.pop(seq)
-            context.forget(seq)
-            done[number] = slot.result()
-        while emitted in done:
-            yield done.pop(emitted)
-            emitted += 1
-        running = sorted(active.items())
-        if not running:
-            continue
+    steering = _RowSteering(row_steering) if row_steering is not None else None
+    if steering is not None:
+        context.set_tap(steering)
+        context.set_control_vector(None)
+
+    def announce(rows: list[Job], reply: bool) -> None:
+        """Before a decode: whose rows these are (for the row steering and the meter)."""
+        if steering is not None:
+            steering.rows = [job.vector for job in rows]
         if on_decode:
-            on_decode([slot.job for _, (_, slot) in running])
-        context.decode(
-            [slot.next_token for _, (_, slot) in running],
-            [slot.position for _, (_, slot) in running],
-            [seq for seq, _ in running],
-            [True] * len(running),
-        )
-        for row, (_, (_, slot)) in enumerate(running):
-            slot.position += 1
-            slot.next_token = slot.take(context, row)
+            on_decode(rows if reply else None)
+
+    try:
+        queue = iter(jobs)
+        upcoming: Job | None = next(queue, None)
+        active: dict[int, tuple[int, _Slot]] = {}  # seq -> (job number, slot)
+        done: dict[int, Finished] = {}
+        started = emitted = 0
+        current_key: object = object()
+        context.clear()
+        while upcoming is not None or active or done:
+            # start jobs while there is room, the vector matches, and results are not piling up
+            while (
+                upcoming is not None
+                and len(active) < context.n_seq
+                and started - emitted < window
+                and (steering is not None or not active or upcoming.vector_key == current_key)
+            ):
+                if steering is None and upcoming.vector_key != current_key:
+                    context.set_control_vector(upcoming.vector)
+                    current_key = upcoming.vector_key
+                seq = next(s for s in range(context.n_seq) if s not in active)
+                slot = _Slot(context, seq, upcoming)
+                prompt = list(upcoming.prompt)
+                if len(prompt) >= context.n_ctx // context.n_seq:
+                    raise EqzError(
+                        f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
+                        "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
+                    )
+                for start in range(0, len(prompt), context.n_batch):
+                    chunk = prompt[start : start + context.n_batch]
+                    last = start + len(chunk) == len(prompt)
+                    announce([upcoming] * len(chunk), reply=False)
+                    context.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk),
+                                   [last and i == len(chunk) - 1 for i in range(len(chunk))])
+                slot.next_token = slot.take(context, -1)
+                active[seq] = (started, slot)
+                started += 1
+                upcoming = next(queue, None)
+            # finish slots that are done, then decode one token for every running slot
+            for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
+                number, slot = active.pop(seq)
+                context.forget(seq)
+                done[number] = slot.result()
+            while emitted in done:
+                yield done.pop(emitted)
+                emitted += 1
+            running = sorted(active.items())
+            if not running:
+                continue
+            announce([slot.job for _, (_, slot) in running], reply=True)
+            context.decode(
+                [slot.next_token for _, (_, slot) in running],
+                [slot.position for _, (_, slot) in running],
+                [seq for seq, _ in running],
+                [True] * len(running),
+            )
+            for row, (_, (_, slot)) in enumerate(running):
+                slot.position += 1
+                slot.next_token = slot.take(context, row)
+    finally:
+        if steering is not None:
+            context.set_tap(None)
+
 

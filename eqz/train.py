@@ -11,9 +11,8 @@ the strongest one whose replies stay fluent under the unsteered model.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
@@ -23,15 +22,16 @@ from . import __version__
 from . import directions as D
 from .bands import AXES, BANDS, PRIMARIES
 from .bank import Band, Bank, new_manifest
-from .engine import Job, Model, TextGroup, generate_parallel, read_texts
-from .sampling import Sampling
-from .scoring import lexicon_scores, perplexity, repeated_trigrams
+from .engine import Model, TextGroup, read_texts
+from .eval import MAX_PPL_RATIO, MAX_REPEATED_TRIGRAMS, ReplyBench
+from .meter import LayerGeometry
 from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli, neutral_prompts
 
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
-STRENGTHS = (0.06, 0.1, 0.15, 0.22, 0.33, 0.5)
-MAX_PPL_RATIO = 2.0
-MAX_REPEATED_TRIGRAMS = 0.2
+STRENGTHS = (0.1, 0.15, 0.22, 0.33, 0.5, 0.75)
+# Calibration sees 5 prompts x 32 tokens; it keeps this share of the fluency bounds in hand so that gain +1
+# stays inside them on the larger sample `eqz eval` measures (perplexity ratio <= 1 + 0.75 * (2 - 1) = 1.75).
+CALIBRATION_MARGIN = 0.75
 
 
 @dataclass
@@ -39,10 +39,10 @@ class TrainSettings:
     bands: tuple[str, ...] = BANDS
     quick: bool = False
     orthogonalize: bool = False
-    neutral_components: int = 2
+    component_choices: tuple[int, ...] = (32, 64, 96)
     train_pairs: int = 48  # of the 48 training pairs per band
-    neutral_passages: int = 64
-    calibration_prompts: int = 6
+    neutral_passages: int = 80
+    calibration_prompts: int = 5
     reply_tokens: int = 32
     seed: int = 1234
 
@@ -144,18 +144,45 @@ class Directions:
     steered: list[int]
     confusion: np.ndarray  # (8, 8) at the read layer: rows true band, columns predicted
     axis_check: dict[str, dict[str, float]]  # mean held-out readout of valence/arousal per primary
+    components: int  # neutral principal components removed
+    validation_accuracy: float
+
+
+def _unit_directions(emotional: dict, neutral: dict, components: np.ndarray, orthogonal: bool) -> dict:
+    """Unit band directions per layer: centred mean differences with ``components`` (layers, k, embd) removed."""
+    differences = D.centre(D.mean_differences(emotional, neutral))
+    differences.update(D.circumplex_axes(differences))
+    units = {band: D.unit(D.remove_components(vector, components)) for band, vector in differences.items()}
+    return D.orthogonalize(units, PRIMARIES) if orthogonal else units
 
 
 def find_directions(extraction: Extraction, settings: TrainSettings) -> Directions:
-    differences = D.centre(D.mean_differences(extraction.emotional, extraction.neutral))
-    differences.update(D.circumplex_axes(differences))
-    components = D.top_components(extraction.all_neutral, settings.neutral_components)
-    units = {band: D.unit(D.remove_components(vector, components)) for band, vector in differences.items()}
-    if settings.orthogonalize:
-        units = D.orthogonalize(units, PRIMARIES)
-    accuracies = D.layer_accuracies(extraction.emotional, extraction.all_neutral, extraction.heldout, units)
+    """Directions per band. How many neutral components to remove and which layers to use are chosen by 4-fold
+    cross-validation on the training pairs, so the held-out split only ever measures."""
     candidates = range(1, len(extraction.layers))
-    read, steered = D.choose_layers(accuracies, candidates)
+    most = max(settings.component_choices)
+    scores = {k: [] for k in settings.component_choices}
+    pairs = len(extraction.emotional[PRIMARIES[0]])
+    for fold in range(4):
+        fit = [i for i in range(pairs) if i % 4 != fold]
+        check = [i for i in range(pairs) if i % 4 == fold]
+        fit_emotional = {b: extraction.emotional[b][fit] for b in PRIMARIES}
+        fit_neutral = {b: extraction.neutral[b][fit] for b in PRIMARIES}
+        fit_texts = np.concatenate([fit_neutral[b] for b in PRIMARIES] + [extraction.passages])
+        components = D.top_components(fit_texts, most)
+        for k in settings.component_choices:
+            units = _unit_directions(fit_emotional, fit_neutral, components[:, :k], settings.orthogonalize)
+            held = {b: extraction.emotional[b][check] for b in PRIMARIES}
+            scores[k].append(D.layer_accuracies(fit_emotional, fit_texts, held, units))
+    best = None
+    for k, runs in scores.items():
+        accuracies = np.mean(runs, axis=0)
+        read, steered = D.choose_layers(accuracies, candidates)
+        if best is None or accuracies[read] > best[0]:
+            best = (float(accuracies[read]), k, read, steered, accuracies)
+    validation_accuracy, components_removed, read, steered, accuracies = best
+    components = D.top_components(extraction.all_neutral, components_removed)
+    units = _unit_directions(extraction.emotional, extraction.neutral, components, settings.orthogonalize)
     readouts = heldout_readouts(extraction, units, read)
     labels = np.concatenate([np.full(len(extraction.heldout[b]), i) for i, b in enumerate(PRIMARIES)])
     predicted = D.classify(readouts[:, : len(PRIMARIES)])
@@ -168,7 +195,7 @@ def find_directions(extraction: Extraction, settings: TrainSettings) -> Directio
         }
         for k, axis in enumerate(AXES)
     }
-    return Directions(units, accuracies, read, steered, confusion, axis_check)
+    return Directions(units, accuracies, read, steered, confusion, axis_check, components_removed, validation_accuracy)
 
 
 def _levels(extraction: Extraction, units: dict[str, np.ndarray], layer: int) -> dict[str, tuple[float, float]]:
@@ -192,95 +219,8 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-@dataclass
-class ReplySet:
-    """Replies generated under one steering setting, and how they score."""
-
-    texts: list[str]
-    ppl: float = math.nan
-    nll: float = math.nan
-    repeat: float = 0.0
-    lexicon: dict[str, float] = field(default_factory=dict)
-    readout: dict[str, float] = field(default_factory=dict)
-
-    def summary(self, band: str, strength: float, baseline: "ReplySet") -> dict:
-        return {
-            "strength": strength,
-            "ppl_ratio": round(math.exp(self.nll - baseline.nll), 3),
-            "repeated_3grams": round(self.repeat, 3),
-            "lexicon": round(self.lexicon.get(band, 0.0), 3),
-            "readout": round(self.readout.get(band, 0.0), 3),
-        }
-
-
-class Calibrator:
-    """Generates replies to neutral prompts under given control vectors and scores them with the unsteered model."""
-
-    def __init__(self, model: Model, readout_units: dict[str, np.ndarray], read: int, levels, settings: TrainSettings):
-        self.model = model
-        self.settings = settings
-        self.read = read
-        self.matrix = np.stack([readout_units[b] for b in BANDS])
-        self.neutral = np.array([levels[b][0] for b in BANDS])
-        self.unit_level = np.array([levels[b][1] for b in BANDS])
-        self.prompts = []
-        for prompt in neutral_prompts()[: settings.calibration_prompts]:
-            text, _ = model.chat_prompt([{"role": "user", "content": prompt}])
-            self.prompts.append(model.tokenize(text, parse_special=True))
-        self.sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=settings.reply_tokens)
-
-    def run(self, settings: list[tuple[object, np.ndarray | None]], progress: Progress) -> dict[object, ReplySet]:
-        """Replies for each (key, control vector), all prompts each, scored. Same seeds for every setting."""
-        n = len(self.prompts)
-        jobs = [
-            Job(prompt, self.sampling, self.settings.seed + i, vector=vector, vector_key=key, tag=(key, i))
-            for key, vector in settings
-            for i, prompt in enumerate(self.prompts)
-        ]
-        advance = progress("generating calibration replies", len(jobs))
-        replies: dict[object, list[list[int]]] = {key: [None] * n for key, _ in settings}  # type: ignore[list-item]
-        texts: dict[object, list[str]] = {key: [""] * n for key, _ in settings}
-        with self.model.context(n_ctx=n * (self.settings.reply_tokens + 160), n_seq=n, unified=False) as context:
-            for finished in generate_parallel(context, jobs):
-                key, i = finished.job.tag
-                replies[key][i] = finished.tokens
-                texts[key][i] = finished.text
-                advance(1)
-        return self.score(replies, texts, progress)
-
-    def score(self, replies: dict, texts: dict, progress: Progress) -> dict[object, ReplySet]:
-        keys = list(replies)
-        per_group = max(1, 900 // (self.settings.reply_tokens + 1))
-        groups, owners = [], []
-        for i, prompt in enumerate(self.prompts):
-            tails = [(key, replies[key][i]) for key in keys if replies[key][i]]
-            for start in range(0, len(tails), per_group):
-                chunk = tails[start : start + per_group]
-                groups.append(TextGroup(prompt, [t for _, t in chunk], pool_from=len(prompt)))
-                owners += [(key, i) for key, _ in chunk]
-        advance = progress("scoring replies with the unsteered model", len(owners))
-        with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=True) as context:
-            reading = read_texts(context, groups, [self.read], logprobs=True, progress=advance)
-        readouts = D.calibrated(D.project(reading.pooled[:, 0], self.matrix), self.neutral, self.unit_level)
-        results = {}
-        for key in keys:
-            rows = [k for k, (owner, _) in enumerate(owners) if owner == key]
-            logprobs = np.concatenate([reading.logprobs[k] for k in rows]) if rows else np.zeros(0)
-            joined = " ".join(texts[key])
-            results[key] = ReplySet(
-                texts=texts[key],
-                ppl=perplexity(logprobs),
-                nll=-float(np.mean(logprobs)) if len(logprobs) else math.nan,
-                repeat=float(np.mean([repeated_trigrams(t) for t in texts[key]])),
-                lexicon=lexicon_scores(joined),
-                readout={b: float(readouts[rows, j].mean()) if rows else 0.0 for j, b in enumerate(BANDS)},
-            )
-        return results
-
-
-def _fluent(replies: ReplySet, baseline: ReplySet) -> bool:
-    ratio = math.exp(replies.nll - baseline.nll)
-    return ratio <= MAX_PPL_RATIO and replies.repeat <= MAX_REPEATED_TRIGRAMS
+def tried_steps(results: dict[float, ReplySet]) -> list[int]:
+    return [STRENGTHS.index(strength) for strength in results if strength > 0]
 
 
 def _vector(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float, n_layer: int) -> np.ndarray:
@@ -300,46 +240,53 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     extraction = extract(model, settings, progress)
     found = find_directions(extraction, settings)
     levels_at_read = _levels(extraction, found.units, found.read)
-    readout_units = {b: found.units[b][found.read] for b in BANDS}
-    calibrator = Calibrator(model, readout_units, found.read, levels_at_read, settings)
+    reader = LayerGeometry(
+        BANDS,
+        np.stack([found.units[b][found.read] for b in BANDS]).astype(np.float32),
+        np.array([levels_at_read[b][0] for b in BANDS], dtype=np.float32),
+        np.array([levels_at_read[b][1] for b in BANDS], dtype=np.float32),
+    )
+    calibrator = ReplyBench(model, neutral_prompts()[: settings.calibration_prompts], settings.reply_tokens,
+                            settings.seed, found.read, reader, found.steered)
     n_layer = info.n_layer
     vector = {
         band: (lambda strength, band=band: _vector(found.units[band], extraction.token_norm, found.steered, strength, n_layer))
         for band in settings.bands
     }
 
-    # search each band's strength upwards or downwards from the middle of the grid, all bands at once
-    index = {band: STRENGTHS.index(0.15) for band in settings.bands}
-    passed: dict[str, int | None] = {band: None for band in settings.bands}
+    # search each band's strength on the ladder, all bands at once: first the pair around the usual answer, then
+    # one step further up or down where needed, until the largest fluent strength is pinned
     tried: dict[str, dict[float, ReplySet]] = {band: {} for band in settings.bands}
-    baseline = calibrator.run([("baseline", None)], progress)["baseline"]
-    pending = set(settings.bands)
-    while pending:
-        batch = [((band, STRENGTHS[index[band]]), vector[band](STRENGTHS[index[band]])) for band in sorted(pending)]
-        results = calibrator.run(batch, progress)
+    fluent_at: dict[str, set[int]] = {band: set() for band in settings.bands}
+    failed_at: dict[str, set[int]] = {band: set() for band in settings.bands}
+    start = STRENGTHS.index(0.22)
+    wanted = {band: [start, start + 1] for band in settings.bands}
+    baseline = None
+    while wanted:
+        batch = [((band, STRENGTHS[i]), vector[band](STRENGTHS[i])) for band, steps in wanted.items() for i in steps]
+        results = calibrator.run(([("baseline", None)] if baseline is None else []) + batch, progress)
+        baseline = results.pop("baseline", baseline)
         for (band, strength), replies in results.items():
             tried[band][strength] = replies
-            i = index[band]
-            if _fluent(replies, baseline):
-                passed[band] = i if passed[band] is None else max(passed[band], i)
-                going_up = i + 1 < len(STRENGTHS) and STRENGTHS[i + 1] not in tried[band]
-                index[band] = i + 1
-                done = not going_up
-            else:
-                lower = i - 1
-                index[band] = lower
-                done = lower < 0 or passed[band] is not None or STRENGTHS[lower] in tried[band]
-            if done:
-                pending.discard(band)
-    chosen = {band: STRENGTHS[passed[band] if passed[band] is not None else 0] for band in settings.bands}
+            step = STRENGTHS.index(strength)
+            (fluent_at if replies.fluent(baseline, margin=CALIBRATION_MARGIN) else failed_at)[band].add(step)
+        wanted = {}
+        for band in settings.bands:
+            best, worst = max(fluent_at[band], default=-1), min(failed_at[band], default=len(STRENGTHS))
+            if best + 1 < worst:  # not pinned yet: step beyond what was tried
+                step = best + 1 if best >= 0 else min(tried_steps(tried[band])) - 1
+                if 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in tried[band]:
+                    wanted[band] = [step]
+    chosen = {band: STRENGTHS[max(fluent_at[band], default=0)] for band in settings.bands}
 
-    # the negative side: full strength if fluent, else half
+    # the negative side: full strength if its replies stay fluent and the band's readout goes down, else half
     negative = calibrator.run([((band, -chosen[band]), vector[band](-chosen[band])) for band in settings.bands], progress)
     ratios = {}
     for band in settings.bands:
         replies = negative[(band, -chosen[band])]
         tried[band][-chosen[band]] = replies
-        ratios[band] = 1.0 if _fluent(replies, baseline) else 0.5
+        lowers = replies.readout.get(band, 0.0) < baseline.readout.get(band, 0.0)
+        ratios[band] = 1.0 if replies.fluent(baseline, margin=CALIBRATION_MARGIN) and lowers else 0.5
 
     # crosstalk: the readout change of every band when one band is at +1
     crosstalk = {
@@ -357,12 +304,15 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     manifest["method"] = {
         "extraction": "mean over tokens; band texts minus matched neutral twins; centred on the mean over the "
         "eight primaries; top neutral principal components removed; unit per layer",
-        "neutral_components": settings.neutral_components,
+        "neutral_components": found.components,
+        "selection": "components and layers chosen by 4-fold cross-validated accuracy on the training pairs",
         "axes": "valence and arousal = circumplex-weighted sums of the primaries' centred differences",
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
-        "calibration": f"largest c in {list(STRENGTHS)} with perplexity under the unsteered model <= "
-        f"{MAX_PPL_RATIO}x and repeated 3-grams <= {MAX_REPEATED_TRIGRAMS:.0%}; negative side: same c if fluent, else half",
+        "calibration": f"largest c in {list(STRENGTHS)} whose replies to {settings.calibration_prompts} neutral prompts "
+        f"keep perplexity under the unsteered model <= {1 + CALIBRATION_MARGIN * (MAX_PPL_RATIO - 1):g}x and repeated "
+        f"3-grams <= {CALIBRATION_MARGIN * MAX_REPEATED_TRIGRAMS:.0%} (bounds {MAX_PPL_RATIO}x / "
+        f"{MAX_REPEATED_TRIGRAMS:.0%} with a margin for the small sample); negative side: same c if fluent, else half",
         "stimulus_set": STIMULUS_SET_VERSION,
         "split": SPLIT_RULE,
         "train_pairs_per_band": settings.train_pairs,
@@ -386,6 +336,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         manifest["bands"][band] = {
             "strength": chosen[band],
             "negative_strength": chosen[band] * ratios[band],
+            "fluent_at_gain_1": bool(fluent_at[band]),
             "calibration": [
                 tried[band][s].summary(band, s, baseline) for s in sorted(tried[band])
             ],
@@ -394,6 +345,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     manifest["quality"] = {
         "heldout_accuracy": round(heldout_accuracy, 3),
         "heldout_texts": int(found.confusion.sum()),
+        "cross_validated_accuracy": round(float(found.validation_accuracy), 3),
         "chance": round(1 / len(PRIMARIES), 3),
         "confusion": {band: dict(zip(PRIMARIES, map(int, row))) for band, row in zip(PRIMARIES, found.confusion)},
         "accuracy_by_layer": {layer: round(float(a), 3) for layer, a in zip(extraction.layers, found.accuracies)},
