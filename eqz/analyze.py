@@ -61,7 +61,7 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
     tokens = model.tokenize(text)
     if len(tokens) < 2:
         raise EqzError("the text is too short to analyze (it needs at least two tokens)")
-    shape = geometry(bank, bank.read_layer, bands)
+    shape = geometry(bank, bank.read_layer, bands, zero="neutral_text")
     recorder = _Recorder(bank.read_layer)
     with model.context(n_ctx=max(512, len(tokens) + 8), n_batch=min(2048, max(512, len(tokens))), taps=True) as ctx:
         ctx.set_tap(recorder)

@@ -47,6 +47,7 @@ class ReplySet:
     distinct: float = 1.0
     lexicon: dict[str, float] = field(default_factory=dict)
     readout: dict[str, float] = field(default_factory=dict)
+    states: np.ndarray | None = None  # mean residual stream over the reply tokens, per layer read
 
     def ppl_ratio(self, baseline: "ReplySet") -> float:
         return math.exp(self.nll - baseline.nll)
@@ -71,9 +72,10 @@ class ReplyBench:
     """Generates replies to a prompt set under given control vectors, then scores them unsteered."""
 
     def __init__(self, model: Model, prompts: list[str], reply_tokens: int, seed: int, read_layer: int,
-                 reader: LayerGeometry | None, steered: list[int], parallel: int = 16):
+                 reader: LayerGeometry | None, steered: list[int], parallel: int = 16, layers: list[int] | None = None):
         self.model = model
         self.steered = steered
+        self.layers = layers or [read_layer]  # layers whose mean state is kept; the read layer comes first
         self.reply_tokens = reply_tokens
         self.seed = seed
         self.read_layer = read_layer
@@ -122,8 +124,8 @@ class ReplyBench:
                 groups.append(TextGroup(prompt, [t for _, t in chunk], pool_from=len(prompt)))
                 owners += [key for key, _ in chunk]
         advance = progress("reading replies with the unsteered model", len(owners))
-        layers = [self.read_layer] if self.reader else []
-        with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=bool(layers)) as context:
+        layers = [self.read_layer] + [layer for layer in self.layers if layer != self.read_layer]
+        with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=True) as context:
             reading = read_texts(context, groups, layers, logprobs=True, progress=advance)
         readouts = self.reader.readouts(reading.pooled[:, 0]) if self.reader else None
         results = {}
@@ -140,6 +142,7 @@ class ReplyBench:
                 lexicon=lexicon_scores(" ".join(texts[key])),
                 readout={b: float(readouts[rows, j].mean()) for j, b in enumerate(self.reader.bands)}
                 if readouts is not None and rows else {},
+                states=reading.pooled[rows].mean(axis=0) if rows else None,
             )
         return results
 

@@ -35,14 +35,19 @@ def metered_bands(bank: Bank) -> tuple[str, ...]:
     return tuple(name for name, band in bank.bands.items() if band.readout)
 
 
-def geometry(bank: Bank, layer: int, bands: tuple[str, ...]) -> LayerGeometry:
-    """Directions and calibration of ``bands`` at ``layer`` (which must be a steered layer)."""
+def geometry(bank: Bank, layer: int, bands: tuple[str, ...], zero: str = "neutral") -> LayerGeometry:
+    """Directions and calibration of ``bands`` at ``layer`` (which must be a steered layer).
+
+    ``zero`` picks the neutral level: "neutral" is the model's own level on its unsteered replies to neutral
+    prompts (the meter and the filters, which watch the model write); "neutral_text" is its level on neutral
+    prose (``eqz analyze``, which reads a given text). The unit is the same for both.
+    """
     position = bank.steered_layers.index(layer)
     entries = [bank.bands[band] for band in bands]
     return LayerGeometry(
         bands,
         np.stack([entry.unit_direction(layer) for entry in entries]).astype(np.float32),
-        np.array([entry.readout["neutral"][position] for entry in entries], dtype=np.float32),
+        np.array([entry.readout[zero][position] for entry in entries], dtype=np.float32),
         np.array([entry.readout["unit"][position] for entry in entries], dtype=np.float32),
     )
 
@@ -92,9 +97,9 @@ class Filters:
 class Instruments:
     """The engine tap for the meter and the filters together.
 
-    At the read layer the meter reads the residual stream as it arrives, before that layer's filter writes it:
-    what it shows is the level the model itself computed there given everything upstream (filters included),
-    so a clamp that does not hold shows up on the meter.
+    The meter reads the residual stream at the read layer as the model carries it on, that is after that
+    layer's filter has written it: a clamped band reads at its level, and any filter that fails to write into
+    the graph shows up as a meter off its target.
     """
 
     def __init__(self, bank: Bank, meter: bool, filters: Filters | None = None):
@@ -120,6 +125,7 @@ class Instruments:
         return {band: round(float(value), 4) for band, value in zip(self.metered, total / count)}
 
     def __call__(self, layer: int, hidden: np.ndarray) -> bool:
+        written = bool(self.filters) and self.filters.apply(layer, hidden)
         if self._geometry is not None and layer == self.read_layer:
             readouts = self._geometry.readouts(hidden)
             self.latest = readouts[-1]
@@ -128,4 +134,4 @@ class Instruments:
                     if owner is not None:
                         self._sums[owner] += readouts[row]
                         self._counts[owner] += 1
-        return bool(self.filters) and self.filters.apply(layer, hidden)
+        return written

@@ -28,7 +28,7 @@ from .meter import LayerGeometry
 from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli, neutral_prompts
 
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
-STRENGTHS = (0.1, 0.15, 0.22, 0.33, 0.5, 0.75)
+STRENGTHS = (0.03, 0.05, 0.07, 0.1, 0.15, 0.22, 0.33, 0.5, 0.75)
 # Calibration sees 5 prompts x 32 tokens; it keeps this share of the fluency bounds in hand so that gain +1
 # stays inside them on the larger sample `eqz eval` measures (perplexity ratio <= 1 + 0.75 * (2 - 1) = 1.75).
 CALIBRATION_MARGIN = 0.75
@@ -219,10 +219,6 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def tried_steps(results: dict[float, ReplySet]) -> list[int]:
-    return [STRENGTHS.index(strength) for strength in results if strength > 0]
-
-
 def _vector(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float, n_layer: int) -> np.ndarray:
     matrix = np.zeros((n_layer, units.shape[-1]), dtype=np.float32)
     for layer in steered:
@@ -247,46 +243,54 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         np.array([levels_at_read[b][1] for b in BANDS], dtype=np.float32),
     )
     calibrator = ReplyBench(model, neutral_prompts()[: settings.calibration_prompts], settings.reply_tokens,
-                            settings.seed, found.read, reader, found.steered)
+                            settings.seed, found.read, reader, found.steered, layers=found.steered)
+    # The meter's zero is the model's own level when it answers neutral prompts unsteered (stimulus text sits
+    # elsewhere on some bands); its unit stays the stimulus contrast: band texts minus neutral texts.
+    baseline = calibrator.run([("baseline", None)], progress)["baseline"]
+    order = [found.read] + [layer for layer in found.steered if layer != found.read]
+    reply_level = {
+        layer: {band: float(baseline.states[order.index(layer)] @ found.units[band][layer]) for band in BANDS}
+        for layer in found.steered
+    }
+    reader.neutral = np.array([reply_level[found.read][b] for b in BANDS], dtype=np.float32)
+    baseline.readout = dict(zip(BANDS, map(float, reader.readouts(baseline.states[:1])[0])))
     n_layer = info.n_layer
     vector = {
         band: (lambda strength, band=band: _vector(found.units[band], extraction.token_norm, found.steered, strength, n_layer))
         for band in settings.bands
     }
 
-    # search each band's strength on the ladder, all bands at once: first the pair around the usual answer, then
-    # one step further up or down where needed, until the largest fluent strength is pinned
+    # Search each band's strength on the ladder, all bands in one batch per round: first the pair around the usual
+    # answer, then one step further up or down where needed. A band whose strength is pinned has its negative side
+    # checked in the next round: the same strength if its replies stay fluent and its readout goes down, else half.
     tried: dict[str, dict[float, ReplySet]] = {band: {} for band in settings.bands}
     fluent_at: dict[str, set[int]] = {band: set() for band in settings.bands}
     failed_at: dict[str, set[int]] = {band: set() for band in settings.bands}
+    chosen: dict[str, float] = {}
+    ratios: dict[str, float] = {}
     start = STRENGTHS.index(0.22)
-    wanted = {band: [start, start + 1] for band in settings.bands}
-    baseline = None
+    wanted = {band: [STRENGTHS[start], STRENGTHS[start + 1]] for band in settings.bands}
     while wanted:
-        batch = [((band, STRENGTHS[i]), vector[band](STRENGTHS[i])) for band, steps in wanted.items() for i in steps]
-        results = calibrator.run(([("baseline", None)] if baseline is None else []) + batch, progress)
-        baseline = results.pop("baseline", baseline)
-        for (band, strength), replies in results.items():
+        batch = [((band, c), vector[band](c)) for band, strengths in wanted.items() for c in strengths]
+        for (band, strength), replies in calibrator.run(batch, progress).items():
             tried[band][strength] = replies
-            step = STRENGTHS.index(strength)
-            (fluent_at if replies.fluent(baseline, margin=CALIBRATION_MARGIN) else failed_at)[band].add(step)
+            fluent = replies.fluent(baseline, margin=CALIBRATION_MARGIN)
+            if strength < 0:
+                lowers = replies.readout.get(band, 0.0) < baseline.readout.get(band, 0.0)
+                ratios[band] = 1.0 if fluent and lowers else 0.5
+            else:
+                (fluent_at if fluent else failed_at)[band].add(STRENGTHS.index(strength))
         wanted = {}
         for band in settings.bands:
+            if band in chosen:
+                continue
             best, worst = max(fluent_at[band], default=-1), min(failed_at[band], default=len(STRENGTHS))
-            if best + 1 < worst:  # not pinned yet: step beyond what was tried
-                step = best + 1 if best >= 0 else min(tried_steps(tried[band])) - 1
-                if 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in tried[band]:
-                    wanted[band] = [step]
-    chosen = {band: STRENGTHS[max(fluent_at[band], default=0)] for band in settings.bands}
-
-    # the negative side: full strength if its replies stay fluent and the band's readout goes down, else half
-    negative = calibrator.run([((band, -chosen[band]), vector[band](-chosen[band])) for band in settings.bands], progress)
-    ratios = {}
-    for band in settings.bands:
-        replies = negative[(band, -chosen[band])]
-        tried[band][-chosen[band]] = replies
-        lowers = replies.readout.get(band, 0.0) < baseline.readout.get(band, 0.0)
-        ratios[band] = 1.0 if replies.fluent(baseline, margin=CALIBRATION_MARGIN) and lowers else 0.5
+            step = best + 1 if best >= 0 else min(fluent_at[band] | failed_at[band]) - 1
+            if best + 1 < worst and 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in tried[band]:
+                wanted[band] = [STRENGTHS[step]]  # not pinned yet: one step beyond what was tried
+            else:
+                chosen[band] = STRENGTHS[max(best, 0)]
+                wanted[band] = [-chosen[band]]
 
     # crosstalk: the readout change of every band when one band is at +1
     crosstalk = {
@@ -309,6 +313,8 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "axes": "valence and arousal = circumplex-weighted sums of the primaries' centred differences",
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
+        "readout": "unit = the stimulus contrast (band texts minus neutral texts); zero = the model's level on its "
+        "own unsteered replies to neutral prompts (meter, filters) or on neutral prose (analyze, classification)",
         "calibration": f"largest c in {list(STRENGTHS)} whose replies to {settings.calibration_prompts} neutral prompts "
         f"keep perplexity under the unsteered model <= {1 + CALIBRATION_MARGIN * (MAX_PPL_RATIO - 1):g}x and repeated "
         f"3-grams <= {CALIBRATION_MARGIN * MAX_REPEATED_TRIGRAMS:.0%} (bounds {MAX_PPL_RATIO}x / "
@@ -323,14 +329,15 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     }
     bank = Bank(directory=None, manifest=manifest)  # type: ignore[arg-type]
     for band in settings.bands:
-        levels = [_levels(extraction, found.units, layer)[band] for layer in found.steered]
+        text_levels = [_levels(extraction, found.units, layer)[band] for layer in found.steered]
         bank.bands[band] = Band(
             band,
             vector[band](chosen[band]),
             ratios[band],
             {
-                "neutral": [round(n, 4) for n, _ in levels],
-                "unit": [round(u, 4) for _, u in levels],
+                "neutral": [round(reply_level[layer][band], 4) for layer in found.steered],
+                "neutral_text": [round(n, 4) for n, _ in text_levels],
+                "unit": [round(u, 4) for _, u in text_levels],
             },
         )
         manifest["bands"][band] = {
@@ -342,6 +349,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
             ],
         }
     heldout_accuracy = float(np.trace(found.confusion) / found.confusion.sum())
+
     manifest["quality"] = {
         "heldout_accuracy": round(heldout_accuracy, 3),
         "heldout_texts": int(found.confusion.sum()),

@@ -98,7 +98,7 @@ def tiny_bank(directions: dict[str, np.ndarray], steered=(1, 2)) -> Bank:
         matrix = np.zeros((LAYERS + 1, EMBD), np.float32)
         for layer in steered:
             matrix[layer] = direction
-        readout = {"neutral": [0.5] * len(steered), "unit": [2.0] * len(steered)}
+        readout = {"neutral": [0.5] * len(steered), "neutral_text": [0.0] * len(steered), "unit": [2.0] * len(steered)}
         bank.bands[band] = Band(band, matrix, 0.5, readout)
     return bank
 
@@ -128,13 +128,17 @@ def test_filters_hit_every_target_even_for_overlapping_directions():
     assert not filters.apply(0, hidden)  # layer 0 is not steered, so not filtered
 
 
-def test_instruments_read_before_writing_and_average_per_owner():
+def test_instruments_average_per_owner_and_read_what_the_filter_wrote():
     joy = D.unit(RNG.normal(size=EMBD))
     bank = tiny_bank({"joy": joy})
-    instruments = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, []))
+    metered = Instruments(bank, meter=True)
     hidden = np.stack([joy * 0.5, joy * 4.5]).astype(np.float32)  # readouts 0 and 2
-    instruments.owners(["a", "b"])
-    assert instruments(1, hidden)
-    assert instruments.mean("a")["joy"] == pytest.approx(0.0, abs=1e-5)
-    assert instruments.mean("b")["joy"] == pytest.approx(2.0, abs=1e-5)
-    assert np.allclose(geometry(bank, 1, ("joy",)).readouts(hidden), 1.0, atol=1e-4)  # and then clamped
+    metered.owners(["a", "b"])
+    assert not metered(1, hidden.copy())
+    assert metered.mean("a")["joy"] == pytest.approx(0.0, abs=1e-5)
+    assert metered.mean("b")["joy"] == pytest.approx(2.0, abs=1e-5)
+    assert metered.mean("a") == {}  # forgotten once taken
+    clamped = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, []))
+    clamped.owners(["a", "b"])
+    assert clamped(1, hidden)
+    assert clamped.mean("b")["joy"] == pytest.approx(1.0, abs=1e-4)

@@ -1,0 +1,184 @@
+"""The emotion bank: the shipped files, llama.cpp interop, the sliders end to end, import, and training on a
+second architecture (Gemma 3)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gguf
+import numpy as np
+import pytest
+import yaml
+
+from eqz.bands import BANDS, PRIMARIES
+from eqz.bank import SHIPPED_DIR, find_bank, model_fingerprint
+from eqz.vector_files import read_control_vector
+
+from .conftest import run_eqz
+
+SHIPPED = SHIPPED_DIR / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return yaml.safe_load((SHIPPED / "bank.yaml").read_text())
+
+
+def test_shipped_bank_fits_the_default_model_and_has_every_band(model, manifest):
+    bank = find_bank(model.info)
+    assert bank is not None and bank.directory == SHIPPED
+    assert manifest["model"]["fingerprint"] == model_fingerprint(model.info)
+    assert tuple(bank.names) == BANDS
+    layers = manifest["layers"]
+    assert layers["read"] in layers["steered"]
+    assert max(layers["steered"]) < 0.7 * model.info.n_layer  # never the last layers
+    for band in BANDS:
+        entry = manifest["bands"][band]
+        assert entry["strength"] > 0 and entry["negative_ratio"] in (0.5, 1.0)
+        assert len(entry["readout"]["neutral"]) == len(layers["steered"])
+    method = manifest["method"]
+    assert method["stimulus_set"] == 1 and "split" in method and method["neutral_components"] > 0
+
+
+def test_band_files_are_llama_cpp_control_vectors(manifest):
+    for band in BANDS:
+        path = SHIPPED / f"{band}.gguf"
+        reader = gguf.GGUFReader(path)
+        assert reader.get_field("general.architecture").contents() == "controlvector"
+        assert reader.get_field("controlvector.model_hint").contents() == "llama"
+        names = [t.name for t in reader.tensors]
+        assert reader.get_field("controlvector.layer_count").contents() == len(names)
+        assert sorted(int(n.split(".")[1]) for n in names) == manifest["layers"]["steered"]
+        assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.data) == 576 for t in reader.tensors)
+
+
+def test_recorded_quality_figures_meet_the_bar(manifest):
+    quality = manifest["quality"]
+    assert quality["heldout_accuracy"] >= 0.85 and quality["heldout_texts"] == 128
+    assert set(quality["crosstalk"]) == set(BANDS)
+    dose = quality["dose_response"]
+    for band in BANDS:
+        table = dose[band]
+        readouts = [table[g]["readout"] for g in ("-1.0", "-0.5", "0.0", "0.5", "1.0")]
+        assert all(a < b for a, b in zip(readouts, readouts[1:])), (band, readouts)
+        assert all(table[g]["fluent"] for g in ("0.0", "0.5", "1.0")), band
+
+
+def analyze_json(text: str) -> dict:
+    result = run_eqz("analyze", text, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["overall"]
+
+
+def test_joy_and_sadness_sliders_move_the_replies_the_expected_way():
+    """Generated under joy=1 and sadness=1 with the same seed, then read back by the *unsteered* model."""
+    replies = {}
+    for band in ("joy", "sadness"):
+        result = run_eqz("generate", "Describe your walk to the bus stop this morning.", "--set", f"{band}=1",
+                         "--seed", "5", "-n", "64", "--json")
+        assert result.returncode == 0, result.stderr
+        replies[band] = json.loads(result.stdout)["output"]
+    joyful, sad = analyze_json(replies["joy"]), analyze_json(replies["sadness"])
+    assert joyful["joy"] > sad["joy"]
+    assert sad["sadness"] > joyful["sadness"]
+    assert joyful["valence"] > sad["valence"]
+
+
+def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):
+    mix = tmp_path / "mix.gguf"
+    exported = run_eqz("vectors", "export", "--set", "joy=0.5", "--set", "fear=-0.3", "-o", str(mix))
+    assert exported.returncode == 0, exported.stderr
+    vector_file = read_control_vector(mix)
+    assert vector_file.model_hint == "llama"
+    common = ("generate", "Tell me about your day.", "--temperature", "0", "-n", "48", "--json")
+    sliders = json.loads(run_eqz(*common, "--set", "joy=0.5", "--set", "fear=-0.3").stdout)["output"]
+    raw = json.loads(run_eqz(*common, "--vector", str(mix)).stdout)["output"]
+    plain = json.loads(run_eqz(*common).stdout)["output"]
+    assert raw == sliders
+    assert raw != plain
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (("--set", "happiness=1"), ("unknown band 'happiness'", "valid bands: joy, trust")),
+        (("--set", "joy=nan"), ("gain for joy", "finite")),
+        (("--set", "joy=lots"), ("must be a number", "valid bands")),
+        (("--set", "joy"), ("BAND=VALUE", "valid bands")),
+    ],
+)
+def test_bad_slider_values_are_refused_with_the_valid_bands(args, fragments):
+    result = run_eqz("generate", "hi", *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
+
+
+def test_gain_beyond_one_warns_but_runs():
+    result = run_eqz("generate", "hi", "--set", "joy=1.5", "-n", "8")
+    assert result.returncode == 0 and "beyond the calibrated" in result.stderr
+
+
+def test_vectors_list_and_show():
+    listing = json.loads(run_eqz("vectors", "list", "--json").stdout)
+    assert any(entry["fingerprint"].startswith("llama-30x576") and len(entry["bands"]) == 10 for entry in listing)
+    shown = run_eqz("vectors", "show")
+    assert shown.returncode == 0 and "held-out 8-way classification" in shown.stdout and "joy" in shown.stdout
+
+
+def test_import_a_repeng_style_vector_as_a_band(tmp_path):
+    data = tmp_path / "data"
+    path = tmp_path / "honest.gguf"
+    writer = gguf.GGUFWriter(str(path), "controlvector")  # the way repeng writes them
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", 3)
+    rng = np.random.default_rng(1)
+    for layer in (12, 13, 14):
+        writer.add_tensor(f"direction.{layer}", (rng.standard_normal(576) * 4).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    env = {"XDG_DATA_HOME": str(data)}
+    imported = run_eqz("vectors", "import", str(path), "--band", "honest", env=env)
+    assert imported.returncode == 0, imported.stderr
+    shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
+    assert "honest" in shown["bands"] and "joy" in shown["bands"]  # the shipped bands came along
+    args = ("generate", "Tell me a fact.", "--temperature", "0", "-n", "24", "--json")
+    steered = json.loads(run_eqz(*args, "--set", "honest=1", env=env).stdout)
+    plain = json.loads(run_eqz(*args, env=env).stdout)
+    assert steered["steering"]["gains"]["honest"] == 1.0 and steered["output"] != plain["output"]
+    bad = run_eqz("vectors", "import", str(path), "--band", "Bad Name", env=env)
+    assert bad.returncode != 0 and "band name" in bad.stderr
+
+
+@pytest.mark.gemma
+def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
+    """A second architecture end to end: train (quick), found by fingerprint, sliders change the output."""
+    data = tmp_path / "data"
+    env = {"XDG_DATA_HOME": str(data)}
+    trained = run_eqz("train", "--quick", "-m", str(gemma_path), env=env, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    bank_dir = next((data / "eqz" / "vectors").iterdir())
+    manifest = yaml.safe_load((bank_dir / "bank.yaml").read_text())
+    assert manifest["model"]["architecture"] == "gemma3" and manifest["model"]["n_embd"] == 640
+    assert manifest["quality"]["heldout_accuracy"] > 0.5  # far above chance (12.5%) even in quick mode
+    assert read_control_vector(bank_dir / "joy.gguf").model_hint == "gemma3"
+    args = ("generate", "Tell me about cats.", "-m", str(gemma_path), "--seed", "2", "-n", "32", "--json")
+    plain = json.loads(run_eqz(*args, env=env).stdout)
+    steered = json.loads(run_eqz(*args, "--set", "joy=1", env=env).stdout)
+    assert steered["output"] != plain["output"]
+    # the default model's bank does not fit Gemma, and the message says what to do
+    no_bank = run_eqz(*args, "--set", "joy=1")
+    errors = [line for line in no_bank.stderr.splitlines() if line.startswith("eqz: error:")]
+    assert no_bank.returncode != 0 and len(errors) == 1 and "eqz train" in errors[0]
+
+
+def test_bank_math_matches_the_files(model):
+    bank = find_bank(model.info)
+    joy = read_control_vector(SHIPPED / "joy.gguf").matrix(30, 576)
+    assert np.allclose(bank.mix({"joy": 1.0}), joy)
+    ratio = bank.bands["trust"].negative_ratio
+    assert np.allclose(bank.mix({"trust": -1.0}), -ratio * bank.bands["trust"].matrix)
+    assert math.isclose(float(np.linalg.norm(bank.bands["joy"].unit_direction(bank.read_layer))), 1.0, rel_tol=1e-5)

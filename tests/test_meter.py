@@ -1,0 +1,132 @@
+"""The meter and the filters on the real default model: analyze, clamp, ablate, and their records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eqz.analyze import analyze
+from eqz.bands import PRIMARIES
+from eqz.bank import find_bank
+from eqz.engine import TextGroup, read_texts
+from eqz.sampling import Sampling
+from eqz.session import ChatSession
+from eqz.stimuli import load_stimuli
+
+from .conftest import run_eqz
+
+NEUTRAL_PROMPT = "Describe your walk to the bus stop this morning."
+GRIEF_PROMPT = "My mother died last week and I cannot stop crying. Tell me how you feel about it."
+
+
+@pytest.fixture(scope="module")
+def bank(model):
+    return find_bank(model.info)
+
+
+def test_analyze_ranks_the_true_band_first_on_the_heldout_split(model, bank):
+    stimuli = load_stimuli()
+    hits = total = 0
+    for band in PRIMARIES:
+        for pair in stimuli.heldout[band]:
+            result = analyze(model, bank, pair.emotional)
+            hits += result.top_band(PRIMARIES) == band
+            total += 1
+    assert total == 128
+    assert hits / total >= 0.80, f"{hits}/{total}"
+
+
+def test_analyze_by_sentence_and_token_and_json():
+    text = "The bus was on time. I won the lottery and danced in the street! Then my dog died."
+    table = run_eqz("analyze", text)
+    assert table.returncode == 0 and "whole text" in table.stdout and "danced" in table.stdout
+    by_sentence = json.loads(run_eqz("analyze", text, "--json").stdout)
+    sentences = [segment["text"] for segment in by_sentence["segments"]]
+    assert len(sentences) == 3 and sentences[1].startswith("I won the lottery")
+    scores = [segment["readouts"] for segment in by_sentence["segments"]]
+    assert scores[1]["joy"] > scores[2]["joy"] and scores[2]["sadness"] > scores[1]["sadness"]
+    by_token = json.loads(run_eqz("analyze", text, "--by", "token", "--json").stdout)
+    assert len(by_token["segments"]) > 15
+    bad = run_eqz("analyze", text, "--by", "word")
+    assert bad.returncode != 0 and "--by must be" in bad.stderr
+
+
+def reply_with(model, bank, prompt, filters, seed, tokens=100):
+    session = ChatSession(model, Sampling(seed=seed, max_tokens=tokens), bank=bank, meter=True, filters=filters)
+    turn = session.reply(prompt)
+    trace = []
+    for _ in turn:
+        trace.append(dict(zip(session.instruments.metered, map(float, session.instruments.latest))))
+    session.close()
+    return turn, trace
+
+
+def perplexity_unsteered(model, prompt: str, reply: str) -> float:
+    text, _ = model.chat_prompt([{"role": "user", "content": prompt}])
+    prompt_tokens = model.tokenize(text, parse_special=True)
+    with model.context(n_ctx=1024, n_seq=2, n_batch=1024) as context:
+        reading = read_texts(context, [TextGroup(prompt_tokens, [model.tokenize(reply, add_special=False)],
+                                                 pool_from=len(prompt_tokens))], logprobs=True)
+    return float(np.exp(-reading.logprobs[0].mean()))
+
+
+def test_clamp_holds_joy_at_one_over_a_long_reply(model, bank):
+    plain, _ = reply_with(model, bank, NEUTRAL_PROMPT, None, seed=1)
+    turn, trace = reply_with(model, bank, NEUTRAL_PROMPT, {"clamp": {"joy": 1.0}}, seed=1)
+    assert turn.record.n_tokens >= 90
+    joy = np.array([step["joy"] for step in trace])
+    assert np.all(np.abs(joy - 1.0) <= 0.2), joy.round(2)
+    assert abs(turn.record.meter["joy"] - 1.0) <= 0.2
+    assert abs(plain.record.meter["joy"] - 1.0) > 0.2  # unfiltered, the model is elsewhere
+    assert turn.text != plain.text  # the write reached the graph
+    assert turn.record.filters == {"clamp": {"joy": 1.0}, "ablate": []}
+
+
+def test_ablate_keeps_a_grieving_reply_at_the_neutral_sadness_level(model, bank):
+    plain, _ = reply_with(model, bank, GRIEF_PROMPT, None, seed=2)
+    ablated, trace = reply_with(model, bank, GRIEF_PROMPT, {"ablate": ["sadness"]}, seed=2)
+    assert plain.record.meter["sadness"] > 0.2  # the prompt does move the model
+    assert abs(ablated.record.meter["sadness"]) <= 0.2
+    assert max(abs(step["sadness"]) for step in trace) <= 0.2
+    assert perplexity_unsteered(model, GRIEF_PROMPT, ablated.text) <= 2 * perplexity_unsteered(model, GRIEF_PROMPT, plain.text)
+
+
+def test_filters_and_meter_through_the_cli(tmp_path):
+    result = run_eqz("generate", GRIEF_PROMPT, "--ablate", "sadness", "--clamp", "joy=0.5", "--set", "trust=0.5",
+                     "--seed", "3", "-n", "40", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["filters"] == {"clamp": {"joy": 0.5}, "ablate": ["sadness"]}
+    assert abs(record["meter"]["sadness"]) <= 0.2 and abs(record["meter"]["joy"] - 0.5) <= 0.2
+    assert record["steering"]["gains"]["trust"] == 0.5
+    bad = run_eqz("generate", "hi", "--clamp", "joy=lots")
+    assert bad.returncode != 0 and "must be a number" in bad.stderr
+    unknown = run_eqz("generate", "hi", "--ablate", "zest")
+    assert unknown.returncode != 0 and "unknown band 'zest'" in unknown.stderr
+
+
+def test_batch_meter_adds_the_mean_readout_per_row(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{NEUTRAL_PROMPT}\n{GRIEF_PROMPT}\n")
+    out = tmp_path / "out.jsonl"
+    result = run_eqz("batch", str(prompts), "-o", str(out), "--meter", "--ablate", "anger", "-n", "24", "--parallel", "2")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(set(row["meter"]) >= {"joy", "sadness"} for row in rows)
+    assert all(abs(row["meter"]["anger"]) <= 0.2 and row["filters"]["ablate"] == ["anger"] for row in rows)
+    assert rows[1]["meter"]["sadness"] > rows[0]["meter"]["sadness"]
+
+
+def test_preset_filters_apply(tmp_path):
+    config = tmp_path / "config"
+    (config / "eqz" / "presets").mkdir(parents=True)
+    (config / "eqz" / "presets" / "numb.yaml").write_text(
+        "name: numb\ndescription: no sadness at all\nsliders: {joy: 0.2}\nfilters: {ablate: [sadness]}\n"
+    )
+    result = run_eqz("generate", GRIEF_PROMPT, "--preset", "numb", "-n", "24", "--seed", "1", "--json",
+                     env={"XDG_CONFIG_HOME": str(config)})
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["preset"] == "numb" and record["filters"]["ablate"] == ["sadness"]

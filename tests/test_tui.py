@@ -1,0 +1,121 @@
+"""The live equalizer in a real pseudo-terminal (80x24): hotkeys while a reply streams, the panel, /save's
+record of every change, and the terminal restored afterwards."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import pexpect
+import pytest
+
+from .conftest import EQZ
+
+PROMPT = "you> "
+STORY = "Write a very long story about a lighthouse keeper and his many adventures at sea."
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    child = pexpect.spawn(EQZ, ["chat", *args], encoding="utf-8", timeout=90, dimensions=(24, 80))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def test_up_key_during_a_reply_steers_the_next_tokens_and_is_recorded(tmp_path):
+    child = spawn("--seed", "3", "-n", "400")
+    child.sendline(STORY)
+    child.expect_exact("tok/s")  # the panel is up: the reply is streaming
+    child.send("\x1b[A")  # Up: raise the selected band (joy) by 0.1
+    screen = expect_on_screen(child, r"set\s+\+0\.1\s+\+0\.0")  # the panel shows the new gain at once
+    marker = r"⟨joy\s+\+0\.1⟩"  # and the reply marks where the change took effect
+    assert re.search(marker, screen) or expect_on_screen(child, marker)
+    child.expect_exact(PROMPT, timeout=120)
+    saved = tmp_path / "chat.json"
+    child.sendline(f"/save {saved}")
+    child.expect_exact("saved 2 messages")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    reply = json.loads(saved.read_text())["messages"][1]
+    record = reply["reply"]
+    assert record["steering"]["gains"]["joy"] == 0.0  # the reply started unsteered
+    change = record["changes"][0]
+    assert 0 < change["at_token"] < record["n_tokens"]
+    assert change["steering"]["gains"]["joy"] == pytest.approx(0.1)  # ...and tokens after the key press were not
+    assert "⟨joy +0.1⟩" not in reply["content"]  # markers are display only, the transcript keeps clean text
+    assert set(record["meter"]) >= {"joy", "sadness", "valence"}  # the meter was on
+
+
+def test_hotkeys_select_zero_and_reset(tmp_path):
+    child = spawn("--seed", "3", "-n", "400", "--set", "fear=0.5", "--set", "anger=0.3")
+    child.sendline(STORY)
+    child.expect_exact("tok/s")
+    child.send("3")  # select band 3 (fear)
+    child.send("z")  # zero it
+    child.send("\x1b[C")  # Right: surprise
+    child.send("\x1b[A\x1b[A")  # +0.2
+    child.expect_exact(PROMPT, timeout=120)
+    saved = tmp_path / "chat.json"
+    child.sendline(f"/save {saved}")
+    child.expect_exact("saved")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    changes = json.loads(saved.read_text())["messages"][1]["reply"]["changes"]
+    final = changes[-1]["steering"]["gains"]
+    assert final["fear"] == 0.0 and final["surprise"] == pytest.approx(0.2) and final["anger"] == 0.3
+
+
+def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
+    session = "eqz-tui-test"
+    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+                    f"{EQZ} chat --seed 3 -n 400; stty -a > {tmp_path}/stty.txt; sleep 30"], check=True)
+    try:
+        wait_for(session, "you>")  # capture-pane drops trailing spaces
+        subprocess.run(["tmux", "send-keys", "-t", session, STORY, "Enter"], check=True)
+        screen = wait_for(session, r"\b[1-9]\d* tok/s")  # streaming (the start-up panel shows 0 tok/s)
+        lines = screen.splitlines()
+        assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+        assert re.search(r"joy\s+trust\s+fear\s+surpr\s+sad", screen)
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        wait_for(session, r"\[stopped\]")
+        subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
+        deadline = time.time() + 30
+        while time.time() < deadline and not (tmp_path / "stty.txt").exists():
+            time.sleep(0.2)
+        modes = (tmp_path / "stty.txt").read_text()
+        assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def expect_on_screen(child: pexpect.spawn, pattern: str, timeout: float = 60) -> str:
+    """Wait until ``pattern`` shows in the output with terminal escape codes removed."""
+    seen = ""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            seen += child.read_nonblocking(4096, timeout=0.2)
+        except pexpect.TIMEOUT:
+            pass
+        clean = ANSI.sub("", seen)
+        if re.search(pattern, clean):
+            return clean
+    raise AssertionError(f"{pattern!r} never appeared in:\n{ANSI.sub('', seen)[-2000:]}")
+
+
+def wait_for(session: str, pattern: str, timeout: float = 90) -> str:
+    deadline = time.time() + timeout
+    screen = ""
+    while time.time() < deadline:
+        screen = subprocess.run(["tmux", "capture-pane", "-t", session, "-p"], capture_output=True, text=True).stdout
+        if re.search(pattern, screen):
+            return screen
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} never appeared; screen:\n{screen}")
