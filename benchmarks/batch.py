@@ -9,6 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from report import print_figures  # benchmarks/ is on sys.path: it holds the script being run
+
 from eqz.batch import Output, PromptFile, build_grid, plan, run_batch
 from eqz.engine import Model
 from eqz.models import default_model_path
@@ -43,9 +45,10 @@ def measure(model: Model) -> dict:
 def main() -> dict:
     with Model(default_model_path()) as model:
         figures = measure(model)
-    print(f"batch on the default model ({PROMPTS} prompts x {TOKENS} tokens)")
-    print(f"  --parallel 1  {figures['parallel_1_tok_s']:8.1f} tok/s")
-    print(f"  --parallel 8  {figures['parallel_8_tok_s']:8.1f} tok/s   ratio {figures['ratio']:.2f}x (target >= 2.5x)")
+    print_figures(f"batch on the default model ({PROMPTS} prompts x {TOKENS} tokens)", [
+        ("--parallel 1", f"{figures['parallel_1_tok_s']:.1f} tok/s", "baseline"),
+        ("--parallel 8", f"{figures['parallel_8_tok_s']:.1f} tok/s", f"x{figures['ratio']:.2f} (target >= 2.5)"),
+    ])
     return figures
 
 

@@ -1,8 +1,10 @@
 """Decode speed on the default model, measured side by side in one run.
 
-Prints eqz's decode tokens/s unsteered and steered (a control vector on every layer), their ratio
-(target >= 0.98), and what one control-vector change costs (set + the re-reserve of the next decode), in ms.
-Rounds are interleaved and medians reported, because these machines are shared and noisy.
+Prints eqz's decode tokens/s for: unsteered; steered (every band of the shipped bank non-zero); steered with the
+meter on; steered with the meter and two filters (clamp joy, ablate sadness) on. Each ratio is taken against the
+condition it adds to (steered vs unsteered, target >= 0.98; meter vs steered, target >= 0.95; filters vs steered).
+Also the cost of one slider change (a new control vector set between two tokens + the re-reserve of the next
+decode), in ms. Rounds are interleaved and medians reported, because these machines are shared and noisy.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import statistics
 import time
 
-import numpy as np
 
+from report import print_figures  # benchmarks/ is on sys.path: it holds the script being run
+
+from eqz.bank import require_bank
+from eqz.bands import BANDS
 from eqz.engine import Model, Sampler
+from eqz.meter import Filters, Instruments
 from eqz.models import default_model_path
 from eqz.sampling import Sampling
 
@@ -20,21 +26,18 @@ PROMPT = "Write a long story about a lighthouse keeper."
 TOKENS = 128
 ROUNDS = 5
 SAMPLING = Sampling(temperature=0.7, seed=11, max_tokens=TOKENS)
+# every band moved, alternating up and down, at half gain so the mix stays fluent
+ALL_BANDS = {band: 0.5 if index % 2 == 0 else -0.5 for index, band in enumerate(BANDS)}
 
 
-def steering_matrix(n_layer: int, n_embd: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    matrix = rng.standard_normal((n_layer, n_embd)).astype(np.float32) * 0.05
-    matrix[0] = 0
-    return matrix
-
-
-def decode_rate(model: Model, context, matrix, change_every_token: bool = False) -> float:
+def decode_rate(model: Model, context, matrix, tap=None, change_every_token: bool = False) -> float:
     """Tokens/s of eqz's own generation loop over TOKENS tokens (end-of-turn ignored)."""
     context.clear()
     context.set_control_vector(matrix)
     text, _ = model.chat_prompt([{"role": "user", "content": PROMPT}])
     context.prefill(model.tokenize(text, parse_special=True))
+    if tap is not None:
+        context.set_tap(tap)
     sampler = Sampler(model, SAMPLING, SAMPLING.seed)
     flip = [matrix, matrix * 0.5] if change_every_token else None
     started = time.perf_counter()
@@ -43,38 +46,55 @@ def decode_rate(model: Model, context, matrix, change_every_token: bool = False)
             context.set_control_vector(flip[index % 2])
     seconds = time.perf_counter() - started
     sampler.close()
+    if tap is not None:
+        context.set_tap(None)
     return TOKENS / seconds
 
 
 def measure(model: Model, rounds: int = ROUNDS) -> dict:
-    matrix = steering_matrix(model.info.n_layer, model.info.n_embd)
-    rates: dict[str, list[float]] = {"unsteered": [], "steered": [], "changing": []}
-    with model.context(n_ctx=1024) as context:
-        decode_rate(model, context, None)  # warm-up
+    bank = require_bank(model.info)
+    matrix = bank.mix(ALL_BANDS)
+    meter = Instruments(bank, meter=True)
+    filters = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, ["sadness"]))
+    rates: dict[str, list[float]] = {k: [] for k in ("unsteered", "steered", "meter", "filters", "changing")}
+    # the meter and filters need a context made with the eval callback; the plain conditions get a plain one
+    with model.context(n_ctx=1024) as plain, model.context(n_ctx=1024, taps=True) as tapped:
+        decode_rate(model, plain, None)  # warm-up
+        decode_rate(model, tapped, matrix, filters)
         for _ in range(rounds):
-            rates["unsteered"].append(decode_rate(model, context, None))
-            rates["steered"].append(decode_rate(model, context, matrix))
-            rates["changing"].append(decode_rate(model, context, matrix, change_every_token=True))
-    unsteered, steered, changing = (statistics.median(rates[k]) for k in ("unsteered", "steered", "changing"))
+            rates["unsteered"].append(decode_rate(model, plain, None))
+            rates["steered"].append(decode_rate(model, plain, matrix))
+            rates["meter"].append(decode_rate(model, tapped, matrix, meter))
+            rates["filters"].append(decode_rate(model, tapped, matrix, filters))
+            rates["changing"].append(decode_rate(model, plain, matrix, change_every_token=True))
+    median = {key: statistics.median(values) for key, values in rates.items()}
     return {
         "model": model.info.name,
         "threads": model.threads,
         "tokens": TOKENS,
         "rounds": rounds,
-        "unsteered_tok_s": round(unsteered, 1),
-        "steered_tok_s": round(steered, 1),
-        "steered_ratio": round(steered / unsteered, 3),
-        "vector_change_ms": round(1000 * (1 / changing - 1 / steered), 2),
+        "unsteered_tok_s": round(median["unsteered"], 1),
+        "steered_tok_s": round(median["steered"], 1),
+        "meter_tok_s": round(median["meter"], 1),
+        "filters_tok_s": round(median["filters"], 1),
+        "steered_ratio": round(median["steered"] / median["unsteered"], 3),
+        "meter_ratio": round(median["meter"] / median["steered"], 3),
+        "filters_ratio": round(median["filters"] / median["steered"], 3),
+        "vector_change_ms": round(1000 * (1 / median["changing"] - 1 / median["steered"]), 2),
     }
 
 
 def main() -> dict:
     with Model(default_model_path()) as model:
         figures = measure(model)
-    print(f"decode on {figures['model']} ({figures['threads']} threads, {TOKENS} tokens, median of {ROUNDS})")
-    print(f"  unsteered        {figures['unsteered_tok_s']:8.1f} tok/s")
-    print(f"  steered          {figures['steered_tok_s']:8.1f} tok/s   ratio {figures['steered_ratio']:.3f} (target >= 0.98)")
-    print(f"  one vector change {figures['vector_change_ms']:7.2f} ms")
+    print_figures(f"decode on {figures['model']} ({figures['threads']} threads, {TOKENS} tokens, median of {ROUNDS})", [
+        ("unsteered", f"{figures['unsteered_tok_s']:.1f} tok/s", "baseline"),
+        ("steered, all 10 bands", f"{figures['steered_tok_s']:.1f} tok/s",
+         f"x{figures['steered_ratio']:.3f} of unsteered (target >= 0.98)"),
+        ("+ meter", f"{figures['meter_tok_s']:.1f} tok/s", f"x{figures['meter_ratio']:.3f} of steered (target >= 0.95)"),
+        ("+ meter + 2 filters", f"{figures['filters_tok_s']:.1f} tok/s", f"x{figures['filters_ratio']:.3f} of steered"),
+        ("one slider change", f"{figures['vector_change_ms']:.2f} ms", "set + re-reserve of the next decode"),
+    ])
     return figures
 
 

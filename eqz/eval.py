@@ -31,6 +31,16 @@ EVAL_PROMPTS = 16
 Progress = Callable[[str, int], Callable[[int], None]]
 
 
+def prompt_sets() -> dict[str, list[str]]:
+    """The built-in neutral prompts, split so that calibration, the meter's zero and eval never share a prompt."""
+    from .stimuli import neutral_prompts
+
+    prompts = neutral_prompts()
+    end_of_eval = CALIBRATION_PROMPTS + EVAL_PROMPTS
+    return {"calibration": prompts[:CALIBRATION_PROMPTS], "eval": prompts[CALIBRATION_PROMPTS:end_of_eval],
+            "zero": prompts[end_of_eval:]}
+
+
 def _no_progress(_stage: str, _total: int) -> Callable[[int], None]:
     return lambda _n: None
 
@@ -184,9 +194,7 @@ def evaluate(
     progress: Progress = _no_progress,
 ) -> EvalResult:
     """Generate under every band x gain and score; gain 0 is generated once and shared by all bands."""
-    from .stimuli import neutral_prompts
-
-    prompts = prompts or neutral_prompts()[CALIBRATION_PROMPTS : CALIBRATION_PROMPTS + EVAL_PROMPTS]
+    prompts = prompts or prompt_sets()["eval"]
     metered = metered_bands(bank)
     reader = geometry(bank, bank.read_layer, metered) if metered else None
     bench = ReplyBench(model, prompts, reply_tokens, seed, bank.read_layer, reader, bank.steered_layers)

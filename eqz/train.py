@@ -11,10 +11,11 @@ the strongest one whose replies stay fluent under the unsteered model.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -23,15 +24,16 @@ from . import directions as D
 from .bands import AXES, BANDS, PRIMARIES
 from .bank import Band, Bank, new_manifest
 from .engine import Model, TextGroup, read_texts
-from .eval import MAX_PPL_RATIO, MAX_REPEATED_TRIGRAMS, ReplyBench
+from .eval import MAX_PPL_RATIO, MAX_REPEATED_TRIGRAMS, ReplyBench, ReplySet, prompt_sets
 from .meter import LayerGeometry
-from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli, neutral_prompts
+from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli
 
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
 STRENGTHS = (0.03, 0.05, 0.07, 0.1, 0.15, 0.22, 0.33, 0.5, 0.75)
 # Calibration sees 5 prompts x 32 tokens; it keeps this share of the fluency bounds in hand so that gain +1
 # stays inside them on the larger sample `eqz eval` measures (perplexity ratio <= 1 + 0.75 * (2 - 1) = 1.75).
 CALIBRATION_MARGIN = 0.75
+ZERO_REPLY_TOKENS = 24
 
 
 @dataclass
@@ -87,10 +89,10 @@ def _pair_group(model: Model, neutral: str, emotional: str) -> TextGroup:
     return TextGroup(a[:common], [a[common:], b[common:]], pool_from=1)
 
 
-def extract(model: Model, settings: TrainSettings, progress: Progress = _no_progress) -> Extraction:
+def stimulus_groups(model: Model, settings: TrainSettings) -> tuple[list[TextGroup], dict[str, tuple[str, int, int]]]:
+    """Every text training reads, as token groups (matched pairs share their common prefix), and where each
+    kind of text sits among them."""
     stimuli = load_stimuli()
-    top = max(2, (2 * model.info.n_layer) // 3)
-    layers = list(range(top))
     groups: list[TextGroup] = []
     spans: dict[str, tuple[str, int, int]] = {}
     for band in PRIMARIES:
@@ -104,12 +106,28 @@ def extract(model: Model, settings: TrainSettings, progress: Progress = _no_prog
     start = len(groups)
     groups += [TextGroup([], [model.tokenize(t)], pool_from=1) for t in stimuli.neutral[: settings.neutral_passages]]
     spans["passages"] = ("single", start, len(groups))
+    return groups, spans
+
+
+def capture_layers(model: Model) -> list[int]:
+    """The layers hidden states are read from: the first two thirds, where read and steered layers are chosen."""
+    return list(range(max(2, (2 * model.info.n_layer) // 3)))
+
+
+def capture_context(model: Model, taps: bool = True):
+    """The context extraction reads stimuli in: 64 texts per decode of up to 1024 tokens."""
+    return model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=taps)
+
+
+def extract(model: Model, settings: TrainSettings, progress: Progress = _no_progress) -> Extraction:
+    groups, spans = stimulus_groups(model, settings)
+    layers = capture_layers(model)
 
     n_texts = sum(len(g.tails) for g in groups)
     tokens = sum(len(g.prefix) + sum(len(t) for t in g.tails) for g in groups)
     advance = progress("reading stimuli", n_texts)
     started = time.perf_counter()
-    with model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=True) as context:
+    with capture_context(model) as context:
         reading = read_texts(context, groups, layers, progress=advance)
     seconds = time.perf_counter() - started
 
@@ -219,6 +237,22 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
 # ------------------------------------------------------------------------------------------------ calibration
 
 
+def _usable_steps(tried: dict[float, ReplySet], baseline: ReplySet, band: str) -> tuple[set[int], set[int]]:
+    """Ladder steps tried so far that gain +1 may map to (replies fluent and the band's readout still rising
+    over every weaker usable step), and those it may not. Past its peak a direction only costs fluency."""
+    usable, unusable = set(), set()
+    level = baseline.readout.get(band, 0.0)
+    for strength in sorted(c for c in tried if c > 0):
+        replies, step = tried[strength], STRENGTHS.index(strength)
+        readout = replies.readout.get(band, -math.inf)
+        if replies.fluent(baseline, margin=CALIBRATION_MARGIN) and readout > level:
+            usable.add(step)
+            level = readout
+        else:
+            unusable.add(step)
+    return usable, unusable
+
+
 def _vector(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float, n_layer: int) -> np.ndarray:
     matrix = np.zeros((n_layer, units.shape[-1]), dtype=np.float32)
     for layer in steered:
@@ -242,18 +276,22 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         np.array([levels_at_read[b][0] for b in BANDS], dtype=np.float32),
         np.array([levels_at_read[b][1] for b in BANDS], dtype=np.float32),
     )
-    calibrator = ReplyBench(model, neutral_prompts()[: settings.calibration_prompts], settings.reply_tokens,
-                            settings.seed, found.read, reader, found.steered, layers=found.steered)
     # The meter's zero is the model's own level when it answers neutral prompts unsteered (stimulus text sits
-    # elsewhere on some bands); its unit stays the stimulus contrast: band texts minus neutral texts.
-    baseline = calibrator.run([("baseline", None)], progress)["baseline"]
+    # elsewhere on some bands), measured on prompts of its own (27 replies: a few replies vary too much);
+    # its unit stays the stimulus contrast: band texts minus neutral texts.
+    zero_prompts = prompt_sets()["zero"]
+    zero_bench = ReplyBench(model, zero_prompts, ZERO_REPLY_TOKENS, settings.seed, found.read, None, found.steered,
+                            parallel=len(zero_prompts), layers=found.steered)
+    zero_states = zero_bench.run([("zero", None)], progress)["zero"].states
     order = [found.read] + [layer for layer in found.steered if layer != found.read]
     reply_level = {
-        layer: {band: float(baseline.states[order.index(layer)] @ found.units[band][layer]) for band in BANDS}
+        layer: {band: float(zero_states[order.index(layer)] @ found.units[band][layer]) for band in BANDS}
         for layer in found.steered
     }
     reader.neutral = np.array([reply_level[found.read][b] for b in BANDS], dtype=np.float32)
-    baseline.readout = dict(zip(BANDS, map(float, reader.readouts(baseline.states[:1])[0])))
+    calibrator = ReplyBench(model, prompt_sets()["calibration"][: settings.calibration_prompts], settings.reply_tokens,
+                            settings.seed, found.read, reader, found.steered)
+    baseline = calibrator.run([("baseline", None)], progress)["baseline"]
     n_layer = info.n_layer
     vector = {
         band: (lambda strength, band=band: _vector(found.units[band], extraction.token_norm, found.steered, strength, n_layer))
@@ -264,8 +302,6 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     # answer, then one step further up or down where needed. A band whose strength is pinned has its negative side
     # checked in the next round: the same strength if its replies stay fluent and its readout goes down, else half.
     tried: dict[str, dict[float, ReplySet]] = {band: {} for band in settings.bands}
-    fluent_at: dict[str, set[int]] = {band: set() for band in settings.bands}
-    failed_at: dict[str, set[int]] = {band: set() for band in settings.bands}
     chosen: dict[str, float] = {}
     ratios: dict[str, float] = {}
     start = STRENGTHS.index(0.22)
@@ -274,18 +310,16 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         batch = [((band, c), vector[band](c)) for band, strengths in wanted.items() for c in strengths]
         for (band, strength), replies in calibrator.run(batch, progress).items():
             tried[band][strength] = replies
-            fluent = replies.fluent(baseline, margin=CALIBRATION_MARGIN)
             if strength < 0:
                 lowers = replies.readout.get(band, 0.0) < baseline.readout.get(band, 0.0)
-                ratios[band] = 1.0 if fluent and lowers else 0.5
-            else:
-                (fluent_at if fluent else failed_at)[band].add(STRENGTHS.index(strength))
+                ratios[band] = 1.0 if replies.fluent(baseline, margin=CALIBRATION_MARGIN) and lowers else 0.5
         wanted = {}
         for band in settings.bands:
             if band in chosen:
                 continue
-            best, worst = max(fluent_at[band], default=-1), min(failed_at[band], default=len(STRENGTHS))
-            step = best + 1 if best >= 0 else min(fluent_at[band] | failed_at[band]) - 1
+            usable, unusable = _usable_steps(tried[band], baseline, band)
+            best, worst = max(usable, default=-1), min(unusable, default=len(STRENGTHS))
+            step = best + 1 if best >= 0 else min(usable | unusable) - 1
             if best + 1 < worst and 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in tried[band]:
                 wanted[band] = [STRENGTHS[step]]  # not pinned yet: one step beyond what was tried
             else:
@@ -314,11 +348,11 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
         "readout": "unit = the stimulus contrast (band texts minus neutral texts); zero = the model's level on its "
-        "own unsteered replies to neutral prompts (meter, filters) or on neutral prose (analyze, classification)",
+        f"own unsteered replies to {len(zero_prompts)} neutral prompts of their own (meter, filters) or on neutral prose (analyze, classification)",
         "calibration": f"largest c in {list(STRENGTHS)} whose replies to {settings.calibration_prompts} neutral prompts "
         f"keep perplexity under the unsteered model <= {1 + CALIBRATION_MARGIN * (MAX_PPL_RATIO - 1):g}x and repeated "
         f"3-grams <= {CALIBRATION_MARGIN * MAX_REPEATED_TRIGRAMS:.0%} (bounds {MAX_PPL_RATIO}x / "
-        f"{MAX_REPEATED_TRIGRAMS:.0%} with a margin for the small sample); negative side: same c if fluent, else half",
+        f"{MAX_REPEATED_TRIGRAMS:.0%} with a margin for the small sample) while the band's readout still rises; negative side: same c if fluent, else half",
         "stimulus_set": STIMULUS_SET_VERSION,
         "split": SPLIT_RULE,
         "train_pairs_per_band": settings.train_pairs,
@@ -343,7 +377,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         manifest["bands"][band] = {
             "strength": chosen[band],
             "negative_strength": chosen[band] * ratios[band],
-            "fluent_at_gain_1": bool(fluent_at[band]),
+            "fluent_at_gain_1": tried[band][chosen[band]].fluent(baseline, margin=CALIBRATION_MARGIN),
             "calibration": [
                 tried[band][s].summary(band, s, baseline) for s in sorted(tried[band])
             ],

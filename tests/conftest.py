@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,23 @@ def random_vector_file(tmp_path_factory, model) -> Path:
     info = model.info
     matrix = random_direction_matrix(info.n_layer, info.n_embd, range(3, 20), norm=40.0)
     return write_control_vector(tmp_path_factory.mktemp("vectors") / "random.gguf", matrix, info.architecture)
+
+
+def save_and_leave(child, path: Path, saved: str, leave: str = "/quit") -> dict:
+    """In a pexpect chat: /save the transcript to ``path``, leave (``/quit``, or Ctrl-D with leave="ctrl-d"),
+    check the exit was clean, and return the transcript."""
+    import pexpect
+
+    child.sendline(f"/save {path}")
+    child.expect_exact(saved)
+    if leave == "ctrl-d":
+        child.sendcontrol("d")
+    else:
+        child.sendline(leave)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    return json.loads(path.read_text())
 
 
 def run_eqz(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):

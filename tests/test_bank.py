@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from eqz.bands import BANDS, PRIMARIES
+from eqz.bands import BANDS
 from eqz.bank import SHIPPED_DIR, find_bank, model_fingerprint
 from eqz.vector_files import read_control_vector
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import pexpect
 import pytest
 
-from .conftest import EQZ
+from .conftest import EQZ, save_and_leave
 
 PROMPT = "you> "
 
@@ -34,14 +33,7 @@ def test_chat_turns_commands_save_and_clean_exit(tmp_path, random_vector_file):
     child.sendline("/nonsense")
     child.expect_exact("unknown command /nonsense")
     child.expect_exact(PROMPT)
-    saved = tmp_path / "chat.json"
-    child.sendline(f"/save {saved}")
-    child.expect_exact("saved 4 messages")
-    child.sendcontrol("d")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    transcript = json.loads(saved.read_text())
+    transcript = save_and_leave(child, tmp_path / "chat.json", "saved 4 messages", leave="ctrl-d")
     roles = [m["role"] for m in transcript["messages"]]
     assert roles == ["user", "assistant", "user", "assistant"]
     assert transcript["system"] == "You are a pirate."
@@ -59,14 +51,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(tmp_path):
     child.sendintr()
     child.expect_exact("[stopped]")
     child.expect_exact(PROMPT)
-    saved = tmp_path / "stopped.json"
-    child.sendline(f"/save {saved}")
-    child.expect_exact("saved 2 messages")
-    child.sendline("/quit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    reply = json.loads(saved.read_text())["messages"][1]
+    reply = save_and_leave(child, tmp_path / "stopped.json", "saved 2 messages")["messages"][1]
     assert reply["reply"]["finish_reason"] == "interrupted"
     assert 0 < reply["reply"]["n_tokens"] < 2000
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 
 from eqz.bands import BANDS
 from eqz.errors import EqzError
-from eqz.presets import BUNDLED_DIR, discover, load_preset_file, user_dir
+from eqz.presets import BUNDLED_DIR, load_preset_file
 
 from .conftest import run_eqz
 

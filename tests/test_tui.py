@@ -3,7 +3,6 @@ record of every change, and the terminal restored afterwards."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -11,7 +10,7 @@ import time
 import pexpect
 import pytest
 
-from .conftest import EQZ
+from .conftest import EQZ, save_and_leave
 
 PROMPT = "you> "
 STORY = "Write a very long story about a lighthouse keeper and his many adventures at sea."
@@ -32,14 +31,7 @@ def test_up_key_during_a_reply_steers_the_next_tokens_and_is_recorded(tmp_path):
     marker = r"⟨joy\s+\+0\.1⟩"  # and the reply marks where the change took effect
     assert re.search(marker, screen) or expect_on_screen(child, marker)
     child.expect_exact(PROMPT, timeout=120)
-    saved = tmp_path / "chat.json"
-    child.sendline(f"/save {saved}")
-    child.expect_exact("saved 2 messages")
-    child.sendcontrol("d")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    reply = json.loads(saved.read_text())["messages"][1]
+    reply = save_and_leave(child, tmp_path / "chat.json", "saved 2 messages", leave="ctrl-d")["messages"][1]
     record = reply["reply"]
     assert record["steering"]["gains"]["joy"] == 0.0  # the reply started unsteered
     change = record["changes"][0]
@@ -58,12 +50,7 @@ def test_hotkeys_select_zero_and_reset(tmp_path):
     child.send("\x1b[C")  # Right: surprise
     child.send("\x1b[A\x1b[A")  # +0.2
     child.expect_exact(PROMPT, timeout=120)
-    saved = tmp_path / "chat.json"
-    child.sendline(f"/save {saved}")
-    child.expect_exact("saved")
-    child.sendline("/quit")
-    child.expect(pexpect.EOF)
-    changes = json.loads(saved.read_text())["messages"][1]["reply"]["changes"]
+    changes = save_and_leave(child, tmp_path / "chat.json", "saved")["messages"][1]["reply"]["changes"]
     final = changes[-1]["steering"]["gains"]
     assert final["fear"] == 0.0 and final["surprise"] == pytest.approx(0.2) and final["anger"] == 0.3
 

@@ -1,0 +1,80 @@
+"""Training speed on the default model, measured in one run.
+
+1. Hidden-state capture against plain prompt processing of the same tokens: the stimulus set read once with the
+   taps pooling every capture layer (what `eqz train` does), once through a context without taps (llama.cpp's
+   own prompt processing, full depth, same batches). Rounds interleaved, medians reported.
+2. The full bank for the default model, `eqz train` as a user runs it (into a temporary directory), wall seconds
+   against the target of 120 s.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from report import print_figures  # benchmarks/ is on sys.path: it holds the script being run
+
+from eqz.engine import Model, read_texts
+from eqz.models import default_model_path
+from eqz.train import TrainSettings, capture_context, capture_layers, stimulus_groups
+
+ROUNDS = 3
+TARGET_SECONDS = 120
+EQZ = str(Path(sys.executable).with_name("eqz"))  # the console script of the running venv
+
+
+def capture_rates(model: Model, rounds: int = ROUNDS) -> dict:
+    groups, _ = stimulus_groups(model, TrainSettings())
+    tokens = sum(len(g.prefix) + sum(len(t) for t in g.tails) for g in groups)
+    layers = capture_layers(model)
+    rates: dict[str, list[float]] = {"capture": [], "plain": []}
+    with capture_context(model, taps=True) as tapped, capture_context(model, taps=False) as plain:
+        for _ in range(rounds):
+            for key, context, read in (("capture", tapped, layers), ("plain", plain, [])):
+                started = time.perf_counter()
+                read_texts(context, groups, read)
+                rates[key].append(tokens / (time.perf_counter() - started))
+    capture, plain_rate = statistics.median(rates["capture"]), statistics.median(rates["plain"])
+    return {
+        "stimulus_tokens": tokens,
+        "capture_layers": len(layers),
+        "capture_tok_s": round(capture, 1),
+        "plain_prompt_tok_s": round(plain_rate, 1),
+        "capture_ratio": round(capture / plain_rate, 3),
+    }
+
+
+def full_bank_seconds() -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "bank"
+        started = time.perf_counter()
+        subprocess.run([EQZ, "train", "--out", str(out)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        quality = yaml.safe_load((out / "bank.yaml").read_text())["quality"]
+    return {"train_wall_s": round(wall, 1), "train_target_s": TARGET_SECONDS,
+            "heldout_accuracy": quality["heldout_accuracy"]}
+
+
+def main() -> dict:
+    with Model(default_model_path()) as model:
+        figures = capture_rates(model)
+    figures.update(full_bank_seconds())
+    print_figures(f"training on the default model ({figures['stimulus_tokens']} stimulus tokens, median of {ROUNDS})", [
+        ("plain prompt processing", f"{figures['plain_prompt_tok_s']:.1f} tok/s", "baseline"),
+        (f"capture, {figures['capture_layers']} layers tapped", f"{figures['capture_tok_s']:.1f} tok/s",
+         f"x{figures['capture_ratio']:.3f} of plain (the graph stops after the last layer read)"),
+        ("full bank (eqz train)", f"{figures['train_wall_s']:.1f} s",
+         f"target <= {TARGET_SECONDS} s; held-out accuracy {figures['heldout_accuracy']:.1%}"),
+    ])
+    return figures
+
+
+if __name__ == "__main__":
+    main()
