@@ -15,6 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -185,18 +186,20 @@ def _strip_style(value: float) -> str:
 
 
 def print_analysis(analysis) -> None:
-    """A table: one row per sentence/token, one coloured cell per band."""
-    table = Table(header_style="bold", show_lines=False)
-    table.add_column("text", overflow="fold", max_width=48)
+    """A table: one row per sentence/token, one coloured cell per band (a strip); fits 80 columns."""
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+    table.add_column("text", overflow="fold", ratio=1, min_width=14)
     for band in analysis.bands:
-        table.add_column(band[:5], justify="right")
+        table.add_column(band[:4] if band != "anticipation" else "antc", justify="right", width=4, no_wrap=True)
     for segment in analysis.segments:
-        cells = [Text(f"{segment.readouts[b]:+.2f}", style=_strip_style(segment.readouts[b])) for b in analysis.bands]
+        cells = [Text(f"{segment.readouts[b]:+.1f}", style=_strip_style(segment.readouts[b])) for b in analysis.bands]
         table.add_row(segment.text, *cells)
-    overall = [Text(f"{analysis.overall[b]:+.2f}", style="bold " + _strip_style(analysis.overall[b])) for b in analysis.bands]
+    table.add_section()
+    overall = [Text(f"{analysis.overall[b]:+.1f}", style="bold " + _strip_style(analysis.overall[b])) for b in analysis.bands]
     table.add_row(Text("whole text", style="bold"), *overall)
     console.print(table)
-    console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band[/dim]")
+    console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band "
+                  "(--json for full precision)[/dim]")
 
 
 def print_eval(result, flagged: dict[str, list[float]]) -> None:

@@ -810,7 +810,7 @@ def read_texts(
     return Reading(pooled, tap.norm_sums / max(tap.norm_rows, 1), scores)
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity (the meter accumulates per job)
 class Job:
     """One reply to generate in parallel with others. Jobs with the same ``vector_key`` share a control vector."""
 

@@ -60,13 +60,13 @@ def test_fluency_bounds_apply_to_perplexity_ratio_and_repeats():
 
 def test_tiny_eval_end_to_end(tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Describe a kitchen table.\nWhat is a bus timetable?\n")
+    prompts.write_text("Describe a kitchen table.\nWhat is a bus timetable?\nExplain how to water a plant.\n")
     out = tmp_path / "out"
-    result = run_eqz("eval", "--bands", "joy,sadness", "--gains", "0,1", "--tokens", "12",
+    result = run_eqz("eval", "--bands", "joy,sadness", "--gains", "0,1", "--tokens", "16",
                      "--prompts", str(prompts), "-o", str(out), "--plot")
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "eval.json").read_text())
-    assert data["prompts"] == 2 and data["reply_tokens"] == 12
+    assert data["prompts"] == 3 and data["reply_tokens"] == 16
     rows = {(row["band"], row["gain"]): row for row in data["rows"]}
     assert set(rows) == {("joy", 0.0), ("joy", 1.0), ("sadness", 0.0), ("sadness", 1.0)}
     # gain 0 is the shared unsteered baseline: perplexity ratio exactly 1
