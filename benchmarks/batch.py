@@ -42,13 +42,17 @@ def measure(model: Model) -> dict:
             "parallel_8_tok_s": round(eight, 1), "ratio": round(eight / one, 2)}
 
 
+def rows(figures: dict) -> list[tuple[str, str, str]]:
+    return [
+        ("batch, --parallel 1", f"{figures['parallel_1_tok_s']:.1f} tok/s", "baseline"),
+        ("batch, --parallel 8", f"{figures['parallel_8_tok_s']:.1f} tok/s", f"x{figures['ratio']:.2f} (target >= 2.5)"),
+    ]
+
+
 def main() -> dict:
     with Model(default_model_path()) as model:
         figures = measure(model)
-    print_figures(f"batch on the default model ({PROMPTS} prompts x {TOKENS} tokens)", [
-        ("--parallel 1", f"{figures['parallel_1_tok_s']:.1f} tok/s", "baseline"),
-        ("--parallel 8", f"{figures['parallel_8_tok_s']:.1f} tok/s", f"x{figures['ratio']:.2f} (target >= 2.5)"),
-    ])
+    print_figures(f"batch on the default model ({PROMPTS} prompts x {TOKENS} tokens)", rows(figures))
     return figures
 
 

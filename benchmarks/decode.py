@@ -84,17 +84,23 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
     }
 
 
+def rows(figures: dict) -> list[tuple[str, str, str]]:
+    return [
+        ("decode, unsteered", f"{figures['unsteered_tok_s']:.1f} tok/s", "baseline"),
+        (f"decode, all {len(BANDS)} bands steered", f"{figures['steered_tok_s']:.1f} tok/s",
+         f"x{figures['steered_ratio']:.3f} of unsteered (target >= 0.98)"),
+        ("decode, + meter", f"{figures['meter_tok_s']:.1f} tok/s",
+         f"x{figures['meter_ratio']:.3f} of steered (target >= 0.95)"),
+        ("decode, + meter + 2 filters", f"{figures['filters_tok_s']:.1f} tok/s", f"x{figures['filters_ratio']:.3f} of steered"),
+        ("one slider change", f"{figures['vector_change_ms']:.2f} ms", "set + re-reserve of the next decode"),
+    ]
+
+
 def main() -> dict:
     with Model(default_model_path()) as model:
         figures = measure(model)
-    print_figures(f"decode on {figures['model']} ({figures['threads']} threads, {TOKENS} tokens, median of {ROUNDS})", [
-        ("unsteered", f"{figures['unsteered_tok_s']:.1f} tok/s", "baseline"),
-        ("steered, all 10 bands", f"{figures['steered_tok_s']:.1f} tok/s",
-         f"x{figures['steered_ratio']:.3f} of unsteered (target >= 0.98)"),
-        ("+ meter", f"{figures['meter_tok_s']:.1f} tok/s", f"x{figures['meter_ratio']:.3f} of steered (target >= 0.95)"),
-        ("+ meter + 2 filters", f"{figures['filters_tok_s']:.1f} tok/s", f"x{figures['filters_ratio']:.3f} of steered"),
-        ("one slider change", f"{figures['vector_change_ms']:.2f} ms", "set + re-reserve of the next decode"),
-    ])
+    print_figures(f"decode on {figures['model']} ({figures['threads']} threads, {TOKENS} tokens, median of {ROUNDS})",
+                  rows(figures))
     return figures
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+EQZ = str(Path(sys.executable).with_name("eqz"))  # the console script of the venv running the benchmark
+
 
 def print_figures(title: str, rows: list[tuple[str, str, str]]) -> None:
     """rows: (what, figure with its unit, note such as the ratio to the baseline)."""

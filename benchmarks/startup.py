@@ -11,15 +11,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from report import print_figures  # benchmarks/ is on sys.path: it holds the script being run
+from report import EQZ, print_figures  # benchmarks/ is on sys.path: it holds the script being run
 
 from eqz.models import default_model_path
 
 ROUNDS = 5
 PROMPT = "Say hello."
-EQZ = str(Path(sys.executable).with_name("eqz"))
 BASELINE = """
 import sys
 from llama_cpp import Llama
@@ -33,10 +31,11 @@ def first_output_seconds(command: list[str]) -> float:
     """Seconds from spawning ``command`` to the first byte it writes to stdout (then it is left to finish)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    process.stdout.read(1)
+    first = process.stdout.read(1)
     seconds = time.perf_counter() - started
     process.stdout.read()
-    process.wait()
+    if not first or process.wait() != 0:
+        raise RuntimeError(f"{command[0]} failed (exit {process.returncode}); run it by hand to see why")
     return seconds
 
 
@@ -54,12 +53,16 @@ def measure(rounds: int = ROUNDS) -> dict:
             "startup_ratio": round(eqz_s / base_s, 2)}
 
 
+def rows(figures: dict) -> list[tuple[str, str, str]]:
+    return [
+        ("start-up, llama-cpp-python script", f"{figures['llama_cpp_python_first_token_s']:.3f} s", "baseline, to first token"),
+        ("start-up, eqz generate", f"{figures['eqz_first_token_s']:.3f} s", f"x{figures['startup_ratio']:.2f} of the script"),
+    ]
+
+
 def main() -> dict:
     figures = measure()
-    print_figures(f"start-up to the first token (median of {ROUNDS} fresh processes)", [
-        ("llama-cpp-python script", f"{figures['llama_cpp_python_first_token_s']:.3f} s", "baseline"),
-        ("eqz generate", f"{figures['eqz_first_token_s']:.3f} s", f"x{figures['startup_ratio']:.2f} of the script"),
-    ])
+    print_figures(f"start-up to the first token (median of {ROUNDS} fresh processes)", rows(figures))
     return figures
 
 

@@ -26,6 +26,12 @@ CIRCUMPLEX = {
     "anticipation": (0.4,     0.4),
 }
 
+# column labels where a band's name does not fit (the chat panel, eqz analyze)
+SHORT_NAMES = {
+    "joy": "joy", "trust": "trust", "fear": "fear", "surprise": "surpr", "sadness": "sad", "disgust": "disg",
+    "anger": "anger", "anticipation": "antic", "valence": "val", "arousal": "arous",
+}
+
 MAX_GAIN = 2.0
 SAFE_GAIN = 1.0
 

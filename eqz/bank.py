@@ -54,7 +54,7 @@ class Band:
     name: str
     matrix: np.ndarray  # (n_layer, n_embd): added at gain +1
     negative_ratio: float = 1.0  # gain -1 adds -negative_ratio * matrix (the negative side is calibrated apart)
-    readout: dict | None = None  # {"neutral": [...], "unit": [...]} per steered layer; None: not metered
+    readout: dict | None = None  # {"neutral", "neutral_text", "unit"}: a list per steered layer; None: not metered
 
     def unit_direction(self, layer: int) -> np.ndarray:
         row = self.matrix[layer]

@@ -19,7 +19,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from .bands import BANDS
+from .bands import BANDS, SHORT_NAMES
 from .bank import SHIPPED_DIR, Bank
 from .presets import Preset, PresetEntry
 
@@ -185,17 +185,23 @@ def _strip_style(value: float) -> str:
     return "dim"
 
 
+def _four_chars(value: float) -> str:
+    """A readout in four characters: +0.4, -2.3, +12."""
+    return f"{value:+.1f}" if abs(value) < 9.95 else f"{value:+.0f}"
+
+
 def print_analysis(analysis) -> None:
     """A table: one row per sentence/token, one coloured cell per band (a strip); fits 80 columns."""
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
     table.add_column("text", overflow="fold", ratio=1, min_width=14)
     for band in analysis.bands:
-        table.add_column(band[:4] if band != "anticipation" else "antc", justify="right", width=4, no_wrap=True)
+        table.add_column(SHORT_NAMES.get(band, band[:5])[:4], justify="right", width=4, no_wrap=True)
     for segment in analysis.segments:
-        cells = [Text(f"{segment.readouts[b]:+.1f}", style=_strip_style(segment.readouts[b])) for b in analysis.bands]
+        cells = [Text(_four_chars(segment.readouts[b]), style=_strip_style(segment.readouts[b])) for b in analysis.bands]
         table.add_row(segment.text, *cells)
     table.add_section()
-    overall = [Text(f"{analysis.overall[b]:+.1f}", style="bold " + _strip_style(analysis.overall[b])) for b in analysis.bands]
+    overall = [Text(_four_chars(analysis.overall[b]), style="bold " + _strip_style(analysis.overall[b]))
+               for b in analysis.bands]
     table.add_row(Text("whole text", style="bold"), *overall)
     console.print(table)
     console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band "

@@ -57,7 +57,7 @@ class ReplySet:
     distinct: float = 1.0
     lexicon: dict[str, float] = field(default_factory=dict)
     readout: dict[str, float] = field(default_factory=dict)
-    states: np.ndarray | None = None  # mean residual stream over the reply tokens, per layer read
+    states: np.ndarray | None = None  # per layer read: the mean over replies of each reply's mean residual stream
 
     def ppl_ratio(self, baseline: "ReplySet") -> float:
         return math.exp(self.nll - baseline.nll)
@@ -82,7 +82,8 @@ class ReplyBench:
     """Generates replies to a prompt set under given control vectors, then scores them unsteered."""
 
     def __init__(self, model: Model, prompts: list[str], reply_tokens: int, seed: int, read_layer: int,
-                 reader: LayerGeometry | None, steered: list[int], parallel: int = 16, layers: list[int] | None = None):
+                 reader: LayerGeometry | None, steered: list[int], parallel: int = 16, layers: list[int] | None = None,
+                 perplexity: bool = True):
         self.model = model
         self.steered = steered
         self.layers = layers or [read_layer]  # layers whose mean state is kept; the read layer comes first
@@ -91,6 +92,7 @@ class ReplyBench:
         self.read_layer = read_layer
         self.reader = reader
         self.parallel = parallel
+        self.perplexity = perplexity  # score fluency (a full pass with log-probabilities), or only read states
         self.prompts = []
         for prompt in prompts:
             text, _ = model.chat_prompt([{"role": "user", "content": prompt}])
@@ -136,7 +138,7 @@ class ReplyBench:
         advance = progress("reading replies with the unsteered model", len(owners))
         layers = [self.read_layer] + [layer for layer in self.layers if layer != self.read_layer]
         with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=True) as context:
-            reading = read_texts(context, groups, layers, logprobs=True, progress=advance)
+            reading = read_texts(context, groups, layers, logprobs=self.perplexity, progress=advance)
         readouts = self.reader.readouts(reading.pooled[:, 0]) if self.reader else None
         results = {}
         for key in keys:

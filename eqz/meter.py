@@ -47,7 +47,8 @@ def geometry(bank: Bank, layer: int, bands: tuple[str, ...], zero: str = "neutra
     return LayerGeometry(
         bands,
         np.stack([entry.unit_direction(layer) for entry in entries]).astype(np.float32),
-        np.array([entry.readout[zero][position] for entry in entries], dtype=np.float32),
+        # banks trained before replies gave the zero have only the neutral-prose level
+        np.array([entry.readout.get(zero, entry.readout["neutral"])[position] for entry in entries], dtype=np.float32),
         np.array([entry.readout["unit"][position] for entry in entries], dtype=np.float32),
     )
 
@@ -98,8 +99,8 @@ class Instruments:
     """The engine tap for the meter and the filters together.
 
     The meter reads the residual stream at the read layer as the model carries it on, that is after that
-    layer's filter has written it: a clamped band reads at its level, and any filter that fails to write into
-    the graph shows up as a meter off its target.
+    layer's filter has written it, so a clamped or notched band reads at its target there by construction.
+    What the filters change downstream shows in the text (the tests compare it with the unfiltered reply).
     """
 
     def __init__(self, bank: Bank, meter: bool, filters: Filters | None = None):

@@ -5,8 +5,9 @@ mean difference of every band's texts against their matched neutral twins, centr
 emotions, with the leading principal components of neutral text projected out, unit length per layer and
 scaled by that layer's typical token norm. The read layer and steered layers are chosen by held-out
 separability among the first two thirds of the layers (the last layers carry outlier dimensions that steering
-breaks). Calibration then generates replies to neutral prompts at growing strengths and keeps, as gain +1,
-the strongest one whose replies stay fluent under the unsteered model.
+breaks). Calibration then generates replies to neutral prompts at growing strengths and keeps, as gain +1, of
+the strengths whose replies stay fluent under the unsteered model the one whose replies read highest on the
+band; the negative side keeps that strength if its replies stay fluent and the readout goes down, else half.
 """
 
 from __future__ import annotations
@@ -237,20 +238,22 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def _usable_steps(tried: dict[float, ReplySet], baseline: ReplySet, band: str) -> tuple[set[int], set[int]]:
-    """Ladder steps tried so far that gain +1 may map to (replies fluent and the band's readout still rising
-    over every weaker usable step), and those it may not. Past its peak a direction only costs fluency."""
-    usable, unusable = set(), set()
-    level = baseline.readout.get(band, 0.0)
-    for strength in sorted(c for c in tried if c > 0):
-        replies, step = tried[strength], STRENGTHS.index(strength)
-        readout = replies.readout.get(band, -math.inf)
-        if replies.fluent(baseline, margin=CALIBRATION_MARGIN) and readout > level:
-            usable.add(step)
-            level = readout
-        else:
-            unusable.add(step)
-    return usable, unusable
+def _fluent_steps(tried: dict[float, ReplySet], baseline: ReplySet) -> tuple[set[int], set[int]]:
+    """Ladder steps tried so far whose replies stay inside the (margined) fluency bounds, and those that do not."""
+    fluent, failed = set(), set()
+    for strength, replies in tried.items():
+        if strength > 0:
+            (fluent if replies.fluent(baseline, margin=CALIBRATION_MARGIN) else failed).add(STRENGTHS.index(strength))
+    return fluent, failed
+
+
+def _strongest_effect(tried: dict[float, ReplySet], baseline: ReplySet, band: str) -> float:
+    """Of the fluent strengths tried, the one whose replies read highest on the band: past its peak a direction
+    only costs fluency (anticipation on SmolLM2 reads lower at c = 0.33 than at 0.22)."""
+    fluent, _ = _fluent_steps(tried, baseline)
+    if not fluent:
+        return STRENGTHS[0]
+    return max((STRENGTHS[step] for step in fluent), key=lambda c: tried[c].readout.get(band, -math.inf))
 
 
 def _vector(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float, n_layer: int) -> np.ndarray:
@@ -277,11 +280,12 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         np.array([levels_at_read[b][1] for b in BANDS], dtype=np.float32),
     )
     # The meter's zero is the model's own level when it answers neutral prompts unsteered (stimulus text sits
-    # elsewhere on some bands), measured on prompts of its own (27 replies: a few replies vary too much);
-    # its unit stays the stimulus contrast: band texts minus neutral texts.
-    zero_prompts = prompt_sets()["zero"]
+    # elsewhere on some bands), measured on prompts of its own (all the rest of the built-in set: a few replies
+    # vary too much); its unit stays the stimulus contrast: band texts minus neutral texts.
+    prompts = prompt_sets()
+    zero_prompts = prompts["zero"]
     zero_bench = ReplyBench(model, zero_prompts, ZERO_REPLY_TOKENS, settings.seed, found.read, None, found.steered,
-                            parallel=len(zero_prompts), layers=found.steered)
+                            parallel=len(zero_prompts), layers=found.steered, perplexity=False)
     zero_states = zero_bench.run([("zero", None)], progress)["zero"].states
     order = [found.read] + [layer for layer in found.steered if layer != found.read]
     reply_level = {
@@ -289,9 +293,9 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         for layer in found.steered
     }
     reader.neutral = np.array([reply_level[found.read][b] for b in BANDS], dtype=np.float32)
-    calibrator = ReplyBench(model, prompt_sets()["calibration"][: settings.calibration_prompts], settings.reply_tokens,
-                            settings.seed, found.read, reader, found.steered)
-    baseline = calibrator.run([("baseline", None)], progress)["baseline"]
+    calibration_prompts = prompts["calibration"][: settings.calibration_prompts]
+    calibrator = ReplyBench(model, calibration_prompts, settings.reply_tokens, settings.seed, found.read, reader,
+                            found.steered)
     n_layer = info.n_layer
     vector = {
         band: (lambda strength, band=band: _vector(found.units[band], extraction.token_norm, found.steered, strength, n_layer))
@@ -306,9 +310,12 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     ratios: dict[str, float] = {}
     start = STRENGTHS.index(0.22)
     wanted = {band: [STRENGTHS[start], STRENGTHS[start + 1]] for band in settings.bands}
+    baseline: ReplySet | None = None  # the unsteered replies, generated with the first round
     while wanted:
         batch = [((band, c), vector[band](c)) for band, strengths in wanted.items() for c in strengths]
-        for (band, strength), replies in calibrator.run(batch, progress).items():
+        results = calibrator.run(([("baseline", None)] if baseline is None else []) + batch, progress)
+        baseline = results.pop("baseline", baseline)
+        for (band, strength), replies in results.items():
             tried[band][strength] = replies
             if strength < 0:
                 lowers = replies.readout.get(band, 0.0) < baseline.readout.get(band, 0.0)
@@ -317,13 +324,13 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         for band in settings.bands:
             if band in chosen:
                 continue
-            usable, unusable = _usable_steps(tried[band], baseline, band)
-            best, worst = max(usable, default=-1), min(unusable, default=len(STRENGTHS))
-            step = best + 1 if best >= 0 else min(usable | unusable) - 1
+            fluent, failed = _fluent_steps(tried[band], baseline)
+            best, worst = max(fluent, default=-1), min(failed, default=len(STRENGTHS))
+            step = best + 1 if best >= 0 else min(fluent | failed) - 1
             if best + 1 < worst and 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in tried[band]:
                 wanted[band] = [STRENGTHS[step]]  # not pinned yet: one step beyond what was tried
             else:
-                chosen[band] = STRENGTHS[max(best, 0)]
+                chosen[band] = _strongest_effect(tried[band], baseline, band)
                 wanted[band] = [-chosen[band]]
 
     # crosstalk: the readout change of every band when one band is at +1
@@ -348,16 +355,18 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
         "readout": "unit = the stimulus contrast (band texts minus neutral texts); zero = the model's level on its "
-        f"own unsteered replies to {len(zero_prompts)} neutral prompts of their own (meter, filters) or on neutral prose (analyze, classification)",
-        "calibration": f"largest c in {list(STRENGTHS)} whose replies to {settings.calibration_prompts} neutral prompts "
+        f"own unsteered replies to {len(zero_prompts)} neutral prompts of their own (meter, filters) or on neutral "
+        "prose (analyze, classification)",
+        "calibration": f"of the c in {list(STRENGTHS)} whose replies to {len(calibration_prompts)} neutral prompts "
         f"keep perplexity under the unsteered model <= {1 + CALIBRATION_MARGIN * (MAX_PPL_RATIO - 1):g}x and repeated "
         f"3-grams <= {CALIBRATION_MARGIN * MAX_REPEATED_TRIGRAMS:.0%} (bounds {MAX_PPL_RATIO}x / "
-        f"{MAX_REPEATED_TRIGRAMS:.0%} with a margin for the small sample) while the band's readout still rises; negative side: same c if fluent, else half",
+        f"{MAX_REPEATED_TRIGRAMS:.0%} with a margin for the small sample), the one whose replies read highest on "
+        "the band; negative side: same c if fluent and the readout goes down, else half",
         "stimulus_set": STIMULUS_SET_VERSION,
         "split": SPLIT_RULE,
         "train_pairs_per_band": settings.train_pairs,
         "neutral_passages": settings.neutral_passages,
-        "calibration_prompts": settings.calibration_prompts,
+        "calibration_prompts": len(calibration_prompts),
         "reply_tokens": settings.reply_tokens,
         "quick": settings.quick,
     }

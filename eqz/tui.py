@@ -23,14 +23,11 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from .bands import SHORT_NAMES
 from .chat import ChatCommands
 from .errors import EqzError
 from .session import ChatSession, Turn
 
-SHORT_NAMES = {
-    "joy": "joy", "trust": "trust", "fear": "fear", "surprise": "surpr", "sadness": "sad", "disgust": "disg",
-    "anger": "anger", "anticipation": "antic", "valence": "val", "arousal": "arous",
-}
 STEP = 0.1
 LIMIT = 2.0
 _UP_BLOCKS = " ▁▂▃▄▅▆▇█"
