@@ -887,21 +887,6 @@ class _RowSteering:
         return changed
 
 
-def _prefill(context: Context, slots: list[_Slot], announce: Callable[[list, bool], None]) -> None:
-    """Decode the prompts of ``slots``, n_batch tokens at a time; each slot samples its first token from the
-    logits of its prompt's last token."""
-    rows = [(slot, position, token) for slot in slots for position, token in enumerate(slot.job.prompt)]
-    for start in range(0, len(rows), context.n_batch):
-        chunk = rows[start : start + context.n_batch]
-        last = [position == len(slot.job.prompt) - 1 for slot, position, _ in chunk]
-        announce([slot.job for slot, _, _ in chunk], False)
-        context.decode([token for _, _, token in chunk], [position for _, position, _ in chunk],
-                       [slot.seq for slot, _, _ in chunk], last)
-        for row, (slot, _, _) in enumerate(chunk):
-            if last[row]:
-                slot.next_token = slot.take(context, row)
-
-
 def generate_parallel(
     context: Context,
     jobs: Iterable[Job],
@@ -943,7 +928,6 @@ def generate_parallel(
         context.clear()
         while upcoming is not None or active or done:
             # start jobs while there is room, the vector matches, and results are not piling up
-            starting: list[_Slot] = []
             while (
                 upcoming is not None
                 and len(active) < context.n_seq
@@ -953,22 +937,24 @@ def generate_parallel(
                 if steering is None and upcoming.vector_key != current_key:
                     context.set_control_vector(upcoming.vector)
                     current_key = upcoming.vector_key
-                if len(upcoming.prompt) >= context.n_ctx // context.n_seq:
+                seq = next(s for s in range(context.n_seq) if s not in active)
+                slot = _Slot(context, seq, upcoming)
+                prompt = list(upcoming.prompt)
+                if len(prompt) >= context.n_ctx // context.n_seq:
                     raise EqzError(
-                        f"a prompt of {len(upcoming.prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
+                        f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
                         "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
                     )
-                slot = _Slot(context, next(s for s in range(context.n_seq) if s not in active), upcoming)
-                active[slot.seq] = (started, slot)
-                starting.append(slot)
+                for start in range(0, len(prompt), context.n_batch):
+                    chunk = prompt[start : start + context.n_batch]
+                    last = start + len(chunk) == len(prompt)
+                    announce([upcoming] * len(chunk), reply=False)
+                    context.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk),
+                                   [last and i == len(chunk) - 1 for i in range(len(chunk))])
+                slot.next_token = slot.take(context, -1)
+                active[seq] = (started, slot)
                 started += 1
                 upcoming = next(queue, None)
-            # Prompts of jobs started together share decodes (twice the speed of one prompt per decode). Under
-            # row steering each prompt gets decodes of its own: a non-unified cache splits a decode of unequal
-            # prompts into micro-batches, and the tap could no longer tell whose rows it sees.
-            for group in [starting] if steering is None else [[slot] for slot in starting]:
-                if group:
-                    _prefill(context, group, announce)
             # finish slots that are done, then decode one token for every running slot
             for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
                 number, slot = active.pop(seq)
