@@ -86,7 +86,8 @@ class ReplyBench:
                  perplexity: bool = True):
         self.model = model
         self.steered = steered
-        self.layers = layers or [read_layer]  # layers whose mean state is kept; the read layer comes first
+        # layers whose mean state is kept, the read layer first
+        self.layers = [read_layer] + [layer for layer in layers or [] if layer != read_layer]
         self.reply_tokens = reply_tokens
         self.seed = seed
         self.read_layer = read_layer
@@ -136,9 +137,8 @@ class ReplyBench:
                 groups.append(TextGroup(prompt, [t for _, t in chunk], pool_from=len(prompt)))
                 owners += [key for key, _ in chunk]
         advance = progress("reading replies with the unsteered model", len(owners))
-        layers = [self.read_layer] + [layer for layer in self.layers if layer != self.read_layer]
         with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=True) as context:
-            reading = read_texts(context, groups, layers, logprobs=self.perplexity, progress=advance)
+            reading = read_texts(context, groups, self.layers, logprobs=self.perplexity, progress=advance)
         readouts = self.reader.readouts(reading.pooled[:, 0]) if self.reader else None
         results = {}
         for key in keys:

@@ -272,13 +272,6 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     info = model.info
     extraction = extract(model, settings, progress)
     found = find_directions(extraction, settings)
-    levels_at_read = _levels(extraction, found.units, found.read)
-    reader = LayerGeometry(
-        BANDS,
-        np.stack([found.units[b][found.read] for b in BANDS]).astype(np.float32),
-        np.array([levels_at_read[b][0] for b in BANDS], dtype=np.float32),
-        np.array([levels_at_read[b][1] for b in BANDS], dtype=np.float32),
-    )
     # The meter's zero is the model's own level when it answers neutral prompts unsteered (stimulus text sits
     # elsewhere on some bands), measured on prompts of its own (all the rest of the built-in set: a few replies
     # vary too much); its unit stays the stimulus contrast: band texts minus neutral texts.
@@ -287,12 +280,17 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     zero_bench = ReplyBench(model, zero_prompts, ZERO_REPLY_TOKENS, settings.seed, found.read, None, found.steered,
                             parallel=len(zero_prompts), layers=found.steered, perplexity=False)
     zero_states = zero_bench.run([("zero", None)], progress)["zero"].states
-    order = [found.read] + [layer for layer in found.steered if layer != found.read]
     reply_level = {
-        layer: {band: float(zero_states[order.index(layer)] @ found.units[band][layer]) for band in BANDS}
+        layer: {band: float(zero_states[zero_bench.layers.index(layer)] @ found.units[band][layer]) for band in BANDS}
         for layer in found.steered
     }
-    reader.neutral = np.array([reply_level[found.read][b] for b in BANDS], dtype=np.float32)
+    text_levels = {layer: _levels(extraction, found.units, layer) for layer in found.steered}  # (neutral, unit)
+    reader = LayerGeometry(
+        BANDS,
+        np.stack([found.units[b][found.read] for b in BANDS]).astype(np.float32),
+        np.array([reply_level[found.read][b] for b in BANDS], dtype=np.float32),
+        np.array([text_levels[found.read][b][1] for b in BANDS], dtype=np.float32),
+    )
     calibration_prompts = prompts["calibration"][: settings.calibration_prompts]
     calibrator = ReplyBench(model, calibration_prompts, settings.reply_tokens, settings.seed, found.read, reader,
                             found.steered)
@@ -372,15 +370,14 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     }
     bank = Bank(directory=None, manifest=manifest)  # type: ignore[arg-type]
     for band in settings.bands:
-        text_levels = [_levels(extraction, found.units, layer)[band] for layer in found.steered]
         bank.bands[band] = Band(
             band,
             vector[band](chosen[band]),
             ratios[band],
             {
                 "neutral": [round(reply_level[layer][band], 4) for layer in found.steered],
-                "neutral_text": [round(n, 4) for n, _ in text_levels],
-                "unit": [round(u, 4) for _, u in text_levels],
+                "neutral_text": [round(text_levels[layer][band][0], 4) for layer in found.steered],
+                "unit": [round(text_levels[layer][band][1], 4) for layer in found.steered],
             },
         )
         manifest["bands"][band] = {
