@@ -26,6 +26,26 @@ CIRCUMPLEX = {
     "anticipation": (0.4,     0.4),
 }
 
+# What each band means, in words a model can be asked to feel: the persona prompts that make the bank's
+# "own voice" directions (eqz train), and the prompt-only baseline that `eqz eval` sets beside every slider.
+DESCRIPTIONS = {
+    "joy": "joyful: happy, delighted and cheerful",
+    "trust": "trusting and warm: you feel safe, grateful and sure of the people around you",
+    "fear": "afraid: anxious, worried and full of dread",
+    "surprise": "astonished: amazed, startled and full of disbelief",
+    "sadness": "sad: sorrowful, lonely and full of grief",
+    "disgust": "disgusted: revolted, repelled and full of distaste",
+    "anger": "angry: furious, irritated and indignant",
+    "anticipation": "full of anticipation: eager, expectant and impatient for what comes next",
+}
+NEUTRAL_PERSONA = "You are calm and matter-of-fact. Reply plainly, without showing any feeling."
+
+
+def persona_prompt(description: str) -> str:
+    """The system prompt (or, on a model without a chat template, the first line) that asks for a feeling."""
+    return f"You are {description}. Let this feeling show in every sentence of your reply."
+
+
 # column labels where a band's name does not fit (the chat panel, eqz analyze)
 SHORT_NAMES = {
     "joy": "joy", "trust": "trust", "fear": "fear", "surprise": "surpr", "sadness": "sad", "disgust": "disg",

@@ -1,8 +1,10 @@
 """A bank of band vectors for one model: one llama.cpp control-vector GGUF per band plus ``bank.yaml``.
 
-Each band's GGUF holds exactly what gain +1 applies, so ``llama-cli --control-vector-scaled joy.gguf 1.0``
+Each band's GGUF holds exactly what gain +1 applies, so ``llama-cli --control-vector-scaled joy.gguf:1.0``
 steers like ``eqz --set joy=1``. ``bank.yaml`` holds the model fingerprint, the read layer and steered layers,
 each band's negative-side ratio and meter calibration, how the bank was made and how well it works.
+``meter.npz`` holds the directions the meter and the filters read along (format 2): the best separating
+direction need not be the one that steers best, so a band's steering vector may come from another source.
 Banks ship in ``vectors/`` (the default model's) and are trained into the user data dir; both are found by
 fingerprint.
 """
@@ -24,8 +26,17 @@ from .models import fingerprint
 from .vector_files import read_control_vector, write_control_vector
 
 MANIFEST = "bank.yaml"
-BANK_FORMAT = 1
+METER_FILE = "meter.npz"
+BANK_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 banks read along their steering vectors
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "vectors"
+# What a band's direction check can find (bank.yaml stores the key; messages and `vectors show` use the words).
+PROBLEMS = {
+    "weak": "no fluent strength clearly lifts its emotion",
+    "lexicon": "its emotion words do not rise from -1 to +1",
+    "readout": "the model's readout does not rise from -1 to +1",
+    "fluency": "replies at +1 leave the fluency bounds",
+}
 _BAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -55,8 +66,12 @@ class Band:
     matrix: np.ndarray  # (n_layer, n_embd): added at gain +1
     negative_ratio: float = 1.0  # gain -1 adds -negative_ratio * matrix (the negative side is calibrated apart)
     readout: dict | None = None  # {"neutral", "neutral_text", "unit"}: a list per steered layer; None: not metered
+    read_directions: np.ndarray | None = None  # (steered layers, n_embd) unit rows the meter reads along
 
-    def unit_direction(self, layer: int) -> np.ndarray:
+    def unit_direction(self, layer: int, steered: list[int] | None = None) -> np.ndarray:
+        """The unit direction the meter reads this band along at ``layer`` (one of ``steered``)."""
+        if self.read_directions is not None and steered is not None:
+            return self.read_directions[steered.index(layer)]
         row = self.matrix[layer]
         norm = float(np.linalg.norm(row))
         return row / norm if norm > 0 else row
@@ -85,6 +100,17 @@ class Bank:
         if unknown:
             raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(self.names)}")
 
+    def doubtful(self, gains: dict[str, float]) -> list[str]:
+        """A warning per band moved in ``gains`` that failed its direction check when the bank was trained: such a
+        slider may not move the text the way it is named, and users should hear so rather than see nothing."""
+        lines = []
+        for band, gain in gains.items():
+            entry = self.manifest["bands"].get(band, {})
+            if gain != 0 and entry.get("direction_ok") is False:
+                why = "; ".join(PROBLEMS.get(p, p) for p in entry.get("problems", [])) or "direction check failed"
+                lines.append(f"{band} may not move the text as named in this bank ({why}); see `eqz vectors show`")
+        return lines
+
     def mix(self, gains: dict[str, float]) -> np.ndarray | None:
         """The control vector for these slider gains (None when every gain is 0)."""
         self.check_gains(gains)
@@ -109,10 +135,12 @@ class Bank:
                 manifest = _read_manifest(directory / MANIFEST)
             except (OSError, yaml.YAMLError) as error:
                 raise EqzError(f"cannot read the bank in {directory}: {error}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
             raise EqzError(f"{directory / MANIFEST} is not an eqz bank (format {BANK_FORMAT})")
         model = manifest["model"]
         bank = cls(directory, manifest)
+        meter_path = directory / METER_FILE
+        read_directions = dict(np.load(meter_path)) if meter_path.exists() else {}
         for name, entry in manifest["bands"].items():
             vector_file = read_control_vector(directory / entry["file"])
             bank.bands[name] = Band(
@@ -120,6 +148,7 @@ class Bank:
                 vector_file.matrix(model["n_layer"], model["n_embd"], model["name"]),
                 float(entry.get("negative_ratio", 1.0)),
                 entry.get("readout"),
+                read_directions.get(name),
             )
         return bank
 
@@ -138,6 +167,12 @@ class Bank:
                 "readout": band.readout,
             }
         self.manifest["bands"] = bands
+        self.manifest["format"] = BANK_FORMAT
+        read_directions = {name: band.read_directions for name, band in self.bands.items()
+                           if band.read_directions is not None}
+        if read_directions:
+            with open(directory / METER_FILE, "wb") as handle:
+                np.savez(handle, **{name: rows.astype(np.float32) for name, rows in read_directions.items()})
         temporary = directory / f".{MANIFEST}.tmp"
         temporary.write_text(yaml.safe_dump(self.manifest, sort_keys=False, width=120))
         temporary.replace(directory / MANIFEST)
@@ -159,7 +194,7 @@ def list_banks() -> list[tuple[Path, dict]]:
                 manifest = _read_manifest(manifest_path)
             except (OSError, yaml.YAMLError):
                 continue
-            if isinstance(manifest, dict) and manifest.get("format") == BANK_FORMAT:
+            if isinstance(manifest, dict) and manifest.get("format") in READABLE_FORMATS:
                 found.append((manifest_path.parent, manifest))
     return found
 

@@ -72,7 +72,8 @@ class ChatCommands:
             raise EqzError(f"usage: {COMMANDS['set'].usage}")
         band, gain = parse_set(f"{args[0]}={args[1]}", self.session.steerer.bands or BANDS)
         self.session.set_steering(self.session.steering.with_gain(band, gain))
-        return CommandResult(f"{band} = {gain:+.2f}{gain_warning(band, gain)}")
+        doubts = self.session.steerer.bank.doubtful({band: gain}) if self.session.steerer.bank else []
+        return CommandResult("\n".join([f"{band} = {gain:+.2f}{gain_warning(band, gain)}"] + doubts))
 
     def sliders(self, _args: list[str], _rest: str) -> CommandResult:
         bands = self.session.steerer.bands

@@ -117,6 +117,8 @@ def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx:
     for spec in vectors or []:
         path, scale = parse_scaled_path(spec)
         steering = steering.with_vector(path, scale)
+    for line in bank.doubtful(dict(steering.gains)) if bank else []:
+        _warn(line)
     session = ChatSession(loaded, settings, system=system, steering=steering, n_ctx=ctx, bank=bank, meter=meter,
                           filters=filters)
     session.preset = chosen.name if chosen else None
@@ -337,6 +339,9 @@ def batch(
                 _warn(f"skipped {skipped}")
             source.skipped.clear()
             total = count * len(grid) * samples
+            moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
+            for line in bank.doubtful(moved) if bank else []:
+                _warn(line)
             sys.stderr.write(f"eqz batch: {count} prompts x {len(grid)} settings x {samples} samples = {total} rows\n")
             sink = Output(output, resume)
             from .session import model_record
@@ -396,15 +401,17 @@ def analyze(
 def eval_command(
     model: ModelOpt = None,
     bands: Annotated[Optional[str], typer.Option("--bands", help="comma-separated bands [default: all in the bank]")] = None,
-    gains: Annotated[str, typer.Option("--gains", help="comma-separated gains")] = "-1,-0.5,0,0.5,1",
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="prompt file, one per line [default: built-in neutral set]")] = None,
+    gains: Annotated[str, typer.Option("--gains", help="comma-separated gains")] = "-1,0,1,2",
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="prompt file, one per line [default: built-in held-out set]")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="directory for eval.json, eval.csv (and the plot)")] = "eval",
-    tokens: Annotated[int, typer.Option("--tokens", help="tokens per reply", min=8)] = 32,
+    tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", help="tokens per reply", min=8)] = 64,
+    samples: Annotated[int, typer.Option("--samples", help="replies per prompt and setting", min=1)] = 1,
     plot: Annotated[bool, typer.Option("--plot", help="also draw dose_response.png (needs matplotlib)")] = False,
     record: Annotated[bool, typer.Option("--record", help="store the dose-response figures in the bank's bank.yaml")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Measure what each slider does: dose-response, crosstalk and fluency on neutral prompts."""
+    """Measure what each slider does against asking for the emotion in the system prompt: lexicon effect,
+    readout, crosstalk and fluency on held-out neutral prompts."""
     from pathlib import Path
 
     from .bands import check_gain
@@ -432,10 +439,11 @@ def eval_command(
         for gain in gain_list:
             check_gain(chosen[0], gain, bank.names)
         with progress_bars() as progress:
-            result = evaluate(loaded, bank, chosen, gain_list, prompt_list, tokens, progress=progress)
+            result = evaluate(loaded, bank, chosen, gain_list, prompt_list, tokens, samples, progress=progress)
         if record:
             bank.manifest.setdefault("quality", {})["dose_response"] = result.dose_response()
-            bank.manifest["quality"]["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": tokens}
+            bank.manifest["quality"]["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": tokens,
+                                                              "samples": samples, "scorer": result.scorer}
             bank.save()
     print_eval(result, non_fluent_gains(result))
     for path in write_outputs(result, Path(output), plot):
@@ -449,13 +457,14 @@ def train(
         Optional[str], typer.Option("--bands", help="comma-separated bands to make [default: all ten]")
     ] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="bank directory [default: user data dir]")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="fewer stimuli and calibration replies (~3x faster)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="fewer stimuli, persona and calibration replies (~3x faster, noisier gains)")] = False,
     orthogonalize: Annotated[
         bool, typer.Option("--orthogonalize", help="make the eight primaries orthogonal (less crosstalk)")
     ] = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Train emotion vectors for a GGUF model from eqz's stimulus set and calibrate their gains."""
+    """Train emotion vectors for a GGUF model (eqz's stimuli and the model's own voice) and calibrate every
+    slider on the text it produces, scored by an emotion lexicon. About 10 minutes for a 135M model on 2 cores."""
     from pathlib import Path
 
     from .bands import BANDS

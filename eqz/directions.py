@@ -74,28 +74,34 @@ def project(states: np.ndarray, directions: np.ndarray) -> np.ndarray:
     return states @ directions.T
 
 
-def calibrated(projections: np.ndarray, neutral: np.ndarray, unit_level: np.ndarray) -> np.ndarray:
-    """Readouts in band units: 0 at the neutral level, 1 at the typical level of the band's own text."""
-    return (projections - neutral) / unit_level
+def calibrated(projections: np.ndarray, neutral: np.ndarray, unit_level: np.ndarray,
+               negative_unit: np.ndarray | None = None) -> np.ndarray:
+    """Readouts in band units: 0 at the neutral level, 1 at the typical level of the band's own text; below
+    neutral, -1 at the furthest any emotion's typical text goes (``negative_unit``, default ``unit_level``)."""
+    shifts = projections - neutral
+    below = unit_level if negative_unit is None else negative_unit
+    return np.where(shifts >= 0, shifts / unit_level, shifts / below)
 
 
 def readout_levels(
     neutral_states: np.ndarray, band_states: Mapping[str, np.ndarray], directions: Mapping[str, np.ndarray]
-) -> dict[str, tuple[float, float]]:
-    """Per band at one layer: (neutral level, unit) where unit = band text level minus neutral level.
+) -> dict[str, tuple[float, float, float]]:
+    """Per band at one layer: (neutral level, unit, negative unit).
 
-    ``neutral_states`` is (n, n_embd); ``band_states[band]`` the band's emotional texts. Bands without their
-    own texts (the axes) take as unit the spread of the primaries along them.
+    ``neutral_states`` is (n, n_embd); ``band_states[band]`` the band's emotional texts. The unit is the band's own
+    texts' shift from neutral (bands without texts of their own, the axes, take the largest shift of any primary).
+    The negative unit is the furthest any primary's texts go below neutral (at least the unit): along a centred
+    sadness direction joy texts sit three times further down than sadness texts sit up, and with one unit for
+    both sides a job-offer sentence read sadness -3.75; this way no emotion's typical text reads below -1.
     """
     levels = {}
     for band, direction in directions.items():
         neutral = float(np.mean(neutral_states @ direction))
-        if band in band_states:
-            unit_level = float(np.mean(band_states[band] @ direction)) - neutral
-        else:
-            means = [float(np.mean(band_states[p] @ direction)) - neutral for p in PRIMARIES if p in band_states]
-            unit_level = float(np.max(np.abs(means)))
-        levels[band] = (neutral, unit_level if abs(unit_level) > 1e-6 else 1.0)
+        shifts = {p: float(np.mean(band_states[p] @ direction)) - neutral for p in PRIMARIES if p in band_states}
+        unit_level = shifts[band] if band in shifts else max(map(abs, shifts.values()), default=1.0)
+        unit_level = unit_level if abs(unit_level) > 1e-6 else 1.0
+        negative = max([abs(unit_level)] + [-shift for shift in shifts.values()])
+        levels[band] = (neutral, unit_level, negative)
     return levels
 
 
@@ -121,10 +127,9 @@ def layer_accuracies(
             continue
         levels = readout_levels(train_neutral[:, layer], {b: train[b][:, layer] for b in bands}, dirs)
         matrix = np.stack([dirs[b] for b in bands])
-        neutral = np.array([levels[b][0] for b in bands])
-        unit_level = np.array([levels[b][1] for b in bands])
+        neutral, unit_level, negative = (np.array([levels[b][k] for b in bands]) for k in range(3))
         states = np.concatenate([heldout[b][:, layer] for b in bands])
-        predicted = classify(calibrated(project(states, matrix), neutral, unit_level))
+        predicted = classify(calibrated(project(states, matrix), neutral, unit_level, negative))
         accuracies[layer] = float(np.mean(predicted == labels))
     return accuracies
 

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .bands import BANDS, SHORT_NAMES
-from .bank import SHIPPED_DIR, Bank
+from .bank import PROBLEMS, SHIPPED_DIR, Bank
 from .presets import Preset, PresetEntry
 
 console = Console(highlight=False)
@@ -79,18 +79,33 @@ def print_bank(bank: Bank) -> None:
             f"(chance {quality['chance']:.1%})"
         )
     table = Table(header_style="bold")
-    for column in ("band", "strength c", "negative", "ppl ratio @+1", "rep. 3-grams @+1", "lexicon @+1", "readout @+1"):
-        table.add_column(column, justify="right" if column != "band" else "left")
+    for column in ("band", "source", "c", "neg.", "effect @+1", "most lifted", "rep3 @+1", "ppl @+1", "check"):
+        table.add_column(column, justify="left" if column in ("band", "source", "most lifted", "check") else "right")
     for name, entry in manifest["bands"].items():
-        at_one = next((row for row in entry.get("calibration", []) if row["strength"] == entry.get("strength")), None)
-        cells = [f"{entry['strength']:g}" if "strength" in entry else "imported", f"x{entry.get('negative_ratio', 1):g}"]
+        at_one = entry.get("check", {}).get("+1")
+        if "strength" not in entry:
+            table.add_row(name, "imported", "-", "-", "-", "-", "-", "-", "[yellow]unmetered[/yellow]")
+            continue
+        cells = [entry.get("source", "stimulus"), f"{entry['strength']:g}", f"x{entry.get('negative_ratio', 1):g}"]
         if at_one:
-            cells += [f"{at_one['ppl_ratio']:.2f}", f"{at_one['repeated_3grams']:.0%}", f"{at_one['lexicon']:.2f}",
-                      f"{at_one['readout']:+.2f}"]
+            ppl = at_one.get("ppl_ratio")
+            cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"], f"{at_one['repeated_3grams']:.0%}",
+                      f"{ppl:.2f}" if ppl is not None else "-"]
         else:
             cells += ["-"] * 4
+        ok = entry.get("direction_ok")
+        cells.append("ok" if ok else "[red]" + ", ".join(entry.get("problems", [])) + "[/red]" if ok is False else "-")
         table.add_row(name, *cells)
     console.print(table)
+    calibration = manifest.get("method", {}).get("calibration")
+    if isinstance(calibration, dict):
+        console.print(
+            f"[dim]c: strength at gain +1 (c/steered layers of each layer's token norm); neg.: share of it at -1; "
+            f"effect: the band's own emotion words at +1 over the unsteered replies' ({calibration['scorer']} "
+            "lexicon; axes: + words/100); rep3: repeated 3-grams; ppl: perplexity under the model asked for the "
+            "band, over the unsteered replies'; check: ok, or what failed: "
+            + "; ".join(f"{key} = {words}" for key, words in PROBLEMS.items()) + "[/dim]"
+        )
     dose = quality.get("dose_response")
     if dose:
         console.print("dose-response (eqz eval): see `eqz vectors show --json` or the README table")
@@ -209,16 +224,25 @@ def print_analysis(analysis) -> None:
 
 
 def print_eval(result, flagged: dict[str, list[float]]) -> None:
-    """One table per band: gain against the band's readout and word score, fluency and length."""
+    """One table per band: gain (and the prompt-only baseline) against the lexicon effect, the readout and
+    fluency."""
     for band in result.bands:
         table = Table(title=f"{band}", title_justify="left", header_style="bold")
-        for column in ("gain", "readout", "words/100", "ppl ratio", "rep. 3-grams", "distinct-2", "tokens"):
-            table.add_column(column, justify="right")
-        for row in result.table(band):
+        for column in ("setting", "effect", "most lifted", "readout", "ppl ratio", "rep. 3-grams", "distinct-2", "tokens"):
+            table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right")
+        prompted = result.prompting(band)
+        for row in result.table(band) + ([prompted] if prompted else []):
             style = None if row["fluent"] else "red"
-            table.add_row(f"{row['gain']:+.2f}", f"{row['readout']:+.2f}", f"{row['lexicon']:.2f}",
-                          f"{row['ppl_ratio']:.2f}", f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}",
-                          f"{row['length']:.0f}", style=style)
+            setting = "prompt only" if row["gain"] is None else f"gain {row['gain']:+.2f}"
+            readout = row.get("readout")
+            ppl = row.get("ppl_ratio")
+            table.add_row(setting, f"{row['effect']:.2f}" + (" *" if row["clear"] else ""), row["most_lifted"],
+                          f"{readout:+.2f}" if readout is not None else "-", f"{ppl:.2f}" if ppl is not None else "-",
+                          f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}", f"{row['length']:.0f}",
+                          style=style)
         console.print(table)
         if flagged.get(band):
             console.print(f"[red]  not fluent at gain {', '.join(f'{g:+g}' for g in flagged[band])}[/red]")
+    console.print(f"[dim]effect: the band's own emotion words over the unsteered replies' ({result.scorer} lexicon; "
+                  "axes: + words per 100); * = clearly lifted and the most lifted of the eight; readout: the model's "
+                  "own reading of the replies; ppl ratio: perplexity under the model asked for the band[/dim]")

@@ -1,8 +1,12 @@
 """``eqz eval``: what each slider does, measured. Also the reply bench that ``eqz train`` calibrates with.
 
 Replies are generated to neutral prompts under each band and gain (through the parallel generator, the same
-machinery as ``eqz batch``), then read back by the *unsteered* model: perplexity (fluency), the readout of every
-band at the bank's read layer (the model's own opinion of the text), and our word list (an independent check).
+machinery as ``eqz batch``), and beside them replies where the emotion is only asked for in the system prompt
+(the obvious alternative to steering). They are scored by what the bank never saw: the emotion lexicon
+(``scoring.emotion_scorer``: how many times more of each emotion's words than the unsteered replies), fluency
+measures that do not charge emotional wording (repeated 3-grams, distinct-2, the share of Latin letters,
+perplexity under the model *asked* for that emotion), and, as a second opinion, the model's own readout of the
+replies at the bank's read layer.
 """
 
 from __future__ import annotations
@@ -16,173 +20,287 @@ from typing import Callable
 
 import numpy as np
 
+from .bands import DESCRIPTIONS, PRIMARIES, persona_prompt
 from .bank import Bank
 from .engine import Job, Model, TextGroup, generate_parallel, read_texts
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
-from .scoring import distinct2, lexicon_scores, perplexity, repeated_trigrams
+from .scoring import distinct2, emotion_scorer, latin_share, lift, perplexity, repeated_trigrams
+from .voice import persona_tokens
 
-MAX_PPL_RATIO = 2.0
-MAX_REPEATED_TRIGRAMS = 0.2
-DEFAULT_GAINS = (-1.0, -0.5, 0.0, 0.5, 1.0)
-CALIBRATION_PROMPTS = 5  # the first prompts of the neutral set; eval uses the ones after them
+# Fluency bounds (README "How the bank is made"): none of them charges a reply for being emotional.
+MAX_REPEATED_TRIGRAMS = 0.05
+MIN_DISTINCT_RATIO = 0.9  # distinct-2 at least 0.9x the unsteered replies'
+MIN_LATIN_RATIO = 0.9  # replies stay in the prompt's script
+# Perplexity under the model asked for the emotion <= 4x the unsteered replies' own. A small model barely follows
+# the request, so the asked model still charges some emotional wording: on SmolLM2-135M replies that read
+# fluently sat at 1.2-3.4x, replies drifting into odd content at 6-20x (README, "How the bank is made").
+MAX_PPL_RATIO = 4.0
+# "Clearly more of it": the band's own emotion words at least twice the unsteered rate and the most lifted of the
+# eight; for the axes (no words of their own) a rise of one positive-minus-negative (or high-minus-low arousal)
+# word per 100 words.
+CLEAR_LIFT = 2.0
+CLEAR_AXIS_RISE = 1.0
+DEFAULT_GAINS = (-1.0, 0.0, 1.0, 2.0)
+CALIBRATION_PROMPTS = 5  # the first prompts of the neutral set (and the first of the zero prompts, see below)
 EVAL_PROMPTS = 16
+EXTRA_CALIBRATION_PROMPTS = 5
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
 
 def prompt_sets() -> dict[str, list[str]]:
-    """The built-in neutral prompts, split so that calibration, the meter's zero and eval never share a prompt."""
-    from .stimuli import neutral_prompts
+    """The built-in prompts, split so that training, calibration, the meter's zero and eval never share one."""
+    from .stimuli import neutral_prompts, training_prompts
 
     prompts = neutral_prompts()
     end_of_eval = CALIBRATION_PROMPTS + EVAL_PROMPTS
-    return {"calibration": prompts[:CALIBRATION_PROMPTS], "eval": prompts[CALIBRATION_PROMPTS:end_of_eval],
-            "zero": prompts[end_of_eval:]}
+    extra = end_of_eval + EXTRA_CALIBRATION_PROMPTS
+    return {"calibration": prompts[:CALIBRATION_PROMPTS] + prompts[end_of_eval:extra],
+            "eval": prompts[CALIBRATION_PROMPTS:end_of_eval], "zero": prompts[extra:], "train": training_prompts()}
 
 
 def _no_progress(_stage: str, _total: int) -> Callable[[int], None]:
     return lambda _n: None
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One way of making replies: a control vector, and/or a persona asked for in the system prompt.
+
+    ``judge``: the persona under which the replies' perplexity is measured (the emotion they were meant to
+    have), None for the plain prompt.
+    """
+
+    key: object
+    vector: np.ndarray | None = field(default=None, compare=False)
+    persona: str | None = None
+    judge: str | None = None
+
+
 @dataclass
 class ReplySet:
-    """Replies generated under one setting, and how the unsteered model and the word list score them."""
+    """Replies generated under one setting, and how they score."""
 
     texts: list[str]
+    tokens: list[list[int]] = field(default_factory=list, repr=False)  # per reply, aligned with texts
     n_tokens: float = 0.0
-    ppl: float = math.nan
-    nll: float = math.nan
+    rates: dict[str, float] = field(default_factory=dict)  # emotion words per 100 words, per band
     repeat: float = 0.0
     distinct: float = 1.0
-    lexicon: dict[str, float] = field(default_factory=dict)
+    latin: float = 1.0
+    nll: float = math.nan  # mean negative log-probability under the judging prompt (nan: not measured)
     readout: dict[str, float] = field(default_factory=dict)
     states: np.ndarray | None = None  # per layer read: the mean over replies of each reply's mean residual stream
 
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll) if math.isfinite(self.nll) else math.nan
+
     def ppl_ratio(self, baseline: "ReplySet") -> float:
-        return math.exp(self.nll - baseline.nll)
+        return math.exp(self.nll - baseline.nll) if math.isfinite(self.nll) else math.nan
 
-    def fluent(self, baseline: "ReplySet", margin: float = 1.0) -> bool:
-        """Within the fluency bounds: perplexity <= 2x the unsteered replies', repeated 3-grams <= 20%.
-        ``margin`` < 1 tightens both bounds by that share (calibration's guard against its small sample)."""
-        ppl_limit = 1 + margin * (MAX_PPL_RATIO - 1)
-        return self.ppl_ratio(baseline) <= ppl_limit and self.repeat <= margin * MAX_REPEATED_TRIGRAMS
+    def lifts(self, baseline: "ReplySet") -> dict[str, float]:
+        return {band: lift(self.rates[band], baseline.rates[band]) for band in PRIMARIES}
 
-    def summary(self, band: str, strength: float, baseline: "ReplySet") -> dict:
+    def clear(self, band: str, baseline: "ReplySet") -> bool:
+        """The band's own emotion is clearly lifted (see CLEAR_LIFT) and, for a primary, the most lifted."""
+        if band not in PRIMARIES:
+            return self.rates[band] - baseline.rates[band] >= CLEAR_AXIS_RISE
+        lifts = self.lifts(baseline)
+        return lifts[band] >= CLEAR_LIFT and max(lifts, key=lifts.get) == band
+
+    def effect(self, band: str, baseline: "ReplySet") -> float:
+        """The size of the band's own effect: lift for a primary, rise in words per 100 for an axis."""
+        if band not in PRIMARIES:
+            return self.rates[band] - baseline.rates[band]
+        return lift(self.rates[band], baseline.rates[band])
+
+    def fluent(self, baseline: "ReplySet") -> bool:
+        """Inside every fluency bound (perplexity only where it was measured)."""
+        ratio = self.ppl_ratio(baseline)
+        return (
+            self.repeat <= MAX_REPEATED_TRIGRAMS
+            and self.distinct >= MIN_DISTINCT_RATIO * baseline.distinct
+            and self.latin >= MIN_LATIN_RATIO * baseline.latin
+            and not ratio > MAX_PPL_RATIO
+        )
+
+    def summary(self, band: str, baseline: "ReplySet") -> dict:
+        ratio = self.ppl_ratio(baseline)
+        lifts = self.lifts(baseline)
         return {
-            "strength": strength,
-            "ppl_ratio": round(self.ppl_ratio(baseline), 3),
+            "words_per_100": round(self.rates.get(band, 0.0), 3),
+            "effect": round(self.effect(band, baseline), 3),
+            "most_lifted": max(lifts, key=lifts.get),
+            "clear": self.clear(band, baseline),
             "repeated_3grams": round(self.repeat, 3),
-            "lexicon": round(self.lexicon.get(band, 0.0), 3),
-            "readout": round(self.readout.get(band, 0.0), 3),
+            "distinct_2": round(self.distinct, 3),
+            **({"ppl_ratio": round(ratio, 3)} if math.isfinite(ratio) else {}),
+            **({"readout": round(self.readout[band], 3)} if band in self.readout else {}),
+            "fluent": self.fluent(baseline),
         }
 
 
 class ReplyBench:
-    """Generates replies to a prompt set under given control vectors, then scores them unsteered."""
+    """Generates replies to a prompt set under given settings, then scores them."""
 
-    def __init__(self, model: Model, prompts: list[str], reply_tokens: int, seed: int, read_layer: int,
-                 reader: LayerGeometry | None, steered: list[int], parallel: int = 16, layers: list[int] | None = None,
-                 perplexity: bool = True):
+    def __init__(self, model: Model, prompts: list[str], reply_tokens: int, seed: int, steered: list[int],
+                 read_layer: int | None = None, reader: LayerGeometry | None = None, layers: list[int] | None = None,
+                 samples: int = 1, parallel: int = 16):
         self.model = model
+        self.prompts = list(prompts)
         self.steered = steered
-        # layers whose mean state is kept, the read layer first
-        self.layers = [read_layer] + [layer for layer in layers or [] if layer != read_layer]
+        self.read_layer = read_layer
+        self.reader = reader  # reads the readout at read_layer
+        self.layers = list(layers or [])  # more layers whose mean state is kept (after the read layer)
         self.reply_tokens = reply_tokens
         self.seed = seed
-        self.read_layer = read_layer
-        self.reader = reader
+        self.samples = samples
         self.parallel = parallel
-        self.perplexity = perplexity  # score fluency (a full pass with log-probabilities), or only read states
-        self.prompts = []
-        for prompt in prompts:
-            text, _ = model.chat_prompt([{"role": "user", "content": prompt}])
-            self.prompts.append(model.tokenize(text, parse_special=True))
         self.sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=reply_tokens)
+        self._tokens: dict[tuple[str | None, int], tuple[list[int], tuple[str, ...]]] = {}
 
-    def run(self, settings: list[tuple[object, np.ndarray | None]], progress: Progress = _no_progress) -> dict:
-        """Replies for each (key, control vector) to every prompt, scored. Prompt i has the same seed everywhere.
+    def prompt(self, persona: str | None, index: int) -> tuple[list[int], tuple[str, ...]]:
+        key = (persona, index)
+        if key not in self._tokens:
+            self._tokens[key] = persona_tokens(self.model, persona, self.prompts[index])
+        return self._tokens[key]
+
+    def run(self, settings: list[Setting], progress: Progress = _no_progress, states: bool = False) -> dict:
+        """Replies for each setting to every prompt (``samples`` each), scored on their text and their perplexity;
+        ``states`` also reads their hidden states (readout). Prompt i, sample s has the same seed under every
+        setting (paired comparisons).
 
         Settings are mixed in one batch by steering each row with its own vector (bit-identical to llama.cpp's
         context control vector, see engine._RowSteering), which keeps every slot busy.
         """
-        jobs = [
-            Job(prompt, self.sampling, self.seed + i, vector=vector, vector_key=key, tag=(key, i))
-            for key, vector in settings
-            for i, prompt in enumerate(self.prompts)
-        ]
+        jobs = []
+        for setting in settings:
+            for i in range(len(self.prompts)):
+                tokens, stops = self.prompt(setting.persona, i)
+                for sample in range(self.samples):
+                    jobs.append(Job(tokens, self.sampling, self.seed + i + 1000 * sample, stop=stops,
+                                    vector=setting.vector, vector_key=setting.key, tag=(setting.key, i, sample)))
         advance = progress("generating replies", len(jobs))
-        n = len(self.prompts)
-        replies = {key: [[] for _ in range(n)] for key, _ in settings}
-        texts = {key: [""] * n for key, _ in settings}
-        longest = max(len(p) for p in self.prompts)
+        replies: dict = {setting.key: {} for setting in settings}
+        longest = max(len(job.prompt) for job in jobs)
         per_sequence = (longest + self.reply_tokens + 8 + 255) // 256 * 256
         parallel = max(1, min(self.parallel, len(jobs)))
         with self.model.context(n_ctx=per_sequence * parallel, n_seq=parallel, unified=False, taps=True) as context:
             for finished in generate_parallel(context, jobs, row_steering=self.steered):
-                key, i = finished.job.tag
-                replies[key][i] = finished.tokens
-                texts[key][i] = finished.text
+                key, i, sample = finished.job.tag
+                replies[key][(i, sample)] = (finished.tokens, finished.text)
                 advance(1)
-        return self.score(replies, texts, progress)
-
-    def score(self, replies: dict, texts: dict, progress: Progress = _no_progress) -> dict:
-        keys = list(replies)
-        per_group = max(1, 900 // (self.reply_tokens + 1))
-        groups, owners = [], []
-        for i, prompt in enumerate(self.prompts):
-            tails = [(key, replies[key][i]) for key in keys if replies[key][i]]
-            for start in range(0, len(tails), per_group):
-                chunk = tails[start : start + per_group]
-                groups.append(TextGroup(prompt, [t for _, t in chunk], pool_from=len(prompt)))
-                owners += [key for key, _ in chunk]
-        advance = progress("reading replies with the unsteered model", len(owners))
-        with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=True) as context:
-            reading = read_texts(context, groups, self.layers, logprobs=self.perplexity, progress=advance)
-        readouts = self.reader.readouts(reading.pooled[:, 0]) if self.reader else None
-        results = {}
-        for key in keys:
-            rows = [k for k, owner in enumerate(owners) if owner == key]
-            logprobs = np.concatenate([reading.logprobs[k] for k in rows]) if rows else np.zeros(0)
-            results[key] = ReplySet(
-                texts=texts[key],
-                n_tokens=float(np.mean([len(r) for r in replies[key]])),
-                ppl=perplexity(logprobs),
-                nll=-float(np.mean(logprobs)) if len(logprobs) else math.nan,
-                repeat=float(np.mean([repeated_trigrams(t) for t in texts[key]])),
-                distinct=float(np.mean([distinct2(t) for t in texts[key]])),
-                lexicon=lexicon_scores(" ".join(texts[key])),
-                readout={b: float(readouts[rows, j].mean()) for j, b in enumerate(self.reader.bands)}
-                if readouts is not None and rows else {},
-                states=reading.pooled[rows].mean(axis=0) if rows else None,
-            )
+        results = {
+            setting.key: self._text_scores([replies[setting.key][slot] for slot in sorted(replies[setting.key])])
+            for setting in settings
+        }
+        self.read_back(settings, results, progress, states)
         return results
+
+    @staticmethod
+    def _text_scores(replies: list[tuple[list[int], str]]) -> ReplySet:
+        texts = [text for _, text in replies]
+        return ReplySet(
+            texts=texts,
+            tokens=[tokens for tokens, _ in replies],
+            n_tokens=float(np.mean([len(tokens) for tokens, _ in replies])),
+            rates=emotion_scorer().rates(" ".join(texts)),
+            repeat=float(np.mean([repeated_trigrams(t) for t in texts])),
+            distinct=float(np.mean([distinct2(t) for t in texts])),
+            latin=float(np.mean([latin_share(t) for t in texts])),
+        )
+
+    def read_back(self, settings: list[Setting], results: dict, progress: Progress = _no_progress,
+                  states: bool = True, perplexity: bool = True) -> None:
+        """Read replies with the unsteered model: with ``perplexity``, log-probabilities after each setting's
+        judging prompt (the plain prompt where it has none); with ``states``, the hidden states and readout after
+        the plain prompt. Two passes at most: the plain one, and one for every judged setting (mixed prompts)."""
+        layers = ([self.read_layer] if self.reader else []) + [l for l in self.layers if l != self.read_layer]
+        layers = layers if states else []
+        plain = [s for s in settings if (s.judge is None and perplexity) or layers]
+        judged = [s for s in settings if s.judge is not None and perplexity]
+        for members, judging in ((plain, False), (judged, True)):
+            if not members:
+                continue
+            # replies to the same prompt under the same judging prompt share that prefix, computed once
+            tails: dict[tuple[str | None, int], list[tuple[object, list[int]]]] = {}
+            for setting in members:
+                for i in range(len(self.prompts)):
+                    for reply in results[setting.key].tokens[i * self.samples : (i + 1) * self.samples]:
+                        if reply:
+                            tails.setdefault((setting.judge if judging else None, i), []).append((setting.key, reply))
+            per_group = max(1, 900 // (self.reply_tokens + 1))
+            groups, owners = [], []
+            for (judge, i), replies in tails.items():
+                prefix, _ = self.prompt(judge, i)
+                for start in range(0, len(replies), per_group):
+                    chunk = replies[start : start + per_group]
+                    groups.append(TextGroup(prefix, [reply for _, reply in chunk], pool_from=len(prefix)))
+                    owners += [key for key, _ in chunk]
+            read_layers = [] if judging else layers
+            advance = progress("reading replies with the unsteered model", len(owners))
+            with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=bool(read_layers)) as context:
+                reading = read_texts(context, groups, read_layers, logprobs=perplexity, progress=advance)
+            for setting in members:
+                rows = [k for k, owner in enumerate(owners) if owner == setting.key]
+                if not rows:
+                    continue
+                result = results[setting.key]
+                if perplexity and (judging or setting.judge is None):
+                    result.nll = -float(np.mean(np.concatenate([reading.logprobs[k] for k in rows])))
+                if read_layers:
+                    pooled = reading.pooled[rows]
+                    result.states = pooled.mean(axis=0)
+                    if self.reader:
+                        values = self.reader.readouts(pooled[:, 0]).mean(axis=0)
+                        result.readout = {b: float(v) for b, v in zip(self.reader.bands, values)}
 
 
 @dataclass
 class EvalResult:
     bands: tuple[str, ...]
     gains: tuple[float, ...]
-    rows: list[dict]  # one per (band, gain): scores of the target band, fluency, crosstalk
+    rows: list[dict]  # one per (band, gain) and one per band for the prompt-only baseline (gain None)
     prompts: int
     reply_tokens: int
+    samples: int
+    scorer: str
 
     def table(self, band: str) -> list[dict]:
-        return [row for row in self.rows if row["band"] == band]
+        """The band's slider rows, by gain."""
+        return [row for row in self.rows if row["band"] == band and row["gain"] is not None]
+
+    def prompting(self, band: str) -> dict | None:
+        return next((row for row in self.rows if row["band"] == band and row["gain"] is None), None)
 
     def to_dict(self) -> dict:
         return {"bands": list(self.bands), "gains": list(self.gains), "prompts": self.prompts,
-                "reply_tokens": self.reply_tokens, "rows": self.rows}
+                "reply_tokens": self.reply_tokens, "samples": self.samples, "scorer": self.scorer, "rows": self.rows}
 
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""
+        keep = ("effect", "words_per_100", "most_lifted", "clear", "readout", "ppl_ratio", "repeated_3grams", "fluent")
         return {
-            band: {
-                str(row["gain"]): {k: row[k] for k in ("readout", "lexicon", "ppl_ratio", "repeated_3grams", "fluent")}
-                for row in self.table(band)
-            }
+            band: {("prompt" if row["gain"] is None else str(row["gain"])): {k: row[k] for k in keep if k in row}
+                   for row in self.table(band) + [r for r in [self.prompting(band)] if r]}
             for band in self.bands
         }
+
+
+def _row(band: str, gain: float | None, replies: ReplySet, baseline: ReplySet, samples: int) -> dict:
+    return {
+        "band": band,
+        "gain": gain,
+        **replies.summary(band, baseline),
+        "lifts": {other: round(value, 3) for other, value in replies.lifts(baseline).items()},
+        "crosstalk": {other: round(value - baseline.readout.get(other, 0.0), 3)
+                      for other, value in replies.readout.items() if other != band},
+        "latin": round(replies.latin, 3),
+        "length": round(replies.n_tokens, 1),
+        "examples": [text[:240] for text in replies.texts[::samples][:3]],  # the first three prompts, first sample
+    }
 
 
 def evaluate(
@@ -191,38 +309,42 @@ def evaluate(
     bands: tuple[str, ...],
     gains: tuple[float, ...] = DEFAULT_GAINS,
     prompts: list[str] | None = None,
-    reply_tokens: int = 32,
+    reply_tokens: int = 64,
+    samples: int = 1,
     seed: int = 4321,
     progress: Progress = _no_progress,
 ) -> EvalResult:
-    """Generate under every band x gain and score; gain 0 is generated once and shared by all bands."""
+    """Generate under every band x gain, and with each band only asked for in the system prompt; score all.
+
+    Gain 0 is generated once and shared by all bands. Bands trained from a description (or imported ones
+    without one) have no prompt-only row when eqz has no words to ask for them.
+    """
     prompts = prompts or prompt_sets()["eval"]
     metered = metered_bands(bank)
     reader = geometry(bank, bank.read_layer, metered) if metered else None
-    bench = ReplyBench(model, prompts, reply_tokens, seed, bank.read_layer, reader, bank.steered_layers)
-    settings = [((band, gain), bank.mix({band: gain})) for band in bands for gain in gains if gain != 0]
-    results = bench.run([("baseline", None)] + settings, progress)
+    bench = ReplyBench(model, prompts, reply_tokens, seed, bank.steered_layers, bank.read_layer, reader,
+                       samples=samples)
+    personas = {band: bank_persona(bank, band) for band in bands}
+    settings = [Setting("baseline")]
+    settings += [Setting((band, gain), bank.mix({band: gain}), judge=personas[band] if gain > 0 else None)
+                 for band in bands for gain in gains if gain != 0]
+    settings += [Setting((band, None), persona=personas[band], judge=personas[band]) for band in bands if personas[band]]
+    results = bench.run(settings, progress, states=True)
     baseline = results["baseline"]
     rows = []
     for band in bands:
         for gain in gains:
-            replies = baseline if gain == 0 else results[(band, gain)]
-            rows.append({
-                "band": band,
-                "gain": gain,
-                "readout": round(replies.readout.get(band, math.nan), 3),
-                "lexicon": round(replies.lexicon.get(band, 0.0), 3),
-                "ppl": round(replies.ppl, 3),
-                "ppl_ratio": round(replies.ppl_ratio(baseline), 3),
-                "repeated_3grams": round(replies.repeat, 3),
-                "distinct_2": round(replies.distinct, 3),
-                "length": round(replies.n_tokens, 1),
-                "fluent": replies.fluent(baseline),
-                "crosstalk": {other: round(replies.readout.get(other, 0) - baseline.readout.get(other, 0), 3)
-                              for other in metered if other != band},
-                "example": replies.texts[0][:200],
-            })
-    return EvalResult(bands, gains, rows, len(prompts), reply_tokens)
+            rows.append(_row(band, gain, baseline if gain == 0 else results[(band, gain)], baseline, samples))
+        if personas[band]:
+            rows.append(_row(band, None, results[(band, None)], baseline, samples))
+    return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name)
+
+
+def bank_persona(bank: Bank, band: str) -> str | None:
+    """The persona prompt that asks for ``band``: eqz's own words for the primaries, the description a custom
+    band was trained from, none for the axes or imported vectors."""
+    description = bank.manifest["bands"].get(band, {}).get("description") or DESCRIPTIONS.get(band)
+    return persona_prompt(description) if description else None
 
 
 def non_fluent_gains(result: EvalResult) -> dict[str, list[float]]:
@@ -235,8 +357,8 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     written = [directory / "eval.json", directory / "eval.csv"]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with written[1].open("w", newline="") as handle:
-        columns = ["band", "gain", "readout", "lexicon", "ppl", "ppl_ratio", "repeated_3grams", "distinct_2", "length",
-                   "fluent"]
+        columns = ["band", "gain", "effect", "words_per_100", "most_lifted", "clear", "readout", "ppl_ratio",
+                   "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
@@ -246,7 +368,8 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
 
 
 def plot_dose_response(result: EvalResult, path: Path) -> Path:
-    """One panel per band: readout and word-list score against gain, perplexity ratio on a second axis."""
+    """One panel per band: the lexicon effect and the readout against gain, the prompt-only effect as a
+    dashed line, perplexity ratio on a second axis."""
     try:
         import matplotlib
 
@@ -263,20 +386,25 @@ def plot_dose_response(result: EvalResult, path: Path) -> Path:
         axis = axes[index // columns][index % columns]
         table = result.table(band)
         gains = [row["gain"] for row in table]
-        axis.plot(gains, [row["readout"] for row in table], "o-", color="tab:blue", label="readout")
-        axis.plot(gains, [row["lexicon"] for row in table], "s--", color="tab:green", label="words /100")
+        axis.plot(gains, [row["effect"] for row in table], "s-", color="tab:green", label="lexicon effect")
+        axis.plot(gains, [row.get("readout", math.nan) for row in table], "o--", color="tab:blue", label="readout")
+        prompted = result.prompting(band)
+        if prompted:
+            axis.axhline(prompted["effect"], color="tab:green", linewidth=0.8, linestyle=":", label="prompt only")
         axis.set_title(band)
         axis.axhline(0, color="grey", linewidth=0.5)
         fluency = axis.twinx()
-        fluency.plot(gains, [row["ppl_ratio"] for row in table], ":", color="tab:red", label="ppl ratio")
+        ratios = [row.get("ppl_ratio", math.nan) for row in table]
+        fluency.plot(gains, ratios, ":", color="tab:red", label="ppl ratio")
         fluency.axhline(MAX_PPL_RATIO, color="tab:red", linewidth=0.5, linestyle="--")
-        fluency.set_ylim(0, max(3.0, max(row["ppl_ratio"] for row in table) * 1.1))
+        fluency.set_ylim(0, max([3.0] + [r * 1.1 for r in ratios if math.isfinite(r)]))
         if index == 0:
             axis.legend(fontsize=7, loc="upper left")
             fluency.legend(fontsize=7, loc="lower right")
     for index in range(len(result.bands), rows * columns):
         axes[index // columns][index % columns].axis("off")
-    figure.suptitle("eqz dose-response: gain vs readout (blue), word list (green), perplexity ratio (red, right)")
+    figure.suptitle(f"eqz dose-response: gain vs lexicon effect ({result.scorer}; x unsteered for the primaries, "
+                    "+words/100 for the axes; green), readout (blue), perplexity ratio (red, right)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

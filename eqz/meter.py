@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bank import Bank
+from .directions import calibrated
 from .errors import EqzError
 
 
@@ -24,10 +25,15 @@ class LayerGeometry:
     directions: np.ndarray
     neutral: np.ndarray
     unit: np.ndarray
+    negative_unit: np.ndarray  # the unit below neutral (directions.readout_levels)
 
     def readouts(self, hidden: np.ndarray) -> np.ndarray:
         """(rows, n_embd) -> (rows, bands) calibrated readouts."""
-        return (hidden @ self.directions.T - self.neutral) / self.unit
+        return calibrated(hidden @ self.directions.T, self.neutral, self.unit, self.negative_unit)
+
+    def levels(self, targets: np.ndarray) -> np.ndarray:
+        """The projections at which the bands read ``targets`` (the inverse of readouts)."""
+        return self.neutral + targets * np.where(targets >= 0, self.unit, self.negative_unit)
 
 
 def metered_bands(bank: Bank) -> tuple[str, ...]:
@@ -46,10 +52,13 @@ def geometry(bank: Bank, layer: int, bands: tuple[str, ...], zero: str = "neutra
     entries = [bank.bands[band] for band in bands]
     return LayerGeometry(
         bands,
-        np.stack([entry.unit_direction(layer) for entry in entries]).astype(np.float32),
+        np.stack([entry.unit_direction(layer, bank.steered_layers) for entry in entries]).astype(np.float32),
         # banks trained before replies gave the zero have only the neutral-prose level
         np.array([entry.readout.get(zero, entry.readout["neutral"])[position] for entry in entries], dtype=np.float32),
         np.array([entry.readout["unit"][position] for entry in entries], dtype=np.float32),
+        # banks before format 2 have one unit for both sides
+        np.array([entry.readout.get("negative_unit", entry.readout["unit"])[position] for entry in entries],
+                 dtype=np.float32),
     )
 
 
@@ -74,7 +83,7 @@ class Filters:
         self._solve = {}
         for layer in self.layers:
             shape = geometry(bank, layer, self.bands)
-            wanted = shape.neutral + np.array([targets[b] for b in self.bands], dtype=np.float32) * shape.unit
+            wanted = shape.levels(np.array([targets[b] for b in self.bands], dtype=np.float32))
             gram_inverse = np.linalg.pinv(shape.directions @ shape.directions.T)
             self._solve[layer] = (shape.directions, wanted, gram_inverse)
 

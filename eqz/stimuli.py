@@ -59,3 +59,9 @@ def load_stimuli() -> StimulusSet:
 def neutral_prompts() -> list[str]:
     """Emotionally neutral chat prompts: the default prompt set of calibration and ``eqz eval``."""
     return [line.strip() for line in _read("prompts/neutral.txt").splitlines() if line.strip()]
+
+
+@lru_cache(maxsize=1)
+def training_prompts() -> list[str]:
+    """Neutral chat prompts the persona replies of ``eqz train`` answer; no other set shares one."""
+    return [line.strip() for line in _read("prompts/train.txt").splitlines() if line.strip()]

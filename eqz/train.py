@@ -1,20 +1,27 @@
-"""``eqz train``: stimulus set -> hidden states -> band directions -> calibrated gains -> a bank on disk.
+"""``eqz train``: hidden states -> band directions -> gains calibrated on the text they produce -> a bank.
 
-Extraction reads the residual stream through the engine's taps (no torch): mean over each text's tokens,
-mean difference of every band's texts against their matched neutral twins, centred on the mean over all
-emotions, with the leading principal components of neutral text projected out, unit length per layer and
-scaled by that layer's typical token norm. The read layer and steered layers are chosen by held-out
-separability among the first two thirds of the layers (the last layers carry outlier dimensions that steering
-breaks). Calibration then generates replies to neutral prompts at growing strengths and keeps, as gain +1, of
-the strengths whose replies stay fluent under the unsteered model the one whose replies read highest on the
-band; the negative side keeps that strength if its replies stay fluent and the readout goes down, else half.
+Two sources of directions, both read through the engine's taps (no torch):
+- **stimulus**: eqz's matched pairs (the same scene told neutrally and with the feeling), mean over each text's
+  tokens, band minus matched neutral, centred on the mean over the eight primaries, the leading principal
+  components of neutral text projected out. They also give the meter: the read layer and steered layers are
+  chosen by held-out separability among the first two thirds of the layers (the last layers carry outlier
+  dimensions that steering breaks), and the readout's zero and unit.
+- **voice**: the model's own replies when asked to feel the band (a persona system prompt) minus its replies
+  when asked to be neutral, pooled over the reply tokens only (voice.py). Custom bands come from their
+  description this way alone.
+
+Calibration chooses, per band, the source and the strength by what the steered replies say, scored by the
+emotion lexicon (which shares nothing with the directions), on calibration prompts no other stage uses: gain +1
+is the smallest strength on the ladder whose replies clearly lift the band's own emotion (eval.ReplySet.clear)
+within the fluency bounds; where none does, the fluent one with the largest effect, flagged as weak. Last, every
+band is checked for direction at -1 / 0 / +1 (lexicon and readout must both rise) and flagged where not.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -22,18 +29,20 @@ import numpy as np
 
 from . import __version__
 from . import directions as D
-from .bands import AXES, BANDS, PRIMARIES
+from . import eval as E
+from .bands import AXES, BANDS, CIRCUMPLEX, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
 from .bank import Band, Bank, new_manifest
 from .engine import Model, TextGroup, read_texts
-from .eval import MAX_PPL_RATIO, MAX_REPEATED_TRIGRAMS, ReplyBench, ReplySet, prompt_sets
+from .eval import ReplyBench, ReplySet, Setting, prompt_sets
 from .meter import LayerGeometry
+from .scoring import emotion_scorer, words
 from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli
+from .voice import capture_voice
 
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
-STRENGTHS = (0.03, 0.05, 0.07, 0.1, 0.15, 0.22, 0.33, 0.5, 0.75)
-# Calibration sees 5 prompts x 32 tokens; it keeps this share of the fluency bounds in hand so that gain +1
-# stays inside them on the larger sample `eqz eval` measures (perplexity ratio <= 1 + 0.75 * (2 - 1) = 1.75).
-CALIBRATION_MARGIN = 0.75
+STRENGTHS = (0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
+FIRST_STRENGTH = 0.35
+SOURCES = ("stimulus", "voice")
 ZERO_REPLY_TOKENS = 24
 
 
@@ -45,14 +54,17 @@ class TrainSettings:
     component_choices: tuple[int, ...] = (32, 64, 96)
     train_pairs: int = 48  # of the 48 training pairs per band
     neutral_passages: int = 80
-    calibration_prompts: int = 5
-    reply_tokens: int = 32
+    voice_prompts: int = 16
+    voice_tokens: int = 32
+    calibration_prompts: int = 10
+    reply_tokens: int = 40
     seed: int = 1234
 
     def __post_init__(self) -> None:
         if self.quick:
             self.train_pairs, self.neutral_passages = 20, 24
-            self.calibration_prompts, self.reply_tokens = 4, 24
+            self.voice_prompts, self.voice_tokens = 8, 24
+            self.calibration_prompts, self.reply_tokens = 6, 32
 
 
 Progress = Callable[[str, int], Callable[[int], None]]  # progress(stage, total) -> advance(n)
@@ -230,30 +242,76 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
     levels = _levels(extraction, units, layer)
     matrix = np.stack([units[b][layer] for b in BANDS])
     states = np.concatenate([extraction.heldout[b][:, layer] for b in PRIMARIES])
-    neutral = np.array([levels[b][0] for b in BANDS])
-    unit_level = np.array([levels[b][1] for b in BANDS])
-    return D.calibrated(D.project(states, matrix), neutral, unit_level)
+    neutral, unit_level, negative = (np.array([levels[b][k] for b in BANDS]) for k in range(3))
+    return D.calibrated(D.project(states, matrix), neutral, unit_level, negative)
+
+
+# ------------------------------------------------------------------------------------------------ voice
+
+
+def voice_directions(model: Model, settings: TrainSettings, layers: list[int], progress: Progress) -> tuple[dict, object]:
+    """Unit "own voice" directions at ``layers`` per band: the model's replies under the band's persona minus its
+    replies under the neutral persona. The primaries' differences are centred on their mean (what any persona
+    shares goes); the axes are circumplex sums of them."""
+    personas = {"neutral": NEUTRAL_PERSONA}
+    personas.update({band: persona_prompt(DESCRIPTIONS[band]) for band in PRIMARIES})
+    prompts = prompt_sets()["train"][: settings.voice_prompts]
+    capture = capture_voice(model, personas, prompts, layers, settings.voice_tokens, settings.seed, progress=progress)
+    neutral = capture.states["neutral"].mean(axis=0)
+    differences = {band: capture.states[band].mean(axis=0) - neutral for band in personas if band != "neutral"}
+    centred = D.centre(differences)
+    units = {band: D.unit(vector) for band, vector in centred.items()}
+    units.update({axis: D.unit(vector) for axis, vector in D.circumplex_axes(centred).items()})
+    return units, capture
 
 
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def _fluent_steps(tried: dict[float, ReplySet], baseline: ReplySet) -> tuple[set[int], set[int]]:
-    """Ladder steps tried so far whose replies stay inside the (margined) fluency bounds, and those that do not."""
-    fluent, failed = set(), set()
-    for strength, replies in tried.items():
-        if strength > 0:
-            (fluent if replies.fluent(baseline, margin=CALIBRATION_MARGIN) else failed).add(STRENGTHS.index(strength))
-    return fluent, failed
+@dataclass
+class Candidate:
+    """One band's direction from one source, and the replies seen at each strength tried."""
 
+    band: str
+    source: str
+    units: np.ndarray  # (n_layer, n_embd), unit rows on the steered layers
+    judge: str | None = None  # the persona asking for the band: fluency is judged under it
+    tried: dict[float, ReplySet] = field(default_factory=dict)
+    pinned: float | None = None
 
-def _strongest_effect(tried: dict[float, ReplySet], baseline: ReplySet, band: str) -> float:
-    """Of the fluent strengths tried, the one whose replies read highest on the band: past its peak a direction
-    only costs fluency (anticipation on SmolLM2 reads lower at c = 0.33 than at 0.22)."""
-    fluent, _ = _fluent_steps(tried, baseline)
-    if not fluent:
-        return STRENGTHS[0]
-    return max((STRENGTHS[step] for step in fluent), key=lambda c: tried[c].readout.get(band, -math.inf))
+    def ranking(self, baseline: ReplySet) -> tuple[bool, bool, float]:
+        """How good this source is for its band: fluent at all, then clear, then (clear) the lower perplexity
+        at its gain +1 or (not clear) the larger effect."""
+        best = self.best(baseline)
+        if best is None:
+            return (False, False, 0.0)
+        replies = self.tried[best[0]]
+        return (True, best[1], -replies.ppl_ratio(baseline) if best[1] else replies.effect(self.band, baseline))
+
+    def best(self, baseline: ReplySet) -> tuple[float, bool] | None:
+        """(strength, clear): the smallest fluent strength that is clear, else the fluent one with the largest
+        effect; None if no strength tried was fluent."""
+        fluent = {c: r for c, r in self.tried.items() if r.fluent(baseline)}
+        clear = sorted(c for c, r in fluent.items() if r.clear(self.band, baseline))
+        if clear:
+            return clear[0], True
+        if not fluent:
+            return None
+        return max(fluent, key=lambda c: fluent[c].effect(self.band, baseline)), False
+
+    def next_strength(self, baseline: ReplySet) -> float | None:
+        """Where to look next on the ladder: down from a clear (or non-fluent) strength, up from a fluent one that
+        is not clear yet; None once the answer is pinned between two tried steps or at the ladder's end."""
+        best = self.best(baseline)
+        if best is None:  # nothing fluent yet: go below the lowest tried
+            step = STRENGTHS.index(min(self.tried)) - 1
+        elif best[1]:  # clear: is the step below clear too?
+            step = STRENGTHS.index(best[0]) - 1
+        else:  # fluent, not clear: go above the highest fluent step unless the step above failed
+            step = STRENGTHS.index(best[0]) + 1
+        if 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in self.tried:
+            return STRENGTHS[step]
+        return None
 
 
 def _vector(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float, n_layer: int) -> np.ndarray:
@@ -261,6 +319,47 @@ def _vector(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: 
     for layer in steered:
         matrix[layer] = strength / len(steered) * norms[layer] * units[layer]
     return matrix
+
+
+def calibrate(candidates: list[Candidate], bench: ReplyBench, vector, progress: Progress,
+              max_rounds: int = 6) -> tuple[dict[str, Candidate], ReplySet]:
+    """Search every candidate's strength on the ladder, all of them in one batch per round; then choose per band
+    the source that is clear (or, if none is, has the larger effect). Returns the choice and the baseline."""
+    baseline: ReplySet | None = None
+    wanted = {id(c): FIRST_STRENGTH for c in candidates}
+    searching = list(candidates)
+    for round_number in range(max_rounds):
+        if not wanted:
+            break
+        batch = [Setting((id(c), wanted[id(c)]), vector(c, wanted[id(c)]), judge=c.judge)
+                 for c in searching if id(c) in wanted]
+        results = bench.run(([Setting("baseline")] if baseline is None else []) + batch, progress)
+        baseline = results.pop("baseline", baseline)
+        for candidate in searching:
+            if id(candidate) in wanted:
+                candidate.tried[wanted[id(candidate)]] = results[(id(candidate), wanted[id(candidate)])]
+        if round_number == 0:  # after the first round a source stops where another one is clear and it is not
+            leaders = _leaders(candidates, baseline)
+            searching = [c for c in candidates if leaders[c.band] is c or not leaders[c.band].ranking(baseline)[1]]
+        wanted = {}
+        for candidate in searching:
+            step = candidate.next_strength(baseline)
+            if step is not None:
+                wanted[id(candidate)] = step
+    return choose(candidates, baseline), baseline
+
+
+def _leaders(candidates: list[Candidate], baseline: ReplySet) -> dict[str, Candidate]:
+    bands = dict.fromkeys(candidate.band for candidate in candidates)
+    return {band: max((c for c in candidates if c.band == band), key=lambda c: c.ranking(baseline)) for band in bands}
+
+
+def choose(candidates: list[Candidate], baseline: ReplySet) -> dict[str, Candidate]:
+    """Pin every candidate at its best strength and pick per band the source that ranks first."""
+    for candidate in candidates:
+        best = candidate.best(baseline)
+        candidate.pinned = best[0] if best else STRENGTHS[0]
+    return _leaders(candidates, baseline)
 
 
 # ------------------------------------------------------------------------------------------------ the whole run
@@ -272,70 +371,60 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     info = model.info
     extraction = extract(model, settings, progress)
     found = find_directions(extraction, settings)
+    voice_units, voice = voice_directions(model, settings, found.steered, progress)
+
     # The meter's zero is the model's own level when it answers neutral prompts unsteered (stimulus text sits
-    # elsewhere on some bands), measured on prompts of its own (all the rest of the built-in set: a few replies
-    # vary too much); its unit stays the stimulus contrast: band texts minus neutral texts.
+    # elsewhere on some bands), measured on prompts of its own; its unit stays the stimulus contrast.
     prompts = prompt_sets()
     zero_prompts = prompts["zero"]
-    zero_bench = ReplyBench(model, zero_prompts, ZERO_REPLY_TOKENS, settings.seed, found.read, None, found.steered,
-                            parallel=len(zero_prompts), layers=found.steered, perplexity=False)
-    zero_states = zero_bench.run([("zero", None)], progress)["zero"].states
+    zero_bench = ReplyBench(model, zero_prompts, ZERO_REPLY_TOKENS, settings.seed, found.steered,
+                            layers=found.steered, parallel=len(zero_prompts))
+    zero = zero_bench.run([Setting("zero")], progress, states=True)
+    zero_states = zero["zero"].states
+    metered = list(BANDS)
     reply_level = {
-        layer: {band: float(zero_states[zero_bench.layers.index(layer)] @ found.units[band][layer]) for band in BANDS}
-        for layer in found.steered
+        layer: {band: float(zero_states[i] @ found.units[band][layer]) for band in metered}
+        for i, layer in enumerate(found.steered)
     }
-    text_levels = {layer: _levels(extraction, found.units, layer) for layer in found.steered}  # (neutral, unit)
+    text_levels = {layer: _levels(extraction, found.units, layer) for layer in found.steered}  # (neutral, unit, -unit)
     reader = LayerGeometry(
-        BANDS,
-        np.stack([found.units[b][found.read] for b in BANDS]).astype(np.float32),
-        np.array([reply_level[found.read][b] for b in BANDS], dtype=np.float32),
-        np.array([text_levels[found.read][b][1] for b in BANDS], dtype=np.float32),
+        tuple(metered),
+        np.stack([found.units[b][found.read] for b in metered]).astype(np.float32),
+        np.array([reply_level[found.read][b] for b in metered], dtype=np.float32),
+        np.array([text_levels[found.read][b][1] for b in metered], dtype=np.float32),
+        np.array([text_levels[found.read][b][2] for b in metered], dtype=np.float32),
     )
-    calibration_prompts = prompts["calibration"][: settings.calibration_prompts]
-    calibrator = ReplyBench(model, calibration_prompts, settings.reply_tokens, settings.seed, found.read, reader,
-                            found.steered)
+
     n_layer = info.n_layer
-    vector = {
-        band: (lambda strength, band=band: _vector(found.units[band], extraction.token_norm, found.steered, strength, n_layer))
-        for band in settings.bands
-    }
+    candidates = []
+    for band in settings.bands:
+        for source, units in (("stimulus", found.units), ("voice", voice_units)):
+            if band in units:
+                full = np.zeros((n_layer, info.n_embd), dtype=np.float32)
+                for layer in found.steered:
+                    full[layer] = units[band][found.steered.index(layer) if source == "voice" else layer]
+                judge = persona_prompt(DESCRIPTIONS[band]) if band in DESCRIPTIONS else None
+                candidates.append(Candidate(band, source, full, judge))
 
-    # Search each band's strength on the ladder, all bands in one batch per round: first the pair around the usual
-    # answer, then one step further up or down where needed. A band whose strength is pinned has its negative side
-    # checked in the next round: the same strength if its replies stay fluent and its readout goes down, else half.
-    tried: dict[str, dict[float, ReplySet]] = {band: {} for band in settings.bands}
-    chosen: dict[str, float] = {}
-    ratios: dict[str, float] = {}
-    start = STRENGTHS.index(0.22)
-    wanted = {band: [STRENGTHS[start], STRENGTHS[start + 1]] for band in settings.bands}
-    baseline: ReplySet | None = None  # the unsteered replies, generated with the first round
-    while wanted:
-        batch = [((band, c), vector[band](c)) for band, strengths in wanted.items() for c in strengths]
-        results = calibrator.run(([("baseline", None)] if baseline is None else []) + batch, progress)
-        baseline = results.pop("baseline", baseline)
-        for (band, strength), replies in results.items():
-            tried[band][strength] = replies
-            if strength < 0:
-                lowers = replies.readout.get(band, 0.0) < baseline.readout.get(band, 0.0)
-                ratios[band] = 1.0 if replies.fluent(baseline, margin=CALIBRATION_MARGIN) and lowers else 0.5
-        wanted = {}
-        for band in settings.bands:
-            if band in chosen:
-                continue
-            fluent, failed = _fluent_steps(tried[band], baseline)
-            best, worst = max(fluent, default=-1), min(failed, default=len(STRENGTHS))
-            step = best + 1 if best >= 0 else min(fluent | failed) - 1
-            if best + 1 < worst and 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in tried[band]:
-                wanted[band] = [STRENGTHS[step]]  # not pinned yet: one step beyond what was tried
-            else:
-                chosen[band] = _strongest_effect(tried[band], baseline, band)
-                wanted[band] = [-chosen[band]]
+    def vector(candidate: Candidate, strength: float) -> np.ndarray:
+        return _vector(candidate.units, extraction.token_norm, found.steered, strength, n_layer)
 
-    # crosstalk: the readout change of every band when one band is at +1
-    crosstalk = {
-        band: {other: round(tried[band][chosen[band]].readout[other] - baseline.readout[other], 3) for other in BANDS}
-        for band in settings.bands
-    }
+    calibration_prompts = prompts["calibration"][: settings.calibration_prompts]
+    bench = ReplyBench(model, calibration_prompts, settings.reply_tokens, settings.seed, found.steered,
+                       found.read, reader)
+    calibration_started = time.perf_counter()
+    chosen, baseline = calibrate(candidates, bench, vector, progress)
+
+    # Direction check, and the negative side: replies at -1 beside +1 and 0, read back by the unsteered model
+    # (readout) and judged for fluency under the persona that asks for the band.
+    # The +1 replies and the baseline were made during calibration (same prompts, same seeds): only -1 is new.
+    at_one = {band: vector(c, c.pinned) for band, c in chosen.items()}
+    checked = {"baseline": baseline, **{(band, 1): c.tried[c.pinned] for band, c in chosen.items()}}
+    negative = [Setting((band, -1), -at_one[band]) for band in chosen]
+    checked.update(bench.run(negative, progress))
+    bench.read_back([Setting("baseline")] + [Setting((band, 1)) for band in chosen] + negative, checked, progress,
+                    perplexity=False)
+    check_baseline = baseline
 
     manifest = new_manifest(info)
     manifest["layers"] = {
@@ -344,52 +433,86 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "candidates": [1, len(extraction.layers) - 1],
         "token_norm": {layer: round(float(extraction.token_norm[layer]), 2) for layer in found.steered},
     }
+    scorer = emotion_scorer().name
     manifest["method"] = {
-        "extraction": "mean over tokens; band texts minus matched neutral twins; centred on the mean over the "
-        "eight primaries; top neutral principal components removed; unit per layer",
+        "sources": {
+            "stimulus": "mean over tokens of eqz's matched pairs: band texts minus neutral twins; centred on the mean "
+            "over the eight primaries; top neutral principal components removed; unit per layer",
+            "voice": f"mean over reply tokens of the model's replies to {len(voice.states['neutral'])} prompts "
+            "under a persona asking for the band minus under a neutral persona; primaries centred; unit per layer",
+        },
         "neutral_components": found.components,
         "selection": "components and layers chosen by 4-fold cross-validated accuracy on the training pairs",
         "axes": "valence and arousal = circumplex-weighted sums of the primaries' centred differences",
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
-        "readout": "unit = the stimulus contrast (band texts minus neutral texts); zero = the model's level on its "
-        f"own unsteered replies to {len(zero_prompts)} neutral prompts of their own (meter, filters) or on neutral "
-        "prose (analyze, classification)",
-        "calibration": f"of the c in {list(STRENGTHS)} whose replies to {len(calibration_prompts)} neutral prompts "
-        f"keep perplexity under the unsteered model <= {1 + CALIBRATION_MARGIN * (MAX_PPL_RATIO - 1):g}x and repeated "
-        f"3-grams <= {CALIBRATION_MARGIN * MAX_REPEATED_TRIGRAMS:.0%} (bounds {MAX_PPL_RATIO}x / "
-        f"{MAX_REPEATED_TRIGRAMS:.0%} with a margin for the small sample), the one whose replies read highest on "
-        "the band; negative side: same c if fluent and the readout goes down, else half",
+        "readout": "along the stimulus direction; unit = the stimulus contrast (band texts minus neutral texts), "
+        "below neutral the furthest any primary's texts go; "
+        f"zero = the model's level on its own unsteered replies to {len(zero_prompts)} neutral prompts of their own "
+        "(meter, filters) or on neutral prose (analyze, classification)",
+        "calibration": {
+            "scorer": scorer,
+            "prompts": len(calibration_prompts),
+            "reply_tokens": settings.reply_tokens,
+            "ladder": list(STRENGTHS),
+            "gain_1": f"per band and source, the smallest c whose replies lift the band's own emotion words >= "
+            f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight (axes: +{E.CLEAR_AXIS_RISE:g} words/100), "
+            "within the fluency bounds; else the fluent c with the largest effect (weak); the source that is clear, "
+            "else the one with the larger effect",
+            "fluency": f"repeated 3-grams <= {E.MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {E.MIN_DISTINCT_RATIO:g}x "
+            f"and Latin-letter share >= {E.MIN_LATIN_RATIO:g}x the unsteered replies'; at +1 also perplexity under "
+            f"the model asked for the band <= {E.MAX_PPL_RATIO:g}x the unsteered replies' own",
+            "direction_check": "lexicon rate and readout at -1 < 0 < +1 (the lexicon at -1 may exceed 0 by one word "
+            "in the whole sample, its noise floor)",
+        },
         "stimulus_set": STIMULUS_SET_VERSION,
         "split": SPLIT_RULE,
         "train_pairs_per_band": settings.train_pairs,
         "neutral_passages": settings.neutral_passages,
-        "calibration_prompts": len(calibration_prompts),
-        "reply_tokens": settings.reply_tokens,
+        "voice_prompts": len(voice.states["neutral"]),
+        "voice_tokens": settings.voice_tokens,
         "quick": settings.quick,
     }
     bank = Bank(directory=None, manifest=manifest)  # type: ignore[arg-type]
-    for band in settings.bands:
+    for band, candidate in chosen.items():
+        up, down = checked[(band, 1)], checked[(band, -1)]
+        ratio = 1.0 if down.fluent(check_baseline) else 0.5
+        # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
+        floor = 100.0 / max(1, sum(len(words(text)) for text in down.texts))
+        rises = (down.rates[band] <= check_baseline.rates[band] + floor and check_baseline.rates[band] < up.rates[band]
+                 if band in up.rates else None)
+        readout_rises = (down.readout[band] < check_baseline.readout[band] < up.readout[band]) if band in up.readout else None
+        best = candidate.best(baseline)
+        weak = best is None or not best[1]
+        found_problems = {"weak": weak, "lexicon": rises is False, "readout": readout_rises is False,
+                          "fluency": not up.fluent(check_baseline)}
+        problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
         bank.bands[band] = Band(
             band,
-            vector[band](chosen[band]),
-            ratios[band],
+            vector(candidate, candidate.pinned),
+            ratio,
             {
                 "neutral": [round(reply_level[layer][band], 4) for layer in found.steered],
                 "neutral_text": [round(text_levels[layer][band][0], 4) for layer in found.steered],
                 "unit": [round(text_levels[layer][band][1], 4) for layer in found.steered],
+                "negative_unit": [round(text_levels[layer][band][2], 4) for layer in found.steered],
             },
+            read_directions=found.units[band][found.steered],
         )
         manifest["bands"][band] = {
-            "strength": chosen[band],
-            "negative_strength": chosen[band] * ratios[band],
-            "fluent_at_gain_1": tried[band][chosen[band]].fluent(baseline, margin=CALIBRATION_MARGIN),
+            "source": candidate.source,
+            "strength": candidate.pinned,
+            "negative_strength": round(candidate.pinned * ratio, 4),
+            "clear": not weak,
+            "direction_ok": not problems,
+            **({"problems": problems} if problems else {}),
+            "check": {"+1": up.summary(band, check_baseline), "-1": down.summary(band, check_baseline)},
             "calibration": [
-                tried[band][s].summary(band, s, baseline) for s in sorted(tried[band])
+                {"source": c.source, "strength": s, **c.tried[s].summary(band, baseline)}
+                for c in candidates if c.band == band for s in sorted(c.tried)
             ],
         }
     heldout_accuracy = float(np.trace(found.confusion) / found.confusion.sum())
-
     manifest["quality"] = {
         "heldout_accuracy": round(heldout_accuracy, 3),
         "heldout_texts": int(found.confusion.sum()),
@@ -398,8 +521,12 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "confusion": {band: dict(zip(PRIMARIES, map(int, row))) for band, row in zip(PRIMARIES, found.confusion)},
         "accuracy_by_layer": {layer: round(float(a), 3) for layer, a in zip(extraction.layers, found.accuracies)},
         "axes_on_heldout": found.axis_check,
-        "baseline": {"ppl": round(baseline.ppl, 3), "repeated_3grams": round(baseline.repeat, 3)},
-        "crosstalk": crosstalk,
+        "baseline": {"repeated_3grams": round(check_baseline.repeat, 3), "distinct_2": round(check_baseline.distinct, 3)},
+        # the readout change of every metered band when one band is at +1, on the calibration prompts
+        "crosstalk": {
+            band: {other: round(checked[(band, 1)].readout[other] - check_baseline.readout[other], 3) for other in metered}
+            for band in chosen
+        },
     }
     manifest["trained"] = {
         "eqz_version": __version__,
@@ -407,6 +534,8 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "seconds": round(time.perf_counter() - started, 1),
         "extraction_seconds": round(extraction.seconds, 1),
         "extraction_tokens": extraction.tokens,
+        "voice_seconds": round(voice.seconds, 1),
+        "calibration_seconds": round(time.perf_counter() - calibration_started, 1),
         "threads": model.threads,
     }
     return bank

@@ -142,3 +142,15 @@ def test_instruments_average_per_owner_and_read_what_the_filter_wrote():
     clamped.owners(["a", "b"])
     assert clamped(1, hidden)
     assert clamped.mean("b")["joy"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_readout_units_put_the_own_band_at_one_and_no_emotion_below_minus_one():
+    direction = np.zeros(EMBD)
+    direction[0] = 1.0
+    neutral = np.zeros((4, EMBD))
+    own, other = np.zeros((4, EMBD)), np.zeros((4, EMBD))
+    own[:, 0], other[:, 0] = 2.0, -5.0  # another band's texts push further, the other way
+    levels = D.readout_levels(neutral, {"sadness": own, "joy": other}, {"sadness": direction})
+    assert levels["sadness"] == (0.0, 2.0, 5.0)
+    readouts = D.calibrated(np.array([4.0, 2.0, -5.0, -10.0]), 0.0, 2.0, 5.0)
+    assert readouts.tolist() == [2.0, 1.0, -1.0, -2.0]  # sadness text +1, joy text -1

@@ -11,7 +11,8 @@ import pytest
 
 from eqz.bands import BANDS, CIRCUMPLEX
 from eqz.eval import ReplySet
-from eqz.scoring import distinct2, lexicon_scores, perplexity, repeated_trigrams, words
+from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, perplexity,
+                         repeated_trigrams, words)
 
 from .conftest import run_eqz
 
@@ -35,6 +36,30 @@ def test_lexicon_scores_of_neutral_or_empty_text_are_zero():
     assert all(value == 0 for value in lexicon_scores("").values())
 
 
+def test_the_nrc_lexicon_is_installed_and_scores_inflected_forms():
+    assert nrc_lexicon() is not None, "NRCLex is missing: run `make setup`"
+    rates = EmotionScorer("nrc").rates("She smiled, then screamed in terror at the rotten stench.")  # 10 words
+    assert rates["joy"] > 0 and rates["fear"] > 0 and rates["disgust"] > 0  # smiled -> smile (inflection)
+    assert rates["valence"] < 0  # more negative than positive words
+    assert all(value == 0 for value in EmotionScorer("nrc").rates("The the of and.").values())
+
+
+def test_lift_is_smoothed_and_latin_share_spots_another_script():
+    assert lift(1.0, 0.0) == pytest.approx((1.0 + 0.25) / 0.25)
+    assert lift(0.0, 0.0) == 1.0
+    assert latin_share("plain English words") == 1.0
+    assert latin_share("Привет мир") == 0.0
+
+
+def test_a_reply_set_is_clear_only_where_its_own_band_leads_and_doubles():
+    baseline = ReplySet(texts=[""], rates={band: 1.0 for band in BANDS})
+    steered = ReplySet(texts=[""], rates={**baseline.rates, "joy": 3.0, "fear": 1.5})
+    assert steered.clear("joy", baseline) and not steered.clear("fear", baseline)
+    crowded = ReplySet(texts=[""], rates={**baseline.rates, "joy": 3.0, "anger": 5.0})
+    assert not crowded.clear("joy", baseline)  # anger is lifted more
+    assert steered.clear("valence", ReplySet(texts=[""], rates={**baseline.rates, "valence": -0.5})) is True
+
+
 def test_repeated_trigrams_and_distinct_bigrams():
     assert repeated_trigrams("a b c a b c") == pytest.approx(0.25)  # abc bca cab abc: one of four repeats
     assert repeated_trigrams("one two three four") == 0
@@ -49,36 +74,42 @@ def test_perplexity_is_exp_of_mean_negative_log_probability():
     assert math.isnan(perplexity(np.zeros(0)))
 
 
-def test_fluency_bounds_apply_to_perplexity_ratio_and_repeats():
-    baseline = ReplySet(texts=[""], nll=1.0)
-    assert ReplySet(texts=[""], nll=1.0 + math.log(1.9), repeat=0.1).fluent(baseline)
-    assert not ReplySet(texts=[""], nll=1.0 + math.log(2.1), repeat=0.1).fluent(baseline)
-    assert not ReplySet(texts=[""], nll=1.0, repeat=0.25).fluent(baseline)
-    # calibration's margin tightens both bounds: 1.9x is outside 1 + 0.75 * (2 - 1) = 1.75x
-    assert not ReplySet(texts=[""], nll=1.0 + math.log(1.9)).fluent(baseline, margin=0.75)
+def test_fluency_bounds_repeats_distinct_bigrams_script_and_judged_perplexity():
+    baseline = ReplySet(texts=[""], nll=1.0, distinct=1.0, latin=1.0)
+    assert ReplySet(texts=[""], nll=1.0 + math.log(3.9), repeat=0.04).fluent(baseline)
+    assert not ReplySet(texts=[""], nll=1.0 + math.log(4.1)).fluent(baseline)
+    assert not ReplySet(texts=[""], nll=1.0, repeat=0.06).fluent(baseline)
+    assert not ReplySet(texts=[""], nll=1.0, distinct=0.85).fluent(baseline)
+    assert not ReplySet(texts=[""], nll=1.0, latin=0.5).fluent(baseline)
+    assert ReplySet(texts=[""]).fluent(baseline)  # perplexity not measured: the other bounds decide
 
 
 def test_tiny_eval_end_to_end(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Describe a kitchen table.\nWhat is a bus timetable?\nExplain how to water a plant.\n")
     out = tmp_path / "out"
-    result = run_eqz("eval", "--bands", "joy,sadness", "--gains", "0,1", "--tokens", "16",
+    result = run_eqz("eval", "--bands", "joy,sadness", "--gains", "-1,0,1", "-n", "16",
                      "--prompts", str(prompts), "-o", str(out), "--plot")
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "eval.json").read_text())
-    assert data["prompts"] == 3 and data["reply_tokens"] == 16
+    assert data["prompts"] == 3 and data["reply_tokens"] == 16 and data["scorer"] == "nrc"
     rows = {(row["band"], row["gain"]): row for row in data["rows"]}
-    assert set(rows) == {("joy", 0.0), ("joy", 1.0), ("sadness", 0.0), ("sadness", 1.0)}
-    # gain 0 is the shared unsteered baseline: perplexity ratio exactly 1
-    assert rows[("joy", 0.0)]["ppl_ratio"] == 1.0 and rows[("joy", 0.0)]["example"] == rows[("sadness", 0.0)]["example"]
+    # every gain, and the prompt-only baseline (gain null) beside each band
+    assert set(rows) == {(b, g) for b in ("joy", "sadness") for g in (-1.0, 0.0, 1.0, None)}
+    # gain 0 is the shared unsteered baseline: effect exactly 1, perplexity ratio exactly 1
+    zero = rows[("joy", 0.0)]
+    assert zero["effect"] == 1.0 and zero["ppl_ratio"] == 1.0 and zero["examples"] == rows[("sadness", 0.0)]["examples"]
     # the slider moves the model's own readout of its reply the way it is named
-    assert rows[("joy", 1.0)]["readout"] > rows[("joy", 0.0)]["readout"]
-    assert rows[("sadness", 1.0)]["readout"] > rows[("sadness", 0.0)]["readout"]
+    for band in ("joy", "sadness"):
+        assert rows[(band, -1.0)]["readout"] < rows[(band, 0.0)]["readout"] < rows[(band, 1.0)]["readout"]
+        assert set(rows[(band, 1.0)]["lifts"]) == {"joy", "trust", "fear", "surprise", "sadness", "disgust", "anger",
+                                                  "anticipation"}
+        assert rows[(band, None)]["ppl_ratio"] > 0 and len(rows[(band, None)]["examples"]) == 3
     assert set(rows[("joy", 1.0)]["crosstalk"]) == set(BANDS) - {"joy"}
     with (out / "eval.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 4
+        assert len(list(csv.DictReader(handle))) == 8
     assert (out / "dose_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "joy" in result.stdout and "sadness" in result.stdout
+    assert "prompt only" in result.stdout and "sadness" in result.stdout
 
 
 def test_eval_rejects_bad_gains_and_bands(tmp_path):

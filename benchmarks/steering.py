@@ -1,0 +1,146 @@
+"""How clearly each slider moves the text, against asking for the emotion in the prompt: the bank v2 figures.
+
+Runs `eqz eval`'s measurement (eqz.eval.evaluate) on the held-out prompts (16 that neither training nor
+calibration used), scored by the NRC Emotion Lexicon, and writes docs/steering-<model>.md: a table per model with
+the acceptance criteria, and three real replies per band at 0 / +1 / +2 so a reader can judge fluency.
+
+    python benchmarks/steering.py [--model PATH] [--samples 2] [--max-tokens 64] [--bank DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eqz.bands import BANDS, PRIMARIES
+from eqz.bank import Bank, require_bank
+from eqz.engine import Model
+from eqz.eval import CLEAR_LIFT, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, evaluate, write_outputs
+from eqz.models import resolve_model_path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def verdicts(result) -> dict[str, dict]:
+    """Per band: what the acceptance asks of it, measured."""
+    out = {}
+    for band in result.bands:
+        rows = {row["gain"]: row for row in result.table(band)}
+        zero, up, down = rows[0.0], rows.get(1.0), rows.get(-1.0)
+        prompted = result.prompting(band)
+        entry = {
+            "effect_at_1": up["effect"],
+            "effect_at_2": rows[2.0]["effect"] if 2.0 in rows else None,
+            "most_lifted_at_1": up["most_lifted"],
+            "clear_at_1": up["clear"],
+            "lowered_at_-1": down["words_per_100"] < zero["words_per_100"] if band in PRIMARIES else
+            down["effect"] < 0,
+            "readout_rises": down.get("readout", 0) < zero.get("readout", 0) < up.get("readout", 0),
+            "repeated_3grams_at_1": up["repeated_3grams"],
+            "distinct_ratio_at_1": round(up["distinct_2"] / zero["distinct_2"], 3) if zero["distinct_2"] else None,
+            "ppl_ratio_at_1": up.get("ppl_ratio"),
+            "prompt_only_effect": prompted["effect"] if prompted else None,
+            "prompt_only_clear": prompted["clear"] if prompted else None,
+        }
+        entry["fluent_at_1"] = (entry["repeated_3grams_at_1"] <= MAX_REPEATED_TRIGRAMS
+                                and (entry["distinct_ratio_at_1"] or 0) >= MIN_DISTINCT_RATIO)
+        out[band] = entry
+    return out
+
+
+def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
+    primaries = [b for b in PRIMARIES if b in figures]
+    clear = sum(figures[b]["clear_at_1"] for b in primaries)
+    lifted = sum(figures[b]["effect_at_1"] >= CLEAR_LIFT for b in primaries)
+    prompt_clear = sum(bool(figures[b]["prompt_only_clear"]) for b in primaries)
+    lines = [
+        f"# Steering figures: {model_name}",
+        "",
+        f"Written by `python benchmarks/steering.py`: {result.prompts} held-out prompts (neither training nor "
+        f"calibration saw them) x {result.samples} samples x {result.reply_tokens} tokens, temperature 0.7, "
+        f"scored by the {result.scorer} lexicon (shares nothing with the bank). Effect = the band's own emotion "
+        "words over the unsteered replies' (x; smoothed by 0.25 words/100); for valence and arousal, the rise in "
+        "positive-minus-negative (high-minus-low arousal) words per 100. *Clear* = effect >= 2x and the most "
+        "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt.",
+        "",
+        f"**Primaries clear at +1: {clear}/{len(primaries)}**; lifted >= 2x: {lifted}/{len(primaries)}; "
+        f"prompting only: {prompt_clear}/{len(primaries)} clear.",
+        "",
+        "| band | source | effect +1 | most lifted +1 | clear +1 | effect +2 | -1 lowers | readout rises | "
+        "rep3 +1 | distinct-2 +1 (x unsteered) | ppl +1 (asked) | prompt only | bank check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for band in result.bands:
+        f = figures[band]
+        entry = bank.manifest["bands"].get(band, {})
+        two = f"{f['effect_at_2']:.2f}" if f["effect_at_2"] is not None else "-"
+        prompted = f"{f['prompt_only_effect']:.2f}" if f["prompt_only_effect"] is not None else "-"
+        ppl = f"{f['ppl_ratio_at_1']:.2f}" if f["ppl_ratio_at_1"] is not None else "-"
+        check = "ok" if entry.get("direction_ok") else ", ".join(entry.get("problems", ["-"]))
+        lines.append(
+            f"| {band} | {entry.get('source', '-')} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
+            f"{'yes' if f['clear_at_1'] else 'no'} | {two} | {'yes' if f['lowered_at_-1'] else 'no'} | "
+            f"{'yes' if f['readout_rises'] else 'no'} | {f['repeated_3grams_at_1']:.1%} | "
+            f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {check} |"
+        )
+    lines += ["", "## Crosstalk", "",
+              "Readout change of every band (the unsteered model reading the replies) when one band is at +1:", "",
+              "| +1 on / readout of | " + " | ".join(b[:5] for b in result.bands) + " |",
+              "|---|" + "---|" * len(result.bands)]
+    for band in result.bands:
+        rows = {row["gain"]: row for row in result.table(band)}
+        own = rows[1.0].get("readout", 0.0) - rows[0.0].get("readout", 0.0)
+        cells = [f"{own:+.2f}" if other == band else f"{rows[1.0]['crosstalk'].get(other, 0.0):+.2f}"
+                 for other in result.bands]
+        lines.append(f"| {band} | " + " | ".join(cells) + " |")
+    lines += ["", "## Replies (the first three held-out prompts)", ""]
+    for band in result.bands:
+        rows = {row["gain"]: row for row in result.table(band)}
+        lines.append(f"### {band}")
+        lines.append("")
+        for gain in (0.0, 1.0, 2.0):
+            if gain not in rows:
+                continue
+            for text in rows[gain]["examples"]:
+                lines.append(f"- **{gain:+g}**: {' '.join(text.split())}")
+        prompted = result.prompting(band)
+        if prompted:
+            lines.append(f"- **prompt only**: {' '.join(prompted['examples'][0].split())}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--bank", help="bank directory [default: the model's bank]")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--gains", default="-1,0,1,2")
+    parser.add_argument("--record", action="store_true", help="store the figures in the bank's bank.yaml")
+    args = parser.parse_args()
+    with Model(resolve_model_path(args.model)) as model:
+        bank = Bank.load(Path(args.bank)) if args.bank else require_bank(model.info)
+        gains = tuple(float(g) for g in args.gains.split(","))
+        result = evaluate(model, bank, BANDS if set(BANDS) <= set(bank.names) else bank.names, gains,
+                          reply_tokens=args.max_tokens, samples=args.samples)
+        name = model.info.name
+    figures = verdicts(result)
+    slug = bank.directory.name
+    DOCS.mkdir(exist_ok=True)
+    write_outputs(result, DOCS / f"eval-{slug}", plot=True)
+    (DOCS / f"steering-{slug}.md").write_text(markdown(name, bank, result, figures))
+    if args.record:
+        bank.manifest.setdefault("quality", {})["dose_response"] = result.dose_response()
+        bank.manifest["quality"]["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": result.reply_tokens,
+                                                          "samples": result.samples, "scorer": result.scorer}
+        bank.manifest["quality"]["steering"] = figures
+        bank.save()
+    json.dump(figures, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
