@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from eqz.analyze import analyze
 from eqz.bands import PRIMARIES
@@ -36,6 +38,24 @@ def test_analyze_ranks_the_true_band_first_on_the_heldout_split(model, bank):
             total += 1
     assert total == 128
     assert hits / total >= 0.80, f"{hits}/{total}"
+
+
+def test_analyze_ranks_fresh_short_sentences_with_units_of_one_order(model, bank):
+    """80 short sentences written apart from the stimuli (tests/data). Measured: the true band first on 65% (the
+    v1 bank: 68.8%; the target of 85% is not met, see README "Meter and filters"), and no readout of a whole
+    sentence beyond 4.25 (v1: 6.72, with sadness at -3.75 on a sentence about a job offer)."""
+    sentences = yaml.safe_load((Path(__file__).parent / "data" / "short_sentences.yaml").read_text())
+    hits = total = 0
+    largest = 0.0
+    for band, texts in sentences.items():
+        for text in texts:
+            result = analyze(model, bank, text)
+            hits += result.top_band(PRIMARIES) == band
+            total += 1
+            largest = max(largest, max(abs(value) for value in result.overall.values()))
+    assert total == 80
+    assert hits / total >= 0.6, f"{hits}/{total}"
+    assert largest < 5.0, largest
 
 
 def test_analyze_by_sentence_and_token_and_json():
