@@ -25,7 +25,7 @@ from .bank import Bank
 from .engine import Job, Model, TextGroup, generate_parallel, read_texts
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
-from .scoring import distinct2, emotion_scorer, latin_share, lift, perplexity, repeated_trigrams
+from .scoring import distinct2, emotion_scorer, latin_share, lift, repeated_trigrams
 from .voice import persona_tokens
 
 # Fluency bounds (README "How the bank is made"): none of them charges a reply for being emotional.

@@ -10,7 +10,6 @@ lexicon is free for research, see its terms). It was written by neither the bank
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from functools import lru_cache
 from importlib import metadata
 from importlib.resources import files
 
-import numpy as np
 import yaml
 
 from .bands import BANDS, CIRCUMPLEX, PRIMARIES
@@ -136,7 +134,3 @@ def distinct2(text: str) -> float:
     grams = list(zip(tokens, tokens[1:]))
     return len(set(grams)) / len(grams) if grams else 1.0
 
-
-def perplexity(logprobs: np.ndarray) -> float:
-    """exp of the mean negative log-probability of a reply's tokens."""
-    return math.exp(-float(np.mean(logprobs))) if len(logprobs) else float("nan")

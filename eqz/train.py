@@ -19,7 +19,6 @@ band is checked for direction at -1 / 0 / +1 (lexicon and readout must both rise
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,7 +29,7 @@ import numpy as np
 from . import __version__
 from . import directions as D
 from . import eval as E
-from .bands import AXES, BANDS, CIRCUMPLEX, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
+from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
 from .bank import Band, Bank, new_manifest
 from .engine import Model, TextGroup, read_texts
 from .eval import ReplyBench, ReplySet, Setting, prompt_sets

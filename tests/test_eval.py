@@ -6,13 +6,12 @@ import csv
 import json
 import math
 
-import numpy as np
 import pytest
 
 from eqz.bands import BANDS, CIRCUMPLEX
 from eqz.eval import ReplySet
-from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, perplexity,
-                         repeated_trigrams, words)
+from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, repeated_trigrams,
+                         words)
 
 from .conftest import run_eqz
 
@@ -68,10 +67,10 @@ def test_repeated_trigrams_and_distinct_bigrams():
     assert distinct2("word") == 1.0
 
 
-def test_perplexity_is_exp_of_mean_negative_log_probability():
-    assert perplexity(np.log([0.5, 0.5, 0.5])) == pytest.approx(2.0)
-    assert perplexity(np.log([1.0])) == pytest.approx(1.0)
-    assert math.isnan(perplexity(np.zeros(0)))
+def test_perplexity_is_exp_of_the_mean_negative_log_probability():
+    assert ReplySet(texts=[""], nll=math.log(2.0)).ppl == pytest.approx(2.0)
+    assert ReplySet(texts=[""], nll=math.log(6.0)).ppl_ratio(ReplySet(texts=[""], nll=math.log(2.0))) == pytest.approx(3.0)
+    assert math.isnan(ReplySet(texts=[""]).ppl)
 
 
 def test_fluency_bounds_repeats_distinct_bigrams_script_and_judged_perplexity():
