@@ -36,7 +36,7 @@ from .eval import ReplyBench, ReplySet, Setting, prompt_sets
 from .meter import LayerGeometry
 from .scoring import emotion_scorer, words
 from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli
-from .voice import capture_voice
+from .voice import VoiceCapture, capture_voice
 
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
 STRENGTHS = (0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
@@ -248,7 +248,8 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
 # ------------------------------------------------------------------------------------------------ voice
 
 
-def voice_directions(model: Model, settings: TrainSettings, layers: list[int], progress: Progress) -> tuple[dict, object]:
+def voice_directions(model: Model, settings: TrainSettings, layers: list[int],
+                     progress: Progress) -> tuple[dict, VoiceCapture]:
     """Unit "own voice" directions at ``layers`` per band: the model's replies under the band's persona minus its
     replies under the neutral persona. The primaries' differences are centred on their mean (what any persona
     shares goes); the axes are circumplex sums of them."""
