@@ -229,7 +229,8 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
     for band in result.bands:
         table = Table(title=f"{band}", title_justify="left", header_style="bold")
         for column in ("setting", "effect", "most lifted", "readout", "ppl ratio", "rep. 3-grams", "distinct-2", "tokens"):
-            table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right")
+            table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right",
+                             no_wrap=column in ("setting", "most lifted"))
         prompted = result.prompting(band)
         for row in result.table(band) + ([prompted] if prompted else []):
             style = None if row["fluent"] else "red"
