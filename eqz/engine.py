@@ -305,6 +305,14 @@ class Model:
                 lines.append(f"{'User' if role == 'user' else 'Assistant'}: {content}")
         return "\n".join(lines) + "\nAssistant:", FALLBACK_STOPS
 
+    def parallel_context(self, jobs: Sequence["Job"], parallel: int, taps: bool = True) -> "Context":
+        """A context for generate_parallel: up to ``parallel`` sequences, each with its own KV cells, room for the
+        longest prompt plus the most tokens any job may generate (rounded up to 256)."""
+        longest = max(len(job.prompt) + job.sampling.max_tokens for job in jobs)
+        per_sequence = (longest + 8 + 255) // 256 * 256
+        parallel = max(1, min(parallel, len(jobs)))
+        return self.context(n_ctx=per_sequence * parallel, n_seq=parallel, unified=False, taps=taps)
+
     def context(
         self, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = 512, taps: bool = False, unified: bool = True
     ) -> "Context":

@@ -184,10 +184,7 @@ class ReplyBench:
                                     vector=setting.vector, vector_key=setting.key, tag=(setting.key, i, sample)))
         advance = progress("generating replies", len(jobs))
         replies: dict = {setting.key: {} for setting in settings}
-        longest = max(len(job.prompt) for job in jobs)
-        per_sequence = (longest + self.reply_tokens + 8 + 255) // 256 * 256
-        parallel = max(1, min(self.parallel, len(jobs)))
-        with self.model.context(n_ctx=per_sequence * parallel, n_seq=parallel, unified=False, taps=True) as context:
+        with self.model.parallel_context(jobs, self.parallel) as context:
             for finished in generate_parallel(context, jobs, row_steering=self.steered):
                 key, i, sample = finished.job.tag
                 replies[key][(i, sample)] = (finished.tokens, finished.text)

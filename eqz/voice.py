@@ -94,10 +94,7 @@ def capture_voice(
     texts = {key: [""] * len(prompts) for key in personas}
     generated = 0
     started = time.perf_counter()
-    longest = max(len(job.prompt) for job in jobs)
-    per_sequence = (longest + reply_tokens + 8 + 255) // 256 * 256
-    parallel = max(1, min(parallel, len(jobs)))
-    with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, unified=False, taps=True) as context:
+    with model.parallel_context(jobs, parallel) as context:
         context.set_tap(pooling)
         try:
             for finished in generate_parallel(context, jobs, on_decode=pooling.on_decode):
