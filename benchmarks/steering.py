@@ -17,7 +17,7 @@ from pathlib import Path
 from eqz.bands import BANDS, PRIMARIES
 from eqz.bank import Bank, require_bank
 from eqz.engine import Model
-from eqz.eval import CLEAR_LIFT, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, evaluate, write_outputs
+from eqz.eval import CLEAR_LIFT, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, evaluate, record, write_outputs
 from eqz.models import resolve_model_path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -133,11 +133,7 @@ def main() -> None:
     write_outputs(result, DOCS / f"eval-{slug}", plot=True)
     (DOCS / f"steering-{slug}.md").write_text(markdown(name, bank, result, figures))
     if args.record:
-        bank.manifest.setdefault("quality", {})["dose_response"] = result.dose_response()
-        bank.manifest["quality"]["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": result.reply_tokens,
-                                                          "samples": result.samples, "scorer": result.scorer}
-        bank.manifest["quality"]["steering"] = figures
-        bank.save()
+        record(result, bank, steering=figures)
     json.dump(figures, sys.stdout, indent=1)
     print()
 

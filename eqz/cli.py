@@ -419,6 +419,7 @@ def eval_command(
     from .display import print_eval, progress_bars
     from .errors import EqzError
     from .eval import evaluate, non_fluent_gains, write_outputs
+    from .eval import record as record_figures
 
     try:
         gain_list = tuple(float(g) for g in gains.split(","))
@@ -441,10 +442,7 @@ def eval_command(
         with progress_bars() as progress:
             result = evaluate(loaded, bank, chosen, gain_list, prompt_list, tokens, samples, progress=progress)
         if record:
-            bank.manifest.setdefault("quality", {})["dose_response"] = result.dose_response()
-            bank.manifest["quality"]["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": tokens,
-                                                              "samples": samples, "scorer": result.scorer}
-            bank.save()
+            record_figures(result, bank)
     print_eval(result, non_fluent_gains(result))
     for path in write_outputs(result, Path(output), plot):
         typer.echo(f"wrote {path}")

@@ -167,9 +167,10 @@ class ReplyBench:
             self._tokens[key] = persona_tokens(self.model, persona, self.prompts[index])
         return self._tokens[key]
 
-    def run(self, settings: list[Setting], progress: Progress = _no_progress, states: bool = False) -> dict:
-        """Replies for each setting to every prompt (``samples`` each), scored on their text and their perplexity;
-        ``states`` also reads their hidden states (readout). Prompt i, sample s has the same seed under every
+    def run(self, settings: list[Setting], progress: Progress = _no_progress, states: bool = False,
+            perplexity: bool = True) -> dict:
+        """Replies for each setting to every prompt (``samples`` each), scored on their text and (``perplexity``)
+        their perplexity; ``states`` also reads their hidden states (readout). Prompt i, sample s has the same seed under every
         setting (paired comparisons).
 
         Settings are mixed in one batch by steering each row with its own vector (bit-identical to llama.cpp's
@@ -193,7 +194,7 @@ class ReplyBench:
             setting.key: self._text_scores([replies[setting.key][slot] for slot in sorted(replies[setting.key])])
             for setting in settings
         }
-        self.read_back(settings, results, progress, states)
+        self.read_back(settings, results, progress, states, perplexity)
         return results
 
     @staticmethod
@@ -342,6 +343,16 @@ def bank_persona(bank: Bank, band: str) -> str | None:
     band was trained from, none for the axes or imported vectors."""
     description = bank.manifest["bands"].get(band, {}).get("description") or DESCRIPTIONS.get(band)
     return persona_prompt(description) if description else None
+
+
+def record(result: EvalResult, bank: Bank, **extra) -> None:
+    """Store the dose-response figures (and ``extra`` quality entries) in the bank's bank.yaml."""
+    quality = bank.manifest.setdefault("quality", {})
+    quality["dose_response"] = result.dose_response()
+    quality["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": result.reply_tokens,
+                                      "samples": result.samples, "scorer": result.scorer}
+    quality.update(extra)
+    bank.save()
 
 
 def non_fluent_gains(result: EvalResult) -> dict[str, list[float]]:

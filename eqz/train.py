@@ -379,7 +379,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     zero_prompts = prompts["zero"]
     zero_bench = ReplyBench(model, zero_prompts, ZERO_REPLY_TOKENS, settings.seed, found.steered,
                             layers=found.steered, parallel=len(zero_prompts))
-    zero = zero_bench.run([Setting("zero")], progress, states=True)
+    zero = zero_bench.run([Setting("zero")], progress, states=True, perplexity=False)
     zero_states = zero["zero"].states
     metered = list(BANDS)
     reply_level = {
@@ -424,7 +424,6 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     checked.update(bench.run(negative, progress))
     bench.read_back([Setting("baseline")] + [Setting((band, 1)) for band in chosen] + negative, checked, progress,
                     perplexity=False)
-    check_baseline = baseline
 
     manifest = new_manifest(info)
     manifest["layers"] = {
@@ -476,16 +475,16 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     bank = Bank(directory=None, manifest=manifest)  # type: ignore[arg-type]
     for band, candidate in chosen.items():
         up, down = checked[(band, 1)], checked[(band, -1)]
-        ratio = 1.0 if down.fluent(check_baseline) else 0.5
+        ratio = 1.0 if down.fluent(baseline) else 0.5
         # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
         floor = 100.0 / max(1, sum(len(words(text)) for text in down.texts))
-        rises = (down.rates[band] <= check_baseline.rates[band] + floor and check_baseline.rates[band] < up.rates[band]
+        rises = (down.rates[band] <= baseline.rates[band] + floor and baseline.rates[band] < up.rates[band]
                  if band in up.rates else None)
-        readout_rises = (down.readout[band] < check_baseline.readout[band] < up.readout[band]) if band in up.readout else None
+        readout_rises = (down.readout[band] < baseline.readout[band] < up.readout[band]) if band in up.readout else None
         best = candidate.best(baseline)
         weak = best is None or not best[1]
         found_problems = {"weak": weak, "lexicon": rises is False, "readout": readout_rises is False,
-                          "fluency": not up.fluent(check_baseline)}
+                          "fluency": not up.fluent(baseline)}
         problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
         bank.bands[band] = Band(
             band,
@@ -506,7 +505,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
             "clear": not weak,
             "direction_ok": not problems,
             **({"problems": problems} if problems else {}),
-            "check": {"+1": up.summary(band, check_baseline), "-1": down.summary(band, check_baseline)},
+            "check": {"+1": up.summary(band, baseline), "-1": down.summary(band, baseline)},
             "calibration": [
                 {"source": c.source, "strength": s, **c.tried[s].summary(band, baseline)}
                 for c in candidates if c.band == band for s in sorted(c.tried)
@@ -521,10 +520,10 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "confusion": {band: dict(zip(PRIMARIES, map(int, row))) for band, row in zip(PRIMARIES, found.confusion)},
         "accuracy_by_layer": {layer: round(float(a), 3) for layer, a in zip(extraction.layers, found.accuracies)},
         "axes_on_heldout": found.axis_check,
-        "baseline": {"repeated_3grams": round(check_baseline.repeat, 3), "distinct_2": round(check_baseline.distinct, 3)},
+        "baseline": {"repeated_3grams": round(baseline.repeat, 3), "distinct_2": round(baseline.distinct, 3)},
         # the readout change of every metered band when one band is at +1, on the calibration prompts
         "crosstalk": {
-            band: {other: round(checked[(band, 1)].readout[other] - check_baseline.readout[other], 3) for other in metered}
+            band: {other: round(checked[(band, 1)].readout[other] - baseline.readout[other], 3) for other in metered}
             for band in chosen
         },
     }
