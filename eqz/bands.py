@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from .errors import EqzError
 
@@ -82,3 +83,25 @@ def gain_warning(band: str, gain: float) -> str:
     if abs(gain) > SAFE_GAIN:
         return f" (beyond the calibrated ±{SAFE_GAIN:g} for {band}: expect less fluent text)"
     return ""
+
+
+_BAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def check_band_name(name: str) -> None:
+    """A new band's name must work as a --set key, a YAML key and a file name."""
+    if not _BAND_NAME.match(name):
+        raise EqzError(f"band name '{name}' must be lowercase letters, digits or _, starting with a letter")
+
+
+def parse_described(spec: str) -> tuple[str, str]:
+    """``NAME=DESCRIPTION`` (as given to ``eqz train --band``) -> (name, description)."""
+    name, sep, description = spec.partition("=")
+    name, description = name.strip().lower(), description.strip()
+    if not sep or not description:
+        raise EqzError(f"--band takes NAME=\"what the feeling is\", e.g. nostalgia=\"wistful longing for the past\"; "
+                       f"got '{spec}'")
+    check_band_name(name)
+    if name in BANDS:
+        raise EqzError(f"'{name}' is a built-in band; give the described band a name of its own")
+    return name, description

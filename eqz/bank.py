@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .bands import check_band_name
 from .engine import ModelInfo
 from .errors import EqzError
 from .models import fingerprint
@@ -34,10 +35,10 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "vectors"
 PROBLEMS = {
     "weak": "no fluent strength clearly lifts its emotion",
     "lexicon": "its emotion words do not rise from -1 to +1",
+    "judge": "the unsteered model does not judge its replies closer to the description from -1 to +1",
     "readout": "the model's readout does not rise from -1 to +1",
     "fluency": "replies at +1 leave the fluency bounds",
 }
-_BAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 def user_data_dir() -> Path:
@@ -268,8 +269,7 @@ def new_manifest(info: ModelInfo) -> dict:
 
 def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Band:
     """Add a repeng / llama.cpp control vector to ``bank`` as band ``name`` (gain 1 = the file as it is)."""
-    if not _BAND_NAME.match(name):
-        raise EqzError(f"band name '{name}' must be lowercase letters, digits or _, starting with a letter")
+    check_band_name(name)
     vector_file = read_control_vector(path)
     matrix = vector_file.matrix(info.n_layer, info.n_embd, info.name)
     band = Band(name, matrix, 1.0, None)

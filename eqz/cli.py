@@ -454,6 +454,11 @@ def train(
     bands: Annotated[
         Optional[str], typer.Option("--bands", help="comma-separated bands to make [default: all ten]")
     ] = None,
+    described: Annotated[
+        Optional[list[str]],
+        typer.Option("--band", help='a band of your own from a description: NAME="what the feeling is" (repeatable); '
+                     "added to the model's bank, or trained with a new one"),
+    ] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="bank directory [default: user data dir]")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="fewer stimuli, persona and calibration replies (~3x faster, noisier gains)")] = False,
     orthogonalize: Annotated[
@@ -462,24 +467,31 @@ def train(
     threads: ThreadsOpt = None,
 ) -> None:
     """Train emotion vectors for a GGUF model (eqz's stimuli and the model's own voice) and calibrate every
-    slider on the text it produces, scored by an emotion lexicon. About 10 minutes for a 135M model on 2 cores."""
+    slider on the text it produces, scored by an emotion lexicon. About 10 minutes for a 135M model on 2 cores.
+    With only --band, the described bands are added to the model's existing bank (a few minutes)."""
     from pathlib import Path
 
-    from .bands import BANDS
-    from .bank import slug, user_data_dir
+    from .bands import BANDS, parse_described
+    from .bank import find_bank, slug, user_data_dir, writable_bank
     from .display import progress_bars, print_bank
     from .errors import EqzError
-    from .train import TrainSettings, train_bank
+    from .train import TrainSettings, add_described_bands, train_bank
 
     chosen = tuple(b.strip().lower() for b in bands.split(",")) if bands else BANDS
     unknown = [b for b in chosen if b not in BANDS]
     if unknown:
         raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")
+    descriptions = dict(parse_described(spec) for spec in described or [])
     with _load_model(model, threads) as loaded:
-        directory = Path(out).expanduser() if out else user_data_dir() / slug(loaded.info.name)
+        settings = TrainSettings(bands=chosen, quick=quick, orthogonalize=orthogonalize, described=descriptions)
+        existing = find_bank(loaded.info) if descriptions and not bands else None
         with progress_bars() as progress:
-            bank = train_bank(loaded, TrainSettings(bands=chosen, quick=quick, orthogonalize=orthogonalize), progress)
-        bank.save(directory)
+            if existing is not None:
+                bank = existing if out else writable_bank(loaded.info)
+                bank = add_described_bands(loaded, bank, settings, progress)
+            else:
+                bank = train_bank(loaded, settings, progress)
+        bank.save(Path(out).expanduser() if out else (bank.directory or user_data_dir() / slug(loaded.info.name)))
     print_bank(bank)
 
 

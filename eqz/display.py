@@ -86,10 +86,13 @@ def print_bank(bank: Bank) -> None:
         if "strength" not in entry:
             table.add_row(name, "imported", "-", "-", "-", "-", "-", "-", "[yellow]unmetered[/yellow]")
             continue
-        cells = [entry.get("source", "stimulus"), f"{entry['strength']:g}", f"x{entry.get('negative_ratio', 1):g}"]
+        described = "description" in entry
+        cells = ["described" if described else entry.get("source", "stimulus"), f"{entry['strength']:g}",
+                 f"x{entry.get('negative_ratio', 1):g}"]
         if at_one:
             ppl = at_one.get("ppl_ratio")
-            cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"], f"{at_one['repeated_3grams']:.0%}",
+            cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"],
+                      f"{at_one['repeated_3grams']:.0%}",
                       f"{ppl:.2f}" if ppl is not None else "-"]
         else:
             cells += ["-"] * 4
@@ -102,7 +105,8 @@ def print_bank(bank: Bank) -> None:
         console.print(
             f"[dim]c: strength at gain +1 (c/steered layers of each layer's token norm); neg.: share of it at -1; "
             f"effect: the band's own emotion words at +1 over the unsteered replies' ({calibration['scorer']} "
-            "lexicon; axes: + words/100); rep3: repeated 3-grams; ppl: perplexity under the model asked for the "
+            "lexicon; axes: + words/100; described bands: + nats/token the unsteered model prefers them for the "
+            "description over the primaries); rep3: repeated 3-grams; ppl: perplexity under the model asked for the "
             "band, over the unsteered replies'; check: ok, or what failed: "
             + "; ".join(f"{key} = {words}" for key, words in PROBLEMS.items()) + "[/dim]"
         )

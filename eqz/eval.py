@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bands import DESCRIPTIONS, PRIMARIES, persona_prompt
+from .bands import AXES, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
 from .bank import Bank
 from .engine import Job, Model, TextGroup, generate_parallel, read_texts
 from .meter import LayerGeometry, geometry, metered_bands
@@ -41,6 +41,12 @@ MAX_PPL_RATIO = 4.0
 # word per 100 words.
 CLEAR_LIFT = 2.0
 CLEAR_AXIS_RISE = 1.0
+# A band trained from a description has no lexicon words: the unsteered model judges it. Its preference for the
+# replies when asked for the band, over its mean preference when asked for each of the eight primaries (what any
+# feeling-laden persona shares goes), must rise by 0.05 nats per token and most for the band's own persona. On
+# SmolLM2-135M (10 calibration prompts x 40 tokens) the shipped primaries at +1 rose 0.02-0.12 this way, asking for
+# the feeling in the system prompt 0.01-0.05 (docs/custom-bands.md).
+CLEAR_PREFERENCE_RISE = 0.05
 DEFAULT_GAINS = (-1.0, 0.0, 1.0, 2.0)
 CALIBRATION_PROMPTS = 5  # the first prompts of the neutral set (and the first of the zero prompts, see below)
 EVAL_PROMPTS = 16
@@ -91,6 +97,9 @@ class ReplySet:
     latin: float = 1.0
     nll: float = math.nan  # mean negative log-probability under the judging prompt (nan: not measured)
     readout: dict[str, float] = field(default_factory=dict)
+    # per band judged by the model (no words of its own): how much likelier the replies are when the model is
+    # asked for the band than when asked to be neutral, mean nats per token (see CLEAR_PREFERENCE_RISE)
+    preference: dict[str, float] = field(default_factory=dict)
     states: np.ndarray | None = None  # per layer read: the mean over replies of each reply's mean residual stream
 
     @property
@@ -104,17 +113,36 @@ class ReplySet:
         return {band: lift(self.rates[band], baseline.rates[band]) for band in PRIMARIES}
 
     def clear(self, band: str, baseline: "ReplySet") -> bool:
-        """The band's own emotion is clearly lifted (see CLEAR_LIFT) and, for a primary, the most lifted."""
+        """The band's own emotion is clearly lifted (see CLEAR_LIFT) and, for a primary, the most lifted; for a
+        band judged by preference, see CLEAR_PREFERENCE_RISE."""
+        if band in AXES:
+            return self.effect(band, baseline) >= CLEAR_AXIS_RISE
         if band not in PRIMARIES:
-            return self.rates[band] - baseline.rates[band] >= CLEAR_AXIS_RISE
+            return self.effect(band, baseline) >= CLEAR_PREFERENCE_RISE and self.most_lifted(band, baseline) == band
         lifts = self.lifts(baseline)
         return lifts[band] >= CLEAR_LIFT and max(lifts, key=lifts.get) == band
 
+    def most_lifted(self, band: str, baseline: "ReplySet") -> str:
+        """The primary whose words rose most; for a band judged by preference, the persona (its own or a
+        primary's) the unsteered model's preference rose most for."""
+        if band in PRIMARIES or band in AXES:
+            lifts = self.lifts(baseline)
+        else:
+            lifts = {b: self.preference[b] - baseline.preference[b] for b in (band, *PRIMARIES)}
+        return max(lifts, key=lifts.get)
+
     def effect(self, band: str, baseline: "ReplySet") -> float:
-        """The size of the band's own effect: lift for a primary, rise in words per 100 for an axis."""
-        if band not in PRIMARIES:
+        """The size of the band's own effect: lift for a primary, rise in words per 100 for an axis, rise in
+        specific preference (nats per token) for a band judged by the model."""
+        if band in AXES:
             return self.rates[band] - baseline.rates[band]
+        if band not in PRIMARIES:
+            return self.specific_preference(band) - baseline.specific_preference(band)
         return lift(self.rates[band], baseline.rates[band])
+
+    def specific_preference(self, band: str) -> float:
+        """Preference for ``band``'s persona over the mean preference for the eight primaries' personas."""
+        return self.preference[band] - float(np.mean([self.preference[b] for b in PRIMARIES]))
 
     def fluent(self, baseline: "ReplySet") -> bool:
         """Inside every fluency bound (perplexity only where it was measured)."""
@@ -128,11 +156,11 @@ class ReplySet:
 
     def summary(self, band: str, baseline: "ReplySet") -> dict:
         ratio = self.ppl_ratio(baseline)
-        lifts = self.lifts(baseline)
         return {
-            "words_per_100": round(self.rates.get(band, 0.0), 3),
+            **({"words_per_100": round(self.rates[band], 3)} if band in self.rates else {}),
+            **({"preference": round(self.specific_preference(band), 4)} if band in self.preference else {}),
             "effect": round(self.effect(band, baseline), 3),
-            "most_lifted": max(lifts, key=lifts.get),
+            "most_lifted": self.most_lifted(band, baseline),
             "clear": self.clear(band, baseline),
             "repeated_3grams": round(self.repeat, 3),
             "distinct_2": round(self.distinct, 3),
@@ -147,8 +175,9 @@ class ReplyBench:
 
     def __init__(self, model: Model, prompts: list[str], reply_tokens: int, seed: int, steered: list[int],
                  read_layer: int | None = None, reader: LayerGeometry | None = None, layers: list[int] | None = None,
-                 samples: int = 1, parallel: int = 16):
+                 samples: int = 1, parallel: int = 16, preferences: dict[str, str] | None = None):
         self.model = model
+        self.preferences = dict(preferences or {})  # band -> persona: bands judged by preference (see ReplySet)
         self.prompts = list(prompts)
         self.steered = steered
         self.read_layer = read_layer
@@ -213,47 +242,69 @@ class ReplyBench:
     def read_back(self, settings: list[Setting], results: dict, progress: Progress = _no_progress,
                   states: bool = True, perplexity: bool = True) -> None:
         """Read replies with the unsteered model: with ``perplexity``, log-probabilities after each setting's
-        judging prompt (the plain prompt where it has none); with ``states``, the hidden states and readout after
-        the plain prompt. Two passes at most: the plain one, and one for every judged setting (mixed prompts)."""
+        judging prompt (the plain prompt where it has none) and, for the bands judged by preference, after their
+        persona and the neutral one; with ``states``, the hidden states and readout after the plain prompt.
+        Two passes at most: the plain one, and one for every persona prompt (mixed prompts)."""
         layers = ([self.read_layer] if self.reader else []) + [l for l in self.layers if l != self.read_layer]
         layers = layers if states else []
-        plain = [s for s in settings if (s.judge is None and perplexity) or layers]
-        judged = [s for s in settings if s.judge is not None and perplexity]
-        for members, judging in ((plain, False), (judged, True)):
-            if not members:
+        contrast = [NEUTRAL_PERSONA, *self.preferences.values()] if self.preferences else []
+        plain, judged = [], []
+        for setting in settings:
+            if layers or (perplexity and setting.judge is None):
+                plain.append((setting.key, None))
+            if perplexity:
+                personas = dict.fromkeys(([setting.judge] if setting.judge else []) + contrast)
+                judged += [(setting.key, persona) for persona in personas]
+        nll: dict[tuple[object, str | None], float] = {}
+        for reads, read_layers in ((plain, layers), (judged, [])):
+            if reads:
+                nll.update(self._read(reads, results, read_layers, perplexity, progress))
+        if not perplexity:
+            return
+        for setting in settings:
+            result = results[setting.key]
+            if (setting.key, setting.judge) in nll:
+                result.nll = nll[(setting.key, setting.judge)]
+            for band, persona in self.preferences.items():
+                result.preference[band] = nll[(setting.key, NEUTRAL_PERSONA)] - nll[(setting.key, persona)]
+
+    def _read(self, reads: list[tuple[object, str | None]], results: dict, layers: list[int], logprobs: bool,
+              progress: Progress) -> dict[tuple[object, str | None], float]:
+        """One read pass over the replies of (setting key, prompt persona) ``reads``: the mean negative
+        log-probability per read (with ``logprobs``); with ``layers``, also each setting's states and readout.
+        Replies to the same prompt under the same persona share that prefix, computed once."""
+        tails: dict[tuple[str | None, int], list[tuple[tuple[object, str | None], list[int]]]] = {}
+        for key, persona in reads:
+            for i in range(len(self.prompts)):
+                for reply in results[key].tokens[i * self.samples : (i + 1) * self.samples]:
+                    if reply:
+                        tails.setdefault((persona, i), []).append(((key, persona), reply))
+        per_group = max(1, 900 // (self.reply_tokens + 1))
+        groups, owners = [], []
+        for (persona, i), replies in tails.items():
+            prefix, _ = self.prompt(persona, i)
+            for start in range(0, len(replies), per_group):
+                chunk = replies[start : start + per_group]
+                groups.append(TextGroup(prefix, [reply for _, reply in chunk], pool_from=len(prefix)))
+                owners += [owner for owner, _ in chunk]
+        advance = progress("reading replies with the unsteered model", len(owners))
+        with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=bool(layers)) as context:
+            reading = read_texts(context, groups, layers, logprobs=logprobs, progress=advance)
+        nll = {}
+        for read in dict.fromkeys(reads):
+            rows = [k for k, owner in enumerate(owners) if owner == read]
+            if not rows:
                 continue
-            # replies to the same prompt under the same judging prompt share that prefix, computed once
-            tails: dict[tuple[str | None, int], list[tuple[object, list[int]]]] = {}
-            for setting in members:
-                for i in range(len(self.prompts)):
-                    for reply in results[setting.key].tokens[i * self.samples : (i + 1) * self.samples]:
-                        if reply:
-                            tails.setdefault((setting.judge if judging else None, i), []).append((setting.key, reply))
-            per_group = max(1, 900 // (self.reply_tokens + 1))
-            groups, owners = [], []
-            for (judge, i), replies in tails.items():
-                prefix, _ = self.prompt(judge, i)
-                for start in range(0, len(replies), per_group):
-                    chunk = replies[start : start + per_group]
-                    groups.append(TextGroup(prefix, [reply for _, reply in chunk], pool_from=len(prefix)))
-                    owners += [key for key, _ in chunk]
-            read_layers = [] if judging else layers
-            advance = progress("reading replies with the unsteered model", len(owners))
-            with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=bool(read_layers)) as context:
-                reading = read_texts(context, groups, read_layers, logprobs=perplexity, progress=advance)
-            for setting in members:
-                rows = [k for k, owner in enumerate(owners) if owner == setting.key]
-                if not rows:
-                    continue
-                result = results[setting.key]
-                if perplexity and (judging or setting.judge is None):
-                    result.nll = -float(np.mean(np.concatenate([reading.logprobs[k] for k in rows])))
-                if read_layers:
-                    pooled = reading.pooled[rows]
-                    result.states = pooled.mean(axis=0)
-                    if self.reader:
-                        values = self.reader.readouts(pooled[:, 0]).mean(axis=0)
-                        result.readout = {b: float(v) for b, v in zip(self.reader.bands, values)}
+            if logprobs:
+                nll[read] = -float(np.mean(np.concatenate([reading.logprobs[k] for k in rows])))
+            if layers:
+                result = results[read[0]]
+                pooled = reading.pooled[rows]
+                result.states = pooled.mean(axis=0)
+                if self.reader:
+                    values = self.reader.readouts(pooled[:, 0]).mean(axis=0)
+                    result.readout = {b: float(v) for b, v in zip(self.reader.bands, values)}
+        return nll
 
 
 @dataclass
@@ -320,9 +371,10 @@ def evaluate(
     prompts = prompts or prompt_sets()["eval"]
     metered = metered_bands(bank)
     reader = geometry(bank, bank.read_layer, metered) if metered else None
-    bench = ReplyBench(model, prompts, reply_tokens, seed, bank.steered_layers, bank.read_layer, reader,
-                       samples=samples)
     personas = {band: bank_persona(bank, band) for band in bands}
+    described = {band: persona for band, persona in personas.items() if persona and band not in DESCRIPTIONS}
+    bench = ReplyBench(model, prompts, reply_tokens, seed, bank.steered_layers, bank.read_layer, reader,
+                       samples=samples, preferences=preference_personas(described))
     settings = [Setting("baseline")]
     settings += [Setting((band, gain), bank.mix({band: gain}), judge=personas[band] if gain > 0 else None)
                  for band in bands for gain in gains if gain != 0]
@@ -336,6 +388,14 @@ def evaluate(
         if personas[band]:
             rows.append(_row(band, None, results[(band, None)], baseline, samples))
     return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name)
+
+
+def preference_personas(described: dict[str, str]) -> dict[str, str]:
+    """band -> persona for the judge (see CLEAR_PREFERENCE_RISE): the ``described`` bands' own personas and, for
+    contrast, the eight primaries'; none when no band is judged this way."""
+    if not described:
+        return {}
+    return {**{band: persona_prompt(DESCRIPTIONS[band]) for band in PRIMARIES}, **described}
 
 
 def bank_persona(bank: Bank, band: str) -> str | None:

@@ -32,6 +32,7 @@ from . import eval as E
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
 from .bank import Band, Bank, new_manifest
 from .engine import Model, TextGroup, read_texts
+from .errors import EqzError
 from .eval import ReplyBench, ReplySet, Setting, prompt_sets
 from .meter import LayerGeometry
 from .scoring import emotion_scorer, words
@@ -58,6 +59,7 @@ class TrainSettings:
     calibration_prompts: int = 10
     reply_tokens: int = 40
     seed: int = 1234
+    described: dict[str, str] = field(default_factory=dict)  # bands the user describes: name -> description
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -251,17 +253,20 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
 def voice_directions(model: Model, settings: TrainSettings, layers: list[int],
                      progress: Progress) -> tuple[dict, VoiceCapture]:
     """Unit "own voice" directions at ``layers`` per band: the model's replies under the band's persona minus its
-    replies under the neutral persona. The primaries' differences are centred on their mean (what any persona
-    shares goes); the axes are circumplex sums of them."""
+    replies under the neutral persona, centred on the primaries' mean difference (what any persona shares goes);
+    the axes are circumplex sums of the primaries. Bands described by the user (``settings.described``) are
+    made the same way from their description."""
     personas = {"neutral": NEUTRAL_PERSONA}
     personas.update({band: persona_prompt(DESCRIPTIONS[band]) for band in PRIMARIES})
+    personas.update({band: persona_prompt(text) for band, text in settings.described.items()})
     prompts = prompt_sets()["train"][: settings.voice_prompts]
     capture = capture_voice(model, personas, prompts, layers, settings.voice_tokens, settings.seed, progress=progress)
     neutral = capture.states["neutral"].mean(axis=0)
     differences = {band: capture.states[band].mean(axis=0) - neutral for band in personas if band != "neutral"}
-    centred = D.centre(differences)
+    common = np.mean([differences[band] for band in PRIMARIES], axis=0)
+    centred = {band: vector - common for band, vector in differences.items()}
     units = {band: D.unit(vector) for band, vector in centred.items()}
-    units.update({axis: D.unit(vector) for axis, vector in D.circumplex_axes(centred).items()})
+    units.update({axis: D.unit(vector) for axis, vector in D.circumplex_axes({b: centred[b] for b in PRIMARIES}).items()})
     return units, capture
 
 
@@ -362,6 +367,119 @@ def choose(candidates: list[Candidate], baseline: ReplySet) -> dict[str, Candida
     return _leaders(candidates, baseline)
 
 
+# ------------------------------------------------------------------------------------------------ check and store
+
+
+@dataclass
+class Calibration:
+    """Every band's chosen source and strength, with the replies they were judged by."""
+
+    chosen: dict[str, Candidate]
+    candidates: list[Candidate]
+    baseline: ReplySet
+    checked: dict  # (band, 1) and (band, -1) -> ReplySet
+    vector: Callable[[Candidate, float], np.ndarray]
+    prompts: int
+    seconds: float
+
+
+def calibrate_and_check(model: Model, settings: TrainSettings, candidates: list[Candidate], steered: list[int],
+                        token_norm: np.ndarray, progress: Progress, read_layer: int | None = None,
+                        reader: LayerGeometry | None = None) -> Calibration:
+    """Calibrate ``candidates`` on the calibration prompts, then check every chosen band for direction: replies at
+    -1 beside +1 and 0, read back by the unsteered model (readout, where there is a ``reader``). The +1 replies
+    and the baseline were made during calibration (same prompts, same seeds): only -1 is new."""
+    started = time.perf_counter()
+    n_layer = model.info.n_layer
+
+    def vector(candidate: Candidate, strength: float) -> np.ndarray:
+        return _vector(candidate.units, token_norm, steered, strength, n_layer)
+
+    prompts = prompt_sets()["calibration"][: settings.calibration_prompts]
+    described = {band: persona_prompt(text) for band, text in settings.described.items()}
+    bench = ReplyBench(model, prompts, settings.reply_tokens, settings.seed, steered, read_layer, reader,
+                       preferences=E.preference_personas(described))
+    chosen, baseline = calibrate(candidates, bench, vector, progress)
+    checked = {"baseline": baseline, **{(band, 1): c.tried[c.pinned] for band, c in chosen.items()}}
+    negative = [Setting((band, -1), -vector(c, c.pinned)) for band, c in chosen.items()]
+    checked.update(bench.run(negative, progress))
+    if reader is not None:
+        bench.read_back([Setting("baseline")] + [Setting((band, 1)) for band in chosen] + negative, checked,
+                        progress, perplexity=False)
+    return Calibration(chosen, candidates, baseline, checked, vector, len(prompts), time.perf_counter() - started)
+
+
+def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[dict, np.ndarray]],
+                descriptions: dict[str, str]) -> None:
+    """Put every calibrated band in ``bank``: its +1 vector, the -1 side's ratio, the direction check's verdict
+    (bank.PROBLEMS keys), and the figures it was chosen by. ``readouts``: band -> (readout levels, read
+    directions) for the metered bands."""
+    baseline, checked = calibration.baseline, calibration.checked
+    for band, candidate in calibration.chosen.items():
+        up, down = checked[(band, 1)], checked[(band, -1)]
+        ratio = 1.0 if down.fluent(baseline) else 0.5
+        if band in up.rates:
+            # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
+            floor = 100.0 / max(1, sum(len(words(text)) for text in down.texts))
+            text_rises = down.rates[band] <= baseline.rates[band] + floor and baseline.rates[band] < up.rates[band]
+        else:
+            text_rises = down.effect(band, baseline) < 0 < up.effect(band, baseline)
+        readout_rises = (down.readout[band] < baseline.readout[band] < up.readout[band]) if band in up.readout else None
+        best = candidate.best(baseline)
+        weak = best is None or not best[1]
+        found_problems = {"weak": weak, ("lexicon" if band in up.rates else "judge"): not text_rises,
+                          "readout": readout_rises is False, "fluency": not up.fluent(baseline)}
+        problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
+        readout, read_directions = readouts.get(band, (None, None))
+        bank.bands[band] = Band(band, calibration.vector(candidate, candidate.pinned), ratio, readout,
+                                read_directions=read_directions)
+        bank.manifest["bands"][band] = {
+            **({"description": descriptions[band]} if band in descriptions else {}),
+            "source": candidate.source,
+            "strength": candidate.pinned,
+            "negative_strength": round(candidate.pinned * ratio, 4),
+            "clear": not weak,
+            "direction_ok": not problems,
+            **({"problems": problems} if problems else {}),
+            "check": {"+1": up.summary(band, baseline), "-1": down.summary(band, baseline)},
+            "calibration": [
+                {"source": c.source, "strength": s, **c.tried[s].summary(band, baseline)}
+                for c in calibration.candidates if c.band == band for s in sorted(c.tried)
+            ],
+        }
+
+
+def _calibration_method(calibration: Calibration, settings: TrainSettings) -> dict:
+    return {
+        "scorer": emotion_scorer().name,
+        "prompts": calibration.prompts,
+        "reply_tokens": settings.reply_tokens,
+        "ladder": list(STRENGTHS),
+        "gain_1": f"per band and source, the smallest c whose replies lift the band's own emotion words >= "
+        f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight (axes: +{E.CLEAR_AXIS_RISE:g} words/100; "
+        f"described bands: the unsteered model's specific preference +{E.CLEAR_PREFERENCE_RISE:g} nats/token), "
+        "within the fluency bounds; else the fluent c with the largest effect (weak); the source that is clear, "
+        "else the one with the larger effect",
+        "fluency": f"repeated 3-grams <= {E.MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {E.MIN_DISTINCT_RATIO:g}x "
+        f"and Latin-letter share >= {E.MIN_LATIN_RATIO:g}x the unsteered replies'; at +1 also perplexity under "
+        f"the model asked for the band <= {E.MAX_PPL_RATIO:g}x the unsteered replies' own",
+        "direction_check": "lexicon rate (described bands: specific preference) and readout at -1 < 0 < +1 (the "
+        "lexicon at -1 may exceed 0 by one word in the whole sample, its noise floor)",
+    }
+
+
+DESCRIBED_METHOD = ("the model's replies under a persona with the user's description minus under a neutral persona, "
+                    "centred on the primaries' mean difference; judged by the unsteered model: how much likelier the "
+                    "replies are asked for the description than asked for each primary (no readout)")
+
+
+def _layer_rows(units: np.ndarray, layers: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """A full (n_layer, n_embd) matrix from one row per layer in ``layers`` (zero elsewhere)."""
+    full = np.zeros(shape, dtype=np.float32)
+    full[layers] = units
+    return full
+
+
 # ------------------------------------------------------------------------------------------------ the whole run
 
 
@@ -395,35 +513,15 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         np.array([text_levels[found.read][b][2] for b in metered], dtype=np.float32),
     )
 
-    n_layer = info.n_layer
-    candidates = []
-    for band in settings.bands:
-        for source, units in (("stimulus", found.units), ("voice", voice_units)):
-            if band in units:
-                full = np.zeros((n_layer, info.n_embd), dtype=np.float32)
-                for layer in found.steered:
-                    full[layer] = units[band][found.steered.index(layer) if source == "voice" else layer]
-                judge = persona_prompt(DESCRIPTIONS[band]) if band in DESCRIPTIONS else None
-                candidates.append(Candidate(band, source, full, judge))
-
-    def vector(candidate: Candidate, strength: float) -> np.ndarray:
-        return _vector(candidate.units, extraction.token_norm, found.steered, strength, n_layer)
-
-    calibration_prompts = prompts["calibration"][: settings.calibration_prompts]
-    bench = ReplyBench(model, calibration_prompts, settings.reply_tokens, settings.seed, found.steered,
-                       found.read, reader)
-    calibration_started = time.perf_counter()
-    chosen, baseline = calibrate(candidates, bench, vector, progress)
-
-    # Direction check, and the negative side: replies at -1 beside +1 and 0, read back by the unsteered model
-    # (readout) and judged for fluency under the persona that asks for the band.
-    # The +1 replies and the baseline were made during calibration (same prompts, same seeds): only -1 is new.
-    at_one = {band: vector(c, c.pinned) for band, c in chosen.items()}
-    checked = {"baseline": baseline, **{(band, 1): c.tried[c.pinned] for band, c in chosen.items()}}
-    negative = [Setting((band, -1), -at_one[band]) for band in chosen]
-    checked.update(bench.run(negative, progress))
-    bench.read_back([Setting("baseline")] + [Setting((band, 1)) for band in chosen] + negative, checked, progress,
-                    perplexity=False)
+    shape = (info.n_layer, info.n_embd)
+    sources = {"stimulus": {band: _layer_rows(units[found.steered], found.steered, shape)
+                            for band, units in found.units.items()},
+               "voice": {band: _layer_rows(units, found.steered, shape) for band, units in voice_units.items()}}
+    candidates = [Candidate(band, source, units[band], _judge(band, settings))
+                  for band in (*settings.bands, *settings.described) for source, units in sources.items()
+                  if band in units and (source == "voice" or band not in settings.described)]
+    calibration = calibrate_and_check(model, settings, candidates, found.steered, extraction.token_norm, progress,
+                                      found.read, reader)
 
     manifest = new_manifest(info)
     manifest["layers"] = {
@@ -432,13 +530,13 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "candidates": [1, len(extraction.layers) - 1],
         "token_norm": {layer: round(float(extraction.token_norm[layer]), 2) for layer in found.steered},
     }
-    scorer = emotion_scorer().name
     manifest["method"] = {
         "sources": {
             "stimulus": "mean over tokens of eqz's matched pairs: band texts minus neutral twins; centred on the mean "
             "over the eight primaries; top neutral principal components removed; unit per layer",
             "voice": f"mean over reply tokens of the model's replies to {len(voice.states['neutral'])} prompts "
             "under a persona asking for the band minus under a neutral persona; primaries centred; unit per layer",
+            **({"described": DESCRIBED_METHOD} if settings.described else {}),
         },
         "neutral_components": found.components,
         "selection": "components and layers chosen by 4-fold cross-validated accuracy on the training pairs",
@@ -449,21 +547,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "below neutral the furthest any primary's texts go; "
         f"zero = the model's level on its own unsteered replies to {len(zero_prompts)} neutral prompts of their own "
         "(meter, filters) or on neutral prose (analyze, classification)",
-        "calibration": {
-            "scorer": scorer,
-            "prompts": len(calibration_prompts),
-            "reply_tokens": settings.reply_tokens,
-            "ladder": list(STRENGTHS),
-            "gain_1": f"per band and source, the smallest c whose replies lift the band's own emotion words >= "
-            f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight (axes: +{E.CLEAR_AXIS_RISE:g} words/100), "
-            "within the fluency bounds; else the fluent c with the largest effect (weak); the source that is clear, "
-            "else the one with the larger effect",
-            "fluency": f"repeated 3-grams <= {E.MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {E.MIN_DISTINCT_RATIO:g}x "
-            f"and Latin-letter share >= {E.MIN_LATIN_RATIO:g}x the unsteered replies'; at +1 also perplexity under "
-            f"the model asked for the band <= {E.MAX_PPL_RATIO:g}x the unsteered replies' own",
-            "direction_check": "lexicon rate and readout at -1 < 0 < +1 (the lexicon at -1 may exceed 0 by one word "
-            "in the whole sample, its noise floor)",
-        },
+        "calibration": _calibration_method(calibration, settings),
         "stimulus_set": STIMULUS_SET_VERSION,
         "split": SPLIT_RULE,
         "train_pairs_per_band": settings.train_pairs,
@@ -473,44 +557,17 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "quick": settings.quick,
     }
     bank = Bank(directory=None, manifest=manifest)  # type: ignore[arg-type]
-    for band, candidate in chosen.items():
-        up, down = checked[(band, 1)], checked[(band, -1)]
-        ratio = 1.0 if down.fluent(baseline) else 0.5
-        # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
-        floor = 100.0 / max(1, sum(len(words(text)) for text in down.texts))
-        rises = (down.rates[band] <= baseline.rates[band] + floor and baseline.rates[band] < up.rates[band]
-                 if band in up.rates else None)
-        readout_rises = (down.readout[band] < baseline.readout[band] < up.readout[band]) if band in up.readout else None
-        best = candidate.best(baseline)
-        weak = best is None or not best[1]
-        found_problems = {"weak": weak, "lexicon": rises is False, "readout": readout_rises is False,
-                          "fluency": not up.fluent(baseline)}
-        problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
-        bank.bands[band] = Band(
-            band,
-            vector(candidate, candidate.pinned),
-            ratio,
-            {
-                "neutral": [round(reply_level[layer][band], 4) for layer in found.steered],
-                "neutral_text": [round(text_levels[layer][band][0], 4) for layer in found.steered],
-                "unit": [round(text_levels[layer][band][1], 4) for layer in found.steered],
-                "negative_unit": [round(text_levels[layer][band][2], 4) for layer in found.steered],
-            },
-            read_directions=found.units[band][found.steered],
-        )
-        manifest["bands"][band] = {
-            "source": candidate.source,
-            "strength": candidate.pinned,
-            "negative_strength": round(candidate.pinned * ratio, 4),
-            "clear": not weak,
-            "direction_ok": not problems,
-            **({"problems": problems} if problems else {}),
-            "check": {"+1": up.summary(band, baseline), "-1": down.summary(band, baseline)},
-            "calibration": [
-                {"source": c.source, "strength": s, **c.tried[s].summary(band, baseline)}
-                for c in candidates if c.band == band for s in sorted(c.tried)
-            ],
-        }
+    readouts = {
+        band: ({
+            "neutral": [round(reply_level[layer][band], 4) for layer in found.steered],
+            "neutral_text": [round(text_levels[layer][band][0], 4) for layer in found.steered],
+            "unit": [round(text_levels[layer][band][1], 4) for layer in found.steered],
+            "negative_unit": [round(text_levels[layer][band][2], 4) for layer in found.steered],
+        }, found.units[band][found.steered])
+        for band in calibration.chosen if band in found.units
+    }
+    store_bands(bank, calibration, readouts, settings.described)
+    baseline, checked = calibration.baseline, calibration.checked
     heldout_accuracy = float(np.trace(found.confusion) / found.confusion.sum())
     manifest["quality"] = {
         "heldout_accuracy": round(heldout_accuracy, 3),
@@ -524,7 +581,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         # the readout change of every metered band when one band is at +1, on the calibration prompts
         "crosstalk": {
             band: {other: round(checked[(band, 1)].readout[other] - baseline.readout[other], 3) for other in metered}
-            for band in chosen
+            for band in calibration.chosen
         },
     }
     manifest["trained"] = {
@@ -534,7 +591,45 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "extraction_seconds": round(extraction.seconds, 1),
         "extraction_tokens": extraction.tokens,
         "voice_seconds": round(voice.seconds, 1),
-        "calibration_seconds": round(time.perf_counter() - calibration_started, 1),
+        "calibration_seconds": round(calibration.seconds, 1),
         "threads": model.threads,
     }
+    return bank
+
+
+def _judge(band: str, settings: TrainSettings) -> str | None:
+    """The persona that asks for ``band``: fluency at +1 is judged under it."""
+    description = settings.described.get(band) or DESCRIPTIONS.get(band)
+    return persona_prompt(description) if description else None
+
+
+def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
+                        progress: Progress = _no_progress) -> Bank:
+    """Add the bands of ``settings.described`` to ``bank`` (trained for ``model``), made and calibrated on the bank's
+    steered layers as a full training would make them; the bank's other bands stay as they are. Unsaved."""
+    started = time.perf_counter()
+    layers = bank.manifest["layers"]
+    token_norms = layers.get("token_norm")
+    if not token_norms:
+        raise EqzError(f"the bank in {bank.directory} records no token norms (made before eqz 0.2 or from imported "
+                       "vectors), so a described band cannot be sized for it; train a full bank with the band")
+    steered = bank.steered_layers
+    token_norm = np.zeros(model.info.n_layer, dtype=np.float32)
+    token_norm[[int(layer) for layer in token_norms]] = [float(value) for value in token_norms.values()]
+    units, voice = voice_directions(model, settings, steered, progress)
+    shape = (model.info.n_layer, model.info.n_embd)
+    candidates = [Candidate(band, "voice", _layer_rows(units[band], steered, shape), _judge(band, settings))
+                  for band in settings.described]
+    calibration = calibrate_and_check(model, settings, candidates, steered, token_norm, progress)
+    store_bands(bank, calibration, {}, settings.described)
+    method = bank.manifest.setdefault("method", {})
+    method.setdefault("sources", {})["described"] = DESCRIBED_METHOD
+    method["described_calibration"] = _calibration_method(calibration, settings)
+    for band in settings.described:
+        bank.manifest["bands"][band]["trained"] = {
+            "eqz_version": __version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 1),
+            "voice_prompts": len(voice.states["neutral"]),
+        }
     return bank

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from eqz.bands import BANDS, PRIMARIES
-from eqz.bank import SHIPPED_DIR, find_bank, model_fingerprint
+from eqz.bank import SHIPPED_DIR, Bank, find_bank, model_fingerprint
 from eqz.vector_files import read_control_vector
 
 from .conftest import run_eqz
@@ -169,6 +169,52 @@ def test_import_a_repeng_style_vector_as_a_band(tmp_path):
     assert steered["steering"]["gains"]["honest"] == 1.0 and steered["output"] != plain["output"]
     bad = run_eqz("vectors", "import", str(path), "--band", "Bad Name", env=env)
     assert bad.returncode != 0 and "band name" in bad.stderr
+
+
+NOSTALGIA = "nostalgia=wistful, longing for the past and for days that are gone"
+
+
+def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
+    """`eqz train --band name="..."` adds a slider to the model's bank, made from the model's own voice and judged by
+    the unsteered model; the shipped bands stay as they were, and the new one works in --set, presets and eval."""
+    data, config = tmp_path / "data", tmp_path / "config"
+    env = {"XDG_DATA_HOME": str(data), "XDG_CONFIG_HOME": str(config)}
+    trained = run_eqz("train", "--quick", "--band", NOSTALGIA, env=env, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    bank_dir = next((data / "eqz" / "vectors").iterdir())
+    manifest = yaml.safe_load((bank_dir / "bank.yaml").read_text())
+    entry = manifest["bands"]["nostalgia"]
+    assert entry["description"].startswith("wistful") and entry["source"] == "voice"
+    assert entry["calibration"] and isinstance(entry["direction_ok"], bool)
+    # the judge reads +1 closer to the description than -1 (the check's own figures, from the real model)
+    assert entry["check"]["+1"]["effect"] > 0 > entry["check"]["-1"]["effect"]
+    bank = Bank.load(bank_dir)
+    assert np.allclose(bank.bands["joy"].matrix, read_control_vector(SHIPPED / "joy.gguf").matrix(30, 576))
+    assert set(np.flatnonzero(np.abs(bank.bands["nostalgia"].matrix).sum(axis=1))) == set(bank.steered_layers)
+    args = ("generate", "Tell me about your weekend.", "--seed", "3", "-n", "24", "--json")
+    plain = json.loads(run_eqz(*args, env=env).stdout)
+    steered = json.loads(run_eqz(*args, "--set", "nostalgia=1", env=env).stdout)
+    assert steered["steering"]["gains"]["nostalgia"] == 1.0 and steered["output"] != plain["output"]
+    (config / "eqz" / "presets").mkdir(parents=True)
+    (config / "eqz" / "presets" / "wistful.yaml").write_text("name: wistful\nsliders:\n  nostalgia: 0.8\n")
+    preset = json.loads(run_eqz(*args, "--preset", "wistful", env=env).stdout)
+    assert {band: gain for band, gain in preset["steering"]["gains"].items() if gain} == {"nostalgia": 0.8}
+    (tmp_path / "prompts.txt").write_text("Describe your morning.\nWhat is a kettle for?\nPlan a short walk.\n")
+    evaluated = run_eqz("eval", "--bands", "nostalgia", "--gains", "0,1", "-n", "16", "--prompts",
+                        str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"), env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
+    assert [row["gain"] for row in rows] == [0.0, 1.0, None]  # the slider beside asking for the description
+    assert all("preference" in row for row in rows)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("joy=very happy", "built-in band"), ("nostalgia", 'NAME="what the feeling is"'), ("Old Days=x", "band name"),
+])
+def test_bad_described_bands_are_refused_before_training(spec, fragment):
+    refused = run_eqz("train", "--band", spec)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("eqz: error:")]
+    assert refused.returncode != 0 and len(errors) == 1 and fragment in errors[0]
 
 
 @pytest.mark.gemma

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from eqz.bands import BANDS, CIRCUMPLEX
-from eqz.eval import ReplySet
+from eqz.bands import BANDS, CIRCUMPLEX, PRIMARIES
+from eqz.eval import CLEAR_PREFERENCE_RISE, ReplySet
 from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, repeated_trigrams,
                          words)
 
@@ -57,6 +57,21 @@ def test_a_reply_set_is_clear_only_where_its_own_band_leads_and_doubles():
     crowded = ReplySet(texts=[""], rates={**baseline.rates, "joy": 3.0, "anger": 5.0})
     assert not crowded.clear("joy", baseline)  # anger is lifted more
     assert steered.clear("valence", ReplySet(texts=[""], rates={**baseline.rates, "valence": -0.5})) is True
+
+
+def test_a_described_band_is_clear_when_the_judge_prefers_its_persona_specifically():
+    """Preference = nats per token likelier under the band's persona than the neutral one; what every persona gains
+    (the primaries' mean) does not count, and the band's own persona must gain most."""
+    base = ReplySet(texts=[""], preference={band: 0.0 for band in (*PRIMARIES, "nostalgia")})
+    rise = ReplySet(texts=[""], preference={**base.preference, "nostalgia": 0.12, "sadness": 0.08})
+    assert rise.effect("nostalgia", base) == pytest.approx(0.12 - 0.08 / 8)
+    assert rise.clear("nostalgia", base) and rise.most_lifted("nostalgia", base) == "nostalgia"
+    everything = ReplySet(texts=[""], preference={band: 0.12 for band in base.preference})
+    assert everything.effect("nostalgia", base) == pytest.approx(0.0) and not everything.clear("nostalgia", base)
+    outdone = ReplySet(texts=[""], preference={**base.preference, "nostalgia": 0.12, "sadness": 0.2})
+    assert outdone.most_lifted("nostalgia", base) == "sadness" and not outdone.clear("nostalgia", base)
+    small = ReplySet(texts=[""], preference={**base.preference, "nostalgia": CLEAR_PREFERENCE_RISE * 0.9})
+    assert not small.clear("nostalgia", base)
 
 
 def test_repeated_trigrams_and_distinct_bigrams():
