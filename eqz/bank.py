@@ -21,16 +21,17 @@ import numpy as np
 import yaml
 
 from .bands import check_band_name
-from .engine import ModelInfo
+from .models import ModelInfo
+from .shipped import shipped_dir
 from .errors import EqzError
 from .models import fingerprint
-from .vector_files import read_control_vector, write_control_vector
+from .vector_files import ControlVector, read_control_vector, write_control_vector
 
 MANIFEST = "bank.yaml"
 METER_FILE = "meter.npz"
 BANK_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # format 1 banks read along their steering vectors
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "vectors"
+SHIPPED_DIR = shipped_dir("vectors")
 # What a band's direction check can find (bank.yaml stores the key; messages and `vectors show` use the words).
 PROBLEMS = {
     "weak": "no fluent strength clearly lifts its emotion",
@@ -124,6 +125,15 @@ class Bank:
             side = 1.0 if gain > 0 else entry.negative_ratio
             total += np.float32(gain * side) * entry.matrix
         return total
+
+    def vector(self, gains: dict[str, float] | None = None, **named: float) -> ControlVector:
+        """The control vector for these slider gains as a value (``bank.vector(joy=0.8)``)."""
+        gains = {**(gains or {}), **named}
+        mix = self.mix(gains)
+        if mix is None:
+            model = self.manifest["model"]
+            mix = np.zeros((model["n_layer"], model["n_embd"]), dtype=np.float32)
+        return ControlVector(mix, self.manifest["model"]["architecture"])
 
     # -- files
 

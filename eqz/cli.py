@@ -79,50 +79,27 @@ def _gains(sets: list[str] | None, valid: tuple[str, ...]) -> dict[str, float]:
     return gains
 
 
-def _filters(preset_filters: dict, clamp: list[str] | None, ablate: list[str] | None, valid) -> dict:
-    """Filters from a preset, then --clamp BAND=LEVEL / --ablate BAND on top."""
-    from .bands import parse_set
-    from .errors import EqzError
-
-    clamps = dict(preset_filters.get("clamp", {}))
-    for spec in clamp or []:
-        band, level = parse_set(spec, valid, "--clamp")
-        clamps[band] = level
-    ablates = list(preset_filters.get("ablate", []))
-    for band in ablate or []:
-        band = band.strip().lower()
-        if band not in valid:
-            raise EqzError(f"unknown band '{band}' for --ablate; valid bands: {', '.join(valid)}")
-        ablates.append(band)
-    return {"clamp": clamps, "ablate": ablates} if clamps or ablates else {}
-
-
 def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx: int, meter: bool = False,
                   clamp=None, ablate=None):
-    """A ChatSession set up from the command line: the preset first, then explicit flags win over it."""
-    from .bands import BANDS
-    from .presets import get_preset
-    from .sampling import make_sampling
-    from .session import ChatSession
-    from .steering import Steering
+    """A ChatSession from the command line's flags, through the library (eqz.api): the preset first, then the
+    flags on top of it."""
+    from .api import EqzModel
+    from .bands import parse_set
     from .vector_files import parse_scaled_path
 
-    bank = _bank_for(loaded.info, required=bool(sets or preset or clamp or ablate))
-    chosen = get_preset(preset, bank.names) if preset else None
-    filters = _filters(chosen.filters if chosen else {}, clamp, ablate, bank.names if bank else BANDS)
-    settings = make_sampling(make_sampling(None, **chosen.sampling) if chosen else None, **sampling)
-    system = system or (chosen.system if chosen else None)
-    steering = Steering().with_gains(chosen.sliders if chosen else {})
-    steering = steering.with_gains(_gains(sets, bank.names if bank else BANDS))
-    for spec in vectors or []:
-        path, scale = parse_scaled_path(spec)
-        steering = steering.with_vector(path, scale)
-    for line in bank.doubtful(dict(steering.gains)) if bank else []:
-        _warn(line)
-    session = ChatSession(loaded, settings, system=system, steering=steering, n_ctx=ctx, bank=bank, meter=meter,
-                          filters=filters)
-    session.preset = chosen.name if chosen else None
-    return session
+    library = EqzModel(loaded)
+    library.on_warning = _warn
+    clamps, ablates = _clamp_ablate(clamp, ablate)
+    return library.session(preset=preset, sliders=dict(parse_set(spec, None) for spec in sets or []),
+                           vectors=[parse_scaled_path(spec) for spec in vectors or []], system=system,
+                           sampling=sampling, clamp=clamps, ablate=ablates, meter=meter, n_ctx=ctx)
+
+
+def _clamp_ablate(clamp: list[str] | None, ablate: list[str] | None) -> tuple[dict[str, float], list[str]]:
+    """--clamp BAND=LEVEL and --ablate BAND flags as the library takes them (it checks the bands)."""
+    from .bands import parse_set
+
+    return dict(parse_set(spec, None, "--clamp") for spec in clamp or []), [b.strip().lower() for b in ablate or []]
 
 
 def _bank_for(info, required: bool):
@@ -316,6 +293,7 @@ def batch(
     threads: ThreadsOpt = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
+    from .api import merge_filters
     from .bands import BANDS
     from .batch import Output, PromptFile, build_grid, parse_sweep, plan, run_batch
     from .display import batch_progress
@@ -329,7 +307,7 @@ def batch(
         with _load_model(model, threads, chatting=True) as loaded:
             bank = _bank_for(loaded.info, required=bool(set_ or sweep or preset or presets or meter or clamp or ablate))
             bands = bank.names if bank else BANDS
-            filters = _filters({}, clamp, ablate, bands)
+            filters = merge_filters({}, *_clamp_ablate(clamp, ablate), bands)
             sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             min_p=min_p, repeat_penalty=repeat_penalty)
             grid = build_grid(bank.names if bank else (), preset, [p.strip() for p in presets.split(",")] if presets else [],

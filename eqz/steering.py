@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .bank import Bank, require_bank
-from .engine import ModelInfo
+from .models import ModelInfo
 from .vector_files import ControlVectorFile, read_control_vector
 
 

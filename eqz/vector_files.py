@@ -113,6 +113,54 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
     return path
 
 
+@dataclass(frozen=True, eq=False)
+class ControlVector:
+    """A control vector as a value: an (n_layer, n_embd) matrix (row N is added to layer N's output) that adds,
+    subtracts and scales like one, and saves as the llama.cpp control-vector GGUF that ``--vector`` and
+    ``llama-cli --control-vector`` read."""
+
+    matrix: np.ndarray
+    model_hint: str = "llama"
+
+    def _same_shape(self, other: "ControlVector") -> "ControlVector":
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        if other.matrix.shape != self.matrix.shape:
+            raise EqzError(f"control vectors of shapes {self.matrix.shape} and {other.matrix.shape} do not add up; "
+                           "they were made for different models")
+        return other
+
+    def __add__(self, other: "ControlVector") -> "ControlVector":
+        other = self._same_shape(other)
+        return other if other is NotImplemented else ControlVector(self.matrix + other.matrix, self.model_hint)
+
+    def __sub__(self, other: "ControlVector") -> "ControlVector":
+        other = self._same_shape(other)
+        return other if other is NotImplemented else ControlVector(self.matrix - other.matrix, self.model_hint)
+
+    def __mul__(self, scale: float) -> "ControlVector":
+        return ControlVector(self.matrix * np.float32(scale), self.model_hint)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: float) -> "ControlVector":
+        return self * (1.0 / scale)
+
+    def __neg__(self) -> "ControlVector":
+        return self * -1.0
+
+    def save(self, path: str | Path) -> Path:
+        return write_control_vector(path, self.matrix, self.model_hint)
+
+    @classmethod
+    def load(cls, path: str | Path, n_layer: int | None = None, n_embd: int | None = None) -> "ControlVector":
+        """A control-vector GGUF as a value; give the model's ``n_layer``/``n_embd`` to check it fits (default:
+        just enough layers for the file)."""
+        vector_file = read_control_vector(path)
+        matrix = vector_file.matrix(n_layer or max(vector_file.directions) + 1, n_embd or vector_file.n_embd)
+        return cls(matrix, vector_file.model_hint or "llama")
+
+
 def parse_scaled_path(spec: str, option: str = "--vector") -> tuple[Path, float]:
     """``FILE[:SCALE]`` -> (path, scale). The scale must be a finite number."""
     if ":" in spec and not Path(spec).expanduser().exists():

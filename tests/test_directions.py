@@ -8,7 +8,7 @@ import pytest
 from eqz import directions as D
 from eqz.bands import PRIMARIES
 from eqz.bank import Band, Bank, new_manifest
-from eqz.engine import ModelInfo
+from eqz.models import ModelInfo
 from eqz.meter import Filters, Instruments, geometry
 
 RNG = np.random.default_rng(0)

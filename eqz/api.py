@@ -1,0 +1,210 @@
+"""eqz as a library: load a model, steer it with sliders, presets and control vectors, generate or chat with live
+changes, read what it feels, train bands. The CLI is a client of this module; so are notebooks and scripts.
+
+    import eqz
+    model = eqz.load()
+    print(model.generate("Describe your morning.", sliders={"joy": 1}, seed=3))
+    with model.chat(preset="curious") as chat:
+        for piece in chat.send("Tell me about the sea."):
+            chat.set(joy=0.5)  # from the next token on, also mid-reply
+
+Errors are ``EqzError``s with one-line messages; warnings (a slider past its calibrated range, a band that
+failed its direction check) go to ``model.on_warning``, by default Python's ``warnings``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .analyze import Analysis, analyze
+from .bands import check_gain, gain_warning
+from .bank import Bank, find_bank, require_bank, resolve_bank
+from .engine import Model
+from .models import ModelInfo
+from .errors import EqzError
+from .models import resolve_model_path
+from .presets import Preset, get_preset
+from .sampling import make_sampling
+from .session import ChatSession, Turn
+from .steering import Steering
+from .vector_files import ControlVector
+
+
+class EqzWarning(UserWarning):
+    """Something the user should hear about that does not stop the run."""
+
+
+def _python_warning(message: str) -> None:
+    warnings.warn(message, EqzWarning, stacklevel=4)
+
+
+class EqzModel:
+    """A loaded GGUF model and the emotion bank that fits it (found by fingerprint when first needed)."""
+
+    def __init__(self, model: Model, bank: Bank | None = None):
+        self.model = model
+        self._bank = bank
+        self.on_warning: Callable[[str], None] = _python_warning
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.model.info
+
+    @property
+    def bank(self) -> Bank:
+        """The bank of sliders for this model; an EqzError says how to train one if there is none."""
+        if self._bank is None:
+            self._bank = require_bank(self.info)
+        return self._bank
+
+    def _bank_if_any(self) -> Bank | None:
+        if self._bank is None:
+            self._bank = find_bank(self.info)
+        return self._bank
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> "EqzModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the one place presets, sliders, vectors, sampling and filters are merged
+
+    def session(
+        self,
+        *,
+        preset: str | Preset | None = None,
+        sliders: dict[str, float] | None = None,
+        vectors: Iterable[tuple[str | Path, float]] = (),
+        system: str | None = None,
+        sampling: dict | None = None,
+        clamp: dict[str, float] | None = None,
+        ablate: Iterable[str] = (),
+        meter: bool = False,
+        n_ctx: int = 4096,
+    ) -> ChatSession:
+        """A conversation set up from a preset, then the explicit settings on top of it (they win)."""
+        ablate = list(ablate)
+        bank = self.bank if (sliders or preset or clamp or ablate) else self._bank_if_any()
+        valid = bank.names if bank else ()
+        chosen = get_preset(preset, valid) if isinstance(preset, str) else preset
+        steering = Steering().with_gains(chosen.sliders if chosen else {})
+        for band, gain in (sliders or {}).items():
+            gain = check_gain(band, gain, valid)
+            if gain_warning(band, gain):
+                self.on_warning(f"{band}={gain:g}{gain_warning(band, gain)}")
+            steering = steering.with_gain(band, gain)
+        for path, scale in vectors:
+            steering = steering.with_vector(path, scale)
+        for line in bank.doubtful(dict(steering.gains)) if bank else []:
+            self.on_warning(line)
+        filters = merge_filters(chosen.filters if chosen else {}, clamp or {}, ablate, valid)
+        settings = make_sampling(make_sampling(None, **chosen.sampling) if chosen else None, **(sampling or {}))
+        session = ChatSession(self.model, settings, system=system or (chosen.system if chosen else None),
+                              steering=steering, n_ctx=n_ctx, bank=bank, meter=meter, filters=filters)
+        session.preset = chosen.name if chosen else None
+        return session
+
+    # -- what users call
+
+    def stream(self, prompt: str, **settings) -> Iterator[str]:
+        """One reply to ``prompt``, piece by piece. ``settings``: those of ``session``, plus ``seed``,
+        ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``."""
+        with Chat(self.session(**_split_sampling(settings))) as chat:
+            yield from chat.send(prompt)
+
+    def generate(self, prompt: str, **settings) -> str:
+        """One reply to ``prompt`` as a string (see ``stream`` for the settings)."""
+        return "".join(self.stream(prompt, **settings))
+
+    def chat(self, **settings) -> "Chat":
+        """A conversation whose sliders can change at any time (see ``stream`` for the settings)."""
+        return Chat(self.session(**_split_sampling(settings)))
+
+    def analyze(self, text: str, by: str = "sentence") -> Analysis:
+        """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token)."""
+        return analyze(self.model, self.bank, text, by)
+
+    def train(self, bands: tuple[str, ...] | None = None, described: dict[str, str] | None = None,
+              quick: bool = False, progress=None) -> Bank:
+        """A new bank for this model (unsaved: ``bank.save(directory)``); with only ``described`` bands and a bank
+        already there, those bands are added to a copy of it."""
+        from .bands import BANDS
+        from .train import TrainSettings, add_described_bands, train_bank
+
+        settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, described=dict(described or {}))
+        extra = {"progress": progress} if progress else {}
+        existing = self._bank_if_any() if described and not bands else None
+        if existing is not None:
+            return add_described_bands(self.model, Bank.load(existing.directory), settings, **extra)
+        return train_bank(self.model, settings, **extra)
+
+
+def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterable[str], valid: tuple[str, ...]) -> dict:
+    """A preset's filters with explicit clamps and notches on top: {"clamp": {band: level}, "ablate": [band]}."""
+    clamps = {**preset_filters.get("clamp", {}), **{band: check_gain(band, level, valid) for band, level in clamp.items()}}
+    ablates = list(preset_filters.get("ablate", []))
+    for band in ablate:
+        if band not in valid:
+            raise EqzError(f"unknown band '{band}' to ablate; valid bands: {', '.join(valid)}")
+        ablates.append(band)
+    return {"clamp": clamps, "ablate": ablates} if clamps or ablates else {}
+
+
+_SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+
+
+def _split_sampling(settings: dict) -> dict:
+    """Sampling settings given by name, gathered into the ``sampling`` dict ``session`` takes."""
+    sampling = {key: settings.pop(key) for key in _SAMPLING_KEYS if key in settings}
+    if sampling:
+        settings["sampling"] = {**settings.get("sampling", {}), **sampling}
+    return settings
+
+
+class Chat:
+    """A conversation: ``send`` streams a reply; ``set`` moves sliders from the next token on, even mid-reply."""
+
+    def __init__(self, session: ChatSession):
+        self.session = session
+
+    def send(self, text: str) -> Turn:
+        """The reply to ``text``: iterate it for pieces; ``.text`` and ``.record`` once done."""
+        return self.session.reply(text)
+
+    def set(self, **gains: float) -> None:
+        bank = self.session.steerer.bank
+        valid = bank.names if bank else ()
+        checked = {band: check_gain(band, gain, valid) for band, gain in gains.items()}
+        self.session.request_steering(self.session.pending_or_current_steering().with_gains(checked))
+
+    @property
+    def history(self) -> list[dict]:
+        return self.session.history
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "Chat":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(model: str | Path | None = None, *, bank: str | Path | None = None, threads: int | None = None) -> EqzModel:
+    """Load a GGUF model (default: eqz's default model) and, if given, a bank by directory or name."""
+    loaded = Model(resolve_model_path(None if model is None else str(model)), threads=threads)
+    try:
+        return EqzModel(loaded, resolve_bank(str(bank), loaded.info) if bank is not None else None)
+    except BaseException:
+        loaded.close()
+        raise
+
+
+__all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "load"]

@@ -1,0 +1,83 @@
+"""eqz as a library: the README's example as written, the same replies as the CLI, vectors as values, and an
+import that does not start llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eqz
+from eqz.vector_files import read_control_vector
+
+from .conftest import run_eqz
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_library_example_runs_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"<!-- library example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    ran = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.strip().splitlines()
+    assert len(lines) >= 4 and "joy" in lines[-1] and "sadness" in lines[-1]  # the analysis dict comes last
+    assert read_control_vector(tmp_path / "mix.gguf").model_hint == "llama"
+
+
+@pytest.fixture(scope="module")
+def library():
+    with eqz.load() as model:
+        yield model
+
+
+def test_the_library_gives_the_cli_reply_for_the_same_seed_and_settings(library):
+    cli = json.loads(run_eqz("generate", "Describe your morning.", "--set", "joy=1", "--seed", "3", "-n", "24",
+                             "--json").stdout)
+    assert library.generate("Describe your morning.", sliders={"joy": 1}, seed=3, max_tokens=24) == cli["output"]
+    preset = json.loads(run_eqz("generate", "Hi", "--preset", "melancholy", "--seed", "5", "-n", "16",
+                                "--json").stdout)
+    assert library.generate("Hi", preset="melancholy", seed=5, max_tokens=16) == preset["output"]
+
+
+def test_a_slider_set_mid_reply_steers_from_the_next_token(library):
+    with library.chat(seed=2, max_tokens=24, temperature=0) as chat:
+        turn = chat.send("Tell me about the sea.")
+        for i, _piece in enumerate(turn):
+            if i == 5:
+                chat.set(joy=1)
+        assert [change["at_token"] for change in turn.record.changes] == [6]  # six pieces seen: token 6 is steered
+        assert turn.record.changes[0]["steering"]["gains"]["joy"] == 1.0
+    with library.chat(seed=2, max_tokens=24, temperature=0) as plain:
+        assert "".join(plain.send("Tell me about the sea.")) != turn.text
+
+
+def test_library_errors_are_one_line_and_name_no_flags(library):
+    with pytest.raises(eqz.EqzError) as unknown:
+        library.generate("Hi", sliders={"glee": 1})
+    assert "valid bands" in str(unknown.value) and "--" not in str(unknown.value)
+    with pytest.warns(eqz.EqzWarning, match="beyond the calibrated"):
+        library.generate("Hi", sliders={"joy": 1.5}, max_tokens=2)
+
+
+def test_control_vectors_are_values_that_round_trip_through_gguf(tmp_path):
+    rng = np.random.default_rng(0)
+    a = eqz.ControlVector(np.vstack([np.zeros((1, 8)), rng.standard_normal((3, 8))]).astype(np.float32))
+    b = eqz.ControlVector(np.vstack([np.zeros((1, 8)), rng.standard_normal((3, 8))]).astype(np.float32))
+    mixed = 2 * a - b / 4 + (-a)
+    assert np.allclose(mixed.matrix, a.matrix - b.matrix / 4)
+    loaded = eqz.ControlVector.load(mixed.save(tmp_path / "mix.gguf"))
+    assert np.allclose(loaded.matrix, mixed.matrix) and loaded.model_hint == "llama"
+    with pytest.raises(eqz.EqzError, match="different models"):
+        a + eqz.ControlVector(np.zeros((4, 9), dtype=np.float32))
+
+
+def test_importing_eqz_and_its_numpy_modules_does_not_start_llama_cpp():
+    code = ("import sys, eqz, eqz.bank, eqz.meter, eqz.directions, eqz.presets, eqz.steering, eqz.scoring; "
+            "print('llama_cpp' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
