@@ -17,8 +17,9 @@ import yaml
 from .bands import BANDS, check_gain
 from .errors import EqzError
 from .sampling import SETTING_NAMES, check_setting
+from .shipped import shipped_dir
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "presets"
+BUNDLED_DIR = shipped_dir("presets")
 KEYS = ("name", "description", "sliders", "sampling", "system", "filters")
 FILTER_KEYS = ("clamp", "ablate")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
