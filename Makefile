@@ -10,7 +10,7 @@ GEMMA := $(MODELS)/gemma-3-270m-q4_k_m.gguf
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 
-.PHONY: setup chat test bench clean
+.PHONY: setup chat test test-fast bench clean
 
 setup: $(VENV)/.eqz-installed
 
@@ -31,6 +31,10 @@ chat: setup
 
 test: setup
 	$(BIN)/pytest
+
+# the pure-Python and numpy tests only (seconds): no model is loaded
+test-fast: setup
+	$(BIN)/pytest -m 'not slow'
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

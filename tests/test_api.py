@@ -17,6 +17,8 @@ from eqz.vector_files import read_control_vector
 
 from .conftest import run_eqz
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,6 +18,8 @@ from eqz.vector_files import read_control_vector
 
 from .conftest import run_eqz
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 SHIPPED = SHIPPED_DIR / "smollm2-135m-instruct"
 MIN_CLEAR_PRIMARIES = 3  # measured for the shipped bank (docs/steering-smollm2-135m-instruct.md); a retrain must not fall below
 

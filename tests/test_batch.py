@@ -12,6 +12,8 @@ import pytest
 
 from .conftest import EQZ, run_eqz
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 PROMPTS = [
     "Describe your walk to the bus stop this morning.",
     "Write a short note to a neighbour about the new recycling bins.",

@@ -8,6 +8,8 @@ import pytest
 
 from .conftest import EQZ, save_and_leave
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 PROMPT = "you> "
 
 

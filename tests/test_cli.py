@@ -12,6 +12,8 @@ from eqz.vector_files import write_control_vector
 
 from .conftest import run_eqz
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 
 def assert_one_line_error(result, *fragments: str) -> None:
     assert result.returncode != 0

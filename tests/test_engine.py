@@ -13,6 +13,8 @@ from eqz.steering import Steering
 
 from .conftest import random_direction_matrix
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 PROMPT = "Describe your walk to the bus stop this morning."
 SAMPLING = Sampling(temperature=0.8, seed=7, max_tokens=40)
 

@@ -98,6 +98,7 @@ def test_fluency_bounds_repeats_distinct_bigrams_script_and_judged_perplexity():
     assert ReplySet(texts=[""]).fluent(baseline)  # perplexity not measured: the other bounds decide
 
 
+@pytest.mark.slow
 def test_tiny_eval_end_to_end(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Describe a kitchen table.\nWhat is a bus timetable?\nExplain how to water a plant.\n")
@@ -126,6 +127,7 @@ def test_tiny_eval_end_to_end(tmp_path):
     assert "prompt only" in result.stdout and "sadness" in result.stdout
 
 
+@pytest.mark.slow
 def test_eval_rejects_bad_gains_and_bands(tmp_path):
     result = run_eqz("eval", "--gains", "0,lots", "-o", str(tmp_path))
     assert result.returncode != 0 and "--gains" in result.stderr and "Traceback" not in result.stderr

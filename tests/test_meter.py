@@ -19,6 +19,8 @@ from eqz.stimuli import load_stimuli
 
 from .conftest import run_eqz
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 NEUTRAL_PROMPT = "Describe your walk to the bus stop this morning."
 GRIEF_PROMPT = "My mother died last week and I cannot stop crying. Tell me how you feel about it."
 

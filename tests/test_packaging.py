@@ -10,6 +10,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # builds a wheel and runs the real model (the fast tier: pytest -m 'not slow')
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

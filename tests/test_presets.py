@@ -13,6 +13,8 @@ from eqz.presets import BUNDLED_DIR, load_preset_file
 
 from .conftest import run_eqz
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 BUNDLED = sorted(BUNDLED_DIR.glob("*.yaml"))
 
 

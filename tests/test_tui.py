@@ -12,6 +12,8 @@ import pytest
 
 from .conftest import EQZ, save_and_leave
 
+pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
+
 PROMPT = "you> "
 STORY = "Write a very long story about a lighthouse keeper and his many adventures at sea."
 
