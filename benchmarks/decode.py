@@ -18,6 +18,7 @@ from report import print_figures  # benchmarks/ is on sys.path: it holds the scr
 from eqz.bank import require_bank
 from eqz.bands import BANDS
 from eqz.engine import Model, Sampler
+from eqz.generation import Stream
 from eqz.meter import Filters, Instruments
 from eqz.models import default_model_path
 from eqz.sampling import Sampling
@@ -41,7 +42,7 @@ def decode_rate(model: Model, context, matrix, tap=None, change_every_token: boo
     sampler = Sampler(model, SAMPLING, SAMPLING.seed)
     flip = [matrix, matrix * 0.5] if change_every_token else None
     started = time.perf_counter()
-    for index, _ in enumerate(context.stream(sampler, TOKENS, ignore_eos=True)):
+    for index, _ in enumerate(Stream(context, sampler, TOKENS, ignore_eos=True)):
         if change_every_token:
             context.set_control_vector(flip[index % 2])
     seconds = time.perf_counter() - started

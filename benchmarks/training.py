@@ -19,7 +19,8 @@ import yaml
 
 from report import EQZ, print_figures  # benchmarks/ is on sys.path: it holds the script being run
 
-from eqz.engine import Model, read_texts
+from eqz.engine import Model
+from eqz.reading import read_texts
 from eqz.models import default_model_path
 from eqz.train import TrainSettings, capture_context, capture_layers, stimulus_groups
 

@@ -25,8 +25,7 @@ from .engine import Model
 from .models import ModelInfo
 from .errors import EqzError
 from .models import resolve_model_path
-from .presets import Preset, get_preset
-from .sampling import make_sampling
+from .presets import Preset, get_preset, resolve
 from .session import ChatSession, Turn
 from .steering import Steering
 from .vector_files import ControlVector
@@ -93,21 +92,18 @@ class EqzModel:
         bank = self.bank if (sliders or preset or clamp or ablate) else self._bank_if_any()
         valid = bank.names if bank else ()
         chosen = get_preset(preset, valid) if isinstance(preset, str) else preset
-        steering = Steering().with_gains(chosen.sliders if chosen else {})
+        resolved = resolve(chosen, valid, sliders, sampling, system, clamp, ablate)
         for band, gain in (sliders or {}).items():
-            gain = check_gain(band, gain, valid)
-            if gain_warning(band, gain):
-                self.on_warning(f"{band}={gain:g}{gain_warning(band, gain)}")
-            steering = steering.with_gain(band, gain)
+            if gain_warning(band, resolved.gains[band]):
+                self.on_warning(f"{band}={gain:g}{gain_warning(band, resolved.gains[band])}")
+        steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:
             steering = steering.with_vector(path, scale)
         for line in bank.doubtful(dict(steering.gains)) if bank else []:
             self.on_warning(line)
-        filters = merge_filters(chosen.filters if chosen else {}, clamp or {}, ablate, valid)
-        settings = make_sampling(make_sampling(None, **chosen.sampling) if chosen else None, **(sampling or {}))
-        session = ChatSession(self.model, settings, system=system or (chosen.system if chosen else None),
-                              steering=steering, n_ctx=n_ctx, bank=bank, meter=meter, filters=filters)
-        session.preset = chosen.name if chosen else None
+        session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering, n_ctx=n_ctx,
+                              bank=bank, meter=meter, filters=resolved.filters)
+        session.preset = resolved.preset
         return session
 
     # -- what users call
@@ -130,30 +126,21 @@ class EqzModel:
         """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token)."""
         return analyze(self.model, self.bank, text, by)
 
-    def train(self, bands: tuple[str, ...] | None = None, described: dict[str, str] | None = None,
-              quick: bool = False, progress=None) -> Bank:
-        """A new bank for this model (unsaved: ``bank.save(directory)``); with only ``described`` bands and a bank
-        already there, those bands are added to a copy of it."""
+    def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
+              orthogonalize: bool = False, base: Bank | None = None, progress=None) -> Bank:
+        """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
+        description) and a bank for the model already there, those bands are added to ``base`` (default: the
+        user's own copy of the model's bank, which ``bank.save()`` writes back)."""
         from .bands import BANDS
+        from .bank import writable_bank
         from .train import TrainSettings, add_described_bands, train_bank
 
-        settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, described=dict(described or {}))
+        settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
+                                 described=dict(described or {}))
         extra = {"progress": progress} if progress else {}
-        existing = self._bank_if_any() if described and not bands else None
-        if existing is not None:
-            return add_described_bands(self.model, Bank.load(existing.directory), settings, **extra)
+        if described and not bands and self._bank_if_any() is not None:
+            return add_described_bands(self.model, base or writable_bank(self.info), settings, **extra)
         return train_bank(self.model, settings, **extra)
-
-
-def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterable[str], valid: tuple[str, ...]) -> dict:
-    """A preset's filters with explicit clamps and notches on top: {"clamp": {band: level}, "ablate": [band]}."""
-    clamps = {**preset_filters.get("clamp", {}), **{band: check_gain(band, level, valid) for band, level in clamp.items()}}
-    ablates = list(preset_filters.get("ablate", []))
-    for band in ablate:
-        if band not in valid:
-            raise EqzError(f"unknown band '{band}' to ablate; valid bands: {', '.join(valid)}")
-        ablates.append(band)
-    return {"clamp": clamps, "ablate": ablates} if clamps or ablates else {}
 
 
 _SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")

@@ -27,11 +27,12 @@ import numpy as np
 
 from . import __version__
 from .bands import check_gain
-from .engine import Job, Model, generate_parallel
+from .engine import Model
+from .generation import Job, generate_parallel
 from .meter import Filters, Instruments
 from .errors import EqzError
-from .presets import Preset, get_preset
-from .sampling import Sampling, make_sampling
+from .presets import Preset, get_preset, resolve
+from .sampling import Sampling
 from .session import model_record
 from .steering import Steerer, Steering
 
@@ -157,23 +158,21 @@ def build_grid(
     sweeps: list[tuple[str, list[float]]],
     sampling_flags: dict,
     system: str | None,
+    clamp: dict[str, float] | None = None,
+    ablate: list[str] = (),
 ) -> list[Setting]:
-    """Settings = (presets, or the one --preset) x the cartesian product of sweeps; --set and sweeps win."""
+    """Settings = (presets, or the one --preset) x the cartesian product of sweeps; --set and sweeps win, and
+    --clamp/--ablate add to each preset's filters (presets.resolve, as for generate and chat)."""
     chosen: list[Preset | None] = [get_preset(name, bands) for name in presets] if presets else (
         [get_preset(base_preset, bands)] if base_preset else [None]
     )
     settings = []
     for preset in chosen:
-        base_gains = dict(preset.sliders) if preset else {}
-        sampling = make_sampling(make_sampling(None, **preset.sampling) if preset else None, **sampling_flags)
         for combo in itertools.product(*[[(band, g) for g in gains] for band, gains in sweeps]):
+            resolved = resolve(preset, bands, {**sets, **dict(combo)}, sampling_flags, system, clamp, ablate)
             gains = {band: 0.0 for band in bands}
-            gains.update(base_gains)
-            gains.update(sets)
-            gains.update(dict(combo))
-            settings.append(Setting(preset.name if preset else None, gains, sampling,
-                                    system or (preset.system if preset else None),
-                                    dict(preset.filters) if preset else {}))
+            gains.update(resolved.gains)
+            settings.append(Setting(resolved.preset, gains, resolved.sampling, resolved.system, resolved.filters))
     return settings
 
 
@@ -288,18 +287,14 @@ def run_batch(
     on_row: Callable[[dict, BatchStats], None] = lambda row, stats: None,
     stats: BatchStats | None = None,
     meter: bool = False,
-    filters: dict | None = None,
 ) -> BatchStats:
-    """Generate every missing row; returns the counts. Interrupting loses only rows not yet finished.
-
-    Preset filters apply per setting; ``filters`` (from --clamp/--ablate) apply to every row on top.
-    """
+    """Generate every missing row; returns the counts. Interrupting loses only rows not yet finished."""
     stats = stats or BatchStats()
     bands = steerer.bands
     record_model = model_record(model)
     per_sequence = longest + max(s.sampling.max_tokens for s in settings) + 8
     per_sequence = (per_sequence + 255) // 256 * 256
-    filtered = bool(filters) or any(setting.filters for setting in settings)
+    filtered = any(setting.filters for setting in settings)
     taps = (meter or filtered) and steerer.bank is not None
     with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=max(512, per_sequence), unified=False,
                        taps=taps) as context:
@@ -307,9 +302,7 @@ def run_batch(
             matrix = steerer.matrix(Steering().with_gains(setting.gains))
             instruments = None
             if taps:
-                merged = {"clamp": {**setting.filters.get("clamp", {}), **(filters or {}).get("clamp", {})},
-                          "ablate": setting.filters.get("ablate", []) + (filters or {}).get("ablate", [])}
-                chosen = Filters(steerer.bank, **merged)
+                chosen = Filters(steerer.bank, setting.filters.get("clamp", {}), setting.filters.get("ablate", []))
                 instruments = Instruments(steerer.bank, meter=meter, filters=chosen)
                 context.set_tap(instruments)
 

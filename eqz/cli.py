@@ -7,7 +7,6 @@ import sys
 from typing import Annotated, Optional
 
 import typer
-from typer._click.exceptions import ClickException  # typer >= 0.2x vendors click
 
 from . import __version__
 from .errors import EqzError
@@ -79,16 +78,12 @@ def _gains(sets: list[str] | None, valid: tuple[str, ...]) -> dict[str, float]:
     return gains
 
 
-def _open_session(loaded, *, preset, sets, vectors, system, sampling: dict, ctx: int, meter: bool = False,
+def _open_session(library, *, preset, sets, vectors, system, sampling: dict, ctx: int, meter: bool = False,
                   clamp=None, ablate=None):
-    """A ChatSession from the command line's flags, through the library (eqz.api): the preset first, then the
-    flags on top of it."""
-    from .api import EqzModel
+    """A ChatSession from the command line's flags, through the library: the preset first, then the flags."""
     from .bands import parse_set
     from .vector_files import parse_scaled_path
 
-    library = EqzModel(loaded)
-    library.on_warning = _warn
     clamps, ablates = _clamp_ablate(clamp, ablate)
     return library.session(preset=preset, sliders=dict(parse_set(spec, None) for spec in sets or []),
                            vectors=[parse_scaled_path(spec) for spec in vectors or []], system=system,
@@ -109,13 +104,14 @@ def _bank_for(info, required: bool):
 
 
 def _load_model(model: str | None, threads: int | None, chatting: bool = False):
-    from .engine import Model
-    from .models import resolve_model_path
+    """The library's model (eqz.api) for a command, warnings printed as one line each."""
+    from .api import load
 
-    loaded = Model(resolve_model_path(model), threads=threads)
-    if chatting and not loaded.info.has_chat_template:
-        _warn(f"{loaded.info.name} has no chat template; using a plain 'User:/Assistant:' transcript")
-    return loaded
+    library = load(model, threads=threads)
+    library.on_warning = _warn
+    if chatting and not library.info.has_chat_template:
+        _warn(f"{library.info.name} has no chat template; using a plain 'User:/Assistant:' transcript")
+    return library
 
 
 def _warn(message: str) -> None:
@@ -218,7 +214,7 @@ def generate(
                 "system": session.system,
                 "preset": session.preset,
                 "output": turn.text,
-                "model": model_record(loaded),
+                "model": model_record(loaded.model),
                 **turn.record.to_dict(),
             }
             typer.echo(json.dumps(record, ensure_ascii=False))
@@ -293,7 +289,6 @@ def batch(
     threads: ThreadsOpt = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
-    from .api import merge_filters
     from .bands import BANDS
     from .batch import Output, PromptFile, build_grid, parse_sweep, plan, run_batch
     from .display import batch_progress
@@ -307,12 +302,12 @@ def batch(
         with _load_model(model, threads, chatting=True) as loaded:
             bank = _bank_for(loaded.info, required=bool(set_ or sweep or preset or presets or meter or clamp or ablate))
             bands = bank.names if bank else BANDS
-            filters = merge_filters({}, *_clamp_ablate(clamp, ablate), bands)
             sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             min_p=min_p, repeat_penalty=repeat_penalty)
             grid = build_grid(bank.names if bank else (), preset, [p.strip() for p in presets.split(",")] if presets else [],
-                              _gains(set_, bands), [parse_sweep(s, bands) for s in sweep or []], sampling, system)
-            count, longest = plan(source, loaded)
+                              _gains(set_, bands), [parse_sweep(s, bands) for s in sweep or []], sampling, system,
+                              *_clamp_ablate(clamp, ablate))
+            count, longest = plan(source, loaded.model)
             for skipped in source.skipped:
                 _warn(f"skipped {skipped}")
             source.skipped.clear()
@@ -324,11 +319,11 @@ def batch(
             sink = Output(output, resume)
             from .session import model_record
 
-            sink.check_compatible(model_record(loaded), grid)
+            sink.check_compatible(model_record(loaded.model), grid)
             try:
                 with batch_progress(total) as (on_row, stats):
-                    run_batch(loaded, Steerer(loaded.info, bank), source, grid, sink, samples, seed, parallel,
-                              longest, on_row, stats, meter=meter, filters=filters)
+                    run_batch(loaded.model, Steerer(loaded.info, bank), source, grid, sink, samples, seed, parallel,
+                              longest, on_row, stats, meter=meter)
             except KeyboardInterrupt:
                 sink.close()
                 sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. "
@@ -355,8 +350,6 @@ def analyze(
     """Show how the model itself reads a text, band by band, per sentence or per token."""
     from pathlib import Path
 
-    from .analyze import analyze as run_analysis
-    from .bank import require_bank
     from .display import print_analysis
     from .errors import EqzError
 
@@ -368,7 +361,7 @@ def analyze(
         except (OSError, UnicodeDecodeError) as error:
             raise EqzError(f"cannot read {file}: {error}") from None
     with _load_model(model, threads) as loaded:
-        result = run_analysis(loaded, require_bank(loaded.info), text, by)
+        result = loaded.analyze(text, by)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
         return
@@ -393,7 +386,6 @@ def eval_command(
     from pathlib import Path
 
     from .bands import check_gain
-    from .bank import require_bank
     from .display import print_eval, progress_bars
     from .errors import EqzError
     from .eval import evaluate, non_fluent_gains, write_outputs
@@ -412,13 +404,13 @@ def eval_command(
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
     with _load_model(model, threads, chatting=True) as loaded:
-        bank = require_bank(loaded.info)
+        bank = loaded.bank
         chosen = tuple(b.strip() for b in bands.split(",")) if bands else bank.names
         bank.check_gains({band: 0.0 for band in chosen})
         for gain in gain_list:
             check_gain(chosen[0], gain, bank.names)
         with progress_bars() as progress:
-            result = evaluate(loaded, bank, chosen, gain_list, prompt_list, tokens, samples, progress=progress)
+            result = evaluate(loaded.model, bank, chosen, gain_list, prompt_list, tokens, samples, progress=progress)
         if record:
             record_figures(result, bank)
     print_eval(result, non_fluent_gains(result))
@@ -450,10 +442,9 @@ def train(
     from pathlib import Path
 
     from .bands import BANDS, parse_described
-    from .bank import find_bank, slug, user_data_dir, writable_bank
+    from .bank import find_bank, slug, user_data_dir
     from .display import progress_bars, print_bank
     from .errors import EqzError
-    from .train import TrainSettings, add_described_bands, train_bank
 
     chosen = tuple(b.strip().lower() for b in bands.split(",")) if bands else BANDS
     unknown = [b for b in chosen if b not in BANDS]
@@ -461,14 +452,9 @@ def train(
         raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")
     descriptions = dict(parse_described(spec) for spec in described or [])
     with _load_model(model, threads) as loaded:
-        settings = TrainSettings(bands=chosen, quick=quick, orthogonalize=orthogonalize, described=descriptions)
-        existing = find_bank(loaded.info) if descriptions and not bands else None
         with progress_bars() as progress:
-            if existing is not None:
-                bank = existing if out else writable_bank(loaded.info)
-                bank = add_described_bands(loaded, bank, settings, progress)
-            else:
-                bank = train_bank(loaded, settings, progress)
+            bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize,
+                                base=find_bank(loaded.info) if out else None, progress=progress)
         bank.save(Path(out).expanduser() if out else (bank.directory or user_data_dir() / slug(loaded.info.name)))
     print_bank(bank)
 
@@ -518,17 +504,13 @@ def vectors_export(
     model: ModelOpt = None,
 ) -> None:
     """Write one llama.cpp control vector for a slider mix (use with llama-cli --control-vector)."""
-    from .bank import require_bank
     from .errors import EqzError
-    from .vector_files import write_control_vector
 
     with _load_model(model, None) as loaded:
-        bank = require_bank(loaded.info)
-        gains = _gains(set_, bank.names)
-        mix = bank.mix(gains)
-        if mix is None:
+        gains = _gains(set_, loaded.bank.names)
+        if not any(gains.values()):
             raise EqzError("nothing to export: give at least one non-zero --set BAND=GAIN")
-        path = write_control_vector(output, mix, loaded.info.architecture)
+        path = loaded.bank.vector(gains).save(output)
     typer.echo(f"wrote {path} ({', '.join(f'{b}={g:g}' for b, g in gains.items())}); "
                f"apply with: llama-cli -m MODEL --control-vector {path}")
 
@@ -639,7 +621,9 @@ def main() -> None:
         if _state["debug"]:
             raise
         _fail(str(error), error.exit_code)
-    except ClickException as error:
+    except typer.TyperException as error:  # usage errors from typer's own click (typer >= 0.29, see pyproject)
+        if not hasattr(error, "format_message"):
+            raise
         hint = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
         _fail(error.format_message() + hint, error.exit_code)
     except KeyboardInterrupt:

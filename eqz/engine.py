@@ -6,14 +6,12 @@ package, so the math on vectors can be tested without a model and the CLI stays 
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import importlib.machinery
 import os
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -23,6 +21,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from .errors import EqzError
 from .models import ModelInfo
 from .sampling import Sampling
+
+if TYPE_CHECKING:
+    from .generation import Job
 
 # --------------------------------------------------------------------------------------------------------------
 # Library-wide set-up: logging, the ggml functions llama_cpp does not bind, the C eval-callback filter.
@@ -353,17 +354,6 @@ class Tap(Protocol):
     def __call__(self, layer: int, hidden: np.ndarray) -> bool: ...
 
 
-@dataclass
-class Step:
-    """One generated token and the text it completes (possibly empty while a UTF-8 sequence is open).
-
-    A last Step with ``token`` None may flush text held back while it could have begun a stop string.
-    """
-
-    token: int | None
-    text: str
-
-
 class Context:
     """A llama.cpp context: KV cache, control vector and taps. Sequence 0 is the single-stream "session"."""
 
@@ -543,424 +533,18 @@ class Context:
         keep = min(keep, len(tokens) - 1)  # always decode the last token again to get its logits
         self.forget(0, keep)
         self.session_tokens = tokens[:keep]
-        for start in range(keep, len(tokens), self.n_batch):
-            chunk = tokens[start : start + self.n_batch]
-            last = start + len(chunk) == len(tokens)
-            self.decode(
-                chunk,
-                range(start, start + len(chunk)),
-                [0] * len(chunk),
-                [last and i == len(chunk) - 1 for i in range(len(chunk))],
-            )
-            self.session_tokens.extend(chunk)
+        self.decode_prompt(tokens[keep:], 0, keep)
+        self.session_tokens = tokens
 
-    def stream(
-        self, sampler: Sampler, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False
-    ) -> "Stream":
-        """Generate after ``prefill``: iterate the returned Stream for tokens as they come.
-
-        ``ignore_eos`` keeps going past end-of-turn tokens (fixed-length runs for benchmarks and tests).
-        """
-        return Stream(self, sampler, max_tokens, stop, ignore_eos)
-
-
-class _TextAssembler:
-    """Token bytes -> text: completes UTF-8 sequences across tokens and holds back a possible stop string."""
-
-    def __init__(self, model: Model, stops: Sequence[str]):
-        self.model = model
-        self.stops = tuple(stops)
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.held = ""
-        self.text = ""
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; returns (text that is safe to show, whether a stop string was reached)."""
-        self.held += self.decoder.decode(self.model.piece(token))
-        emit, self.held, stopped = _split_at_stop(self.held, self.stops)
-        self.text += emit
-        return emit, stopped
-
-    def flush(self) -> str:
-        tail = self.held + self.decoder.decode(b"", final=True)
-        self.held = ""
-        self.text += tail
-        return tail
-
-
-class Stream:
-    """Tokens of one reply on sequence 0, sampled and decoded one at a time.
-
-    Each Step is yielded *before* its token is decoded, so a control vector set while handling step k
-    steers the logits of step k+1: a slider moved mid-reply changes the very next token.
-    ``finish_reason`` ends as "stop" (end of turn or stop string), "length" (max_tokens) or "context" (full).
-    """
-
-    def __init__(self, context: Context, sampler: Sampler, max_tokens: int, stop: Sequence[str], ignore_eos: bool):
-        self.context = context
-        self.ignore_eos = ignore_eos
-        self.sampler = sampler
-        self.max_tokens = max_tokens
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self._assembler = _TextAssembler(context.model, stop)
-
-    @property
-    def text(self) -> str:
-        return self._assembler.text
-
-    def __iter__(self) -> Iterator[Step]:
-        context, model = self.context, self.context.model
-        while True:
-            if len(self.tokens) >= self.max_tokens:
-                self.finish_reason = "length"
-                break
-            if len(context.session_tokens) >= context.n_ctx:
-                self.finish_reason = "context"
-                break
-            token = self.sampler.sample(context, -1)
-            if model.is_eog(token) and not self.ignore_eos:
-                self.finish_reason = "stop"
-                break
-            self.tokens.append(token)
-            emit, stopped = self._assembler.push(token)
-            yield Step(token, emit)
-            if stopped:
-                self.finish_reason = "stop"
-                return
-            position = len(context.session_tokens)
-            context.decode([token], [position], [0], [True])
-            context.session_tokens.append(token)
-        tail = self._assembler.flush()
-        if tail:
-            yield Step(None, tail)
-
-
-def _split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
-    """Split ``text`` into (safe to show, held back, stopped): hold back a possible start of a stop string."""
-    for stop in stops:
-        index = text.find(stop)
-        if index >= 0:
-            return text[:index], "", True
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    return text[: len(text) - hold], text[len(text) - hold :], False
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Many sequences at once: hidden states of many texts, and parallel generation
-
-
-def _packs(lengths: Sequence[int], n_batch: int, n_slots: int, slots: Sequence[int]) -> Iterator[list[int]]:
-    """Group item indices so each pack fits one decode: at most ``n_batch`` tokens and ``n_slots`` sequences
-    (item i needs ``slots[i]`` sequences)."""
-    pack: list[int] = []
-    size = used = 0
-    for index, length in enumerate(lengths):
-        if length > n_batch or slots[index] > n_slots:
-            raise EqzError(f"text group {index} ({length} tokens) does not fit one batch of {n_batch}")
-        if pack and (size + length > n_batch or used + slots[index] > n_slots):
-            yield pack
-            pack, size, used = [], 0, 0
-        pack.append(index)
-        size += length
-        used += slots[index]
-    if pack:
-        yield pack
-
-
-@dataclass
-class TextGroup:
-    """Texts that share a prefix: each text is ``prefix + tail``; the prefix is computed once for all."""
-
-    prefix: list[int]
-    tails: list[list[int]]
-    pool_from: int = 0  # first position pooled and scored (e.g. len(prompt) to read only a reply)
-
-
-@dataclass
-class Reading:
-    """What read_texts measured, one row per text in group order."""
-
-    pooled: np.ndarray  # (n_texts, n_layers, n_embd): mean residual stream over the pooled positions
-    token_norm: np.ndarray  # (n_layers,): mean L2 norm of one pooled token's residual stream
-    logprobs: list[np.ndarray]  # per text: log p of each token at positions >= max(pool_from, 1)
-
-
-class _PoolingTap:
-    """Sums rows into per-text totals while read_texts decodes packed groups."""
-
-    def __init__(self, layers: Sequence[int], n_texts: int, n_embd: int):
-        self.layers = frozenset(layers)
-        self.column = {layer: i for i, layer in enumerate(layers)}
-        self.sums = np.zeros((n_texts, len(layers), n_embd), dtype=np.float64)
-        self.norm_sums = np.zeros(len(layers), dtype=np.float64)
-        self.norm_rows = 0
-        self.segments: list[tuple[int, int, int]] = []  # (text, first row, end row) in the current batch
-
-    def __call__(self, layer: int, hidden: np.ndarray) -> bool:
-        column = self.column[layer]
-        for text, start, end in self.segments:
-            if end > start:
-                rows = hidden[start:end]
-                self.sums[text, column] += rows.sum(axis=0)
-                self.norm_sums[column] += np.linalg.norm(rows, axis=1).sum()
-                if column == 0:
-                    self.norm_rows += end - start
-        return False
-
-
-def read_texts(
-    context: Context,
-    groups: Sequence[TextGroup],
-    layers: Sequence[int] = (),
-    logprobs: bool = False,
-    progress=None,
-) -> Reading:
-    """Run texts through the model without generating: pooled hidden states at ``layers`` and/or the
-    log-probability of every token, under the context's current steering.
-
-    Groups are packed many to a decode, one sequence per text; a group's prefix rows are shared by its texts.
-    Without ``logprobs`` the graph stops after the deepest layer read, skipping the rest of the model.
-    ``progress(n)`` is called with the number of texts finished after each decode.
-    """
-    layers = list(layers)
-    if layers and max(layers) >= context.n_layer - 1:
-        raise ValueError("the last layer only has rows for tokens with logits; it cannot be pooled")
-    n_texts = sum(len(group.tails) for group in groups)
-    tap = _PoolingTap(layers, n_texts, context.n_embd) if layers else None
-    counts = np.zeros(n_texts)
-    scores: list[np.ndarray] = [np.zeros(0, np.float32)] * n_texts
-    firsts = np.cumsum([0] + [len(group.tails) for group in groups])
-    context.clear()
-    context.set_tap(tap, stop_after=max(layers) if layers and not logprobs else None)
-    try:
-        sizes = [len(g.prefix) + sum(len(t) for t in g.tails) for g in groups]
-        for pack in _packs(sizes, context.n_batch, context.n_seq, [len(g.tails) for g in groups]):
-            tokens, positions, seqs, wanted, segments, targets = [], [], [], [], [], []
-            slot = 0
-            for index in pack:
-                group, first_text = groups[index], int(firsts[index])
-                owners = tuple(range(slot, slot + len(group.tails)))
-                prefix_row = len(tokens)
-                base = len(group.prefix)
-                tokens += group.prefix
-                positions += range(base)
-                seqs += [owners] * base
-                first_scored = max(group.pool_from, 1)  # the first position whose token gets a log-probability
-                wanted += [logprobs and i >= first_scored - 1 for i in range(base)]
-                for k, tail in enumerate(group.tails):
-                    text = first_text + k
-                    start = max(group.pool_from, 0)
-                    segments.append((text, prefix_row + min(start, base), prefix_row + base))
-                    tail_row = len(tokens)
-                    segments.append((text, tail_row + max(start - base, 0), tail_row + len(tail)))
-                    counts[text] = base + len(tail) - start
-                    # logits rows predicting tokens at positions >= max(start, 1)
-                    full = list(group.prefix) + list(tail)
-                    rows = [prefix_row + p - 1 if p - 1 < base else tail_row + p - 1 - base for p in range(first_scored, len(full))]
-                    targets.append((text, rows, full[first_scored:]))
-                    tokens += tail
-                    positions += range(base, base + len(tail))
-                    seqs += [owners[k]] * len(tail)
-                    wanted += [logprobs and base + i >= first_scored - 1 and i < len(tail) - 1 for i in range(len(tail))]
-                slot += len(group.tails)
-            if not any(wanted):
-                wanted[-1] = True  # llama.cpp wants at least one output
-            if tap is not None:
-                tap.segments = segments
-            context.decode(tokens, positions, seqs, wanted)
-            if logprobs:
-                for text, rows, goal in targets:
-                    if rows:
-                        logits = np.stack([context.logits(row) for row in rows])
-                        shifted = logits - logits.max(axis=1, keepdims=True)
-                        log_norm = np.log(np.exp(shifted).sum(axis=1))
-                        scores[text] = (shifted[np.arange(len(rows)), goal] - log_norm).astype(np.float32)
-            context.clear()
-            if progress:
-                progress(sum(len(groups[i].tails) for i in pack))
-    finally:
-        context.set_tap(None)
-        context.clear()
-    if tap is None:
-        return Reading(np.zeros((n_texts, 0, context.n_embd), np.float32), np.zeros(0), scores)
-    pooled = (tap.sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
-    return Reading(pooled, tap.norm_sums / max(tap.norm_rows, 1), scores)
-
-
-@dataclass(eq=False)  # jobs are told apart by identity (the meter accumulates per job)
-class Job:
-    """One reply to generate in parallel with others. Jobs with the same ``vector_key`` share a control vector."""
-
-    prompt: Sequence[int]
-    sampling: Sampling
-    seed: int
-    stop: tuple[str, ...] = ()
-    vector: np.ndarray | None = None
-    vector_key: object = None
-    tag: object = None
-    ignore_eos: bool = False
-
-
-@dataclass
-class Finished:
-    job: Job
-    tokens: list[int]
-    text: str
-    finish_reason: str
-
-
-class _Slot:
-    def __init__(self, context: Context, seq: int, job: Job):
-        self.seq = seq
-        self.job = job
-        self.sampler = Sampler(context.model, job.sampling, job.seed)
-        self.assembler = _TextAssembler(context.model, job.stop)
-        self.tokens: list[int] = []
-        self.position = len(job.prompt)
-        self.next_token: int | None = None
-        self.finish_reason: str | None = None
-
-    def take(self, context: Context, row: int) -> int | None:
-        """Sample from batch row ``row``; returns the token to decode next, or None when the job is done."""
-        job, model = self.job, context.model
-        token = self.sampler.sample(context, row)
-        if model.is_eog(token) and not job.ignore_eos:
-            self.finish_reason = "stop"
-            return None
-        self.tokens.append(token)
-        _, stopped = self.assembler.push(token)
-        if stopped:
-            self.finish_reason = "stop"
-        elif len(self.tokens) >= job.sampling.max_tokens:
-            self.finish_reason = "length"
-        elif self.position >= context.n_ctx // context.n_seq:
-            self.finish_reason = "context"
-        return None if self.finish_reason else token
-
-    def result(self) -> Finished:
-        self.assembler.flush()
-        self.sampler.close()
-        return Finished(self.job, self.tokens, self.assembler.text, self.finish_reason or "length")
-
-
-class _RowSteering:
-    """Per-sequence control vectors: adds each batch row's own vector to the residual stream after each layer.
-
-    llama.cpp's control vector is one per context; writing ``l_out-N + v`` back through a tap is the same float
-    addition its ``ggml_add`` does, so a row steered here gets exactly the tokens the context vector would give,
-    while rows with different settings share one batch.
-    """
-
-    def __init__(self, layers: Sequence[int]):
-        self.layers = frozenset(layers)
-        self.rows: list[np.ndarray | None] = []
-
-    def __call__(self, layer: int, hidden: np.ndarray) -> bool:
-        changed = False
-        for row, vector in enumerate(self.rows[: len(hidden)]):
-            if vector is not None and np.any(vector[layer]):
-                hidden[row] += vector[layer]
-                changed = True
-        return changed
-
-
-def generate_parallel(
-    context: Context,
-    jobs: Iterable[Job],
-    window: int | None = None,
-    on_decode: Callable[[list | None], None] | None = None,
-    row_steering: Sequence[int] | None = None,
-) -> Iterator[Finished]:
-    """Generate many jobs, up to ``context.n_seq`` at a time in one batch, yielding results in job order.
-
-    ``on_decode(rows)`` is told, before each decode, which job each batch row is a reply token of (None for a
-    decode of prompt tokens): how a meter on the context's tap attributes its readings.
-    ``row_steering`` (the steered layers) applies each job's ``vector`` to its own rows through a tap instead of
-    the context's control vector, so jobs with different vectors run together (the context needs taps).
-
-    Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
-    and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
-    Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
-    """
-    window = window or 4 * context.n_seq
-    steering = _RowSteering(row_steering) if row_steering is not None else None
-    if steering is not None:
-        context.set_tap(steering)
-        context.set_control_vector(None)
-
-    def announce(rows: list[Job], reply: bool) -> None:
-        """Before a decode: whose rows these are (for the row steering and the meter)."""
-        if steering is not None:
-            steering.rows = [job.vector for job in rows]
-        if on_decode:
-            on_decode(rows if reply else None)
-
-    try:
-        queue = iter(jobs)
-        upcoming: Job | None = next(queue, None)
-        active: dict[int, tuple[int, _Slot]] = {}  # seq -> (job number, slot)
-        done: dict[int, Finished] = {}
-        started = emitted = 0
-        current_key: object = object()
-        context.clear()
-        while upcoming is not None or active or done:
-            # start jobs while there is room, the vector matches, and results are not piling up
-            while (
-                upcoming is not None
-                and len(active) < context.n_seq
-                and started - emitted < window
-                and (steering is not None or not active or upcoming.vector_key == current_key)
-            ):
-                if steering is None and upcoming.vector_key != current_key:
-                    context.set_control_vector(upcoming.vector)
-                    current_key = upcoming.vector_key
-                seq = next(s for s in range(context.n_seq) if s not in active)
-                slot = _Slot(context, seq, upcoming)
-                prompt = list(upcoming.prompt)
-                if len(prompt) >= context.n_ctx // context.n_seq:
-                    raise EqzError(
-                        f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
-                        "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
-                    )
-                for start in range(0, len(prompt), context.n_batch):
-                    chunk = prompt[start : start + context.n_batch]
-                    last = start + len(chunk) == len(prompt)
-                    announce([upcoming] * len(chunk), reply=False)
-                    context.decode(chunk, range(start, start + len(chunk)), [seq] * len(chunk),
-                                   [last and i == len(chunk) - 1 for i in range(len(chunk))])
-                slot.next_token = slot.take(context, -1)
-                active[seq] = (started, slot)
-                started += 1
-                upcoming = next(queue, None)
-            # finish slots that are done, then decode one token for every running slot
-            for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
-                number, slot = active.pop(seq)
-                context.forget(seq)
-                done[number] = slot.result()
-            while emitted in done:
-                yield done.pop(emitted)
-                emitted += 1
-            running = sorted(active.items())
-            if not running:
-                continue
-            announce([slot.job for _, (_, slot) in running], reply=True)
-            context.decode(
-                [slot.next_token for _, (_, slot) in running],
-                [slot.position for _, (_, slot) in running],
-                [seq for seq, _ in running],
-                [True] * len(running),
-            )
-            for row, (_, (_, slot)) in enumerate(running):
-                slot.position += 1
-                slot.next_token = slot.take(context, row)
-    finally:
-        if steering is not None:
-            context.set_tap(None)
-
-
+    def decode_prompt(self, tokens: Sequence[int], seq: int, start: int = 0,
+                      before_chunk: Callable[[int], None] | None = None) -> None:
+        """Decode ``tokens`` into sequence ``seq`` from position ``start`` in chunks of ``n_batch``, with logits
+        for the last token only; ``before_chunk(size)`` is told before each decode."""
+        tokens = list(tokens)
+        for offset in range(0, len(tokens), self.n_batch):
+            chunk = tokens[offset : offset + self.n_batch]
+            last = offset + len(chunk) == len(tokens)
+            if before_chunk:
+                before_chunk(len(chunk))
+            self.decode(chunk, range(start + offset, start + offset + len(chunk)), [seq] * len(chunk),
+                        [last and i == len(chunk) - 1 for i in range(len(chunk))])

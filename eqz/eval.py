@@ -22,7 +22,9 @@ import numpy as np
 
 from .bands import AXES, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
 from .bank import Bank
-from .engine import Job, Model, TextGroup, generate_parallel, read_texts
+from .engine import Model
+from .generation import Job, generate_parallel
+from .reading import TextGroup, read_texts
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
 from .scoring import distinct2, emotion_scorer, latin_share, lift, repeated_trigrams
@@ -203,7 +205,7 @@ class ReplyBench:
         setting (paired comparisons).
 
         Settings are mixed in one batch by steering each row with its own vector (bit-identical to llama.cpp's
-        context control vector, see engine._RowSteering), which keeps every slot busy.
+        context control vector, see generation._RowSteering), which keeps every slot busy.
         """
         jobs = []
         for setting in settings:

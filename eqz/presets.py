@@ -11,12 +11,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import yaml
 
 from .bands import BANDS, check_gain
 from .errors import EqzError
-from .sampling import SETTING_NAMES, check_setting
+from .sampling import SETTING_NAMES, Sampling, check_setting, make_sampling
 from .shipped import shipped_dir
 
 BUNDLED_DIR = shipped_dir("presets")
@@ -178,3 +179,41 @@ def check_name(name: str) -> str:
         raise EqzError(f"preset name '{name}' must be lowercase letters, digits, - or _ (at most 40)")
     return name
 
+
+
+# -------------------------------------------------------------------------------------------------- resolving
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a preset with explicit settings on top of it comes to (the explicit ones win)."""
+
+    preset: str | None
+    gains: dict[str, float]
+    sampling: Sampling
+    system: str | None
+    filters: dict  # {"clamp": {band: level}, "ablate": [band, ...]}, or {} for none
+
+
+def resolve(preset: Preset | None, valid: tuple[str, ...], sliders: dict[str, float] | None = None,
+            sampling: dict | None = None, system: str | None = None, clamp: dict[str, float] | None = None,
+            ablate: Iterable[str] = ()) -> Resolved:
+    """The one merge of a preset and explicit sliders, sampling, system prompt and filters: generate, chat and
+    batch all go through it. Bands are checked against ``valid``."""
+    gains = dict(preset.sliders) if preset else {}
+    gains.update({band: check_gain(band, gain, valid) for band, gain in (sliders or {}).items()})
+    base = make_sampling(None, **preset.sampling) if preset else None
+    return Resolved(preset.name if preset else None, gains, make_sampling(base, **(sampling or {})),
+                    system or (preset.system if preset else None),
+                    merge_filters(preset.filters if preset else {}, clamp or {}, ablate, valid))
+
+
+def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterable[str], valid: tuple[str, ...]) -> dict:
+    """A preset's filters with explicit clamps and notches on top."""
+    clamps = {**preset_filters.get("clamp", {}), **{band: check_gain(band, level, valid) for band, level in clamp.items()}}
+    ablates = list(preset_filters.get("ablate", []))
+    for band in ablate:
+        if band not in valid:
+            raise EqzError(f"unknown band '{band}' to ablate; valid bands: {', '.join(valid)}")
+        ablates.append(band)
+    return {"clamp": clamps, "ablate": ablates} if clamps or ablates else {}

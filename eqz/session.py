@@ -17,6 +17,7 @@ import numpy as np
 
 from . import __version__
 from .engine import Model, Sampler
+from .generation import Stream
 from .models import fingerprint
 from .presets import Preset
 from .sampling import Sampling, make_sampling
@@ -226,7 +227,7 @@ class Turn:
             dropped_messages=dropped,
         )
         self._sampler = Sampler(session.model, sampling, seed)
-        self._stream = session.context.stream(self._sampler, sampling.max_tokens, stops)
+        self._stream = Stream(session.context, self._sampler, sampling.max_tokens, stops)
         self._stop_requested = threading.Event()
         if instruments:
             instruments.owners([self])  # every following decode is one token of this reply

@@ -31,7 +31,8 @@ from . import directions as D
 from . import eval as E
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
 from .bank import Band, Bank, new_manifest
-from .engine import Model, TextGroup, read_texts
+from .engine import Model
+from .reading import TextGroup, read_texts
 from .errors import EqzError
 from .eval import ReplyBench, ReplySet, Setting, prompt_sets
 from .meter import LayerGeometry

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .engine import Job, Model, generate_parallel
+from .engine import Model
+from .generation import Job, generate_parallel
 from .sampling import Sampling
 
 Progress = Callable[[str, int], Callable[[int], None]]

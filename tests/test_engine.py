@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from eqz.engine import Sampler
+from eqz.generation import Stream
 from eqz.errors import EqzError
 from eqz.sampling import Sampling
 from eqz.session import ChatSession
@@ -23,7 +24,7 @@ def reply_tokens(context, model, prompt=PROMPT, sampling=SAMPLING, on_step=None)
     text, stops = model.chat_prompt([{"role": "user", "content": prompt}])
     context.prefill(model.tokenize(text, parse_special=True))
     sampler = Sampler(model, sampling, sampling.seed)
-    stream = context.stream(sampler, sampling.max_tokens, stops)
+    stream = Stream(context, sampler, sampling.max_tokens, stops)
     for index, _step in enumerate(stream):
         if on_step:
             on_step(index)

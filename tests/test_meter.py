@@ -12,7 +12,7 @@ import yaml
 from eqz.analyze import analyze
 from eqz.bands import PRIMARIES
 from eqz.bank import find_bank
-from eqz.engine import TextGroup, read_texts
+from eqz.reading import TextGroup, read_texts
 from eqz.sampling import Sampling
 from eqz.session import ChatSession
 from eqz.stimuli import load_stimuli

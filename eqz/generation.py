@@ -1,0 +1,300 @@
+"""Generating replies: one streamed reply on a context (chat, generate), and many replies at once in one
+batch (batch, eval, training), both ending by the same rule (_Reply)."""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .engine import Context, Model, Sampler
+from .errors import EqzError
+from .sampling import Sampling
+
+
+@dataclass
+class Step:
+    """One generated token and the text it completes (possibly empty while a UTF-8 sequence is open).
+
+    A last Step with ``token`` None may flush text held back while it could have begun a stop string.
+    """
+
+    token: int | None
+    text: str
+
+
+class _TextAssembler:
+    """Token bytes -> text: completes UTF-8 sequences across tokens and holds back a possible stop string."""
+
+    def __init__(self, model: Model, stops: Sequence[str]):
+        self.model = model
+        self.stops = tuple(stops)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.held = ""
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (text that is safe to show, whether a stop string was reached)."""
+        self.held += self.decoder.decode(self.model.piece(token))
+        emit, self.held, stopped = _split_at_stop(self.held, self.stops)
+        self.text += emit
+        return emit, stopped
+
+    def flush(self) -> str:
+        tail = self.held + self.decoder.decode(b"", final=True)
+        self.held = ""
+        self.text += tail
+        return tail
+
+
+class _Reply:
+    """One reply's tokens and text, and the one rule for when it ends (a Stream and every parallel slot use it):
+    an end-of-turn token ends it unseen ("stop"), a stop string ends it ("stop"), then ``max_tokens`` ("length"),
+    then a full context: no position left to decode the token just taken ("context")."""
+
+    def __init__(self, model: Model, stops: Sequence[str], max_tokens: int, ignore_eos: bool):
+        self.model = model
+        self.max_tokens = max_tokens
+        self.ignore_eos = ignore_eos
+        self.assembler = _TextAssembler(model, stops)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def add(self, token: int, room: bool) -> str:
+        """Take a sampled token (``room``: a position is left to decode it); returns the text it makes safe to
+        show, and sets ``finish_reason`` when the reply is over."""
+        if self.model.is_eog(token) and not self.ignore_eos:
+            self.finish_reason = "stop"
+            return ""
+        self.tokens.append(token)
+        emit, stopped = self.assembler.push(token)
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+        elif not room:
+            self.finish_reason = "context"
+        return emit
+
+
+class Stream:
+    """Tokens of one reply on sequence 0 after ``context.prefill``, sampled and decoded one at a time.
+
+    Each Step is yielded *before* its token is decoded, so a control vector set while handling step k
+    steers the logits of step k+1: a slider moved mid-reply changes the very next token.
+    ``finish_reason`` ends as "stop", "length" or "context" (see _Reply). ``ignore_eos`` keeps going past
+    end-of-turn tokens (fixed-length runs for benchmarks and tests).
+    """
+
+    def __init__(self, context: Context, sampler: Sampler, max_tokens: int, stop: Sequence[str] = (),
+                 ignore_eos: bool = False):
+        self.context = context
+        self.sampler = sampler
+        self._reply = _Reply(context.model, stop, max_tokens, ignore_eos)
+
+    @property
+    def text(self) -> str:
+        return self._reply.assembler.text
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._reply.tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._reply.finish_reason
+
+    def __iter__(self) -> Iterator[Step]:
+        context, reply = self.context, self._reply
+        while reply.finish_reason is None:
+            position = len(context.session_tokens)
+            token = self.sampler.sample(context, -1)
+            kept = len(reply.tokens)
+            emit = reply.add(token, room=position < context.n_ctx)
+            if len(reply.tokens) == kept:
+                break  # an end-of-turn token: not part of the reply
+            yield Step(token, emit)
+            if reply.finish_reason is None:
+                context.decode([token], [position], [0], [True])
+                context.session_tokens.append(token)
+        tail = reply.assembler.flush()
+        if tail:
+            yield Step(None, tail)
+
+
+def _split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split ``text`` into (safe to show, held back, stopped): hold back a possible start of a stop string."""
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0:
+            return text[:index], "", True
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False
+
+
+@dataclass(eq=False)  # jobs are told apart by identity (the meter accumulates per job)
+class Job:
+    """One reply to generate in parallel with others. Jobs with the same ``vector_key`` share a control vector."""
+
+    prompt: Sequence[int]
+    sampling: Sampling
+    seed: int
+    stop: tuple[str, ...] = ()
+    vector: np.ndarray | None = None
+    vector_key: object = None
+    tag: object = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Finished:
+    job: Job
+    tokens: list[int]
+    text: str
+    finish_reason: str
+
+
+
+class _Slot:
+    """One job running on sequence ``seq`` of a parallel batch."""
+
+    def __init__(self, context: Context, seq: int, job: Job):
+        self.seq = seq
+        self.job = job
+        self.sampler = Sampler(context.model, job.sampling, job.seed)
+        self.reply = _Reply(context.model, job.stop, job.sampling.max_tokens, job.ignore_eos)
+        self.position = len(job.prompt)
+        self.next_token: int | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.reply.finish_reason
+
+    def take(self, context: Context, row: int) -> int | None:
+        """Sample from batch row ``row``; returns the token to decode next, or None when the job is done."""
+        token = self.sampler.sample(context, row)
+        self.reply.add(token, room=self.position < context.n_ctx // context.n_seq)
+        return None if self.reply.finish_reason else token
+
+    def result(self) -> Finished:
+        self.reply.assembler.flush()
+        self.sampler.close()
+        return Finished(self.job, self.reply.tokens, self.reply.assembler.text, self.reply.finish_reason or "length")
+
+
+class _RowSteering:
+    """Per-sequence control vectors: adds each batch row's own vector to the residual stream after each layer.
+
+    llama.cpp's control vector is one per context; writing ``l_out-N + v`` back through a tap is the same float
+    addition its ``ggml_add`` does, so a row steered here gets exactly the tokens the context vector would give,
+    while rows with different settings share one batch.
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = frozenset(layers)
+        self.rows: list[np.ndarray | None] = []
+
+    def __call__(self, layer: int, hidden: np.ndarray) -> bool:
+        changed = False
+        for row, vector in enumerate(self.rows[: len(hidden)]):
+            if vector is not None and np.any(vector[layer]):
+                hidden[row] += vector[layer]
+                changed = True
+        return changed
+
+
+def generate_parallel(
+    context: Context,
+    jobs: Iterable[Job],
+    window: int | None = None,
+    on_decode: Callable[[list | None], None] | None = None,
+    row_steering: Sequence[int] | None = None,
+) -> Iterator[Finished]:
+    """Generate many jobs, up to ``context.n_seq`` at a time in one batch, yielding results in job order.
+
+    ``on_decode(rows)`` is told, before each decode, which job each batch row is a reply token of (None for a
+    decode of prompt tokens): how a meter on the context's tap attributes its readings.
+    ``row_steering`` (the steered layers) applies each job's ``vector`` to its own rows through a tap instead of
+    the context's control vector, so jobs with different vectors run together (the context needs taps).
+
+    Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
+    and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
+    Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
+    """
+    window = window or 4 * context.n_seq
+    steering = _RowSteering(row_steering) if row_steering is not None else None
+    if steering is not None:
+        context.set_tap(steering)
+        context.set_control_vector(None)
+
+    def announce(rows: list[Job], reply: bool) -> None:
+        """Before a decode: whose rows these are (for the row steering and the meter)."""
+        if steering is not None:
+            steering.rows = [job.vector for job in rows]
+        if on_decode:
+            on_decode(rows if reply else None)
+
+    try:
+        queue = iter(jobs)
+        upcoming: Job | None = next(queue, None)
+        active: dict[int, tuple[int, _Slot]] = {}  # seq -> (job number, slot)
+        done: dict[int, Finished] = {}
+        started = emitted = 0
+        current_key: object = object()
+        context.clear()
+        while upcoming is not None or active or done:
+            # start jobs while there is room, the vector matches, and results are not piling up
+            while (
+                upcoming is not None
+                and len(active) < context.n_seq
+                and started - emitted < window
+                and (steering is not None or not active or upcoming.vector_key == current_key)
+            ):
+                if steering is None and upcoming.vector_key != current_key:
+                    context.set_control_vector(upcoming.vector)
+                    current_key = upcoming.vector_key
+                seq = next(s for s in range(context.n_seq) if s not in active)
+                slot = _Slot(context, seq, upcoming)
+                prompt = list(upcoming.prompt)
+                if len(prompt) >= context.n_ctx // context.n_seq:
+                    raise EqzError(
+                        f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
+                        "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
+                    )
+                job = upcoming
+                context.decode_prompt(prompt, seq, before_chunk=lambda size: announce([job] * size, reply=False))
+                slot.next_token = slot.take(context, -1)
+                active[seq] = (started, slot)
+                started += 1
+                upcoming = next(queue, None)
+            # finish slots that are done, then decode one token for every running slot
+            for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
+                number, slot = active.pop(seq)
+                context.forget(seq)
+                done[number] = slot.result()
+            while emitted in done:
+                yield done.pop(emitted)
+                emitted += 1
+            running = sorted(active.items())
+            if not running:
+                continue
+            announce([slot.job for _, (_, slot) in running], reply=True)
+            context.decode(
+                [slot.next_token for _, (_, slot) in running],
+                [slot.position for _, (_, slot) in running],
+                [seq for seq, _ in running],
+                [True] * len(running),
+            )
+            for row, (_, (_, slot)) in enumerate(running):
+                slot.position += 1
+                slot.next_token = slot.take(context, row)
+    finally:
+        if steering is not None:
+            context.set_tap(None)
