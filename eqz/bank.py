@@ -135,6 +135,15 @@ class Bank:
             mix = np.zeros((model["n_layer"], model["n_embd"]), dtype=np.float32)
         return ControlVector(mix, self.manifest["model"]["architecture"])
 
+    def remove(self, name: str) -> None:
+        """Drop band ``name`` (and its file, if the bank is on disk)."""
+        if name not in self.bands:
+            raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
+        del self.bands[name]
+        self.manifest["bands"].pop(name, None)
+        if self.directory is not None:
+            (Path(self.directory) / f"{name}.gguf").unlink(missing_ok=True)
+
     # -- files
 
     @classmethod
@@ -243,14 +252,28 @@ def resolve_bank(spec: str | None, info: ModelInfo | None) -> Bank:
     raise EqzError(f"no bank named '{spec}'; `eqz vectors list` shows the banks found")
 
 
+def _own_bank_dirs(info: ModelInfo) -> list[Path]:
+    """Where the user's own bank for this model may live (by name; by name and fingerprint if names clash)."""
+    return [user_data_dir() / slug(info.name), user_data_dir() / f"{slug(info.name)}-{model_fingerprint(info)[-10:]}"]
+
+
+def reset_user_bank(info: ModelInfo) -> Path | None:
+    """Delete the user's own bank for this model; returns where it was, or None if there was none."""
+    for directory in _own_bank_dirs(info):
+        if (directory / MANIFEST).exists() and Bank.load(directory).manifest["model"]["fingerprint"] == model_fingerprint(info):
+            shutil.rmtree(directory)
+            return directory
+    return None
+
+
 def writable_bank(info: ModelInfo) -> Bank:
     """The user's own bank for this model, created from the shipped one (or empty) on first use."""
-    own = user_data_dir() / slug(info.name)
+    own, other = _own_bank_dirs(info)
     if (own / MANIFEST).exists():
         bank = Bank.load(own)
         if bank.manifest["model"]["fingerprint"] == model_fingerprint(info):
             return bank
-        own = user_data_dir() / f"{slug(info.name)}-{model_fingerprint(info)[-10:]}"
+        own = other
         if (own / MANIFEST).exists():
             return Bank.load(own)
     existing = find_bank(info)

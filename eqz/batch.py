@@ -143,11 +143,13 @@ def parse_sweep(spec: str, bands: tuple[str, ...]) -> tuple[str, list[float]]:
         count = int(parts[2])
     except ValueError:
         raise EqzError(f"--sweep {spec}: N must be a whole number") from None
-    if count < 1:
-        raise EqzError(f"--sweep {spec}: N must be at least 1")
-    start = check_gain(band.strip(), parts[0], bands)
-    stop = check_gain(band.strip(), parts[1], bands)
-    return band.strip(), [round(float(g), 6) for g in np.linspace(start, stop, count)]
+    band = band.strip().lower()
+    start = check_gain(band, parts[0], bands)
+    stop = check_gain(band, parts[1], bands)
+    if count < 1 or (count == 1 and start != stop):
+        raise EqzError(f"--sweep {spec}: N is how many gains from START to STOP, so at least 2 (or 1 with START = "
+                       "STOP); use --set for one value")
+    return band, [round(float(g), 6) for g in np.linspace(start, stop, count)]
 
 
 def build_grid(
@@ -199,8 +201,11 @@ class Output:
             if not resume:
                 raise EqzError(f"{self.path} already has rows; pass --resume to continue it or choose another -o")
             self._load_existing()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = self.path.open("a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = self.path.open("a", encoding="utf-8")
+        except OSError as error:
+            raise EqzError(f"cannot write {self.path}: {error.strerror or error}; choose another -o") from None
 
     def _load_existing(self) -> None:
         keep = 0
@@ -234,6 +239,8 @@ class Output:
         self.handle.flush()
 
     def close(self) -> None:
+        if self.handle.closed:
+            return
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()

@@ -146,9 +146,11 @@ def _root(
 @app.command()
 def models(
     paths: Annotated[Optional[list[str]], typer.Argument(help="GGUF files [default: the model eqz would load]")] = None,
+    model: ModelOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Show a model's path, architecture, layers, width, context length and whether it has a chat template."""
+    paths = [*(paths or []), *([model] if model else [])] or None
     from rich.console import Console
     from rich.table import Table
 
@@ -215,6 +217,7 @@ def generate(
                 "preset": session.preset,
                 "output": turn.text,
                 "model": model_record(loaded.model),
+                "eqz_version": __version__,
                 **turn.record.to_dict(),
             }
             typer.echo(json.dumps(record, ensure_ascii=False))
@@ -298,6 +301,7 @@ def batch(
     if preset and presets:
         raise EqzError("use either --preset NAME or --presets a,b,c, not both")
     source = PromptFile(prompts, skip_bad=skip_bad)
+    sink = Output(output, resume)  # a bad -o fails here, before the model loads
     try:
         with _load_model(model, threads, chatting=True) as loaded:
             bank = _bank_for(loaded.info, required=bool(set_ or sweep or preset or presets or meter or clamp or ablate))
@@ -316,7 +320,6 @@ def batch(
             for line in bank.doubtful(moved) if bank else []:
                 _warn(line)
             sys.stderr.write(f"eqz batch: {count} prompts x {len(grid)} settings x {samples} samples = {total} rows\n")
-            sink = Output(output, resume)
             from .session import model_record
 
             sink.check_compatible(model_record(loaded.model), grid)
@@ -329,9 +332,9 @@ def batch(
                 sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. "
                                  "Run the same command with --resume to finish.\n")
                 raise typer.Exit(130)
-            sink.close()
     finally:
         source.close()
+        sink.close()
     sys.stderr.write(
         f"eqz batch: {stats.written} rows written ({stats.skipped_existing} already there), {stats.tokens} tokens "
         f"in {stats.seconds:.1f} s, {stats.tokens_per_second:.1f} tok/s -> {output}\n"
@@ -353,7 +356,9 @@ def analyze(
     from .display import print_analysis
     from .errors import EqzError
 
-    if (text is None) == (file is None):
+    if text is None and file is None:
+        raise EqzError('nothing to analyze: give the text, e.g. eqz analyze "What a day!", or --file FILE')
+    if text is not None and file is not None:
         raise EqzError("give the text as an argument or with --file, not both")
     if file is not None:
         try:
@@ -519,16 +524,50 @@ def vectors_export(
 def vectors_import(
     file: Annotated[str, typer.Argument(help="a llama.cpp / repeng control-vector .gguf")],
     band: Annotated[str, typer.Option("--band", help="the slider name it becomes")],
+    replace: Annotated[bool, typer.Option("--replace", help="replace a band of that name already in the bank")] = False,
     model: ModelOpt = None,
 ) -> None:
-    """Adopt a repeng or llama.cpp control vector as a band of this model's bank (gain 1 = the file as is)."""
+    """Adopt a repeng or llama.cpp control vector as a band of this model's bank (gain 1 = the file as is). The
+    band is unmetered: the meter, analyze and filters do not read it."""
     from .bank import adopt_vector, writable_bank
+    from .errors import EqzError
+
+    name = band.strip().lower()
+    with _load_model(model, None) as loaded:
+        bank = writable_bank(loaded.info)
+        if name in bank.bands and not replace:
+            raise EqzError(f"the bank already has a band '{name}'; pass --replace to replace it "
+                           "(`eqz vectors reset` restores the shipped bank), or choose another --band name")
+        adopt_vector(bank, file, name, loaded.info)
+        directory = bank.save()
+    typer.echo(f"band '{name}' added to the bank in {directory} (unmetered); try: eqz chat --set {name}=0.5")
+
+
+@vectors_app.command("remove")
+def vectors_remove(
+    bands: Annotated[list[str], typer.Argument(help="bands to remove from your own bank for the model")],
+    model: ModelOpt = None,
+) -> None:
+    """Remove bands (imported or described ones, say) from your own copy of the model's bank."""
+    from .bank import writable_bank
 
     with _load_model(model, None) as loaded:
         bank = writable_bank(loaded.info)
-        adopt_vector(bank, file, band.strip().lower(), loaded.info)
+        for band in bands:
+            bank.remove(band.strip().lower())
         directory = bank.save()
-    typer.echo(f"band '{band}' added to the bank in {directory}; try: eqz chat --set {band}=0.5")
+    typer.echo(f"removed {', '.join(bands)} from the bank in {directory}")
+
+
+@vectors_app.command("reset")
+def vectors_reset(model: ModelOpt = None) -> None:
+    """Delete your own copy of the model's bank (imports, described bands, retraining), so the shipped bank is
+    used again."""
+    from .bank import reset_user_bank
+
+    with _load_model(model, None) as loaded:
+        removed = reset_user_bank(loaded.info)
+    typer.echo(f"deleted {removed}; the shipped bank is in use again" if removed else "no bank of your own for this model")
 
 
 presets_app = typer.Typer(help="List, show, save and validate preset moods.", no_args_is_help=True)
@@ -615,8 +654,12 @@ def _fail(message: str, code: int) -> None:
 def main() -> None:
     """Run the CLI: bad input becomes one line on stderr and a non-zero exit (a traceback only with --debug)."""
     command = typer.main.get_command(app)
+    args = sys.argv[1:]
+    cut = args.index("--") if "--" in args else len(args)  # after "--" everything is text
+    if "--debug" in args[:cut]:  # accepted after the command too
+        args = ["--debug"] + [arg for arg in args[:cut] if arg != "--debug"] + args[cut:]
     try:
-        code = command.main(args=sys.argv[1:], prog_name="eqz", standalone_mode=False)
+        code = command.main(args=args, prog_name="eqz", standalone_mode=False)
     except EqzError as error:
         if _state["debug"]:
             raise
@@ -624,6 +667,8 @@ def main() -> None:
     except typer.TyperException as error:  # usage errors from typer's own click (typer >= 0.29, see pyproject)
         if not hasattr(error, "format_message"):
             raise
+        if type(error).__name__ == "NoArgsIsHelpError":  # `eqz`, `eqz presets`: the help was the answer
+            sys.exit(0)
         hint = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
         _fail(error.format_message() + hint, error.exit_code)
     except KeyboardInterrupt:

@@ -119,17 +119,22 @@ def print_bank(bank: Bank) -> None:
 
 
 _LEVELS = "▁▂▃▄▅▆▇█"
+_NEGATIVE_LEVELS = "░▒▓"  # below zero reads apart from above zero without colour too
+CHART_LEGEND = f"{_LEVELS[0]}..{_LEVELS[-1]} above 0, {_NEGATIVE_LEVELS} below 0 (by size), · 0"
 
 
 def mini_chart(sliders: dict[str, float]) -> Text:
-    """One cell per band (BANDS order): height = |gain|, green up, red down, · for 0."""
+    """One cell per band (BANDS order): a block as tall as a positive gain (green), a shade as dark as a negative
+    one (red), · for 0."""
     chart = Text()
     for band in BANDS:
         gain = sliders.get(band, 0.0)
         if gain == 0:
             chart.append("· ", style="dim")
+        elif gain > 0:
+            chart.append(_LEVELS[min(7, int(gain / 2 * 7.999))] + " ", style="green")
         else:
-            chart.append(_LEVELS[min(7, int(abs(gain) / 2 * 7.999))] + " ", style="green" if gain > 0 else "red")
+            chart.append(_NEGATIVE_LEVELS[min(2, int(-gain / 2 * 2.999))] + " ", style="red")
     return chart
 
 
@@ -145,7 +150,7 @@ def print_preset_list(entries: list[PresetEntry]) -> None:
         else:
             table.add_row(entry.name, Text("invalid", style="red"), Text(entry.error or "", style="red"), entry.source)
     console.print(table)
-    console.print(f"[dim]chart columns: {', '.join(BANDS)}[/dim]")
+    console.print(f"[dim]chart columns: {', '.join(BANDS)}; {CHART_LEGEND}[/dim]")
 
 
 def print_preset(preset: Preset) -> None:
@@ -153,8 +158,9 @@ def print_preset(preset: Preset) -> None:
     for band in BANDS:
         gain = preset.sliders.get(band, 0.0)
         if gain:
-            bar = "█" * round(abs(gain) * 10)
-            console.print(f"  {band:<13} {gain:+.2f} ", Text(bar, style="green" if gain > 0 else "red"))
+            bar = "█" * round(abs(gain) * 10)  # left of the axis below zero, right of it above
+            drawn = Text(f"{bar:>20}│" if gain < 0 else f"{'':>20}│{bar}", style="green" if gain > 0 else "red")
+            console.print(f"  {band:<13} {gain:+.2f} ", drawn)
     if preset.sampling:
         console.print("  sampling: " + ", ".join(f"{k} {v}" for k, v in preset.sampling.items()))
     if preset.system:

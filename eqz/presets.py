@@ -155,6 +155,8 @@ def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
 
 
 def get_preset(name: str, bands: tuple[str, ...] = BANDS) -> Preset:
+    """A preset by name; names are case-insensitive, like band names."""
+    name = name.strip().lower()
     entries = discover(bands)
     entry = entries.get(name)
     if entry is None:
