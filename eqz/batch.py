@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,8 +31,7 @@ from .engine import Model
 from .generation import Job, generate_parallel
 from .meter import Filters, Instruments
 from .errors import EqzError
-from .presets import Preset, get_preset, resolve
-from .sampling import Sampling
+from .presets import Preset, Resolved, get_preset, resolve
 from .session import model_record
 from .steering import Steerer, Steering
 
@@ -121,18 +120,6 @@ def _looks_like_jsonl(path: Path) -> bool:
 # -------------------------------------------------------------------------------------------------- the grid
 
 
-@dataclass(frozen=True)
-class Setting:
-    preset: str | None
-    gains: dict[str, float]
-    sampling: Sampling
-    system: str | None
-    filters: dict = field(default_factory=dict)
-
-    def key(self) -> tuple:
-        return (self.preset, tuple(sorted(self.gains.items())))
-
-
 def parse_sweep(spec: str, bands: tuple[str, ...]) -> tuple[str, list[float]]:
     """``BAND=START:STOP:N`` -> (band, N evenly spaced gains from START to STOP)."""
     band, sep, rest = spec.partition("=")
@@ -162,7 +149,7 @@ def build_grid(
     system: str | None,
     clamp: dict[str, float] | None = None,
     ablate: list[str] = (),
-) -> list[Setting]:
+) -> list[Resolved]:
     """Settings = (presets, or the one --preset) x the cartesian product of sweeps; --set and sweeps win, and
     --clamp/--ablate add to each preset's filters (presets.resolve, as for generate and chat)."""
     chosen: list[Preset | None] = [get_preset(name, bands) for name in presets] if presets else (
@@ -174,7 +161,7 @@ def build_grid(
             resolved = resolve(preset, bands, {**sets, **dict(combo)}, sampling_flags, system, clamp, ablate)
             gains = {band: 0.0 for band in bands}
             gains.update(resolved.gains)
-            settings.append(Setting(resolved.preset, gains, resolved.sampling, resolved.system, resolved.filters))
+            settings.append(replace(resolved, gains=gains))
     return settings
 
 
@@ -224,7 +211,7 @@ class Output:
             with self.path.open("r+b") as handle:
                 handle.truncate(keep)
 
-    def check_compatible(self, model: dict, settings: list[Setting]) -> None:
+    def check_compatible(self, model: dict, settings: list[Resolved]) -> None:
         if self.first is None:
             return
         if self.first["model"]["fingerprint"] != model["fingerprint"]:
@@ -285,7 +272,7 @@ def run_batch(
     model: Model,
     steerer: Steerer,
     prompts: PromptFile,
-    settings: list[Setting],
+    settings: list[Resolved],
     output: Output,
     samples: int,
     seed: int,

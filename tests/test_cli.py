@@ -134,3 +134,65 @@ def test_debug_shows_the_traceback(tmp_path):
     path.write_text("x")
     result = run_eqz("--debug", "generate", "hi", "-m", str(path))
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# -- a new user's first hour (issue 16)
+
+
+@pytest.mark.parametrize("args", [(), ("presets",), ("vectors",)])
+def test_a_bare_command_prints_its_help_and_succeeds(args):
+    result = run_eqz(*args)
+    assert result.returncode == 0 and "Usage" in result.stdout and result.stderr == ""
+
+
+def test_debug_is_accepted_after_the_command_and_analyze_says_what_is_missing():
+    assert run_eqz("presets", "list", "--debug").returncode == 0
+    assert_one_line_error(run_eqz("analyze"), "nothing to analyze", "--file")
+
+
+def test_models_takes_model_like_every_other_command(model_path):
+    shown = json.loads(run_eqz("models", "--model", str(model_path), "--json").stdout)
+    assert shown["path"] == str(model_path)
+
+
+def test_preset_and_band_names_are_case_insensitive_and_records_carry_the_version():
+    record = json.loads(run_eqz("generate", "Hi", "--preset", "Serene", "--set", "Joy=0.2", "-n", "4", "--json").stdout)
+    assert record["preset"] == "serene" and record["steering"]["gains"]["joy"] == 0.2
+    assert record["eqz_version"].startswith("0.")
+
+
+def test_a_one_value_sweep_between_two_gains_is_refused(tmp_path):
+    (tmp_path / "p.txt").write_text("Hi\n")
+    assert_one_line_error(run_eqz("batch", str(tmp_path / "p.txt"), "-o", str(tmp_path / "o.jsonl"), "--sweep",
+                                  "joy=-1:1:1"), "at least 2", "--set")
+
+
+def test_batch_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path):
+    (tmp_path / "p.txt").write_text("Hi\n")
+    (tmp_path / "file").write_text("")
+    result = run_eqz("batch", str(tmp_path / "p.txt"), "-o", str(tmp_path / "file" / "out.jsonl"))
+    assert_one_line_error(result, "cannot write", "choose another -o")
+    assert "prompts x" not in result.stderr  # no plan printed: nothing was started
+
+
+def test_preset_bars_keep_their_sign_without_colour():
+    shown = run_eqz("presets", "show", "melancholy", env={"NO_COLOR": "1"}).stdout
+    joy = next(line for line in shown.splitlines() if line.strip().startswith("joy"))
+    sadness = next(line for line in shown.splitlines() if line.strip().startswith("sadness"))
+    assert joy.rstrip().endswith("█│") and "│█" in sadness  # below zero left of the axis, above it right
+
+
+def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_shipped_bank(tmp_path, random_vector_file):
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    refused = run_eqz("vectors", "import", str(random_vector_file), "--band", "joy", env=env)
+    assert_one_line_error(refused, "already has a band 'joy'", "--replace")
+    assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
+    assert "extra" in json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
+    assert run_eqz("vectors", "remove", "extra", env=env).returncode == 0
+    assert "extra" not in json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
+    assert run_eqz("vectors", "import", str(random_vector_file), "--band", "joy", "--replace", env=env).returncode == 0
+    assert json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]["joy"]["source"] == str(random_vector_file)
+    reset = run_eqz("vectors", "reset", env=env)
+    assert reset.returncode == 0 and "shipped bank is in use again" in reset.stdout
+    shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
+    assert shown["bands"]["joy"]["source"] in ("stimulus", "voice")  # the trained joy is back
