@@ -247,7 +247,8 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
             setting = "prompt only" if row["gain"] is None else f"gain {row['gain']:+.2f}"
             readout = row.get("readout")
             ppl = row.get("ppl_ratio")
-            table.add_row(setting, f"{row['effect']:.2f}" + (" *" if row["clear"] else ""), row["most_lifted"],
+            most = "-" if row["gain"] == 0 else row["most_lifted"]  # nothing moved at gain 0
+            table.add_row(setting, f"{row['effect']:.2f}" + (" *" if row["clear"] else ""), most,
                           f"{readout:+.2f}" if readout is not None else "-", f"{ppl:.2f}" if ppl is not None else "-",
                           f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}", f"{row['length']:.0f}",
                           style=style)
@@ -255,5 +256,6 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
         if flagged.get(band):
             console.print(f"[red]  not fluent at gain {', '.join(f'{g:+g}' for g in flagged[band])}[/red]")
     console.print(f"[dim]effect: the band's own emotion words over the unsteered replies' ({result.scorer} lexicon; "
-                  "axes: + words per 100); * = clearly lifted and the most lifted of the eight; readout: the model's "
+                  "axes: + words per 100; described bands: + nats/token the unsteered model prefers the replies "
+                  "for the description over the primaries); * = clearly lifted and the most lifted; readout: the model's "
                   "own reading of the replies; ppl ratio: perplexity under the model asked for the band[/dim]")
