@@ -184,6 +184,13 @@ class Chat:
         self.close()
 
 
+def show_backend_log(on: bool = True) -> None:
+    """Let llama.cpp's own log through to stderr (it is kept out of the way otherwise)."""
+    from .engine import set_verbose
+
+    set_verbose(on)
+
+
 def load(model: str | Path | None = None, *, bank: str | Path | None = None, threads: int | None = None) -> EqzModel:
     """Load a GGUF model (default: eqz's default model) and, if given, a bank by directory or name."""
     loaded = Model(resolve_model_path(None if model is None else str(model)), threads=threads)

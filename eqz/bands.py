@@ -57,17 +57,17 @@ MAX_GAIN = 2.0
 SAFE_GAIN = 1.0
 
 
-def check_gain(band: str, value, valid: tuple[str, ...] | None = BANDS) -> float:
-    """A gain for ``band`` as a float, or a one-line EqzError naming the valid bands / range. ``valid`` None:
-    any band name (the bank checks it later)."""
+def check_gain(band: str, value, valid: tuple[str, ...] | None = BANDS, what: str = "gain") -> float:
+    """A gain (or, ``what``, a clamp level) for ``band`` as a float, or a one-line EqzError naming the valid bands /
+    range. ``valid`` None: any band name (the bank checks it later)."""
     if valid is not None and band not in valid:
         raise EqzError(f"unknown band '{band}'; valid bands: {', '.join(valid)}")
     try:
         gain = float(value)
     except (TypeError, ValueError):
-        raise EqzError(f"gain for {band} must be a number, got {value!r}") from None
+        raise EqzError(f"{what} for {band} must be a number, got {value!r}") from None
     if not math.isfinite(gain) or abs(gain) > MAX_GAIN:
-        raise EqzError(f"gain for {band} must be a finite number in [-{MAX_GAIN:g}, {MAX_GAIN:g}], got {value!r}")
+        raise EqzError(f"{what} for {band} must be a finite number in [-{MAX_GAIN:g}, {MAX_GAIN:g}], got {value!r}")
     return gain
 
 
@@ -76,7 +76,8 @@ def parse_set(spec: str, valid: tuple[str, ...] | None = BANDS, option: str = "-
     band, sep, value = spec.partition("=")
     if not sep:
         raise EqzError(f"{option} takes BAND=VALUE, got '{spec}'" + (f"; valid bands: {', '.join(valid)}" if valid else ""))
-    return band.strip().lower(), check_gain(band.strip().lower(), value.strip(), valid)
+    return band.strip().lower(), check_gain(band.strip().lower(), value.strip(), valid,
+                                            "level" if option == "--clamp" else "gain")
 
 
 def gain_warning(band: str, gain: float) -> str:

@@ -80,7 +80,7 @@ class PromptFile:
                     row = self._parse(number, raw)
                 except EqzError as error:
                     if not self.skip_bad:
-                        raise
+                        raise EqzError(f"{error}; fix the line or pass --skip-bad") from None
                     self.skipped.append(str(error))
                     continue
                 if row is not None:
@@ -91,7 +91,7 @@ class PromptFile:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise EqzError(f"{where}: not valid UTF-8; fix the line or pass --skip-bad") from None
+            raise EqzError(f"{where}: not valid UTF-8") from None
         text = text.rstrip("\r\n")
         if not text.strip():
             return None
@@ -100,12 +100,12 @@ class PromptFile:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise EqzError(f"{where}: invalid JSON ({error.msg}); fix the line or pass --skip-bad") from None
+            raise EqzError(f"{where}: invalid JSON ({error.msg})") from None
         if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
-            raise EqzError(f"{where}: missing \"prompt\" (a non-empty string); fix the line or pass --skip-bad")
+            raise EqzError(f"{where}: missing \"prompt\" (a non-empty string)")
         system = data.get("system")
         if system is not None and not isinstance(system, str):
-            raise EqzError(f"{where}: \"system\" must be a string; fix the line or pass --skip-bad")
+            raise EqzError(f"{where}: \"system\" must be a string")
         return PromptRow(number, str(data.get("id", number)), data["prompt"], system)
 
 
@@ -217,8 +217,12 @@ class Output:
         if self.first["model"]["fingerprint"] != model["fingerprint"]:
             raise EqzError(f"{self.path} was written by another model ({self.first['model']['name']}); "
                            "resume with that model or choose another -o")
-        if self.first["sampling"] not in [setting.sampling.to_dict() for setting in settings]:
-            raise EqzError(f"{self.path} was written with other sampling settings ({self.first['sampling']}); "
+        ours = [setting.sampling.to_dict() for setting in settings]
+        if self.first["sampling"] not in ours:
+            theirs = self.first["sampling"]
+            differ = [f"{key} {theirs.get(key)} there, {ours[0].get(key)} now" for key in sorted(set(theirs) | set(ours[0]))
+                      if key != "seed" and theirs.get(key) != ours[0].get(key)]
+            raise EqzError(f"{self.path} was written with other sampling settings ({'; '.join(differ)}); "
                            "resume with the same flags or choose another -o")
 
     def write(self, row: dict) -> None:

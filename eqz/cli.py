@@ -138,9 +138,9 @@ def _root(
 ) -> None:
     _state["debug"] = debug
     if debug:
-        from .engine import set_verbose
+        from .api import show_backend_log
 
-        set_verbose(True)
+        show_backend_log()
 
 
 @app.command()

@@ -212,7 +212,7 @@ def resolve(preset: Preset | None, valid: tuple[str, ...], sliders: dict[str, fl
 
 def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterable[str], valid: tuple[str, ...]) -> dict:
     """A preset's filters with explicit clamps and notches on top."""
-    clamps = {**preset_filters.get("clamp", {}), **{band: check_gain(band, level, valid) for band, level in clamp.items()}}
+    clamps = {**preset_filters.get("clamp", {}), **{band: check_gain(band, level, valid, "level") for band, level in clamp.items()}}
     ablates = list(preset_filters.get("ablate", []))
     for band in ablate:
         if band not in valid:

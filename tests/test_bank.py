@@ -124,15 +124,18 @@ def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):
     [
         (("--set", "happiness=1"), ("unknown band 'happiness'", "valid bands: joy, trust")),
         (("--set", "joy=nan"), ("gain for joy", "finite")),
-        (("--set", "joy=lots"), ("must be a number", "valid bands")),
-        (("--set", "joy"), ("BAND=VALUE", "valid bands")),
+        (("--set", "joy=lots"), ("gain for joy must be a number",)),
+        (("--set", "joy"), ("BAND=VALUE", "got 'joy'")),
+        (("--clamp", "joy=9"), ("level for joy", "[-2, 2]")),
     ],
 )
 def test_bad_slider_values_are_refused_with_the_valid_bands(args, fragments):
+    """The valid bands are listed where the band was wrong, not where only its value was."""
     result = run_eqz("generate", "hi", *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
+    assert ("valid bands" in lines[0]) == ("unknown band" in lines[0])
 
 
 def test_gain_beyond_one_warns_but_runs():

@@ -94,6 +94,7 @@ def test_resume_refuses_other_settings(tmp_path, prompt_file):
     before = out.read_text()
     result = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "8", "--temperature", "0.2", "--resume")
     assert result.returncode != 0 and "other sampling settings" in result.stderr
+    assert "temperature" in result.stderr and "0.2 now" in result.stderr and "{" not in result.stderr
     assert out.read_text() == before
 
 
@@ -116,7 +117,7 @@ def test_bad_prompt_line_stops_before_any_generation(tmp_path, content, where, w
     assert not out.exists() or out.read_text() == ""
     skipped = run_eqz("batch", str(prompts), "-o", str(out), "-n", "8", "--skip-bad")
     assert skipped.returncode == 0, skipped.stderr
-    assert "skipped" in skipped.stderr and len(rows(out)) == 1
+    assert "skipped" in skipped.stderr and "pass --skip-bad" not in skipped.stderr and len(rows(out)) == 1
 
 
 def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
