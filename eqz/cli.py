@@ -35,35 +35,35 @@ _state = {"debug": False}
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="GGUF model file [default: $EQZ_MODEL, else SmolLM2-135M-Instruct]"),
+    typer.Option("--model", "-m", metavar="GGUF", help="GGUF model file \\[default: $EQZ_MODEL, else SmolLM2-135M-Instruct]"),
 ]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads [default: physical cores]", min=1)]
-CtxOpt = Annotated[int, typer.Option("--ctx", help="context window in tokens", min=64)]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="system prompt")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores]", min=1)]
+CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens", min=64)]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="system prompt")]
 VectorOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--vector", help="llama.cpp control vector FILE[:SCALE], repeatable; summed like llama.cpp"),
+    typer.Option("--vector", metavar="FILE[:SCALE]", help="llama.cpp control vector FILE[:SCALE], repeatable; summed like llama.cpp"),
 ]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="preset mood (see eqz presets list)")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="preset mood (see eqz presets list)")]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="slider BAND=GAIN, repeatable (gain -2..2; 1 = calibrated strength)"),
+    typer.Option("--set", metavar="BAND=GAIN", help="slider BAND=GAIN, repeatable (gain -2..2; 1 = calibrated strength)"),
 ]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="most tokens per reply [256]")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="random seed [random]")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 = greedy [0.7]")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="nucleus sampling [0.95]")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="0 = off [40]")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="[0.05]")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="1 = off [1.1]")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="most tokens per reply \\[default: 256]")]
+SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="random seed \\[default: random]")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="X", help="0 = greedy \\[default: 0.7]")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", metavar="X", help="nucleus sampling \\[default: 0.95]")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", metavar="N", help="0 = off \\[default: 40]")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", metavar="X", help="\\[default: 0.05]")]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", metavar="X", help="1 = off \\[default: 1.1]")]
 ClampOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--clamp", help="hold BAND=LEVEL inside the model (calibrated units), repeatable"),
+    typer.Option("--clamp", metavar="BAND=LEVEL", help="hold BAND=LEVEL inside the model (calibrated units), repeatable"),
 ]
 AblateOpt = Annotated[
-    Optional[list[str]], typer.Option("--ablate", help="notch BAND to the model's neutral level, repeatable")
+    Optional[list[str]], typer.Option("--ablate", metavar="BAND", help="notch BAND to the model's neutral level, repeatable")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON record")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="print one machine-readable JSON record")]
 
 
 def _gains(sets: list[str] | None, valid: tuple[str, ...]) -> dict[str, float]:
@@ -132,9 +132,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+        bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show llama.cpp's log and full tracebacks")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="show llama.cpp's log and full tracebacks")] = False,
 ) -> None:
     _state["debug"] = debug
     if debug:
@@ -145,7 +145,7 @@ def _root(
 
 @app.command()
 def models(
-    paths: Annotated[Optional[list[str]], typer.Argument(help="GGUF files [default: the model eqz would load]")] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="GGUF...", help="GGUF files \\[default: the model eqz would load]")] = None,
     model: ModelOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -178,7 +178,7 @@ def models(
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="the user message")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="the user message")],
     model: ModelOpt = None,
     system: SystemOpt = None,
     preset: PresetOpt = None,
@@ -243,9 +243,9 @@ def chat(
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
     panel: Annotated[
-        bool, typer.Option("--panel/--no-panel", help="equalizer panel and hotkeys while replies stream")
+        bool, typer.Option("--panel/--no-panel", metavar="", help="equalizer panel and hotkeys while replies stream")
     ] = True,
-    meter: Annotated[bool, typer.Option("--meter/--no-meter", help="live readout of the model's own state")] = True,
+    meter: Annotated[bool, typer.Option("--meter/--no-meter", metavar="", help="live readout of the model's own state")] = True,
     clamp: ClampOpt = None,
     ablate: AblateOpt = None,
 ) -> None:
@@ -265,21 +265,21 @@ def chat(
 
 @app.command()
 def batch(
-    prompts: Annotated[str, typer.Argument(help="prompt file: .txt (one per line), .jsonl ({\"prompt\", \"id\"?, \"system\"?}) or - for stdin")],
-    output: Annotated[str, typer.Option("--output", "-o", help="JSONL file the rows are appended to")],
+    prompts: Annotated[str, typer.Argument(metavar="PROMPTS", help="prompt file: .txt (one per line), .jsonl ({\"prompt\", \"id\"?, \"system\"?}) or - for stdin")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="JSONL file the rows are appended to")],
     model: ModelOpt = None,
     preset: PresetOpt = None,
-    presets: Annotated[Optional[str], typer.Option("--presets", help="comma-separated presets to cross with the grid")] = None,
+    presets: Annotated[Optional[str], typer.Option("--presets", metavar="A,B,C", help="comma-separated presets to cross with the grid")] = None,
     set_: SetOpt = None,
     sweep: Annotated[
-        Optional[list[str]], typer.Option("--sweep", help="BAND=START:STOP:N, repeatable; the grid is their product")
+        Optional[list[str]], typer.Option("--sweep", metavar="BAND=START:STOP:N", help="BAND=START:STOP:N, repeatable; the grid is their product")
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="replies per prompt and setting")] = 1,
-    seed: Annotated[int, typer.Option(help="base seed; each row's seed comes from it, the prompt id and the sample")] = 0,
-    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1, max=64, help="sequences decoded together")] = 4,
-    resume: Annotated[bool, typer.Option("--resume", help="keep the rows already in OUTPUT and add the rest")] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad prompt lines instead of stopping")] = False,
-    meter: Annotated[bool, typer.Option("--meter", help="add each reply's mean readout per band to its row")] = False,
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1, metavar="N", help="replies per prompt and setting")] = 1,
+    seed: Annotated[int, typer.Option(metavar="N", help="base seed; each row's seed comes from it, the prompt id and the sample")] = 0,
+    parallel: Annotated[int, typer.Option("--parallel", "-j", metavar="N", min=1, max=64, help="sequences decoded together")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", metavar="", help="keep the rows already in OUTPUT and add the rest")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", metavar="", help="skip bad prompt lines instead of stopping")] = False,
+    meter: Annotated[bool, typer.Option("--meter", metavar="", help="add each reply's mean readout per band to its row")] = False,
     clamp: ClampOpt = None,
     ablate: AblateOpt = None,
     system: SystemOpt = None,
@@ -343,9 +343,9 @@ def batch(
 
 @app.command()
 def analyze(
-    text: Annotated[Optional[str], typer.Argument(help="the text to read (or use --file)")] = None,
-    file: Annotated[Optional[str], typer.Option("--file", "-f", help="read the text from this file")] = None,
-    by: Annotated[str, typer.Option("--by", help="sentence or token")] = "sentence",
+    text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="the text to read (or use --file)")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE", help="read the text from this file")] = None,
+    by: Annotated[str, typer.Option("--by", metavar="sentence|token", help="sentence or token")] = "sentence",
     model: ModelOpt = None,
     json_output: JsonOpt = False,
     threads: ThreadsOpt = None,
@@ -376,14 +376,14 @@ def analyze(
 @app.command("eval")
 def eval_command(
     model: ModelOpt = None,
-    bands: Annotated[Optional[str], typer.Option("--bands", help="comma-separated bands [default: all in the bank]")] = None,
-    gains: Annotated[str, typer.Option("--gains", help="comma-separated gains")] = "-1,0,1,2",
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="prompt file, one per line [default: built-in held-out set]")] = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="directory for eval.json, eval.csv (and the plot)")] = "eval",
-    tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", help="tokens per reply", min=8)] = 64,
-    samples: Annotated[int, typer.Option("--samples", help="replies per prompt and setting", min=1)] = 1,
-    plot: Annotated[bool, typer.Option("--plot", help="also draw dose_response.png (needs matplotlib)")] = False,
-    record: Annotated[bool, typer.Option("--record", help="store the dose-response figures in the bank's bank.yaml")] = False,
+    bands: Annotated[Optional[str], typer.Option("--bands", metavar="A,B", help="comma-separated bands \\[default: all in the bank]")] = None,
+    gains: Annotated[str, typer.Option("--gains", metavar="G,G,G", help="comma-separated gains")] = "-1,0,1,2",
+    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="FILE", help="prompt file, one per line \\[default: built-in held-out set]")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", metavar="DIR", help="directory for eval.json, eval.csv (and the plot)")] = "eval",
+    tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", metavar="N", help="tokens per reply", min=8)] = 64,
+    samples: Annotated[int, typer.Option("--samples", metavar="N", help="replies per prompt and setting", min=1)] = 1,
+    plot: Annotated[bool, typer.Option("--plot", metavar="", help="also draw dose_response.png (needs matplotlib)")] = False,
+    record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Measure what each slider does against asking for the emotion in the system prompt: lexicon effect,
@@ -427,17 +427,17 @@ def eval_command(
 def train(
     model: ModelOpt = None,
     bands: Annotated[
-        Optional[str], typer.Option("--bands", help="comma-separated bands to make [default: all ten]")
+        Optional[str], typer.Option("--bands", metavar="A,B", help="comma-separated bands to make \\[default: all ten]")
     ] = None,
     described: Annotated[
         Optional[list[str]],
-        typer.Option("--band", help='a band of your own from a description: NAME="what the feeling is" (repeatable); '
+        typer.Option("--band", metavar="NAME=TEXT", help='a band of your own from a description: NAME="what the feeling is" (repeatable); '
                      "added to the model's bank, or trained with a new one"),
     ] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="bank directory [default: user data dir]")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="fewer stimuli, persona and calibration replies (~3x faster, noisier gains)")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR", help="bank directory \\[default: user data dir]")] = None,
+    quick: Annotated[bool, typer.Option("--quick", metavar="", help="fewer stimuli, persona and calibration replies (~3x faster, noisier gains)")] = False,
     orthogonalize: Annotated[
-        bool, typer.Option("--orthogonalize", help="make the eight primaries orthogonal (less crosstalk)")
+        bool, typer.Option("--orthogonalize", metavar="", help="make the eight primaries orthogonal (less crosstalk)")
     ] = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -483,7 +483,7 @@ def vectors_list(json_output: JsonOpt = False) -> None:
 
 @vectors_app.command("show")
 def vectors_show(
-    bank: Annotated[Optional[str], typer.Argument(help="bank directory or name [default: the model's bank]")] = None,
+    bank: Annotated[Optional[str], typer.Argument(metavar="BANK", help="bank directory or name \\[default: the model's bank]")] = None,
     model: ModelOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -504,7 +504,7 @@ def vectors_show(
 
 @vectors_app.command("export")
 def vectors_export(
-    output: Annotated[str, typer.Option("--output", "-o", help="the .gguf file to write")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="the .gguf file to write")],
     set_: SetOpt = None,
     model: ModelOpt = None,
 ) -> None:
@@ -522,9 +522,9 @@ def vectors_export(
 
 @vectors_app.command("import")
 def vectors_import(
-    file: Annotated[str, typer.Argument(help="a llama.cpp / repeng control-vector .gguf")],
-    band: Annotated[str, typer.Option("--band", help="the slider name it becomes")],
-    replace: Annotated[bool, typer.Option("--replace", help="replace a band of that name already in the bank")] = False,
+    file: Annotated[str, typer.Argument(metavar="FILE", help="a llama.cpp / repeng control-vector .gguf")],
+    band: Annotated[str, typer.Option("--band", metavar="NAME", help="the slider name it becomes")],
+    replace: Annotated[bool, typer.Option("--replace", metavar="", help="replace a band of that name already in the bank")] = False,
     model: ModelOpt = None,
 ) -> None:
     """Adopt a repeng or llama.cpp control vector as a band of this model's bank (gain 1 = the file as is). The
@@ -545,7 +545,7 @@ def vectors_import(
 
 @vectors_app.command("remove")
 def vectors_remove(
-    bands: Annotated[list[str], typer.Argument(help="bands to remove from your own bank for the model")],
+    bands: Annotated[list[str], typer.Argument(metavar="BAND...", help="bands to remove from your own bank for the model")],
     model: ModelOpt = None,
 ) -> None:
     """Remove bands (imported or described ones, say) from your own copy of the model's bank."""
@@ -589,7 +589,7 @@ def presets_list(json_output: JsonOpt = False) -> None:
 
 
 @presets_app.command("show")
-def presets_show(name: Annotated[str, typer.Argument(help="preset name")]) -> None:
+def presets_show(name: Annotated[str, typer.Argument(metavar="NAME", help="preset name")]) -> None:
     """Show one preset: description, sliders, sampling, system prompt, filters, file."""
     from .display import print_preset
     from .presets import get_preset
@@ -599,10 +599,10 @@ def presets_show(name: Annotated[str, typer.Argument(help="preset name")]) -> No
 
 @presets_app.command("save")
 def presets_save(
-    name: Annotated[str, typer.Argument(help="name of the new preset")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="name of the new preset")],
     set_: SetOpt = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="start from this preset")] = None,
-    description: Annotated[Optional[str], typer.Option("--description", "-d", help="one line about the mood")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", metavar="PRESET", help="start from this preset")] = None,
+    description: Annotated[Optional[str], typer.Option("--description", "-d", metavar="TEXT", help="one line about the mood")] = None,
     system: SystemOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -633,7 +633,7 @@ def presets_save(
 
 
 @presets_app.command("validate")
-def presets_validate(file: Annotated[str, typer.Argument(help="a preset YAML file")]) -> None:
+def presets_validate(file: Annotated[str, typer.Argument(metavar="FILE", help="a preset YAML file")]) -> None:
     """Check a preset file: prints 'ok' or the one problem found (and exits non-zero)."""
     from pathlib import Path
 

@@ -196,3 +196,12 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert reset.returncode == 0 and "shipped bank is in use again" in reset.stdout
     shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
     assert shown["bands"]["joy"]["source"] in ("stimulus", "voice")  # the trained joy is back
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "batch", "train", "eval"])
+def test_help_pages_show_value_names_and_every_default(command):
+    page = run_eqz(command, "--help", env={"COLUMNS": "120"}).stdout
+    options = [line for line in page.splitlines() if "--" in line and "--help" not in line]
+    assert not [line for line in options if "<list[" in line or "<bool>" in line or "<int" in line], page
+    if command in ("generate", "chat"):
+        assert "[default: 256]" in page and "[default: physical cores]" in page
