@@ -604,30 +604,35 @@ def presets_save(
     from_: Annotated[Optional[str], typer.Option("--from", metavar="PRESET", help="start from this preset")] = None,
     description: Annotated[Optional[str], typer.Option("--description", "-d", metavar="TEXT", help="one line about the mood")] = None,
     system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    seed: SeedOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
+    clamp: ClampOpt = None,
+    ablate: AblateOpt = None,
 ) -> None:
-    """Save a user preset from --set gains (and an optional --from preset) to the user config dir."""
+    """Save a user preset from --set gains, sampling and filters (on top of an optional --from preset) to the user
+    config dir: everything a preset file can hold."""
     from .bands import BANDS
-    from .presets import Preset, check_name, get_preset, save_preset
+    from .presets import Preset, check_name, get_preset, resolve, save_preset
     from .sampling import check_setting
 
     base = get_preset(from_) if from_ else None
-    sliders = dict(base.sliders) if base else {}
-    sliders.update(_gains(set_, BANDS))
-    sampling = dict(base.sampling) if base else {}
-    flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty)
+    resolved = resolve(base, BANDS, _gains(set_, BANDS), None, system, *_clamp_ablate(clamp, ablate))
+    sampling = dict(base.sampling) if base else {}  # only the settings asked for, not every default
+    flags = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                 repeat_penalty=repeat_penalty)
     sampling.update({k: check_setting(k, v) for k, v in flags.items() if v is not None})
     preset = Preset(
         check_name(name),
-        description or (base.description if base else ""),
-        {band: gain for band, gain in sliders.items() if gain != 0},
+        description or (f"based on {base.name}" if base else ""),
+        {band: gain for band, gain in resolved.gains.items() if gain != 0},
         sampling,
-        system or (base.system if base else None),
-        dict(base.filters) if base else {},
+        resolved.system,
+        resolved.filters,
     )
     typer.echo(f"saved {save_preset(preset)}")
 

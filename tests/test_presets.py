@@ -87,12 +87,16 @@ def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
 
 def test_presets_save_writes_a_valid_user_preset(tmp_path):
     env = {"XDG_CONFIG_HOME": str(tmp_path)}
-    result = run_eqz("presets", "save", "sunny", "--from", "serene", "--set", "joy=0.9", "--temperature", "0.8", env=env)
+    result = run_eqz("presets", "save", "sunny", "--from", "serene", "--set", "joy=0.9", "--temperature", "0.8",
+                     "--max-tokens", "120", "--seed", "7", "--clamp", "fear=0.2", "--ablate", "anger", env=env)
     assert result.returncode == 0, result.stderr
     path = tmp_path / "eqz" / "presets" / "sunny.yaml"
     preset = load_preset_file(path)
     assert preset.sliders["joy"] == 0.9 and preset.sliders["trust"] == 0.5
-    assert preset.sampling["temperature"] == 0.8
+    assert preset.sampling == {**load_preset_file(BUNDLED_DIR / "serene.yaml").sampling, "temperature": 0.8,
+                               "max_tokens": 120, "seed": 7}  # only what was asked for, not every default
+    assert preset.filters["clamp"]["fear"] == 0.2 and "anger" in preset.filters["ablate"]
+    assert preset.description == "based on serene"  # not serene's own words about itself
     shown = run_eqz("presets", "show", "sunny", env=env)
     assert "sunny" in shown.stdout and "+0.90" in shown.stdout
 
