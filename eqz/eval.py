@@ -292,11 +292,11 @@ class ReplyBench:
         advance = progress("reading replies with the unsteered model", len(owners))
         with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=bool(layers)) as context:
             reading = read_texts(context, groups, layers, logprobs=logprobs, progress=advance)
+        rows_of: dict[tuple[object, str | None], list[int]] = {}
+        for k, owner in enumerate(owners):
+            rows_of.setdefault(owner, []).append(k)
         nll = {}
-        for read in dict.fromkeys(reads):
-            rows = [k for k, owner in enumerate(owners) if owner == read]
-            if not rows:
-                continue
+        for read, rows in rows_of.items():
             if logprobs:
                 nll[read] = -float(np.mean(np.concatenate([reading.logprobs[k] for k in rows])))
             if layers:
