@@ -91,8 +91,7 @@ def print_bank(bank: Bank) -> None:
                  f"x{entry.get('negative_ratio', 1):g}"]
         if at_one:
             ppl = at_one.get("ppl_ratio")
-            cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"],
-                      f"{at_one['repeated_3grams']:.0%}",
+            cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"], f"{at_one['repeated_3grams']:.0%}",
                       f"{ppl:.2f}" if ppl is not None else "-"]
         else:
             cells += ["-"] * 4

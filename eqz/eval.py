@@ -201,8 +201,8 @@ class ReplyBench:
     def run(self, settings: list[Setting], progress: Progress = _no_progress, states: bool = False,
             perplexity: bool = True) -> dict:
         """Replies for each setting to every prompt (``samples`` each), scored on their text and (``perplexity``)
-        their perplexity; ``states`` also reads their hidden states (readout). Prompt i, sample s has the same seed under every
-        setting (paired comparisons).
+        their perplexity; ``states`` also reads their hidden states (readout). Prompt i, sample s has the same seed
+        under every setting (paired comparisons).
 
         Settings are mixed in one batch by steering each row with its own vector (bit-identical to llama.cpp's
         context control vector, see generation._RowSteering), which keeps every slot busy.

@@ -62,12 +62,13 @@ class _Reply:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
 
-    def add(self, token: int, room: bool) -> str:
+    def add(self, token: int, room: bool) -> str | None:
         """Take a sampled token (``room``: a position is left to decode it); returns the text it makes safe to
-        show, and sets ``finish_reason`` when the reply is over."""
+        show, or None for an end-of-turn token (not part of the reply), and sets ``finish_reason`` when the reply
+        is over."""
         if self.model.is_eog(token) and not self.ignore_eos:
             self.finish_reason = "stop"
-            return ""
+            return None
         self.tokens.append(token)
         emit, stopped = self.assembler.push(token)
         if stopped:
@@ -111,10 +112,9 @@ class Stream:
         while reply.finish_reason is None:
             position = len(context.session_tokens)
             token = self.sampler.sample(context, -1)
-            kept = len(reply.tokens)
             emit = reply.add(token, room=position < context.n_ctx)
-            if len(reply.tokens) == kept:
-                break  # an end-of-turn token: not part of the reply
+            if emit is None:
+                break
             yield Step(token, emit)
             if reply.finish_reason is None:
                 context.decode([token], [position], [0], [True])
@@ -161,12 +161,10 @@ class Finished:
     finish_reason: str
 
 
-
 class _Slot:
-    """One job running on sequence ``seq`` of a parallel batch."""
+    """One job running on a sequence of a parallel batch."""
 
-    def __init__(self, context: Context, seq: int, job: Job):
-        self.seq = seq
+    def __init__(self, context: Context, job: Job):
         self.job = job
         self.sampler = Sampler(context.model, job.sampling, job.seed)
         self.reply = _Reply(context.model, job.stop, job.sampling.max_tokens, job.ignore_eos)
@@ -261,15 +259,14 @@ def generate_parallel(
                     context.set_control_vector(upcoming.vector)
                     current_key = upcoming.vector_key
                 seq = next(s for s in range(context.n_seq) if s not in active)
-                slot = _Slot(context, seq, upcoming)
+                slot = _Slot(context, upcoming)
                 prompt = list(upcoming.prompt)
                 if len(prompt) >= context.n_ctx // context.n_seq:
                     raise EqzError(
                         f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
                         "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
                     )
-                job = upcoming
-                context.decode_prompt(prompt, seq, before_chunk=lambda size: announce([job] * size, reply=False))
+                context.decode_prompt(prompt, seq, before_chunk=lambda size: announce([slot.job] * size, reply=False))
                 slot.next_token = slot.take(context, -1)
                 active[seq] = (started, slot)
                 started += 1

@@ -258,8 +258,7 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int],
     the axes are circumplex sums of the primaries. Bands described by the user (``settings.described``) are
     made the same way from their description."""
     personas = {"neutral": NEUTRAL_PERSONA}
-    personas.update({band: persona_prompt(DESCRIPTIONS[band]) for band in PRIMARIES})
-    personas.update({band: persona_prompt(text) for band, text in settings.described.items()})
+    personas.update({band: _judge(band, settings) for band in (*PRIMARIES, *settings.described)})
     prompts = prompt_sets()["train"][: settings.voice_prompts]
     capture = capture_voice(model, personas, prompts, layers, settings.voice_tokens, settings.seed, progress=progress)
     neutral = capture.states["neutral"].mean(axis=0)
@@ -397,7 +396,7 @@ def calibrate_and_check(model: Model, settings: TrainSettings, candidates: list[
         return _vector(candidate.units, token_norm, steered, strength, n_layer)
 
     prompts = prompt_sets()["calibration"][: settings.calibration_prompts]
-    described = {band: persona_prompt(text) for band, text in settings.described.items()}
+    described = {band: _judge(band, settings) for band in settings.described}
     bench = ReplyBench(model, prompts, settings.reply_tokens, settings.seed, steered, read_layer, reader,
                        preferences=E.preference_personas(described))
     chosen, baseline = calibrate(candidates, bench, vector, progress)
@@ -599,7 +598,8 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
 
 
 def _judge(band: str, settings: TrainSettings) -> str | None:
-    """The persona that asks for ``band``: fluency at +1 is judged under it."""
+    """The persona that asks for ``band``: its own-voice replies are made under it, and fluency at +1 (for a
+    described band, also the effect) is judged under it."""
     description = settings.described.get(band) or DESCRIPTIONS.get(band)
     return persona_prompt(description) if description else None
 
