@@ -122,21 +122,16 @@ class ControlVector:
     matrix: np.ndarray
     model_hint: str = "llama"
 
-    def _same_shape(self, other: "ControlVector") -> "ControlVector":
+    def __add__(self, other: "ControlVector") -> "ControlVector":
         if not isinstance(other, ControlVector):
             return NotImplemented
         if other.matrix.shape != self.matrix.shape:
             raise EqzError(f"control vectors of shapes {self.matrix.shape} and {other.matrix.shape} do not add up; "
                            "they were made for different models")
-        return other
-
-    def __add__(self, other: "ControlVector") -> "ControlVector":
-        other = self._same_shape(other)
-        return other if other is NotImplemented else ControlVector(self.matrix + other.matrix, self.model_hint)
+        return ControlVector(self.matrix + other.matrix, self.model_hint)
 
     def __sub__(self, other: "ControlVector") -> "ControlVector":
-        other = self._same_shape(other)
-        return other if other is NotImplemented else ControlVector(self.matrix - other.matrix, self.model_hint)
+        return self + -other if isinstance(other, ControlVector) else NotImplemented
 
     def __mul__(self, scale: float) -> "ControlVector":
         return ControlVector(self.matrix * np.float32(scale), self.model_hint)
