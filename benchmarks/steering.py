@@ -74,13 +74,13 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     ]
     for band in result.bands:
         f = figures[band]
-        entry = bank.manifest["bands"].get(band, {})
+        entry = bank.bands[band]
         two = f"{f['effect_at_2']:.2f}" if f["effect_at_2"] is not None else "-"
         prompted = f"{f['prompt_only_effect']:.2f}" if f["prompt_only_effect"] is not None else "-"
         ppl = f"{f['ppl_ratio_at_1']:.2f}" if f["ppl_ratio_at_1"] is not None else "-"
-        check = "ok" if entry.get("direction_ok") else ", ".join(entry.get("problems", ["-"]))
+        check = "ok" if entry.direction_ok else ", ".join(entry.problems or ["-"])
         lines.append(
-            f"| {band} | {entry.get('source', '-')} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
+            f"| {band} | {entry.source or '-'} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
             f"{'yes' if f['clear_at_1'] else 'no'} | {two} | {'yes' if f['lowered_at_-1'] else 'no'} | "
             f"{'yes' if f['readout_rises'] else 'no'} | {f['repeated_3grams_at_1']:.1%} | "
             f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {check} |"

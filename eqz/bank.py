@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +61,55 @@ def slug(name: str) -> str:
 
 
 @dataclass
+class ModelRecord:
+    """bank.yaml's ``model``: the model a bank was trained for; banks are found by ``fingerprint``."""
+
+    name: str
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    fingerprint: str
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> "ModelRecord":
+        return cls(info.name, info.architecture, info.n_layer, info.n_embd, info.n_vocab, model_fingerprint(info))
+
+
+@dataclass
+class Layers:
+    """bank.yaml's ``layers``: where the meter reads, which layers the vectors steer, the layer range searched,
+    and each steered layer's typical token norm (what a strength is measured in)."""
+
+    read: int | None = None
+    steered: list[int] = field(default_factory=list)
+    candidates: list[int] | None = None
+    token_norm: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
 class Band:
-    """One slider: its gain-+1 vector and how the meter reads it."""
+    """One slider: its gain-+1 vector, how the meter reads it, and how it was made and checked (bank.yaml)."""
 
     name: str
     matrix: np.ndarray  # (n_layer, n_embd): added at gain +1
     negative_ratio: float = 1.0  # gain -1 adds -negative_ratio * matrix (the negative side is calibrated apart)
-    readout: dict | None = None  # {"neutral", "neutral_text", "unit"}: a list per steered layer; None: not metered
+    readout: dict | None = None  # {"neutral", "neutral_text", "unit", ...}: a list per steered layer; None: unmetered
     read_directions: np.ndarray | None = None  # (steered layers, n_embd) unit rows the meter reads along
+    source: str | None = None  # "stimulus" or "voice"; for an imported vector, the file it came from
+    description: str | None = None  # the user's words for a described band
+    strength: float | None = None  # c at gain +1 (see method.strength_unit); None: imported as it was
+    negative_strength: float | None = None
+    clear: bool | None = None  # a fluent strength clearly lifts the band's emotion
+    direction_ok: bool | None = None  # None: never checked (imported)
+    problems: list[str] = field(default_factory=list)  # keys of PROBLEMS
+    check: dict = field(default_factory=dict)  # figures at +1 and -1 on the calibration prompts
+    calibration: list[dict] = field(default_factory=list)  # every strength and source tried
+    trained: dict | None = None  # when and how fast a band added to an existing bank was made
+
+    @property
+    def imported(self) -> bool:
+        return self.strength is None
 
     def unit_direction(self, layer: int, steered: list[int] | None = None) -> np.ndarray:
         """The unit direction the meter reads this band along at ``layer`` (one of ``steered``)."""
@@ -78,20 +119,45 @@ class Band:
         norm = float(np.linalg.norm(row))
         return row / norm if norm > 0 else row
 
+    def entry(self) -> dict:
+        """This band as bank.yaml writes it (unset fields left out)."""
+        written = {"description": self.description, "source": self.source, "strength": self.strength,
+                   "negative_strength": self.negative_strength, "clear": self.clear,
+                   "direction_ok": self.direction_ok, "problems": self.problems, "check": self.check,
+                   "calibration": self.calibration, "file": f"{self.name}.gguf",
+                   "negative_ratio": round(float(self.negative_ratio), 4), "readout": self.readout,
+                   "trained": self.trained}
+        return {key: value for key, value in written.items() if value is not None and value != [] and value != {}}
+
+
+_BAND_ENTRY_FIELDS = ("source", "description", "strength", "negative_strength", "clear", "direction_ok", "problems",
+                      "check", "calibration", "trained")
+
 
 @dataclass
 class Bank:
-    directory: Path
-    manifest: dict
+    """A model's sliders. ``method`` (how it was made, in words and settings) and ``quality`` (figures measured on
+    held-out data) are free-form records for people; everything eqz acts on is typed."""
+
+    directory: Path | None
+    model: ModelRecord
+    layers: Layers = field(default_factory=Layers)
     bands: dict[str, Band] = field(default_factory=dict)
+    method: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    trained: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, info: ModelInfo, directory: Path | None = None) -> "Bank":
+        return cls(directory, ModelRecord.of(info))
 
     @property
     def read_layer(self) -> int:
-        return int(self.manifest["layers"]["read"])
+        return int(self.layers.read)
 
     @property
     def steered_layers(self) -> list[int]:
-        return [int(layer) for layer in self.manifest["layers"]["steered"]]
+        return self.layers.steered
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -106,11 +172,11 @@ class Bank:
         """A warning per band moved in ``gains`` that failed its direction check when the bank was trained: such a
         slider may not move the text the way it is named, and users should hear so rather than see nothing."""
         lines = []
-        for band, gain in gains.items():
-            entry = self.manifest["bands"].get(band, {})
-            if gain != 0 and entry.get("direction_ok") is False:
-                why = "; ".join(PROBLEMS.get(p, p) for p in entry.get("problems", [])) or "direction check failed"
-                lines.append(f"{band} may not move the text as named in this bank ({why}); see `eqz vectors show`")
+        for name, gain in gains.items():
+            band = self.bands.get(name)
+            if gain != 0 and band is not None and band.direction_ok is False:
+                why = "; ".join(PROBLEMS.get(p, p) for p in band.problems) or "direction check failed"
+                lines.append(f"{name} may not move the text as named in this bank ({why}); see `eqz vectors show`")
         return lines
 
     def mix(self, gains: dict[str, float]) -> np.ndarray | None:
@@ -119,7 +185,7 @@ class Bank:
         active = {band: gain for band, gain in gains.items() if gain != 0}
         if not active:
             return None
-        total = np.zeros_like(next(iter(self.bands.values())).matrix)
+        total = np.zeros((self.model.n_layer, self.model.n_embd), dtype=np.float32)
         for band, gain in active.items():
             entry = self.bands[band]
             side = 1.0 if gain > 0 else entry.negative_ratio
@@ -128,23 +194,32 @@ class Bank:
 
     def vector(self, gains: dict[str, float] | None = None, **named: float) -> ControlVector:
         """The control vector for these slider gains as a value (``bank.vector(joy=0.8)``)."""
-        gains = {**(gains or {}), **named}
-        mix = self.mix(gains)
+        mix = self.mix({**(gains or {}), **named})
         if mix is None:
-            model = self.manifest["model"]
-            mix = np.zeros((model["n_layer"], model["n_embd"]), dtype=np.float32)
-        return ControlVector(mix, self.manifest["model"]["architecture"])
+            mix = np.zeros((self.model.n_layer, self.model.n_embd), dtype=np.float32)
+        return ControlVector(mix, self.model.architecture)
 
     def remove(self, name: str) -> None:
         """Drop band ``name`` (and its file, if the bank is on disk)."""
         if name not in self.bands:
             raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
         del self.bands[name]
-        self.manifest["bands"].pop(name, None)
         if self.directory is not None:
             (Path(self.directory) / f"{name}.gguf").unlink(missing_ok=True)
 
     # -- files
+
+    def manifest(self) -> dict:
+        """The bank as bank.yaml holds it."""
+        layers = {"read": self.layers.read, "steered": self.layers.steered}
+        if self.layers.candidates is not None:
+            layers["candidates"] = self.layers.candidates
+        if self.layers.token_norm:
+            layers["token_norm"] = self.layers.token_norm
+        written = {"format": BANK_FORMAT, "model": asdict(self.model), "layers": layers,
+                   "bands": {name: band.entry() for name, band in self.bands.items()},
+                   "method": self.method, "quality": self.quality, "trained": self.trained}
+        return {key: value for key, value in written.items() if value != {} or key == "bands"}
 
     @classmethod
     def load(cls, directory: Path, manifest: dict | None = None) -> "Bank":
@@ -155,46 +230,39 @@ class Bank:
                 manifest = _read_manifest(directory / MANIFEST)
             except (OSError, yaml.YAMLError) as error:
                 raise EqzError(f"cannot read the bank in {directory}: {error}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
+        if not _is_manifest(manifest):
             raise EqzError(f"{directory / MANIFEST} is not an eqz bank (format {BANK_FORMAT})")
-        model = manifest["model"]
-        bank = cls(directory, manifest)
+        model = ModelRecord(**manifest["model"])
+        layers = manifest["layers"]
+        bank = cls(directory, model,
+                   Layers(layers["read"], [int(layer) for layer in layers["steered"]], layers.get("candidates"),
+                          {int(layer): float(norm) for layer, norm in (layers.get("token_norm") or {}).items()}),
+                   method=manifest.get("method", {}), quality=manifest.get("quality", {}),
+                   trained=manifest.get("trained", {}))
         meter_path = directory / METER_FILE
         read_directions = dict(np.load(meter_path)) if meter_path.exists() else {}
         for name, entry in manifest["bands"].items():
             vector_file = read_control_vector(directory / entry["file"])
             bank.bands[name] = Band(
-                name,
-                vector_file.matrix(model["n_layer"], model["n_embd"], model["name"]),
-                float(entry.get("negative_ratio", 1.0)),
-                entry.get("readout"),
-                read_directions.get(name),
+                name, vector_file.matrix(model.n_layer, model.n_embd, model.name),
+                float(entry.get("negative_ratio", 1.0)), entry.get("readout"), read_directions.get(name),
+                **{key: entry[key] for key in _BAND_ENTRY_FIELDS if key in entry},
             )
         return bank
 
     def save(self, directory: Path | None = None) -> Path:
-        """Write the band GGUFs and bank.yaml (atomically replacing the manifest)."""
+        """Write the band GGUFs, the meter's directions and bank.yaml (atomically replacing the manifest)."""
         directory = Path(directory or self.directory)
         directory.mkdir(parents=True, exist_ok=True)
-        hint = self.manifest["model"]["architecture"]
-        bands = {}
         for name, band in self.bands.items():
-            write_control_vector(directory / f"{name}.gguf", band.matrix, hint)
-            bands[name] = {
-                **self.manifest["bands"].get(name, {}),
-                "file": f"{name}.gguf",
-                "negative_ratio": round(float(band.negative_ratio), 4),
-                "readout": band.readout,
-            }
-        self.manifest["bands"] = bands
-        self.manifest["format"] = BANK_FORMAT
+            write_control_vector(directory / f"{name}.gguf", band.matrix, self.model.architecture)
         read_directions = {name: band.read_directions for name, band in self.bands.items()
                            if band.read_directions is not None}
         if read_directions:
             with open(directory / METER_FILE, "wb") as handle:
                 np.savez(handle, **{name: rows.astype(np.float32) for name, rows in read_directions.items()})
         temporary = directory / f".{MANIFEST}.tmp"
-        temporary.write_text(yaml.safe_dump(self.manifest, sort_keys=False, width=120))
+        temporary.write_text(yaml.safe_dump(self.manifest(), sort_keys=False, width=120))
         temporary.replace(directory / MANIFEST)
         self.directory = directory
         return directory
@@ -205,8 +273,26 @@ def _read_manifest(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
-def list_banks() -> list[tuple[Path, dict]]:
-    """Every bank in the search dirs (shadowed ones included), as (directory, manifest)."""
+def _is_manifest(manifest) -> bool:
+    return isinstance(manifest, dict) and manifest.get("format") in READABLE_FORMATS
+
+
+@dataclass
+class FoundBank:
+    """A bank on disk, read as far as listing and finding need; ``load`` reads its vectors."""
+
+    directory: Path
+    model: ModelRecord
+    band_names: tuple[str, ...]
+    heldout_accuracy: float | None
+    _manifest: dict = field(repr=False)
+
+    def load(self) -> Bank:
+        return Bank.load(self.directory, self._manifest)
+
+
+def list_banks() -> list[FoundBank]:
+    """Every bank in the search dirs (shadowed ones included)."""
     found = []
     for root in search_dirs():
         for manifest_path in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
@@ -214,17 +300,19 @@ def list_banks() -> list[tuple[Path, dict]]:
                 manifest = _read_manifest(manifest_path)
             except (OSError, yaml.YAMLError):
                 continue
-            if isinstance(manifest, dict) and manifest.get("format") in READABLE_FORMATS:
-                found.append((manifest_path.parent, manifest))
+            if _is_manifest(manifest):
+                found.append(FoundBank(manifest_path.parent, ModelRecord(**manifest["model"]),
+                                       tuple(manifest["bands"]),
+                                       manifest.get("quality", {}).get("heldout_accuracy"), manifest))
     return found
 
 
 def find_bank(info: ModelInfo) -> Bank | None:
     """The bank trained for this model (by fingerprint), or None."""
     wanted = model_fingerprint(info)
-    for directory, manifest in list_banks():
-        if manifest.get("model", {}).get("fingerprint") == wanted:
-            return Bank.load(directory, manifest)
+    for found in list_banks():
+        if found.model.fingerprint == wanted:
+            return found.load()
     return None
 
 
@@ -246,9 +334,9 @@ def resolve_bank(spec: str | None, info: ModelInfo | None) -> Bank:
     path = Path(spec).expanduser()
     if (path / MANIFEST).exists():
         return Bank.load(path)
-    for directory, _ in list_banks():
-        if directory.name == spec:
-            return Bank.load(directory)
+    for found in list_banks():
+        if found.directory.name == spec:
+            return found.load()
     raise EqzError(f"no bank named '{spec}'; `eqz vectors list` shows the banks found")
 
 
@@ -260,7 +348,7 @@ def _own_bank_dirs(info: ModelInfo) -> list[Path]:
 def reset_user_bank(info: ModelInfo) -> Path | None:
     """Delete the user's own bank for this model; returns where it was, or None if there was none."""
     for directory in _own_bank_dirs(info):
-        if (directory / MANIFEST).exists() and Bank.load(directory).manifest["model"]["fingerprint"] == model_fingerprint(info):
+        if (directory / MANIFEST).exists() and Bank.load(directory).model.fingerprint == model_fingerprint(info):
             shutil.rmtree(directory)
             return directory
     return None
@@ -271,7 +359,7 @@ def writable_bank(info: ModelInfo) -> Bank:
     own, other = _own_bank_dirs(info)
     if (own / MANIFEST).exists():
         bank = Bank.load(own)
-        if bank.manifest["model"]["fingerprint"] == model_fingerprint(info):
+        if bank.model.fingerprint == model_fingerprint(info):
             return bank
         own = other
         if (own / MANIFEST).exists():
@@ -280,24 +368,7 @@ def writable_bank(info: ModelInfo) -> Bank:
     if existing is not None:
         shutil.copytree(existing.directory, own, dirs_exist_ok=True)
         return Bank.load(own)
-    manifest = new_manifest(info)
-    return Bank(own, manifest)
-
-
-def new_manifest(info: ModelInfo) -> dict:
-    return {
-        "format": BANK_FORMAT,
-        "model": {
-            "name": info.name,
-            "architecture": info.architecture,
-            "n_layer": info.n_layer,
-            "n_embd": info.n_embd,
-            "n_vocab": info.n_vocab,
-            "fingerprint": model_fingerprint(info),
-        },
-        "layers": {"read": None, "steered": []},
-        "bands": {},
-    }
+    return Bank.empty(info, own)
 
 
 def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Band:
@@ -305,12 +376,10 @@ def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Ba
     check_band_name(name)
     vector_file = read_control_vector(path)
     matrix = vector_file.matrix(info.n_layer, info.n_embd, info.name)
-    band = Band(name, matrix, 1.0, None)
+    band = Band(name, matrix, source=str(Path(path).expanduser()))
     bank.bands[name] = band
-    bank.manifest["bands"][name] = {"file": f"{name}.gguf", "source": str(Path(path).expanduser())}
-    layers = bank.manifest["layers"]
-    if layers["read"] is None:
+    if bank.layers.read is None:
         steered = [layer for layer in range(info.n_layer) if np.any(matrix[layer])]
-        layers["steered"] = steered
-        layers["read"] = steered[len(steered) // 2]
+        bank.layers.steered = steered
+        bank.layers.read = steered[len(steered) // 2]
     return band

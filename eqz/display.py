@@ -17,10 +17,11 @@ from rich.progress import (
 )
 from rich import box
 from rich.table import Table
+from rich.markup import escape
 from rich.text import Text
 
 from .bands import BANDS, SHORT_NAMES
-from .bank import PROBLEMS, SHIPPED_DIR, Bank
+from .bank import PROBLEMS, SHIPPED_DIR, Bank, FoundBank
 from .presets import Preset, PresetEntry
 
 console = Console(highlight=False)
@@ -44,75 +45,83 @@ def _where(directory: Path) -> str:
     return "shipped" if SHIPPED_DIR in directory.parents else "user"
 
 
-def print_bank_list(banks: list[tuple[Path, dict]]) -> None:
+def print_models(infos: list[dict]) -> None:
+    """One block per model, its path on a line of its own: nothing is cut at 80 columns."""
+    for info in infos:
+        template = "found" if info["chat_template"] else "none (plain User:/Assistant: fallback)"
+        console.print(f"[bold]{escape(info['name'])}[/bold]")
+        console.print(f"  {info['architecture']}, {info['n_layer']} layers x {info['n_embd']}, context "
+                      f"{info['n_ctx_train']}, chat template {template}")
+        console.print(f"  {escape(info['path'])}", soft_wrap=True)
+
+
+def print_bank_list(banks: list[FoundBank]) -> None:
+    """One block per bank: name, where it comes from, whether it is the one in use for its model (the first found
+    with that fingerprint), then model and path on lines of their own so nothing is cut at 80 columns."""
     if not banks:
         console.print("no banks found; `eqz train` makes one for a model")
         return
-    table = Table(header_style="bold")
-    for column in ("bank", "model", "fingerprint", "bands", "held-out acc.", "where"):
-        table.add_column(column)
-    for directory, manifest in banks:
-        accuracy = manifest.get("quality", {}).get("heldout_accuracy")
-        table.add_row(
-            directory.name,
-            manifest["model"]["name"],
-            manifest["model"]["fingerprint"],
-            str(len(manifest["bands"])),
-            f"{accuracy:.0%}" if accuracy is not None else "-",
-            f"{_where(directory)}: {directory}",
-        )
-    console.print(table)
+    in_use: dict[str, FoundBank] = {}
+    for found in banks:
+        in_use.setdefault(found.model.fingerprint, found)
+    for found in banks:
+        first = in_use[found.model.fingerprint]
+        status = "[green]in use[/green]" if first is found else f"[yellow]shadowed by {escape(str(first.directory))}[/yellow]"
+        accuracy = f", held-out accuracy {found.heldout_accuracy:.0%}" if found.heldout_accuracy is not None else ""
+        console.print(f"[bold]{escape(found.directory.name)}[/bold] ({_where(found.directory)}, {status}): "
+                      f"{len(found.band_names)} bands{accuracy}", soft_wrap=True)
+        console.print(f"  model {escape(found.model.name)} ({found.model.fingerprint})", soft_wrap=True)
+        console.print(f"  {escape(str(found.directory))}", soft_wrap=True)
 
 
 def print_bank(bank: Bank) -> None:
-    manifest = bank.manifest
-    model, layers = manifest["model"], manifest["layers"]
+    model, layers = bank.model, bank.layers
     console.print(f"[bold]{bank.directory}[/bold]")
-    console.print(f"model {model['name']} ({model['fingerprint']}), {model['n_layer']} layers x {model['n_embd']}")
-    steered = layers.get("steered") or []
-    if steered:
-        console.print(f"read layer {layers['read']}, steered layers {steered[0]}-{steered[-1]}")
-    quality = manifest.get("quality", {})
+    console.print(f"model {model.name} ({model.fingerprint}), {model.n_layer} layers x {model.n_embd}")
+    if layers.steered:
+        console.print(f"read layer {layers.read}, steered layers {layers.steered[0]}-{layers.steered[-1]}")
+    quality = bank.quality
     if "heldout_accuracy" in quality:
         console.print(
             f"held-out 8-way classification: {quality['heldout_accuracy']:.1%} of {quality['heldout_texts']} texts "
             f"(chance {quality['chance']:.1%})"
         )
-    table = Table(header_style="bold")
-    for column in ("band", "source", "c", "neg.", "effect @+1", "most lifted", "rep3 @+1", "ppl @+1", "check"):
-        table.add_column(column, justify="left" if column in ("band", "source", "most lifted", "check") else "right")
-    for name, entry in manifest["bands"].items():
-        at_one = entry.get("check", {}).get("+1")
-        if "strength" not in entry:
+    table = Table(header_style="bold", box=None, collapse_padding=True, pad_edge=False)  # fits 80 columns
+    for column in ("band", "source", "c", "neg.", "effect", "most lifted", "rep3", "ppl", "check"):
+        table.add_column(column, justify="left" if column in ("band", "source", "most lifted", "check") else "right",
+                         no_wrap=column != "check")
+    for name, band in bank.bands.items():
+        if band.imported:
             table.add_row(name, "imported", "-", "-", "-", "-", "-", "-", "[yellow]unmetered[/yellow]")
             continue
-        described = "description" in entry
-        cells = ["described" if described else entry.get("source", "stimulus"), f"{entry['strength']:g}",
-                 f"x{entry.get('negative_ratio', 1):g}"]
+        cells = ["described" if band.description else band.source or "stimulus", f"{band.strength:g}",
+                 f"x{band.negative_ratio:g}"]
+        at_one = band.check.get("+1")
         if at_one:
             ppl = at_one.get("ppl_ratio")
             cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"], f"{at_one['repeated_3grams']:.0%}",
                       f"{ppl:.2f}" if ppl is not None else "-"]
         else:
             cells += ["-"] * 4
-        ok = entry.get("direction_ok")
-        cells.append("ok" if ok else "[red]" + ", ".join(entry.get("problems", [])) + "[/red]" if ok is False else "-")
+        ok = band.direction_ok
+        cells.append("ok" if ok else "[red]" + ", ".join(band.problems) + "[/red]" if ok is False else "-")
         table.add_row(name, *cells)
     console.print(table)
-    calibration = manifest.get("method", {}).get("calibration")
+    calibration = bank.method.get("calibration")
     if isinstance(calibration, dict):
         console.print(
             f"[dim]c: strength at gain +1 (c/steered layers of each layer's token norm); neg.: share of it at -1; "
-            f"effect: the band's own emotion words at +1 over the unsteered replies' ({calibration['scorer']} "
+            f"at +1: effect = the band's own emotion words over the unsteered replies' ({calibration['scorer']} "
             "lexicon; axes: + words/100; described bands: + nats/token the unsteered model prefers them for the "
-            "description over the primaries); rep3: repeated 3-grams; ppl: perplexity under the model asked for the "
-            "band, over the unsteered replies'; check: ok, or what failed: "
+            "description over the primaries), most lifted = the emotion that rose most, rep3 = repeated 3-grams, "
+            "ppl = perplexity under the model asked for the band over the unsteered replies'; check: ok, or what "
+            "failed: "
             + "; ".join(f"{key} = {words}" for key, words in PROBLEMS.items()) + "[/dim]"
         )
     dose = quality.get("dose_response")
     if dose:
         console.print("dose-response (eqz eval): see `eqz vectors show --json` or the README table")
-    trained = manifest.get("trained")
+    trained = bank.trained
     if trained:
         console.print(f"trained in {trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}")
 

@@ -403,13 +403,13 @@ def preference_personas(described: dict[str, str]) -> dict[str, str]:
 def bank_persona(bank: Bank, band: str) -> str | None:
     """The persona prompt that asks for ``band``: eqz's own words for the primaries, the description a custom
     band was trained from, none for the axes or imported vectors."""
-    description = bank.manifest["bands"].get(band, {}).get("description") or DESCRIPTIONS.get(band)
+    description = (bank.bands[band].description if band in bank.bands else None) or DESCRIPTIONS.get(band)
     return persona_prompt(description) if description else None
 
 
 def record(result: EvalResult, bank: Bank, **extra) -> None:
     """Store the dose-response figures (and ``extra`` quality entries) in the bank's bank.yaml."""
-    quality = bank.manifest.setdefault("quality", {})
+    quality = bank.quality
     quality["dose_response"] = result.dose_response()
     quality["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": result.reply_tokens,
                                       "samples": result.samples, "scorer": result.scorer}

@@ -30,7 +30,7 @@ from . import __version__
 from . import directions as D
 from . import eval as E
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
-from .bank import Band, Bank, new_manifest
+from .bank import Band, Bank, Layers
 from .engine import Model
 from .reading import TextGroup, read_texts
 from .errors import EqzError
@@ -431,22 +431,14 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
                           "readout": readout_rises is False, "fluency": not up.fluent(baseline)}
         problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
         readout, read_directions = readouts.get(band, (None, None))
-        bank.bands[band] = Band(band, calibration.vector(candidate, candidate.pinned), ratio, readout,
-                                read_directions=read_directions)
-        bank.manifest["bands"][band] = {
-            **({"description": descriptions[band]} if band in descriptions else {}),
-            "source": candidate.source,
-            "strength": candidate.pinned,
-            "negative_strength": round(candidate.pinned * ratio, 4),
-            "clear": not weak,
-            "direction_ok": not problems,
-            **({"problems": problems} if problems else {}),
-            "check": {"+1": up.summary(band, baseline), "-1": down.summary(band, baseline)},
-            "calibration": [
-                {"source": c.source, "strength": s, **c.tried[s].summary(band, baseline)}
-                for c in calibration.candidates if c.band == band for s in sorted(c.tried)
-            ],
-        }
+        bank.bands[band] = Band(
+            band, calibration.vector(candidate, candidate.pinned), ratio, readout, read_directions,
+            source=candidate.source, description=descriptions.get(band), strength=candidate.pinned,
+            negative_strength=round(candidate.pinned * ratio, 4), clear=not weak, direction_ok=not problems,
+            problems=problems, check={"+1": up.summary(band, baseline), "-1": down.summary(band, baseline)},
+            calibration=[{"source": c.source, "strength": s, **c.tried[s].summary(band, baseline)}
+                         for c in calibration.candidates if c.band == band for s in sorted(c.tried)],
+        )
 
 
 def _calibration_method(calibration: Calibration, settings: TrainSettings) -> dict:
@@ -523,14 +515,10 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     calibration = calibrate_and_check(model, settings, candidates, found.steered, extraction.token_norm, progress,
                                       found.read, reader)
 
-    manifest = new_manifest(info)
-    manifest["layers"] = {
-        "read": found.read,
-        "steered": found.steered,
-        "candidates": [1, len(extraction.layers) - 1],
-        "token_norm": {layer: round(float(extraction.token_norm[layer]), 2) for layer in found.steered},
-    }
-    manifest["method"] = {
+    bank = Bank.empty(info)
+    bank.layers = Layers(found.read, found.steered, [1, len(extraction.layers) - 1],
+                         {layer: round(float(extraction.token_norm[layer]), 2) for layer in found.steered})
+    bank.method = {
         "sources": {
             "stimulus": "mean over tokens of eqz's matched pairs: band texts minus neutral twins; centred on the mean "
             "over the eight primaries; top neutral principal components removed; unit per layer",
@@ -556,7 +544,6 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "voice_tokens": settings.voice_tokens,
         "quick": settings.quick,
     }
-    bank = Bank(directory=None, manifest=manifest)  # type: ignore[arg-type]
     readouts = {
         band: ({
             "neutral": [round(reply_level[layer][band], 4) for layer in found.steered],
@@ -569,7 +556,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     store_bands(bank, calibration, readouts, settings.described)
     baseline, checked = calibration.baseline, calibration.checked
     heldout_accuracy = float(np.trace(found.confusion) / found.confusion.sum())
-    manifest["quality"] = {
+    bank.quality = {
         "heldout_accuracy": round(heldout_accuracy, 3),
         "heldout_texts": int(found.confusion.sum()),
         "cross_validated_accuracy": round(float(found.validation_accuracy), 3),
@@ -584,7 +571,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
             for band in calibration.chosen
         },
     }
-    manifest["trained"] = {
+    bank.trained = {
         "eqz_version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1),
@@ -609,25 +596,23 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
     """Add the bands of ``settings.described`` to ``bank`` (trained for ``model``), made and calibrated on the bank's
     steered layers as a full training would make them; the bank's other bands stay as they are. Unsaved."""
     started = time.perf_counter()
-    layers = bank.manifest["layers"]
-    token_norms = layers.get("token_norm")
+    token_norms = bank.layers.token_norm
     if not token_norms:
         raise EqzError(f"the bank in {bank.directory} records no token norms (made before eqz 0.2 or from imported "
                        "vectors), so a described band cannot be sized for it; train a full bank with the band")
     steered = bank.steered_layers
     token_norm = np.zeros(model.info.n_layer, dtype=np.float32)
-    token_norm[[int(layer) for layer in token_norms]] = [float(value) for value in token_norms.values()]
+    token_norm[list(token_norms)] = list(token_norms.values())
     units, voice = voice_directions(model, settings, steered, progress)
     shape = (model.info.n_layer, model.info.n_embd)
     candidates = [Candidate(band, "voice", _layer_rows(units[band], steered, shape), _judge(band, settings))
                   for band in settings.described]
     calibration = calibrate_and_check(model, settings, candidates, steered, token_norm, progress)
     store_bands(bank, calibration, {}, settings.described)
-    method = bank.manifest.setdefault("method", {})
-    method.setdefault("sources", {})["described"] = DESCRIBED_METHOD
-    method["described_calibration"] = _calibration_method(calibration, settings)
+    bank.method.setdefault("sources", {})["described"] = DESCRIBED_METHOD
+    bank.method["described_calibration"] = _calibration_method(calibration, settings)
     for band in settings.described:
-        bank.manifest["bands"][band]["trained"] = {
+        bank.bands[band].trained = {
             "eqz_version": __version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 1),

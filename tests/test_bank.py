@@ -171,7 +171,7 @@ def test_import_a_repeng_style_vector_as_a_band(tmp_path):
     args = ("generate", "Tell me a fact.", "--temperature", "0", "-n", "24", "--json")
     steered = json.loads(run_eqz(*args, "--set", "honest=1", env=env).stdout)
     plain = json.loads(run_eqz(*args, env=env).stdout)
-    assert steered["steering"]["gains"]["honest"] == 1.0 and steered["output"] != plain["output"]
+    assert steered["sliders"]["honest"] == 1.0 and steered["output"] != plain["output"]
     bad = run_eqz("vectors", "import", str(path), "--band", "Bad Name", env=env)
     assert bad.returncode != 0 and "band name" in bad.stderr
 
@@ -199,11 +199,11 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     args = ("generate", "Tell me about your weekend.", "--seed", "3", "-n", "24", "--json")
     plain = json.loads(run_eqz(*args, env=env).stdout)
     steered = json.loads(run_eqz(*args, "--set", "nostalgia=1", env=env).stdout)
-    assert steered["steering"]["gains"]["nostalgia"] == 1.0 and steered["output"] != plain["output"]
+    assert steered["sliders"]["nostalgia"] == 1.0 and steered["output"] != plain["output"]
     (config / "eqz" / "presets").mkdir(parents=True)
     (config / "eqz" / "presets" / "wistful.yaml").write_text("name: wistful\nsliders:\n  nostalgia: 0.8\n")
     preset = json.loads(run_eqz(*args, "--preset", "wistful", env=env).stdout)
-    assert {band: gain for band, gain in preset["steering"]["gains"].items() if gain} == {"nostalgia": 0.8}
+    assert {band: gain for band, gain in preset["sliders"].items() if gain} == {"nostalgia": 0.8}
     (tmp_path / "prompts.txt").write_text("Describe your morning.\nWhat is a kettle for?\nPlan a short walk.\n")
     evaluated = run_eqz("eval", "--bands", "nostalgia", "--gains", "0,1", "-n", "16", "--prompts",
                         str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"), env=env)
@@ -275,3 +275,14 @@ def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
     assert fine.returncode == 0 and "warning" not in fine.stderr
     chat = run_eqz("chat", "--no-panel", input="/set joy 0.3\n/quit\n", env=env)
     assert chat.returncode == 0 and "joy may not move the text as named" in chat.stdout
+
+
+def test_listings_fit_80_columns_without_cutting_names_or_paths(model_path):
+    narrow = {"COLUMNS": "80"}
+    listed = run_eqz("vectors", "list", env=narrow).stdout
+    assert str(SHIPPED) in listed and "(shipped, in use)" in listed and "…" not in listed
+    shown = run_eqz("vectors", "show", env=narrow).stdout
+    table = shown[shown.index("band "):shown.index("c: strength")]
+    assert "anticipation" in table and "…" not in table and max(map(len, table.splitlines())) <= 80
+    models = run_eqz("models", env=narrow).stdout
+    assert str(model_path) in models.splitlines()[-1] and "…" not in models

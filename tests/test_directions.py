@@ -7,7 +7,7 @@ import pytest
 
 from eqz import directions as D
 from eqz.bands import PRIMARIES
-from eqz.bank import Band, Bank, new_manifest
+from eqz.bank import Band, Bank, Layers
 from eqz.models import ModelInfo
 from eqz.meter import Filters, Instruments, geometry
 
@@ -91,9 +91,8 @@ def test_choose_layers_takes_the_run_within_tolerance():
 
 def tiny_bank(directions: dict[str, np.ndarray], steered=(1, 2)) -> Bank:
     info = ModelInfo("x.gguf", "tiny", "llama", LAYERS + 1, EMBD, 100, 512, True)
-    manifest = new_manifest(info)
-    manifest["layers"] = {"read": steered[0], "steered": list(steered)}
-    bank = Bank(None, manifest)
+    bank = Bank.empty(info)
+    bank.layers = Layers(steered[0], list(steered))
     for band, direction in directions.items():
         matrix = np.zeros((LAYERS + 1, EMBD), np.float32)
         for layer in steered:
@@ -154,3 +153,16 @@ def test_readout_units_put_the_own_band_at_one_and_no_emotion_below_minus_one():
     assert levels["sadness"] == (0.0, 2.0, 5.0)
     readouts = D.calibrated(np.array([4.0, 2.0, -5.0, -10.0]), 0.0, 2.0, 5.0)
     assert readouts.tolist() == [2.0, 1.0, -1.0, -2.0]  # sadness text +1, joy text -1
+
+
+def test_the_shipped_bank_yaml_reads_into_the_typed_bank_and_writes_back_unchanged(tmp_path):
+    from eqz.bank import MANIFEST, SHIPPED_DIR
+
+    (shipped,) = [path.parent for path in SHIPPED_DIR.glob(f"*/{MANIFEST}")]
+    bank = Bank.load(shipped)
+    assert bank.layers.read in bank.layers.steered and all(isinstance(k, int) for k in bank.layers.token_norm)
+    assert all(band.direction_ok is not None and band.strength for band in bank.bands.values())
+    bank.save(tmp_path)
+    assert (tmp_path / MANIFEST).read_text() == (shipped / MANIFEST).read_text()
+    for band in bank.bands:
+        assert np.array_equal(Bank.load(tmp_path).bands[band].matrix, bank.bands[band].matrix)
