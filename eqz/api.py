@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .analyze import Analysis, analyze
 from .bands import check_gain, gain_warning
@@ -26,9 +26,13 @@ from .models import ModelInfo
 from .errors import EqzError
 from .models import resolve_model_path
 from .presets import Preset, get_preset, resolve
-from .session import ChatSession, Turn
+from .session import ChatSession, Turn, model_record
 from .steering import Steering
 from .vector_files import ControlVector
+
+if TYPE_CHECKING:
+    from .batch import BatchPlan
+    from .eval import EvalResult
 
 
 class EqzWarning(UserWarning):
@@ -50,6 +54,11 @@ class EqzModel:
     @property
     def info(self) -> ModelInfo:
         return self.model.info
+
+    @property
+    def model_record(self) -> dict:
+        """How records name this model: name, path and fingerprint."""
+        return model_record(self.model)
 
     @property
     def bank(self) -> Bank:
@@ -121,6 +130,50 @@ class EqzModel:
     def chat(self, **settings) -> "Chat":
         """A conversation whose sliders can change at any time (see ``stream`` for the settings)."""
         return Chat(self.session(**_split_sampling(settings)))
+
+    def batch(self, prompts, output, *, preset: str | None = None, presets: Iterable[str] = (),
+              sliders: dict[str, float] | None = None, sweeps: Iterable[tuple[str, list[float]]] = (),
+              sampling: dict | None = None, system: str | None = None, clamp: dict[str, float] | None = None,
+              ablate: Iterable[str] = (), samples: int = 1, seed: int = 0, parallel: int = 4,
+              meter: bool = False) -> "BatchPlan":
+        """Rows for every prompt x setting x sample, checked and ready: ``.run(on_row)`` writes them into
+        ``output``. ``prompts``: a ``batch.PromptFile`` or a path; ``output``: a ``batch.Output`` or a path.
+        Settings are (``presets``, or the one ``preset``) x every combination of ``sweeps`` (band, gains)."""
+        from .batch import BatchPlan, Output, PromptFile, build_grid, plan
+        from .steering import Steerer
+
+        source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts))
+        sink = output if isinstance(output, Output) else Output(str(output), resume=False)
+        sweeps, ablate = list(sweeps), list(ablate)
+        bank = self.bank if (sliders or sweeps or preset or presets or meter or clamp or ablate) else self._bank_if_any()
+        valid = bank.names if bank else ()
+        grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp, ablate)
+        count, longest = plan(source, self.model)
+        moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
+        for line in bank.doubtful(moved) if bank else []:
+            self.on_warning(line)
+        sink.check_compatible(self.model_record, grid)
+        return BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
+                         parallel, meter)
+
+    def evaluate(self, bands: Iterable[str] | None = None, gains: Iterable[float] = (-1, 0, 1, 2),
+                 prompts: list[str] | None = None, max_tokens: int = 64, samples: int = 1, progress=None,
+                 record: bool = False) -> "EvalResult":
+        """What each slider does to held-out replies against asking for the emotion in the system prompt (lexicon
+        or judge effect, readout, fluency). ``record`` stores the figures in the bank's bank.yaml."""
+        from .eval import evaluate, record as record_figures
+
+        bank = self.bank
+        chosen = tuple(bands) if bands else bank.names
+        gain_list = tuple(float(gain) for gain in gains)
+        bank.check_gains({band: 0.0 for band in chosen})
+        for gain in gain_list:
+            check_gain(chosen[0], gain, bank.names)
+        extra = {"progress": progress} if progress else {}
+        result = evaluate(self.model, bank, chosen, gain_list, prompts, max_tokens, samples, **extra)
+        if record:
+            record_figures(result, bank)
+        return result
 
     def analyze(self, text: str, by: str = "sentence") -> Analysis:
         """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token)."""

@@ -25,14 +25,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import __version__
 from .bands import check_gain
 from .engine import Model
 from .generation import Job, generate_parallel
 from .meter import Filters, Instruments
 from .errors import EqzError
 from .presets import Preset, Resolved, get_preset, resolve
-from .session import model_record
+from .session import model_record, reply_record
 from .steering import Steerer, Steering
 
 
@@ -120,7 +119,7 @@ def _looks_like_jsonl(path: Path) -> bool:
 # -------------------------------------------------------------------------------------------------- the grid
 
 
-def parse_sweep(spec: str, bands: tuple[str, ...]) -> tuple[str, list[float]]:
+def parse_sweep(spec: str, bands: tuple[str, ...] | None) -> tuple[str, list[float]]:
     """``BAND=START:STOP:N`` -> (band, N evenly spaced gains from START to STOP)."""
     band, sep, rest = spec.partition("=")
     parts = rest.split(":")
@@ -323,21 +322,14 @@ def run_batch(
             on_decode = instruments.owners if instruments else None
             for finished in generate_parallel(context, jobs(), on_decode=on_decode):
                 row, sample, system = finished.job.tag
-                record = {
-                    "id": row.id,
-                    "prompt": row.prompt,
-                    "system": system,
-                    "preset": setting.preset,
+                record = {"id": row.id, **reply_record(row.prompt, system, setting.preset, finished.text, record_model, {
                     "sliders": {band: setting.gains.get(band, 0.0) for band in bands},
+                    "vectors": [],
                     "sampling": setting.sampling.to_dict(),
                     "seed": finished.job.seed,
-                    "sample": sample,
-                    "output": finished.text,
                     "n_tokens": len(finished.tokens),
                     "finish_reason": finished.finish_reason,
-                    "model": record_model,
-                    "eqz_version": __version__,
-                }
+                }), "sample": sample}
                 if instruments is not None:
                     if instruments.filters:
                         record["filters"] = instruments.filters.describe()
@@ -348,3 +340,30 @@ def run_batch(
                 stats.tokens += len(finished.tokens)
                 on_row(record, stats)
     return stats
+
+
+@dataclass
+class BatchPlan:
+    """A checked batch, ready to run: every prompt line validated, the grid of settings resolved, the output
+    found compatible for ``--resume``. ``total`` rows in all (rows already in the output are skipped)."""
+
+    model: Model
+    steerer: Steerer
+    prompts: PromptFile
+    settings: list[Resolved]
+    output: Output
+    prompt_count: int
+    longest: int
+    samples: int = 1
+    seed: int = 0
+    parallel: int = 4
+    meter: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.prompt_count * len(self.settings) * self.samples
+
+    def run(self, on_row: Callable[[dict, BatchStats], None] = lambda row, stats: None,
+            stats: BatchStats | None = None) -> BatchStats:
+        return run_batch(self.model, self.steerer, self.prompts, self.settings, self.output, self.samples, self.seed,
+                         self.parallel, self.longest, on_row, stats, meter=self.meter)

@@ -37,7 +37,7 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", metavar="GGUF", help="GGUF model file \\[default: $EQZ_MODEL, else SmolLM2-135M-Instruct]"),
 ]
-ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores]", min=1)]
+ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs]", min=1)]
 CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens", min=64)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="system prompt")]
 VectorOpt = Annotated[
@@ -66,7 +66,7 @@ AblateOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="print one machine-readable JSON record")]
 
 
-def _gains(sets: list[str] | None, valid: tuple[str, ...]) -> dict[str, float]:
+def _gains(sets: list[str] | None, valid: tuple[str, ...] | None) -> dict[str, float]:
     from .bands import gain_warning, parse_set
 
     gains = {}
@@ -95,12 +95,6 @@ def _clamp_ablate(clamp: list[str] | None, ablate: list[str] | None) -> tuple[di
     from .bands import parse_set
 
     return dict(parse_set(spec, None, "--clamp") for spec in clamp or []), [b.strip().lower() for b in ablate or []]
-
-
-def _bank_for(info, required: bool):
-    from .bank import find_bank, require_bank
-
-    return require_bank(info) if required else find_bank(info)
 
 
 def _load_model(model: str | None, threads: int | None, chatting: bool = False):
@@ -150,9 +144,9 @@ def models(
     json_output: JsonOpt = False,
 ) -> None:
     """Show a model's path, architecture, layers, width, context length and whether it has a chat template."""
+    from .display import print_models
+
     paths = [*(paths or []), *([model] if model else [])] or None
-    from rich.console import Console
-    from rich.table import Table
 
     infos = []
     for path in paths or [None]:
@@ -161,19 +155,7 @@ def models(
     if json_output:
         typer.echo(json.dumps(infos if paths and len(paths) > 1 else infos[0], indent=2))
         return
-    table = Table(show_header=True, header_style="bold")
-    for column in ("path", "architecture", "n_layer", "n_embd", "context", "chat template"):
-        table.add_column(column)
-    for info in infos:
-        table.add_row(
-            info["path"],
-            info["architecture"],
-            str(info["n_layer"]),
-            str(info["n_embd"]),
-            str(info["n_ctx_train"]),
-            "found" if info["chat_template"] else "none (plain User:/Assistant: fallback)",
-        )
-    Console().print(table)
+    print_models(infos)
 
 
 @app.command()
@@ -198,7 +180,7 @@ def generate(
     ctx: CtxOpt = 4096,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout."""
-    from .session import model_record
+    from .session import reply_record
 
     sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
                     min_p=min_p, repeat_penalty=repeat_penalty)
@@ -211,15 +193,8 @@ def generate(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         if json_output:
-            record = {
-                "prompt": prompt,
-                "system": session.system,
-                "preset": session.preset,
-                "output": turn.text,
-                "model": model_record(loaded.model),
-                "eqz_version": __version__,
-                **turn.record.to_dict(),
-            }
+            record = reply_record(prompt, session.system, session.preset, turn.text, loaded.model_record,
+                                  turn.record.to_dict())
             typer.echo(json.dumps(record, ensure_ascii=False))
         else:
             sys.stdout.write("\n")
@@ -292,11 +267,9 @@ def batch(
     threads: ThreadsOpt = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
-    from .bands import BANDS
-    from .batch import Output, PromptFile, build_grid, parse_sweep, plan, run_batch
+    from .batch import Output, PromptFile, parse_sweep
     from .display import batch_progress
     from .errors import EqzError
-    from .steering import Steerer
 
     if preset and presets:
         raise EqzError("use either --preset NAME or --presets a,b,c, not both")
@@ -304,29 +277,22 @@ def batch(
     sink = Output(output, resume)  # a bad -o fails here, before the model loads
     try:
         with _load_model(model, threads, chatting=True) as loaded:
-            bank = _bank_for(loaded.info, required=bool(set_ or sweep or preset or presets or meter or clamp or ablate))
-            bands = bank.names if bank else BANDS
             sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             min_p=min_p, repeat_penalty=repeat_penalty)
-            grid = build_grid(bank.names if bank else (), preset, [p.strip() for p in presets.split(",")] if presets else [],
-                              _gains(set_, bands), [parse_sweep(s, bands) for s in sweep or []], sampling, system,
-                              *_clamp_ablate(clamp, ablate))
-            count, longest = plan(source, loaded.model)
+            clamps, ablates = _clamp_ablate(clamp, ablate)
+            batch = loaded.batch(source, sink, preset=preset,
+                                 presets=[p.strip() for p in presets.split(",")] if presets else [],
+                                 sliders=_gains(set_, None), sweeps=[parse_sweep(s, None) for s in sweep or []],
+                                 sampling=sampling, system=system, clamp=clamps, ablate=ablates, samples=samples,
+                                 seed=seed, parallel=parallel, meter=meter)
             for skipped in source.skipped:
                 _warn(f"skipped {skipped}")
             source.skipped.clear()
-            total = count * len(grid) * samples
-            moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
-            for line in bank.doubtful(moved) if bank else []:
-                _warn(line)
-            sys.stderr.write(f"eqz batch: {count} prompts x {len(grid)} settings x {samples} samples = {total} rows\n")
-            from .session import model_record
-
-            sink.check_compatible(model_record(loaded.model), grid)
+            sys.stderr.write(f"eqz batch: {batch.prompt_count} prompts x {len(batch.settings)} settings x {samples} "
+                             f"samples = {batch.total} rows\n")
             try:
-                with batch_progress(total) as (on_row, stats):
-                    run_batch(loaded.model, Steerer(loaded.info, bank), source, grid, sink, samples, seed, parallel,
-                              longest, on_row, stats, meter=meter)
+                with batch_progress(batch.total) as (on_row, stats):
+                    batch.run(on_row, stats)
             except KeyboardInterrupt:
                 sink.close()
                 sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. "
@@ -390,11 +356,9 @@ def eval_command(
     readout, crosstalk and fluency on held-out neutral prompts."""
     from pathlib import Path
 
-    from .bands import check_gain
     from .display import print_eval, progress_bars
     from .errors import EqzError
-    from .eval import evaluate, non_fluent_gains, write_outputs
-    from .eval import record as record_figures
+    from .eval import non_fluent_gains, write_outputs
 
     try:
         gain_list = tuple(float(g) for g in gains.split(","))
@@ -409,15 +373,9 @@ def eval_command(
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
     with _load_model(model, threads, chatting=True) as loaded:
-        bank = loaded.bank
-        chosen = tuple(b.strip() for b in bands.split(",")) if bands else bank.names
-        bank.check_gains({band: 0.0 for band in chosen})
-        for gain in gain_list:
-            check_gain(chosen[0], gain, bank.names)
+        chosen = [b.strip().lower() for b in bands.split(",")] if bands else None
         with progress_bars() as progress:
-            result = evaluate(loaded.model, bank, chosen, gain_list, prompt_list, tokens, samples, progress=progress)
-        if record:
-            record_figures(result, bank)
+            result = loaded.evaluate(chosen, gain_list, prompt_list, tokens, samples, progress, record)
     print_eval(result, non_fluent_gains(result))
     for path in write_outputs(result, Path(output), plot):
         typer.echo(f"wrote {path}")
@@ -471,12 +429,15 @@ app.add_typer(vectors_app, name="vectors")
 @vectors_app.command("list")
 def vectors_list(json_output: JsonOpt = False) -> None:
     """List the banks eqz can find (shipped, user-trained, $EQZ_VECTORS)."""
+    from dataclasses import asdict
+
     from .bank import list_banks
     from .display import print_bank_list
 
     banks = list_banks()
     if json_output:
-        typer.echo(json.dumps([{"path": str(d), **m["model"], "bands": list(m["bands"])} for d, m in banks], indent=2))
+        typer.echo(json.dumps([{"path": str(found.directory), **asdict(found.model), "bands": list(found.band_names)}
+                               for found in banks], indent=2))
         return
     print_bank_list(banks)
 
@@ -497,7 +458,7 @@ def vectors_show(
     else:
         found = resolve_bank(bank, None)
     if json_output:
-        typer.echo(json.dumps(found.manifest, indent=2, default=str))
+        typer.echo(json.dumps(found.manifest(), indent=2, default=str))
         return
     print_bank(found)
 

@@ -37,14 +37,22 @@ def model_record(model: Model) -> dict:
     }
 
 
+def reply_record(prompt: str, system: str | None, preset: str | None, output: str, model: dict, details: dict) -> dict:
+    """The one shape of a reply's record, for ``generate --json`` and batch rows alike (README: "Records"):
+    what was asked, the reply, how it was made (``details``: sliders, vectors, sampling, seed, ...), by which model
+    and eqz."""
+    return {"prompt": prompt, "system": system, "preset": preset, "output": output, **details, "model": model,
+            "eqz_version": __version__}
+
+
 @dataclass
 class ReplyRecord:
     """Everything needed to know how one reply came about."""
 
     seed: int
     sampling: dict
-    steering: dict
-    changes: list[dict] = field(default_factory=list)  # live steering changes: at_token, text_offset, steering
+    steering: dict  # Steering.to_dict: sliders, vectors
+    changes: list[dict] = field(default_factory=list)  # live changes: at_token, text_offset, sliders, vectors
     n_tokens: int = 0
     finish_reason: str | None = None
     seconds: float = 0.0
@@ -58,9 +66,9 @@ class ReplyRecord:
 
     def to_dict(self) -> dict:
         return {
-            "seed": self.seed,
+            **self.steering,
             "sampling": self.sampling,
-            "steering": self.steering,
+            "seed": self.seed,
             "changes": self.changes,
             "n_tokens": self.n_tokens,
             "finish_reason": self.finish_reason,
@@ -194,7 +202,7 @@ class ChatSession:
             "system": self.system,
             "preset": self.preset,
             "sampling": self.sampling.to_dict(),
-            "steering": self.steering_record(),
+            **self.steering_record(),
             "messages": self.history,
         }
 
@@ -269,6 +277,6 @@ class Turn:
             {
                 "at_token": len(self._stream.tokens),
                 "text_offset": len(self._stream.text),
-                "steering": self.session.steering_record(steering),
+                **self.session.steering_record(steering),
             }
         )

@@ -43,10 +43,11 @@ class Steering:
         return dict(self.gains).get(band, 0.0)
 
     def to_dict(self, bands: tuple[str, ...] = ()) -> dict:
-        """``gains`` lists every band of ``bands`` (zeros included) plus any other non-zero one."""
-        gains = {band: 0.0 for band in bands}
-        gains.update(dict(self.gains))
-        return {"gains": gains, "vectors": [{"path": path, "scale": scale} for path, scale in self.vectors]}
+        """As records hold it: ``sliders`` lists every band of ``bands`` (zeros included) plus any other non-zero
+        one; ``vectors`` the control-vector files with their scales."""
+        sliders = {band: 0.0 for band in bands}
+        sliders.update(dict(self.gains))
+        return {"sliders": sliders, "vectors": [{"path": path, "scale": scale} for path, scale in self.vectors]}
 
     @property
     def is_neutral(self) -> bool:

@@ -54,7 +54,7 @@ def test_a_slider_set_mid_reply_steers_from_the_next_token(library):
             if i == 5:
                 chat.set(joy=1)
         assert [change["at_token"] for change in turn.record.changes] == [6]  # six pieces seen: token 6 is steered
-        assert turn.record.changes[0]["steering"]["gains"]["joy"] == 1.0
+        assert turn.record.changes[0]["sliders"]["joy"] == 1.0
     with library.chat(seed=2, max_tokens=24, temperature=0) as plain:
         assert "".join(plain.send("Tell me about the sea.")) != turn.text
 

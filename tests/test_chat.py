@@ -6,7 +6,7 @@ from __future__ import annotations
 import pexpect
 import pytest
 
-from .conftest import EQZ, save_and_leave
+from .conftest import EQZ, run_eqz, save_and_leave
 
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
@@ -40,7 +40,7 @@ def test_chat_turns_commands_save_and_clean_exit(tmp_path, random_vector_file):
     assert roles == ["user", "assistant", "user", "assistant"]
     assert transcript["system"] == "You are a pirate."
     second = transcript["messages"][3]["reply"]
-    assert second["steering"]["vectors"] == [{"path": str(random_vector_file), "scale": 0.5}]
+    assert second["vectors"] == [{"path": str(random_vector_file), "scale": 0.5}]
     assert second["sampling"]["seed"] == 4 and second["n_tokens"] > 0
     assert transcript["model"]["fingerprint"].startswith("llama-30x576")
 
@@ -76,3 +76,9 @@ def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
     child.expect_exact(PROMPT)
     child.sendline("/quit")
     child.expect(pexpect.EOF)
+
+
+def test_piped_chat_echoes_what_the_user_said():
+    ran = run_eqz("chat", "--seed", "1", "-n", "8", input="Hello there\n/quit\n")
+    assert ran.returncode == 0, ran.stderr
+    assert "you> Hello there\n" in ran.stdout  # the transcript on stdout reads as a conversation

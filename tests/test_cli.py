@@ -47,13 +47,30 @@ def test_models_shows_the_default_model(model_path):
     assert info["chat_template"] is True and info["n_ctx_train"] == 8192
 
 
+# The one record shape of a reply (README "Records"), shared by generate --json and batch rows.
+RECORD_KEYS = {"prompt", "system", "preset", "output", "sliders", "vectors", "sampling", "seed", "n_tokens",
+               "finish_reason", "model", "eqz_version"}
+
+
+def test_generate_json_and_batch_rows_share_one_record_schema(tmp_path):
+    record = json.loads(run_eqz("generate", "Hi", "-n", "8", "--set", "joy=0.5", "--json", "--seed", "1").stdout)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    run_eqz("batch", str(prompts), "-o", str(tmp_path / "rows.jsonl"), "--set", "joy=0.5", "-n", "8")
+    row = json.loads((tmp_path / "rows.jsonl").read_text())
+    assert RECORD_KEYS <= set(record) and RECORD_KEYS <= set(row)
+    assert set(row) - RECORD_KEYS == {"id", "sample"}
+    assert set(record) - RECORD_KEYS == {"changes", "seconds", "tokens_per_second", "dropped_messages", "meter"}
+    assert record["sliders"] == row["sliders"] and record["vectors"] == row["vectors"] == []
+
+
 def test_generate_streams_and_json_record_is_complete():
     plain = run_eqz("generate", "Say hello.", "--seed", "3", "-n", "16")
     assert plain.returncode == 0 and plain.stdout.strip()
     record = json.loads(run_eqz("generate", "Say hello.", "--seed", "3", "-n", "16", "--json").stdout)
     assert record["output"].strip() == plain.stdout.strip()
-    for key in ("prompt", "output", "sampling", "steering", "n_tokens", "tokens_per_second", "seed", "model"):
-        assert key in record
+    assert RECORD_KEYS <= set(record) and {"changes", "seconds", "tokens_per_second"} <= set(record)
+    assert record["eqz_version"] and set(record["sliders"]) >= {"joy", "valence"}
     assert record["sampling"]["seed"] == 3 and record["sampling"]["max_tokens"] == 16
     assert 0 < record["n_tokens"] <= 16 and record["tokens_per_second"] > 0
 
@@ -64,7 +81,7 @@ def test_generate_with_vector_file_steers_and_scale_zero_does_not(random_vector_
     steered = json.loads(run_eqz(*args, "--vector", f"{random_vector_file}:1.0").stdout)
     zero = json.loads(run_eqz(*args, "--vector", f"{random_vector_file}:0").stdout)["output"]
     assert steered["output"] != plain
-    assert steered["steering"]["vectors"] == [{"path": str(random_vector_file), "scale": 1.0}]
+    assert steered["vectors"] == [{"path": str(random_vector_file), "scale": 1.0}]
     assert zero == plain
 
 
@@ -157,7 +174,7 @@ def test_models_takes_model_like_every_other_command(model_path):
 
 def test_preset_and_band_names_are_case_insensitive_and_records_carry_the_version():
     record = json.loads(run_eqz("generate", "Hi", "--preset", "Serene", "--set", "Joy=0.2", "-n", "4", "--json").stdout)
-    assert record["preset"] == "serene" and record["steering"]["gains"]["joy"] == 0.2
+    assert record["preset"] == "serene" and record["sliders"]["joy"] == 0.2
     assert record["eqz_version"].startswith("0.")
 
 
@@ -204,4 +221,4 @@ def test_help_pages_show_value_names_and_every_default(command):
     options = [line for line in page.splitlines() if "--" in line and "--help" not in line]
     assert not [line for line in options if "<list[" in line or "<bool>" in line or "<int" in line], page
     if command in ("generate", "chat"):
-        assert "[default: 256]" in page and "[default: physical cores]" in page
+        assert "[default: 256]" in page and "[default: physical cores not busy with other jobs]" in page

@@ -230,6 +230,6 @@ def test_steering_requested_during_a_reply_is_logged_with_its_token(model, tmp_p
             session.request_steering(Steering(vectors=((str(random_vector_file), 1.0),)))
     change = turn.record.changes[0]
     assert change["at_token"] == 5
-    assert change["steering"]["vectors"][0]["scale"] == 1.0
+    assert change["vectors"][0]["scale"] == 1.0
     assert session.history[-1]["reply"]["changes"] == [change]
     session.close()

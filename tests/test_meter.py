@@ -122,7 +122,7 @@ def test_filters_and_meter_through_the_cli(tmp_path):
     record = json.loads(result.stdout)
     assert record["filters"] == {"clamp": {"joy": 0.5}, "ablate": ["sadness"]}
     assert abs(record["meter"]["sadness"]) <= 0.2 and abs(record["meter"]["joy"] - 0.5) <= 0.2
-    assert record["steering"]["gains"]["trust"] == 0.5
+    assert record["sliders"]["trust"] == 0.5
     bad = run_eqz("generate", "hi", "--clamp", "joy=lots")
     assert bad.returncode != 0 and "must be a number" in bad.stderr
     unknown = run_eqz("generate", "hi", "--ablate", "zest")
