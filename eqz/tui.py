@@ -97,9 +97,13 @@ def _bar_cells(gain: float) -> tuple[str, str, str, str]:
     return tuple(cells)  # type: ignore[return-value]
 
 
-def render_panel(equalizer: Equalizer, width: int) -> Panel:
+COMPACT_BELOW_ROWS = 24  # shorter terminals get the panel without bars (7 rows instead of 15)
+
+
+def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Panel:
     """The equalizer: per band the gain set (green/red bar) and, with the meter on, the level the model is at
-    (cyan/magenta bar), side by side; then the sampling settings, tokens/s and the key map."""
+    (cyan/magenta bar), side by side; then the sampling settings, tokens/s and the key map. ``compact``: the
+    numbers only, for small terminals, so the reply keeps most of the screen."""
     session = equalizer.session
     bands = equalizer.bands
     steering = session.pending_or_current_steering()
@@ -116,7 +120,7 @@ def render_panel(equalizer: Equalizer, width: int) -> Panel:
         lines.append(label)
         gains = [steering.gain(band) for band in bands]
         metered = [levels.get(band) if levels else None for band in bands]
-        for row, axis in enumerate(("  +2 ", "  +1 ", "  -1 ", "  -2 ")):
+        for row, axis in enumerate(() if compact else ("  +2 ", "  +1 ", "  -1 ", "  -2 ")):
             line = Text(axis + " ", style="dim")
             for gain, level in zip(gains, metered):
                 cell = Text()
@@ -131,13 +135,13 @@ def render_panel(equalizer: Equalizer, width: int) -> Panel:
             lines.append(line)
             if row == 1:
                 lines.append(Text("   0 " + "─" * (column * len(bands) + 1), style="dim"))
-        values = Text(" set  ")
+        values = Text(" set  ", style="green")  # the row names in their bars' colours: the legend
         for gain in gains:
             values.append(f"{gain:+.1f}".center(column - 1), style="green" if gain > 0 else "red" if gain < 0 else "dim")
             values.append(" ")
         lines.append(values)
         if levels is not None:
-            meter = Text(" now  ")
+            meter = Text(" now  ", style="cyan")
             for level in metered:
                 shown = "  ·" if level is None else f"{level:+.1f}"
                 meter.append(shown.center(column - 1), style="cyan")
@@ -151,25 +155,29 @@ def render_panel(equalizer: Equalizer, width: int) -> Panel:
         f"temp {s.temperature:.2f} · top-p {s.top_p:.2f} · top-k {s.top_k} · min-p {s.min_p:.2f} · "
         f"repeat {s.repeat_penalty:.2f} · {equalizer.tokens_per_second:.0f} tok/s"
     )
+    if compact:
+        status = f"temp {s.temperature:.2f} · {equalizer.tokens_per_second:.0f} tok/s · /help for keys"
     lines.append(Text(status, style="dim"))
     if filters and (filters["clamp"] or filters["ablate"]):
         described = [f"clamp {b} {v:+.1f}" for b, v in filters["clamp"].items()] + [f"ablate {b}" for b in filters["ablate"]]
         lines.append(Text("filters: " + ", ".join(described), style="yellow"))
-    lines.append(Text(KEY_HELP, style="dim"))
+    if not compact:
+        lines.append(Text(KEY_HELP, style="dim"))
     title = f"eqz · {session.model.info.name}" + (f" · preset {session.preset}" if session.preset else "")
     return Panel(Group(*lines), title=title, title_align="left", border_style="blue", width=width)
 
 
-def reply_text(text: str, changes: list[dict], bands: tuple[str, ...]) -> Text:
-    """The reply with a dim marker where each live slider change took effect."""
+def reply_text(text: str, changes: list[dict], start: dict[str, float]) -> Text:
+    """The reply with a dim marker where each live slider change took effect, naming only the bands that moved
+    (from the ``start`` sliders the reply began with)."""
     rendered = Text()
     cursor = 0
-    previous: dict = {}
+    previous = start
     for change in changes:
         offset = change["text_offset"]
         rendered.append(text[cursor:offset])
-        gains = change["steering"]["gains"]
-        moved = [f"{b} {g:+.1f}" for b, g in gains.items() if previous.get(b, 0.0) != g] or ["sliders"]
+        gains = change["sliders"]
+        moved = [f"{b} {g:+.1f}" for b, g in gains.items() if previous.get(b, 0.0) != g] or ["vectors"]
         rendered.append(f"⟨{', '.join(moved)}⟩", style="dim italic")
         previous = gains
         cursor = offset
@@ -264,7 +272,10 @@ def _read_line(console: Console) -> str | None:
         pass
     while True:
         try:
-            return input("you> ")
+            line = input("you> ")
+            if not sys.stdin.isatty():  # piped: the terminal never showed the line, so a transcript would lack it
+                console.print(line, markup=False, highlight=False)
+            return line
         except EOFError:
             console.print()
             return None
@@ -280,7 +291,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
     info = session.model.info
     console.print(f"[bold]eqz chat[/bold] · {info.name} · /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
     if panel and equalizer.bands:
-        console.print(render_panel(equalizer, min(console.width, 100)))
+        console.print(_panel(equalizer, console))
     while True:
         line = _read_line(console)
         if line is None:
@@ -291,7 +302,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
             if line.lstrip().startswith("/"):
                 result = commands.handle(line)
                 if result.show_panel and panel:
-                    console.print(render_panel(equalizer, min(console.width, 100)))
+                    console.print(_panel(equalizer, console))
                 elif result.message:
                     console.print(result.message, markup=False)
                 if result.quit:
@@ -304,9 +315,14 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
                 _stream_with_panel(turn, equalizer, console)
             else:
                 _stream_plain(turn)
-            _report_end(turn, console)
+                _report_end(turn, console)
         except EqzError as error:
             console.print(f"[red]error:[/red] {error}")
+
+
+def _panel(equalizer: Equalizer, console: Console) -> Panel:
+    """The panel sized for the terminal as it is now (it may have been resized since the last token)."""
+    return render_panel(equalizer, min(console.width, 100), compact=console.height < COMPACT_BELOW_ROWS)
 
 
 def _start_reply(session: ChatSession, text: str, console: Console) -> Turn | None:
@@ -330,17 +346,18 @@ def _stream_plain(turn: Turn) -> None:
 
 
 def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> None:
+    """Stream under the live panel, then print the reply with its change markers, how it ended and a summary."""
     started = time.perf_counter()
     count = 0
-    bands = equalizer.bands
+    start = turn.record.steering["sliders"]
 
     def screen():
         width = min(console.width, 100)
         with equalizer.lock:
-            board = render_panel(equalizer, width)
+            board = _panel(equalizer, console)
         board_height = len(console.render_lines(board, console.options.update(width=width)))
         room = max(3, console.height - board_height - 2)
-        body = reply_text(turn.text, list(turn.record.changes), bands)
+        body = reply_text(turn.text, list(turn.record.changes), start)
         lines = body.wrap(console, width)
         tail = Text("\n").join(lines[-room:]) if len(lines) else Text("")
         return Group(tail, board)
@@ -352,7 +369,8 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
             count += 1
             equalizer.tokens_per_second = count / max(time.perf_counter() - started, 1e-6)
             equalizer.update_meter()
-    console.print(reply_text(turn.text, turn.record.changes, bands))
+    console.print(reply_text(turn.text, turn.record.changes, start))
+    _report_end(turn, console)
     summary = "  ".join(f"{b} {g:+.1f}" for b, g in turn.session.steering.gains) or "all sliders at 0"
     console.print(f"[dim]{summary} · {turn.record.n_tokens} tokens · {equalizer.tokens_per_second:.0f} tok/s[/dim]")
 

@@ -15,6 +15,8 @@ from .conftest import EQZ, save_and_leave
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
 PROMPT = "you> "
+# tmux hands its sessions COLUMNS=80 LINES=24 when started from pytest, and rich obeys those over the real size
+SIZED_BY_TERMINAL = "env -u COLUMNS -u LINES"
 STORY = "Write a very long story about a lighthouse keeper and his many adventures at sea."
 
 
@@ -35,10 +37,10 @@ def test_up_key_during_a_reply_steers_the_next_tokens_and_is_recorded(tmp_path):
     child.expect_exact(PROMPT, timeout=120)
     reply = save_and_leave(child, tmp_path / "chat.json", "saved 2 messages", leave="ctrl-d")["messages"][1]
     record = reply["reply"]
-    assert record["steering"]["gains"]["joy"] == 0.0  # the reply started unsteered
+    assert record["sliders"]["joy"] == 0.0  # the reply started unsteered
     change = record["changes"][0]
     assert 0 < change["at_token"] < record["n_tokens"]
-    assert change["steering"]["gains"]["joy"] == pytest.approx(0.1)  # ...and tokens after the key press were not
+    assert change["sliders"]["joy"] == pytest.approx(0.1)  # ...and tokens after the key press were not
     assert "⟨joy +0.1⟩" not in reply["content"]  # markers are display only, the transcript keeps clean text
     assert set(record["meter"]) >= {"joy", "sadness", "valence"}  # the meter was on
 
@@ -53,7 +55,7 @@ def test_hotkeys_select_zero_and_reset(tmp_path):
     child.send("\x1b[A\x1b[A")  # +0.2
     child.expect_exact(PROMPT, timeout=120)
     changes = save_and_leave(child, tmp_path / "chat.json", "saved")["messages"][1]["reply"]["changes"]
-    final = changes[-1]["steering"]["gains"]
+    final = changes[-1]["sliders"]
     assert final["fear"] == 0.0 and final["surprise"] == pytest.approx(0.2) and final["anger"] == 0.3
 
 
@@ -61,7 +63,7 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
     session = "eqz-tui-test"
     subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
-                    f"{EQZ} chat --seed 3 -n 400; stty -a > {tmp_path}/stty.txt; sleep 30"], check=True)
+                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n 400; stty -a > {tmp_path}/stty.txt; sleep 30"], check=True)
     try:
         wait_for(session, "you>")  # capture-pane drops trailing spaces
         subprocess.run(["tmux", "send-keys", "-t", session, STORY, "Enter"], check=True)
@@ -70,13 +72,31 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
         assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
         assert re.search(r"joy\s+trust\s+fear\s+surpr\s+sad", screen)
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
-        wait_for(session, r"\[stopped\]")
+        screen = wait_for(session, r"\[stopped\][\s\S]* tokens · ")
+        assert screen.index("[stopped]") < screen.rindex(" tokens · ")  # how it ended, then the summary
         subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
         deadline = time.time() + 30
         while time.time() < deadline and not (tmp_path / "stty.txt").exists():
             time.sleep(0.2)
         modes = (tmp_path / "stty.txt").read_text()
         assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_a_small_terminal_gets_the_compact_panel_and_most_rows_for_the_reply():
+    session = "eqz-tui-small"
+    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "60", "-y", "20",
+                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n 400; sleep 30"], check=True)
+    try:
+        wait_for(session, "you>")
+        subprocess.run(["tmux", "send-keys", "-t", session, STORY, "Enter"], check=True)
+        screen = wait_for(session, r"\A(?:[^\n]*\n){12,}╭[\s\S]*\b[1-9]\d* tok/s")  # 12+ rows of reply above it
+        lines = screen.splitlines()
+        assert len(lines) <= 20 and all(len(line) <= 60 for line in lines)
+        panel = lines[max(i for i, line in enumerate(lines) if line.startswith("╭")):]  # the live one, at the bottom
+        assert len(panel) <= 8 and any(line.lstrip("│ ").startswith("set") for line in panel)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
