@@ -20,10 +20,11 @@ import batch  # noqa: E402
 import decode  # noqa: E402
 import startup  # noqa: E402
 import training  # noqa: E402
+import under_load  # noqa: E402
 
 import eqz  # noqa: E402
 
-BENCHMARKS = (("decode", decode), ("batch", batch), ("startup", startup), ("training", training))
+BENCHMARKS = (("decode", decode), ("batch", batch), ("startup", startup), ("training", training), ("under_load", under_load))
 RESULTS = HERE / "results.json"
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

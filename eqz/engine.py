@@ -19,6 +19,7 @@ import llama_cpp as L
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import EqzError
+from .threads import default_threads
 from .models import ModelInfo
 from .sampling import Sampling
 
@@ -118,19 +119,6 @@ _tap_filter_lib = _load_tap_filter()
 _tap_filter_eval = L.ggml_backend_sched_eval_callback(("eqz_tap_filter_eval", _tap_filter_lib))
 
 
-def physical_cores() -> int:
-    """Physical cores this process may use: llama.cpp decodes fastest with one thread per core."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in allowed:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list")
-        try:
-            cores.add(siblings.read_text().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -173,7 +161,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         self.path = Path(path)
         _check_gguf_header(self.path)
-        self.threads = threads or physical_cores()
+        self.threads = threads or default_threads()
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0
         _log.take_errors()

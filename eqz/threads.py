@@ -1,0 +1,44 @@
+"""How many CPU threads llama.cpp gets when the user does not say (``--threads``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp decodes fastest with one thread per core."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def others_running(samples: int = 5, interval: float = 0.004) -> int:
+    """Other threads on a CPU right now (Linux /proc/stat ``procs_running``, less the reading thread itself), the
+    fewest seen over ``samples`` reads ~20 ms apart in all, so a momentary blip does not count but a busy job does.
+    0 where the kernel does not say."""
+    seen = []
+    for index in range(samples):
+        try:
+            with open("/proc/stat", "rb") as handle:
+                line = next(line for line in handle if line.startswith(b"procs_running"))
+        except (OSError, StopIteration):
+            return 0
+        seen.append(int(line.split()[1]) - 1)
+        if index < samples - 1:
+            time.sleep(interval)
+    return max(0, min(seen))
+
+
+def default_threads() -> int:
+    """llama.cpp threads when none are asked for: one per physical core that no other job is busy on. Its
+    threads meet at a barrier many times per token, so one thread sharing a core with another job stalls all of
+    them (benchmarks/under_load.py, 2 cores both busy: 2 threads took 83.5 s for 32 tokens, the default 3.0 s)."""
+    return max(1, physical_cores() - others_running())
