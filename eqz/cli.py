@@ -467,18 +467,22 @@ def vectors_show(
 def vectors_export(
     output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="the .gguf file to write")],
     set_: SetOpt = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="start from this preset's sliders (--set wins)")] = None,
     model: ModelOpt = None,
 ) -> None:
-    """Write one llama.cpp control vector for a slider mix (use with llama-cli --control-vector)."""
+    """Write one llama.cpp control vector for a slider mix or a preset's sliders (use with llama-cli
+    --control-vector). A preset's filters and sampling do not travel: a control vector holds only the mix."""
     from .errors import EqzError
+    from .presets import get_preset, resolve
 
     with _load_model(model, None) as loaded:
-        gains = _gains(set_, loaded.bank.names)
+        valid = loaded.bank.names
+        gains = resolve(get_preset(preset, valid) if preset else None, valid, _gains(set_, valid)).gains
         if not any(gains.values()):
-            raise EqzError("nothing to export: give at least one non-zero --set BAND=GAIN")
+            raise EqzError("nothing to export: give at least one non-zero --set BAND=GAIN, or --preset NAME")
         path = loaded.bank.vector(gains).save(output)
-    typer.echo(f"wrote {path} ({', '.join(f'{b}={g:g}' for b, g in gains.items())}); "
-               f"apply with: llama-cli -m MODEL --control-vector {path}")
+    mix = ", ".join(f"{b}={g:g}" for b, g in gains.items() if g)
+    typer.echo(f"wrote {path} ({mix}); apply with: llama-cli -m MODEL --control-vector {path}")
 
 
 @vectors_app.command("import")

@@ -117,6 +117,10 @@ def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):
     plain = json.loads(run_eqz(*common).stdout)["output"]
     assert raw == sliders
     assert raw != plain
+    from_preset = run_eqz("vectors", "export", "--preset", "melancholy", "--set", "joy=0", "-o", str(mix))
+    assert from_preset.returncode == 0 and "sadness=0.8, arousal=-0.3" in from_preset.stdout, from_preset.stderr
+    preset = json.loads(run_eqz(*common, "--set", "sadness=0.8", "--set", "arousal=-0.3").stdout)["output"]
+    assert json.loads(run_eqz(*common, "--vector", str(mix)).stdout)["output"] == preset
 
 
 @pytest.mark.parametrize(
