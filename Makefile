@@ -10,7 +10,7 @@ GEMMA := $(MODELS)/gemma-3-270m-q4_k_m.gguf
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 
-.PHONY: setup chat test test-fast bench clean
+.PHONY: setup chat test test-fast bench clean browser
 
 setup: $(VENV)/.eqz-installed
 
@@ -29,8 +29,13 @@ $(VENV)/.eqz-installed: pyproject.toml requirements.lock eqz/_tapfilter.c
 chat: setup
 	$(BIN)/eqz chat
 
-test: setup
+test: setup browser
 	$(BIN)/pytest
+
+# Debian's chromium and its driver, for the web page's test (a real headless browser); tests only, not `make chat`
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 # the pure-Python and numpy tests only (seconds): no model is loaded
 test-fast: setup

@@ -18,13 +18,15 @@ sys.path.insert(0, str(HERE))
 
 import batch  # noqa: E402
 import decode  # noqa: E402
+import serve  # noqa: E402
 import startup  # noqa: E402
 import training  # noqa: E402
 import under_load  # noqa: E402
 
 import eqz  # noqa: E402
 
-BENCHMARKS = (("decode", decode), ("batch", batch), ("startup", startup), ("training", training), ("under_load", under_load))
+BENCHMARKS = (("decode", decode), ("batch", batch), ("startup", startup), ("training", training), ("under_load", under_load),
+              ("serve", serve))
 RESULTS = HERE / "results.json"
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

@@ -14,6 +14,8 @@ failed its direction check) go to ``model.on_warning``, by default Python's ``wa
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -33,6 +35,7 @@ from .vector_files import ControlVector
 if TYPE_CHECKING:
     from .batch import BatchPlan
     from .eval import EvalResult
+    from .serving import BatchServer, Request
 
 
 class EqzWarning(UserWarning):
@@ -155,6 +158,37 @@ class EqzModel:
         sink.check_compatible(self.model_record, grid)
         return BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
                          parallel, meter)
+
+    def request(self, messages: list[dict] | None = None, *, prompt: str | None = None,
+                preset: str | None = None, sliders: dict[str, float] | None = None, sampling: dict | None = None,
+                stop: Iterable[str] = (), clamp: dict[str, float] | None = None, ablate: Iterable[str] = (),
+                meter: bool = False) -> "Request":
+        """A reply to generate on a ``server()``: to chat ``messages`` (OpenAI-style roles; a preset's system
+        prompt is used when they have none) or, with ``prompt``, a plain completion of that text. Settings merge
+        as in ``session`` (the preset first, then the explicit ones)."""
+        from .serving import Request
+
+        ablate = list(ablate)
+        bank = self.bank if (sliders or preset or clamp or ablate or meter) else self._bank_if_any()
+        valid = bank.names if bank else ()
+        resolved = resolve(get_preset(preset, valid) if preset else None, valid, sliders, sampling, None, clamp, ablate)
+        if prompt is not None:
+            tokens, stops = self.model.tokenize(prompt), ()
+        else:
+            if resolved.system and not any(message.get("role") == "system" for message in messages or []):
+                messages = [{"role": "system", "content": resolved.system}, *messages]
+            text, stops = self.model.chat_prompt(messages or [])
+            tokens = self.model.tokenize(text, parse_special=True)
+        seed = resolved.sampling.seed if resolved.sampling.seed is not None else random.randrange(2**32)
+        return Request(tokens, dataclasses.replace(resolved.sampling, seed=seed), Steering().with_gains(resolved.gains), (*stops, *stop),
+                       resolved.filters, meter and bank is not None, seed=seed)
+
+    def server(self, parallel: int = 4, per_sequence: int = 2048, max_waiting: int = 64) -> "BatchServer":
+        """A decode loop serving ``request()``s ``parallel`` at a time, each with its own sliders (see
+        eqz.serving); ``close()`` it when done."""
+        from .serving import BatchServer
+
+        return BatchServer(self.model, self._bank_if_any(), parallel, per_sequence, max_waiting)
 
     def evaluate(self, bands: Iterable[str] | None = None, gains: Iterable[float] = (-1, 0, 1, 2),
                  prompts: list[str] | None = None, max_tokens: int = 64, samples: int = 1, progress=None,

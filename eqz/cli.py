@@ -308,6 +308,32 @@ def batch(
 
 
 @app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="address to listen on; other than loopback needs --api-key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="N", help="port to listen on (0: any free one)", min=0, max=65535)] = 8000,
+    parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="replies decoded together, each with its own sliders", min=1, max=64)] = 4,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="EQZ_API_KEY", help="require Authorization: Bearer KEY on /v1/ (also $EQZ_API_KEY)")] = None,
+    queue: Annotated[int, typer.Option("--queue", metavar="N", help="requests that may wait for a slot before HTTP 429", min=0)] = 64,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help='the mood of requests without an "eqz" field')] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Serve the OpenAI API (chat and completions, with sliders per request and live re-steering) and the web
+    equalizer at http://HOST:PORT/."""
+    from .server import is_loopback, serve as run_server
+
+    if not is_loopback(host) and not api_key:
+        raise EqzError(f"--host {host} would let anyone on the network use this machine; add --api-key KEY "
+                       "(or leave --host at 127.0.0.1)")
+    with _load_model(model, threads, chatting=True) as loaded:
+        def ready(bound: int) -> None:
+            sys.stderr.write(f"eqz serve: {loaded.info.name} on http://{host}:{bound}/ (web equalizer), OpenAI API "
+                             f"at http://{host}:{bound}/v1; Ctrl-C stops\n")
+
+        run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready)
+
+
+@app.command()
 def analyze(
     text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="the text to read (or use --file)")] = None,
     file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE", help="read the text from this file")] = None,

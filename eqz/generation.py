@@ -1,5 +1,5 @@
 """Generating replies: one streamed reply on a context (chat, generate), and many replies at once in one
-batch (batch, eval, training), both ending by the same rule (_Reply)."""
+batch (batch, eval, training), both ending by the same rule (ReplyText)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class _TextAssembler:
         return tail
 
 
-class _Reply:
+class ReplyText:
     """One reply's tokens and text, and the one rule for when it ends (a Stream and every parallel slot use it):
     an end-of-turn token ends it unseen ("stop"), a stop string ends it ("stop"), then ``max_tokens`` ("length"),
     then a full context: no position left to decode the token just taken ("context")."""
@@ -85,7 +85,7 @@ class Stream:
 
     Each Step is yielded *before* its token is decoded, so a control vector set while handling step k
     steers the logits of step k+1: a slider moved mid-reply changes the very next token.
-    ``finish_reason`` ends as "stop", "length" or "context" (see _Reply). ``ignore_eos`` keeps going past
+    ``finish_reason`` ends as "stop", "length" or "context" (see ReplyText). ``ignore_eos`` keeps going past
     end-of-turn tokens (fixed-length runs for benchmarks and tests).
     """
 
@@ -93,7 +93,7 @@ class Stream:
                  ignore_eos: bool = False):
         self.context = context
         self.sampler = sampler
-        self._reply = _Reply(context.model, stop, max_tokens, ignore_eos)
+        self._reply = ReplyText(context.model, stop, max_tokens, ignore_eos)
 
     @property
     def text(self) -> str:
@@ -167,7 +167,7 @@ class _Slot:
     def __init__(self, context: Context, job: Job):
         self.job = job
         self.sampler = Sampler(context.model, job.sampling, job.seed)
-        self.reply = _Reply(context.model, job.stop, job.sampling.max_tokens, job.ignore_eos)
+        self.reply = ReplyText(context.model, job.stop, job.sampling.max_tokens, job.ignore_eos)
         self.position = len(job.prompt)
         self.next_token: int | None = None
 

@@ -1,0 +1,332 @@
+"""``eqz serve``: an OpenAI-compatible HTTP server with per-request sliders, and the web equalizer at ``/``.
+
+A thin client of the library: every request becomes ``EqzModel.request(...)`` on one ``EqzModel.server()`` decode
+loop, so concurrent requests share each decode whatever their moods. The eqz settings ride in an extra body field
+that OpenAI clients pass through (``extra_body={"eqz": {...}}`` in the ``openai`` library):
+
+    {"sliders": {"joy": 0.8}, "preset": "curious", "clamp": {"fear": 0}, "ablate": ["anger"], "meter": true}
+
+Errors are HTTP 4xx in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, one line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import secrets
+import time
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .api import EqzModel
+from .bands import check_gain
+from .errors import EqzError
+from .presets import discover, get_preset
+from .serving import ServerBusy
+from .steering import Steering
+
+KEPT_RECORDS = 256  # finished replies kept for GET /v1/eqz/streams/{id}
+SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "seed": "seed", "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+                   "repeat_penalty": "repeat_penalty"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+
+
+class BadRequest(EqzError):
+    """What was wrong with a request body, in one line."""
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status,
+                        headers=headers)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EqzServer:
+    """The app's state: the model, its decode loop, and the replies running or recently finished."""
+
+    def __init__(self, model: EqzModel, parallel: int = 4, per_sequence: int = 2048, max_waiting: int = 64,
+                 api_key: str | None = None, preset: str | None = None):
+        self.model = model
+        self.preset = preset  # for requests without an "eqz" field (front-ends that cannot send one)
+        self.name = Path(model.info.path).stem
+        self.api_key = api_key
+        bank = model._bank_if_any()
+        self.bands = bank.names if bank else ()
+        self.metered = bool(bank and any(band.readout for band in bank.bands.values()))
+        self.loop = model.server(parallel, per_sequence, max_waiting)
+        self.records: OrderedDict[str, dict] = OrderedDict()
+        self.app = Starlette(routes=[
+            Route("/", self.page),
+            Route("/v1/models", self.models),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/eqz/config", self.config),
+            Route("/v1/eqz/streams/{id}", self.stream_state, methods=["GET", "POST"]),
+        ], exception_handlers={
+            404: lambda request, exc: _error(404, f"no such path: {request.url.path}", "not_found"),
+            405: lambda request, exc: _error(405, f"{request.method} is not allowed on {request.url.path}", "not_found"),
+            ServerBusy: lambda request, exc: _error(429, str(exc), "rate_limit_error", {"Retry-After": "1"}),
+            EqzError: lambda request, exc: _error(400, str(exc)),  # one line; the server never dies of a request
+        })
+        if api_key:
+            self.app.add_middleware(_KeyCheck, key=api_key)
+
+    def close(self) -> None:
+        self.loop.close()
+
+    # -- routes
+
+    async def page(self, request: HttpRequest) -> Response:
+        return HTMLResponse(resources.files("eqz.data").joinpath("web.html").read_text(encoding="utf-8"))
+
+    async def models(self, request: HttpRequest) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
+                                                         "owned_by": "eqz"}]})
+
+    async def config(self, request: HttpRequest) -> Response:
+        """What the web page needs: the bands, the presets' sliders, whether the meter can run."""
+        presets = {name: {"description": entry.preset.description, "sliders": entry.preset.sliders}
+                   for name, entry in sorted(discover(self.bands).items()) if entry.preset is not None}
+        return JSONResponse({"model": self.name, "bands": list(self.bands), "presets": presets, "gain_limit": 2.0,
+                             "metered": self.metered})
+
+    async def chat_completions(self, request: HttpRequest) -> Response:
+        body = await _json_body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+            raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
+        return await self._respond(body, self._prepare(body, messages=messages), chat=True)
+
+    async def completions(self, request: HttpRequest) -> Response:
+        body = await _json_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("'prompt' must be a non-empty string")
+        return await self._respond(body, self._prepare(body, prompt=prompt), chat=False)
+
+    async def stream_state(self, request: HttpRequest) -> Response:
+        """GET: a reply's record (running or recently finished); POST {"sliders": {...}}: re-steer a running one
+        from its next token on."""
+        stream_id = request.path_params["id"]
+        if request.method == "GET":
+            record = self.records.get(stream_id)
+            if record is None:
+                return _error(404, f"no stream '{stream_id}' (finished ones are kept for the last {KEPT_RECORDS})",
+                              "not_found")
+            return JSONResponse(record)
+        body = await _json_body(request)
+        sliders = _sliders(body.get("sliders"), self.bands)
+        record = self.records.get(stream_id)
+        if record is None or record.get("finish_reason"):
+            return _error(404, f"no running stream '{stream_id}'", "not_found")
+        steering = Steering().with_gains({**record["sliders"], **sliders})
+        try:
+            self.loop.resteer(stream_id, steering)
+        except KeyError:
+            return _error(404, f"stream '{stream_id}' has finished", "not_found")
+        return JSONResponse({"id": stream_id, **steering.to_dict(self.bands)})
+
+    # -- the work
+
+    def _prepare(self, body: dict, **text):
+        settings = body.get("eqz", {"preset": self.preset} if self.preset else {}) or {}
+        if not isinstance(settings, dict):
+            raise BadRequest("'eqz' must be an object: {\"sliders\", \"preset\", \"clamp\", \"ablate\", \"meter\"}")
+        unknown = set(settings) - {"sliders", "preset", "clamp", "ablate", "meter"}
+        if unknown:
+            raise BadRequest(f"unknown eqz field '{sorted(unknown)[0]}'; known: sliders, preset, clamp, ablate, meter")
+        sampling = {name: body[field] for field, name in SAMPLING_FIELDS.items() if body.get(field) is not None}
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest("'stop' must be a string or a list of strings")
+        clamp = settings.get("clamp") or {}
+        ablate = settings.get("ablate") or []
+        if not isinstance(clamp, dict) or not isinstance(ablate, list):
+            raise BadRequest("eqz 'clamp' is {band: level} and 'ablate' a list of bands")
+        preset = settings.get("preset")
+        if preset is not None and not isinstance(preset, str):
+            raise BadRequest("eqz 'preset' must be a preset's name")
+        return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
+                                  sampling=sampling, stop=stop, clamp=clamp,
+                                  ablate=[str(band).lower() for band in ablate], meter=bool(settings.get("meter")))
+
+    async def _respond(self, body: dict, job, chat: bool) -> Response:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.on_event = lambda kind, data: loop.call_soon_threadsafe(self._deliver, job, events, kind, data)
+        self.loop.submit(job)
+        created = int(time.time())
+        self._remember(job.id, {"id": job.id, **job.steering.to_dict(self.bands), "finish_reason": None})
+        if body.get("stream"):
+            return StreamingResponse(self._chunks(job, events, created, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Eqz-Stream": job.id})
+        pieces = []
+        try:
+            while True:
+                kind, data = await events.get()
+                if kind == "piece":
+                    pieces.append(data)
+                elif kind == "error":
+                    return _error(500, f"generation failed: {data}", "server_error")
+                elif kind == "done":
+                    break
+        finally:
+            job.cancel()  # a no-op once done; frees the slot if this handler is cancelled (client gone)
+        record = data
+        text = "".join(pieces)
+        choice = {"index": 0, "finish_reason": FINISH_REASONS[data["finish_reason"]]}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
+        return JSONResponse({
+            "id": job.id, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": self.name, "choices": [choice],
+            "usage": {"prompt_tokens": data["n_prompt_tokens"], "completion_tokens": data["n_tokens"],
+                      "total_tokens": data["n_prompt_tokens"] + data["n_tokens"]},
+            "eqz": record,
+        })
+
+    async def _chunks(self, job, events: asyncio.Queue, created: int, chat: bool):
+        """Server-sent events in OpenAI's chunk shape; the last chunk carries eqz's record of the reply."""
+        kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None = None, extra: dict | None = None, role: bool = False) -> str:
+            if chat:
+                content = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+                choice = {"index": 0, "delta": content, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            payload = {"id": job.id, "object": kind_name, "created": created, "model": self.name, "choices": [choice]}
+            if extra:
+                payload["eqz"] = extra
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        finished = False
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            meter = None
+            while True:
+                kind, data = await events.get()
+                if kind == "meter":
+                    meter = data
+                elif kind == "piece":
+                    yield chunk(data, extra={"meter": {b: round(v, 3) for b, v in meter.items()}} if meter else None)
+                elif kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': f'generation failed: {data}', 'type': 'server_error'}})}\n\n"
+                    break
+                elif kind == "done":
+                    finished = True
+                    yield chunk(None, FINISH_REASONS[data["finish_reason"]], data)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                job.cancel()
+
+    def _deliver(self, job, events: asyncio.Queue, kind: str, data) -> None:
+        """On the event loop: pass a decode-thread event to the response; a finished reply's record is kept for
+        GET /v1/eqz/streams/{id} even when its client has gone (the response no longer reads events)."""
+        if kind == "done":
+            full = {"id": job.id, **data}
+            self._remember(job.id, full)
+            data = {key: value for key, value in full.items() if key != "output"}
+        events.put_nowait((kind, data))
+
+    def _remember(self, stream_id: str, record: dict) -> None:
+        self.records[stream_id] = record
+        self.records.move_to_end(stream_id)
+        while len(self.records) > KEPT_RECORDS:
+            self.records.popitem(last=False)
+
+
+class _KeyCheck:
+    """ASGI middleware: every /v1/ path needs ``Authorization: Bearer KEY`` (the page itself is public)."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(sent, self.expected):
+                response = _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _json_body(request: HttpRequest) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRequest(f"the body is not valid JSON ({error})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _is_message(message) -> bool:
+    return (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant", "developer")
+            and (isinstance(message.get("content"), str) or isinstance(message.get("content"), list)))
+
+
+def _text(content) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def _sliders(sliders, valid: tuple[str, ...] | None) -> dict[str, float]:
+    """{band: gain} checked for shape and range, and the bands against ``valid`` (None: the bank checks later)."""
+    if sliders is None:
+        return {}
+    if not isinstance(sliders, dict):
+        raise BadRequest("eqz 'sliders' must be an object {band: gain}")
+    return {str(band).lower(): check_gain(str(band).lower(), gain, valid) for band, gain in sliders.items()}
+
+
+def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: int = 4,
+          api_key: str | None = None, max_waiting: int = 64, preset: str | None = None, on_ready=None) -> None:
+    """Run the server until interrupted. A host other than loopback needs ``api_key``."""
+    import uvicorn
+
+    if not is_loopback(host) and not api_key:
+        raise EqzError(f"serving on {host} would let anyone on the network use this machine; "
+                       "give an API key (or bind 127.0.0.1)")
+    if preset:
+        get_preset(preset, model.bank.names)  # a misspelt preset fails now, not on every request
+    server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset)
+    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    runner = uvicorn.Server(config)
+    if on_ready:
+        original = runner.startup
+
+        async def startup(sockets=None):
+            await original(sockets)
+            on_ready(runner.servers[0].sockets[0].getsockname()[1] if runner.servers else port)
+
+        runner.startup = startup
+    try:
+        runner.run()
+    finally:
+        server.close()

@@ -1,0 +1,280 @@
+"""Many conversations at once: one decode loop on one llama.cpp context, every running reply a row of each batch
+with its own control vector, filters and meter, and sliders that can change while it streams.
+
+llama.cpp's control vector is one per context, so rows are steered through the context's tap instead (the same
+float addition, see generation._RowSteering): replies with different moods share every decode. This is what
+``eqz serve`` stands on; it knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .bank import Bank
+from .engine import Model, Sampler
+from .errors import EqzError
+from .generation import ReplyText
+from .meter import Filters, geometry, metered_bands
+from .sampling import Sampling
+from .steering import Steerer, Steering
+
+
+class ServerBusy(EqzError):
+    """Every slot is taken and the waiting line is full; try again shortly."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One reply to generate. ``on_event(kind, data)`` is called from the decode thread: ("piece", text) as
+    the reply grows, ("meter", readouts) after each token when metered, then once ("done", record)."""
+
+    prompt: list[int]
+    sampling: Sampling
+    steering: Steering
+    stops: tuple[str, ...] = ()
+    filters: dict = field(default_factory=dict)  # {"clamp": {band: level}, "ablate": [band]}
+    meter: bool = False
+    on_event: Callable[[str, object], None] = lambda kind, data: None
+    id: str = ""
+    seed: int = 0
+    changes: list[dict] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop after the current token and free the slot (a client that went away)."""
+        self.cancelled.set()
+
+
+class _Row:
+    """A request running on one sequence: its sampler, reply, vector, filters and meter sums."""
+
+    def __init__(self, server: "BatchServer", request: Request, seq: int):
+        self.request = request
+        self.seq = seq
+        self.sampler = Sampler(server.model, request.sampling, request.seed)
+        self.reply = ReplyText(server.model, request.stops, request.sampling.max_tokens, False)
+        self.position = len(request.prompt)
+        self.vector = server.steerer.matrix(request.steering)
+        self.filters = Filters(server.bank, request.filters.get("clamp", {}), request.filters.get("ablate", [])) \
+            if request.filters and server.bank is not None else None
+        self.meter_sum: np.ndarray | None = None
+        self.meter_count = 0
+        self.next_token: int | None = None
+
+    def take(self, server: "BatchServer", row: int) -> None:
+        """Sample this row's next token from batch row ``row`` and tell the client what it added."""
+        token = self.sampler.sample(server.context, row)
+        piece = self.reply.add(token, room=self.position < server.per_sequence)
+        if piece:
+            self.request.on_event("piece", piece)
+        self.next_token = None if self.reply.finish_reason else token
+
+
+class _RowTap:
+    """The context's tap: per row, add its control vector, apply its filters, read its meter, in that order (as
+    a chat does: the control vector is part of l_out, which the filters rewrite and the meter reads)."""
+
+    def __init__(self, bank: Bank | None, layers: list[int]):
+        self.metered = metered_bands(bank) if bank is not None else ()
+        self.read_layer = bank.read_layer if self.metered else None
+        self._geometry = geometry(bank, self.read_layer, self.metered) if self.metered else None
+        self.layers = frozenset(layers)
+        self.rows: list[_Row | None] = []  # who each row of the next decode belongs to
+        self.reply_rows = False  # whether the next decode's rows are reply tokens (the meter reads only those)
+
+    def __call__(self, layer: int, hidden: np.ndarray) -> bool:
+        changed = False
+        for index, row in enumerate(self.rows[: len(hidden)]):
+            if row is None:
+                continue
+            if row.vector is not None and np.any(row.vector[layer]):
+                hidden[index] += row.vector[layer]
+                changed = True
+            if row.filters is not None:
+                changed = row.filters.apply(layer, hidden[index : index + 1]) or changed
+        if self._geometry is not None and layer == self.read_layer and self.reply_rows:
+            readouts = self._geometry.readouts(hidden)
+            for index, row in enumerate(self.rows[: len(hidden)]):
+                if row is not None and row.request.meter:
+                    row.meter_sum = readouts[index] if row.meter_sum is None else row.meter_sum + readouts[index]
+                    row.meter_count += 1
+                    row.request.on_event("meter", dict(zip(self.metered, map(float, readouts[index]))))
+        return changed
+
+
+class BatchServer:
+    """Runs requests ``parallel`` at a time on one context, in a thread of its own. ``submit`` queues a request
+    (at most ``max_waiting`` wait for a slot, then ServerBusy); ``resteer`` changes a running request's sliders
+    from its next token on; ``close`` cancels everything and stops the thread."""
+
+    def __init__(self, model: Model, bank: Bank | None, parallel: int = 4, per_sequence: int = 2048,
+                 max_waiting: int = 64):
+        self.model = model
+        self.bank = bank
+        self.steerer = Steerer(model.info, bank)
+        self.parallel = parallel
+        self.per_sequence = per_sequence
+        self.max_waiting = max_waiting
+        layers = bank.steered_layers if bank is not None else list(range(1, model.info.n_layer))
+        self.tap = _RowTap(bank, layers)
+        self.context = model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=512, taps=True,
+                                     unified=False)
+        self.context.set_tap(self.tap)
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, _Row] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._ids = itertools.count(1)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="eqz-decode", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads
+
+    def submit(self, request: Request) -> Request:
+        if len(request.prompt) + 1 >= self.per_sequence:
+            raise EqzError(f"the prompt has {len(request.prompt)} tokens; each reply has room for "
+                           f"{self.per_sequence} tokens in all (prompt and reply)")
+        with self._wake:
+            if self.error is not None:
+                raise EqzError(f"the decode loop stopped: {self.error}")
+            if len(self._waiting) + len(self._running) >= self.parallel + self.max_waiting:
+                raise ServerBusy(f"all {self.parallel} slots are busy and {self.max_waiting} requests wait; "
+                                 "retry in a moment")
+            request.id = request.id or f"eqz-{next(self._ids)}-{random.randrange(16**8):08x}"
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def resteer(self, request_id: str, steering: Steering) -> None:
+        """New sliders for a running request, applied from its next token (the decode thread picks them up)."""
+        vector = self.steerer.matrix(steering)
+        with self._wake:
+            row = self._running.get(request_id)
+            if row is None:
+                raise KeyError(request_id)
+            row.vector = vector
+            row.request.steering = steering
+            row.request.changes.append({"at_token": len(row.reply.tokens), "text_offset": len(row.reply.assembler.text),
+                                        **steering.to_dict(self.steerer.bands)})
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self._wake:
+            return len(self._running), len(self._waiting)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            for request in list(self._waiting):
+                request.cancel()
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        self.context.close()
+
+    # -- the decode thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    starting = []
+                    free = [seq for seq in range(self.parallel) if seq not in {r.seq for r in self._running.values()}]
+                    while self._waiting and free:
+                        request = self._waiting.popleft()
+                        if request.cancelled.is_set():
+                            request.on_event("done", self._record(None, request, "cancelled"))
+                            continue
+                        row = _Row(self, request, free.pop(0))
+                        self._running[request.id] = row
+                        starting.append(row)
+                for row in starting:
+                    self._start(row)
+                self._step()
+        except BaseException as error:  # a failure here must reach every waiting client, not vanish
+            with self._wake:
+                self.error = error
+                rows = list(self._running.values())
+                self._running.clear()
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            for row in rows:
+                row.request.on_event("error", str(error))
+            for request in waiting:
+                request.on_event("error", str(error))
+        finally:
+            with self._wake:
+                rows = list(self._running.values())
+                self._running.clear()
+            for row in rows:
+                self._finish(row, "cancelled")
+
+    def _start(self, row: _Row) -> None:
+        """Decode the prompt into the row's sequence (steered and filtered like its reply) and sample token one."""
+        self.context.forget(row.seq)
+
+        def announce(size: int) -> None:
+            self.tap.rows, self.tap.reply_rows = [row] * size, False
+
+        self.context.decode_prompt(row.request.prompt, row.seq, before_chunk=announce)
+        row.take(self, -1)
+
+    def _step(self) -> None:
+        """Finish rows that are done or cancelled, then decode one token for every running row."""
+        with self._wake:
+            rows = sorted(self._running.values(), key=lambda r: r.seq)
+        for row in rows:
+            reason = "cancelled" if row.request.cancelled.is_set() else row.reply.finish_reason
+            if reason or row.next_token is None:
+                self._finish(row, reason or "length")
+        with self._wake:
+            rows = sorted(self._running.values(), key=lambda r: r.seq)
+        if not rows:
+            return
+        self.tap.rows, self.tap.reply_rows = rows, True
+        self.context.decode([row.next_token for row in rows], [row.position for row in rows],
+                            [row.seq for row in rows], [True] * len(rows))
+        for index, row in enumerate(rows):
+            row.position += 1
+            row.take(self, index)
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        with self._wake:
+            self._running.pop(row.request.id, None)
+        self.context.forget(row.seq)
+        tail = row.reply.assembler.flush()
+        if tail:
+            row.request.on_event("piece", tail)
+        row.sampler.close()
+        row.request.on_event("done", self._record(row, row.request, reason))
+
+    def _record(self, row: _Row | None, request: Request, reason: str) -> dict:
+        """How the reply came about (the record shape of generate --json, less what HTTP adds)."""
+        meter = None
+        if row is not None and row.meter_count:
+            meter = {band: round(float(value), 4)
+                     for band, value in zip(self.tap.metered, row.meter_sum / row.meter_count)}
+        return {
+            **request.steering.to_dict(self.steerer.bands),
+            "sampling": request.sampling.to_dict(),
+            "seed": request.seed,
+            "changes": request.changes,
+            "n_prompt_tokens": len(request.prompt),
+            "n_tokens": len(row.reply.tokens) if row else 0,
+            "finish_reason": reason,
+            "output": row.reply.assembler.text if row else "",
+            **({"meter": meter} if meter is not None else {}),
+            **({"filters": request.filters} if request.filters else {}),
+        }

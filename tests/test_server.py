@@ -1,0 +1,227 @@
+"""`eqz serve` for real: the server process on a loopback port, the official `openai` client, raw HTTP for what
+clients get wrong, and Debian's chromium driving the web page. Request counts and durations are bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from .conftest import EQZ, run_eqz
+
+pytestmark = pytest.mark.slow
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MOODS = [{}, {"joy": 1}, {"sadness": 1}, {"fear": 0.8}, {"anger": 1}, {"trust": 1}, {"surprise": 1},
+         {"joy": -1, "anticipation": 0.5}]
+TOPICS = ["rain", "a cat", "bread", "a train", "snow", "music", "a city", "the moon"]
+
+
+class Served:
+    """An `eqz serve` process on a free loopback port."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen([EQZ, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True)
+        line = self.process.stderr.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert found, line + self.process.stderr.read()
+        self.url = f"http://127.0.0.1:{found.group(1)}"
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
+
+    def post(self, path: str, body, key: str | None = None) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(self.url + path, data, headers)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, {**json.loads(error.read()), "headers": {k.lower(): v for k, v in error.headers.items()}}
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    served = Served("--parallel", "8")
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, prompt: str, sliders: dict, seed: int = 3, max_tokens: int = 24, **eqz) -> str:
+    reply = client.chat.completions.create(model="eqz", messages=[{"role": "user", "content": prompt}], seed=seed,
+                                           max_tokens=max_tokens, extra_body={"eqz": {"sliders": sliders, **eqz}})
+    return reply.choices[0].message.content
+
+
+def test_chat_with_sliders_gives_what_eqz_generate_gives(client):
+    cli = json.loads(run_eqz("generate", "Describe your morning.", "--set", "joy=1", "--seed", "3", "-n", "24",
+                             "--json").stdout)
+    reply = client.chat.completions.create(model="eqz", messages=[{"role": "user", "content": "Describe your morning."}],
+                                           seed=3, max_tokens=24, extra_body={"eqz": {"sliders": {"joy": 1}, "meter": True}})
+    assert reply.choices[0].message.content == cli["output"]
+    assert reply.model_extra["eqz"]["sliders"]["joy"] == 1.0
+    assert reply.model_extra["eqz"]["meter"]["joy"] == pytest.approx(cli["meter"]["joy"], abs=1e-3)
+    assert reply.usage.completion_tokens == cli["n_tokens"]
+    assert [model.id for model in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
+
+
+def test_streaming_gives_the_same_text_in_pieces_and_the_record_last(client):
+    whole = chat(client, "Tell me about the sea.", {"sadness": 1}, seed=9, max_tokens=32)
+    stream = client.chat.completions.create(model="eqz", messages=[{"role": "user", "content": "Tell me about the sea."}],
+                                            seed=9, max_tokens=32, stream=True,
+                                            extra_body={"eqz": {"sliders": {"sadness": 1}, "meter": True}})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(pieces) > 5 and "".join(pieces) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].model_extra["eqz"]["sliders"]["sadness"] == 1.0
+    assert any(c.model_extra.get("eqz", {}).get("meter") for c in chunks[1:-1])  # the live meter rides along
+
+
+def test_eight_concurrent_moods_each_get_the_reply_they_get_alone(client):
+    def ask(i: int) -> str:
+        return chat(client, f"Write about {TOPICS[i]}.", MOODS[i], seed=11 + i)
+
+    alone = [ask(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    assert together == alone
+    assert len(set(alone)) == 8
+
+
+def test_a_stream_is_resteered_from_its_next_token(server, client):
+    body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "seed": 4,
+            "max_tokens": 80, "stream": True}
+    request = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        stream_id = response.headers["X-Eqz-Stream"]
+        for _ in range(6):
+            response.readline(), response.readline()  # "data: ..." and the blank line after it
+        status, changed = server.post(f"/v1/eqz/streams/{stream_id}", {"sliders": {"joy": 1.5}})
+        assert status == 200 and changed["sliders"]["joy"] == 1.5
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                       for line in response.read().decode().splitlines() if line.startswith("data: {"))
+    status, record = server.get(f"/v1/eqz/streams/{stream_id}")
+    assert status == 200 and record["finish_reason"] == "length"
+    (change,) = record["changes"]
+    assert 0 < change["at_token"] < record["n_tokens"] and change["sliders"]["joy"] == 1.5
+    plain = chat(client, "Write a long story about a lighthouse.", {}, seed=4, max_tokens=80)
+    assert record["output"] != plain and record["output"][:change["text_offset"]] == plain[:change["text_offset"]]
+    assert text and record["output"].endswith(text)
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"{bad", "not valid JSON"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"glee": 1}}}, "unknown band 'glee'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"joy": 9}}}, "gain for joy"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"volume": 1}}, "unknown eqz field 'volume'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature must be a number"),
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, "the prompt has"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "gloomy"}}, "gloomy"),
+])
+def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, fragment):
+    status, answer = server.post("/v1/chat/completions", body)
+    assert status == 400 and fragment in answer["error"]["message"] and "\n" not in answer["error"]["message"]
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert server.get("/v1/models")[0] == 200
+
+
+def test_a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_429():
+    served = Served("--parallel", "1", "--queue", "0")
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 2000, "stream": True}
+        request = urllib.request.Request(served.url + "/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        response = urllib.request.urlopen(request, timeout=60)
+        stream_id = response.headers["X-Eqz-Stream"]
+        response.readline()
+        status, busy = served.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+        assert status == 429 and busy["headers"]["retry-after"] == "1" and "retry" in busy["error"]["message"]
+        response.close()  # the client goes away mid-stream
+        deadline = time.time() + 30
+        while time.time() < deadline and served.get(f"/v1/eqz/streams/{stream_id}")[1].get("finish_reason") is None:
+            time.sleep(0.05)
+        record = served.get(f"/v1/eqz/streams/{stream_id}")[1]
+        assert record["finish_reason"] == "cancelled" and record["n_tokens"] < 2000
+        status, reply = served.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+        assert status == 200 and reply["choices"][0]["text"]
+    finally:
+        served.close()
+
+
+def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_plain_clients():
+    refused = run_eqz("serve", "--host", "0.0.0.0", "--port", "0")
+    assert refused.returncode == 2 and "--api-key" in refused.stderr and "Traceback" not in refused.stderr
+    misspelt = run_eqz("serve", "--preset", "gloomy", "--port", "0")
+    assert misspelt.returncode == 2 and "gloomy" in misspelt.stderr
+    served = Served("--api-key", "sesame", "--preset", "melancholy")
+    try:
+        assert served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 401
+        status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, key="sesame")
+        assert status == 200 and reply["object"] == "text_completion"
+        assert reply["eqz"]["sliders"]["sadness"] == 0.8  # no "eqz" field: the server's preset
+        status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "eqz": {}}, key="sesame")
+        assert not any(reply["eqz"]["sliders"].values())  # an explicit (empty) field wins
+    finally:
+        served.close()
+
+
+def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,760"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        browser.find_element(By.ID, "text").send_keys("Write a long story about a lighthouse keeper.", Keys.ENTER)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1
+                   and len(b.find_element(By.CSS_SELECTOR, ".msg.assistant").text) > 40)
+        joy = browser.find_element(By.ID, "s-joy")
+        joy.send_keys(Keys.ARROW_UP * 8)  # the user moves the slider while the reply streams
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        stream_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-stream")
+        if os.environ.get("EQZ_RECORD_SCREENSHOT"):
+            browser.save_screenshot(str(DOCS / "web.png"))
+    finally:
+        browser.quit()
+    status, record = server.get(f"/v1/eqz/streams/{stream_id}")
+    assert status == 200 and record["changes"], record
+    last = record["changes"][-1]
+    assert last["sliders"]["joy"] == pytest.approx(0.8) and 0 < record["changes"][0]["at_token"] < record["n_tokens"]
