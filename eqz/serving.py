@@ -67,6 +67,16 @@ class _Row:
         self.meter_sum: np.ndarray | None = None
         self.meter_count = 0
         self.next_token: int | None = None
+        self.pending: tuple[np.ndarray | None, Steering] | None = None  # new sliders, applied at the next decode
+
+    def apply_pending(self, bands: tuple[str, ...]) -> None:
+        """Take new sliders between two decodes (never in the middle of one), and log the change."""
+        if self.pending is None:
+            return
+        self.vector, self.request.steering = self.pending
+        self.pending = None
+        self.request.changes.append({"at_token": len(self.reply.tokens), "text_offset": len(self.reply.assembler.text),
+                                     **self.request.steering.to_dict(bands)})
 
     def take(self, server: "BatchServer", row: int) -> None:
         """Sample this row's next token from batch row ``row`` and tell the client what it added."""
@@ -160,10 +170,7 @@ class BatchServer:
             row = self._running.get(request_id)
             if row is None:
                 raise KeyError(request_id)
-            row.vector = vector
-            row.request.steering = steering
-            row.request.changes.append({"at_token": len(row.reply.tokens), "text_offset": len(row.reply.assembler.text),
-                                        **steering.to_dict(self.steerer.bands)})
+            row.pending = (vector, steering)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -241,6 +248,8 @@ class BatchServer:
                 self._finish(row, reason or "length")
         with self._wake:
             rows = sorted(self._running.values(), key=lambda r: r.seq)
+            for row in rows:
+                row.apply_pending(self.steerer.bands)
         if not rows:
             return
         self.tap.rows, self.tap.reply_rows = rows, True
