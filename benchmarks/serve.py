@@ -2,7 +2,8 @@
 
 1. Throughput: 24 prompts x 64 tokens. `eqz batch --parallel 8` (one mood for all rows: batch runs a setting at
    a time) against `eqz serve --parallel 8` answering the same prompts from 8 concurrent clients, each prompt with
-   a different mood (every decode mixes eight moods). tok/s = reply tokens / wall time after start-up.
+   a different mood (every decode mixes eight moods), not streamed (batch does not stream either; the clients
+   share the 2 cores with the server). tok/s = reply tokens / wall time after start-up.
 2. Load: 200 chat requests from 16 concurrent clients, mixed moods, streaming, every tenth client leaving after
    its third chunk. Counted: 5xx answers, replies lost (no final chunk) or duplicated (an id twice), and the
    server's resident memory after each quarter of the run.
@@ -79,10 +80,18 @@ class Server:
 
 
 def serve_tok_s(server: Server, prompts: list[str]) -> float:
+    def ask(i: int) -> int:
+        body = {"messages": [{"role": "user", "content": prompts[i]}], "max_tokens": TOKENS, "seed": i,
+                "eqz": {"sliders": MOODS[i % len(MOODS)]}}
+        request = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())["usage"]["completion_tokens"]
+
     started = time.perf_counter()
     with ThreadPoolExecutor(PARALLEL) as pool:
-        results = list(pool.map(lambda i: server.chat(prompts[i], MOODS[i % len(MOODS)], i, TOKENS), range(len(prompts))))
-    return sum(result["tokens"] for result in results) / (time.perf_counter() - started)
+        tokens = sum(pool.map(ask, range(len(prompts))))
+    return tokens / (time.perf_counter() - started)
 
 
 def load(server: Server, prompts: list[str]) -> dict:
