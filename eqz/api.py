@@ -59,6 +59,11 @@ class EqzModel:
         return self.model.info
 
     @property
+    def threads(self) -> int:
+        """The CPU threads llama.cpp decodes with."""
+        return self.model.threads
+
+    @property
     def model_record(self) -> dict:
         """How records name this model: name, path and fingerprint."""
         return model_record(self.model)

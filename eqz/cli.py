@@ -181,6 +181,7 @@ def generate(
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout."""
     from .session import reply_record
+    from .threads import crowding_hint
 
     sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
                     min_p=min_p, repeat_penalty=repeat_penalty)
@@ -198,6 +199,9 @@ def generate(
             typer.echo(json.dumps(record, ensure_ascii=False))
         else:
             sys.stdout.write("\n")
+            hint = crowding_hint(loaded.threads) if turn.record.n_tokens >= 8 else None
+            if hint:
+                _warn(f"{turn.record.tokens_per_second:.1f} tok/s: {hint}")
         session.close()
 
 

@@ -42,3 +42,13 @@ def default_threads() -> int:
     threads meet at a barrier many times per token, so one thread sharing a core with another job stalls all of
     them (benchmarks/under_load.py, 2 cores both busy: 2 threads took 83.5 s for 32 tokens, the default 3.0 s)."""
     return max(1, physical_cores() - others_running())
+
+
+def crowding_hint(threads: int) -> str | None:
+    """A one-line hint when other jobs now leave fewer free cores than llama.cpp has threads (they started after
+    the model was loaded): its threads then wait on each other and tokens/s collapses."""
+    free = max(1, physical_cores() - others_running())
+    if threads <= free:
+        return None
+    return (f"other jobs now keep {physical_cores() - free} of {physical_cores()} cores busy and llama.cpp runs "
+            f"{threads} threads, which stalls it; --threads {free} is faster while they run")

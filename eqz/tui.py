@@ -26,6 +26,7 @@ from rich.text import Text
 from .bands import SHORT_NAMES
 from .chat import ChatCommands
 from .errors import EqzError
+from .threads import crowding_hint
 from .session import ChatSession, Turn
 
 STEP = 0.1
@@ -350,8 +351,14 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
     started = time.perf_counter()
     count = 0
     start = turn.record.steering["sliders"]
+    drawn_for = [console.size]
 
     def screen():
+        if console.size != drawn_for[0]:
+            # resized: the terminal has rewrapped what was drawn, so the live region's height on screen is not
+            # what Live remembers; redraw on a clean screen instead of leaving fragments of the old panel
+            drawn_for[0] = console.size
+            console.clear()
         width = min(console.width, 100)
         with equalizer.lock:
             board = _panel(equalizer, console)
@@ -373,6 +380,9 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
     _report_end(turn, console)
     summary = "  ".join(f"{b} {g:+.1f}" for b, g in turn.session.steering.gains) or "all sliders at 0"
     console.print(f"[dim]{summary} · {turn.record.n_tokens} tokens · {equalizer.tokens_per_second:.0f} tok/s[/dim]")
+    hint = crowding_hint(turn.session.model.threads) if turn.record.n_tokens >= 8 else None
+    if hint:
+        console.print(f"[yellow]{hint}[/yellow]")
 
 
 def _report_end(turn: Turn, console: Console) -> None:

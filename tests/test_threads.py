@@ -17,3 +17,18 @@ def test_default_threads_leave_out_cores_that_other_jobs_keep_busy():
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+def test_a_hint_names_the_thread_count_that_fits_when_other_jobs_crowd_the_cores():
+    from eqz.threads import crowding_hint
+
+    cores = physical_cores()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        hint = crowding_hint(cores + 1)
+        assert hint is not None and "--threads 1" in hint
+        assert crowding_hint(1) is None  # one thread has no one to wait for
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()

@@ -101,6 +101,26 @@ def test_a_small_terminal_gets_the_compact_panel_and_most_rows_for_the_reply():
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
+def test_resizing_mid_reply_leaves_one_clean_panel():
+    session = "eqz-tui-resize"
+    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n 600; sleep 30"], check=True)
+    try:
+        wait_for(session, "you>")
+        subprocess.run(["tmux", "send-keys", "-t", session, STORY, "Enter"], check=True)
+        wait_for(session, r"\b[1-9]\d* tok/s")
+        subprocess.run(["tmux", "resize-window", "-t", session, "-x", "60", "-y", "20"], check=True)
+        time.sleep(1.5)  # a few frames at the new size, the reply still streaming
+        screen = wait_for(session, r"\b[1-9]\d* tok/s")
+        lines = screen.splitlines()
+        assert all(len(line) <= 60 for line in lines)
+        assert sum(line.startswith("╭") for line in lines) == 1  # no second, broken panel from before
+        assert sum("tok/s" in line for line in lines) == 1
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
