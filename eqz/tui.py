@@ -351,14 +351,8 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
     started = time.perf_counter()
     count = 0
     start = turn.record.steering["sliders"]
-    drawn_for = [console.size]
 
     def screen():
-        if console.size != drawn_for[0]:
-            # resized: the terminal has rewrapped what was drawn, so the live region's height on screen is not
-            # what Live remembers; redraw on a clean screen instead of leaving fragments of the old panel
-            drawn_for[0] = console.size
-            console.clear()
         width = min(console.width, 100)
         with equalizer.lock:
             board = _panel(equalizer, console)

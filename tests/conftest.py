@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,11 @@ from eqz.vector_files import write_control_vector
 # Tests never read or write the real user's presets and banks.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="eqz-test-config-")
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="eqz-test-data-")
+# A run started in the background (`make test &` from a script) inherits an ignored SIGINT, and every eqz it starts
+# would too (Python keeps an inherited SIG_IGN); the tests that press Ctrl-C need it delivered. A handler here
+# becomes the default disposition in the children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 GEMMA_PATH = Path(sys.prefix) / "share" / "eqz" / "models" / "gemma-3-270m-q4_k_m.gguf"
 EQZ = str(Path(sys.executable).parent / "eqz")

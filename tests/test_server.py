@@ -90,6 +90,18 @@ def test_chat_with_sliders_gives_what_eqz_generate_gives(client):
     assert [model.id for model in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
 
 
+def test_filters_per_request_give_what_eqz_generate_gives(client):
+    cli = json.loads(run_eqz("generate", "Hi there", "-n", "20", "--seed", "7", "--set", "fear=1", "--clamp",
+                             "fear=0.5", "--ablate", "anger", "--json").stdout)
+    reply = client.chat.completions.create(model="eqz", messages=[{"role": "user", "content": "Hi there"}], seed=7,
+                                           max_tokens=20, extra_body={"eqz": {"sliders": {"fear": 1}, "meter": True,
+                                                                              "clamp": {"fear": 0.5}, "ablate": ["anger"]}})
+    record = reply.model_extra["eqz"]
+    assert reply.choices[0].message.content == cli["output"]
+    assert record["filters"] == {"clamp": {"fear": 0.5}, "ablate": ["anger"]}
+    assert record["meter"]["fear"] == pytest.approx(0.5, abs=1e-3) and record["meter"]["anger"] == pytest.approx(0, abs=1e-3)
+
+
 def test_streaming_gives_the_same_text_in_pieces_and_the_record_last(client):
     whole = chat(client, "Tell me about the sea.", {"sadness": 1}, seed=9, max_tokens=32)
     stream = client.chat.completions.create(model="eqz", messages=[{"role": "user", "content": "Tell me about the sea."}],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from eqz.threads import default_threads, physical_cores
 
 
@@ -32,3 +34,18 @@ def test_a_hint_names_the_thread_count_that_fits_when_other_jobs_crowd_the_cores
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+@pytest.mark.slow
+def test_generate_names_the_thread_count_that_fits_when_the_cores_are_crowded():
+    from .conftest import run_eqz
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, physical_cores() - 1))]
+    try:
+        ran = run_eqz("generate", "Describe your morning.", "-n", "12", "--temperature", "0",
+                      "--threads", str(physical_cores() + 1))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert ran.returncode == 0 and "tok/s: other jobs now keep" in ran.stderr and "--threads 1 is faster" in ran.stderr
