@@ -296,7 +296,8 @@ def run_batch(
     with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=max(512, per_sequence), unified=False,
                        taps=taps) as context:
         for index, setting in enumerate(settings):
-            matrix = steerer.matrix(Steering().with_gains(setting.gains))
+            steering = Steering().with_gains(setting.gains)
+            matrix = steerer.matrix(steering)
             instruments = None
             if taps:
                 chosen = Filters(steerer.bank, setting.filters.get("clamp", {}), setting.filters.get("ablate", []))
@@ -323,8 +324,7 @@ def run_batch(
             for finished in generate_parallel(context, jobs(), on_decode=on_decode):
                 row, sample, system = finished.job.tag
                 record = {"id": row.id, **reply_record(row.prompt, system, setting.preset, finished.text, record_model, {
-                    "sliders": {band: setting.gains.get(band, 0.0) for band in bands},
-                    "vectors": [],
+                    **steering.to_dict(bands),
                     "sampling": setting.sampling.to_dict(),
                     "seed": finished.job.seed,
                     "n_tokens": len(finished.tokens),
