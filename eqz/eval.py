@@ -205,7 +205,7 @@ class ReplyBench:
         under every setting (paired comparisons).
 
         Settings are mixed in one batch by steering each row with its own vector (bit-identical to llama.cpp's
-        context control vector, see generation._RowSteering), which keeps every slot busy.
+        context control vector, see generation.RowSteering), which keeps every slot busy.
         """
         jobs = []
         for setting in settings:

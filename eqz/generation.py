@@ -187,7 +187,7 @@ class _Slot:
         return Finished(self.job, self.reply.tokens, self.reply.assembler.text, self.reply.finish_reason or "length")
 
 
-class _RowSteering:
+class RowSteering:
     """Per-sequence control vectors: adds each batch row's own vector to the residual stream after each layer.
 
     llama.cpp's control vector is one per context; writing ``l_out-N + v`` back through a tap is the same float
@@ -227,7 +227,7 @@ def generate_parallel(
     Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
     """
     window = window or 4 * context.n_seq
-    steering = _RowSteering(row_steering) if row_steering is not None else None
+    steering = RowSteering(row_steering) if row_steering is not None else None
     if steering is not None:
         context.set_tap(steering)
         context.set_control_vector(None)

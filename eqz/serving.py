@@ -2,7 +2,7 @@
 with its own control vector, filters and meter, and sliders that can change while it streams.
 
 llama.cpp's control vector is one per context, so rows are steered through the context's tap instead (the same
-float addition, see generation._RowSteering): replies with different moods share every decode. This is what
+float addition, see generation.RowSteering): replies with different moods share every decode. This is what
 ``eqz serve`` stands on; it knows nothing of HTTP.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from .bank import Bank
 from .engine import Model, Sampler
 from .errors import EqzError
-from .generation import ReplyText
+from .generation import ReplyText, RowSteering
 from .meter import Filters, geometry, metered_bands
 from .sampling import Sampling
 from .steering import Steerer, Steering
@@ -88,31 +88,33 @@ class _Row:
 
 
 class _RowTap:
-    """The context's tap: per row, add its control vector, apply its filters, read its meter, in that order (as
-    a chat does: the control vector is part of l_out, which the filters rewrite and the meter reads)."""
+    """The context's tap: per row, add its control vector (generation.RowSteering), apply its filters, read its
+    meter, in that order (as a chat does: the control vector is part of l_out, which the filters rewrite and the
+    meter reads)."""
 
     def __init__(self, bank: Bank | None, layers: list[int]):
         self.metered = metered_bands(bank) if bank is not None else ()
         self.read_layer = bank.read_layer if self.metered else None
         self._geometry = geometry(bank, self.read_layer, self.metered) if self.metered else None
         self.layers = frozenset(layers)
-        self.rows: list[_Row | None] = []  # who each row of the next decode belongs to
+        self._steering = RowSteering(layers)
+        self.rows: list[_Row] = []  # who each row of the next decode belongs to
         self.reply_rows = False  # whether the next decode's rows are reply tokens (the meter reads only those)
 
+    def announce(self, rows: list[_Row], reply: bool) -> None:
+        """Before a decode: whose rows these are, and whether they are reply tokens."""
+        self.rows, self.reply_rows = rows, reply
+        self._steering.rows = [row.vector for row in rows]
+
     def __call__(self, layer: int, hidden: np.ndarray) -> bool:
-        changed = False
+        changed = self._steering(layer, hidden)
         for index, row in enumerate(self.rows[: len(hidden)]):
-            if row is None:
-                continue
-            if row.vector is not None and np.any(row.vector[layer]):
-                hidden[index] += row.vector[layer]
-                changed = True
             if row.filters is not None:
                 changed = row.filters.apply(layer, hidden[index : index + 1]) or changed
         if self._geometry is not None and layer == self.read_layer and self.reply_rows:
             readouts = self._geometry.readouts(hidden)
             for index, row in enumerate(self.rows[: len(hidden)]):
-                if row is not None and row.request.meter:
+                if row.request.meter:
                     row.meter_sum = readouts[index] if row.meter_sum is None else row.meter_sum + readouts[index]
                     row.meter_count += 1
                     row.request.on_event("meter", dict(zip(self.metered, map(float, readouts[index]))))
@@ -198,7 +200,8 @@ class BatchServer:
                     if self._closed:
                         break
                     starting = []
-                    free = [seq for seq in range(self.parallel) if seq not in {r.seq for r in self._running.values()}]
+                    busy = {row.seq for row in self._running.values()}
+                    free = [seq for seq in range(self.parallel) if seq not in busy]
                     while self._waiting and free:
                         request = self._waiting.popleft()
                         if request.cancelled.is_set():
@@ -232,10 +235,8 @@ class BatchServer:
         """Decode the prompt into the row's sequence (steered and filtered like its reply) and sample token one."""
         self.context.forget(row.seq)
 
-        def announce(size: int) -> None:
-            self.tap.rows, self.tap.reply_rows = [row] * size, False
-
-        self.context.decode_prompt(row.request.prompt, row.seq, before_chunk=announce)
+        self.context.decode_prompt(row.request.prompt, row.seq,
+                                   before_chunk=lambda size: self.tap.announce([row] * size, reply=False))
         row.take(self, -1)
 
     def _step(self) -> None:
@@ -252,7 +253,7 @@ class BatchServer:
                 row.apply_pending(self.steerer.bands)
         if not rows:
             return
-        self.tap.rows, self.tap.reply_rows = rows, True
+        self.tap.announce(rows, reply=True)
         self.context.decode([row.next_token for row in rows], [row.position for row in rows],
                             [row.seq for row in rows], [True] * len(rows))
         for index, row in enumerate(rows):
