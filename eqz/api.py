@@ -75,7 +75,11 @@ class EqzModel:
             self._bank = require_bank(self.info)
         return self._bank
 
-    def _bank_if_any(self) -> Bank | None:
+    def bank_if_any(self, required: bool = False) -> Bank | None:
+        """The model's bank, or None when it has none; ``required``: an EqzError instead, as ``bank`` gives (the
+        settings asked for need sliders)."""
+        if required:
+            return self.bank
         if self._bank is None:
             self._bank = find_bank(self.info)
         return self._bank
@@ -106,7 +110,7 @@ class EqzModel:
     ) -> ChatSession:
         """A conversation set up from a preset, then the explicit settings on top of it (they win)."""
         ablate = list(ablate)
-        bank = self.bank if (sliders or preset or clamp or ablate) else self._bank_if_any()
+        bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate))
         valid = bank.names if bank else ()
         chosen = get_preset(preset, valid) if isinstance(preset, str) else preset
         resolved = resolve(chosen, valid, sliders, sampling, system, clamp, ablate)
@@ -153,7 +157,7 @@ class EqzModel:
         source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts))
         sink = output if isinstance(output, Output) else Output(str(output), resume=False)
         sweeps, ablate = list(sweeps), list(ablate)
-        bank = self.bank if (sliders or sweeps or preset or presets or meter or clamp or ablate) else self._bank_if_any()
+        bank = self.bank_if_any(required=bool(sliders or sweeps or preset or presets or meter or clamp or ablate))
         valid = bank.names if bank else ()
         grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp, ablate)
         count, longest = plan(source, self.model)
@@ -174,7 +178,7 @@ class EqzModel:
         from .serving import Request
 
         ablate = list(ablate)
-        bank = self.bank if (sliders or preset or clamp or ablate or meter) else self._bank_if_any()
+        bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate or meter))
         valid = bank.names if bank else ()
         resolved = resolve(get_preset(preset, valid) if preset else None, valid, sliders, sampling, None, clamp, ablate)
         if prompt is not None:
@@ -193,7 +197,7 @@ class EqzModel:
         eqz.serving); ``close()`` it when done."""
         from .serving import BatchServer
 
-        return BatchServer(self.model, self._bank_if_any(), parallel, per_sequence, max_waiting)
+        return BatchServer(self.model, self.bank_if_any(), parallel, per_sequence, max_waiting)
 
     def evaluate(self, bands: Iterable[str] | None = None, gains: Iterable[float] = (-1, 0, 1, 2),
                  prompts: list[str] | None = None, max_tokens: int = 64, samples: int = 1, progress=None,
@@ -230,7 +234,7 @@ class EqzModel:
         settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
                                  described=dict(described or {}))
         extra = {"progress": progress} if progress else {}
-        if described and not bands and self._bank_if_any() is not None:
+        if described and not bands and self.bank_if_any() is not None:
             return add_described_bands(self.model, base or writable_bank(self.info), settings, **extra)
         return train_bank(self.model, settings, **extra)
 

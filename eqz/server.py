@@ -28,6 +28,7 @@ from starlette.routing import Route
 from .api import EqzModel
 from .bands import check_gain
 from .errors import EqzError
+from .meter import metered_bands
 from .presets import discover, get_preset
 from .serving import ServerBusy
 from .steering import Steering
@@ -66,9 +67,9 @@ class EqzServer:
         self.preset = preset  # for requests without an "eqz" field (front-ends that cannot send one)
         self.name = Path(model.info.path).stem
         self.api_key = api_key
-        bank = model._bank_if_any()
+        bank = model.bank_if_any()
         self.bands = bank.names if bank else ()
-        self.metered = bool(bank and any(band.readout for band in bank.bands.values()))
+        self.metered = bool(bank and metered_bands(bank))
         self.loop = model.server(parallel, per_sequence, max_waiting)
         self.records: OrderedDict[str, dict] = OrderedDict()
         self.app = Starlette(routes=[
@@ -192,7 +193,6 @@ class EqzServer:
                     break
         finally:
             job.cancel()  # a no-op once done; frees the slot if this handler is cancelled (client gone)
-        record = data
         text = "".join(pieces)
         choice = {"index": 0, "finish_reason": FINISH_REASONS[data["finish_reason"]]}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
@@ -201,7 +201,7 @@ class EqzServer:
             "model": self.name, "choices": [choice],
             "usage": {"prompt_tokens": data["n_prompt_tokens"], "completion_tokens": data["n_tokens"],
                       "total_tokens": data["n_prompt_tokens"] + data["n_tokens"]},
-            "eqz": record,
+            "eqz": data,
         })
 
     async def _chunks(self, job, events: asyncio.Queue, created: int, chat: bool):
