@@ -199,7 +199,7 @@ def generate(
             typer.echo(json.dumps(record, ensure_ascii=False))
         else:
             sys.stdout.write("\n")
-            hint = crowding_hint(loaded.threads) if turn.record.n_tokens >= 8 else None
+            hint = crowding_hint(loaded.threads, turn.record.n_tokens)
             if hint:
                 _warn(f"{turn.record.tokens_per_second:.1f} tok/s: {hint}")
         session.close()

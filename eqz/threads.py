@@ -44,11 +44,18 @@ def default_threads() -> int:
     return max(1, physical_cores() - others_running())
 
 
-def crowding_hint(threads: int) -> str | None:
-    """A one-line hint when other jobs now leave fewer free cores than llama.cpp has threads (they started after
-    the model was loaded): its threads then wait on each other and tokens/s collapses."""
-    free = max(1, physical_cores() - others_running())
+HINT_AFTER_TOKENS = 8  # a reply shorter than this says too little about speed to hint at anything
+
+
+def crowding_hint(threads: int, reply_tokens: int) -> str | None:
+    """A one-line hint after a reply of ``reply_tokens`` when other jobs now leave fewer free cores than llama.cpp
+    has threads (they started after the model was loaded): its threads then wait on each other and tokens/s
+    collapses."""
+    if reply_tokens < HINT_AFTER_TOKENS:
+        return None
+    free = default_threads()
     if threads <= free:
         return None
-    return (f"other jobs now keep {physical_cores() - free} of {physical_cores()} cores busy and llama.cpp runs "
-            f"{threads} threads, which stalls it; --threads {free} is faster while they run")
+    cores = physical_cores()
+    return (f"other jobs now keep {cores - free} of {cores} cores busy and llama.cpp runs {threads} threads, which "
+            f"stalls it; --threads {free} is faster while they run")

@@ -374,7 +374,7 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
     _report_end(turn, console)
     summary = "  ".join(f"{b} {g:+.1f}" for b, g in turn.session.steering.gains) or "all sliders at 0"
     console.print(f"[dim]{summary} · {turn.record.n_tokens} tokens · {equalizer.tokens_per_second:.0f} tok/s[/dim]")
-    hint = crowding_hint(turn.session.model.threads) if turn.record.n_tokens >= 8 else None
+    hint = crowding_hint(turn.session.model.threads, turn.record.n_tokens)
     if hint:
         console.print(f"[yellow]{hint}[/yellow]")
 

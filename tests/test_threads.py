@@ -27,9 +27,9 @@ def test_a_hint_names_the_thread_count_that_fits_when_other_jobs_crowd_the_cores
     cores = physical_cores()
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
-        hint = crowding_hint(cores + 1)
+        hint = crowding_hint(cores + 1, reply_tokens=32)
         assert hint is not None and "--threads 1" in hint
-        assert crowding_hint(1) is None  # one thread has no one to wait for
+        assert crowding_hint(1, reply_tokens=32) is None  # one thread has no one to wait for
     finally:
         for spinner in spinners:
             spinner.kill()
