@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pexpect
 import pytest
@@ -59,66 +60,60 @@ def test_hotkeys_select_zero_and_reset(tmp_path):
     assert final["fear"] == 0.0 and final["surprise"] == pytest.approx(0.2) and final["anger"] == 0.3
 
 
-def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
-    session = "eqz-tui-test"
+@contextmanager
+def chat_in_tmux(session: str, cols: int, rows: int, tokens: int = 400, then: str = ""):
+    """`eqz chat` in a detached tmux session of ``cols`` x ``rows``, the long story asked for; ``then`` runs after
+    the chat exits. The session is killed afterwards."""
     subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
-                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n 400; stty -a > {tmp_path}/stty.txt; sleep 30"], check=True)
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(cols), "-y", str(rows),
+                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n {tokens}; {then}sleep 30"], check=True)
     try:
         wait_for(session, "you>")  # capture-pane drops trailing spaces
-        subprocess.run(["tmux", "send-keys", "-t", session, STORY, "Enter"], check=True)
+        tmux(session, "send-keys", STORY, "Enter")
+        yield session
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def tmux(session: str, command: str, *args: str) -> None:
+    subprocess.run(["tmux", command, "-t", session, *args], check=True)
+
+
+def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
+    with chat_in_tmux("eqz-tui-test", 80, 24, then=f"stty -a > {tmp_path}/stty.txt; ") as session:
         screen = wait_for(session, r"\b[1-9]\d* tok/s")  # streaming (the start-up panel shows 0 tok/s)
         lines = screen.splitlines()
         assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
         assert re.search(r"joy\s+trust\s+fear\s+surpr\s+sad", screen)
-        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        tmux(session, "send-keys", "C-c")
         screen = wait_for(session, r"\[stopped\][\s\S]* tokens · ")
         assert screen.index("[stopped]") < screen.rindex(" tokens · ")  # how it ended, then the summary
-        subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
+        tmux(session, "send-keys", "/quit", "Enter")
         deadline = time.time() + 30
         while time.time() < deadline and not (tmp_path / "stty.txt").exists():
             time.sleep(0.2)
         modes = (tmp_path / "stty.txt").read_text()
         assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
 def test_a_small_terminal_gets_the_compact_panel_and_most_rows_for_the_reply():
-    session = "eqz-tui-small"
-    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "60", "-y", "20",
-                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n 400; sleep 30"], check=True)
-    try:
-        wait_for(session, "you>")
-        subprocess.run(["tmux", "send-keys", "-t", session, STORY, "Enter"], check=True)
+    with chat_in_tmux("eqz-tui-small", 60, 20) as session:
         screen = wait_for(session, r"\A(?:[^\n]*\n){12,}╭[\s\S]*\b[1-9]\d* tok/s")  # 12+ rows of reply above it
         lines = screen.splitlines()
         assert len(lines) <= 20 and all(len(line) <= 60 for line in lines)
         panel = lines[max(i for i, line in enumerate(lines) if line.startswith("╭")):]  # the live one, at the bottom
         assert len(panel) <= 8 and any(line.lstrip("│ ").startswith("set") for line in panel)
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
 def test_resizing_mid_reply_leaves_one_clean_panel():
-    session = "eqz-tui-resize"
-    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
-                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n 600; sleep 30"], check=True)
-    try:
-        wait_for(session, "you>")
-        subprocess.run(["tmux", "send-keys", "-t", session, STORY, "Enter"], check=True)
+    with chat_in_tmux("eqz-tui-resize", 80, 24, tokens=600) as session:
         wait_for(session, r"\b[1-9]\d* tok/s")
-        subprocess.run(["tmux", "resize-window", "-t", session, "-x", "60", "-y", "20"], check=True)
+        tmux(session, "resize-window", "-x", "60", "-y", "20")
         time.sleep(1.5)  # a few frames at the new size, the reply still streaming
-        screen = wait_for(session, r"\b[1-9]\d* tok/s")
-        lines = screen.splitlines()
+        lines = wait_for(session, r"\b[1-9]\d* tok/s").splitlines()
         assert all(len(line) <= 60 for line in lines)
         assert sum(line.startswith("╭") for line in lines) == 1  # no second, broken panel from before
         assert sum("tok/s" in line for line in lines) == 1
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
