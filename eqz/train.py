@@ -85,6 +85,7 @@ class Extraction:
     emotional: dict[str, np.ndarray]  # band -> (pairs, layers, embd)
     neutral: dict[str, np.ndarray]  # band -> matched neutral twins
     heldout: dict[str, np.ndarray]  # band -> held-out emotional texts
+    sentences: dict[str, np.ndarray]  # band -> short emotional sentences (training)
     passages: np.ndarray  # neutral passages
     token_norm: np.ndarray  # (layers,)
     seconds: float = 0.0
@@ -93,6 +94,10 @@ class Extraction:
     @property
     def all_neutral(self) -> np.ndarray:
         return np.concatenate([self.neutral[b] for b in PRIMARIES] + [self.passages])
+
+    def band_texts(self, band: str) -> np.ndarray:
+        """Every training text of ``band``: the pairs' emotional side and the short sentences."""
+        return np.concatenate([self.emotional[band], self.sentences[band]])
 
 
 def _pair_group(model: Model, neutral: str, emotional: str) -> TextGroup:
@@ -118,6 +123,10 @@ def stimulus_groups(model: Model, settings: TrainSettings) -> tuple[list[TextGro
         start = len(groups)
         groups += [TextGroup([], [model.tokenize(p.emotional)], pool_from=1) for p in stimuli.heldout[band]]
         spans[f"heldout:{band}"] = ("single", start, len(groups))
+    for band in PRIMARIES:
+        start = len(groups)
+        groups += [TextGroup([], [model.tokenize(t)], pool_from=1) for t in stimuli.sentences[band]]
+        spans[f"sentences:{band}"] = ("single", start, len(groups))
     start = len(groups)
     groups += [TextGroup([], [model.tokenize(t)], pool_from=1) for t in stimuli.neutral[: settings.neutral_passages]]
     spans["passages"] = ("single", start, len(groups))
@@ -159,6 +168,7 @@ def extract(model: Model, settings: TrainSettings, progress: Progress = _no_prog
         emotional={b: take(f"pairs:{b}", 1) for b in PRIMARIES},
         neutral={b: take(f"pairs:{b}", 0) for b in PRIMARIES},
         heldout={b: take(f"heldout:{b}") for b in PRIMARIES},
+        sentences={b: take(f"sentences:{b}") for b in PRIMARIES},
         passages=take("passages"),
         token_norm=reading.token_norm,
         seconds=seconds,
@@ -171,11 +181,12 @@ def extract(model: Model, settings: TrainSettings, progress: Progress = _no_prog
 
 @dataclass
 class Directions:
-    units: dict[str, np.ndarray]  # band -> (layers, embd), unit rows
-    accuracies: np.ndarray  # held-out 8-way accuracy per layer
+    units: dict[str, np.ndarray]  # band -> (layers, embd), unit rows: the stimulus steering directions
+    meter: dict[str, np.ndarray]  # band -> (layers, embd), unit rows the meter and the filters read along
+    accuracies: np.ndarray  # held-out 8-way accuracy per layer (steering directions, cross-validated)
     read: int
     steered: list[int]
-    confusion: np.ndarray  # (8, 8) at the read layer: rows true band, columns predicted
+    confusion: np.ndarray  # (8, 8) of the meter at the read layer: rows true band, columns predicted
     axis_check: dict[str, dict[str, float]]  # mean held-out readout of valence/arousal per primary
     components: int  # neutral principal components removed
     validation_accuracy: float
@@ -216,7 +227,8 @@ def find_directions(extraction: Extraction, settings: TrainSettings) -> Directio
     validation_accuracy, components_removed, read, steered, accuracies = best
     components = D.top_components(extraction.all_neutral, components_removed)
     units = _unit_directions(extraction.emotional, extraction.neutral, components, settings.orthogonalize)
-    readouts = heldout_readouts(extraction, units, read)
+    meter = meter_directions(extraction)
+    readouts = heldout_readouts(extraction, meter, read)
     labels = np.concatenate([np.full(len(extraction.heldout[b]), i) for i, b in enumerate(PRIMARIES)])
     predicted = D.classify(readouts[:, : len(PRIMARIES)])
     confusion = np.zeros((len(PRIMARIES), len(PRIMARIES)), dtype=int)
@@ -228,13 +240,22 @@ def find_directions(extraction: Extraction, settings: TrainSettings) -> Directio
         }
         for k, axis in enumerate(AXES)
     }
-    return Directions(units, accuracies, read, steered, confusion, axis_check, components_removed, validation_accuracy)
+    return Directions(units, meter, accuracies, read, steered, confusion, axis_check, components_removed,
+                      validation_accuracy)
+
+
+def meter_directions(extraction: Extraction) -> dict[str, np.ndarray]:
+    """What the meter reads along: per primary, the direction that tells its texts from the other primaries'
+    (regularised LDA over every training text); the axes are circumplex sums of those, as for steering."""
+    meter = D.discriminants({band: extraction.band_texts(band) for band in PRIMARIES})
+    meter.update({axis: D.unit(vector) for axis, vector in D.circumplex_axes(meter).items()})
+    return meter
 
 
 def _levels(extraction: Extraction, units: dict[str, np.ndarray], layer: int) -> dict[str, tuple[float, float]]:
     return D.readout_levels(
         extraction.all_neutral[:, layer],
-        {b: extraction.emotional[b][:, layer] for b in PRIMARIES},
+        {b: extraction.band_texts(b)[:, layer] for b in PRIMARIES},
         {b: units[b][layer] for b in BANDS},
     )
 
@@ -493,13 +514,13 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     zero_states = zero["zero"].states
     metered = list(BANDS)
     reply_level = {
-        layer: {band: float(zero_states[i] @ found.units[band][layer]) for band in metered}
+        layer: {band: float(zero_states[i] @ found.meter[band][layer]) for band in metered}
         for i, layer in enumerate(found.steered)
     }
-    text_levels = {layer: _levels(extraction, found.units, layer) for layer in found.steered}  # (neutral, unit, -unit)
+    text_levels = {layer: _levels(extraction, found.meter, layer) for layer in found.steered}  # (neutral, unit, -unit)
     reader = LayerGeometry(
         tuple(metered),
-        np.stack([found.units[b][found.read] for b in metered]).astype(np.float32),
+        np.stack([found.meter[b][found.read] for b in metered]).astype(np.float32),
         np.array([reply_level[found.read][b] for b in metered], dtype=np.float32),
         np.array([text_levels[found.read][b][1] for b in metered], dtype=np.float32),
         np.array([text_levels[found.read][b][2] for b in metered], dtype=np.float32),
@@ -531,7 +552,8 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "axes": "valence and arousal = circumplex-weighted sums of the primaries' centred differences",
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
-        "readout": "along the stimulus direction; unit = the stimulus contrast (band texts minus neutral texts), "
+        "readout": "along the band's discriminant direction (regularised LDA of the eight primaries' training texts: "
+        "the pairs' emotional side and the short sentences); unit = the band's texts minus neutral texts, "
         "below neutral the furthest any primary's texts go; "
         f"zero = the model's level on its own unsteered replies to {len(zero_prompts)} neutral prompts of their own "
         "(meter, filters) or on neutral prose (analyze, classification)",
@@ -539,6 +561,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "stimulus_set": STIMULUS_SET_VERSION,
         "split": SPLIT_RULE,
         "train_pairs_per_band": settings.train_pairs,
+        "sentences_per_band": len(extraction.sentences[PRIMARIES[0]]),
         "neutral_passages": settings.neutral_passages,
         "voice_prompts": len(voice.states["neutral"]),
         "voice_tokens": settings.voice_tokens,
@@ -550,8 +573,8 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
             "neutral_text": [round(text_levels[layer][band][0], 4) for layer in found.steered],
             "unit": [round(text_levels[layer][band][1], 4) for layer in found.steered],
             "negative_unit": [round(text_levels[layer][band][2], 4) for layer in found.steered],
-        }, found.units[band][found.steered])
-        for band in calibration.chosen if band in found.units
+        }, found.meter[band][found.steered])
+        for band in calibration.chosen if band in found.meter
     }
     store_bands(bank, calibration, readouts, settings.described)
     baseline, checked = calibration.baseline, calibration.checked

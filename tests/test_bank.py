@@ -45,7 +45,7 @@ def test_shipped_bank_fits_the_default_model_and_has_every_band(model, manifest)
         for key in ("neutral", "neutral_text", "unit", "negative_unit"):
             assert len(entry["readout"][key]) == len(layers["steered"])
     method = manifest["method"]
-    assert method["stimulus_set"] == 1 and "split" in method and method["neutral_components"] > 0
+    assert method["stimulus_set"] == 2 and "split" in method and method["neutral_components"] > 0
     assert method["calibration"]["scorer"] == "nrc"  # the independent lexicon, not eqz's own word list
     read = np.load(SHIPPED / "meter.npz")  # the meter's directions, apart from what steers
     assert set(read.files) == set(BANDS)
@@ -92,17 +92,22 @@ def analyze_json(text: str) -> dict:
 
 
 def test_joy_and_sadness_sliders_move_the_replies_the_expected_way():
-    """Generated under joy=1 and sadness=1 with the same seed, then read back by the *unsteered* model."""
-    replies = {}
+    """Generated under joy=1 and sadness=1 with the same three seeds, then read back by the *unsteered* model
+    (means over the three: one 64-token reply can carry hopeful words under sadness)."""
+    readings = {}
     for band in ("joy", "sadness"):
-        result = run_eqz("generate", "Describe your walk to the bus stop this morning.", "--set", f"{band}=1",
-                         "--seed", "5", "-n", "64", "--json")
-        assert result.returncode == 0, result.stderr
-        replies[band] = json.loads(result.stdout)["output"]
-    joyful, sad = analyze_json(replies["joy"]), analyze_json(replies["sadness"])
+        texts = []
+        for seed in ("5", "6", "7"):
+            result = run_eqz("generate", "Describe your walk to the bus stop this morning.", "--set", f"{band}=1",
+                             "--seed", seed, "-n", "64", "--json")
+            assert result.returncode == 0, result.stderr
+            texts.append(json.loads(result.stdout)["output"])
+        read = [analyze_json(text) for text in texts]
+        readings[band] = {name: sum(r[name] for r in read) / len(read) for name in read[0]}
+    joyful, sad = readings["joy"], readings["sadness"]
     assert joyful["joy"] > sad["joy"]
     assert sad["sadness"] > joyful["sadness"]
-    assert joyful["valence"] > sad["valence"]
+    assert joyful["valence"] > sad["valence"], (joyful, sad)
 
 
 def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):

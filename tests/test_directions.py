@@ -41,6 +41,28 @@ def test_unit_rows_keep_zero_rows():
     assert np.allclose(D.unit(vectors), [[0.6, 0.8], [0, 0]])
 
 
+def test_discriminants_see_past_the_noisiest_axis():
+    """Two bands whose means differ on a noisy axis (0) and, by less, on a quiet one (1): the mean difference
+    points mostly along the noise, the discriminant along the quiet axis that actually tells them apart."""
+    rows = 400
+    classes = {}
+    for sign, band in ((1, "a"), (-1, "b")):
+        states = RNG.normal(size=(rows, LAYERS, EMBD)) * 0.05
+        states[:, :, 0] += sign * 1.0 + RNG.normal(size=(rows, LAYERS)) * 5.0
+        states[:, :, 1] += sign * 0.3
+        classes[band] = states
+    difference = D.unit(classes["a"].mean(axis=0) - classes["b"].mean(axis=0))
+    found = D.discriminants(classes, shrinkage=0.1)
+    assert np.all(np.abs(difference[:, 0]) > 0.9)
+    assert np.all(found["a"][:, 1] > 0.9) and np.allclose(found["b"], -found["a"], atol=1e-6)
+    assert np.allclose(np.linalg.norm(found["a"], axis=1), 1)
+
+    def separated(direction):  # share of texts on their own band's side
+        return np.mean(np.concatenate([classes["a"][:, 0] @ direction > 0, classes["b"][:, 0] @ direction < 0]))
+
+    assert separated(found["a"][0]) > 0.97 and separated(difference[0]) < 0.7
+
+
 def test_orthogonalize_gives_the_closest_orthonormal_set():
     units = {band: D.unit(RNG.normal(size=(LAYERS, EMBD)) + 2.0) for band in PRIMARIES}  # strongly overlapping
     result = D.orthogonalize(units, PRIMARIES)

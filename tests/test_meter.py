@@ -39,14 +39,15 @@ def test_analyze_ranks_the_true_band_first_on_the_heldout_split(model, bank):
             hits += result.top_band(PRIMARIES) == band
             total += 1
     assert total == 128
-    assert hits / total >= 0.80, f"{hits}/{total}"
+    assert hits / total >= 0.90, f"{hits}/{total}"  # measured 97.7% (bank v1: 85.2%)
 
 
-def test_analyze_ranks_fresh_short_sentences_with_units_of_one_order(model, bank):
-    """80 short sentences written apart from the stimuli (tests/data). Measured: the true band first on 65% (the
-    v1 bank: 68.8%; the target of 85% is not met, see README "Meter and filters"), and no readout of a whole
-    sentence beyond 4.25 (v1: 6.72, with sadness at -3.75 on a sentence about a job offer)."""
-    sentences = yaml.safe_load((Path(__file__).parent / "data" / "short_sentences.yaml").read_text())
+@pytest.mark.parametrize("name, measured", [("short_sentences", 0.912), ("fresh_sentences", 0.896)])
+def test_analyze_ranks_short_sentences_it_never_saw_with_units_of_one_order(model, bank, name, measured):
+    """Short sentences written apart from the stimuli (tests/data): 80 used while choosing the meter's method
+    (bank v1 65%), 96 written afterwards by someone who saw neither set and measured once (bank v1 74%). The true
+    band first on ``measured`` with the shipped bank; no readout of a whole sentence beyond 2.4 (v1: 6.72)."""
+    sentences = yaml.safe_load((Path(__file__).parent / "data" / f"{name}.yaml").read_text())
     hits = total = 0
     largest = 0.0
     for band, texts in sentences.items():
@@ -55,9 +56,8 @@ def test_analyze_ranks_fresh_short_sentences_with_units_of_one_order(model, bank
             hits += result.top_band(PRIMARIES) == band
             total += 1
             largest = max(largest, max(abs(value) for value in result.overall.values()))
-    assert total == 80
-    assert hits / total >= 0.6, f"{hits}/{total}"
-    assert largest < 5.0, largest
+    assert hits / total >= 0.85, f"{hits}/{total} (measured {measured:.1%})"
+    assert largest < 3.0, largest
 
 
 def test_analyze_by_sentence_and_token_and_json():
