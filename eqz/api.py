@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 from .analyze import Analysis, analyze
 from .bands import check_gain, gain_warning
 from .bank import Bank, find_bank, require_bank, resolve_bank
-from .engine import Model
+from .engine import Model, backends
 from .models import ModelInfo
 from .errors import EqzError
 from .models import resolve_model_path
@@ -166,7 +166,7 @@ class EqzModel:
             self.on_warning(line)
         sink.check_compatible(self.model_record, grid)
         return BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
-                         parallel, meter)
+                         parallel, meter, self.on_warning)
 
     def request(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                 preset: str | None = None, sliders: dict[str, float] | None = None, sampling: dict | None = None,
@@ -287,9 +287,16 @@ def show_backend_log(on: bool = True) -> None:
     set_verbose(on)
 
 
-def load(model: str | Path | None = None, *, bank: str | Path | None = None, threads: int | None = None) -> EqzModel:
-    """Load a GGUF model (default: eqz's default model) and, if given, a bank by directory or name."""
-    loaded = Model(resolve_model_path(None if model is None else str(model)), threads=threads)
+def gpu_backends() -> list[str]:
+    """The compute backends of the installed llama.cpp, GPU ones first (["CPU"] for a CPU-only build)."""
+    return backends()
+
+
+def load(model: str | Path | None = None, *, bank: str | Path | None = None, threads: int | None = None,
+         gpu_layers: int | None = None) -> EqzModel:
+    """Load a GGUF model (default: eqz's default model) and, if given, a bank by directory or name.
+    ``gpu_layers``: layers offloaded to the GPU, -1 for all (default: all on a GPU build of llama.cpp, else 0)."""
+    loaded = Model(resolve_model_path(None if model is None else str(model)), threads=threads, gpu_layers=gpu_layers)
     try:
         return EqzModel(loaded, resolve_bank(str(bank), loaded.info) if bank is not None else None)
     except BaseException:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -255,6 +255,10 @@ class BatchStats:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, record: dict) -> None:
+        self.written += 1
+        self.tokens += record["n_tokens"]
+
 
 def plan(prompts: PromptFile, model: Model) -> tuple[int, int]:
     """Validate every line before any generation; returns (valid prompts, longest prompt in tokens)."""
@@ -269,6 +273,84 @@ def plan(prompts: PromptFile, model: Model) -> tuple[int, int]:
     if count == 0:
         raise EqzError(f"{prompts.path}: no prompts found")
     return count, longest
+
+
+@dataclass(frozen=True)
+class RowTask:
+    """One row to generate: the ``setting``-th setting of the grid on one prompt, one sample and its seed.
+    ``number`` is the row's place among the rows to generate, the order they are written in."""
+
+    number: int
+    setting: int
+    row: PromptRow
+    sample: int
+    seed: int
+
+
+def missing_rows(prompts: PromptFile, settings: list[Resolved], samples: int, seed: int, output: Output,
+                 stats: BatchStats) -> Iterator[RowTask]:
+    """The rows not yet in ``output``, in the batch's fixed order (setting, prompt, sample); counts the others."""
+    number = 0
+    for index, setting in enumerate(settings):
+        for row in prompts.rows():
+            for sample in range(samples):
+                row_seed_value = row_seed(seed, row.id, sample)
+                if row_key(row.id, setting.preset, setting.gains, sample, row_seed_value) in output.done:
+                    stats.skipped_existing += 1
+                    continue
+                yield RowTask(number, index, row, sample, row_seed_value)
+                number += 1
+
+
+def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], tasks: Iterable[RowTask],
+                  parallel: int, longest: int, meter: bool = False) -> Iterator[dict]:
+    """The record of every task, in task order; tasks of one setting that follow each other are decoded up to
+    ``parallel`` at a time in one llama.cpp batch. What a local run and a Ray worker both do."""
+    bands = steerer.bands
+    record_model = model_record(model)
+    per_sequence = longest + max(s.sampling.max_tokens for s in settings) + 8
+    per_sequence = (per_sequence + 255) // 256 * 256
+    filtered = any(setting.filters for setting in settings)
+    taps = (meter or filtered) and steerer.bank is not None
+    with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=max(512, per_sequence), unified=False,
+                       taps=taps) as context:
+        for index, group in itertools.groupby(tasks, key=lambda task: task.setting):
+            setting = settings[index]
+            steering = Steering().with_gains(setting.gains)
+            matrix = steerer.matrix(steering)
+            instruments = None
+            if taps:
+                chosen = Filters(steerer.bank, setting.filters.get("clamp", {}), setting.filters.get("ablate", []))
+                instruments = Instruments(steerer.bank, meter=meter, filters=chosen)
+                context.set_tap(instruments)
+
+            def jobs() -> Iterator[Job]:
+                for task in group:
+                    system = task.row.system if task.row.system is not None else setting.system
+                    messages = ([{"role": "system", "content": system}] if system else []) + [
+                        {"role": "user", "content": task.row.prompt}
+                    ]
+                    text, stops = model.chat_prompt(messages)
+                    tokens = model.tokenize(text, parse_special=True)
+                    yield Job(tokens, setting.sampling, task.seed, stops, matrix, index, tag=(task, system))
+
+            on_decode = instruments.owners if instruments else None
+            for finished in generate_parallel(context, jobs(), on_decode=on_decode):
+                task, system = finished.job.tag
+                record = {"id": task.row.id, **reply_record(task.row.prompt, system, setting.preset, finished.text,
+                                                            record_model, {
+                    **steering.to_dict(bands),
+                    "sampling": setting.sampling.to_dict(),
+                    "seed": finished.job.seed,
+                    "n_tokens": len(finished.tokens),
+                    "finish_reason": finished.finish_reason,
+                }), "sample": task.sample}
+                if instruments is not None:
+                    if instruments.filters:
+                        record["filters"] = instruments.filters.describe()
+                    if meter:
+                        record["meter"] = instruments.mean(finished.job)
+                yield record
 
 
 def run_batch(
@@ -287,58 +369,11 @@ def run_batch(
 ) -> BatchStats:
     """Generate every missing row; returns the counts. Interrupting loses only rows not yet finished."""
     stats = stats or BatchStats()
-    bands = steerer.bands
-    record_model = model_record(model)
-    per_sequence = longest + max(s.sampling.max_tokens for s in settings) + 8
-    per_sequence = (per_sequence + 255) // 256 * 256
-    filtered = any(setting.filters for setting in settings)
-    taps = (meter or filtered) and steerer.bank is not None
-    with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=max(512, per_sequence), unified=False,
-                       taps=taps) as context:
-        for index, setting in enumerate(settings):
-            steering = Steering().with_gains(setting.gains)
-            matrix = steerer.matrix(steering)
-            instruments = None
-            if taps:
-                chosen = Filters(steerer.bank, setting.filters.get("clamp", {}), setting.filters.get("ablate", []))
-                instruments = Instruments(steerer.bank, meter=meter, filters=chosen)
-                context.set_tap(instruments)
-
-            def jobs() -> Iterator[Job]:
-                for row in prompts.rows():
-                    system = row.system if row.system is not None else setting.system
-                    messages = ([{"role": "system", "content": system}] if system else []) + [
-                        {"role": "user", "content": row.prompt}
-                    ]
-                    text, stops = model.chat_prompt(messages)
-                    tokens = model.tokenize(text, parse_special=True)
-                    for sample in range(samples):
-                        row_seed_value = row_seed(seed, row.id, sample)
-                        if row_key(row.id, setting.preset, setting.gains, sample, row_seed_value) in output.done:
-                            stats.skipped_existing += 1
-                            continue
-                        yield Job(tokens, setting.sampling, row_seed_value, stops, matrix, index,
-                                  tag=(row, sample, system))
-
-            on_decode = instruments.owners if instruments else None
-            for finished in generate_parallel(context, jobs(), on_decode=on_decode):
-                row, sample, system = finished.job.tag
-                record = {"id": row.id, **reply_record(row.prompt, system, setting.preset, finished.text, record_model, {
-                    **steering.to_dict(bands),
-                    "sampling": setting.sampling.to_dict(),
-                    "seed": finished.job.seed,
-                    "n_tokens": len(finished.tokens),
-                    "finish_reason": finished.finish_reason,
-                }), "sample": sample}
-                if instruments is not None:
-                    if instruments.filters:
-                        record["filters"] = instruments.filters.describe()
-                    if meter:
-                        record["meter"] = instruments.mean(finished.job)
-                output.write(record)
-                stats.written += 1
-                stats.tokens += len(finished.tokens)
-                on_row(record, stats)
+    tasks = missing_rows(prompts, settings, samples, seed, output, stats)
+    for record in generate_rows(model, steerer, settings, tasks, parallel, longest, meter):
+        output.write(record)
+        stats.add(record)
+        on_row(record, stats)
     return stats
 
 
@@ -358,6 +393,7 @@ class BatchPlan:
     seed: int = 0
     parallel: int = 4
     meter: bool = False
+    on_warning: Callable[[str], None] = lambda message: None
 
     @property
     def total(self) -> int:
@@ -367,3 +403,12 @@ class BatchPlan:
             stats: BatchStats | None = None) -> BatchStats:
         return run_batch(self.model, self.steerer, self.prompts, self.settings, self.output, self.samples, self.seed,
                          self.parallel, self.longest, on_row, stats, meter=self.meter)
+
+    def run_on_ray(self, address: str = "auto", workers: int | None = None, threads: int | None = None,
+                   on_row: Callable[[dict, BatchStats], None] = lambda row, stats: None,
+                   stats: BatchStats | None = None) -> BatchStats:
+        """As ``run``, with the rows generated by ``workers`` Ray actors (``threads`` each, default 1) on the
+        cluster at ``address`` ("auto": $RAY_ADDRESS, a cluster running here, else a new local one)."""
+        from .ray_batch import run_on_ray
+
+        return run_on_ray(self, address, workers, threads, on_row, stats, self.on_warning)

@@ -38,6 +38,7 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", metavar="GGUF", help="GGUF model file \\[default: $EQZ_MODEL, else SmolLM2-135M-Instruct]"),
 ]
 ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs]", min=1)]
+GpuLayersOpt = Annotated[Optional[str], typer.Option("--gpu-layers", "-ngl", metavar="N|all", envvar="EQZ_GPU_LAYERS", help="layers offloaded to the GPU (also $EQZ_GPU_LAYERS) \\[default: all when llama.cpp was built for a GPU, else 0]")]
 CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens", min=64)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="system prompt")]
 VectorOpt = Annotated[
@@ -97,15 +98,32 @@ def _clamp_ablate(clamp: list[str] | None, ablate: list[str] | None) -> tuple[di
     return dict(parse_set(spec, None, "--clamp") for spec in clamp or []), [b.strip().lower() for b in ablate or []]
 
 
-def _load_model(model: str | None, threads: int | None, chatting: bool = False):
-    """The library's model (eqz.api) for a command, warnings printed as one line each."""
-    from .api import load
+def _load_model(model: str | None, threads: int | None, chatting: bool = False, gpu_layers: str | None = "0"):
+    """The library's model (eqz.api) for a command, warnings printed as one line each. Commands that only read a
+    model's facts keep it off the GPU (``gpu_layers`` "0")."""
+    from .api import load, gpu_backends
 
-    library = load(model, threads=threads)
+    layers = _gpu_layers(gpu_layers)
+    if layers and gpu_backends() == ["CPU"]:
+        _warn("this llama.cpp was built for the CPU only, so --gpu-layers/EQZ_GPU_LAYERS does nothing; "
+              "`make setup GPU=cuda` (or metal, vulkan) builds it for a GPU")
+    library = load(model, threads=threads, gpu_layers=layers)
     library.on_warning = _warn
     if chatting and not library.info.has_chat_template:
         _warn(f"{library.info.name} has no chat template; using a plain 'User:/Assistant:' transcript")
     return library
+
+
+def _gpu_layers(value: str | None) -> int | None:
+    """--gpu-layers: a count, or all (-1); None: the build's default."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text in ("all", "-1"):
+        return -1
+    if not text.isdigit():
+        raise EqzError(f"--gpu-layers takes a number of layers or 'all', got '{value}'")
+    return int(text)
 
 
 def _warn(message: str) -> None:
@@ -142,8 +160,11 @@ def models(
     paths: Annotated[Optional[list[str]], typer.Argument(metavar="GGUF...", help="GGUF files \\[default: the model eqz would load]")] = None,
     model: ModelOpt = None,
     json_output: JsonOpt = False,
+    ctx: Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context the memory estimate is for", min=64)] = 4096,
 ) -> None:
-    """Show a model's path, architecture, layers, width, context length and whether it has a chat template."""
+    """Show a model's path, architecture, layers, width, context length, chat template, the backend llama.cpp
+    was built for, and the memory the weights and a KV cache of --ctx tokens take."""
+    from .api import gpu_backends
     from .display import print_models
 
     paths = [*(paths or []), *([model] if model else [])] or None
@@ -151,7 +172,8 @@ def models(
     infos = []
     for path in paths or [None]:
         with _load_model(path, None) as model:
-            infos.append(model.info.to_dict())
+            infos.append({**model.info.to_dict(), "backends": gpu_backends(),
+                          "memory": model.model.memory_estimate(ctx)})
     if json_output:
         typer.echo(json.dumps(infos if paths and len(paths) > 1 else infos[0], indent=2))
         return
@@ -177,6 +199,7 @@ def generate(
     ablate: AblateOpt = None,
     json_output: JsonOpt = False,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
     ctx: CtxOpt = 4096,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout."""
@@ -185,7 +208,7 @@ def generate(
 
     sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
                     min_p=min_p, repeat_penalty=repeat_penalty)
-    with _load_model(model, threads, chatting=True) as loaded:
+    with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
                                 sampling=sampling, ctx=ctx, meter=json_output, clamp=clamp, ablate=ablate)
         turn = session.reply(prompt)
@@ -220,6 +243,7 @@ def chat(
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
     ctx: CtxOpt = 4096,
     panel: Annotated[
         bool, typer.Option("--panel/--no-panel", metavar="", help="equalizer panel and hotkeys while replies stream")
@@ -233,7 +257,7 @@ def chat(
 
     sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
                     min_p=min_p, repeat_penalty=repeat_penalty)
-    with _load_model(model, threads, chatting=True) as loaded:
+    with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
                                 sampling=sampling, ctx=ctx, meter=meter, clamp=clamp, ablate=ablate)
         try:
@@ -269,6 +293,9 @@ def batch(
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="auto|ADDRESS", help="generate on a Ray cluster: auto ($RAY_ADDRESS, one running here, else a new local one) or its address")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each [default: the cluster's CPUs / threads]")] = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
     from .batch import Output, PromptFile, parse_sweep
@@ -277,10 +304,16 @@ def batch(
 
     if preset and presets:
         raise EqzError("use either --preset NAME or --presets a,b,c, not both")
+    if workers and not ray:
+        raise EqzError("--workers is for --ray; without it, --parallel sets how many replies decode together")
+    if ray:
+        from .ray_batch import require_ray
+
+        require_ray()
     source = PromptFile(prompts, skip_bad=skip_bad)
     sink = Output(output, resume)  # a bad -o fails here, before the model loads
     try:
-        with _load_model(model, threads, chatting=True) as loaded:
+        with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
             sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             min_p=min_p, repeat_penalty=repeat_penalty)
             clamps, ablates = _clamp_ablate(clamp, ablate)
@@ -296,7 +329,10 @@ def batch(
                              f"samples = {batch.total} rows\n")
             try:
                 with batch_progress(batch.total) as (on_row, stats):
-                    batch.run(on_row, stats)
+                    if ray:
+                        batch.run_on_ray(ray, workers, threads, on_row, stats)
+                    else:
+                        batch.run(on_row, stats)
             except KeyboardInterrupt:
                 sink.close()
                 sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. "
@@ -321,6 +357,7 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", metavar="N", help="requests that may wait for a slot before HTTP 429", min=0)] = 64,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help='the mood of requests without an "eqz" field')] = None,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
 ) -> None:
     """Serve the OpenAI API (chat and completions, with sliders per request and live re-steering) and the web
     equalizer at http://HOST:PORT/."""
@@ -329,7 +366,7 @@ def serve(
     if not is_loopback(host) and not api_key:
         raise EqzError(f"--host {host} would let anyone on the network use this machine; add --api-key KEY "
                        "(or leave --host at 127.0.0.1)")
-    with _load_model(model, threads, chatting=True) as loaded:
+    with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         def ready(bound: int) -> None:
             sys.stderr.write(f"eqz serve: {loaded.info.name} on http://{host}:{bound}/ (web equalizer), OpenAI API "
                              f"at http://{host}:{bound}/v1; Ctrl-C stops\n")
@@ -345,6 +382,7 @@ def analyze(
     model: ModelOpt = None,
     json_output: JsonOpt = False,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
 ) -> None:
     """Show how the model itself reads a text, band by band, per sentence or per token."""
     from pathlib import Path
@@ -361,7 +399,7 @@ def analyze(
             text = Path(file).expanduser().read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise EqzError(f"cannot read {file}: {error}") from None
-    with _load_model(model, threads) as loaded:
+    with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
         result = loaded.analyze(text, by)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
@@ -381,6 +419,7 @@ def eval_command(
     plot: Annotated[bool, typer.Option("--plot", metavar="", help="also draw dose_response.png (needs matplotlib)")] = False,
     record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml")] = False,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
 ) -> None:
     """Measure what each slider does against asking for the emotion in the system prompt: lexicon effect,
     readout, crosstalk and fluency on held-out neutral prompts."""
@@ -402,7 +441,7 @@ def eval_command(
             raise EqzError(f"cannot read {prompts}: {error}") from None
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
-    with _load_model(model, threads, chatting=True) as loaded:
+    with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         chosen = [b.strip().lower() for b in bands.split(",")] if bands else None
         with progress_bars() as progress:
             result = loaded.evaluate(chosen, gain_list, prompt_list, tokens, samples, progress, record)
@@ -428,6 +467,7 @@ def train(
         bool, typer.Option("--orthogonalize", metavar="", help="make the eight primaries orthogonal (less crosstalk)")
     ] = False,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
 ) -> None:
     """Train emotion vectors for a GGUF model (eqz's stimuli and the model's own voice) and calibrate every
     slider on the text it produces, scored by an emotion lexicon. About 10 minutes for a 135M model on 2 cores.
@@ -444,7 +484,7 @@ def train(
     if unknown:
         raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")
     descriptions = dict(parse_described(spec) for spec in described or [])
-    with _load_model(model, threads) as loaded:
+    with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
         with progress_bars() as progress:
             bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize,
                                 base=find_bank(loaded.info) if out else None, progress=progress)

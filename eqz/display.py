@@ -52,7 +52,17 @@ def print_models(infos: list[dict]) -> None:
         console.print(f"[bold]{escape(info['name'])}[/bold]")
         console.print(f"  {info['architecture']}, {info['n_layer']} layers x {info['n_embd']}, context "
                       f"{info['n_ctx_train']}, chat template {template}")
+        memory = info["memory"]
+        gpu = [name for name in info["backends"] if name != "CPU"]
+        console.print(f"  memory: {_mib(memory['weights'])} weights + {_mib(memory['kv_cache'])} KV cache at "
+                      f"{memory['context']} tokens")
+        console.print(f"  llama.cpp built for {' + '.join(gpu)}, all layers offloaded by default" if gpu else
+                      "  llama.cpp built for the CPU only (`make setup GPU=cuda` builds it for a GPU)")
         console.print(f"  {escape(info['path'])}", soft_wrap=True)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB" if size < 2**30 else f"{size / 2**30:.1f} GiB"
 
 
 def print_bank_list(banks: list[FoundBank]) -> None:

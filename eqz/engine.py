@@ -63,6 +63,22 @@ def set_verbose(verbose: bool) -> None:
     _log.verbose = verbose
 
 
+ALL_LAYERS = -1  # --gpu-layers all
+_LLAMA_ALL_LAYERS = 2**31 - 1  # what llama.cpp takes for "every layer"
+
+
+def backends() -> list[str]:
+    """The compute backends this llama.cpp build has, GPU ones first (e.g. ["CUDA", "CPU"]), from its system info."""
+    info = L.llama_print_system_info().decode("utf-8", "replace")
+    names = [part.split(" : ")[0].strip() for part in info.split("|") if " : " in part]
+    return sorted(dict.fromkeys(names), key=lambda name: name == "CPU")
+
+
+def default_gpu_layers() -> int:
+    """Every layer on the GPU when llama.cpp was built with a GPU backend, none otherwise."""
+    return ALL_LAYERS if L.llama_supports_gpu_offload() else 0
+
+
 _LIB_DIR = Path(L.__file__).parent / "lib"
 _ggml = ctypes.CDLL(str(_LIB_DIR / "libggml-base.so"))
 _ggml.ggml_get_name.restype = ctypes.c_char_p
@@ -158,12 +174,14 @@ def _explain_load_failure(path: Path, errors: list[str]) -> EqzError:
 class Model:
     """A GGUF model loaded by llama.cpp (weights and vocabulary), shared by the contexts made from it."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, gpu_layers: int | None = None):
         self.path = Path(path)
         _check_gguf_header(self.path)
         self.threads = threads or default_threads()
+        # layers llama.cpp is asked to offload (ALL_LAYERS: every one); a CPU-only build offloads none
+        self.gpu_layers = default_gpu_layers() if gpu_layers is None else gpu_layers
         params = L.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = _LLAMA_ALL_LAYERS if self.gpu_layers == ALL_LAYERS else self.gpu_layers
         _log.take_errors()
         self._model = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
@@ -199,6 +217,17 @@ class Model:
         self.close()
 
     # -- metadata and vocabulary
+
+    def memory_estimate(self, n_ctx: int) -> dict[str, int]:
+        """Bytes for the weights (the file) and for an f16 KV cache of ``n_ctx`` tokens on every layer (an upper
+        bound for models with sliding-window layers)."""
+        arch = self.info.architecture
+        heads = int(self.meta(f"{arch}.attention.head_count") or 1)
+        kv_heads = int(self.meta(f"{arch}.attention.head_count_kv") or heads)
+        key = int(self.meta(f"{arch}.attention.key_length") or self.info.n_embd // heads)
+        value = int(self.meta(f"{arch}.attention.value_length") or key)
+        kv = self.info.n_layer * n_ctx * kv_heads * (key + value) * 2
+        return {"weights": self.path.stat().st_size, "kv_cache": kv, "context": n_ctx}
 
     def meta(self, key: str) -> str | None:
         buffer = ctypes.create_string_buffer(4096)

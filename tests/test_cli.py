@@ -47,6 +47,28 @@ def test_models_shows_the_default_model(model_path):
     assert info["chat_template"] is True and info["n_ctx_train"] == 8192
 
 
+def test_models_shows_the_backend_and_the_memory_at_a_context(model_path):
+    info = json.loads(run_eqz("models", "--json", "--ctx", "8192").stdout)
+    assert info["backends"][-1] == "CPU"
+    memory = info["memory"]
+    assert memory["weights"] == model_path.stat().st_size and memory["context"] == 8192
+    # SmolLM2-135M: 30 layers x 8192 tokens x 3 KV heads x (64 + 64) x 2 bytes (f16)
+    assert memory["kv_cache"] == 30 * 8192 * 3 * 128 * 2
+    table = run_eqz("models", "--ctx", "1024").stdout
+    assert "KV cache at 1024 tokens" in table and "llama.cpp built for" in table
+
+
+def test_gpu_layers_on_a_cpu_build_warn_once_and_a_bad_count_is_one_line():
+    """CI's llama.cpp is built for the CPU: asking for GPU layers still generates, with a one-line hint."""
+    result = run_eqz("generate", "Hi", "-n", "4", "--seed", "1", "-ngl", "all")
+    assert result.returncode == 0 and result.stderr.count("built for the CPU only") == 1
+    assert "make setup GPU=cuda" in result.stderr
+    from_env = run_eqz("generate", "Hi", "-n", "4", "--seed", "1", env={"EQZ_GPU_LAYERS": "8"})
+    assert from_env.returncode == 0 and "built for the CPU only" in from_env.stderr
+    assert "built for the CPU only" not in run_eqz("generate", "Hi", "-n", "4", "--seed", "1", "-ngl", "0").stderr
+    assert_one_line_error(run_eqz("generate", "Hi", "--gpu-layers", "many"), "--gpu-layers takes a number", "'many'")
+
+
 # The one record shape of a reply (README "Records"), shared by generate --json and batch rows.
 RECORD_KEYS = {"prompt", "system", "preset", "output", "sliders", "vectors", "sampling", "seed", "n_tokens",
                "finish_reason", "model", "eqz_version"}
