@@ -302,6 +302,26 @@ def missing_rows(prompts: PromptFile, settings: list[Resolved], samples: int, se
                 number += 1
 
 
+def _chat_tokens(model: Model, system: str | None, prompt: str) -> tuple[list[int], tuple[str, ...]]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text, stops = model.chat_prompt(messages)
+    return model.tokenize(text, parse_special=True), stops
+
+
+def _template_head(model: Model, system: str | None) -> list[int]:
+    """What every prompt under ``system`` starts with (chat template and system message): the common prefix of two
+    renderings that differ only in the user's text."""
+    first, second = (_chat_tokens(model, system, text)[0] for text in ("A", "B"))
+    return first[: _common_length(first, second)]
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
 def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], tasks: Iterable[RowTask],
                   parallel: int, longest: int, meter: bool = False) -> Iterator[dict]:
     """The record of every task, in task order; tasks of one setting that follow each other are decoded up to
@@ -312,6 +332,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
     per_sequence = (per_sequence + 255) // 256 * 256
     filtered = any(setting.filters for setting in settings)
     taps = (meter or filtered) and steerer.bank is not None
+    heads: dict[str | None, list[int]] = {}  # system prompt -> the tokens every prompt with it starts with
     with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=max(512, per_sequence), unified=False,
                        taps=taps) as context:
         for index, group in itertools.groupby(tasks, key=lambda task: task.setting):
@@ -327,12 +348,11 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
             def jobs() -> Iterator[Job]:
                 for task in group:
                     system = task.row.system if task.row.system is not None else setting.system
-                    messages = ([{"role": "system", "content": system}] if system else []) + [
-                        {"role": "user", "content": task.row.prompt}
-                    ]
-                    text, stops = model.chat_prompt(messages)
-                    tokens = model.tokenize(text, parse_special=True)
-                    yield Job(tokens, setting.sampling, task.seed, stops, matrix, index, tag=(task, system))
+                    tokens, stops = _chat_tokens(model, system, task.row.prompt)
+                    if system not in heads:
+                        heads[system] = _template_head(model, system)
+                    yield Job(tokens, setting.sampling, task.seed, stops, matrix, index, tag=(task, system),
+                              shared=_common_length(tokens, heads[system]))
 
             on_decode = instruments.owners if instruments else None
             for finished in generate_parallel(context, jobs(), on_decode=on_decode):

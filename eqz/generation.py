@@ -151,6 +151,7 @@ class Job:
     vector_key: object = None
     tag: object = None
     ignore_eos: bool = False
+    shared: int = 0  # leading prompt tokens other jobs with this vector_key share (a chat template, a system prompt)
 
 
 @dataclass
@@ -224,6 +225,10 @@ def generate_parallel(
 
     Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
     and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
+    A job's first ``shared`` prompt tokens are decoded on their own, and kept in its sequence's cache for the next
+    job there that starts with the same tokens under the same vector, which then skips them: prompts that share a
+    chat template and system prompt compute it once per sequence, and every prompt is computed in the same two
+    pieces whether its head was cached or not, so outputs still do not depend on the parallelism.
     Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
     """
     window = window or 4 * context.n_seq
@@ -246,6 +251,7 @@ def generate_parallel(
         done: dict[int, Finished] = {}
         started = emitted = 0
         current_key: object = object()
+        heads: dict[int, tuple] = {}  # seq -> (prompt head, vector key) its cache holds from position 0
         context.clear()
         while upcoming is not None or active or done:
             # start jobs while there is room, the vector matches, and results are not piling up
@@ -258,15 +264,24 @@ def generate_parallel(
                 if steering is None and upcoming.vector_key != current_key:
                     context.set_control_vector(upcoming.vector)
                     current_key = upcoming.vector_key
-                seq = next(s for s in range(context.n_seq) if s not in active)
-                slot = _Slot(context, upcoming)
                 prompt = list(upcoming.prompt)
+                head = (tuple(prompt[: min(upcoming.shared, len(prompt) - 1)]), upcoming.vector_key)
+                free = [s for s in range(context.n_seq) if s not in active]
+                seq = next((s for s in free if heads.get(s) == head), free[0])
+                slot = _Slot(context, upcoming)
                 if len(prompt) >= context.n_ctx // context.n_seq:
                     raise EqzError(
                         f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
                         "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
                     )
-                context.decode_prompt(prompt, seq, before_chunk=lambda size: announce([slot.job] * size, reply=False))
+                prompt_rows = lambda size: announce([slot.job] * size, reply=False)  # noqa: E731
+                if heads.get(seq) != head:
+                    context.forget(seq)
+                    heads.pop(seq, None)
+                    if head[0]:
+                        context.decode_prompt(list(head[0]), seq, before_chunk=prompt_rows)
+                        heads[seq] = head
+                context.decode_prompt(prompt[len(head[0]):], seq, len(head[0]), before_chunk=prompt_rows)
                 slot.next_token = slot.take(context, -1)
                 active[seq] = (started, slot)
                 started += 1
@@ -274,7 +289,7 @@ def generate_parallel(
             # finish slots that are done, then decode one token for every running slot
             for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
                 number, slot = active.pop(seq)
-                context.forget(seq)
+                context.forget(seq, len(heads[seq][0]) if seq in heads else 0)
                 done[number] = slot.result()
             while emitted in done:
                 yield done.pop(emitted)

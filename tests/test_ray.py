@@ -5,6 +5,7 @@ worker is killed mid-run and after the driver is interrupted and resumed."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 # Ray's switch for a one-machine cluster: every Ray process here (head, workers, drivers) listens and talks on
 # 127.0.0.1 only, not on the machine's network address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# A token of the test's own for every Ray process it starts: Ray >= 2.5x turns token authentication on by itself once
+# any local cluster has written ~/.ray/auth_token, and processes that disagree about it cannot talk.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 PROMPTS = [
     "Describe your walk to the bus stop this morning.",
     "Write a short note to a neighbour about the new recycling bins.",
