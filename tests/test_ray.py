@@ -21,6 +21,7 @@ import eqz
 from eqz.errors import EqzError
 
 from .conftest import EQZ, run_eqz
+from .test_batch import PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +33,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # any local cluster has written ~/.ray/auth_token, and processes that disagree about it cannot talk.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-PROMPTS = [
-    "Describe your walk to the bus stop this morning.",
-    "Write a short note to a neighbour about the new recycling bins.",
-    "What do you think of rainy Mondays?",
-    "Tell me about the last meal you cooked.",
-    "Explain how a kettle works.",
-    "Describe the view from your window.",
-]
 SWEEP = ["--sweep", "joy=-1:1:3", "--samples", "2", "--seed", "5", "-n", "24"]  # 6 prompts x 3 x 2 = 36 rows
 
 
