@@ -99,8 +99,10 @@ class Filters:
         if solve is None:
             return False
         directions, wanted, gram_inverse = solve
-        missing = wanted[None, :] - hidden @ directions.T
-        hidden += (missing @ gram_inverse) @ directions
+        # einsum, not @: BLAS multiplies one row and many rows with different roundings, and a row must come out the
+        # same whether it is filtered alone (the server, per request) or with others (a chat's prompt)
+        missing = wanted[None, :] - np.einsum("re,ke->rk", hidden, directions)
+        hidden += np.einsum("rk,ke->re", np.einsum("rk,kj->rj", missing, gram_inverse), directions)
         return True
 
 
