@@ -1,9 +1,9 @@
 """Rows per second of `eqz batch --ray` with 1 and 2 workers on this machine, beside a local run, same rows.
 
-24 neutral prompts x 48 tokens, `--parallel 4`, each worker one thread. The rate is taken over the rows as eqz
-reports them (`... in S s`), from the first row's start to the last (the Ray run's own start-up, a local cluster
-started by `--ray auto`, is printed apart). On 2 cores expect little from a second worker: the point is that the
-same command runs on a cluster.
+24 neutral prompts x 48 tokens, `--parallel 4`, each worker one thread. The rate is the rows over the time eqz
+reports (`... in S s`), which for a Ray run includes starting a local cluster (`--ray auto`) and loading the model
+in every worker, so short runs understate Ray; the wall time with the CLI's own start-up is printed beside it. On 2
+cores expect little from a second worker: the point is that the same command runs on a cluster.
 
     python benchmarks/ray_scaling.py
 """
