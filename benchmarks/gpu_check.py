@@ -90,7 +90,8 @@ def main() -> None:
                  f"CPU {cpu['batch']['seconds']:.1f} s; {same_rows}/4 rows the same text"))
     if "train_quick_s" in gpu:
         rows.append(("train --quick, 2 bands", f"{gpu['train_quick_s']:.0f} s", f"CPU {cpu['train_quick_s']:.0f} s"))
-    (HERE / "gpu_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    if not args.dry_run:
+        (HERE / "gpu_results.json").write_text(json.dumps(results, indent=1) + "\n")
     print_figures(f"GPU ({' + '.join(backends)}) against CPU, same build, default model", rows)
     failed = [name for name in ("slider", "filter")
               if not results[f"{name}_same_text"] and results[f"{name}_meter_gap"] > TOLERANCE]
