@@ -21,7 +21,7 @@ from pathlib import Path
 
 from report import EQZ, print_figures  # benchmarks/ is on sys.path: it holds the script being run
 
-from eqz.api import gpu_backends
+from eqz.api import llama_build
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "Tell me about your morning."
@@ -69,8 +69,9 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="skip the two quick trainings")
     parser.add_argument("--dry-run", action="store_true", help="run on a CPU build too (checks this script)")
     args = parser.parse_args()
-    backends = gpu_backends()
-    if backends == ["CPU"] and not args.dry_run:
+    build = llama_build()
+    backends = build["backends"]
+    if not build["gpu_offload"] and not args.dry_run:
         raise SystemExit("this llama.cpp has no GPU backend: run `make setup GPU=cuda` (or metal, vulkan) first")
     with tempfile.TemporaryDirectory() as folder:
         cpu = side("0", Path(folder), not args.no_train)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 from .analyze import Analysis, analyze
 from .bands import check_gain, gain_warning
 from .bank import Bank, find_bank, require_bank, resolve_bank
-from .engine import Model, backends
+from .engine import Model, backends, gpu_offload
 from .models import ModelInfo
 from .errors import EqzError
 from .models import resolve_model_path
@@ -287,9 +287,10 @@ def show_backend_log(on: bool = True) -> None:
     set_verbose(on)
 
 
-def gpu_backends() -> list[str]:
-    """The compute backends of the installed llama.cpp, GPU ones first (["CPU"] for a CPU-only build)."""
-    return backends()
+def llama_build() -> dict:
+    """What the installed llama.cpp was built for: its compute backends (GPU ones first, ["CPU"] for a CPU-only
+    build) and whether it can offload layers to a GPU."""
+    return {"backends": backends(), "gpu_offload": gpu_offload()}
 
 
 def load(model: str | Path | None = None, *, bank: str | Path | None = None, threads: int | None = None,

@@ -101,10 +101,10 @@ def _clamp_ablate(clamp: list[str] | None, ablate: list[str] | None) -> tuple[di
 def _load_model(model: str | None, threads: int | None, chatting: bool = False, gpu_layers: str | None = "0"):
     """The library's model (eqz.api) for a command, warnings printed as one line each. Commands that only read a
     model's facts keep it off the GPU (``gpu_layers`` "0")."""
-    from .api import load, gpu_backends
+    from .api import llama_build, load
 
     layers = _gpu_layers(gpu_layers)
-    if layers and gpu_backends() == ["CPU"]:
+    if layers and not llama_build()["gpu_offload"]:
         _warn("this llama.cpp was built for the CPU only, so --gpu-layers/EQZ_GPU_LAYERS does nothing; "
               "`make setup GPU=cuda` (or metal, vulkan) builds it for a GPU")
     library = load(model, threads=threads, gpu_layers=layers)
@@ -164,7 +164,7 @@ def models(
 ) -> None:
     """Show a model's path, architecture, layers, width, context length, chat template, the backend llama.cpp
     was built for, and the memory the weights and a KV cache of --ctx tokens take."""
-    from .api import gpu_backends
+    from .api import llama_build
     from .display import print_models
 
     paths = [*(paths or []), *([model] if model else [])] or None
@@ -172,7 +172,7 @@ def models(
     infos = []
     for path in paths or [None]:
         with _load_model(path, None) as model:
-            infos.append({**model.info.to_dict(), "backends": gpu_backends(),
+            infos.append({**model.info.to_dict(), "llama_cpp": llama_build(),
                           "memory": model.model.memory_estimate(ctx)})
     if json_output:
         typer.echo(json.dumps(infos if paths and len(paths) > 1 else infos[0], indent=2))

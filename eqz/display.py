@@ -53,7 +53,8 @@ def print_models(infos: list[dict]) -> None:
         console.print(f"  {info['architecture']}, {info['n_layer']} layers x {info['n_embd']}, context "
                       f"{info['n_ctx_train']}, chat template {template}")
         memory = info["memory"]
-        gpu = [name for name in info["backends"] if name != "CPU"]
+        build = info["llama_cpp"]
+        gpu = [name for name in build["backends"] if name != "CPU"] if build["gpu_offload"] else []
         console.print(f"  memory: {_mib(memory['weights'])} weights + {_mib(memory['kv_cache'])} KV cache at "
                       f"{memory['context']} tokens")
         console.print(f"  llama.cpp built for {' + '.join(gpu)}, all layers offloaded by default" if gpu else

@@ -74,9 +74,15 @@ def backends() -> list[str]:
     return sorted(dict.fromkeys(names), key=lambda name: name == "CPU")
 
 
+def gpu_offload() -> bool:
+    """Whether this llama.cpp can put layers on a GPU (the one answer every GPU default and message follows; a
+    backend name such as BLAS in the system info is not a GPU)."""
+    return bool(L.llama_supports_gpu_offload())
+
+
 def default_gpu_layers() -> int:
     """Every layer on the GPU when llama.cpp was built with a GPU backend, none otherwise."""
-    return ALL_LAYERS if L.llama_supports_gpu_offload() else 0
+    return ALL_LAYERS if gpu_offload() else 0
 
 
 _LIB_DIR = Path(L.__file__).parent / "lib"

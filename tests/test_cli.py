@@ -49,7 +49,7 @@ def test_models_shows_the_default_model(model_path):
 
 def test_models_shows_the_backend_and_the_memory_at_a_context(model_path):
     info = json.loads(run_eqz("models", "--json", "--ctx", "8192").stdout)
-    assert info["backends"][-1] == "CPU"
+    assert info["llama_cpp"]["backends"][-1] == "CPU" and info["llama_cpp"]["gpu_offload"] is False
     memory = info["memory"]
     assert memory["weights"] == model_path.stat().st_size and memory["context"] == 8192
     # SmolLM2-135M: 30 layers x 8192 tokens x 3 KV heads x (64 + 64) x 2 bytes (f16)
