@@ -28,6 +28,7 @@ import numpy as np
 from .bands import check_gain
 from .engine import Model
 from .generation import Job, generate_parallel
+from .reading import common_prefix_length
 from .meter import Filters, Instruments
 from .errors import EqzError
 from .presets import Preset, Resolved, get_preset, resolve
@@ -312,14 +313,7 @@ def _template_head(model: Model, system: str | None) -> list[int]:
     """What every prompt under ``system`` starts with (chat template and system message): the common prefix of two
     renderings that differ only in the user's text."""
     first, second = (_chat_tokens(model, system, text)[0] for text in ("A", "B"))
-    return first[: _common_length(first, second)]
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    while length < min(len(a), len(b)) and a[length] == b[length]:
-        length += 1
-    return length
+    return first[: common_prefix_length(first, second)]
 
 
 def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], tasks: Iterable[RowTask],
@@ -352,7 +346,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
                     if system not in heads:
                         heads[system] = _template_head(model, system)
                     yield Job(tokens, setting.sampling, task.seed, stops, matrix, index, tag=(task, system),
-                              shared=_common_length(tokens, heads[system]))
+                              shared=common_prefix_length(tokens, heads[system]))
 
             on_decode = instruments.owners if instruments else None
             for finished in generate_parallel(context, jobs(), on_decode=on_decode):

@@ -30,6 +30,14 @@ def _packs(lengths: Sequence[int], n_batch: int, n_slots: int, slots: Sequence[i
         yield pack
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
 @dataclass
 class TextGroup:
     """Texts that share a prefix: each text is ``prefix + tail``; the prefix is computed once for all."""

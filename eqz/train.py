@@ -32,7 +32,7 @@ from . import eval as E
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
 from .bank import Band, Bank, Layers
 from .engine import Model
-from .reading import TextGroup, read_texts
+from .reading import TextGroup, common_prefix_length, read_texts
 from .errors import EqzError
 from .eval import ReplyBench, ReplySet, Setting, prompt_sets
 from .meter import LayerGeometry
@@ -103,9 +103,7 @@ class Extraction:
 def _pair_group(model: Model, neutral: str, emotional: str) -> TextGroup:
     """Both sides of a matched pair, their common token prefix computed once."""
     a, b = model.tokenize(neutral), model.tokenize(emotional)
-    common = 0
-    while common < min(len(a), len(b)) - 1 and a[common] == b[common]:
-        common += 1
+    common = min(common_prefix_length(a, b), min(len(a), len(b)) - 1)  # each side keeps a token of its own
     return TextGroup(a[:common], [a[common:], b[common:]], pool_from=1)
 
 
