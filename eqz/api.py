@@ -24,10 +24,11 @@ from .analyze import Analysis, analyze
 from .bands import check_gain, gain_warning
 from .bank import Bank, find_bank, require_bank, resolve_bank
 from .engine import Model, backends, gpu_offload
-from .models import ModelInfo
 from .errors import EqzError
-from .models import resolve_model_path
+from .generation import template_head
+from .models import ModelInfo, resolve_model_path
 from .presets import Preset, get_preset, resolve
+from .reading import common_prefix_length
 from .session import ChatSession, Turn, model_record
 from .steering import Steering
 from .vector_files import ControlVector
@@ -182,15 +183,16 @@ class EqzModel:
         valid = bank.names if bank else ()
         resolved = resolve(get_preset(preset, valid) if preset else None, valid, sliders, sampling, None, clamp, ablate)
         if prompt is not None:
-            tokens, stops = self.model.tokenize(prompt), ()
+            tokens, stops, shared = self.model.tokenize(prompt), (), 0
         else:
             if resolved.system and not any(message.get("role") == "system" for message in messages or []):
                 messages = [{"role": "system", "content": resolved.system}, *messages]
             text, stops = self.model.chat_prompt(messages or [])
             tokens = self.model.tokenize(text, parse_special=True)
+            shared = common_prefix_length(tokens, template_head(self.model, messages)) if messages else 0
         seed = resolved.sampling.seed if resolved.sampling.seed is not None else random.randrange(2**32)
         return Request(tokens, dataclasses.replace(resolved.sampling, seed=seed), Steering().with_gains(resolved.gains), (*stops, *stop),
-                       resolved.filters, meter and bank is not None, seed=seed)
+                       resolved.filters, meter and bank is not None, seed=seed, shared=shared)
 
     def server(self, parallel: int = 4, per_sequence: int = 2048, max_waiting: int = 64) -> "BatchServer":
         """A decode loop serving ``request()``s ``parallel`` at a time, each with its own sliders (see

@@ -27,7 +27,7 @@ import numpy as np
 
 from .bands import check_gain
 from .engine import Model
-from .generation import Job, generate_parallel
+from .generation import Job, generate_parallel, template_head
 from .reading import common_prefix_length
 from .meter import Filters, Instruments
 from .errors import EqzError
@@ -303,17 +303,8 @@ def missing_rows(prompts: PromptFile, settings: list[Resolved], samples: int, se
                 number += 1
 
 
-def _chat_tokens(model: Model, system: str | None, prompt: str) -> tuple[list[int], tuple[str, ...]]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text, stops = model.chat_prompt(messages)
-    return model.tokenize(text, parse_special=True), stops
-
-
-def _template_head(model: Model, system: str | None) -> list[int]:
-    """What every prompt under ``system`` starts with (chat template and system message): the common prefix of two
-    renderings that differ only in the user's text."""
-    first, second = (_chat_tokens(model, system, text)[0] for text in ("A", "B"))
-    return first[: common_prefix_length(first, second)]
+def _chat_messages(system: str | None, prompt: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
 def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], tasks: Iterable[RowTask],
@@ -342,9 +333,11 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
             def jobs() -> Iterator[Job]:
                 for task in group:
                     system = task.row.system if task.row.system is not None else setting.system
-                    tokens, stops = _chat_tokens(model, system, task.row.prompt)
+                    messages = _chat_messages(system, task.row.prompt)
+                    text, stops = model.chat_prompt(messages)
+                    tokens = model.tokenize(text, parse_special=True)
                     if system not in heads:
-                        heads[system] = _template_head(model, system)
+                        heads[system] = template_head(model, messages)
                     yield Job(tokens, setting.sampling, task.seed, stops, matrix, index, tag=(task, system),
                               shared=common_prefix_length(tokens, heads[system]))
 

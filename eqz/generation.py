@@ -11,6 +11,7 @@ import numpy as np
 
 from .engine import Context, Model, Sampler
 from .errors import EqzError
+from .reading import common_prefix_length
 from .sampling import Sampling
 
 
@@ -188,6 +189,53 @@ class _Slot:
         return Finished(self.job, self.reply.tokens, self.reply.assembler.text, self.reply.finish_reason or "length")
 
 
+def template_head(model: Model, messages: Sequence[dict]) -> list[int]:
+    """The tokens every conversation that differs from ``messages`` only in its last message's text starts with
+    (chat template, system prompt, earlier turns): what a prompt cache can keep between such prompts."""
+    first, second = (model.tokenize(model.chat_prompt([*messages[:-1], {**messages[-1], "content": text}])[0],
+                                    parse_special=True) for text in ("A", "B"))
+    return first[: common_prefix_length(first, second)]
+
+
+class PromptHeads:
+    """The prompt head each sequence's cache keeps from position 0, so the next prompt there that starts with
+    the same tokens under the same steering skips them.
+
+    A head is (leading tokens, steering key): the key says what steered and filtered the tokens' cache entries.
+    Every prompt is decoded in the same two pieces, head then rest, whether its head was cached or not, so a
+    reply does not depend on which sequence ran it or what ran there before.
+    """
+
+    def __init__(self, context: Context):
+        self.context = context
+        self._kept: dict[int, tuple] = {}
+
+    @staticmethod
+    def head(prompt: Sequence[int], shared: int, key: object) -> tuple:
+        """The head of ``prompt`` whose first ``shared`` tokens others share (it keeps a token of its own)."""
+        return tuple(prompt[: min(shared, len(prompt) - 1)]), key
+
+    def pick(self, free: Sequence[int], head: tuple) -> int:
+        """A free sequence that already holds ``head``, else the first free one."""
+        return next((seq for seq in free if self._kept.get(seq) == head), free[0])
+
+    def decode(self, seq: int, prompt: Sequence[int], head: tuple,
+               before_chunk: Callable[[int], None] | None = None) -> None:
+        """Decode ``prompt`` into ``seq``: its head unless the sequence holds it already, then the rest."""
+        tokens = head[0]
+        if self._kept.get(seq) != head:
+            self.context.forget(seq)
+            self._kept.pop(seq, None)
+            if tokens:
+                self.context.decode_prompt(list(tokens), seq, before_chunk=before_chunk)
+                self._kept[seq] = head
+        self.context.decode_prompt(list(prompt[len(tokens):]), seq, len(tokens), before_chunk=before_chunk)
+
+    def release(self, seq: int) -> None:
+        """A reply on ``seq`` is over: drop all but its head."""
+        self.context.forget(seq, len(self._kept[seq][0]) if seq in self._kept else 0)
+
+
 class RowSteering:
     """Per-sequence control vectors: adds each batch row's own vector to the residual stream after each layer.
 
@@ -225,10 +273,8 @@ def generate_parallel(
 
     Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
     and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
-    A job's first ``shared`` prompt tokens are decoded on their own, and kept in its sequence's cache for the next
-    job there that starts with the same tokens under the same vector, which then skips them: prompts that share a
-    chat template and system prompt compute it once per sequence, and every prompt is computed in the same two
-    pieces whether its head was cached or not, so outputs still do not depend on the parallelism.
+    A job's first ``shared`` prompt tokens are its head (see PromptHeads): computed once per sequence for every
+    job under the same vector that starts with them.
     Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
     """
     window = window or 4 * context.n_seq
@@ -251,8 +297,8 @@ def generate_parallel(
         done: dict[int, Finished] = {}
         started = emitted = 0
         current_key: object = object()
-        heads: dict[int, tuple] = {}  # seq -> (prompt head, vector key) its cache holds from position 0
         context.clear()
+        heads = PromptHeads(context)
         while upcoming is not None or active or done:
             # start jobs while there is room, the vector matches, and results are not piling up
             while (
@@ -265,9 +311,8 @@ def generate_parallel(
                     context.set_control_vector(upcoming.vector)
                     current_key = upcoming.vector_key
                 prompt = list(upcoming.prompt)
-                head = (tuple(prompt[: min(upcoming.shared, len(prompt) - 1)]), upcoming.vector_key)
-                free = [s for s in range(context.n_seq) if s not in active]
-                seq = next((s for s in free if heads.get(s) == head), free[0])
+                head = PromptHeads.head(prompt, upcoming.shared, upcoming.vector_key)
+                seq = heads.pick([s for s in range(context.n_seq) if s not in active], head)
                 slot = _Slot(context, upcoming)
                 if len(prompt) >= context.n_ctx // context.n_seq:
                     raise EqzError(
@@ -275,13 +320,7 @@ def generate_parallel(
                         "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
                     )
                 prompt_rows = lambda size: announce([slot.job] * size, reply=False)  # noqa: E731
-                if heads.get(seq) != head:
-                    context.forget(seq)
-                    heads.pop(seq, None)
-                    if head[0]:
-                        context.decode_prompt(list(head[0]), seq, before_chunk=prompt_rows)
-                        heads[seq] = head
-                context.decode_prompt(prompt[len(head[0]):], seq, len(head[0]), before_chunk=prompt_rows)
+                heads.decode(seq, prompt, head, before_chunk=prompt_rows)
                 slot.next_token = slot.take(context, -1)
                 active[seq] = (started, slot)
                 started += 1
@@ -289,7 +328,7 @@ def generate_parallel(
             # finish slots that are done, then decode one token for every running slot
             for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
                 number, slot = active.pop(seq)
-                context.forget(seq, len(heads[seq][0]) if seq in heads else 0)
+                heads.release(seq)
                 done[number] = slot.result()
             while emitted in done:
                 yield done.pop(emitted)

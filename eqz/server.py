@@ -174,34 +174,32 @@ class EqzServer:
     async def _respond(self, body: dict, job, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.on_event = lambda kind, data: loop.call_soon_threadsafe(self._deliver, job, events, kind, data)
+        streaming = bool(body.get("stream"))
+        # a reply that is not streamed needs only its end: the decode thread then wakes this loop once per reply,
+        # not once per token and row
+        job.on_event = lambda kind, data: (streaming or kind in ("done", "error")) and \
+            loop.call_soon_threadsafe(self._deliver, job, events, kind, data)
         self.loop.submit(job)
         created = int(time.time())
         self._remember(job.id, {"id": job.id, **job.steering.to_dict(self.bands), "finish_reason": None})
-        if body.get("stream"):
+        if streaming:
             return StreamingResponse(self._chunks(job, events, created, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Eqz-Stream": job.id})
-        pieces = []
         try:
-            while True:
-                kind, data = await events.get()
-                if kind == "piece":
-                    pieces.append(data)
-                elif kind == "error":
-                    return _error(500, f"generation failed: {data}", "server_error")
-                elif kind == "done":
-                    break
+            kind, data = await events.get()
         finally:
             job.cancel()  # a no-op once done; frees the slot if this handler is cancelled (client gone)
-        text = "".join(pieces)
+        if kind == "error":
+            return _error(500, f"generation failed: {data}", "server_error")
         choice = {"index": 0, "finish_reason": FINISH_REASONS[data["finish_reason"]]}
+        text = data["output"]
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
         return JSONResponse({
             "id": job.id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": self.name, "choices": [choice],
             "usage": {"prompt_tokens": data["n_prompt_tokens"], "completion_tokens": data["n_tokens"],
                       "total_tokens": data["n_prompt_tokens"] + data["n_tokens"]},
-            "eqz": data,
+            "eqz": _without_output(data),
         })
 
     async def _chunks(self, job, events: asyncio.Queue, created: int, chat: bool):
@@ -235,7 +233,7 @@ class EqzServer:
                     break
                 elif kind == "done":
                     finished = True
-                    yield chunk(None, FINISH_REASONS[data["finish_reason"]], data)
+                    yield chunk(None, FINISH_REASONS[data["finish_reason"]], _without_output(data))
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -246,9 +244,8 @@ class EqzServer:
         """On the event loop: pass a decode-thread event to the response; a finished reply's record is kept for
         GET /v1/eqz/streams/{id} even when its client has gone (the response no longer reads events)."""
         if kind == "done":
-            full = {"id": job.id, **data}
-            self._remember(job.id, full)
-            data = {key: value for key, value in full.items() if key != "output"}
+            data = {"id": job.id, **data}
+            self._remember(job.id, data)
         events.put_nowait((kind, data))
 
     def _remember(self, stream_id: str, record: dict) -> None:
@@ -272,6 +269,11 @@ class _KeyCheck:
                 response = _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _without_output(record: dict) -> dict:
+    """A reply's record as the response's "eqz" field carries it: the text is in the choice already."""
+    return {key: value for key, value in record.items() if key != "output"}
 
 
 async def _json_body(request: HttpRequest) -> dict:

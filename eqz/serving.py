@@ -9,6 +9,7 @@ float addition, see generation.RowSteering): replies with different moods share 
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import threading
 from collections import deque
@@ -20,7 +21,7 @@ import numpy as np
 from .bank import Bank
 from .engine import Model, Sampler
 from .errors import EqzError
-from .generation import ReplyText, RowSteering
+from .generation import PromptHeads, ReplyText, RowSteering
 from .meter import Filters, geometry, metered_bands
 from .sampling import Sampling
 from .steering import Steerer, Steering
@@ -44,6 +45,7 @@ class Request:
     on_event: Callable[[str, object], None] = lambda kind, data: None
     id: str = ""
     seed: int = 0
+    shared: int = 0  # leading prompt tokens other requests share (chat template, system prompt, earlier turns)
     changes: list[dict] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -53,11 +55,13 @@ class Request:
 
 
 class _Row:
-    """A request running on one sequence: its sampler, reply, vector, filters and meter sums."""
+    """A request running on one sequence: its sampler, reply, vector, filters, prompt head and meter sums."""
 
-    def __init__(self, server: "BatchServer", request: Request, seq: int):
+    def __init__(self, server: "BatchServer", request: Request):
         self.request = request
-        self.seq = seq
+        self.seq = -1  # until it gets a sequence
+        self.head = PromptHeads.head(request.prompt, request.shared,
+                                     (request.steering, json.dumps(request.filters, sort_keys=True)))
         self.sampler = Sampler(server.model, request.sampling, request.seed)
         self.reply = ReplyText(server.model, request.stops, request.sampling.max_tokens, False)
         self.position = len(request.prompt)
@@ -139,6 +143,7 @@ class BatchServer:
         self.context = model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=512, taps=True,
                                      unified=False)
         self.context.set_tap(self.tap)
+        self._heads = PromptHeads(self.context)  # used by the decode thread only
         self._waiting: deque[Request] = deque()
         self._running: dict[str, _Row] = {}
         self._wake = threading.Condition()
@@ -207,7 +212,9 @@ class BatchServer:
                         if request.cancelled.is_set():
                             request.on_event("done", self._record(None, request, "cancelled"))
                             continue
-                        row = _Row(self, request, free.pop(0))
+                        row = _Row(self, request)
+                        row.seq = self._heads.pick(free, row.head)
+                        free.remove(row.seq)
                         self._running[request.id] = row
                         starting.append(row)
                 for row in starting:
@@ -232,11 +239,10 @@ class BatchServer:
                 self._finish(row, "cancelled")
 
     def _start(self, row: _Row) -> None:
-        """Decode the prompt into the row's sequence (steered and filtered like its reply) and sample token one."""
-        self.context.forget(row.seq)
-
-        self.context.decode_prompt(row.request.prompt, row.seq,
-                                   before_chunk=lambda size: self.tap.announce([row] * size, reply=False))
+        """Decode the prompt into the row's sequence (steered and filtered like its reply; a head the sequence
+        kept from the last request under the same settings is skipped) and sample token one."""
+        self._heads.decode(row.seq, row.request.prompt, row.head,
+                           before_chunk=lambda size: self.tap.announce([row] * size, reply=False))
         row.take(self, -1)
 
     def _step(self) -> None:
@@ -263,7 +269,7 @@ class BatchServer:
     def _finish(self, row: _Row, reason: str) -> None:
         with self._wake:
             self._running.pop(row.request.id, None)
-        self.context.forget(row.seq)
+        self._heads.release(row.seq)
         tail = row.reply.assembler.flush()
         if tail:
             row.request.on_event("piece", tail)

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,31 @@ def test_a_slider_set_mid_reply_steers_from_the_next_token(library):
         assert turn.record.changes[0]["sliders"]["joy"] == 1.0
     with library.chat(seed=2, max_tokens=24, temperature=0) as plain:
         assert "".join(plain.send("Tell me about the sea.")) != turn.text
+
+
+def test_a_server_skips_a_kept_prompt_head_only_under_the_same_settings(library):
+    """On one sequence every request finds the last one's chat-template head in the cache; it may skip it only
+    when the same sliders computed it (a head steered otherwise changes the reply)."""
+    prompt = "Describe your evening."
+    alone = library.generate(prompt, sliders={"joy": 1}, seed=4, max_tokens=24)
+    loop = library.server(parallel=1)
+
+    def reply(sliders: dict) -> str:
+        finished: dict = {}
+        done = threading.Event()
+        request = library.request([{"role": "user", "content": prompt}], sliders=sliders,
+                                  sampling={"seed": 4, "max_tokens": 24})
+        request.on_event = lambda kind, data: kind == "done" and (finished.update(data), done.set())
+        loop.submit(request)
+        assert done.wait(120)
+        return finished["output"]
+
+    try:
+        texts = [reply(sliders) for sliders in ({}, {"joy": 1}, {"joy": 1}, {})]
+    finally:
+        loop.close()
+    assert texts[1] == texts[2] == alone
+    assert texts[0] == texts[3] != alone
 
 
 def test_library_errors_are_one_line_and_name_no_flags(library):
