@@ -231,6 +231,18 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
         stream_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-stream")
         if os.environ.get("EQZ_RECORD_SCREENSHOT"):
             browser.save_screenshot(str(DOCS / "web.png"))
+        browser.set_window_size(390, 844)  # a phone: everything reachable without sideways scrolling
+        browser.get(server.url + "/")
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        width = browser.execute_script("return window.innerWidth")
+        assert width <= 400 and browser.execute_script("return document.documentElement.scrollWidth") <= width
+        sliders = browser.find_elements(By.CSS_SELECTOR, "input[type=range]")
+        assert len(sliders) == 10
+        for element in (*sliders, browser.find_element(By.ID, "text")):
+            box = element.rect
+            assert element.is_displayed() and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+        if os.environ.get("EQZ_RECORD_SCREENSHOT"):
+            browser.save_screenshot(str(DOCS / "web-phone.png"))
     finally:
         browser.quit()
     status, record = server.get(f"/v1/eqz/streams/{stream_id}")
