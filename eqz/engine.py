@@ -304,9 +304,17 @@ class Model:
                 lines.append(f"{'User' if role == 'user' else 'Assistant'}: {content}")
         return "\n".join(lines) + "\nAssistant:", FALLBACK_STOPS
 
-    def parallel_context(self, jobs: Sequence["Job"], parallel: int, taps: bool = True) -> "Context":
-        """A context for generate_parallel: up to ``parallel`` sequences, each with its own KV cells, room for the
-        longest prompt plus the most tokens any job may generate (rounded up to 256)."""
+    @property
+    def reply_rows(self) -> int:
+        """How many replies training and eval decode at once: 16 on the CPU, where wider steps stop paying
+        (benchmarks/batch.py measures the ceiling), 64 with layers on a GPU, which decodes a wide step in about the
+        time of a narrow one."""
+        return 64 if self.gpu_layers else 16
+
+    def parallel_context(self, jobs: Sequence["Job"], parallel: int | None = None, taps: bool = True) -> "Context":
+        """A context for generate_parallel: up to ``parallel`` (default ``reply_rows``) sequences, each with its
+        own KV cells, room for the longest prompt plus the most tokens any job may generate (rounded up to 256)."""
+        parallel = parallel or self.reply_rows
         longest = max(len(job.prompt) + job.sampling.max_tokens for job in jobs)
         per_sequence = (longest + 8 + 255) // 256 * 256
         parallel = max(1, min(parallel, len(jobs)))

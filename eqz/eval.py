@@ -177,7 +177,7 @@ class ReplyBench:
 
     def __init__(self, model: Model, prompts: list[str], reply_tokens: int, seed: int, steered: list[int],
                  read_layer: int | None = None, reader: LayerGeometry | None = None, layers: list[int] | None = None,
-                 samples: int = 1, parallel: int = 16, preferences: dict[str, str] | None = None):
+                 samples: int = 1, parallel: int | None = None, preferences: dict[str, str] | None = None):
         self.model = model
         self.preferences = dict(preferences or {})  # band -> persona: bands judged by preference (see ReplySet)
         self.prompts = list(prompts)

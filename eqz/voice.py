@@ -80,7 +80,7 @@ def capture_voice(
     layers: Sequence[int],
     reply_tokens: int,
     seed: int,
-    parallel: int = 16,
+    parallel: int | None = None,
     progress: Progress | None = None,
 ) -> VoiceCapture:
     """Generate a reply to every prompt under every persona and pool its hidden states at ``layers``."""
