@@ -35,6 +35,7 @@ def verdicts(result) -> dict[str, dict]:
             "effect_at_2": rows[2.0]["effect"] if 2.0 in rows else None,
             "most_lifted_at_1": up["most_lifted"],
             "clear_at_1": up["clear"],
+            "clear_share_at_1": up.get("clear_share"),
             "lowered_at_-1": down["words_per_100"] < zero["words_per_100"] if band in PRIMARIES else
             down["effect"] < 0,
             "readout_rises": down.get("readout", 0) < zero.get("readout", 0) < up.get("readout", 0),
@@ -43,6 +44,7 @@ def verdicts(result) -> dict[str, dict]:
             "ppl_ratio_at_1": up.get("ppl_ratio"),
             "prompt_only_effect": prompted["effect"] if prompted else None,
             "prompt_only_clear": prompted["clear"] if prompted else None,
+            "prompt_only_clear_share": prompted.get("clear_share") if prompted else None,
         }
         entry["fluent_at_1"] = (entry["repeated_3grams_at_1"] <= MAX_REPEATED_TRIGRAMS
                                 and (entry["distinct_ratio_at_1"] or 0) >= MIN_DISTINCT_RATIO)
@@ -55,6 +57,8 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     clear = sum(figures[b]["clear_at_1"] for b in primaries)
     lifted = sum(figures[b]["effect_at_1"] >= CLEAR_LIFT for b in primaries)
     prompt_clear = sum(bool(figures[b]["prompt_only_clear"]) for b in primaries)
+    expected = sum(figures[b]["clear_share_at_1"] or 0 for b in primaries)
+    prompt_expected = sum(figures[b]["prompt_only_clear_share"] or 0 for b in primaries)
     lines = [
         f"# Steering figures: {model_name}",
         "",
@@ -63,14 +67,18 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         f"scored by the {result.scorer} lexicon (shares nothing with the bank). Effect = the band's own emotion "
         "words over the unsteered replies' (x; smoothed by 0.25 words/100); for valence and arousal, the rise in "
         "positive-minus-negative (high-minus-low arousal) words per 100. *Clear* = effect >= 2x and the most "
-        "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt.",
+        "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt. *Holds* = how "
+        f"often the band is clear when the {result.prompts} prompts are drawn again with replacement (each with its "
+        "samples, the same draw for steered and unsteered replies): how far a verdict is from this prompt set's "
+        "noise.",
         "",
         f"**Primaries clear at +1: {clear}/{len(primaries)}**; lifted >= 2x: {lifted}/{len(primaries)}; "
-        f"prompting only: {prompt_clear}/{len(primaries)} clear.",
+        f"prompting only: {prompt_clear}/{len(primaries)} clear. Expected over redrawn prompt sets (the sum of "
+        f"*holds*): {expected:.1f}/{len(primaries)} at +1, {prompt_expected:.1f}/{len(primaries)} prompting only.",
         "",
-        "| band | source | effect +1 | most lifted +1 | clear +1 | effect +2 | -1 lowers | readout rises | "
+        "| band | source | effect +1 | most lifted +1 | clear +1 | holds +1 | effect +2 | -1 lowers | readout rises | "
         "rep3 +1 | distinct-2 +1 (x unsteered) | ppl +1 (asked) | prompt only | bank check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for band in result.bands:
         f = figures[band]
@@ -78,10 +86,11 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         two = f"{f['effect_at_2']:.2f}" if f["effect_at_2"] is not None else "-"
         prompted = f"{f['prompt_only_effect']:.2f}" if f["prompt_only_effect"] is not None else "-"
         ppl = f"{f['ppl_ratio_at_1']:.2f}" if f["ppl_ratio_at_1"] is not None else "-"
+        share = f"{f['clear_share_at_1']:.0%}" if f["clear_share_at_1"] is not None else "-"
         check = "ok" if entry.direction_ok else ", ".join(entry.problems or ["-"])
         lines.append(
             f"| {band} | {entry.source or '-'} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
-            f"{'yes' if f['clear_at_1'] else 'no'} | {two} | {'yes' if f['lowered_at_-1'] else 'no'} | "
+            f"{'yes' if f['clear_at_1'] else 'no'} | {share} | {two} | {'yes' if f['lowered_at_-1'] else 'no'} | "
             f"{'yes' if f['readout_rises'] else 'no'} | {f['repeated_3grams_at_1']:.1%} | "
             f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {check} |"
         )

@@ -257,7 +257,8 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
     fluency."""
     for band in result.bands:
         table = Table(title=f"{band}", title_justify="left", header_style="bold")
-        for column in ("setting", "effect", "most lifted", "readout", "ppl ratio", "rep. 3-grams", "distinct-2", "tokens"):
+        for column in ("setting", "effect", "most lifted", "holds", "readout", "ppl ratio", "rep. 3-grams", "distinct-2",
+                       "tokens"):
             table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right",
                              no_wrap=column in ("setting", "most lifted"))
         prompted = result.prompting(band)
@@ -267,7 +268,9 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
             readout = row.get("readout")
             ppl = row.get("ppl_ratio")
             most = "-" if row["gain"] == 0 else row["most_lifted"]  # nothing moved at gain 0
+            share = row.get("clear_share")
             table.add_row(setting, f"{row['effect']:.2f}" + (" *" if row["clear"] else ""), most,
+                          "-" if share is None else f"{share:.0%}",
                           f"{readout:+.2f}" if readout is not None else "-", f"{ppl:.2f}" if ppl is not None else "-",
                           f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}", f"{row['length']:.0f}",
                           style=style)
@@ -276,5 +279,6 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
             console.print(f"[red]  not fluent at gain {', '.join(f'{g:+g}' for g in flagged[band])}[/red]")
     console.print(f"[dim]effect: the band's own emotion words over the unsteered replies' ({result.scorer} lexicon; "
                   "axes: + words per 100; described bands: + nats/token the unsteered model prefers the replies "
-                  "for the description over the primaries); * = clearly lifted and the most lifted; readout: the model's "
+                  "for the description over the primaries); * = clearly lifted and the most lifted; holds: how often the "
+                  "band is clear when the prompts are drawn again; readout: the model's "
                   "own reading of the replies; ppl ratio: perplexity under the model asked for the band[/dim]")

@@ -49,6 +49,8 @@ CLEAR_AXIS_RISE = 1.0
 # SmolLM2-135M (10 calibration prompts x 40 tokens) the shipped primaries at +1 rose 0.02-0.12 this way, asking for
 # the feeling in the system prompt 0.01-0.05 (docs/custom-bands.md).
 CLEAR_PREFERENCE_RISE = 0.05
+# How a verdict's noise is measured: the prompts drawn again this many times (see ReplySet.clear_share)
+BOOTSTRAP_DRAWS = 2000
 DEFAULT_GAINS = (-1.0, 0.0, 1.0, 2.0)
 CALIBRATION_PROMPTS = 5  # the first prompts of the neutral set (and the first of the zero prompts, see below)
 EVAL_PROMPTS = 16
@@ -98,6 +100,7 @@ class ReplySet:
     distinct: float = 1.0
     latin: float = 1.0
     nll: float = math.nan  # mean negative log-probability under the judging prompt (nan: not measured)
+    counts: np.ndarray | None = field(default=None, repr=False)  # per reply: each primary's words, then all words
     readout: dict[str, float] = field(default_factory=dict)
     # per band judged by the model (no words of its own): how much likelier the replies are when the model is
     # asked for the band than when asked to be neutral, mean nats per token (see CLEAR_PREFERENCE_RISE)
@@ -132,6 +135,18 @@ class ReplySet:
         else:
             lifts = {b: self.preference[b] - baseline.preference[b] for b in (band, *PRIMARIES)}
         return max(lifts, key=lifts.get)
+
+    def clear_share(self, band: str, baseline: "ReplySet", samples: int, draws: int = BOOTSTRAP_DRAWS) -> float | None:
+        """How often ``band`` would be called clear on another prompt set of this size: the prompts drawn again
+        with replacement (each with all its ``samples``; the same draw for these replies and the baseline's).
+        1.0: no such draw overturns the verdict; near 0.5: a coin toss. None for bands without word counts."""
+        if band not in PRIMARIES or self.counts is None or baseline.counts is None:
+            return None
+        steered, unsteered = (c.reshape(-1, samples, c.shape[1]).sum(axis=1) for c in (self.counts, baseline.counts))
+        picks = np.random.default_rng(0).integers(0, len(steered), size=(draws, len(steered)))
+        lifts = lift(_per_100_words(steered[picks].sum(axis=1)), _per_100_words(unsteered[picks].sum(axis=1)))
+        own = PRIMARIES.index(band)
+        return float(np.mean((lifts[:, own] >= CLEAR_LIFT) & (lifts.argmax(axis=1) == own)))
 
     def effect(self, band: str, baseline: "ReplySet") -> float:
         """The size of the band's own effect: lift for a primary, rise in words per 100 for an axis, rise in
@@ -170,6 +185,11 @@ class ReplySet:
             **({"readout": round(self.readout[band], 3)} if band in self.readout else {}),
             "fluent": self.fluent(baseline),
         }
+
+
+def _per_100_words(counts: np.ndarray) -> np.ndarray:
+    """(..., primaries + words) counts -> (..., primaries) words per 100 words."""
+    return 100.0 * counts[..., :-1] / np.maximum(1, counts[..., -1:])
 
 
 class ReplyBench:
@@ -231,11 +251,13 @@ class ReplyBench:
     @staticmethod
     def _text_scores(replies: list[tuple[list[int], str]]) -> ReplySet:
         texts = [text for _, text in replies]
+        scorer = emotion_scorer()
         return ReplySet(
             texts=texts,
+            counts=np.array([scorer.primary_counts(text) for text in texts]),
             tokens=[tokens for tokens, _ in replies],
             n_tokens=float(np.mean([len(tokens) for tokens, _ in replies])),
-            rates=emotion_scorer().rates(" ".join(texts)),
+            rates=scorer.rates(" ".join(texts)),
             repeat=float(np.mean([repeated_trigrams(t) for t in texts])),
             distinct=float(np.mean([distinct2(t) for t in texts])),
             latin=float(np.mean([latin_share(t) for t in texts])),
@@ -332,7 +354,8 @@ class EvalResult:
 
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""
-        keep = ("effect", "words_per_100", "most_lifted", "clear", "readout", "ppl_ratio", "repeated_3grams", "fluent")
+        keep = ("effect", "words_per_100", "most_lifted", "clear", "clear_share", "readout", "ppl_ratio",
+                "repeated_3grams", "fluent")
         return {
             band: {("prompt" if row["gain"] is None else str(row["gain"])): {k: row[k] for k in keep if k in row}
                    for row in self.table(band) + [r for r in [self.prompting(band)] if r]}
@@ -341,10 +364,12 @@ class EvalResult:
 
 
 def _row(band: str, gain: float | None, replies: ReplySet, baseline: ReplySet, samples: int) -> dict:
+    share = replies.clear_share(band, baseline, samples) if gain != 0 else None
     return {
         "band": band,
         "gain": gain,
         **replies.summary(band, baseline),
+        **({"clear_share": round(share, 3)} if share is not None else {}),
         "lifts": {other: round(value, 3) for other, value in replies.lifts(baseline).items()},
         "crosstalk": {other: round(value - baseline.readout.get(other, 0.0), 3)
                       for other, value in replies.readout.items() if other != band},
@@ -427,8 +452,8 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     written = [directory / "eval.json", directory / "eval.csv"]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with written[1].open("w", newline="") as handle:
-        columns = ["band", "gain", "effect", "words_per_100", "most_lifted", "clear", "readout", "ppl_ratio",
-                   "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
+        columns = ["band", "gain", "effect", "words_per_100", "most_lifted", "clear", "clear_share", "readout",
+                   "ppl_ratio", "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)

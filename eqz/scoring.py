@@ -17,6 +17,7 @@ from functools import lru_cache
 from importlib import metadata
 from importlib.resources import files
 
+import numpy as np
 import yaml
 
 from .bands import BANDS, CIRCUMPLEX, PRIMARIES
@@ -35,11 +36,15 @@ def lexicon() -> dict[str, str]:
     return {word: band for band in PRIMARIES for word in data[band]}
 
 
+def _own_counts(tokens: list[str]) -> Counter[str]:
+    table = lexicon()
+    return Counter(table[token] for token in tokens if token in table)
+
+
 def lexicon_scores(text: str) -> dict[str, float]:
     """Band words per 100 words for each primary, and the circumplex-weighted valence and arousal."""
     tokens = words(text)
-    table = lexicon()
-    counts = Counter(table[w] for w in tokens if w in table)
+    counts = _own_counts(tokens)
     per100 = {band: 100.0 * counts[band] / max(1, len(tokens)) for band in PRIMARIES}
     per100["valence"] = sum(CIRCUMPLEX[b][0] * per100[b] for b in PRIMARIES)
     per100["arousal"] = sum(CIRCUMPLEX[b][1] * per100[b] for b in PRIMARIES)
@@ -82,16 +87,29 @@ class EmotionScorer:
 
     name: str
 
-    def rates(self, text: str) -> dict[str, float]:
-        """Per 100 words: each primary's words; valence = positive minus negative words; arousal = the primaries'
-        rates weighted by their circumplex arousal (high-arousal words minus low-arousal words)."""
+    def primary_counts(self, text: str) -> np.ndarray:
+        """Each primary's words in ``text``, then the number of words: what rates are made of, kept per reply so
+        that a verdict can be re-drawn over the prompts (eval.clear_share)."""
+        tokens = words(text)
+        counts = self._counts(tokens)
+        return np.array([counts[band] for band in PRIMARIES] + [len(tokens)], dtype=np.int64)
+
+    def _counts(self, tokens: list[str]) -> Counter[str]:
         table = nrc_lexicon() if self.name == "nrc" else None
         if table is None:
-            return lexicon_scores(text)
-        tokens = words(text)
+            return _own_counts(tokens)
         counts: Counter[str] = Counter()
         for token in tokens:
             counts.update(_nrc_categories(token, table))
+        return counts
+
+    def rates(self, text: str) -> dict[str, float]:
+        """Per 100 words: each primary's words; valence = positive minus negative words; arousal = the primaries'
+        rates weighted by their circumplex arousal (high-arousal words minus low-arousal words)."""
+        if self.name != "nrc" or nrc_lexicon() is None:
+            return lexicon_scores(text)
+        tokens = words(text)
+        counts = self._counts(tokens)
         per100 = {key: 100.0 * counts[key] / max(1, len(tokens)) for key in (*PRIMARIES, "positive", "negative")}
         rates = {band: per100[band] for band in PRIMARIES}
         rates["valence"] = per100["positive"] - per100["negative"]

@@ -9,6 +9,8 @@ import math
 import pytest
 
 from eqz.bands import BANDS, CIRCUMPLEX, PRIMARIES
+import numpy as np
+
 from eqz.eval import CLEAR_PREFERENCE_RISE, ReplySet
 from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, repeated_trigrams,
                          words)
@@ -57,6 +59,29 @@ def test_a_reply_set_is_clear_only_where_its_own_band_leads_and_doubles():
     crowded = ReplySet(texts=[""], rates={**baseline.rates, "joy": 3.0, "anger": 5.0})
     assert not crowded.clear("joy", baseline)  # anger is lifted more
     assert steered.clear("valence", ReplySet(texts=[""], rates={**baseline.rates, "valence": -0.5})) is True
+
+
+def _counted(per_prompt: list[dict[str, int]], words: int = 100) -> ReplySet:
+    """Replies (one per prompt) with these primary word counts out of ``words`` words each."""
+    counts = np.array([[row.get(band, 0) for band in PRIMARIES] + [words] for row in per_prompt])
+    total = counts.sum(axis=0)
+    return ReplySet(texts=[""] * len(per_prompt), counts=counts,
+                    rates={band: 100.0 * total[i] / total[-1] for i, band in enumerate(PRIMARIES)})
+
+
+def test_clear_share_redraws_the_prompts_and_counts_how_often_the_verdict_holds():
+    baseline = _counted([{"joy": 1, "fear": 1}] * 16)
+    everywhere = _counted([{"joy": 4, "fear": 1}] * 16)  # every prompt's reply is joyful
+    one_prompt = _counted([{"joy": 49, "fear": 1}] + [{"joy": 1, "fear": 1}] * 15)  # the same words, all in one reply
+    assert everywhere.clear("joy", baseline) and one_prompt.clear("joy", baseline)  # same totals, same verdict
+    assert everywhere.clear_share("joy", baseline, samples=1) == 1.0
+    assert 0.2 < one_prompt.clear_share("joy", baseline, samples=1) < 0.8  # it rests on whether that prompt is drawn
+    assert everywhere.clear_share("fear", baseline, samples=1) == 0.0
+    assert everywhere.clear_share("valence", baseline, samples=1) is None  # axes have no word counts of their own
+    # the first prompt's two samples carry the joy: drawn together (8 prompts x 2) it is missed more often than
+    # either of two independent replies would be (16 x 1: 1 - (14/16)^16 = 0.88 against 1 - (7/8)^8 = 0.66)
+    paired = _counted([{"joy": 25, "fear": 1}] * 2 + [{"joy": 1, "fear": 1}] * 14)
+    assert paired.clear_share("joy", baseline, samples=2) < 0.75 < paired.clear_share("joy", baseline, samples=1)
 
 
 def test_a_described_band_is_clear_when_the_judge_prefers_its_persona_specifically():
@@ -120,6 +145,7 @@ def test_tiny_eval_end_to_end(tmp_path):
         assert set(rows[(band, 1.0)]["lifts"]) == {"joy", "trust", "fear", "surprise", "sadness", "disgust", "anger",
                                                   "anticipation"}
         assert rows[(band, None)]["ppl_ratio"] > 0 and len(rows[(band, None)]["examples"]) == 3
+        assert 0.0 <= rows[(band, 1.0)]["clear_share"] <= 1.0 and "clear_share" not in rows[(band, 0.0)]
     assert set(rows[("joy", 1.0)]["crosstalk"]) == set(BANDS) - {"joy"}
     with (out / "eval.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 8
