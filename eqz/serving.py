@@ -57,11 +57,10 @@ class Request:
 class _Row:
     """A request running on one sequence: its sampler, reply, vector, filters, prompt head and meter sums."""
 
-    def __init__(self, server: "BatchServer", request: Request):
+    def __init__(self, server: "BatchServer", request: Request, seq: int, head: tuple):
         self.request = request
-        self.seq = -1  # until it gets a sequence
-        self.head = PromptHeads.head(request.prompt, request.shared,
-                                     (request.steering, json.dumps(request.filters, sort_keys=True)))
+        self.seq = seq
+        self.head = head
         self.sampler = Sampler(server.model, request.sampling, request.seed)
         self.reply = ReplyText(server.model, request.stops, request.sampling.max_tokens, False)
         self.position = len(request.prompt)
@@ -212,9 +211,11 @@ class BatchServer:
                         if request.cancelled.is_set():
                             request.on_event("done", self._record(None, request, "cancelled"))
                             continue
-                        row = _Row(self, request)
-                        row.seq = self._heads.pick(free, row.head)
-                        free.remove(row.seq)
+                        head = PromptHeads.head(request.prompt, request.shared,
+                                                (request.steering, json.dumps(request.filters, sort_keys=True)))
+                        seq = self._heads.pick(free, head)
+                        free.remove(seq)
+                        row = _Row(self, request, seq, head)
                         self._running[request.id] = row
                         starting.append(row)
                 for row in starting:
