@@ -175,10 +175,14 @@ class EqzServer:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         streaming = bool(body.get("stream"))
-        # a reply that is not streamed needs only its end: the decode thread then wakes this loop once per reply,
-        # not once per token and row
-        job.on_event = lambda kind, data: (streaming or kind in ("done", "error")) and \
-            loop.call_soon_threadsafe(self._deliver, job, events, kind, data)
+
+        def on_event(kind: str, data) -> None:
+            """From the decode thread. A reply that is not streamed needs only its end, so it wakes this loop once,
+            not once per token and row."""
+            if streaming or kind in ("done", "error"):
+                loop.call_soon_threadsafe(self._deliver, job, events, kind, data)
+
+        job.on_event = on_event
         self.loop.submit(job)
         created = int(time.time())
         self._remember(job.id, {"id": job.id, **job.steering.to_dict(self.bands), "finish_reason": None})
