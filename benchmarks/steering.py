@@ -36,9 +36,9 @@ def verdicts(result) -> dict[str, dict]:
             "most_lifted_at_1": up["most_lifted"],
             "clear_at_1": up["clear"],
             "clear_share_at_1": up.get("clear_share"),
-            "lowered_at_-1": down["words_per_100"] < zero["words_per_100"] if band in PRIMARIES else
-            down["effect"] < 0,
-            "readout_rises": down.get("readout", 0) < zero.get("readout", 0) < up.get("readout", 0),
+            "lowered_at_-1": None if down is None else down["words_per_100"] < zero["words_per_100"]
+            if band in PRIMARIES else down["effect"] < 0,
+            "readout_rises": None if down is None else down.get("readout", 0) < zero.get("readout", 0) < up.get("readout", 0),
             "repeated_3grams_at_1": up["repeated_3grams"],
             "distinct_ratio_at_1": round(up["distinct_2"] / zero["distinct_2"], 3) if zero["distinct_2"] else None,
             "ppl_ratio_at_1": up.get("ppl_ratio"),
@@ -50,6 +50,10 @@ def verdicts(result) -> dict[str, dict]:
                                 and (entry["distinct_ratio_at_1"] or 0) >= MIN_DISTINCT_RATIO)
         out[band] = entry
     return out
+
+
+def _yes_no(verdict: bool | None) -> str:
+    return "-" if verdict is None else "yes" if verdict else "no"
 
 
 def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
@@ -90,8 +94,8 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         check = "ok" if entry.direction_ok else ", ".join(entry.problems or ["-"])
         lines.append(
             f"| {band} | {entry.source or '-'} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
-            f"{'yes' if f['clear_at_1'] else 'no'} | {share} | {two} | {'yes' if f['lowered_at_-1'] else 'no'} | "
-            f"{'yes' if f['readout_rises'] else 'no'} | {f['repeated_3grams_at_1']:.1%} | "
+            f"{'yes' if f['clear_at_1'] else 'no'} | {share} | {two} | {_yes_no(f['lowered_at_-1'])} | "
+            f"{_yes_no(f['readout_rises'])} | {f['repeated_3grams_at_1']:.1%} | "
             f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {check} |"
         )
     lines += ["", "## Crosstalk", "",
@@ -127,19 +131,21 @@ def main() -> None:
     parser.add_argument("--bank", help="bank directory [default: the model's bank]")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--gains", default="-1,0,1,2")
+    parser.add_argument("--gains", default="-1,0,1,2", help="0 and 1 at least")
     parser.add_argument("--record", action="store_true", help="store the figures in the bank's bank.yaml")
     args = parser.parse_args()
     with Model(resolve_model_path(args.model)) as model:
         bank = Bank.load(Path(args.bank)) if args.bank else require_bank(model.info)
         gains = tuple(float(g) for g in args.gains.split(","))
+        if not {0.0, 1.0} <= set(gains):
+            parser.error("--gains needs 0 and 1: every verdict compares +1 with the unsteered replies")
         result = evaluate(model, bank, BANDS if set(BANDS) <= set(bank.names) else bank.names, gains,
                           reply_tokens=args.max_tokens, samples=args.samples)
         name = model.info.name
-    figures = verdicts(result)
     slug = bank.directory.name
     DOCS.mkdir(exist_ok=True)
-    write_outputs(result, DOCS / f"eval-{slug}", plot=True)
+    write_outputs(result, DOCS / f"eval-{slug}", plot=True)  # first: the replies are kept whatever follows
+    figures = verdicts(result)
     (DOCS / f"steering-{slug}.md").write_text(markdown(name, bank, result, figures))
     if args.record:
         record(result, bank, steering=figures)

@@ -43,6 +43,10 @@ from .voice import VoiceCapture, capture_voice
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
 STRENGTHS = (0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
 FIRST_STRENGTH = 0.35
+# A strength counts as clear in calibration only where its verdict survives redrawing the calibration prompts this
+# often (eval.ReplySet.clear_share): on 10 short replies a few chance words otherwise call the ladder's lowest rung
+# clear (bank v2's surprise: 3.1x at c = 0.15 in calibration, 1.1x on the held-out prompts).
+CALIBRATION_HOLDS = 0.8
 SOURCES = ("stimulus", "voice")
 ZERO_REPLY_TOKENS = 24
 
@@ -312,11 +316,20 @@ class Candidate:
         replies = self.tried[best[0]]
         return (True, best[1], -replies.ppl_ratio(baseline) if best[1] else replies.effect(self.band, baseline))
 
+    def clear_share(self, strength: float, baseline: ReplySet) -> float | None:
+        """How often the verdict at ``strength`` holds over redrawn calibration prompts (one reply per prompt)."""
+        return self.tried[strength].clear_share(self.band, baseline, samples=1)
+
+    def holds(self, strength: float, baseline: ReplySet) -> bool:
+        """The replies at ``strength`` are clear, and (for a primary) stay clear on most redraws of the prompts."""
+        share = self.clear_share(strength, baseline)
+        return self.tried[strength].clear(self.band, baseline) and (share is None or share >= CALIBRATION_HOLDS)
+
     def best(self, baseline: ReplySet) -> tuple[float, bool] | None:
-        """(strength, clear): the smallest fluent strength that is clear, else the fluent one with the largest
-        effect; None if no strength tried was fluent."""
+        """(strength, clear): the smallest fluent strength that is clear (and holds), else the fluent one with the
+        largest effect; None if no strength tried was fluent."""
         fluent = {c: r for c, r in self.tried.items() if r.fluent(baseline)}
-        clear = sorted(c for c, r in fluent.items() if r.clear(self.band, baseline))
+        clear = sorted(c for c in fluent if self.holds(c, baseline))
         if clear:
             return clear[0], True
         if not fluent:
@@ -455,7 +468,8 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
             source=candidate.source, description=descriptions.get(band), strength=candidate.pinned,
             negative_strength=round(candidate.pinned * ratio, 4), clear=not weak, direction_ok=not problems,
             problems=problems, check={"+1": up.summary(band, baseline), "-1": down.summary(band, baseline)},
-            calibration=[{"source": c.source, "strength": s, **c.tried[s].summary(band, baseline)}
+            calibration=[{"source": c.source, "strength": s, **c.tried[s].summary(band, baseline),
+                          **({"holds": round(share, 3)} if (share := c.clear_share(s, baseline)) is not None else {})}
                          for c in calibration.candidates if c.band == band for s in sorted(c.tried)],
         )
 
@@ -467,7 +481,8 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
         "reply_tokens": settings.reply_tokens,
         "ladder": list(STRENGTHS),
         "gain_1": f"per band and source, the smallest c whose replies lift the band's own emotion words >= "
-        f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight (axes: +{E.CLEAR_AXIS_RISE:g} words/100; "
+        f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight, in >= {CALIBRATION_HOLDS:.0%} of redraws of "
+        "the calibration prompts (axes: +{E.CLEAR_AXIS_RISE:g} words/100; "
         f"described bands: the unsteered model's specific preference +{E.CLEAR_PREFERENCE_RISE:g} nats/token), "
         "within the fluency bounds; else the fluent c with the largest effect (weak); the source that is clear, "
         "else the one with the larger effect",

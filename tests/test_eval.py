@@ -12,6 +12,7 @@ from eqz.bands import BANDS, CIRCUMPLEX, PRIMARIES
 import numpy as np
 
 from eqz.eval import CLEAR_PREFERENCE_RISE, ReplySet
+from eqz.train import Candidate
 from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, repeated_trigrams,
                          words)
 
@@ -82,6 +83,17 @@ def test_clear_share_redraws_the_prompts_and_counts_how_often_the_verdict_holds(
     # either of two independent replies would be (16 x 1: 1 - (14/16)^16 = 0.88 against 1 - (7/8)^8 = 0.66)
     paired = _counted([{"joy": 25, "fear": 1}] * 2 + [{"joy": 1, "fear": 1}] * 14)
     assert paired.clear_share("joy", baseline, samples=2) < 0.75 < paired.clear_share("joy", baseline, samples=1)
+
+
+def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_redrawn_prompts():
+    baseline = _counted([{"joy": 1, "fear": 1}] * 10)
+    chance = _counted([{"joy": 31, "fear": 1}] + [{"joy": 1, "fear": 1}] * 9)  # 4x overall, all from one reply
+    steady = _counted([{"joy": 4, "fear": 1}] * 10)
+    candidate = Candidate("joy", "stimulus", np.zeros((1, 1)), tried={0.15: chance, 0.25: steady})
+    for replies in (baseline, chance, steady):
+        replies.repeat, replies.distinct, replies.latin = 0.0, 1.0, 1.0
+    assert chance.clear("joy", baseline) and not candidate.holds(0.15, baseline)
+    assert candidate.best(baseline) == (0.25, True)
 
 
 def test_a_described_band_is_clear_when_the_judge_prefers_its_persona_specifically():
