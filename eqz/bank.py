@@ -34,7 +34,7 @@ READABLE_FORMATS = (1, 2)  # format 1 banks read along their steering vectors
 SHIPPED_DIR = shipped_dir("vectors")
 # What a band's direction check can find (bank.yaml stores the key; messages and `vectors show` use the words).
 PROBLEMS = {
-    "weak": "no fluent strength clearly lifts its emotion",
+    "weak": "no fluent strength clearly lifts its emotion on most redraws of the calibration prompts",
     "lexicon": "its emotion words do not rise from -1 to +1",
     "judge": "the unsteered model does not judge its replies closer to the description from -1 to +1",
     "readout": "the model's readout does not rise from -1 to +1",
@@ -168,15 +168,26 @@ class Bank:
         if unknown:
             raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(self.names)}")
 
+    def open_problems(self, name: str) -> list[str]:
+        """The band's problems (PROBLEMS keys) from training, less "weak" where held-out figures recorded for this
+        bank (`eqz eval --record`) found it clear at +1: they rest on several times calibration's replies."""
+        problems = list(self.bands[name].problems)
+        held_out = self.quality.get("dose_response", {}).get(name, {}).get("1.0", {})
+        return [p for p in problems if not (p == "weak" and held_out.get("clear"))]
+
     def doubtful(self, gains: dict[str, float]) -> list[str]:
-        """A warning per band moved in ``gains`` that failed its direction check when the bank was trained: such a
-        slider may not move the text the way it is named, and users should hear so rather than see nothing."""
+        """A warning per band moved in ``gains`` with an open problem (see ``open_problems``): such a slider may not
+        move the text the way it is named, and users should hear so rather than see nothing."""
         lines = []
         for name, gain in gains.items():
             band = self.bands.get(name)
-            if gain != 0 and band is not None and band.direction_ok is False:
-                why = "; ".join(PROBLEMS.get(p, p) for p in band.problems) or "direction check failed"
-                lines.append(f"{name} may not move the text as named in this bank ({why}); see `eqz vectors show`")
+            if gain == 0 or band is None or band.direction_ok is not False:
+                continue
+            problems = self.open_problems(name)
+            if band.problems and not problems:  # only "weak", and held-out figures found it clear
+                continue
+            why = "; ".join(PROBLEMS.get(p, p) for p in problems) or "direction check failed"
+            lines.append(f"{name} may not move the text as named in this bank ({why}); see `eqz vectors show`")
         return lines
 
     def mix(self, gains: dict[str, float]) -> np.ndarray | None:

@@ -114,8 +114,10 @@ def print_bank(bank: Bank) -> None:
                       f"{ppl:.2f}" if ppl is not None else "-"]
         else:
             cells += ["-"] * 4
-        ok = band.direction_ok
-        cells.append("ok" if ok else "[red]" + ", ".join(band.problems) + "[/red]" if ok is False else "-")
+        problems = bank.open_problems(name)
+        cleared = "" if problems == band.problems else " (eval)"
+        cells.append("-" if band.direction_ok is None else "[red]" + ", ".join(problems) + "[/red]" if problems
+                     else "ok" + cleared)
         table.add_row(name, *cells)
     console.print(table)
     calibration = bank.method.get("calibration")
@@ -125,8 +127,8 @@ def print_bank(bank: Bank) -> None:
             f"at +1: effect = the band's own emotion words over the unsteered replies' ({calibration['scorer']} "
             "lexicon; axes: + words/100; described bands: + nats/token the unsteered model prefers them for the "
             "description over the primaries), most lifted = the emotion that rose most, rep3 = repeated 3-grams, "
-            "ppl = perplexity under the model asked for the band over the unsteered replies'; check: ok, or what "
-            "failed: "
+            "ppl = perplexity under the model asked for the band over the unsteered replies'; check: ok; ok (eval) = "
+            "weak in calibration, clear on the held-out prompts of `eqz eval --record`; or what failed: "
             + "; ".join(f"{key} = {words}" for key, words in PROBLEMS.items()) + "[/dim]"
         )
     dose = quality.get("dose_response")

@@ -269,11 +269,15 @@ def test_bank_math_matches_the_files(model):
 
 
 def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
-    """Copy the shipped bank, mark joy as failing, and move it in generate and in chat's /set."""
+    """Copy the shipped bank, mark joy as failing, and move it in generate and in chat's /set; a band calibration
+    called weak warns unless the held-out figures recorded in the bank found it clear."""
     shutil.copytree(SHIPPED, tmp_path / "bank")
     manifest = yaml.safe_load((tmp_path / "bank" / "bank.yaml").read_text())
     manifest["bands"]["joy"].update(direction_ok=False, problems=["lexicon"])
     manifest["bands"]["sadness"].update(direction_ok=True, problems=[])
+    for band, clear_held_out in (("trust", True), ("fear", False)):  # weak in calibration; eqz eval --record says
+        manifest["bands"][band].update(direction_ok=False, problems=["weak"])
+        manifest["quality"]["dose_response"][band]["1.0"]["clear"] = clear_held_out
     (tmp_path / "bank" / "bank.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     env = {"EQZ_VECTORS": str(tmp_path)}
     moved = run_eqz("generate", "hi", "--set", "joy=0.5", "-n", "4", env=env)
@@ -282,6 +286,9 @@ def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
     assert "do not rise from -1 to +1" in warnings[0] and "eqz vectors show" in warnings[0]
     fine = run_eqz("generate", "hi", "--set", "sadness=0.5", "-n", "4", env=env)
     assert fine.returncode == 0 and "warning" not in fine.stderr
+    weak = run_eqz("generate", "hi", "--set", "trust=0.5", "--set", "fear=0.5", "-n", "4", env=env)
+    warned = [line.split()[2] for line in weak.stderr.splitlines() if line.startswith("eqz: warning:")]
+    assert weak.returncode == 0 and warned == ["fear"]  # held-out figures outweigh calibration's "weak" on trust
     chat = run_eqz("chat", "--no-panel", input="/set joy 0.3\n/quit\n", env=env)
     assert chat.returncode == 0 and "joy may not move the text as named" in chat.stdout
 
