@@ -140,11 +140,11 @@ def test_tiny_eval_end_to_end(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Describe a kitchen table.\nWhat is a bus timetable?\nExplain how to water a plant.\n")
     out = tmp_path / "out"
-    result = run_eqz("eval", "--bands", "joy,sadness", "--gains", "-1,0,1", "-n", "16",
+    result = run_eqz("eval", "--bands", "joy,sadness", "--gains", "-1,0,1", "-n", "32",  # 16: sadness -1 read 0 +-0.05
                      "--prompts", str(prompts), "-o", str(out), "--plot")
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "eval.json").read_text())
-    assert data["prompts"] == 3 and data["reply_tokens"] == 16 and data["scorer"] == "nrc"
+    assert data["prompts"] == 3 and data["reply_tokens"] == 32 and data["scorer"] == "nrc"
     rows = {(row["band"], row["gain"]): row for row in data["rows"]}
     # every gain, and the prompt-only baseline (gain null) beside each band
     assert set(rows) == {(b, g) for b in ("joy", "sadness") for g in (-1.0, 0.0, 1.0, None)}
