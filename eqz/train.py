@@ -482,7 +482,7 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
         "ladder": list(STRENGTHS),
         "gain_1": f"per band and source, the smallest c whose replies lift the band's own emotion words >= "
         f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight, in >= {CALIBRATION_HOLDS:.0%} of redraws of "
-        "the calibration prompts (axes: +{E.CLEAR_AXIS_RISE:g} words/100; "
+        f"the calibration prompts (axes: +{E.CLEAR_AXIS_RISE:g} words/100; "
         f"described bands: the unsteered model's specific preference +{E.CLEAR_PREFERENCE_RISE:g} nats/token), "
         "within the fluency bounds; else the fluent c with the largest effect (weak); the source that is clear, "
         "else the one with the larger effect",

@@ -46,6 +46,7 @@ def test_shipped_bank_fits_the_default_model_and_has_every_band(model, manifest)
             assert len(entry["readout"][key]) == len(layers["steered"])
     method = manifest["method"]
     assert method["stimulus_set"] == 2 and "split" in method and method["neutral_components"] > 0
+    assert "{" not in yaml.safe_dump(method)  # every description's figures filled in
     assert method["calibration"]["scorer"] == "nrc"  # the independent lexicon, not eqz's own word list
     read = np.load(SHIPPED / "meter.npz")  # the meter's directions, apart from what steers
     assert set(read.files) == set(BANDS)
