@@ -47,7 +47,7 @@ chat: setup
 	$(BIN)/eqz chat
 
 test: setup browser
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=10
 
 # Debian's chromium and its driver, for the web page's test (a real headless browser); tests only, not `make chat`
 browser:
