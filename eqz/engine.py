@@ -543,6 +543,20 @@ class Context:
         """Let sequence ``target`` reuse every cached token of ``source`` (a shared prompt prefix, no compute)."""
         L.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
+    def save_sequence(self, seq: int) -> bytes:
+        """The KV cache of sequence ``seq`` as bytes, for restore_sequence in this or another context of the model."""
+        size = L.llama_state_seq_get_size(self._ctx, seq)
+        buffer = (ctypes.c_uint8 * size)()
+        if L.llama_state_seq_get_data(self._ctx, buffer, size, seq) != size:
+            raise EqzError(f"llama.cpp could not copy sequence {seq} out of the KV cache", exit_code=1)
+        return bytes(buffer)
+
+    def restore_sequence(self, state: bytes, seq: int) -> None:
+        """Make sequence ``seq`` hold a saved KV cache (save_sequence), exactly as the decode that made it left it."""
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if L.llama_state_seq_set_data(self._ctx, buffer, len(state), seq) != len(state):
+            raise EqzError(f"llama.cpp could not restore sequence {seq}: the KV cache has no room", exit_code=1)
+
     def prefill(self, tokens: Sequence[int]) -> None:
         """Make sequence 0 hold exactly ``tokens``, reusing the longest prefix already in the cache.
 

@@ -24,7 +24,7 @@ from .bands import AXES, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_promp
 from .bank import Bank
 from .engine import Model
 from .generation import Job, generate_parallel
-from .reading import TextGroup, read_texts
+from .reading import PrefixCache, TextGroup, read_texts, shared_head_length
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
 from .scoring import distinct2, emotion_scorer, latin_share, lift, repeated_trigrams
@@ -211,6 +211,7 @@ class ReplyBench:
         self.parallel = parallel
         self.sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=reply_tokens)
         self._tokens: dict[tuple[str | None, int], tuple[list[int], tuple[str, ...]]] = {}
+        self._read_prefixes = PrefixCache()  # every run reads replies after the same persona and prompt heads
 
     def prompt(self, persona: str | None, index: int) -> tuple[list[int], tuple[str, ...]]:
         key = (persona, index)
@@ -229,11 +230,13 @@ class ReplyBench:
         """
         jobs = []
         for setting in settings:
+            head = shared_head_length([self.prompt(setting.persona, i)[0] for i in range(len(self.prompts))])
             for i in range(len(self.prompts)):
                 tokens, stops = self.prompt(setting.persona, i)
                 for sample in range(self.samples):
                     jobs.append(Job(tokens, self.sampling, self.seed + i + 1000 * sample, stop=stops,
-                                    vector=setting.vector, vector_key=setting.key, tag=(setting.key, i, sample)))
+                                    vector=setting.vector, vector_key=setting.key, tag=(setting.key, i, sample),
+                                    shared=head))
         advance = progress("generating replies", len(jobs))
         replies: dict = {setting.key: {} for setting in settings}
         with self.model.parallel_context(jobs, self.parallel) as context:
@@ -313,7 +316,8 @@ class ReplyBench:
                 owners += [owner for owner, _ in chunk]
         advance = progress("reading replies with the unsteered model", len(owners))
         with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=bool(layers)) as context:
-            reading = read_texts(context, groups, layers, logprobs=logprobs, progress=advance)
+            reading = read_texts(context, groups, layers, logprobs=logprobs, progress=advance,
+                                 cache=self._read_prefixes if logprobs else None)
         rows_of: dict[tuple[object, str | None], list[int]] = {}
         for k, owner in enumerate(owners):
             rows_of.setdefault(owner, []).append(k)

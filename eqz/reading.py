@@ -3,8 +3,9 @@ reads back. Texts sharing a prefix compute it once; packs of them fill each deco
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,6 +37,12 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     while length < min(len(a), len(b)) and a[length] == b[length]:
         length += 1
     return length
+
+
+def shared_head_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of ``prompts`` share (a chat template, a system prompt): the head a parallel
+    run computes once and restores for the others (generation.Job.shared); 0 for a single prompt."""
+    return min((common_prefix_length(prompts[0], other) for other in prompts[1:]), default=0)
 
 
 @dataclass
@@ -79,23 +86,61 @@ class _PoolingTap:
         return False
 
 
+class PrefixCache:
+    """Saved KV caches of prefixes, kept between decodes so a prefix computed once is restored (a memcpy) wherever
+    it comes again: reading, the heads calibration reads replies after under every strength it tries (a persona
+    and a prompt: ~60% of each read); generation, the chat template and system prompt every job starts with.
+    Each entry may keep the log-probabilities after its last token. Least recently used dropped beyond
+    ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[bytes, np.ndarray | None]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: Hashable) -> tuple[bytes, np.ndarray | None] | None:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        return self._entries.get(key)
+
+    def put(self, key: Hashable, state: bytes, next_logprobs: np.ndarray | None = None) -> None:
+        self._entries[key] = (state, next_logprobs)
+        self._bytes += _size(state, next_logprobs)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            self._bytes -= _size(*self._entries.popitem(last=False)[1])
+
+
+def _size(state: bytes, next_logprobs: np.ndarray | None) -> int:
+    return len(state) + (0 if next_logprobs is None else next_logprobs.nbytes)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def read_texts(
     context: Context,
     groups: Sequence[TextGroup],
     layers: Sequence[int] = (),
     logprobs: bool = False,
     progress=None,
+    cache: PrefixCache | None = None,
 ) -> Reading:
     """Run texts through the model without generating: pooled hidden states at ``layers`` and/or the
     log-probability of every token, under the context's current steering.
 
     Groups are packed many to a decode, one sequence per text; a group's prefix rows are shared by its texts.
     Without ``logprobs`` the graph stops after the deepest layer read, skipping the rest of the model.
+    With a ``cache`` (unsteered reads with ``logprobs`` only: the key is the tokens), prefixes that are not pooled
+    are decoded in a decode of their own and kept; a prefix read before is restored instead of computed.
     ``progress(n)`` is called with the number of texts finished after each decode.
     """
     layers = list(layers)
     if layers and max(layers) >= context.n_layer - 1:
         raise ValueError("the last layer only has rows for tokens with logits; it cannot be pooled")
+    if cache is not None and (not logprobs or context.control_vector is not None):
+        raise ValueError("a prefix cache holds unsteered full-graph states: read with logprobs and no steering")
     n_texts = sum(len(group.tails) for group in groups)
     tap = _PoolingTap(layers, n_texts, context.n_embd) if layers else None
     counts = np.zeros(n_texts)
@@ -106,29 +151,36 @@ def read_texts(
     try:
         sizes = [len(g.prefix) + sum(len(t) for t in g.tails) for g in groups]
         for pack in _packs(sizes, context.n_batch, context.n_seq, [len(g.tails) for g in groups]):
+            if tap is not None:
+                tap.segments = []  # held prefixes are never pooled
+            held = _hold_prefixes(context, [groups[i] for i in pack], cache)
             tokens, positions, seqs, wanted, segments, targets = [], [], [], [], [], []
             slot = 0
-            for index in pack:
+            for position, index in enumerate(pack):
                 group, first_text = groups[index], int(firsts[index])
                 owners = tuple(range(slot, slot + len(group.tails)))
-                prefix_row = len(tokens)
                 base = len(group.prefix)
-                tokens += group.prefix
-                positions += range(base)
-                seqs += [owners] * base
                 first_scored = max(group.pool_from, 1)  # the first position whose token gets a log-probability
-                wanted += [logprobs and i >= first_scored - 1 for i in range(base)]
+                prefix_row = len(tokens)
+                if position not in held:
+                    tokens += group.prefix
+                    positions += range(base)
+                    seqs += [owners] * base
+                    wanted += [logprobs and i >= first_scored - 1 for i in range(base)]
                 for k, tail in enumerate(group.tails):
                     text = first_text + k
                     start = max(group.pool_from, 0)
-                    segments.append((text, prefix_row + min(start, base), prefix_row + base))
+                    if position not in held:
+                        segments.append((text, prefix_row + min(start, base), prefix_row + base))
                     tail_row = len(tokens)
                     segments.append((text, tail_row + max(start - base, 0), tail_row + len(tail)))
                     counts[text] = base + len(tail) - start
-                    # logits rows predicting tokens at positions >= max(start, 1)
+                    # where the log-probabilities predicting positions >= first_scored come from: a batch row, or
+                    # (position base, after a held prefix) the prefix's stored ones
                     full = list(group.prefix) + list(tail)
-                    rows = [prefix_row + p - 1 if p - 1 < base else tail_row + p - 1 - base for p in range(first_scored, len(full))]
-                    targets.append((text, rows, full[first_scored:]))
+                    rows = [(prefix_row + p - 1 if position not in held else -1) if p - 1 < base
+                            else tail_row + p - 1 - base for p in range(first_scored, len(full))]
+                    targets.append((text, rows, full[first_scored:], held.get(position)))
                     tokens += tail
                     positions += range(base, base + len(tail))
                     seqs += [owners[k]] * len(tail)
@@ -140,12 +192,11 @@ def read_texts(
                 tap.segments = segments
             context.decode(tokens, positions, seqs, wanted)
             if logprobs:
-                for text, rows, goal in targets:
+                for text, rows, goal, prefix_logprobs in targets:
                     if rows:
-                        logits = np.stack([context.logits(row) for row in rows])
-                        shifted = logits - logits.max(axis=1, keepdims=True)
-                        log_norm = np.log(np.exp(shifted).sum(axis=1))
-                        scores[text] = (shifted[np.arange(len(rows)), goal] - log_norm).astype(np.float32)
+                        scored = _log_softmax(np.stack([prefix_logprobs if row < 0 else context.logits(row)
+                                                        for row in rows]))
+                        scores[text] = scored[np.arange(len(rows)), goal].astype(np.float32)
             context.clear()
             if progress:
                 progress(sum(len(groups[i].tails) for i in pack))
@@ -156,3 +207,41 @@ def read_texts(
         return Reading(np.zeros((n_texts, 0, context.n_embd), np.float32), np.zeros(0), scores)
     pooled = (tap.sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
     return Reading(pooled, tap.norm_sums / max(tap.norm_rows, 1), scores)
+
+
+def _hold_prefixes(context: Context, pack: list[TextGroup], cache: PrefixCache | None) -> dict[int, np.ndarray]:
+    """Put the prefixes of ``pack`` (one decode's groups, sequences numbered in order) that ``cache`` may hold into
+    their sequences: restored where cached, else decoded alone and cached. Returns pack position -> the
+    log-probabilities after that prefix; the positions not in it are decoded with their tails."""
+    if cache is None:
+        return {}
+    held: dict[int, np.ndarray] = {}
+    missing: list[tuple[int, tuple[int, ...]]] = []
+    slot = 0
+    for position, group in enumerate(pack):
+        owners = tuple(range(slot, slot + len(group.tails)))
+        slot += len(owners)
+        if not group.prefix or group.pool_from < len(group.prefix):
+            continue
+        stored = cache.get(tuple(group.prefix))
+        if stored is None:
+            missing.append((position, owners))
+            continue
+        context.restore_sequence(stored[0], owners[0])
+        for owner in owners[1:]:
+            context.share(owners[0], owner)
+        held[position] = stored[1]
+    if missing:
+        tokens, positions, seqs, wanted = [], [], [], []
+        for position, owners in missing:
+            prefix = pack[position].prefix
+            tokens += prefix
+            positions += range(len(prefix))
+            seqs += [owners] * len(prefix)
+            wanted += [i == len(prefix) - 1 for i in range(len(prefix))]
+        context.decode(tokens, positions, seqs, wanted)
+        last_row = np.cumsum([len(pack[position].prefix) for position, _ in missing]) - 1
+        for (position, owners), row in zip(missing, last_row):
+            held[position] = _log_softmax(context.logits(int(row)))
+            cache.put(tuple(pack[position].prefix), context.save_sequence(owners[0]), held[position])
+    return held

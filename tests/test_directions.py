@@ -10,6 +10,7 @@ from eqz.bands import PRIMARIES
 from eqz.bank import Band, Bank, Layers
 from eqz.models import ModelInfo
 from eqz.meter import Filters, Instruments, geometry
+from eqz.reading import PrefixCache
 
 RNG = np.random.default_rng(0)
 LAYERS, EMBD = 3, 16
@@ -188,3 +189,13 @@ def test_the_shipped_bank_yaml_reads_into_the_typed_bank_and_writes_back_unchang
     assert (tmp_path / MANIFEST).read_text() == (shipped / MANIFEST).read_text()
     for band in bank.bands:
         assert np.array_equal(Bank.load(tmp_path).bands[band].matrix, bank.bands[band].matrix)
+
+
+def test_the_prefix_cache_drops_the_least_recently_used_prefix_past_its_size():
+    cache = PrefixCache(max_bytes=3 * 140)
+    row = np.zeros(10, dtype=np.float32)  # 40 bytes of log-probabilities beside a 100-byte state
+    for head in ((1,), (2,), (3,)):
+        cache.put(head, bytes(100), row)
+    assert cache.get((1,)) is not None  # used again: now the most recent
+    cache.put((4,), bytes(140))  # a generation head keeps no log-probabilities
+    assert cache.get((2,)) is None and all(cache.get(head) is not None for head in ((1,), (3,), (4,)))

@@ -7,6 +7,7 @@ import pytest
 
 from eqz.engine import Sampler
 from eqz.generation import Stream
+from eqz.reading import PrefixCache, TextGroup, read_texts
 from eqz.errors import EqzError
 from eqz.sampling import Sampling
 from eqz.session import ChatSession
@@ -233,3 +234,32 @@ def test_steering_requested_during_a_reply_is_logged_with_its_token(model, tmp_p
     assert change["vectors"][0]["scale"] == 1.0
     assert session.history[-1]["reply"]["changes"] == [change]
     session.close()
+
+
+def test_a_prefix_read_before_is_restored_not_recomputed_and_reads_the_same(model):
+    """The bench reads every strength's replies after the same persona and prompt heads: a cached head is put back
+    from its saved KV cache, and what is read after it does not change."""
+    heads = [model.tokenize(model.chat_prompt([{"role": "system", "content": persona},
+                                               {"role": "user", "content": PROMPT}])[0], parse_special=True)
+             for persona in ("You are calm.", "You are joyful: happy, delighted and cheerful.")]
+    replies = [model.tokenize(text, add_special=False) for text in
+               (" I walked past the bakery and the air smelled of bread.", " It rained, so I ran.")]
+    groups = [TextGroup(heads[0], replies, pool_from=len(heads[0])),
+              TextGroup(heads[1], replies[:1], pool_from=len(heads[1]))]
+    cache = PrefixCache()
+    with model.context(n_ctx=1024, n_seq=8, n_batch=1024, taps=True) as context:
+        decoded: list[int] = []
+        plain_decode = context.decode
+        context.decode = lambda tokens, *rest: (decoded.append(len(tokens)), plain_decode(tokens, *rest))[1]
+        first = read_texts(context, groups, [15], logprobs=True, cache=cache)
+        assert decoded == [sum(map(len, heads)), 2 * len(replies[0]) + len(replies[1])]  # heads alone, then tails
+        decoded.clear()
+        again = read_texts(context, groups, [15], logprobs=True, cache=cache)
+        assert decoded == [2 * len(replies[0]) + len(replies[1])]  # only the tails are computed
+        inline = read_texts(context, groups, [15], logprobs=True)  # no cache: each head in its tails' decode
+    for cached, restored, computed in zip(first.logprobs, again.logprobs, inline.logprobs):
+        assert len(cached) == len(computed) and np.array_equal(cached, restored)
+        assert abs(cached.mean() - computed.mean()) < 0.05 * abs(computed.mean())  # batch-size rounding only
+    assert np.array_equal(first.pooled, again.pooled)
+    drift = np.linalg.norm(first.pooled - inline.pooled, axis=-1) / np.linalg.norm(inline.pooled, axis=-1)
+    assert drift.max() < 0.05, drift
