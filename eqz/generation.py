@@ -11,7 +11,7 @@ import numpy as np
 
 from .engine import Context, Model, Sampler
 from .errors import EqzError
-from .reading import common_prefix_length
+from .reading import PrefixCache, common_prefix_length
 from .sampling import Sampling
 
 
@@ -203,12 +203,14 @@ class PromptHeads:
 
     A head is (leading tokens, steering key): the key says what steered and filtered the tokens' cache entries.
     Every prompt is decoded in the same two pieces, head then rest, whether its head was cached or not, so a
-    reply does not depend on which sequence ran it or what ran there before.
+    reply does not depend on which sequence ran it or what ran there before. A head computed on one sequence is
+    saved and restored on the others (bit-identical to decoding it there alone).
     """
 
     def __init__(self, context: Context):
         self.context = context
         self._kept: dict[int, tuple] = {}
+        self._saved = PrefixCache(max_bytes=128 * 2**20)
 
     @staticmethod
     def head(prompt: Sequence[int], shared: int, key: object) -> tuple:
@@ -227,7 +229,12 @@ class PromptHeads:
             self.context.forget(seq)
             self._kept.pop(seq, None)
             if tokens:
-                self.context.decode_prompt(list(tokens), seq, before_chunk=before_chunk)
+                saved = self._saved.get(head)
+                if saved is not None:
+                    self.context.restore_sequence(saved[0], seq)
+                else:
+                    self.context.decode_prompt(list(tokens), seq, before_chunk=before_chunk)
+                    self._saved.put(head, self.context.save_sequence(seq))
                 self._kept[seq] = head
         self.context.decode_prompt(list(prompt[len(tokens):]), seq, len(tokens), before_chunk=before_chunk)
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .engine import Model
 from .generation import Job, generate_parallel
+from .reading import shared_head_length
 from .sampling import Sampling
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -87,9 +88,10 @@ def capture_voice(
     sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=reply_tokens)
     jobs = []
     for key, persona in personas.items():
-        for index, prompt in enumerate(prompts):
-            tokens, stops = persona_tokens(model, persona, prompt)
-            jobs.append(Job(tokens, sampling, seed + index, stop=stops, tag=(key, index)))
+        asked = [persona_tokens(model, persona, prompt) for prompt in prompts]
+        head = shared_head_length([tokens for tokens, _ in asked])
+        jobs += [Job(tokens, sampling, seed + index, stop=stops, tag=(key, index), shared=head)
+                 for index, (tokens, stops) in enumerate(asked)]
     advance = progress("generating persona replies", len(jobs)) if progress else (lambda _n: None)
     pooling = _ReplyPooling(layers, model.info.n_embd)
     texts = {key: [""] * len(prompts) for key in personas}
