@@ -214,8 +214,8 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     (config / "eqz" / "presets" / "wistful.yaml").write_text("name: wistful\nsliders:\n  nostalgia: 0.8\n")
     preset = json.loads(run_eqz(*args, "--preset", "wistful", env=env).stdout)
     assert {band: gain for band, gain in preset["sliders"].items() if gain} == {"nostalgia": 0.8}
-    (tmp_path / "prompts.txt").write_text("Describe your morning.\nWhat is a kettle for?\nPlan a short walk.\n")
-    evaluated = run_eqz("eval", "--bands", "nostalgia", "--gains", "0,1", "-n", "16", "--prompts",
+    (tmp_path / "prompts.txt").write_text("Describe your morning.\nPlan a short walk.\n")
+    evaluated = run_eqz("eval", "--bands", "nostalgia", "--gains", "0,1", "-n", "12", "--prompts",
                         str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"), env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
@@ -234,17 +234,18 @@ def test_bad_described_bands_are_refused_before_training(spec, fragment):
 
 @pytest.mark.gemma
 def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
-    """A second architecture end to end: train (quick, two bands), found by fingerprint, sliders change the output.
-    Gemma 3 270M is a base model: its persona replies come from a plain transcript."""
+    """A second architecture end to end: train (quick, one band: the 8-way classification still reads every
+    primary), found by fingerprint, the slider changes the output. Gemma 3 270M is a base model: its persona
+    replies come from a plain transcript."""
     data = tmp_path / "data"
     env = {"XDG_DATA_HOME": str(data)}
-    trained = run_eqz("train", "--quick", "--bands", "joy,sadness", "-m", str(gemma_path), env=env, timeout=900)
+    trained = run_eqz("train", "--quick", "--bands", "joy", "-m", str(gemma_path), env=env, timeout=900)
     assert trained.returncode == 0, trained.stderr
     bank_dir = next((data / "eqz" / "vectors").iterdir())
     manifest = yaml.safe_load((bank_dir / "bank.yaml").read_text())
     assert manifest["model"]["architecture"] == "gemma3" and manifest["model"]["n_embd"] == 640
     assert manifest["quality"]["heldout_accuracy"] > 0.5  # far above chance (12.5%) even in quick mode
-    assert set(manifest["bands"]) == {"joy", "sadness"}
+    assert set(manifest["bands"]) == {"joy"}
     for entry in manifest["bands"].values():  # calibrated and checked like the shipped bank
         assert entry["source"] in ("stimulus", "voice") and isinstance(entry["direction_ok"], bool)
         assert entry["calibration"] and "+1" in entry["check"] and "-1" in entry["check"]
