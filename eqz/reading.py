@@ -104,6 +104,8 @@ class PrefixCache:
         return self._entries.get(key)
 
     def put(self, key: Hashable, state: bytes, next_logprobs: np.ndarray | None = None) -> None:
+        if key in self._entries:
+            self._bytes -= _size(*self._entries.pop(key))
         self._entries[key] = (state, next_logprobs)
         self._bytes += _size(state, next_logprobs)
         while self._bytes > self.max_bytes and len(self._entries) > 1:

@@ -199,3 +199,5 @@ def test_the_prefix_cache_drops_the_least_recently_used_prefix_past_its_size():
     assert cache.get((1,)) is not None  # used again: now the most recent
     cache.put((4,), bytes(140))  # a generation head keeps no log-probabilities
     assert cache.get((2,)) is None and all(cache.get(head) is not None for head in ((1,), (3,), (4,)))
+    cache.put((4,), bytes(140))  # stored again (two groups of one read share a prefix): counted once
+    assert all(cache.get(head) is not None for head in ((1,), (3,), (4,)))
