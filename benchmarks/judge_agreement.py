@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from eqz.bands import DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
+from eqz.bands import NEUTRAL_PERSONA, PRIMARIES, primary_personas
 from eqz.bank import find_bank
 from eqz.engine import Model
 from eqz.eval import ReplyBench, Setting, prompt_sets
@@ -30,8 +30,8 @@ REPLY_TOKENS = 48
 
 def agreement(model: Model) -> dict[str, dict]:
     bank = find_bank(model.info)
-    personas = {band: persona_prompt(DESCRIPTIONS[band]) for band in PRIMARIES}
-    bench = ReplyBench(model, prompt_sets()["eval"], REPLY_TOKENS, SEED, bank.steered_layers, preferences=personas)
+    bench = ReplyBench(model, prompt_sets()["eval"], REPLY_TOKENS, SEED, bank.steered_layers,
+                       preferences=primary_personas())
     # judged under the neutral persona, which the preference reads anyway: no extra pass
     settings = [Setting("unsteered", judge=NEUTRAL_PERSONA)] + [
         Setting(band, bank.mix({band: 1.0}), judge=NEUTRAL_PERSONA) for band in PRIMARIES]

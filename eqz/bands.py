@@ -47,6 +47,11 @@ def persona_prompt(description: str) -> str:
     return f"You are {description}. Let this feeling show in every sentence of your reply."
 
 
+def primary_personas() -> dict[str, str]:
+    """band -> the persona prompt asking for it, for the eight primaries."""
+    return {band: persona_prompt(DESCRIPTIONS[band]) for band in PRIMARIES}
+
+
 # column labels where a band's name does not fit (the chat panel, eqz analyze)
 SHORT_NAMES = {
     "joy": "joy", "trust": "trust", "fear": "fear", "surprise": "surpr", "sadness": "sad", "disgust": "disg",

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bands import AXES, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
+from .bands import AXES, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt, primary_personas
 from .bank import Bank
 from .engine import Model
 from .generation import Job, generate_parallel
@@ -426,7 +426,7 @@ def preference_personas(described: dict[str, str]) -> dict[str, str]:
     contrast, the eight primaries'; none when no band is judged this way."""
     if not described:
         return {}
-    return {**{band: persona_prompt(DESCRIPTIONS[band]) for band in PRIMARIES}, **described}
+    return {**primary_personas(), **described}
 
 
 def bank_persona(bank: Bank, band: str) -> str | None:

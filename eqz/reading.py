@@ -90,12 +90,12 @@ class PrefixCache:
     """Saved KV caches of prefixes, kept between decodes so a prefix computed once is restored (a memcpy) wherever
     it comes again: reading, the heads calibration reads replies after under every strength it tries (a persona
     and a prompt: ~60% of each read); generation, the chat template and system prompt every job starts with.
-    Each entry may keep the log-probabilities after its last token. Least recently used dropped beyond
+    Each entry may keep the logits after its last token (a read scores the next token with them). Least recently used dropped beyond
     ``max_bytes``."""
 
     def __init__(self, max_bytes: int = 512 * 2**20):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[bytes, np.ndarray | None]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[bytes, np.ndarray | None]] = OrderedDict()  # state, next logits
         self._bytes = 0
 
     def get(self, key: Hashable) -> tuple[bytes, np.ndarray | None] | None:
@@ -103,17 +103,17 @@ class PrefixCache:
             self._entries.move_to_end(key)
         return self._entries.get(key)
 
-    def put(self, key: Hashable, state: bytes, next_logprobs: np.ndarray | None = None) -> None:
+    def put(self, key: Hashable, state: bytes, next_logits: np.ndarray | None = None) -> None:
         if key in self._entries:
             self._bytes -= _size(*self._entries.pop(key))
-        self._entries[key] = (state, next_logprobs)
-        self._bytes += _size(state, next_logprobs)
+        self._entries[key] = (state, next_logits)
+        self._bytes += _size(state, next_logits)
         while self._bytes > self.max_bytes and len(self._entries) > 1:
             self._bytes -= _size(*self._entries.popitem(last=False)[1])
 
 
-def _size(state: bytes, next_logprobs: np.ndarray | None) -> int:
-    return len(state) + (0 if next_logprobs is None else next_logprobs.nbytes)
+def _size(state: bytes, next_logits: np.ndarray | None) -> int:
+    return len(state) + (0 if next_logits is None else next_logits.nbytes)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -155,12 +155,12 @@ def read_texts(
         for pack in _packs(sizes, context.n_batch, context.n_seq, [len(g.tails) for g in groups]):
             if tap is not None:
                 tap.segments = []  # held prefixes are never pooled
-            held = _hold_prefixes(context, [groups[i] for i in pack], cache)
+            packed = [groups[i] for i in pack]
+            sequences = _sequences(packed)
+            held = _hold_prefixes(context, packed, sequences, cache)
             tokens, positions, seqs, wanted, segments, targets = [], [], [], [], [], []
-            slot = 0
-            for position, index in enumerate(pack):
+            for position, (index, owners) in enumerate(zip(pack, sequences)):
                 group, first_text = groups[index], int(firsts[index])
-                owners = tuple(range(slot, slot + len(group.tails)))
                 base = len(group.prefix)
                 first_scored = max(group.pool_from, 1)  # the first position whose token gets a log-probability
                 prefix_row = len(tokens)
@@ -177,7 +177,7 @@ def read_texts(
                     tail_row = len(tokens)
                     segments.append((text, tail_row + max(start - base, 0), tail_row + len(tail)))
                     counts[text] = base + len(tail) - start
-                    # where the log-probabilities predicting positions >= first_scored come from: a batch row, or
+                    # where the logits predicting positions >= first_scored come from: a batch row, or
                     # (position base, after a held prefix) the prefix's stored ones
                     full = list(group.prefix) + list(tail)
                     rows = [(prefix_row + p - 1 if position not in held else -1) if p - 1 < base
@@ -187,16 +187,15 @@ def read_texts(
                     positions += range(base, base + len(tail))
                     seqs += [owners[k]] * len(tail)
                     wanted += [logprobs and base + i >= first_scored - 1 and i < len(tail) - 1 for i in range(len(tail))]
-                slot += len(group.tails)
             if not any(wanted):
                 wanted[-1] = True  # llama.cpp wants at least one output
             if tap is not None:
                 tap.segments = segments
             context.decode(tokens, positions, seqs, wanted)
             if logprobs:
-                for text, rows, goal, prefix_logprobs in targets:
+                for text, rows, goal, prefix_logits in targets:
                     if rows:
-                        scored = _log_softmax(np.stack([prefix_logprobs if row < 0 else context.logits(row)
+                        scored = _log_softmax(np.stack([prefix_logits if row < 0 else context.logits(row)
                                                         for row in rows]))
                         scores[text] = scored[np.arange(len(rows)), goal].astype(np.float32)
             context.clear()
@@ -211,18 +210,22 @@ def read_texts(
     return Reading(pooled, tap.norm_sums / max(tap.norm_rows, 1), scores)
 
 
-def _hold_prefixes(context: Context, pack: list[TextGroup], cache: PrefixCache | None) -> dict[int, np.ndarray]:
-    """Put the prefixes of ``pack`` (one decode's groups, sequences numbered in order) that ``cache`` may hold into
-    their sequences: restored where cached, else decoded alone and cached. Returns pack position -> the
-    log-probabilities after that prefix; the positions not in it are decoded with their tails."""
+def _sequences(pack: list[TextGroup]) -> list[tuple[int, ...]]:
+    """The sequence of every text of each group in one decode, numbered in order."""
+    ends = np.cumsum([len(group.tails) for group in pack])
+    return [tuple(range(end - len(group.tails), end)) for group, end in zip(pack, map(int, ends))]
+
+
+def _hold_prefixes(context: Context, pack: list[TextGroup], sequences: list[tuple[int, ...]],
+                   cache: PrefixCache | None) -> dict[int, np.ndarray]:
+    """Put the prefixes of ``pack`` (one decode's groups on their ``sequences``) that ``cache`` may hold into those
+    sequences: restored where cached, else decoded alone and cached. Returns pack position -> the logits after that
+    prefix; the positions not in it are decoded with their tails."""
     if cache is None:
         return {}
     held: dict[int, np.ndarray] = {}
     missing: list[tuple[int, tuple[int, ...]]] = []
-    slot = 0
-    for position, group in enumerate(pack):
-        owners = tuple(range(slot, slot + len(group.tails)))
-        slot += len(owners)
+    for position, (group, owners) in enumerate(zip(pack, sequences)):
         if not group.prefix or group.pool_from < len(group.prefix):
             continue
         stored = cache.get(tuple(group.prefix))
@@ -244,6 +247,6 @@ def _hold_prefixes(context: Context, pack: list[TextGroup], cache: PrefixCache |
         context.decode(tokens, positions, seqs, wanted)
         last_row = np.cumsum([len(pack[position].prefix) for position, _ in missing]) - 1
         for (position, owners), row in zip(missing, last_row):
-            held[position] = _log_softmax(context.logits(int(row)))
+            held[position] = context.logits(int(row))
             cache.put(tuple(pack[position].prefix), context.save_sequence(owners[0]), held[position])
     return held

@@ -193,11 +193,11 @@ def test_the_shipped_bank_yaml_reads_into_the_typed_bank_and_writes_back_unchang
 
 def test_the_prefix_cache_drops_the_least_recently_used_prefix_past_its_size():
     cache = PrefixCache(max_bytes=3 * 140)
-    row = np.zeros(10, dtype=np.float32)  # 40 bytes of log-probabilities beside a 100-byte state
+    row = np.zeros(10, dtype=np.float32)  # 40 bytes of next-token logits beside a 100-byte state
     for head in ((1,), (2,), (3,)):
         cache.put(head, bytes(100), row)
     assert cache.get((1,)) is not None  # used again: now the most recent
-    cache.put((4,), bytes(140))  # a generation head keeps no log-probabilities
+    cache.put((4,), bytes(140))  # a generation head keeps no logits
     assert cache.get((2,)) is None and all(cache.get(head) is not None for head in ((1,), (3,), (4,)))
     cache.put((4,), bytes(140))  # stored again (two groups of one read share a prefix): counted once
     assert all(cache.get(head) is not None for head in ((1,), (3,), (4,)))
