@@ -254,13 +254,21 @@ def print_analysis(analysis) -> None:
                   "(--json for full precision)[/dim]")
 
 
+def _judged(band: str, row: dict) -> str:
+    """The judge's verdict in one cell: its lift for the band, * where clear, else the primary it lifted most."""
+    if "judged_effect" not in row or row["gain"] == 0:
+        return "-"
+    most = row["judged_most_lifted"]
+    return f"{row['judged_effect']:.2f}" + (" *" if row["judged_clear"] else "" if most == band else f" {most}")
+
+
 def print_eval(result, flagged: dict[str, list[float]]) -> None:
     """One table per band: gain (and the prompt-only baseline) against the lexicon effect, the readout and
     fluency."""
     for band in result.bands:
         table = Table(title=f"{band}", title_justify="left", header_style="bold")
-        for column in ("setting", "effect", "most lifted", "holds", "readout", "ppl ratio", "rep. 3-grams", "distinct-2",
-                       "tokens"):
+        for column in ("setting", "effect", "most lifted", "holds", "judge", "readout", "ppl ratio", "rep. 3-grams",
+                       "distinct-2", "tokens"):
             table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right",
                              no_wrap=column in ("setting", "most lifted"))
         prompted = result.prompting(band)
@@ -272,7 +280,7 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
             most = "-" if row["gain"] == 0 else row["most_lifted"]  # nothing moved at gain 0
             share = row.get("clear_share")
             table.add_row(setting, f"{row['effect']:.2f}" + (" *" if row["clear"] else ""), most,
-                          "-" if share is None else f"{share:.0%}",
+                          "-" if share is None else f"{share:.0%}", _judged(band, row),
                           f"{readout:+.2f}" if readout is not None else "-", f"{ppl:.2f}" if ppl is not None else "-",
                           f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}", f"{row['length']:.0f}",
                           style=style)
@@ -282,5 +290,6 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
     console.print(f"[dim]effect: the band's own emotion words over the unsteered replies' ({result.scorer} lexicon; "
                   "axes: + words per 100; described bands: + nats/token the unsteered model prefers the replies "
                   "for the description over the primaries); * = clearly lifted and the most lifted; holds: how often the "
-                  "band is clear when the prompts are drawn again; readout: the model's "
+                  "band is clear when the prompts are drawn again; judge: how many times likelier the unsteered model "
+                  "names the band as the replies' emotion (* clear; else the emotion it names more); readout: the model's "
                   "own reading of the replies; ppl ratio: perplexity under the model asked for the band[/dim]")

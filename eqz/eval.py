@@ -24,6 +24,7 @@ from .bands import AXES, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_promp
 from .bank import Bank
 from .engine import Model
 from .generation import Job, generate_parallel
+from .judge import LabelJudge
 from .reading import PrefixCache, TextGroup, read_texts, shared_head_length
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
@@ -106,6 +107,8 @@ class ReplySet:
     # asked for the band than when asked to be neutral, mean nats per token (see CLEAR_PREFERENCE_RISE)
     preference: dict[str, float] = field(default_factory=dict)
     states: np.ndarray | None = None  # per layer read: the mean over replies of each reply's mean residual stream
+    # per reply: the unsteered model's log-probability of naming each primary as its emotion (judge.LabelJudge)
+    labels: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ppl(self) -> float:
@@ -148,6 +151,26 @@ class ReplySet:
         own = PRIMARIES.index(band)
         return float(np.mean((lifts[:, own] >= CLEAR_LIFT) & (lifts.argmax(axis=1) == own)))
 
+    def judged_lifts(self, baseline: "ReplySet") -> dict[str, float]:
+        """Per primary, how many times likelier the judge names it for these replies than for the baseline's
+        (the geometric mean over replies paired by prompt and sample)."""
+        return dict(zip(PRIMARIES, np.exp((self.labels - baseline.labels).mean(axis=0)).tolist()))
+
+    def judged_clear(self, band: str, baseline: "ReplySet") -> bool:
+        """The judge names ``band`` at least CLEAR_LIFT times as often as for the baseline, and its lift is the
+        largest of the eight's."""
+        lifts = self.judged_lifts(baseline)
+        return lifts[band] >= CLEAR_LIFT and max(lifts, key=lifts.get) == band
+
+    def judged_clear_share(self, band: str, baseline: "ReplySet", samples: int,
+                           draws: int = BOOTSTRAP_DRAWS) -> float:
+        """clear_share for the judge's verdict: the prompts drawn again (paired, with all their samples)."""
+        differences = (self.labels - baseline.labels).reshape(-1, samples, len(PRIMARIES)).mean(axis=1)
+        picks = np.random.default_rng(0).integers(0, len(differences), size=(draws, len(differences)))
+        lifts = differences[picks].mean(axis=1)
+        own = PRIMARIES.index(band)
+        return float(np.mean((lifts[:, own] >= math.log(CLEAR_LIFT)) & (lifts.argmax(axis=1) == own)))
+
     def effect(self, band: str, baseline: "ReplySet") -> float:
         """The size of the band's own effect: lift for a primary, rise in words per 100 for an axis, rise in
         specific preference (nats per token) for a band judged by the model."""
@@ -183,8 +206,15 @@ class ReplySet:
             "distinct_2": round(self.distinct, 3),
             **({"ppl_ratio": round(ratio, 3)} if math.isfinite(ratio) else {}),
             **({"readout": round(self.readout[band], 3)} if band in self.readout else {}),
+            **(self._judged(band, baseline) if band in PRIMARIES and self.labels is not None
+               and baseline.labels is not None else {}),
             "fluent": self.fluent(baseline),
         }
+
+    def _judged(self, band: str, baseline: "ReplySet") -> dict:
+        lifts = self.judged_lifts(baseline)
+        return {"judged_effect": round(lifts[band], 3), "judged_most_lifted": max(lifts, key=lifts.get),
+                "judged_clear": self.judged_clear(band, baseline)}
 
 
 def _per_100_words(counts: np.ndarray) -> np.ndarray:
@@ -197,8 +227,10 @@ class ReplyBench:
 
     def __init__(self, model: Model, prompts: list[str], reply_tokens: int, seed: int, steered: list[int],
                  read_layer: int | None = None, reader: LayerGeometry | None = None, layers: list[int] | None = None,
-                 samples: int = 1, parallel: int | None = None, preferences: dict[str, str] | None = None):
+                 samples: int = 1, parallel: int | None = None, preferences: dict[str, str] | None = None,
+                 labels: bool = False):
         self.model = model
+        self.judge = LabelJudge.for_model(model) if labels else None  # names each reply's emotion (ReplySet.labels)
         self.preferences = dict(preferences or {})  # band -> persona: bands judged by preference (see ReplySet)
         self.prompts = list(prompts)
         self.steered = steered
@@ -249,7 +281,20 @@ class ReplyBench:
             for setting in settings
         }
         self.read_back(settings, results, progress, states, perplexity)
+        if self.judge is not None:
+            self._name_emotions(settings, results, progress)
         return results
+
+    def _name_emotions(self, settings: list[Setting], results: dict, progress: Progress) -> None:
+        """Every reply's ReplySet.labels: the unsteered model asked which emotion it expresses."""
+        replies = [tokens for setting in settings for tokens in results[setting.key].tokens]
+        advance = progress("asking the unsteered model which emotion each reply shows", len(replies))
+        scores = self.judge.scores(self.model, replies, progress=advance)
+        start = 0
+        for setting in settings:
+            count = len(results[setting.key].tokens)
+            results[setting.key].labels = scores[start : start + count]
+            start += count
 
     @staticmethod
     def _text_scores(replies: list[tuple[list[int], str]]) -> ReplySet:
@@ -358,8 +403,9 @@ class EvalResult:
 
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""
-        keep = ("effect", "words_per_100", "most_lifted", "clear", "clear_share", "readout", "ppl_ratio",
-                "repeated_3grams", "fluent")
+        keep = ("effect", "words_per_100", "most_lifted", "clear", "clear_share", "judged_effect",
+                "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio", "repeated_3grams",
+                "fluent")
         return {
             band: {("prompt" if row["gain"] is None else str(row["gain"])): {k: row[k] for k in keep if k in row}
                    for row in self.table(band) + [r for r in [self.prompting(band)] if r]}
@@ -369,11 +415,13 @@ class EvalResult:
 
 def _row(band: str, gain: float | None, replies: ReplySet, baseline: ReplySet, samples: int) -> dict:
     share = replies.clear_share(band, baseline, samples) if gain != 0 else None
+    judged = band in PRIMARIES and gain != 0 and replies.labels is not None and baseline.labels is not None
     return {
         "band": band,
         "gain": gain,
         **replies.summary(band, baseline),
         **({"clear_share": round(share, 3)} if share is not None else {}),
+        **({"judged_clear_share": round(replies.judged_clear_share(band, baseline, samples), 3)} if judged else {}),
         "lifts": {other: round(value, 3) for other, value in replies.lifts(baseline).items()},
         "crosstalk": {other: round(value - baseline.readout.get(other, 0.0), 3)
                       for other, value in replies.readout.items() if other != band},
@@ -405,7 +453,7 @@ def evaluate(
     personas = {band: bank_persona(bank, band) for band in bands}
     described = {band: persona for band, persona in personas.items() if persona and band not in DESCRIPTIONS}
     bench = ReplyBench(model, prompts, reply_tokens, seed, bank.steered_layers, bank.read_layer, reader,
-                       samples=samples, preferences=preference_personas(described))
+                       samples=samples, preferences=preference_personas(described), labels=True)
     settings = [Setting("baseline")]
     settings += [Setting((band, gain), bank.mix({band: gain}), judge=personas[band] if gain > 0 else None)
                  for band in bands for gain in gains if gain != 0]
@@ -456,8 +504,8 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     written = [directory / "eval.json", directory / "eval.csv"]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with written[1].open("w", newline="") as handle:
-        columns = ["band", "gain", "effect", "words_per_100", "most_lifted", "clear", "clear_share", "readout",
-                   "ppl_ratio", "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
+        columns = ["band", "gain", "effect", "words_per_100", "most_lifted", "clear", "clear_share", "judged_effect",
+                   "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio", "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)

@@ -61,6 +61,7 @@ class Reading:
     pooled: np.ndarray  # (n_texts, n_layers, n_embd): mean residual stream over the pooled positions
     token_norm: np.ndarray  # (n_layers,): mean L2 norm of one pooled token's residual stream
     logprobs: list[np.ndarray]  # per text: log p of each token at positions >= max(pool_from, 1)
+    next_logprobs: np.ndarray | None = None  # (n_texts, len(next_tokens)): log p of each after the text's end
 
 
 class _PoolingTap:
@@ -128,6 +129,7 @@ def read_texts(
     logprobs: bool = False,
     progress=None,
     cache: PrefixCache | None = None,
+    next_tokens: Sequence[int] = (),
 ) -> Reading:
     """Run texts through the model without generating: pooled hidden states at ``layers`` and/or the
     log-probability of every token, under the context's current steering.
@@ -136,6 +138,8 @@ def read_texts(
     Without ``logprobs`` the graph stops after the deepest layer read, skipping the rest of the model.
     With a ``cache`` (unsteered reads with ``logprobs`` only: the key is the tokens), prefixes that are not pooled
     are decoded in a decode of their own and kept; a prefix read before is restored instead of computed.
+    ``next_tokens``: also the log-probability of each of these tokens coming right after every text (a judge's
+    answer to a question the text ends with).
     ``progress(n)`` is called with the number of texts finished after each decode.
     """
     layers = list(layers)
@@ -147,9 +151,12 @@ def read_texts(
     tap = _PoolingTap(layers, n_texts, context.n_embd) if layers else None
     counts = np.zeros(n_texts)
     scores: list[np.ndarray] = [np.zeros(0, np.float32)] * n_texts
+    next_tokens = list(next_tokens)
+    following = np.zeros((n_texts, len(next_tokens)), np.float32) if next_tokens else None
+    last_rows: list[tuple[int, int]] = []  # (text, batch row of its last token) in the current decode
     firsts = np.cumsum([0] + [len(group.tails) for group in groups])
     context.clear()
-    context.set_tap(tap, stop_after=max(layers) if layers and not logprobs else None)
+    context.set_tap(tap, stop_after=max(layers) if layers and not (logprobs or next_tokens) else None)
     try:
         sizes = [len(g.prefix) + sum(len(t) for t in g.tails) for g in groups]
         for pack in _packs(sizes, context.n_batch, context.n_seq, [len(g.tails) for g in groups]):
@@ -186,7 +193,10 @@ def read_texts(
                     tokens += tail
                     positions += range(base, base + len(tail))
                     seqs += [owners[k]] * len(tail)
-                    wanted += [logprobs and base + i >= first_scored - 1 and i < len(tail) - 1 for i in range(len(tail))]
+                    wanted += [logprobs and base + i >= first_scored - 1 and i < len(tail) - 1
+                               or (bool(next_tokens) and i == len(tail) - 1) for i in range(len(tail))]
+                    if next_tokens:
+                        last_rows.append((text, len(tokens) - 1))
             if not any(wanted):
                 wanted[-1] = True  # llama.cpp wants at least one output
             if tap is not None:
@@ -198,6 +208,9 @@ def read_texts(
                         scored = _log_softmax(np.stack([prefix_logits if row < 0 else context.logits(row)
                                                         for row in rows]))
                         scores[text] = scored[np.arange(len(rows)), goal].astype(np.float32)
+            for text, row in last_rows:
+                following[text] = _log_softmax(context.logits(row))[next_tokens]
+            last_rows.clear()
             context.clear()
             if progress:
                 progress(sum(len(groups[i].tails) for i in pack))
@@ -205,9 +218,9 @@ def read_texts(
         context.set_tap(None)
         context.clear()
     if tap is None:
-        return Reading(np.zeros((n_texts, 0, context.n_embd), np.float32), np.zeros(0), scores)
+        return Reading(np.zeros((n_texts, 0, context.n_embd), np.float32), np.zeros(0), scores, following)
     pooled = (tap.sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
-    return Reading(pooled, tap.norm_sums / max(tap.norm_rows, 1), scores)
+    return Reading(pooled, tap.norm_sums / max(tap.norm_rows, 1), scores, following)
 
 
 def _sequences(pack: list[TextGroup]) -> list[tuple[int, ...]]:

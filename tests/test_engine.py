@@ -263,3 +263,18 @@ def test_a_prefix_read_before_is_restored_not_recomputed_and_reads_the_same(mode
     assert np.array_equal(first.pooled, again.pooled)
     drift = np.linalg.norm(first.pooled - inline.pooled, axis=-1) / np.linalg.norm(inline.pooled, axis=-1)
     assert drift.max() < 0.05, drift
+
+
+def test_the_next_token_after_each_text_is_read_as_if_it_were_appended(model):
+    """A judge reads the answer right after a text (read_texts' next_tokens): the log-probability of reading that
+    token as the text's last one, for every text of a group that shares a head (values 0.8 to 14 nats apart)."""
+    head = model.tokenize(model.chat_prompt([{"role": "user", "content": PROMPT}])[0], parse_special=True)
+    tails = [model.tokenize(text, add_special=False) for text in (" I feel so happy today,", " The bus was late and")]
+    answers = [model.tokenize(word, add_special=False)[0] for word in (" and", " I")]
+    with model.context(n_ctx=1024, n_seq=8, n_batch=1024) as context:
+        following = read_texts(context, [TextGroup(head, tails, pool_from=len(head))], next_tokens=answers).next_logprobs
+        appended = read_texts(context, [TextGroup(head, [tail + [answer]], pool_from=len(head) + len(tail))
+                                        for tail in tails for answer in answers], logprobs=True)
+    assert following.shape == (2, 2)
+    # the same up to llama.cpp's batch-size rounding (~0.1 nats here): the two reads batch differently
+    assert np.allclose(following.ravel(), [scores[-1] for scores in appended.logprobs], atol=0.25)

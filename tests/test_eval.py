@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
 from eqz.bands import BANDS, CIRCUMPLEX, PRIMARIES
 import numpy as np
 
 from eqz.eval import CLEAR_PREFERENCE_RISE, ReplySet
+from eqz.judge import LabelJudge
 from eqz.train import Candidate
 from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, repeated_trigrams,
                          words)
@@ -96,6 +99,23 @@ def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_
     assert candidate.best(baseline) == (0.25, True)
 
 
+def test_the_label_judge_counts_a_band_clear_where_it_names_it_twice_as_often_and_most():
+    """ReplySet.labels: per reply, the judge's log-probability of each primary's name; lifts are paired by reply."""
+    baseline = ReplySet(texts=[""] * 4, labels=np.log(np.full((4, 8), 1 / 8)))
+    named = np.log(np.full((4, 8), 1 / 8))
+    named[:, PRIMARIES.index("fear")] += math.log(3)  # three times as likely on every reply
+    named[:, PRIMARIES.index("sadness")] += math.log(1.5)
+    steered = ReplySet(texts=[""] * 4, labels=named)
+    lifts = steered.judged_lifts(baseline)
+    assert lifts["fear"] == pytest.approx(3.0) and lifts["joy"] == pytest.approx(1.0)
+    assert steered.judged_clear("fear", baseline) and not steered.judged_clear("sadness", baseline)
+    assert steered.judged_clear_share("fear", baseline, samples=2) == 1.0
+    one_reply = np.log(np.full((4, 8), 1 / 8))
+    one_reply[0, PRIMARIES.index("fear")] += 4 * math.log(3)  # the same mean lift, all of it from one prompt
+    lucky = ReplySet(texts=[""] * 4, labels=one_reply)
+    assert lucky.judged_clear("fear", baseline) and 0.2 < lucky.judged_clear_share("fear", baseline, samples=1) < 0.8
+
+
 def test_a_described_band_is_clear_when_the_judge_prefers_its_persona_specifically():
     """Preference = nats per token likelier under the band's persona than the neutral one; what every persona gains
     (the primaries' mean) does not count, and the band's own persona must gain most."""
@@ -158,11 +178,27 @@ def test_tiny_eval_end_to_end(tmp_path):
                                                   "anticipation"}
         assert rows[(band, None)]["ppl_ratio"] > 0 and len(rows[(band, None)]["examples"]) == 3
         assert 0.0 <= rows[(band, 1.0)]["clear_share"] <= 1.0 and "clear_share" not in rows[(band, 0.0)]
+        # the unsteered model as a second judge: how much likelier it names the band for the replies
+        assert rows[(band, 0.0)]["judged_effect"] == 1.0 and rows[(band, 1.0)]["judged_effect"] > 0
+        assert rows[(band, 1.0)]["judged_most_lifted"] in PRIMARIES and 0.0 <= rows[(band, 1.0)]["judged_clear_share"] <= 1
     assert set(rows[("joy", 1.0)]["crosstalk"]) == set(BANDS) - {"joy"}
     with (out / "eval.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 8
     assert (out / "dose_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "prompt only" in result.stdout and "sadness" in result.stdout
+    assert "prompt only" in result.stdout and "sadness" in result.stdout and "judge" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_unsteered_model_names_the_emotion_of_emotional_sentences(model):
+    """The label judge on sentences of known emotion (the dev set, 3 per primary): against the set's mean it ranks
+    the true primary first for most (87.5% of all 80 on the default model; chance 12.5%)."""
+    sentences = yaml.safe_load((Path(__file__).parent / "data" / "short_sentences.yaml").read_text())
+    judge = LabelJudge.for_model(model)
+    texts = [model.tokenize(text, add_special=False) for band in PRIMARIES for text in sentences[band][:3]]
+    scores = judge.scores(model, texts)
+    assert scores.shape == (24, 8) and np.allclose(np.exp(scores).sum(axis=1), 1.0, atol=1e-4)
+    named = (scores - scores.mean(axis=0)).argmax(axis=1)
+    assert np.mean(named == np.repeat(np.arange(8), 3)) >= 0.6
 
 
 @pytest.mark.slow
