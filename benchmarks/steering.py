@@ -46,6 +46,16 @@ def verdicts(result) -> dict[str, dict]:
             "prompt_only_clear": prompted["clear"] if prompted else None,
             "prompt_only_clear_share": prompted.get("clear_share") if prompted else None,
         }
+        if "judged_effect" in up:  # the unsteered model as judge (primaries)
+            entry.update({
+                "judged_effect_at_1": up["judged_effect"], "judged_most_lifted_at_1": up["judged_most_lifted"],
+                "judged_clear_at_1": up["judged_clear"], "judged_clear_share_at_1": up["judged_clear_share"],
+                "judged_effect_at_-1": down["judged_effect"] if down else None,
+                "judged_effect_at_2": rows[2.0]["judged_effect"] if 2.0 in rows else None,
+                "prompt_only_judged_effect": prompted["judged_effect"] if prompted else None,
+                "prompt_only_judged_clear": prompted["judged_clear"] if prompted else None,
+                "prompt_only_judged_clear_share": prompted["judged_clear_share"] if prompted else None,
+            })
         entry["fluent_at_1"] = (entry["repeated_3grams_at_1"] <= MAX_REPEATED_TRIGRAMS
                                 and (entry["distinct_ratio_at_1"] or 0) >= MIN_DISTINCT_RATIO)
         out[band] = entry
@@ -98,6 +108,7 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
             f"{_yes_no(f['readout_rises'])} | {f['repeated_3grams_at_1']:.1%} | "
             f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {check} |"
         )
+    lines += judge_table(figures, primaries, result.prompts)
     lines += ["", "## Crosstalk", "",
               "Readout change of every band (the unsteered model reading the replies) when one band is at +1:", "",
               "| +1 on / readout of | " + " | ".join(b[:5] for b in result.bands) + " |",
@@ -123,6 +134,41 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
             lines.append(f"- **prompt only**: {' '.join(prompted['examples'][0].split())}")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
+    """The same replies judged by the unsteered model (eqz.judge): how many times likelier it names the band."""
+    judged = [b for b in primaries if "judged_effect_at_1" in figures[b]]
+    if not judged:
+        return []
+    clear = sum(figures[b]["judged_clear_at_1"] for b in judged)
+    prompt_clear = sum(bool(figures[b]["prompt_only_judged_clear"]) for b in judged)
+    expected = sum(figures[b]["judged_clear_share_at_1"] for b in judged)
+    prompt_expected = sum(figures[b]["prompt_only_judged_clear_share"] or 0 for b in judged)
+    lines = [
+        "", "## The unsteered model as judge", "",
+        "The same replies, each put to the unsteered model as \"Text: ... Name the emotion in one word.\" and its "
+        "answer read for the eight primaries' names (eqz/judge.py; no persona, no stimulus: it shares nothing with "
+        "the directions). Effect = how many times likelier it names the band than for the unsteered replies to the "
+        "same prompts (geometric mean over paired replies); *clear* = >= 2x and the most lifted of the eight; "
+        f"*holds* = the same redraw of the {prompts} prompts as above.",
+        "",
+        f"**Primaries clear at +1 by the judge: {clear}/{len(judged)}**; prompting only: {prompt_clear}/{len(judged)}. "
+        f"Expected over redrawn prompt sets: {expected:.1f}/{len(judged)} at +1, {prompt_expected:.1f}/{len(judged)} "
+        "prompting only.",
+        "",
+        "| band | judge +1 | names most +1 | clear +1 | holds +1 | judge -1 | judge +2 | prompt only | "
+        "prompt only clear |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for band in judged:
+        f = figures[band]
+        cells = [f"{f[key]:.2f}" if f[key] is not None else "-"
+                 for key in ("judged_effect_at_-1", "judged_effect_at_2", "prompt_only_judged_effect")]
+        lines.append(f"| {band} | {f['judged_effect_at_1']:.2f} | {f['judged_most_lifted_at_1']} | "
+                     f"{'yes' if f['judged_clear_at_1'] else 'no'} | {f['judged_clear_share_at_1']:.0%} | "
+                     f"{cells[0]} | {cells[1]} | {cells[2]} | {_yes_no(f['prompt_only_judged_clear'])} |")
+    return lines
 
 
 def main() -> None:
