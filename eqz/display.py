@@ -98,22 +98,22 @@ def print_bank(bank: Bank) -> None:
             f"(chance {quality['chance']:.1%})"
         )
     table = Table(header_style="bold", box=None, collapse_padding=True, pad_edge=False)  # fits 80 columns
-    for column in ("band", "source", "c", "neg.", "effect", "most lifted", "rep3", "ppl", "check"):
+    for column in ("band", "source", "c", "neg.", "effect", "most lifted", "judge", "rep3", "ppl", "check"):
         table.add_column(column, justify="left" if column in ("band", "source", "most lifted", "check") else "right",
                          no_wrap=column != "check")
     for name, band in bank.bands.items():
         if band.imported:
-            table.add_row(name, "imported", "-", "-", "-", "-", "-", "-", "[yellow]unmetered[/yellow]")
+            table.add_row(name, "imported", "-", "-", "-", "-", "-", "-", "-", "[yellow]unmetered[/yellow]")
             continue
         cells = ["described" if band.description else band.source or "stimulus", f"{band.strength:g}",
                  f"x{band.negative_ratio:g}"]
         at_one = band.check.get("+1")
         if at_one:
             ppl = at_one.get("ppl_ratio")
-            cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"], f"{at_one['repeated_3grams']:.0%}",
-                      f"{ppl:.2f}" if ppl is not None else "-"]
+            cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"], _judged(at_one),
+                      f"{at_one['repeated_3grams']:.0%}", f"{ppl:.2f}" if ppl is not None else "-"]
         else:
-            cells += ["-"] * 4
+            cells += ["-"] * 5
         problems = bank.open_problems(name)
         cleared = "" if problems == band.problems else " (eval)"
         cells.append("-" if band.direction_ok is None else "[red]" + ", ".join(problems) + "[/red]" if problems
@@ -126,7 +126,8 @@ def print_bank(bank: Bank) -> None:
             f"[dim]c: strength at gain +1 (c/steered layers of each layer's token norm); neg.: share of it at -1; "
             f"at +1: effect = the band's own emotion words over the unsteered replies' ({calibration['scorer']} "
             "lexicon; axes: + words/100; described bands: + nats/token the unsteered model prefers them for the "
-            "description over the primaries), most lifted = the emotion that rose most, rep3 = repeated 3-grams, "
+            "description over the primaries), most lifted = the emotion that rose most, judge = how many times "
+            "likelier the unsteered model names the band as the replies' emotion (* clear), rep3 = repeated 3-grams, "
             "ppl = perplexity under the model asked for the band over the unsteered replies'; check: ok; ok (eval) = "
             "weak in calibration, clear on the held-out prompts of `eqz eval --record`; or what failed: "
             + "; ".join(f"{key} = {words}" for key, words in PROBLEMS.items()) + "[/dim]"
@@ -254,12 +255,11 @@ def print_analysis(analysis) -> None:
                   "(--json for full precision)[/dim]")
 
 
-def _judged(band: str, row: dict) -> str:
-    """The judge's verdict in one cell: its lift for the band, * where clear, else the primary it lifted most."""
-    if "judged_effect" not in row or row["gain"] == 0:
+def _judged(row: dict) -> str:
+    """The judge's lift for the band in one cell, * where it is clear (eval.ReplySet.judged_clear)."""
+    if "judged_effect" not in row or row.get("gain") == 0:
         return "-"
-    most = row["judged_most_lifted"]
-    return f"{row['judged_effect']:.2f}" + (" *" if row["judged_clear"] else "" if most == band else f" {most}")
+    return f"{row['judged_effect']:.2f}" + (" *" if row["judged_clear"] else "")
 
 
 def print_eval(result, flagged: dict[str, list[float]]) -> None:
@@ -280,7 +280,7 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
             most = "-" if row["gain"] == 0 else row["most_lifted"]  # nothing moved at gain 0
             share = row.get("clear_share")
             table.add_row(setting, f"{row['effect']:.2f}" + (" *" if row["clear"] else ""), most,
-                          "-" if share is None else f"{share:.0%}", _judged(band, row),
+                          "-" if share is None else f"{share:.0%}", _judged(row),
                           f"{readout:+.2f}" if readout is not None else "-", f"{ppl:.2f}" if ppl is not None else "-",
                           f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}", f"{row['length']:.0f}",
                           style=style)
@@ -291,5 +291,5 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
                   "axes: + words per 100; described bands: + nats/token the unsteered model prefers the replies "
                   "for the description over the primaries); * = clearly lifted and the most lifted; holds: how often the "
                   "band is clear when the prompts are drawn again; judge: how many times likelier the unsteered model "
-                  "names the band as the replies' emotion (* clear; else the emotion it names more); readout: the model's "
+                  "names the band as the replies' emotion (* clear: 2x and most of the eight); readout: the model's "
                   "own reading of the replies; ppl ratio: perplexity under the model asked for the band[/dim]")

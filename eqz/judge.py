@@ -5,8 +5,9 @@ text is put in a question, "Text: ... Name the emotion in one word.", and the an
 eight primaries' names, renormalised over the eight. It is dense where the lexicon is sparse: every reply gets a
 figure, not ~1 emotion word per 100. Alone the judge leans to a few names (SmolLM2-135M answers "joy" or "anger"
 for 71% of 80 emotional sentences, a balanced set), so it is only read against a baseline, as a lift: replies
-under a slider against the unsteered replies to the same prompts. Against the mean over a balanced set it ranks the true emotion
-first on 87.5% of 96 fresh held-out sentences on SmolLM2-135M-Instruct (benchmarks/judge_agreement.py).
+under a slider against the unsteered replies to the same prompts. Read against the mean of a balanced set, it
+ranks the true emotion first on 88.5% of 96 fresh held-out sentences on SmolLM2-135M-Instruct and 82.3% on
+Gemma 3 270M, a base model (benchmarks/judge_agreement.py).
 """
 
 from __future__ import annotations

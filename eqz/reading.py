@@ -152,6 +152,8 @@ def read_texts(
     counts = np.zeros(n_texts)
     scores: list[np.ndarray] = [np.zeros(0, np.float32)] * n_texts
     next_tokens = list(next_tokens)
+    if next_tokens and any(not tail for group in groups for tail in group.tails):
+        raise ValueError("next_tokens reads after every text's last token: no tail may be empty")
     following = np.zeros((n_texts, len(next_tokens)), np.float32) if next_tokens else None
     last_rows: list[tuple[int, int]] = []  # (text, batch row of its last token) in the current decode
     firsts = np.cumsum([0] + [len(group.tails) for group in groups])
