@@ -36,7 +36,7 @@ SHIPPED_DIR = shipped_dir("vectors")
 PROBLEMS = {
     "weak": "no fluent strength clearly lifts its emotion on most redraws of the calibration prompts",
     "lexicon": "its emotion words do not rise from -1 to +1",
-    "judge": "the unsteered model does not judge its replies closer to the description from -1 to +1",
+    "judge": "the unsteered model does not judge its replies closer to the band from -1 to +1",
     "readout": "the model's readout does not rise from -1 to +1",
     "fluency": "replies at +1 leave the fluency bounds",
 }

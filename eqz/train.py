@@ -11,10 +11,12 @@ Two sources of directions, both read through the engine's taps (no torch):
   description this way alone.
 
 Calibration chooses, per band, the source and the strength by what the steered replies say, scored by the
-emotion lexicon (which shares nothing with the directions), on calibration prompts no other stage uses: gain +1
-is the smallest strength on the ladder whose replies clearly lift the band's own emotion (eval.ReplySet.clear)
-within the fluency bounds; where none does, the fluent one with the largest effect, flagged as weak. Last, every
-band is checked for direction at -1 / 0 / +1 (lexicon and readout must both rise) and flagged where not.
+emotion lexicon and by the unsteered model naming their emotion (eqz.judge; neither shares anything with the
+directions), on calibration prompts no other stage uses: gain +1 is the smallest strength on the ladder whose
+replies clearly lift the band's own emotion by both, the judge's verdict holding over redrawn prompts
+(Candidate.holds), within the fluency bounds; where none does, the fluent one with the largest effect, flagged
+weak. Last, every band is checked for direction at -1 / 0 / +1 (the judge, for the axes the lexicon, and the
+readout must rise) and flagged where not.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ STRENGTHS = (0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
 FIRST_STRENGTH = 0.35
 # A strength counts as clear in calibration only where its verdict survives redrawing the calibration prompts this
 # often (eval.ReplySet.clear_share): on 10 short replies a few chance words otherwise call the ladder's lowest rung
-# clear (bank v2's surprise: 3.1x at c = 0.15 in calibration, 1.1x on the held-out prompts).
+# clear (bank v2's surprise: 3.1x at c = 0.15 in calibration, 1.1x on the held-out prompts). For the primaries the
+# redrawn verdict is the judge's (eqz.judge): the lexicon's ~300 words per setting almost never held this often.
 CALIBRATION_HOLDS = 0.8
 SOURCES = ("stimulus", "voice")
 ZERO_REPLY_TOKENS = 24
@@ -314,16 +317,32 @@ class Candidate:
         if best is None:
             return (False, False, 0.0)
         replies = self.tried[best[0]]
-        return (True, best[1], -replies.ppl_ratio(baseline) if best[1] else replies.effect(self.band, baseline))
+        return (True, best[1], -replies.ppl_ratio(baseline) if best[1] else self.effect(best[0], baseline))
+
+    def judged(self, strength: float) -> bool:
+        return self.band in PRIMARIES and self.tried[strength].labels is not None
 
     def clear_share(self, strength: float, baseline: ReplySet) -> float | None:
-        """How often the verdict at ``strength`` holds over redrawn calibration prompts (one reply per prompt)."""
+        """How often the verdict at ``strength`` holds over redrawn calibration prompts (one reply per prompt): the
+        judge's verdict where the replies were judged (every reply counts, where the lexicon sees ~1 emotion word
+        per 100), else the lexicon's."""
+        if self.judged(strength):
+            return self.tried[strength].judged_clear_share(self.band, baseline, samples=1)
         return self.tried[strength].clear_share(self.band, baseline, samples=1)
 
     def holds(self, strength: float, baseline: ReplySet) -> bool:
-        """The replies at ``strength`` are clear, and (for a primary) stay clear on most redraws of the prompts."""
+        """The replies at ``strength`` are clear by the lexicon and (for a primary) clear on most redraws of the
+        prompts by the judge (by the lexicon where they were not judged): two scorers that share nothing."""
         share = self.clear_share(strength, baseline)
         return self.tried[strength].clear(self.band, baseline) and (share is None or share >= CALIBRATION_HOLDS)
+
+    def effect(self, strength: float, baseline: ReplySet) -> float:
+        """What a strength that is not clear is ranked by: the judge's lift where the replies were judged (the denser
+        figure), else the lexicon's effect."""
+        replies = self.tried[strength]
+        if self.judged(strength):
+            return replies.judged_lifts(baseline)[self.band]
+        return replies.effect(self.band, baseline)
 
     def best(self, baseline: ReplySet) -> tuple[float, bool] | None:
         """(strength, clear): the smallest fluent strength that is clear (and holds), else the fluent one with the
@@ -334,7 +353,7 @@ class Candidate:
             return clear[0], True
         if not fluent:
             return None
-        return max(fluent, key=lambda c: fluent[c].effect(self.band, baseline)), False
+        return max(fluent, key=lambda c: self.effect(c, baseline)), False
 
     def next_strength(self, baseline: ReplySet) -> float | None:
         """Where to look next on the ladder: down from a clear (or non-fluent) strength, up from a fluent one that
@@ -430,7 +449,8 @@ def calibrate_and_check(model: Model, settings: TrainSettings, candidates: list[
     prompts = prompt_sets()["calibration"][: settings.calibration_prompts]
     described = {band: _judge(band, settings) for band in settings.described}
     bench = ReplyBench(model, prompts, settings.reply_tokens, settings.seed, steered, read_layer, reader,
-                       preferences=E.preference_personas(described))
+                       preferences=E.preference_personas(described),
+                       labels=any(candidate.band in PRIMARIES for candidate in candidates))
     chosen, baseline = calibrate(candidates, bench, vector, progress)
     checked = {"baseline": baseline, **{(band, 1): c.tried[c.pinned] for band, c in chosen.items()}}
     negative = [Setting((band, -1), -vector(c, c.pinned)) for band, c in chosen.items()]
@@ -450,7 +470,10 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
     for band, candidate in calibration.chosen.items():
         up, down = checked[(band, 1)], checked[(band, -1)]
         ratio = 1.0 if down.fluent(baseline) else 0.5
-        if band in up.rates:
+        judged = band in PRIMARIES and up.labels is not None and down.labels is not None
+        if judged:  # every reply counts, where one chance word flipped the lexicon's verdict between trainings
+            text_rises = down.judged_lifts(baseline)[band] < 1.0 < up.judged_lifts(baseline)[band]
+        elif band in up.rates:
             # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
             floor = 100.0 / max(1, sum(len(words(text)) for text in down.texts))
             text_rises = down.rates[band] <= baseline.rates[band] + floor and baseline.rates[band] < up.rates[band]
@@ -459,7 +482,7 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
         readout_rises = (down.readout[band] < baseline.readout[band] < up.readout[band]) if band in up.readout else None
         best = candidate.best(baseline)
         weak = best is None or not best[1]
-        found_problems = {"weak": weak, ("lexicon" if band in up.rates else "judge"): not text_rises,
+        found_problems = {"weak": weak, ("lexicon" if band in up.rates and not judged else "judge"): not text_rises,
                           "readout": readout_rises is False, "fluency": not up.fluent(baseline)}
         problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
         readout, read_directions = readouts.get(band, (None, None))
@@ -481,16 +504,18 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
         "reply_tokens": settings.reply_tokens,
         "ladder": list(STRENGTHS),
         "gain_1": f"per band and source, the smallest c whose replies lift the band's own emotion words >= "
-        f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight, in >= {CALIBRATION_HOLDS:.0%} of redraws of "
-        f"the calibration prompts (axes: +{E.CLEAR_AXIS_RISE:g} words/100; "
+        f"{E.CLEAR_LIFT:g}x the unsteered rate and most of the eight, and whom the unsteered model, asked to name "
+        f"the replies' emotion (eqz.judge), names >= {E.CLEAR_LIFT:g}x as often and most of the eight, in >= "
+        f"{CALIBRATION_HOLDS:.0%} of redraws of the calibration prompts (axes: +{E.CLEAR_AXIS_RISE:g} words/100; "
         f"described bands: the unsteered model's specific preference +{E.CLEAR_PREFERENCE_RISE:g} nats/token), "
-        "within the fluency bounds; else the fluent c with the largest effect (weak); the source that is clear, "
-        "else the one with the larger effect",
+        "within the fluency bounds; else the fluent c with the largest effect (primaries: the judge's lift; weak); "
+        "the source that is clear, else the one with the larger effect",
         "fluency": f"repeated 3-grams <= {E.MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {E.MIN_DISTINCT_RATIO:g}x "
         f"and Latin-letter share >= {E.MIN_LATIN_RATIO:g}x the unsteered replies'; at +1 also perplexity under "
         f"the model asked for the band <= {E.MAX_PPL_RATIO:g}x the unsteered replies' own",
-        "direction_check": "lexicon rate (described bands: specific preference) and readout at -1 < 0 < +1 (the "
-        "lexicon at -1 may exceed 0 by one word in the whole sample, its noise floor)",
+        "direction_check": "primaries: how often the judge names the band; axes: lexicon rate; described bands: "
+        "specific preference; and the readout: at -1 < 0 < +1 (the lexicon at -1 may exceed 0 by one word in the "
+        "whole sample, its noise floor)",
     }
 
 

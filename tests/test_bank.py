@@ -249,6 +249,7 @@ def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
     for entry in manifest["bands"].values():  # calibrated and checked like the shipped bank
         assert entry["source"] in ("stimulus", "voice") and isinstance(entry["direction_ok"], bool)
         assert entry["calibration"] and "+1" in entry["check"] and "-1" in entry["check"]
+        assert all("judged_effect" in row for row in entry["calibration"])  # the judge confirms on a base model too
     assert read_control_vector(bank_dir / "joy.gguf").model_hint == "gemma3"
     args = ("generate", "Tell me about cats.", "-m", str(gemma_path), "--seed", "2", "-n", "32", "--json")
     plain = json.loads(run_eqz(*args, env=env).stdout)

@@ -15,7 +15,9 @@ import numpy as np
 
 from eqz.eval import CLEAR_PREFERENCE_RISE, ReplySet
 from eqz.judge import LabelJudge
-from eqz.train import Candidate
+from eqz.bank import Bank
+from eqz.models import ModelInfo
+from eqz.train import Calibration, Candidate, store_bands
 from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, repeated_trigrams,
                          words)
 
@@ -114,6 +116,51 @@ def test_the_label_judge_counts_a_band_clear_where_it_names_it_twice_as_often_an
     one_reply[0, PRIMARIES.index("fear")] += 4 * math.log(3)  # the same mean lift, all of it from one prompt
     lucky = ReplySet(texts=[""] * 4, labels=one_reply)
     assert lucky.judged_clear("fear", baseline) and 0.2 < lucky.judged_clear_share("fear", baseline, samples=1) < 0.8
+
+
+def _named(joy_lift: list[float]) -> np.ndarray:
+    """Judge log-probabilities, one reply per prompt: joy named exp(lift) times as often as an even eighth."""
+    labels = np.log(np.full((len(joy_lift), 8), 1 / 8))
+    labels[:, PRIMARIES.index("joy")] += joy_lift
+    return labels
+
+
+def test_calibration_asks_the_judge_to_confirm_a_lexicon_verdict_and_ranks_the_rest_by_its_lift():
+    baseline = _counted([{"joy": 1, "fear": 1}] * 10)
+    baseline.labels = _named([0.0] * 10)
+    lexicon_only = _counted([{"joy": 4, "fear": 1}] * 10)  # clear words, but the judge does not hear joy
+    lexicon_only.labels = _named([0.1] * 10)
+    both = _counted([{"joy": 4, "fear": 1}] * 10)
+    both.labels = _named([1.0] * 10)  # e^1 = 2.7x on every prompt
+    judge_only = _counted([{"joy": 1, "fear": 1}] * 10)
+    judge_only.labels = _named([1.5] * 10)
+    for replies in (baseline, lexicon_only, both, judge_only):
+        replies.repeat, replies.distinct, replies.latin = 0.0, 1.0, 1.0
+    candidate = Candidate("joy", "stimulus", np.zeros((1, 1)), tried={0.15: lexicon_only, 0.25: both})
+    assert lexicon_only.clear("joy", baseline) and not candidate.holds(0.15, baseline)
+    assert candidate.clear_share(0.25, baseline) == 1.0 and candidate.best(baseline) == (0.25, True)
+    unconfirmed = Candidate("joy", "stimulus", np.zeros((1, 1)), tried={0.15: lexicon_only, 0.25: judge_only})
+    assert unconfirmed.best(baseline) == (0.25, False)  # neither holds; the judge's larger lift ranks first
+
+
+def test_the_direction_check_of_a_primary_follows_the_judge_where_the_replies_were_judged():
+    """-1 / 0 / +1 on the calibration prompts: a chance trust word at -1 (above the lexicon's one-word floor) no
+    longer flags the band when the judge, reading every reply, names trust less at -1 and more at +1."""
+    baseline = _counted([{"trust": 4}] * 10)
+    up, down = _counted([{"trust": 10}] * 10), _counted([{"trust": 6}] * 10)
+    for replies, lift in ((baseline, 0.0), (up, 1.0), (down, -1.0)):
+        replies.repeat, replies.distinct, replies.latin, replies.texts = 0.0, 1.0, 1.0, ["word " * 100] * 10
+        replies.labels = np.log(np.full((10, 8), 1 / 8))
+        replies.labels[:, PRIMARIES.index("trust")] += lift
+    candidate = Candidate("trust", "stimulus", np.zeros((2, 3)), tried={0.35: up}, pinned=0.35)
+    calibration = Calibration({"trust": candidate}, [candidate], baseline, {("trust", 1): up, ("trust", -1): down},
+                              lambda _candidate, _strength: np.zeros((2, 3), np.float32), prompts=10, seconds=0.0)
+    bank = Bank.empty(ModelInfo("x.gguf", "tiny", "llama", 2, 3, 100, 512, True))
+    store_bands(bank, calibration, {}, {})
+    assert bank.bands["trust"].problems == []  # clear (judge holds, lexicon 2.5x) and rising by the judge
+    down.labels[:, PRIMARIES.index("trust")] += 1.5  # the judge now names trust more at -1 than unsteered
+    store_bands(bank, calibration, {}, {})
+    assert bank.bands["trust"].problems == ["judge"]
 
 
 def test_a_described_band_is_clear_when_the_judge_prefers_its_persona_specifically():
