@@ -148,10 +148,10 @@ def test_the_direction_check_of_a_primary_follows_the_judge_where_the_replies_we
     longer flags the band when the judge, reading every reply, names trust less at -1 and more at +1."""
     baseline = _counted([{"trust": 4}] * 10)
     up, down = _counted([{"trust": 10}] * 10), _counted([{"trust": 6}] * 10)
-    for replies, lift in ((baseline, 0.0), (up, 1.0), (down, -1.0)):
+    for replies, named in ((baseline, 0.0), (up, 1.0), (down, -1.0)):
         replies.repeat, replies.distinct, replies.latin, replies.texts = 0.0, 1.0, 1.0, ["word " * 100] * 10
         replies.labels = np.log(np.full((10, 8), 1 / 8))
-        replies.labels[:, PRIMARIES.index("trust")] += lift
+        replies.labels[:, PRIMARIES.index("trust")] += named
     candidate = Candidate("trust", "stimulus", np.zeros((2, 3)), tried={0.35: up}, pinned=0.35)
     calibration = Calibration({"trust": candidate}, [candidate], baseline, {("trust", 1): up, ("trust", -1): down},
                               lambda _candidate, _strength: np.zeros((2, 3), np.float32), prompts=10, seconds=0.0)
