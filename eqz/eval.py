@@ -505,7 +505,8 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with written[1].open("w", newline="") as handle:
         columns = ["band", "gain", "effect", "words_per_100", "most_lifted", "clear", "clear_share", "judged_effect",
-                   "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio", "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
+                   "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",
+                   "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)

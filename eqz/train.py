@@ -320,6 +320,7 @@ class Candidate:
         return (True, best[1], -replies.ppl_ratio(baseline) if best[1] else self.effect(best[0], baseline))
 
     def judged(self, strength: float) -> bool:
+        """The replies at ``strength`` carry the judge's figures (a primary, and a model whose names it can read)."""
         return self.band in PRIMARIES and self.tried[strength].labels is not None
 
     def clear_share(self, strength: float, baseline: ReplySet) -> float | None:
