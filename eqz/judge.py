@@ -63,6 +63,4 @@ class LabelJudge:
             size += len(tail)
         with model.context(n_ctx=n_batch, n_seq=64, n_batch=n_batch) as context:
             answer = read_texts(context, groups, next_tokens=self.labels, progress=progress).next_logprobs
-        if answer is None:
-            return np.zeros((0, len(PRIMARIES)), np.float32)
         return answer - np.logaddexp.reduce(answer, axis=1, keepdims=True)
