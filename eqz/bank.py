@@ -5,6 +5,8 @@ steers like ``eqz --set joy=1``. ``bank.yaml`` holds the model fingerprint, the 
 each band's negative-side ratio and meter calibration, how the bank was made and how well it works.
 ``meter.npz`` holds the directions the meter and the filters read along (format 2): the best separating
 direction need not be the one that steers best, so a band's steering vector may come from another source.
+``voice-centre.npy`` holds what every own-voice persona shares (the eight primaries' mean difference from the neutral
+persona, one row per steered layer): bands described later are centred on it without replying as every primary again.
 Banks ship in ``vectors/`` (the default model's) and are trained into the user data dir; both are found by
 fingerprint.
 """
@@ -29,6 +31,7 @@ from .vector_files import ControlVector, read_control_vector, write_control_vect
 
 MANIFEST = "bank.yaml"
 METER_FILE = "meter.npz"
+VOICE_CENTRE_FILE = "voice-centre.npy"
 BANK_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # format 1 banks read along their steering vectors
 SHIPPED_DIR = shipped_dir("vectors")
@@ -146,6 +149,7 @@ class Bank:
     method: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     trained: dict = field(default_factory=dict)
+    voice_centre: np.ndarray | None = None  # (len(steered), n_embd); see VOICE_CENTRE_FILE
 
     @classmethod
     def empty(cls, info: ModelInfo, directory: Path | None = None) -> "Bank":
@@ -250,6 +254,11 @@ class Bank:
                           {int(layer): float(norm) for layer, norm in (layers.get("token_norm") or {}).items()}),
                    method=manifest.get("method", {}), quality=manifest.get("quality", {}),
                    trained=manifest.get("trained", {}))
+        centre_path = directory / VOICE_CENTRE_FILE
+        if centre_path.exists():
+            centre = np.load(centre_path)
+            if centre.shape == (len(bank.steered_layers), model.n_embd):
+                bank.voice_centre = centre
         meter_path = directory / METER_FILE
         read_directions = dict(np.load(meter_path)) if meter_path.exists() else {}
         for name, entry in manifest["bands"].items():
@@ -262,7 +271,7 @@ class Bank:
         return bank
 
     def save(self, directory: Path | None = None) -> Path:
-        """Write the band GGUFs, the meter's directions and bank.yaml (atomically replacing the manifest)."""
+        """Write the band GGUFs, the meter's directions, the voice centre and bank.yaml (atomically replacing the manifest)."""
         directory = Path(directory or self.directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, band in self.bands.items():
@@ -272,6 +281,8 @@ class Bank:
         if read_directions:
             with open(directory / METER_FILE, "wb") as handle:
                 np.savez(handle, **{name: rows.astype(np.float32) for name, rows in read_directions.items()})
+        if self.voice_centre is not None:
+            np.save(directory / VOICE_CENTRE_FILE, self.voice_centre.astype(np.float32))
         temporary = directory / f".{MANIFEST}.tmp"
         temporary.write_text(yaml.safe_dump(self.manifest(), sort_keys=False, width=120))
         temporary.replace(directory / MANIFEST)

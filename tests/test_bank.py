@@ -223,6 +223,22 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     assert all("preference" in row for row in rows)
 
 
+def test_a_stored_voice_centre_spares_the_primaries_replies_and_gives_the_same_direction(model):
+    """A bank keeps what every own-voice persona shares; a band described later is centred on it instead of
+    replying as all eight primaries again, and comes out the same as when everything is measured together."""
+    from eqz.train import TrainSettings, voice_directions
+
+    settings = TrainSettings(voice_prompts=2, voice_tokens=8, described={"nostalgia": NOSTALGIA.split("=", 1)[1]})
+    layers = [10, 14, 18]
+    quiet = lambda _stage, _total: (lambda _n: None)  # noqa: E731
+    everything, full_capture, centre = voice_directions(model, settings, layers, quiet)
+    described, capture, kept = voice_directions(model, settings, layers, quiet, centre=centre)
+    assert set(full_capture.states) == {"neutral", *PRIMARIES, "nostalgia"}
+    assert set(capture.states) == {"neutral", "nostalgia"} and np.array_equal(kept, centre)
+    cosines = np.sum(everything["nostalgia"] * described["nostalgia"], axis=1)
+    assert np.all(cosines > 0.99), cosines
+
+
 @pytest.mark.parametrize("spec, fragment", [
     ("joy=very happy", "built-in band"), ("nostalgia", 'NAME="what the feeling is"'), ("Old Days=x", "band name"),
 ])

@@ -187,8 +187,12 @@ def test_the_shipped_bank_yaml_reads_into_the_typed_bank_and_writes_back_unchang
     assert all(band.direction_ok is not None and band.strength for band in bank.bands.values())
     bank.save(tmp_path)
     assert (tmp_path / MANIFEST).read_text() == (shipped / MANIFEST).read_text()
+    saved = Bank.load(tmp_path)
     for band in bank.bands:
-        assert np.array_equal(Bank.load(tmp_path).bands[band].matrix, bank.bands[band].matrix)
+        assert np.array_equal(saved.bands[band].matrix, bank.bands[band].matrix)
+    # what every own-voice persona shares, kept so bands described later skip the primaries' replies
+    assert bank.voice_centre.shape == (len(bank.steered_layers), bank.model.n_embd)
+    assert np.array_equal(saved.voice_centre, bank.voice_centre)
 
 
 def test_the_prefix_cache_drops_the_least_recently_used_prefix_past_its_size():
@@ -201,3 +205,4 @@ def test_the_prefix_cache_drops_the_least_recently_used_prefix_past_its_size():
     assert cache.get((2,)) is None and all(cache.get(head) is not None for head in ((1,), (3,), (4,)))
     cache.put((4,), bytes(140))  # stored again (two groups of one read share a prefix): counted once
     assert all(cache.get(head) is not None for head in ((1,), (3,), (4,)))
+
