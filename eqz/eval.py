@@ -25,7 +25,7 @@ from .bank import Bank
 from .engine import Model
 from .generation import Job, generate_parallel
 from .judge import LabelJudge
-from .reading import PrefixCache, TextGroup, read_texts, shared_head_length
+from .reading import PrefixCache, group_tails, read_texts, shared_head_length
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
 from .scoring import distinct2, emotion_scorer, latin_share, lift, repeated_trigrams
@@ -56,6 +56,7 @@ DEFAULT_GAINS = (-1.0, 0.0, 1.0, 2.0)
 CALIBRATION_PROMPTS = 5  # the first prompts of the neutral set (and the first of the zero prompts, see below)
 EVAL_PROMPTS = 16
 EXTRA_CALIBRATION_PROMPTS = 5
+READ_BATCH = 1024  # tokens per read decode: a prompt head and the replies read after it
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -351,16 +352,13 @@ class ReplyBench:
                 for reply in results[key].tokens[i * self.samples : (i + 1) * self.samples]:
                     if reply:
                         tails.setdefault((persona, i), []).append(((key, persona), reply))
-        per_group = max(1, 900 // (self.reply_tokens + 1))
         groups, owners = [], []
         for (persona, i), replies in tails.items():
             prefix, _ = self.prompt(persona, i)
-            for start in range(0, len(replies), per_group):
-                chunk = replies[start : start + per_group]
-                groups.append(TextGroup(prefix, [reply for _, reply in chunk], pool_from=len(prefix)))
-                owners += [owner for owner, _ in chunk]
+            groups += group_tails(prefix, [reply for _, reply in replies], READ_BATCH, len(prefix))
+            owners += [owner for owner, _ in replies]
         advance = progress("reading replies with the unsteered model", len(owners))
-        with self.model.context(n_ctx=1024, n_seq=64, n_batch=1024, taps=bool(layers)) as context:
+        with self.model.context(n_ctx=READ_BATCH, n_seq=64, n_batch=READ_BATCH, taps=bool(layers)) as context:
             reading = read_texts(context, groups, layers, logprobs=logprobs, progress=advance,
                                  cache=self._read_prefixes if logprobs else None)
         rows_of: dict[tuple[object, str | None], list[int]] = {}

@@ -19,7 +19,7 @@ import numpy as np
 
 from .bands import PRIMARIES
 from .engine import Model
-from .reading import TextGroup, read_texts
+from .reading import group_tails, read_texts
 
 QUESTION = "Text: {text}\n\nName the emotion in one word."
 ANSWER = "The emotion expressed in this text is"
@@ -52,15 +52,7 @@ class LabelJudge:
         eight names only."""
         longest = max((len(text) for text in texts), default=0) + len(self.head) + len(self.trailer)
         n_batch = max(1024, longest)
-        groups: list[TextGroup] = []
-        size = len(self.head)
-        for text in texts:
-            tail = list(text) + self.trailer
-            if not groups or size + len(tail) > n_batch or len(groups[-1].tails) == 63:
-                groups.append(TextGroup(self.head, [], pool_from=len(self.head)))
-                size = len(self.head)
-            groups[-1].tails.append(tail)
-            size += len(tail)
+        groups = group_tails(self.head, [list(text) + self.trailer for text in texts], n_batch, len(self.head))
         with model.context(n_ctx=n_batch, n_seq=64, n_batch=n_batch) as context:
             answer = read_texts(context, groups, next_tokens=self.labels, progress=progress).next_logprobs
         return answer - np.logaddexp.reduce(answer, axis=1, keepdims=True)

@@ -54,6 +54,21 @@ class TextGroup:
     pool_from: int = 0  # first position pooled and scored (e.g. len(prompt) to read only a reply)
 
 
+def group_tails(prefix: list[int], tails: Sequence[list[int]], n_batch: int, pool_from: int = 0,
+                max_texts: int = 63) -> list[TextGroup]:
+    """``tails`` after one ``prefix``, in order, as few groups as fit one decode each (prefix and tails within
+    ``n_batch`` tokens, at most ``max_texts`` texts)."""
+    groups: list[TextGroup] = []
+    size = 0
+    for tail in tails:
+        if not groups or size + len(tail) > n_batch or len(groups[-1].tails) == max_texts:
+            groups.append(TextGroup(prefix, [], pool_from=pool_from))
+            size = len(prefix)
+        groups[-1].tails.append(list(tail))
+        size += len(tail)
+    return groups
+
+
 @dataclass
 class Reading:
     """What read_texts measured, one row per text in group order."""

@@ -10,7 +10,7 @@ from eqz.bands import PRIMARIES
 from eqz.bank import Band, Bank, Layers
 from eqz.models import ModelInfo
 from eqz.meter import Filters, Instruments, geometry
-from eqz.reading import PrefixCache
+from eqz.reading import PrefixCache, group_tails
 
 RNG = np.random.default_rng(0)
 LAYERS, EMBD = 3, 16
@@ -206,3 +206,11 @@ def test_the_prefix_cache_drops_the_least_recently_used_prefix_past_its_size():
     cache.put((4,), bytes(140))  # stored again (two groups of one read share a prefix): counted once
     assert all(cache.get(head) is not None for head in ((1,), (3,), (4,)))
 
+
+def test_tails_after_one_prefix_are_grouped_in_order_within_a_decode():
+    tails = [[7] * length for length in (5, 5, 5, 2, 9)]
+    groups = group_tails([1, 2, 3], tails, n_batch=12, pool_from=3, max_texts=2)
+    assert [tail for group in groups for tail in group.tails] == tails
+    assert [len(group.tails) for group in groups] == [1, 1, 2, 1]  # 3 + 5 + 5 tokens is over 12; 2 texts at most
+    assert all(group.prefix == [1, 2, 3] and group.pool_from == 3 for group in groups)
+    assert all(3 + sum(map(len, group.tails)) <= 12 for group in groups)
