@@ -43,7 +43,7 @@ from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli
 from .voice import VoiceCapture, capture_voice
 
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
-STRENGTHS = (0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
+STRENGTHS = (0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
 FIRST_STRENGTH = 0.35
 # A strength counts as clear in calibration only where its verdict survives redrawing the calibration prompts this
 # often (eval.ReplySet.clear_share): on 10 short replies a few chance words otherwise call the ladder's lowest rung
