@@ -271,7 +271,8 @@ class Bank:
         return bank
 
     def save(self, directory: Path | None = None) -> Path:
-        """Write the band GGUFs, the meter's directions, the voice centre and bank.yaml (atomically replacing the manifest)."""
+        """Write the band GGUFs, the meter's directions, the voice centre and bank.yaml (the manifest replaced
+        atomically)."""
         directory = Path(directory or self.directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, band in self.bands.items():
