@@ -254,11 +254,7 @@ class Bank:
                           {int(layer): float(norm) for layer, norm in (layers.get("token_norm") or {}).items()}),
                    method=manifest.get("method", {}), quality=manifest.get("quality", {}),
                    trained=manifest.get("trained", {}))
-        centre_path = directory / VOICE_CENTRE_FILE
-        if centre_path.exists():
-            centre = np.load(centre_path)
-            if centre.shape == (len(bank.steered_layers), model.n_embd):
-                bank.voice_centre = centre
+        bank.voice_centre = _voice_centre(directory / VOICE_CENTRE_FILE, (len(bank.steered_layers), model.n_embd))
         meter_path = directory / METER_FILE
         read_directions = dict(np.load(meter_path)) if meter_path.exists() else {}
         for name, entry in manifest["bands"].items():
@@ -284,11 +280,23 @@ class Bank:
                 np.savez(handle, **{name: rows.astype(np.float32) for name, rows in read_directions.items()})
         if self.voice_centre is not None:
             np.save(directory / VOICE_CENTRE_FILE, self.voice_centre.astype(np.float32))
+        else:
+            (directory / VOICE_CENTRE_FILE).unlink(missing_ok=True)
         temporary = directory / f".{MANIFEST}.tmp"
         temporary.write_text(yaml.safe_dump(self.manifest(), sort_keys=False, width=120))
         temporary.replace(directory / MANIFEST)
         self.directory = directory
         return directory
+
+
+def _voice_centre(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The bank's voice centre, or None where it has none or an unreadable one (only a described band needs it, and
+    one that finds none measures it again)."""
+    try:
+        centre = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return centre if centre.shape == shape else None
 
 
 def _read_manifest(path: Path) -> dict:

@@ -285,8 +285,8 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int], p
     made the same way from their description. Returns the directions, the capture and the centre.
 
     ``centre`` (a bank's ``voice_centre``, rows on ``layers``): the primaries' mean difference measured when the
-    bank was trained; given, the eight primaries' persona replies are not generated again (only the described
-    bands' and the neutral ones: 16 replies instead of 80 for one described band, --quick)."""
+    bank was trained; given, the eight primaries' persona replies are not generated again and only the described
+    bands get directions (16 replies instead of 80 for one described band, --quick)."""
     personas = {"neutral": NEUTRAL_PERSONA}
     personas.update({band: _judge(band, settings)
                      for band in ((*PRIMARIES,) if centre is None else ()) + tuple(settings.described)})
@@ -529,8 +529,8 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
 
 
 DESCRIBED_METHOD = ("the model's replies under a persona with the user's description minus under a neutral persona, "
-                    "centred on the primaries' mean difference (the bank's voice-centre.npy, measured when it was "
-                    "trained, or on the first described band where it has none); judged by the unsteered model: "
+                    "centred on the primaries' mean difference (the bank's voice-centre.npy, kept by a full "
+                    "training; where a bank has none, the eight primaries reply again); judged by the unsteered model: "
                     "how much likelier the replies are asked for the description than asked for each primary "
                     "(no readout)")
 
@@ -586,7 +586,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
                                       found.read, reader)
 
     bank = Bank.empty(info)
-    bank.voice_centre = voice_centre
+    bank.voice_centre = None if settings.quick else voice_centre  # see add_described_bands
     bank.layers = Layers(found.read, found.steered, [1, len(extraction.layers) - 1],
                          {layer: round(float(extraction.token_norm[layer]), 2) for layer in found.steered})
     bank.method = {
@@ -676,7 +676,9 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
     steered = bank.steered_layers
     token_norm = np.zeros(model.info.n_layer, dtype=np.float32)
     token_norm[list(token_norms)] = list(token_norms.values())
-    units, voice, bank.voice_centre = voice_directions(model, settings, steered, progress, bank.voice_centre)
+    units, voice, centre = voice_directions(model, settings, steered, progress, bank.voice_centre)
+    if bank.voice_centre is None and not settings.quick:  # kept only when measured on the full prompt set
+        bank.voice_centre = centre
     shape = (model.info.n_layer, model.info.n_embd)
     candidates = [Candidate(band, "voice", _layer_rows(units[band], steered, shape), _judge(band, settings))
                   for band in settings.described]

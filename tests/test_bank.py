@@ -205,6 +205,7 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     assert entry["check"]["+1"]["effect"] > 0 > entry["check"]["-1"]["effect"]
     bank = Bank.load(bank_dir)
     assert np.allclose(bank.bands["joy"].matrix, read_control_vector(SHIPPED / "joy.gguf").matrix(30, 576))
+    assert np.array_equal(bank.voice_centre, np.load(SHIPPED / "voice-centre.npy"))  # used, and not replaced by quick
     assert set(np.flatnonzero(np.abs(bank.bands["nostalgia"].matrix).sum(axis=1))) == set(bank.steered_layers)
     args = ("generate", "Tell me about your weekend.", "--seed", "3", "-n", "24", "--json")
     plain = json.loads(run_eqz(*args, env=env).stdout)
@@ -262,6 +263,7 @@ def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
     assert manifest["model"]["architecture"] == "gemma3" and manifest["model"]["n_embd"] == 640
     assert manifest["quality"]["heldout_accuracy"] > 0.5  # far above chance (12.5%) even in quick mode
     assert set(manifest["bands"]) == {"joy"}
+    assert not (bank_dir / "voice-centre.npy").exists()  # a --quick centre is not kept for later bands
     for entry in manifest["bands"].values():  # calibrated and checked like the shipped bank
         assert entry["source"] in ("stimulus", "voice") and isinstance(entry["direction_ok"], bool)
         assert entry["calibration"] and "+1" in entry["check"] and "-1" in entry["check"]

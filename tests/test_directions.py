@@ -208,9 +208,10 @@ def test_the_prefix_cache_drops_the_least_recently_used_prefix_past_its_size():
 
 
 def test_tails_after_one_prefix_are_grouped_in_order_within_a_decode():
-    tails = [[7] * length for length in (5, 5, 5, 2, 9)]
+    tails = [[7] * length for length in (5, 5, 1, 1, 1, 9)]
     groups = group_tails([1, 2, 3], tails, n_batch=12, pool_from=3, max_texts=2)
     assert [tail for group in groups for tail in group.tails] == tails
-    assert [len(group.tails) for group in groups] == [1, 1, 2, 1]  # 3 + 5 + 5 tokens is over 12; 2 texts at most
+    # 3 + 5 + 5 tokens is over 12; 3 + 5 + 1 + 1 is not, but two texts at most
+    assert [len(group.tails) for group in groups] == [1, 2, 2, 1]
     assert all(group.prefix == [1, 2, 3] and group.pool_from == 3 for group in groups)
     assert all(3 + sum(map(len, group.tails)) <= 12 for group in groups)
