@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -255,8 +256,7 @@ class Bank:
                    method=manifest.get("method", {}), quality=manifest.get("quality", {}),
                    trained=manifest.get("trained", {}))
         bank.voice_centre = _voice_centre(directory / VOICE_CENTRE_FILE, (len(bank.steered_layers), model.n_embd))
-        meter_path = directory / METER_FILE
-        read_directions = dict(np.load(meter_path)) if meter_path.exists() else {}
+        read_directions = _meter_directions(directory / METER_FILE)
         for name, entry in manifest["bands"].items():
             vector_file = read_control_vector(directory / entry["file"])
             bank.bands[name] = Band(
@@ -287,6 +287,18 @@ class Bank:
         temporary.replace(directory / MANIFEST)
         self.directory = directory
         return directory
+
+
+def _meter_directions(path: Path) -> dict[str, np.ndarray]:
+    """The meter's directions by band ({} for a bank without them: format 1 reads along its steering vectors)."""
+    if not path.exists():
+        return {}
+    try:
+        return dict(np.load(path))
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        why = error.strerror if isinstance(error, OSError) and error.strerror else "damaged, or not a numpy archive"
+        raise EqzError(f"cannot read the meter's directions in {path} ({why}); reinstall eqz for the shipped "
+                       "bank, or train this one again with `eqz train`") from None
 
 
 def _voice_centre(path: Path, shape: tuple[int, int]) -> np.ndarray | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -215,3 +217,15 @@ def test_tails_after_one_prefix_are_grouped_in_order_within_a_decode():
     assert [len(group.tails) for group in groups] == [1, 2, 2, 1]
     assert all(group.prefix == [1, 2, 3] and group.pool_from == 3 for group in groups)
     assert all(3 + sum(map(len, group.tails)) <= 12 for group in groups)
+
+
+@pytest.mark.parametrize("content", [b"not numpy at all", b"PK\x03\x04 a broken zip"])
+def test_a_corrupt_meter_file_is_one_clear_error_not_a_traceback(tmp_path, content):
+    from eqz.bank import METER_FILE, SHIPPED_DIR
+    from eqz.errors import EqzError
+
+    (shipped,) = [path.parent for path in SHIPPED_DIR.glob("*/bank.yaml")]
+    shutil.copytree(shipped, tmp_path / "bank")
+    (tmp_path / "bank" / METER_FILE).write_bytes(content)
+    with pytest.raises(EqzError, match="cannot read the meter's directions.*eqz train"):
+        Bank.load(tmp_path / "bank")
