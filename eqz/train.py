@@ -282,7 +282,9 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int], p
     """Unit "own voice" directions at ``layers`` per band: the model's replies under the band's persona minus its
     replies under the neutral persona, centred on the primaries' mean difference (what any persona shares goes);
     the axes are circumplex sums of the primaries. Bands described by the user (``settings.described``) are
-    made the same way from their description. Returns the directions, the capture and the centre.
+    made the same way from their description. Returns the directions, the capture and the centre a bank may keep:
+    the given one, else the one measured here, except on a --quick run's few prompts (None: no later band is
+    centred on it).
 
     ``centre`` (a bank's ``voice_centre``, rows on ``layers``): the primaries' mean difference measured when the
     bank was trained; given, the eight primaries' persona replies are not generated again and only the described
@@ -294,14 +296,15 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int], p
     capture = capture_voice(model, personas, prompts, layers, settings.voice_tokens, settings.seed, progress=progress)
     neutral = capture.states["neutral"].mean(axis=0)
     differences = {band: capture.states[band].mean(axis=0) - neutral for band in personas if band != "neutral"}
-    if centre is None:
+    measured = centre is None
+    if measured:
         centre = np.mean([differences[band] for band in PRIMARIES], axis=0)
     centred = {band: vector - centre for band, vector in differences.items()}
     units = {band: D.unit(vector) for band, vector in centred.items()}
     if all(band in centred for band in PRIMARIES):
         units.update({axis: D.unit(vector)
                       for axis, vector in D.circumplex_axes({b: centred[b] for b in PRIMARIES}).items()})
-    return units, capture, centre.astype(np.float32)
+    return units, capture, None if measured and settings.quick else centre.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -586,7 +589,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
                                       found.read, reader)
 
     bank = Bank.empty(info)
-    bank.voice_centre = None if settings.quick else voice_centre  # see add_described_bands
+    bank.voice_centre = voice_centre
     bank.layers = Layers(found.read, found.steered, [1, len(extraction.layers) - 1],
                          {layer: round(float(extraction.token_norm[layer]), 2) for layer in found.steered})
     bank.method = {
@@ -676,9 +679,7 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
     steered = bank.steered_layers
     token_norm = np.zeros(model.info.n_layer, dtype=np.float32)
     token_norm[list(token_norms)] = list(token_norms.values())
-    units, voice, centre = voice_directions(model, settings, steered, progress, bank.voice_centre)
-    if bank.voice_centre is None and not settings.quick:  # kept only when measured on the full prompt set
-        bank.voice_centre = centre
+    units, voice, bank.voice_centre = voice_directions(model, settings, steered, progress, bank.voice_centre)
     shape = (model.info.n_layer, model.info.n_embd)
     candidates = [Candidate(band, "voice", _layer_rows(units[band], steered, shape), _judge(band, settings))
                   for band in settings.described]

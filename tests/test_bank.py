@@ -238,6 +238,10 @@ def test_a_stored_voice_centre_spares_the_primaries_replies_and_gives_the_same_d
     assert set(capture.states) == {"neutral", "nostalgia"} and np.array_equal(kept, centre)
     cosines = np.sum(everything["nostalgia"] * described["nostalgia"], axis=1)
     assert np.all(cosines > 0.99), cosines
+    quick = TrainSettings(quick=True, described=settings.described)
+    quick.voice_prompts, quick.voice_tokens = settings.voice_prompts, settings.voice_tokens
+    assert voice_directions(model, quick, layers, quiet)[2] is None  # a --quick centre is not for keeping
+    assert np.array_equal(voice_directions(model, quick, layers, quiet, centre=centre)[2], centre)
 
 
 @pytest.mark.parametrize("spec, fragment", [
