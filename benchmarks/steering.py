@@ -5,6 +5,7 @@ calibration used), scored by the NRC Emotion Lexicon, and writes docs/steering-<
 the acceptance criteria, and three real replies per band at 0 / +1 / +2 so a reader can judge fluency.
 
     python benchmarks/steering.py [--model PATH] [--samples 2] [--max-tokens 64] [--bank DIR]
+    python benchmarks/steering.py --bank DIR --report docs/eval-<bank>/eval.json   # the page again, no generating
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from eqz.bands import BANDS, PRIMARIES
 from eqz.bank import Bank, require_bank
 from eqz.engine import Model
-from eqz.eval import CLEAR_LIFT, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, evaluate, record, write_outputs
+from eqz.eval import (CLEAR_LIFT, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, EvalResult, evaluate, record,
+                      write_outputs)
 from eqz.models import resolve_model_path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -108,6 +110,7 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
             f"{_yes_no(f['readout_rises'])} | {f['repeated_3grams_at_1']:.1%} | "
             f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {check} |"
         )
+    lines += gained_table(result, primaries)
     lines += judge_table(figures, primaries, result.prompts)
     lines += ["", "## Crosstalk", "",
               "Readout change of every band (the unsteered model reading the replies) when one band is at +1:", "",
@@ -134,6 +137,34 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
             lines.append(f"- **prompt only**: {' '.join(prompted['examples'][0].split())}")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def gained_table(result, primaries: list[str]) -> list[str]:
+    """Words gained at +1: why a band that adds the most words of its own emotion can still miss *clear*."""
+    gained = {band: result.words_gained(band) for band in primaries}
+    if not primaries or any(g is None for g in gained.values()):
+        return []
+    unsteered = {row["band"]: row["words_per_100"] for row in result.rows if row["gain"] == 0}
+    own_most = [b for b in primaries if max(gained[b], key=gained[b].get) == b]
+    lines = [
+        "", "## Words gained at +1", "",
+        "The same replies counted in words rather than ratios: words per 100 of each emotion that +1 adds to the "
+        "unsteered replies. *Clear* asks for a ratio (>= 2x, the largest of the eight), so an emotion the unsteered "
+        "replies rarely use can out-lift the band's own on fewer words, and one they use often needs many more "
+        "words to double (2x needs its unsteered rate again, plus the 0.25 smoothing).",
+        "",
+        f"**The band's own emotion gains the most words at +1: {len(own_most)}/{len(primaries)}** "
+        f"({', '.join(own_most) or 'none'}).",
+        "",
+        "| band | unsteered words/100 | gained at +1 | 2x needs | gained most words | its gain | lifted most (ratio) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for band in primaries:
+        row = next(r for r in result.table(band) if r["gain"] == 1.0)
+        top = max(gained[band], key=gained[band].get)
+        lines.append(f"| {band} | {unsteered[band]:.2f} | {gained[band][band]:+.2f} | +{unsteered[band] + 0.25:.2f} "
+                     f"| {top} | {gained[band][top]:+.2f} | {row['most_lifted']} |")
+    return lines
 
 
 def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
@@ -179,18 +210,28 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--gains", default="-1,0,1,2", help="0 and 1 at least")
     parser.add_argument("--record", action="store_true", help="store the figures in the bank's bank.yaml")
+    parser.add_argument("--report", metavar="EVAL_JSON",
+                        help="write the page again from a run's eval.json (with --bank, its bank) instead of generating")
     args = parser.parse_args()
-    with Model(resolve_model_path(args.model)) as model:
-        bank = Bank.load(Path(args.bank)) if args.bank else require_bank(model.info)
-        gains = tuple(float(g) for g in args.gains.split(","))
-        if not {0.0, 1.0} <= set(gains):
-            parser.error("--gains needs 0 and 1: every verdict compares +1 with the unsteered replies")
-        result = evaluate(model, bank, BANDS if set(BANDS) <= set(bank.names) else bank.names, gains,
-                          reply_tokens=args.max_tokens, samples=args.samples)
-        name = model.info.name
+    if args.report:
+        if not args.bank:
+            parser.error("--report needs --bank: the page shows each band's source and check from bank.yaml")
+        bank = Bank.load(Path(args.bank))
+        result = EvalResult.from_dict(json.loads(Path(args.report).read_text()))
+        name = bank.model.name
+    else:
+        with Model(resolve_model_path(args.model)) as model:
+            bank = Bank.load(Path(args.bank)) if args.bank else require_bank(model.info)
+            gains = tuple(float(g) for g in args.gains.split(","))
+            if not {0.0, 1.0} <= set(gains):
+                parser.error("--gains needs 0 and 1: every verdict compares +1 with the unsteered replies")
+            result = evaluate(model, bank, BANDS if set(BANDS) <= set(bank.names) else bank.names, gains,
+                              reply_tokens=args.max_tokens, samples=args.samples)
+            name = model.info.name
     slug = bank.directory.name
     DOCS.mkdir(exist_ok=True)
-    write_outputs(result, DOCS / f"eval-{slug}", plot=True)  # first: the replies are kept whatever follows
+    if not args.report:
+        write_outputs(result, DOCS / f"eval-{slug}", plot=True)  # first: the replies are kept whatever follows
     figures = verdicts(result)
     (DOCS / f"steering-{slug}.md").write_text(markdown(name, bank, result, figures))
     if args.record:

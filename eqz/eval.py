@@ -28,7 +28,7 @@ from .judge import LabelJudge
 from .reading import PrefixCache, group_tails, read_texts, shared_head_length
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
-from .scoring import distinct2, emotion_scorer, latin_share, lift, repeated_trigrams
+from .scoring import LIFT_PRIOR, distinct2, emotion_scorer, latin_share, lift, repeated_trigrams
 from .voice import persona_tokens
 
 # Fluency bounds (README "How the bank is made"): none of them charges a reply for being emotional.
@@ -395,9 +395,26 @@ class EvalResult:
     def prompting(self, band: str) -> dict | None:
         return next((row for row in self.rows if row["band"] == band and row["gain"] is None), None)
 
+    def words_gained(self, band: str, gain: float = 1.0) -> dict[str, float] | None:
+        """Per primary, the words per 100 that ``band`` at ``gain`` added to the unsteered replies: the absolute side
+        of its lifts. A lift is a ratio, so an emotion the unsteered replies rarely use (sadness, ~0.4 words/100)
+        out-lifts one they use often (joy, ~4.6) on fewer words. None unless all eight primaries were evaluated
+        (their unsteered rates are the gain-0 rows)."""
+        unsteered = {row["band"]: row["words_per_100"] for row in self.rows if row["gain"] == 0}
+        steered = next((row for row in self.table(band) if row["gain"] == gain), None)
+        if steered is None or not set(PRIMARIES) <= set(unsteered):
+            return None
+        return {other: (steered["lifts"][other] - 1) * (unsteered[other] + LIFT_PRIOR) for other in PRIMARIES}
+
     def to_dict(self) -> dict:
         return {"bands": list(self.bands), "gains": list(self.gains), "prompts": self.prompts,
                 "reply_tokens": self.reply_tokens, "samples": self.samples, "scorer": self.scorer, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalResult":
+        """A result written by ``write_outputs`` (eval.json), to report again without generating again."""
+        return cls(tuple(data["bands"]), tuple(data["gains"]), data["rows"], data["prompts"], data["reply_tokens"],
+                   data["samples"], data["scorer"])
 
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""

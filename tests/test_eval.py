@@ -13,7 +13,7 @@ import yaml
 from eqz.bands import BANDS, CIRCUMPLEX, PRIMARIES
 import numpy as np
 
-from eqz.eval import CLEAR_PREFERENCE_RISE, ReplySet
+from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplySet
 from eqz.judge import LabelJudge
 from eqz.bank import Bank
 from eqz.models import ModelInfo
@@ -88,6 +88,22 @@ def test_clear_share_redraws_the_prompts_and_counts_how_often_the_verdict_holds(
     # either of two independent replies would be (16 x 1: 1 - (14/16)^16 = 0.88 against 1 - (7/8)^8 = 0.66)
     paired = _counted([{"joy": 25, "fear": 1}] * 2 + [{"joy": 1, "fear": 1}] * 14)
     assert paired.clear_share("joy", baseline, samples=2) < 0.75 < paired.clear_share("joy", baseline, samples=1)
+
+
+def test_words_gained_counts_what_a_ratio_hides_and_a_result_reads_back_from_its_json():
+    unsteered = {band: 1.0 for band in PRIMARIES} | {"joy": 4.75, "sadness": 0.25}
+    rows = [{"band": band, "gain": 0.0, "words_per_100": rate, "lifts": dict.fromkeys(PRIMARIES, 1.0)}
+            for band, rate in unsteered.items()]
+    # joy at +1: 2.5 more joy words per 100 (x1.5) and 0.5 more sadness words (x2.0, the larger ratio)
+    rows.append({"band": "joy", "gain": 1.0, "words_per_100": 7.25,
+                 "lifts": dict.fromkeys(PRIMARIES, 1.0) | {"joy": 1.5, "sadness": 2.0}})
+    result = EvalResult(PRIMARIES, (0.0, 1.0), rows, prompts=16, reply_tokens=64, samples=2, scorer="nrc")
+    gained = result.words_gained("joy")
+    assert gained["joy"] == pytest.approx(2.5) and gained["sadness"] == pytest.approx(0.5)
+    assert gained["trust"] == 0 and result.words_gained("fear") is None  # fear has no +1 row
+    only_joy = EvalResult(("joy",), (0.0, 1.0), [rows[0], rows[-1]], 16, 64, 2, "nrc")
+    assert only_joy.words_gained("joy") is None  # the other primaries' unsteered rates are unknown
+    assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
 
 
 def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_redrawn_prompts():
