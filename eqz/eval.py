@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bands import AXES, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt, primary_personas
+from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt, primary_personas
 from .bank import Bank
 from .engine import Model
 from .generation import Job, generate_parallel
@@ -102,7 +102,7 @@ class ReplySet:
     distinct: float = 1.0
     latin: float = 1.0
     nll: float = math.nan  # mean negative log-probability under the judging prompt (nan: not measured)
-    counts: np.ndarray | None = field(default=None, repr=False)  # per reply: each primary's words, then all words
+    counts: np.ndarray | None = field(default=None, repr=False)  # per reply: scoring.EmotionScorer.word_counts
     readout: dict[str, float] = field(default_factory=dict)
     # per band judged by the model (no words of its own): how much likelier the replies are when the model is
     # asked for the band than when asked to be neutral, mean nats per token (see CLEAR_PREFERENCE_RISE)
@@ -143,13 +143,18 @@ class ReplySet:
     def clear_share(self, band: str, baseline: "ReplySet", samples: int, draws: int = BOOTSTRAP_DRAWS) -> float | None:
         """How often ``band`` would be called clear on another prompt set of this size: the prompts drawn again
         with replacement (each with all its ``samples``; the same draw for these replies and the baseline's).
-        1.0: no such draw overturns the verdict; near 0.5: a coin toss. None for bands without word counts."""
-        if band not in PRIMARIES or self.counts is None or baseline.counts is None:
+        1.0: no such draw overturns the verdict; near 0.5: a coin toss. None for bands without words (described
+        bands)."""
+        if band not in BANDS or self.counts is None or baseline.counts is None:
             return None
         steered, unsteered = (c.reshape(-1, samples, c.shape[1]).sum(axis=1) for c in (self.counts, baseline.counts))
         picks = np.random.default_rng(0).integers(0, len(steered), size=(draws, len(steered)))
-        lifts = lift(_per_100_words(steered[picks].sum(axis=1)), _per_100_words(unsteered[picks].sum(axis=1)))
-        own = PRIMARIES.index(band)
+        scorer = emotion_scorer()
+        rates, base = (scorer.rates_of(counts[picks].sum(axis=1)) for counts in (steered, unsteered))
+        own = BANDS.index(band)
+        if band in AXES:
+            return float(np.mean(rates[:, own] - base[:, own] >= CLEAR_AXIS_RISE))
+        lifts = lift(rates[:, : len(PRIMARIES)], base[:, : len(PRIMARIES)])
         return float(np.mean((lifts[:, own] >= CLEAR_LIFT) & (lifts.argmax(axis=1) == own)))
 
     def judged_lifts(self, baseline: "ReplySet") -> dict[str, float]:
@@ -216,11 +221,6 @@ class ReplySet:
         lifts = self.judged_lifts(baseline)
         return {"judged_effect": round(lifts[band], 3), "judged_most_lifted": max(lifts, key=lifts.get),
                 "judged_clear": self.judged_clear(band, baseline)}
-
-
-def _per_100_words(counts: np.ndarray) -> np.ndarray:
-    """(..., primaries + words) counts -> (..., primaries) words per 100 words."""
-    return 100.0 * counts[..., :-1] / np.maximum(1, counts[..., -1:])
 
 
 class ReplyBench:
@@ -303,7 +303,7 @@ class ReplyBench:
         scorer = emotion_scorer()
         return ReplySet(
             texts=texts,
-            counts=np.array([scorer.primary_counts(text) for text in texts]),
+            counts=np.array([scorer.word_counts(text) for text in texts]),
             tokens=[tokens for tokens, _ in replies],
             n_tokens=float(np.mean([len(tokens) for tokens, _ in replies])),
             rates=scorer.rates(" ".join(texts)),

@@ -41,16 +41,6 @@ def _own_counts(tokens: list[str]) -> Counter[str]:
     return Counter(table[token] for token in tokens if token in table)
 
 
-def lexicon_scores(text: str) -> dict[str, float]:
-    """Band words per 100 words for each primary, and the circumplex-weighted valence and arousal."""
-    tokens = words(text)
-    counts = _own_counts(tokens)
-    per100 = {band: 100.0 * counts[band] / max(1, len(tokens)) for band in PRIMARIES}
-    per100["valence"] = sum(CIRCUMPLEX[b][0] * per100[b] for b in PRIMARIES)
-    per100["arousal"] = sum(CIRCUMPLEX[b][1] * per100[b] for b in PRIMARIES)
-    return {band: per100[band] for band in BANDS}
-
-
 _SUFFIXES = ("'s", "s", "es", "ed", "d", "ing", "ly", "ness")
 
 
@@ -81,18 +71,33 @@ def _nrc_categories(word: str, table: dict[str, frozenset[str]]) -> frozenset[st
     return frozenset()
 
 
+# What EmotionScorer.word_counts counts, in order, before the number of words (positive and negative: NRC only).
+COUNTED = (*PRIMARIES, "positive", "negative")
+_CIRCUMPLEX_WEIGHTS = np.array([CIRCUMPLEX[band] for band in PRIMARIES])  # (primaries, valence/arousal)
+
+
 @dataclass(frozen=True)
 class EmotionScorer:
     """Emotion words per 100 words, per band: the independent judge of what a slider does to text."""
 
     name: str
 
-    def primary_counts(self, text: str) -> np.ndarray:
-        """Each primary's words in ``text``, then the number of words: what rates are made of, kept per reply so
-        that a verdict can be re-drawn over the prompts (eval.clear_share)."""
+    def word_counts(self, text: str) -> np.ndarray:
+        """The words of each of COUNTED in ``text``, then the number of words: what rates are made of, kept per
+        reply so that a verdict can be re-drawn over the prompts (eval.clear_share)."""
         tokens = words(text)
         counts = self._counts(tokens)
-        return np.array([counts[band] for band in PRIMARIES] + [len(tokens)], dtype=np.int64)
+        return np.array([counts[key] for key in COUNTED] + [len(tokens)], dtype=np.int64)
+
+    def rates_of(self, counts: np.ndarray) -> np.ndarray:
+        """(..., COUNTED + words) counts -> (..., BANDS) words per 100 words: the primaries, valence and arousal
+        as ``rates`` defines them."""
+        per100 = 100.0 * counts[..., :-1] / np.maximum(1, counts[..., -1:])
+        primaries = per100[..., : len(PRIMARIES)]
+        axes = primaries @ _CIRCUMPLEX_WEIGHTS
+        if self.name == "nrc" and nrc_lexicon() is not None:
+            axes[..., 0] = per100[..., COUNTED.index("positive")] - per100[..., COUNTED.index("negative")]
+        return np.concatenate([primaries, axes], axis=-1)
 
     def _counts(self, tokens: list[str]) -> Counter[str]:
         table = nrc_lexicon() if self.name == "nrc" else None
@@ -104,17 +109,10 @@ class EmotionScorer:
         return counts
 
     def rates(self, text: str) -> dict[str, float]:
-        """Per 100 words: each primary's words; valence = positive minus negative words; arousal = the primaries'
+        """Per 100 words: each primary's words; valence = positive minus negative words (with eqz's own list, which
+        has no such words: the primaries' rates weighted by their circumplex valence); arousal = the primaries'
         rates weighted by their circumplex arousal (high-arousal words minus low-arousal words)."""
-        if self.name != "nrc" or nrc_lexicon() is None:
-            return lexicon_scores(text)
-        tokens = words(text)
-        counts = self._counts(tokens)
-        per100 = {key: 100.0 * counts[key] / max(1, len(tokens)) for key in (*PRIMARIES, "positive", "negative")}
-        rates = {band: per100[band] for band in PRIMARIES}
-        rates["valence"] = per100["positive"] - per100["negative"]
-        rates["arousal"] = sum(CIRCUMPLEX[b][1] * per100[b] for b in PRIMARIES)
-        return rates
+        return dict(zip(BANDS, self.rates_of(self.word_counts(text)).tolist()))
 
 
 def emotion_scorer() -> EmotionScorer:

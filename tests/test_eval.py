@@ -18,7 +18,7 @@ from eqz.judge import LabelJudge
 from eqz.bank import Bank
 from eqz.models import ModelInfo
 from eqz.train import Calibration, Candidate, store_bands
-from eqz.scoring import (EmotionScorer, distinct2, latin_share, lexicon_scores, lift, nrc_lexicon, repeated_trigrams,
+from eqz.scoring import (COUNTED, EmotionScorer, distinct2, latin_share, lift, nrc_lexicon, repeated_trigrams,
                          words)
 
 from .conftest import run_eqz
@@ -29,7 +29,7 @@ def test_words_keep_contractions_and_drop_punctuation():
 
 
 def test_lexicon_scores_count_band_words_per_hundred_words():
-    scores = lexicon_scores("I am so happy and afraid today, truly.")  # 8 words: one joy word, one fear word
+    scores = EmotionScorer("eqz-words").rates("I am so happy and afraid today, truly.")  # 8 words: one joy word, one fear word
     assert set(scores) == set(BANDS)
     assert scores["joy"] == pytest.approx(12.5)
     assert scores["fear"] == pytest.approx(12.5)
@@ -39,8 +39,9 @@ def test_lexicon_scores_count_band_words_per_hundred_words():
 
 
 def test_lexicon_scores_of_neutral_or_empty_text_are_zero():
-    assert all(value == 0 for value in lexicon_scores("The train leaves at nine from platform four.").values())
-    assert all(value == 0 for value in lexicon_scores("").values())
+    own_words = EmotionScorer("eqz-words")
+    assert all(value == 0 for value in own_words.rates("The train leaves at nine from platform four.").values())
+    assert all(value == 0 for value in own_words.rates("").values())
 
 
 def test_the_nrc_lexicon_is_installed_and_scores_inflected_forms():
@@ -69,7 +70,7 @@ def test_a_reply_set_is_clear_only_where_its_own_band_leads_and_doubles():
 
 def _counted(per_prompt: list[dict[str, int]], words: int = 100) -> ReplySet:
     """Replies (one per prompt) with these primary word counts out of ``words`` words each."""
-    counts = np.array([[row.get(band, 0) for band in PRIMARIES] + [words] for row in per_prompt])
+    counts = np.array([[row.get(key, 0) for key in COUNTED] + [words] for row in per_prompt])
     total = counts.sum(axis=0)
     return ReplySet(texts=[""] * len(per_prompt), counts=counts,
                     rates={band: 100.0 * total[i] / total[-1] for i, band in enumerate(PRIMARIES)})
@@ -83,7 +84,11 @@ def test_clear_share_redraws_the_prompts_and_counts_how_often_the_verdict_holds(
     assert everywhere.clear_share("joy", baseline, samples=1) == 1.0
     assert 0.2 < one_prompt.clear_share("joy", baseline, samples=1) < 0.8  # it rests on whether that prompt is drawn
     assert everywhere.clear_share("fear", baseline, samples=1) == 0.0
-    assert everywhere.clear_share("valence", baseline, samples=1) is None  # axes have no word counts of their own
+    # an axis holds where its rise (here positive minus negative words, NRC) reaches a word per 100 on most draws
+    assert everywhere.clear_share("valence", baseline, samples=1) == 0.0  # joy words, none of them "positive"
+    positive = _counted([{"positive": 2}] * 16)
+    assert positive.clear_share("valence", baseline, samples=1) == 1.0
+    assert _counted([{"positive": 17}] + [{}] * 15).clear_share("valence", baseline, samples=1) < 0.8
     # the first prompt's two samples carry the joy: drawn together (8 prompts x 2) it is missed more often than
     # either of two independent replies would be (16 x 1: 1 - (14/16)^16 = 0.88 against 1 - (7/8)^8 = 0.66)
     paired = _counted([{"joy": 25, "fear": 1}] * 2 + [{"joy": 1, "fear": 1}] * 14)
