@@ -144,7 +144,7 @@ def gained_table(result, primaries: list[str]) -> list[str]:
     gained = {band: result.words_gained(band) for band in primaries}
     if not primaries or any(g is None for g in gained.values()):
         return []
-    unsteered = {row["band"]: row["words_per_100"] for row in result.rows if row["gain"] == 0}
+    unsteered = result.unsteered_rates()
     own_most = [b for b in primaries if max(gained[b], key=gained[b].get) == b]
     lines = [
         "", "## Words gained at +1", "",
@@ -210,14 +210,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--gains", default="-1,0,1,2", help="0 and 1 at least")
     parser.add_argument("--record", action="store_true", help="store the figures in the bank's bank.yaml")
-    parser.add_argument("--report", metavar="EVAL_JSON",
-                        help="write the page again from a run's eval.json (with --bank, its bank) instead of generating")
+    parser.add_argument("--report", metavar="EVAL_JSON", help="write the page again from a run's eval.json "
+                        "(with --bank, the bank it measured) instead of generating")
     args = parser.parse_args()
     if args.report:
         if not args.bank:
             parser.error("--report needs --bank: the page shows each band's source and check from bank.yaml")
         bank = Bank.load(Path(args.bank))
         result = EvalResult.from_dict(json.loads(Path(args.report).read_text()))
+        if missing := [band for band in result.bands if band not in bank.bands]:
+            parser.error(f"{args.report} has bands the bank in {args.bank} lacks ({', '.join(missing)}): "
+                         "give the bank the run was made with")
+        if not {0.0, 1.0} <= set(result.gains):
+            parser.error(f"{args.report} has no gain 0 or +1: every verdict compares +1 with the unsteered replies")
         name = bank.model.name
     else:
         with Model(resolve_model_path(args.model)) as model:

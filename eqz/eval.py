@@ -395,14 +395,18 @@ class EvalResult:
     def prompting(self, band: str) -> dict | None:
         return next((row for row in self.rows if row["band"] == band and row["gain"] is None), None)
 
+    def unsteered_rates(self) -> dict[str, float]:
+        """Each evaluated primary's words per 100 in the unsteered replies (its gain-0 row)."""
+        return {row["band"]: row["words_per_100"] for row in self.rows if row["gain"] == 0 and row["band"] in PRIMARIES}
+
     def words_gained(self, band: str, gain: float = 1.0) -> dict[str, float] | None:
         """Per primary, the words per 100 that ``band`` at ``gain`` added to the unsteered replies: the absolute side
         of its lifts. A lift is a ratio, so an emotion the unsteered replies rarely use (sadness, ~0.4 words/100)
         out-lifts one they use often (joy, ~4.6) on fewer words. None unless all eight primaries were evaluated
         (their unsteered rates are the gain-0 rows)."""
-        unsteered = {row["band"]: row["words_per_100"] for row in self.rows if row["gain"] == 0}
+        unsteered = self.unsteered_rates()
         steered = next((row for row in self.table(band) if row["gain"] == gain), None)
-        if steered is None or not set(PRIMARIES) <= set(unsteered):
+        if steered is None or "lifts" not in steered or not set(PRIMARIES) <= set(unsteered):
             return None
         return {other: (steered["lifts"][other] - 1) * (unsteered[other] + LIFT_PRIOR) for other in PRIMARIES}
 

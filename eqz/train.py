@@ -48,7 +48,8 @@ FIRST_STRENGTH = 0.35
 # A strength counts as clear in calibration only where its verdict survives redrawing the calibration prompts this
 # often (eval.ReplySet.clear_share): on 10 short replies a few chance words otherwise call the ladder's lowest rung
 # clear (bank v2's surprise: 3.1x at c = 0.15 in calibration, 1.1x on the held-out prompts). For the primaries the
-# redrawn verdict is the judge's (eqz.judge): the lexicon's ~300 words per setting almost never held this often.
+# redrawn verdict is the judge's (eqz.judge): the lexicon's ~300 words per setting almost never held this often;
+# for valence and arousal it is the lexicon's rise (before, one chance rise set valence at the lowest rung).
 CALIBRATION_HOLDS = 0.8
 SOURCES = ("stimulus", "voice")
 ZERO_REPLY_TOKENS = 24
@@ -343,8 +344,8 @@ class Candidate:
         return self.tried[strength].clear_share(self.band, baseline, samples=1)
 
     def holds(self, strength: float, baseline: ReplySet) -> bool:
-        """The replies at ``strength`` are clear by the lexicon and (for a primary) clear on most redraws of the
-        prompts by the judge (by the lexicon where they were not judged): two scorers that share nothing."""
+        """The replies at ``strength`` are clear by the lexicon and clear on most redraws of the prompts: by the judge
+        for a primary (two scorers that share nothing), by the lexicon for an axis or replies that were not judged."""
         share = self.clear_share(strength, baseline)
         return self.tried[strength].clear(self.band, baseline) and (share is None or share >= CALIBRATION_HOLDS)
 

@@ -18,8 +18,8 @@ from eqz.judge import LabelJudge
 from eqz.bank import Bank
 from eqz.models import ModelInfo
 from eqz.train import Calibration, Candidate, store_bands
-from eqz.scoring import (COUNTED, EmotionScorer, distinct2, latin_share, lift, nrc_lexicon, repeated_trigrams,
-                         words)
+from eqz.scoring import (COUNTED, EmotionScorer, distinct2, emotion_scorer, latin_share, lift, nrc_lexicon,
+                         repeated_trigrams, words)
 
 from .conftest import run_eqz
 
@@ -28,8 +28,8 @@ def test_words_keep_contractions_and_drop_punctuation():
     assert words("It's GREAT -- isn't it? 42 cats.") == ["it's", "great", "isn't", "it", "cats"]
 
 
-def test_lexicon_scores_count_band_words_per_hundred_words():
-    scores = EmotionScorer("eqz-words").rates("I am so happy and afraid today, truly.")  # 8 words: one joy word, one fear word
+def test_eqz_own_word_list_counts_band_words_per_hundred_words():
+    scores = EmotionScorer("eqz-words").rates("I am so happy and afraid today, truly.")  # 8 words: 1 joy, 1 fear
     assert set(scores) == set(BANDS)
     assert scores["joy"] == pytest.approx(12.5)
     assert scores["fear"] == pytest.approx(12.5)
@@ -38,7 +38,7 @@ def test_lexicon_scores_count_band_words_per_hundred_words():
     assert scores["arousal"] == pytest.approx(12.5 * (CIRCUMPLEX["joy"][1] + CIRCUMPLEX["fear"][1]))
 
 
-def test_lexicon_scores_of_neutral_or_empty_text_are_zero():
+def test_eqz_own_word_list_scores_neutral_or_empty_text_zero():
     own_words = EmotionScorer("eqz-words")
     assert all(value == 0 for value in own_words.rates("The train leaves at nine from platform four.").values())
     assert all(value == 0 for value in own_words.rates("").values())
@@ -69,11 +69,10 @@ def test_a_reply_set_is_clear_only_where_its_own_band_leads_and_doubles():
 
 
 def _counted(per_prompt: list[dict[str, int]], words: int = 100) -> ReplySet:
-    """Replies (one per prompt) with these primary word counts out of ``words`` words each."""
+    """Replies (one per prompt) with these word counts (scoring.COUNTED keys) out of ``words`` words each."""
     counts = np.array([[row.get(key, 0) for key in COUNTED] + [words] for row in per_prompt])
-    total = counts.sum(axis=0)
     return ReplySet(texts=[""] * len(per_prompt), counts=counts,
-                    rates={band: 100.0 * total[i] / total[-1] for i, band in enumerate(PRIMARIES)})
+                    rates=dict(zip(BANDS, emotion_scorer().rates_of(counts.sum(axis=0)).tolist())))
 
 
 def test_clear_share_redraws_the_prompts_and_counts_how_often_the_verdict_holds():
@@ -88,7 +87,10 @@ def test_clear_share_redraws_the_prompts_and_counts_how_often_the_verdict_holds(
     assert everywhere.clear_share("valence", baseline, samples=1) == 0.0  # joy words, none of them "positive"
     positive = _counted([{"positive": 2}] * 16)
     assert positive.clear_share("valence", baseline, samples=1) == 1.0
-    assert _counted([{"positive": 17}] + [{}] * 15).clear_share("valence", baseline, samples=1) < 0.8
+    chance = _counted([{"positive": 17}] + [{}] * 15)  # +1.06 per 100 overall, all from one reply
+    assert chance.clear("valence", baseline) and 0.5 < chance.clear_share("valence", baseline, samples=1) < 0.8
+    angry = _counted([{"anger": 2, "joy": 1, "fear": 1}] * 16)  # arousal: +2 anger words x 0.8 = +1.6 per 100
+    assert angry.clear_share("arousal", baseline, samples=1) == 1.0
     # the first prompt's two samples carry the joy: drawn together (8 prompts x 2) it is missed more often than
     # either of two independent replies would be (16 x 1: 1 - (14/16)^16 = 0.88 against 1 - (7/8)^8 = 0.66)
     paired = _counted([{"joy": 25, "fear": 1}] * 2 + [{"joy": 1, "fear": 1}] * 14)
@@ -109,6 +111,9 @@ def test_words_gained_counts_what_a_ratio_hides_and_a_result_reads_back_from_its
     only_joy = EvalResult(("joy",), (0.0, 1.0), [rows[0], rows[-1]], 16, 64, 2, "nrc")
     assert only_joy.words_gained("joy") is None  # the other primaries' unsteered rates are unknown
     assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    described = {"band": "nostalgia", "gain": 0.0, "effect": 0.0}  # judged by preference: no words of its own
+    with_described = EvalResult((*PRIMARIES, "nostalgia"), (0.0, 1.0), rows + [described], 16, 64, 2, "nrc")
+    assert with_described.words_gained("joy") == gained and with_described.words_gained("nostalgia") is None
 
 
 def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_redrawn_prompts():
@@ -120,6 +125,13 @@ def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_
         replies.repeat, replies.distinct, replies.latin = 0.0, 1.0, 1.0
     assert chance.clear("joy", baseline) and not candidate.holds(0.15, baseline)
     assert candidate.best(baseline) == (0.25, True)
+    # the axes too: one reply's positive words made valence's point verdict at the lowest rung
+    chance, steady = _counted([{"positive": 11}] + [{}] * 9), _counted([{"positive": 2}] * 10)
+    for replies in (chance, steady):
+        replies.repeat, replies.distinct, replies.latin = 0.0, 1.0, 1.0
+    valence = Candidate("valence", "stimulus", np.zeros((1, 1)), tried={0.1: chance, 0.15: steady})
+    assert chance.clear("valence", baseline) and not valence.holds(0.1, baseline)
+    assert valence.best(baseline) == (0.15, True)
 
 
 def test_the_label_judge_counts_a_band_clear_where_it_names_it_twice_as_often_and_most():
