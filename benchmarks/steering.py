@@ -218,6 +218,9 @@ def main() -> None:
             parser.error("--report needs --bank: the page shows each band's source and check from bank.yaml")
         bank = Bank.load(Path(args.bank))
         result = EvalResult.from_dict(json.loads(Path(args.report).read_text()))
+        if result.model and result.model != bank.model.fingerprint:
+            parser.error(f"{args.report} measured a bank for another model ({result.model}; the bank in {args.bank} "
+                         f"is for {bank.model.fingerprint}): give the bank the run was made with")
         if missing := [band for band in result.bands if band not in bank.bands]:
             parser.error(f"{args.report} has bands the bank in {args.bank} lacks ({', '.join(missing)}): "
                          "give the bank the run was made with")

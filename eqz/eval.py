@@ -387,6 +387,7 @@ class EvalResult:
     reply_tokens: int
     samples: int
     scorer: str
+    model: str = ""  # the fingerprint of the model the bank was trained for ("": a run from before it was kept)
 
     def table(self, band: str) -> list[dict]:
         """The band's slider rows, by gain."""
@@ -412,13 +413,14 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {"bands": list(self.bands), "gains": list(self.gains), "prompts": self.prompts,
-                "reply_tokens": self.reply_tokens, "samples": self.samples, "scorer": self.scorer, "rows": self.rows}
+                "reply_tokens": self.reply_tokens, "samples": self.samples, "scorer": self.scorer, "model": self.model,
+                "rows": self.rows}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalResult":
         """A result written by ``write_outputs`` (eval.json), to report again without generating again."""
         return cls(tuple(data["bands"]), tuple(data["gains"]), data["rows"], data["prompts"], data["reply_tokens"],
-                   data["samples"], data["scorer"])
+                   data["samples"], data["scorer"], data.get("model", ""))
 
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""
@@ -485,7 +487,8 @@ def evaluate(
             rows.append(_row(band, gain, baseline if gain == 0 else results[(band, gain)], baseline, samples))
         if personas[band]:
             rows.append(_row(band, None, results[(band, None)], baseline, samples))
-    return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name)
+    return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name,
+                      bank.model.fingerprint)
 
 
 def preference_personas(described: dict[str, str]) -> dict[str, str]:

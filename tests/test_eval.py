@@ -15,7 +15,7 @@ import numpy as np
 
 from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplySet
 from eqz.judge import LabelJudge
-from eqz.bank import Bank
+from eqz.bank import SHIPPED_DIR, Bank
 from eqz.models import ModelInfo
 from eqz.train import Calibration, Candidate, store_bands
 from eqz.scoring import (COUNTED, EmotionScorer, distinct2, emotion_scorer, latin_share, lift, nrc_lexicon,
@@ -245,6 +245,8 @@ def test_tiny_eval_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "eval.json").read_text())
     assert data["prompts"] == 3 and data["reply_tokens"] == 32 and data["scorer"] == "nrc"
+    (shipped,) = SHIPPED_DIR.glob("*/bank.yaml")
+    assert data["model"] == Bank.load(shipped.parent).model.fingerprint  # what `steering.py --report` checks
     rows = {(row["band"], row["gain"]): row for row in data["rows"]}
     # every gain, and the prompt-only baseline (gain null) beside each band
     assert set(rows) == {(b, g) for b in ("joy", "sadness") for g in (-1.0, 0.0, 1.0, None)}
