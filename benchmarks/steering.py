@@ -21,6 +21,7 @@ from eqz.engine import Model
 from eqz.eval import (CLEAR_LIFT, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, EvalResult, evaluate, record,
                       write_outputs)
 from eqz.models import resolve_model_path
+from eqz.scoring import LIFT_PRIOR
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -151,7 +152,7 @@ def gained_table(result, primaries: list[str]) -> list[str]:
         "The same replies counted in words rather than ratios: words per 100 of each emotion that +1 adds to the "
         "unsteered replies. *Clear* asks for a ratio (>= 2x, the largest of the eight), so an emotion the unsteered "
         "replies rarely use can out-lift the band's own on fewer words, and one they use often needs many more "
-        "words to double (2x needs its unsteered rate again, plus the 0.25 smoothing).",
+        f"words to double (2x needs its unsteered rate again, plus the {LIFT_PRIOR:g} smoothing).",
         "",
         f"**The band's own emotion gains the most words at +1: {len(own_most)}/{len(primaries)}** "
         f"({', '.join(own_most) or 'none'}).",
@@ -162,8 +163,8 @@ def gained_table(result, primaries: list[str]) -> list[str]:
     for band in primaries:
         row = next(r for r in result.table(band) if r["gain"] == 1.0)
         top = max(gained[band], key=gained[band].get)
-        lines.append(f"| {band} | {unsteered[band]:.2f} | {gained[band][band]:+.2f} | +{unsteered[band] + 0.25:.2f} "
-                     f"| {top} | {gained[band][top]:+.2f} | {row['most_lifted']} |")
+        lines.append(f"| {band} | {unsteered[band]:.2f} | {gained[band][band]:+.2f} | "
+                     f"+{unsteered[band] + LIFT_PRIOR:.2f} | {top} | {gained[band][top]:+.2f} | {row['most_lifted']} |")
     return lines
 
 
