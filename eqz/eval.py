@@ -301,12 +301,13 @@ class ReplyBench:
     def _text_scores(replies: list[tuple[list[int], str]]) -> ReplySet:
         texts = [text for _, text in replies]
         scorer = emotion_scorer()
+        counts = np.array([scorer.word_counts(text) for text in texts])
         return ReplySet(
             texts=texts,
-            counts=np.array([scorer.word_counts(text) for text in texts]),
+            counts=counts,
             tokens=[tokens for tokens, _ in replies],
             n_tokens=float(np.mean([len(tokens) for tokens, _ in replies])),
-            rates=scorer.rates(" ".join(texts)),
+            rates=dict(zip(BANDS, scorer.rates_of(counts.sum(axis=0)).tolist())),  # all replies' words together
             repeat=float(np.mean([repeated_trigrams(t) for t in texts])),
             distinct=float(np.mean([distinct2(t) for t in texts])),
             latin=float(np.mean([latin_share(t) for t in texts])),

@@ -95,12 +95,16 @@ class EmotionScorer:
         per100 = 100.0 * counts[..., :-1] / np.maximum(1, counts[..., -1:])
         primaries = per100[..., : len(PRIMARIES)]
         axes = primaries @ _CIRCUMPLEX_WEIGHTS
-        if self.name == "nrc" and nrc_lexicon() is not None:
+        if self._nrc_table() is not None:
             axes[..., 0] = per100[..., COUNTED.index("positive")] - per100[..., COUNTED.index("negative")]
         return np.concatenate([primaries, axes], axis=-1)
 
+    def _nrc_table(self) -> dict[str, frozenset[str]] | None:
+        """NRC's word table where this scorer is NRC and NRCLex is installed; None: eqz's own word list counts."""
+        return nrc_lexicon() if self.name == "nrc" else None
+
     def _counts(self, tokens: list[str]) -> Counter[str]:
-        table = nrc_lexicon() if self.name == "nrc" else None
+        table = self._nrc_table()
         if table is None:
             return _own_counts(tokens)
         counts: Counter[str] = Counter()
