@@ -33,6 +33,7 @@ def verdicts(result) -> dict[str, dict]:
         rows = {row["gain"]: row for row in result.table(band)}
         zero, up, down = rows[0.0], rows.get(1.0), rows.get(-1.0)
         prompted = result.prompting(band)
+        both = result.asked_and_steered(band)
         entry = {
             "effect_at_1": up["effect"],
             "effect_at_2": rows[2.0]["effect"] if 2.0 in rows else None,
@@ -48,6 +49,10 @@ def verdicts(result) -> dict[str, dict]:
             "prompt_only_effect": prompted["effect"] if prompted else None,
             "prompt_only_clear": prompted["clear"] if prompted else None,
             "prompt_only_clear_share": prompted.get("clear_share") if prompted else None,
+            "asked_at_1_effect": both["effect"] if both else None,
+            "asked_at_1_clear": both["clear"] if both else None,
+            "asked_at_1_clear_share": both.get("clear_share") if both else None,
+            "asked_at_1_fluent": both["fluent"] if both else None,
         }
         if "judged_effect" in up:  # the unsteered model as judge (primaries)
             entry.update({
@@ -58,6 +63,9 @@ def verdicts(result) -> dict[str, dict]:
                 "prompt_only_judged_effect": prompted["judged_effect"] if prompted else None,
                 "prompt_only_judged_clear": prompted["judged_clear"] if prompted else None,
                 "prompt_only_judged_clear_share": prompted["judged_clear_share"] if prompted else None,
+                "asked_at_1_judged_effect": both["judged_effect"] if both else None,
+                "asked_at_1_judged_clear": both["judged_clear"] if both else None,
+                "asked_at_1_judged_clear_share": both["judged_clear_share"] if both else None,
             })
         entry["fluent_at_1"] = (entry["repeated_3grams_at_1"] <= MAX_REPEATED_TRIGRAMS
                                 and (entry["distinct_ratio_at_1"] or 0) >= MIN_DISTINCT_RATIO)
@@ -69,6 +77,20 @@ def _yes_no(verdict: bool | None) -> str:
     return "-" if verdict is None else "yes" if verdict else "no"
 
 
+def _asked_counts(figures: dict, bands: list[str], clear_key: str, share_key: str) -> tuple[str, str]:
+    """The prompt-and-+1 parts of a headline (how many clear, how many expected), empty for a run without them."""
+    if all(figures[b][clear_key] is None for b in bands):
+        return "", ""
+    clear = sum(bool(figures[b][clear_key]) for b in bands)
+    expected = sum(figures[b][share_key] or 0 for b in bands)
+    return f"; prompt and +1: {clear}/{len(bands)}", f", {expected:.1f}/{len(bands)} prompt and +1"
+
+
+def _marked(effect: float | None, clear: bool | None) -> str:
+    """An effect in a table cell, * where it is clear; - where it was not measured."""
+    return "-" if effect is None else f"{effect:.2f}" + (" *" if clear else "")
+
+
 def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     primaries = [b for b in PRIMARIES if b in figures]
     clear = sum(figures[b]["clear_at_1"] for b in primaries)
@@ -76,6 +98,7 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     prompt_clear = sum(bool(figures[b]["prompt_only_clear"]) for b in primaries)
     expected = sum(figures[b]["clear_share_at_1"] or 0 for b in primaries)
     prompt_expected = sum(figures[b]["prompt_only_clear_share"] or 0 for b in primaries)
+    asked = _asked_counts(figures, primaries, "asked_at_1_clear", "asked_at_1_clear_share")
     lines = [
         f"# Steering figures: {model_name}",
         "",
@@ -84,24 +107,27 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         f"scored by the {result.scorer} lexicon (shares nothing with the bank). Effect = the band's own emotion "
         "words over the unsteered replies' (x; smoothed by 0.25 words/100); for valence and arousal, the rise in "
         "positive-minus-negative (high-minus-low arousal) words per 100. *Clear* = effect >= 2x and the most "
-        "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt. *Holds* = how "
+        "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt; prompt and +1 = "
+        "asked for and the slider at +1 (does the slider add to asking?). *Holds* = how "
         f"often the band is clear when the {result.prompts} prompts are drawn again with replacement (each with its "
         "samples, the same draw for steered and unsteered replies): how far a verdict is from this prompt set's "
         "noise.",
         "",
         f"**Primaries clear at +1: {clear}/{len(primaries)}**; lifted >= 2x: {lifted}/{len(primaries)}; "
-        f"prompting only: {prompt_clear}/{len(primaries)} clear. Expected over redrawn prompt sets (the sum of "
-        f"*holds*): {expected:.1f}/{len(primaries)} at +1, {prompt_expected:.1f}/{len(primaries)} prompting only.",
+        f"prompting only: {prompt_clear}/{len(primaries)} clear{asked[0]}. "
+        f"Expected over redrawn prompt sets (the sum of *holds*): {expected:.1f}/{len(primaries)} at +1, "
+        f"{prompt_expected:.1f}/{len(primaries)} prompting only{asked[1]}.",
         "",
         "| band | source | effect +1 | most lifted +1 | clear +1 | holds +1 | effect +2 | -1 lowers | readout rises | "
-        "rep3 +1 | distinct-2 +1 (x unsteered) | ppl +1 (asked) | prompt only | bank check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "rep3 +1 | distinct-2 +1 (x unsteered) | ppl +1 (asked) | prompt only | prompt and +1 | bank check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for band in result.bands:
         f = figures[band]
         entry = bank.bands[band]
         two = f"{f['effect_at_2']:.2f}" if f["effect_at_2"] is not None else "-"
         prompted = f"{f['prompt_only_effect']:.2f}" if f["prompt_only_effect"] is not None else "-"
+        both = _marked(f["asked_at_1_effect"], f["asked_at_1_clear"])
         ppl = f"{f['ppl_ratio_at_1']:.2f}" if f["ppl_ratio_at_1"] is not None else "-"
         share = f"{f['clear_share_at_1']:.0%}" if f["clear_share_at_1"] is not None else "-"
         check = "ok" if entry.direction_ok else ", ".join(entry.problems or ["-"])
@@ -109,7 +135,7 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
             f"| {band} | {entry.source or '-'} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
             f"{'yes' if f['clear_at_1'] else 'no'} | {share} | {two} | {_yes_no(f['lowered_at_-1'])} | "
             f"{_yes_no(f['readout_rises'])} | {f['repeated_3grams_at_1']:.1%} | "
-            f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {check} |"
+            f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {both} | {check} |"
         )
     lines += gained_table(result, primaries)
     lines += judge_table(figures, primaries, result.prompts)
@@ -133,9 +159,9 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
                 continue
             for text in rows[gain]["examples"]:
                 lines.append(f"- **{gain:+g}**: {' '.join(text.split())}")
-        prompted = result.prompting(band)
-        if prompted:
-            lines.append(f"- **prompt only**: {' '.join(prompted['examples'][0].split())}")
+        for label, row in (("prompt only", result.prompting(band)), ("prompt and +1", result.asked_and_steered(band))):
+            if row:
+                lines.append(f"- **{label}**: {' '.join(row['examples'][0].split())}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -177,6 +203,7 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
     prompt_clear = sum(bool(figures[b]["prompt_only_judged_clear"]) for b in judged)
     expected = sum(figures[b]["judged_clear_share_at_1"] for b in judged)
     prompt_expected = sum(figures[b]["prompt_only_judged_clear_share"] or 0 for b in judged)
+    asked = _asked_counts(figures, judged, "asked_at_1_judged_clear", "asked_at_1_judged_clear_share")
     lines = [
         "", "## The unsteered model as judge", "",
         "The same replies, each put to the unsteered model as \"Text: ... Name the emotion in one word.\" and its "
@@ -185,13 +212,13 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
         "same prompts (geometric mean over paired replies); *clear* = >= 2x and the most lifted of the eight; "
         f"*holds* = the same redraw of the {prompts} prompts as above.",
         "",
-        f"**Primaries clear at +1 by the judge: {clear}/{len(judged)}**; prompting only: {prompt_clear}/{len(judged)}. "
-        f"Expected over redrawn prompt sets: {expected:.1f}/{len(judged)} at +1, {prompt_expected:.1f}/{len(judged)} "
-        "prompting only.",
+        f"**Primaries clear at +1 by the judge: {clear}/{len(judged)}**; prompting only: {prompt_clear}/{len(judged)}"
+        f"{asked[0]}. Expected over redrawn prompt sets: {expected:.1f}/{len(judged)} at +1, "
+        f"{prompt_expected:.1f}/{len(judged)} prompting only{asked[1]}.",
         "",
         "| band | judge +1 | names most +1 | clear +1 | holds +1 | judge -1 | judge +2 | prompt only | "
-        "prompt only clear |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "prompt only clear | prompt and +1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for band in judged:
         f = figures[band]
@@ -199,7 +226,8 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
                  for key in ("judged_effect_at_-1", "judged_effect_at_2", "prompt_only_judged_effect")]
         lines.append(f"| {band} | {f['judged_effect_at_1']:.2f} | {f['judged_most_lifted_at_1']} | "
                      f"{'yes' if f['judged_clear_at_1'] else 'no'} | {f['judged_clear_share_at_1']:.0%} | "
-                     f"{cells[0]} | {cells[1]} | {cells[2]} | {_yes_no(f['prompt_only_judged_clear'])} |")
+                     f"{cells[0]} | {cells[1]} | {cells[2]} | {_yes_no(f['prompt_only_judged_clear'])} | "
+                     f"{_marked(f['asked_at_1_judged_effect'], f['asked_at_1_judged_clear'])} |")
     return lines
 
 

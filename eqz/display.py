@@ -263,18 +263,19 @@ def _judged(row: dict) -> str:
 
 
 def print_eval(result, flagged: dict[str, list[float]]) -> None:
-    """One table per band: gain (and the prompt-only baseline) against the lexicon effect, the readout and
-    fluency."""
+    """One table per band: gain (and the band asked for in the prompt, alone and with the slider at +1) against the
+    lexicon effect, the readout and fluency."""
     for band in result.bands:
         table = Table(title=f"{band}", title_justify="left", header_style="bold")
         for column in ("setting", "effect", "most lifted", "holds", "judge", "readout", "ppl ratio", "rep. 3-grams",
                        "distinct-2", "tokens"):
             table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right",
                              no_wrap=column in ("setting", "most lifted"))
-        prompted = result.prompting(band)
-        for row in result.table(band) + ([prompted] if prompted else []):
+        asked = [row for row in (result.prompting(band), result.asked_and_steered(band)) if row]
+        for row in result.table(band) + asked:
             style = None if row["fluent"] else "red"
-            setting = "prompt only" if row["gain"] is None else f"gain {row['gain']:+.2f}"
+            setting = ("prompt only" if row["gain"] is None else
+                       f"prompt, gain {row['gain']:+.2f}" if row.get("asked") else f"gain {row['gain']:+.2f}")
             readout = row.get("readout")
             ppl = row.get("ppl_ratio")
             most = "-" if row["gain"] == 0 else row["most_lifted"]  # nothing moved at gain 0

@@ -383,7 +383,9 @@ class ReplyBench:
 class EvalResult:
     bands: tuple[str, ...]
     gains: tuple[float, ...]
-    rows: list[dict]  # one per (band, gain) and one per band for the prompt-only baseline (gain None)
+    # one per (band, gain); per band asked for in the system prompt, one with no vector (gain None) and one at +1
+    # (gain 1.0, "asked": True)
+    rows: list[dict]
     prompts: int
     reply_tokens: int
     samples: int
@@ -392,10 +394,16 @@ class EvalResult:
 
     def table(self, band: str) -> list[dict]:
         """The band's slider rows, by gain."""
-        return [row for row in self.rows if row["band"] == band and row["gain"] is not None]
+        return [row for row in self.rows if row["band"] == band and row["gain"] is not None and not row.get("asked")]
 
     def prompting(self, band: str) -> dict | None:
+        """The band only asked for in the system prompt, no vector."""
         return next((row for row in self.rows if row["band"] == band and row["gain"] is None), None)
+
+    def asked_and_steered(self, band: str) -> dict | None:
+        """The band asked for in the system prompt and its slider at +1: does the slider add to asking?"""
+        return next((row for row in self.rows if row["band"] == band and row.get("asked") and row["gain"] is not None),
+                    None)
 
     def unsteered_rates(self) -> dict[str, float]:
         """Each evaluated primary's words per 100 in the unsteered replies (its gain-0 row)."""
@@ -429,18 +437,27 @@ class EvalResult:
                 "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio", "repeated_3grams",
                 "fluent")
         return {
-            band: {("prompt" if row["gain"] is None else str(row["gain"])): {k: row[k] for k in keep if k in row}
-                   for row in self.table(band) + [r for r in [self.prompting(band)] if r]}
+            band: {_setting_name(row): {k: row[k] for k in keep if k in row}
+                   for row in self.table(band) + [r for r in [self.prompting(band), self.asked_and_steered(band)] if r]}
             for band in self.bands
         }
 
 
-def _row(band: str, gain: float | None, replies: ReplySet, baseline: ReplySet, samples: int) -> dict:
+def _setting_name(row: dict) -> str:
+    """How a row's setting is named in bank.yaml and tables: the gain, "prompt" (asked, no vector), "prompt+1"."""
+    if row["gain"] is None:
+        return "prompt"
+    return f"prompt{row['gain']:+g}" if row.get("asked") else str(row["gain"])
+
+
+def _row(band: str, gain: float | None, replies: ReplySet, baseline: ReplySet, samples: int,
+         asked: bool = False) -> dict:
     share = replies.clear_share(band, baseline, samples) if gain != 0 else None
     judged = band in PRIMARIES and gain != 0 and replies.labels is not None and baseline.labels is not None
     return {
         "band": band,
         "gain": gain,
+        **({"asked": True} if asked else {}),
         **replies.summary(band, baseline),
         **({"clear_share": round(share, 3)} if share is not None else {}),
         **({"judged_clear_share": round(replies.judged_clear_share(band, baseline, samples), 3)} if judged else {}),
@@ -464,10 +481,11 @@ def evaluate(
     seed: int = 4321,
     progress: Progress = _no_progress,
 ) -> EvalResult:
-    """Generate under every band x gain, and with each band only asked for in the system prompt; score all.
+    """Generate under every band x gain, with each band only asked for in the system prompt, and asked for with
+    its slider at +1; score all.
 
     Gain 0 is generated once and shared by all bands. Bands trained from a description (or imported ones
-    without one) have no prompt-only row when eqz has no words to ask for them.
+    without one) have no prompt rows when eqz has no words to ask for them.
     """
     prompts = prompts or prompt_sets()["eval"]
     metered = metered_bands(bank)
@@ -479,7 +497,10 @@ def evaluate(
     settings = [Setting("baseline")]
     settings += [Setting((band, gain), bank.mix({band: gain}), judge=personas[band] if gain > 0 else None)
                  for band in bands for gain in gains if gain != 0]
-    settings += [Setting((band, None), persona=personas[band], judge=personas[band]) for band in bands if personas[band]]
+    asked = [band for band in bands if personas[band]]
+    settings += [Setting((band, None), persona=personas[band], judge=personas[band]) for band in asked]
+    settings += [Setting((band, "asked"), bank.mix({band: 1.0}), persona=personas[band], judge=personas[band])
+                 for band in asked]
     results = bench.run(settings, progress, states=True)
     baseline = results["baseline"]
     rows = []
@@ -488,6 +509,7 @@ def evaluate(
             rows.append(_row(band, gain, baseline if gain == 0 else results[(band, gain)], baseline, samples))
         if personas[band]:
             rows.append(_row(band, None, results[(band, None)], baseline, samples))
+            rows.append(_row(band, 1.0, results[(band, "asked")], baseline, samples, asked=True))
     return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name,
                       bank.model.fingerprint)
 
@@ -527,7 +549,7 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     written = [directory / "eval.json", directory / "eval.csv"]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with written[1].open("w", newline="") as handle:
-        columns = ["band", "gain", "effect", "words_per_100", "most_lifted", "clear", "clear_share", "judged_effect",
+        columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share", "judged_effect",
                    "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",
                    "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -540,7 +562,7 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
 
 def plot_dose_response(result: EvalResult, path: Path) -> Path:
     """One panel per band: the lexicon effect and the readout against gain, the prompt-only effect as a
-    dashed line, perplexity ratio on a second axis."""
+    dotted line and asked-and-steered as a triangle at +1, perplexity ratio on a second axis."""
     try:
         import matplotlib
 
@@ -562,6 +584,9 @@ def plot_dose_response(result: EvalResult, path: Path) -> Path:
         prompted = result.prompting(band)
         if prompted:
             axis.axhline(prompted["effect"], color="tab:green", linewidth=0.8, linestyle=":", label="prompt only")
+        both = result.asked_and_steered(band)
+        if both:
+            axis.plot([both["gain"]], [both["effect"]], "^", color="tab:olive", label="prompt and +1")
         axis.set_title(band)
         axis.axhline(0, color="grey", linewidth=0.5)
         fluency = axis.twinx()

@@ -220,7 +220,9 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
                         str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"), env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
-    assert [row["gain"] for row in rows] == [0.0, 1.0, None]  # the slider beside asking for the description
+    # the slider beside asking for the description, alone and with the slider at +1
+    assert [(row["gain"], row.get("asked", False)) for row in rows] == [(0.0, False), (1.0, False), (None, False),
+                                                                       (1.0, True)]
     assert all("preference" in row for row in rows)
 
 

@@ -247,9 +247,14 @@ def test_tiny_eval_end_to_end(tmp_path):
     assert data["prompts"] == 3 and data["reply_tokens"] == 32 and data["scorer"] == "nrc"
     (shipped,) = SHIPPED_DIR.glob("*/bank.yaml")
     assert data["model"] == Bank.load(shipped.parent).model.fingerprint  # what `steering.py --report` checks
-    rows = {(row["band"], row["gain"]): row for row in data["rows"]}
+    asked = {row["band"]: row for row in data["rows"] if row.get("asked")}
+    rows = {(row["band"], row["gain"]): row for row in data["rows"] if not row.get("asked")}
     # every gain, and the prompt-only baseline (gain null) beside each band
     assert set(rows) == {(b, g) for b in ("joy", "sadness") for g in (-1.0, 0.0, 1.0, None)}
+    # and the band asked for with its slider at +1: same prompts and seeds as prompt only, the vector on top
+    assert set(asked) == {"joy", "sadness"} and all(row["gain"] == 1.0 for row in asked.values())
+    for band, row in asked.items():
+        assert row["examples"] != rows[(band, None)]["examples"] and row["readout"] > rows[(band, None)]["readout"]
     # gain 0 is the shared unsteered baseline: effect exactly 1, perplexity ratio exactly 1
     zero = rows[("joy", 0.0)]
     assert zero["effect"] == 1.0 and zero["ppl_ratio"] == 1.0 and zero["examples"] == rows[("sadness", 0.0)]["examples"]
@@ -265,9 +270,9 @@ def test_tiny_eval_end_to_end(tmp_path):
         assert rows[(band, 1.0)]["judged_most_lifted"] in PRIMARIES and 0.0 <= rows[(band, 1.0)]["judged_clear_share"] <= 1
     assert set(rows[("joy", 1.0)]["crosstalk"]) == set(BANDS) - {"joy"}
     with (out / "eval.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 8
+        assert len(list(csv.DictReader(handle))) == 10
     assert (out / "dose_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "prompt only" in result.stdout and "sadness" in result.stdout and "judge" in result.stdout
+    assert "prompt only" in result.stdout and "prompt, gain +1" in result.stdout and "judge" in result.stdout
 
 
 @pytest.mark.slow
