@@ -444,7 +444,7 @@ class EvalResult:
 
 
 def _setting_name(row: dict) -> str:
-    """How a row's setting is named in bank.yaml and tables: the gain, "prompt" (asked, no vector), "prompt+1"."""
+    """How a row's setting is keyed in bank.yaml's dose_response: the gain, "prompt" (asked, no vector), "prompt+1"."""
     if row["gain"] is None:
         return "prompt"
     return f"prompt{row['gain']:+g}" if row.get("asked") else str(row["gain"])
