@@ -271,8 +271,7 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
                        "distinct-2", "tokens"):
             table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right",
                              no_wrap=column in ("setting", "most lifted"))
-        asked = [row for row in (result.prompting(band), result.asked_and_steered(band)) if row]
-        for row in result.table(band) + asked:
+        for row in result.table(band) + result.prompt_rows(band):
             style = None if row["fluent"] else "red"
             setting = ("prompt only" if row["gain"] is None else
                        f"prompt, gain {row['gain']:+.2f}" if row.get("asked") else f"gain {row['gain']:+.2f}")

@@ -402,8 +402,11 @@ class EvalResult:
 
     def asked_and_steered(self, band: str) -> dict | None:
         """The band asked for in the system prompt and its slider at +1: does the slider add to asking?"""
-        return next((row for row in self.rows if row["band"] == band and row.get("asked") and row["gain"] is not None),
-                    None)
+        return next((row for row in self.rows if row["band"] == band and row.get("asked")), None)
+
+    def prompt_rows(self, band: str) -> list[dict]:
+        """The band's rows that ask for it in the system prompt (alone, then with the slider), those measured."""
+        return [row for row in (self.prompting(band), self.asked_and_steered(band)) if row]
 
     def unsteered_rates(self) -> dict[str, float]:
         """Each evaluated primary's words per 100 in the unsteered replies (its gain-0 row)."""
@@ -438,7 +441,7 @@ class EvalResult:
                 "fluent")
         return {
             band: {_setting_name(row): {k: row[k] for k in keep if k in row}
-                   for row in self.table(band) + [r for r in [self.prompting(band), self.asked_and_steered(band)] if r]}
+                   for row in self.table(band) + self.prompt_rows(band)}
             for band in self.bands
         }
 
@@ -549,8 +552,8 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     written = [directory / "eval.json", directory / "eval.csv"]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with written[1].open("w", newline="") as handle:
-        columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share", "judged_effect",
-                   "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",
+        columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share",
+                   "judged_effect", "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",
                    "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
