@@ -274,7 +274,7 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
         for row in result.table(band) + result.prompt_rows(band):
             style = None if row["fluent"] else "red"
             setting = ("prompt only" if row["gain"] is None else
-                       f"prompt, gain {row['gain']:+.2f}" if row.get("asked") else f"gain {row['gain']:+.2f}")
+                       f"prompt {row['gain']:+g}" if row.get("asked") else f"gain {row['gain']:+.2f}")
             readout = row.get("readout")
             ppl = row.get("ppl_ratio")
             most = "-" if row["gain"] == 0 else row["most_lifted"]  # nothing moved at gain 0

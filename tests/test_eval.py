@@ -272,7 +272,7 @@ def test_tiny_eval_end_to_end(tmp_path):
     with (out / "eval.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 10
     assert (out / "dose_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "prompt only" in result.stdout and "prompt, gain +1" in result.stdout and "judge" in result.stdout
+    assert "prompt only" in result.stdout and "prompt +1 " in result.stdout and "judge" in result.stdout
 
 
 @pytest.mark.slow
