@@ -264,20 +264,19 @@ def _judged(row: dict) -> str:
 
 def print_eval(result, flagged: dict[str, list[float]]) -> None:
     """One table per band: gain (and the band asked for in the prompt, alone and with the slider at +1) against the
-    lexicon effect, the readout and fluency."""
+    lexicon effect, the readout and fluency. Short headers and no side borders: the ten columns fit 80 (a pipe)."""
     for band in result.bands:
-        table = Table(title=f"{band}", title_justify="left", header_style="bold")
-        for column in ("setting", "effect", "most lifted", "holds", "judge", "readout", "ppl ratio", "rep. 3-grams",
-                       "distinct-2", "tokens"):
-            table.add_column(column, justify="left" if column in ("setting", "most lifted") else "right",
-                             no_wrap=column in ("setting", "most lifted"))
+        table = Table(title=band, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1),
+                      pad_edge=False)
+        for column in ("setting", "effect", "most", "holds", "judge", "read", "ppl", "rep3", "dist2", "tok"):
+            table.add_column(column, justify="left" if column in ("setting", "most") else "right", no_wrap=True)
         for row in result.table(band) + result.prompt_rows(band):
             style = None if row["fluent"] else "red"
             setting = ("prompt only" if row["gain"] is None else
                        f"prompt {row['gain']:+g}" if row.get("asked") else f"gain {row['gain']:+.2f}")
             readout = row.get("readout")
             ppl = row.get("ppl_ratio")
-            most = "-" if row["gain"] == 0 else row["most_lifted"]  # nothing moved at gain 0
+            most = "-" if row["gain"] == 0 else SHORT_NAMES.get(row["most_lifted"], row["most_lifted"])  # 0 moves nothing
             share = row.get("clear_share")
             table.add_row(setting, f"{row['effect']:.2f}" + (" *" if row["clear"] else ""), most,
                           "-" if share is None else f"{share:.0%}", _judged(row),
@@ -289,7 +288,9 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
             console.print(f"[red]  not fluent at gain {', '.join(f'{g:+g}' for g in flagged[band])}[/red]")
     console.print(f"[dim]effect: the band's own emotion words over the unsteered replies' ({result.scorer} lexicon; "
                   "axes: + words per 100; described bands: + nats/token the unsteered model prefers the replies "
-                  "for the description over the primaries); * = clearly lifted and the most lifted; holds: how often the "
-                  "band is clear when the prompts are drawn again; judge: how many times likelier the unsteered model "
-                  "names the band as the replies' emotion (* clear: 2x and most of the eight); readout: the model's "
-                  "own reading of the replies; ppl ratio: perplexity under the model asked for the band[/dim]")
+                  "for the description over the primaries); * = clearly lifted and the most lifted; most: the emotion "
+                  "lifted most; holds: how often the band is clear when the prompts are drawn again; judge: how many "
+                  "times likelier the unsteered model names the band as the replies' emotion (* clear: 2x and most of "
+                  "the eight); read: the model's own reading of the replies; ppl: perplexity under the model asked for "
+                  "the band over the unsteered replies'; rep3: repeated 3-grams; dist2: distinct-2 (the share of word "
+                  "pairs that are distinct); tok: reply length in tokens. eval.json and eval.csv keep every figure.[/dim]")

@@ -253,8 +253,11 @@ def test_tiny_eval_end_to_end(tmp_path):
     assert set(rows) == {(b, g) for b in ("joy", "sadness") for g in (-1.0, 0.0, 1.0, None)}
     # and the band asked for with its slider at +1: same prompts and seeds as prompt only, the vector on top
     assert set(asked) == {"joy", "sadness"} and all(row["gain"] == 1.0 for row in asked.values())
+    # (both parts applied: its replies differ from asking alone's and from the slider alone's; the vector is the
+    # same bank.mix as the +1 row, whose sign the readout checks below. Which of asking alone and asking with the
+    # slider reads higher on 3 prompts x 32 tokens is noise: it flipped for sadness with the CPU llama.cpp ran on)
     for band, row in asked.items():
-        assert row["examples"] != rows[(band, None)]["examples"] and row["readout"] > rows[(band, None)]["readout"]
+        assert row["examples"] != rows[(band, None)]["examples"] and row["examples"] != rows[(band, 1.0)]["examples"]
     # gain 0 is the shared unsteered baseline: effect exactly 1, perplexity ratio exactly 1
     zero = rows[("joy", 0.0)]
     assert zero["effect"] == 1.0 and zero["ppl_ratio"] == 1.0 and zero["examples"] == rows[("sadness", 0.0)]["examples"]
@@ -273,6 +276,10 @@ def test_tiny_eval_end_to_end(tmp_path):
         assert len(list(csv.DictReader(handle))) == 10
     assert (out / "dose_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "prompt only" in result.stdout and "prompt +1 " in result.stdout and "judge" in result.stdout
+    # a pipe is 80 columns: every figure is printed in full, none cut to "0.…"
+    assert "…" not in result.stdout
+    assert all(f"{row['effect']:.2f}" in result.stdout and f"{row['distinct_2']:.2f}" in result.stdout
+               for row in data["rows"])
 
 
 @pytest.mark.slow
