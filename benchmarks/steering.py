@@ -46,6 +46,7 @@ def verdicts(result) -> dict[str, dict]:
             "repeated_3grams_at_1": up["repeated_3grams"],
             "distinct_ratio_at_1": round(up["distinct_2"] / zero["distinct_2"], 3) if zero["distinct_2"] else None,
             "ppl_ratio_at_1": up.get("ppl_ratio"),
+            "within_bounds_at_1": up["fluent"],  # every bound, perplexity under the model asked for the band too
             "prompt_only_effect": prompted["effect"] if prompted else None,
             "prompt_only_clear": prompted["clear"] if prompted else None,
             "prompt_only_clear_share": prompted.get("clear_share") if prompted else None,
@@ -53,6 +54,7 @@ def verdicts(result) -> dict[str, dict]:
             "asked_at_1_clear": both["clear"] if both else None,
             "asked_at_1_clear_share": both.get("clear_share") if both else None,
             "asked_at_1_fluent": both["fluent"] if both else None,
+            "asked_at_1_ppl_ratio": both.get("ppl_ratio") if both else None,
         }
         if "judged_effect" in up:  # the unsteered model as judge (primaries)
             entry.update({
@@ -78,12 +80,21 @@ def _yes_no(verdict: bool | None) -> str:
 
 
 def _asked_counts(figures: dict, bands: list[str], clear_key: str, share_key: str) -> tuple[str, str]:
-    """The prompt-and-+1 parts of a headline (how many clear, how many expected), empty for a run without them."""
+    """The prompt-and-+1 parts of a headline (how many clear, of them within the fluency bounds, how many expected),
+    empty for a run without them."""
     if all(figures[b][clear_key] is None for b in bands):
         return "", ""
-    clear = sum(bool(figures[b][clear_key]) for b in bands)
     expected = sum(figures[b][share_key] or 0 for b in bands)
-    return f"; prompt and +1: {clear}/{len(bands)}", f", {expected:.1f}/{len(bands)} prompt and +1"
+    return (f"; prompt and +1: {_clear_of(figures, bands, clear_key, 'asked_at_1_fluent')}",
+            f", {expected:.1f}/{len(bands)} prompt and +1")
+
+
+def _clear_of(figures: dict, bands: list[str], clear_key: str, fluent_key: str) -> str:
+    """'k/n' clear, and how many of those replies stay within every fluency bound (older runs: not said)."""
+    clear = [b for b in bands if figures[b][clear_key]]
+    if any(figures[b].get(fluent_key) is None for b in clear):
+        return f"{len(clear)}/{len(bands)}"
+    return f"{len(clear)}/{len(bands)} ({sum(bool(figures[b][fluent_key]) for b in clear)} of them fluent)"
 
 
 def _marked(effect: float | None, clear: bool | None) -> str:
@@ -91,9 +102,18 @@ def _marked(effect: float | None, clear: bool | None) -> str:
     return "-" if effect is None else f"{effect:.2f}" + (" *" if clear else "")
 
 
+def _asked_cell(f: dict, effect_key: str, clear_key: str) -> str:
+    """The prompt-and-+1 effect, with its perplexity ratio where the replies leave the fluency bounds."""
+    cell = _marked(f[effect_key], f[clear_key])
+    if f.get("asked_at_1_fluent") is False:
+        ppl = f.get("asked_at_1_ppl_ratio")
+        cell += f" (not fluent{f': ppl {ppl:.1f}x' if ppl is not None else ''})"
+    return cell
+
+
 def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     primaries = [b for b in PRIMARIES if b in figures]
-    clear = sum(figures[b]["clear_at_1"] for b in primaries)
+    clear = _clear_of(figures, primaries, "clear_at_1", "within_bounds_at_1")
     lifted = sum(figures[b]["effect_at_1"] >= CLEAR_LIFT for b in primaries)
     prompt_clear = sum(bool(figures[b]["prompt_only_clear"]) for b in primaries)
     expected = sum(figures[b]["clear_share_at_1"] or 0 for b in primaries)
@@ -113,7 +133,7 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         "samples, the same draw for steered and unsteered replies): how far a verdict is from this prompt set's "
         "noise.",
         "",
-        f"**Primaries clear at +1: {clear}/{len(primaries)}**; lifted >= 2x: {lifted}/{len(primaries)}; "
+        f"**Primaries clear at +1: {clear}**; lifted >= 2x: {lifted}/{len(primaries)}; "
         f"prompting only: {prompt_clear}/{len(primaries)} clear{asked[0]}. "
         f"Expected over redrawn prompt sets (the sum of *holds*): {expected:.1f}/{len(primaries)} at +1, "
         f"{prompt_expected:.1f}/{len(primaries)} prompting only{asked[1]}.",
@@ -127,7 +147,7 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         entry = bank.bands[band]
         two = f"{f['effect_at_2']:.2f}" if f["effect_at_2"] is not None else "-"
         prompted = f"{f['prompt_only_effect']:.2f}" if f["prompt_only_effect"] is not None else "-"
-        both = _marked(f["asked_at_1_effect"], f["asked_at_1_clear"])
+        both = _asked_cell(f, "asked_at_1_effect", "asked_at_1_clear")
         ppl = f"{f['ppl_ratio_at_1']:.2f}" if f["ppl_ratio_at_1"] is not None else "-"
         share = f"{f['clear_share_at_1']:.0%}" if f["clear_share_at_1"] is not None else "-"
         check = "ok" if entry.direction_ok else ", ".join(entry.problems or ["-"])
@@ -199,7 +219,7 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
     judged = [b for b in primaries if "judged_effect_at_1" in figures[b]]
     if not judged:
         return []
-    clear = sum(figures[b]["judged_clear_at_1"] for b in judged)
+    clear = _clear_of(figures, judged, "judged_clear_at_1", "within_bounds_at_1")
     prompt_clear = sum(bool(figures[b]["prompt_only_judged_clear"]) for b in judged)
     expected = sum(figures[b]["judged_clear_share_at_1"] for b in judged)
     prompt_expected = sum(figures[b]["prompt_only_judged_clear_share"] or 0 for b in judged)
@@ -212,7 +232,7 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
         "same prompts (geometric mean over paired replies); *clear* = >= 2x and the most lifted of the eight; "
         f"*holds* = the same redraw of the {prompts} prompts as above.",
         "",
-        f"**Primaries clear at +1 by the judge: {clear}/{len(judged)}**; prompting only: {prompt_clear}/{len(judged)}"
+        f"**Primaries clear at +1 by the judge: {clear}**; prompting only: {prompt_clear}/{len(judged)}"
         f"{asked[0]}. Expected over redrawn prompt sets: {expected:.1f}/{len(judged)} at +1, "
         f"{prompt_expected:.1f}/{len(judged)} prompting only{asked[1]}.",
         "",
@@ -227,7 +247,7 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
         lines.append(f"| {band} | {f['judged_effect_at_1']:.2f} | {f['judged_most_lifted_at_1']} | "
                      f"{'yes' if f['judged_clear_at_1'] else 'no'} | {f['judged_clear_share_at_1']:.0%} | "
                      f"{cells[0]} | {cells[1]} | {cells[2]} | {_yes_no(f['prompt_only_judged_clear'])} | "
-                     f"{_marked(f['asked_at_1_judged_effect'], f['asked_at_1_judged_clear'])} |")
+                     f"{_asked_cell(f, 'asked_at_1_judged_effect', 'asked_at_1_judged_clear')} |")
     return lines
 
 
