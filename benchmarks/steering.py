@@ -128,7 +128,9 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         "words over the unsteered replies' (x; smoothed by 0.25 words/100); for valence and arousal, the rise in "
         "positive-minus-negative (high-minus-low arousal) words per 100. *Clear* = effect >= 2x and the most "
         "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt; prompt and +1 = "
-        "asked for and the slider at +1 (does the slider add to asking?). *Holds* = how "
+        "asked for and the slider at +1 (does the slider add to asking?). *Fluent* = inside every bound calibration "
+        "keeps to: repeated 3-grams <= 5%, distinct-2 >= 0.9x and script share >= 0.9x the unsteered replies', "
+        "perplexity under the model asked for the band <= 4x theirs. *Holds* = how "
         f"often the band is clear when the {result.prompts} prompts are drawn again with replacement (each with its "
         "samples, the same draw for steered and unsteered replies): how far a verdict is from this prompt set's "
         "noise.",
