@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eqz.engine import Sampler
+from eqz.engine import Model, Sampler
 from eqz.generation import Stream
 from eqz.reading import PrefixCache, TextGroup, read_texts
 from eqz.errors import EqzError
@@ -177,8 +177,6 @@ def test_tap_errors_surface_after_the_decode(model):
 
 
 def test_chat_template_from_gguf_and_plain_fallback(model, gemma_path):
-    from eqz.engine import Model
-
     prompt, stops = model.chat_prompt([{"role": "user", "content": "hi"}])
     assert "<|im_start|>user\nhi<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
     assert stops == ()
@@ -190,8 +188,6 @@ def test_chat_template_from_gguf_and_plain_fallback(model, gemma_path):
 
 
 def test_stop_strings_end_a_fallback_reply(gemma_path):
-    from eqz.engine import Model
-
     with Model(gemma_path) as gemma:
         session = ChatSession(gemma, Sampling(temperature=0.7, seed=3, max_tokens=120), n_ctx=1024)
         turn = session.reply("Tell me about cats.")
@@ -278,3 +274,28 @@ def test_the_next_token_after_each_text_is_read_as_if_it_were_appended(model):
     assert following.shape == (2, 2)
     # the same up to llama.cpp's batch-size rounding (~0.1 nats here): the two reads batch differently
     assert np.allclose(following.ravel(), [scores[-1] for scores in appended.logprobs], atol=0.25)
+
+
+def test_training_reads_an_f16_copy_that_reads_as_the_model_does_and_is_removed_after(model, gemma_path):
+    """`eqz train` works on ``Model.unpacked()``: for Q4_1 an f16 copy of the weights (batches about twice as fast).
+    The emotional contrast read through it must be the model's own, and the copy must not outlive training."""
+    texts = ["I finally got the job and I can't stop smiling!", "I miss her every day and the house feels empty.",
+             "The bus leaves at nine and stops at the station."]
+    layers = [5, 15, 20]
+
+    def contrasts(source):
+        groups = [TextGroup([], [source.tokenize(text) for text in texts])]
+        with source.context(n_ctx=256, n_seq=4, n_batch=256, taps=True) as context:
+            pooled = read_texts(context, groups, layers).pooled
+        return pooled[:2] - pooled[2]  # (2 emotional texts, layers, n_embd): each against the neutral one
+
+    with model.unpacked() as copy:
+        assert copy is not model and copy.file_type == 1  # LLAMA_FTYPE_MOSTLY_F16
+        assert copy.info == model.info  # a bank trained on it is the model's bank
+        copy_path = copy.path
+        original, unpacked = contrasts(model), contrasts(copy)
+    assert not copy_path.exists()
+    cosine = (original * unpacked).sum(-1) / np.linalg.norm(original, axis=-1) / np.linalg.norm(unpacked, axis=-1)
+    assert cosine.min() > 0.99, cosine  # measured 0.997 or more on 95 stimulus texts at every capture layer
+    with Model(gemma_path) as gemma, gemma.unpacked() as same:
+        assert same is gemma  # Q4_K_M batches as fast as f16: no copy
