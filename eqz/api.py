@@ -236,9 +236,11 @@ class EqzModel:
         settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
                                  described=dict(described or {}))
         extra = {"progress": progress} if progress else {}
-        if described and not bands and self.bank_if_any() is not None:
-            return add_described_bands(self.model, base or writable_bank(self.info), settings, **extra)
-        return train_bank(self.model, settings, **extra)
+        adding = bool(described and not bands and self.bank_if_any() is not None)
+        with self.model.unpacked() as model:  # training reads and decodes in batches: twice as fast on Q4_1 as f16
+            if adding:
+                return add_described_bands(model, base or writable_bank(self.info), settings, **extra)
+            return train_bank(model, settings, **extra)
 
 
 _SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")

@@ -137,7 +137,8 @@ def print_bank(bank: Bank) -> None:
         console.print("dose-response (eqz eval): see `eqz vectors show --json` or the README table")
     trained = bank.trained
     if trained:
-        console.print(f"trained in {trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}")
+        through = " (through an f16 copy of the weights)" if trained.get("weights") == "f16 copy" else ""
+        console.print(f"trained in {trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}{through}")
 
 
 _LEVELS = "▁▂▃▄▅▆▇█"

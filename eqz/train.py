@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -657,8 +658,14 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "voice_seconds": round(voice.seconds, 1),
         "calibration_seconds": round(calibration.seconds, 1),
         "threads": model.threads,
+        "weights": _weights(model),
     }
     return bank
+
+
+def _weights(model: Model) -> str:
+    """What training read and decoded through: the model file, or the f16 copy ``Model.unpacked`` made of it."""
+    return "f16 copy" if model.path != Path(model.info.path) else "file"
 
 
 def _judge(band: str, settings: TrainSettings) -> str | None:
@@ -694,5 +701,6 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 1),
             "voice_prompts": len(voice.states["neutral"]),
+            "weights": _weights(model),
         }
     return bank

@@ -201,6 +201,7 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     entry = manifest["bands"]["nostalgia"]
     assert entry["description"].startswith("wistful") and entry["source"] == "voice"
     assert entry["calibration"] and isinstance(entry["direction_ok"], bool)
+    assert entry["trained"]["weights"] == "f16 copy"  # Q4_1: trained through its weights unpacked (Model.unpacked)
     # the judge reads +1 closer to the description than -1 (the check's own figures, from the real model)
     assert entry["check"]["+1"]["effect"] > 0 > entry["check"]["-1"]["effect"]
     bank = Bank.load(bank_dir)
@@ -270,6 +271,7 @@ def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
     assert manifest["quality"]["heldout_accuracy"] > 0.5  # far above chance (12.5%) even in quick mode
     assert set(manifest["bands"]) == {"joy"}
     assert not (bank_dir / "voice-centre.npy").exists()  # a --quick centre is not kept for later bands
+    assert manifest["trained"]["weights"] == "file"  # Q4_K_M batches fast: no f16 copy
     for entry in manifest["bands"].values():  # calibrated and checked like the shipped bank
         assert entry["source"] in ("stimulus", "voice") and isinstance(entry["direction_ok"], bool)
         assert entry["calibration"] and "+1" in entry["check"] and "-1" in entry["check"]
