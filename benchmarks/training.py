@@ -1,8 +1,9 @@
 """Training speed on the default model, measured in one run.
 
-1. Hidden-state capture against plain prompt processing of the same tokens: a third of the stimulus set read once
-   with the taps pooling every capture layer (what `eqz train` does), once through a context without taps
-   (llama.cpp's own prompt processing, full depth, same batches). Rounds interleaved, medians reported.
+1. Hidden-state capture against plain prompt processing of the same tokens: a third of the stimulus set read
+   with the taps pooling every capture layer (what `eqz train` does) and through a context without taps
+   (llama.cpp's own prompt processing, full depth, same batches), each on the model file's weights and on the
+   f16 copy `eqz train` reads a Q4_1 model through (`Model.unpacked`). Rounds interleaved, medians reported.
 2. The full bank for the default model, `eqz train` as a user runs it (into a temporary directory), wall seconds
    against the target of 120 s.
 """
@@ -32,20 +33,27 @@ def capture_rates(model: Model, rounds: int = ROUNDS) -> dict:
     groups = stimulus_groups(model, TrainSettings())[0][::3]  # a third of the set, every kind of text in it
     tokens = sum(len(g.prefix) + sum(len(t) for t in g.tails) for g in groups)
     layers = capture_layers(model)
-    rates: dict[str, list[float]] = {"capture": [], "plain": []}
-    with capture_context(model, taps=True) as tapped, capture_context(model, taps=False) as plain:
+    rates: dict[str, list[float]] = {"capture": [], "plain": [], "capture_unpacked": [], "plain_unpacked": []}
+    with model.unpacked() as unpacked, \
+            capture_context(model, taps=True) as tapped, capture_context(model, taps=False) as plain, \
+            capture_context(unpacked, taps=True) as tapped_f16, capture_context(unpacked, taps=False) as plain_f16:
         for _ in range(rounds):
-            for key, context, read in (("capture", tapped, layers), ("plain", plain, [])):
+            for key, context, read in (("capture", tapped, layers), ("plain", plain, []),
+                                       ("capture_unpacked", tapped_f16, layers), ("plain_unpacked", plain_f16, [])):
                 started = time.perf_counter()
                 read_texts(context, groups, read)
                 rates[key].append(tokens / (time.perf_counter() - started))
-    capture, plain_rate = statistics.median(rates["capture"]), statistics.median(rates["plain"])
+    rate = {key: statistics.median(values) for key, values in rates.items()}
     return {
         "stimulus_tokens": tokens,
         "capture_layers": len(layers),
-        "capture_tok_s": round(capture, 1),
-        "plain_prompt_tok_s": round(plain_rate, 1),
-        "capture_ratio": round(capture / plain_rate, 3),
+        "capture_tok_s": round(rate["capture"], 1),
+        "plain_prompt_tok_s": round(rate["plain"], 1),
+        "capture_ratio": round(rate["capture"] / rate["plain"], 3),
+        "unpacked": unpacked is not model,
+        "capture_unpacked_tok_s": round(rate["capture_unpacked"], 1),
+        "plain_unpacked_tok_s": round(rate["plain_unpacked"], 1),
+        "capture_unpacked_ratio": round(rate["capture_unpacked"] / rate["plain"], 3),
     }
 
 
@@ -66,6 +74,10 @@ def rows(figures: dict) -> list[tuple[str, str, str]]:
         ("training, plain prompt processing", f"{figures['plain_prompt_tok_s']:.1f} tok/s", "baseline"),
         (f"training, capture ({figures['capture_layers']} layers)", f"{figures['capture_tok_s']:.1f} tok/s",
          f"x{figures['capture_ratio']:.3f} of plain (the graph stops after the last layer read)"),
+        ("training, plain prompt processing, f16 copy", f"{figures['plain_unpacked_tok_s']:.1f} tok/s",
+         "llama.cpp on the weights unpacked to f16" if figures["unpacked"] else "no copy: the file batches as fast"),
+        ("training, capture through the f16 copy", f"{figures['capture_unpacked_tok_s']:.1f} tok/s",
+         f"x{figures['capture_unpacked_ratio']:.3f} of plain on the file's weights (what eqz train reads)"),
         ("training, full bank (eqz train)", f"{figures['train_wall_s']:.1f} s",
          f"target <= {figures['train_target_s']} s; held-out accuracy {figures['heldout_accuracy']:.1%}"),
     ]
