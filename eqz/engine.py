@@ -190,9 +190,10 @@ def _explain_load_failure(path: Path, errors: list[str]) -> EqzError:
 
 
 # File types whose batched matrix products llama.cpp's CPU backend has no fast kernel for, measured on
-# SmolLM2-135M-Instruct Q4_1 (2 cores, 2026-12-03): 512-token prompts read at 127-152 tok/s and 16 sequences
-# decoded at 114-123 tok/s, the same weights as f16 at 298-327 and 187-203 (one token at a time, f16 is the
-# slower: 43 against 64). Gemma 3 270M's Q4_K_M gains nothing from f16 (281-350 against 320-351 tok/s).
+# SmolLM2-135M-Instruct Q4_1 (2 cores, 2026-12-03): 512-token prompts read at 127-174 tok/s and 16 sequences
+# decoded at 103-138 tok/s, the same weights as f16 at 298-334 and 176-213 (one token at a time, f16 is the
+# slower: 43 against 64). Gemma 3 270M's Q4_K_M gains little: f16 reads at 320-351 tok/s against the file's
+# 281-350 and decodes 16 sequences no faster (111-124 against 119-131).
 _SLOW_BATCH_FILE_TYPES = frozenset({L.LLAMA_FTYPE_MOSTLY_Q4_1})
 
 
