@@ -237,7 +237,7 @@ class EqzModel:
                                  described=dict(described or {}))
         extra = {"progress": progress} if progress else {}
         adding = bool(described and not bands and self.bank_if_any() is not None)
-        with self.model.unpacked() as model:  # training reads and decodes in batches: twice as fast on Q4_1 as f16
+        with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1
             if adding:
                 return add_described_bands(model, base or writable_bank(self.info), settings, **extra)
             return train_bank(model, settings, **extra)

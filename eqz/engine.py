@@ -249,11 +249,13 @@ class Model:
         bits, so what training learns on the copy fits the model; the copy keeps this model's ``info``."""
         unpacked_bytes = 2 * L.llama_model_n_params(self._model)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if (self.gpu_layers or self.file_type not in _SLOW_BATCH_FILE_TYPES or unpacked_bytes > memory // 4
+                or unpacked_bytes > shutil.disk_usage(tempfile.gettempdir()).free // 2):
+            yield self
+            return
         with tempfile.TemporaryDirectory(prefix="eqz-unpacked-") as folder:
-            pays = (self.gpu_layers == 0 and self.file_type in _SLOW_BATCH_FILE_TYPES
-                    and unpacked_bytes <= memory // 4 and unpacked_bytes <= shutil.disk_usage(folder).free // 2)
             path = Path(folder) / "f16.gguf"
-            if not pays or not _write_f16(self.path, path, self.threads):
+            if not _write_f16(self.path, path, self.threads):
                 yield self
                 return
             with Model(path, threads=self.threads, gpu_layers=0) as copy:
