@@ -80,7 +80,9 @@ def tmux(session: str, command: str, *args: str) -> None:
 
 
 def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
-    with chat_in_tmux("eqz-tui-test", 80, 24, then=f"stty -a > {tmp_path}/stty.txt; ") as session:
+    modes_file = tmp_path / "stty.txt"
+    then = f"stty -a > {modes_file}.part; mv {modes_file}.part {modes_file}; "
+    with chat_in_tmux("eqz-tui-test", 80, 24, then=then) as session:
         screen = wait_for(session, r"\b[1-9]\d* tok/s")  # streaming (the start-up panel shows 0 tok/s)
         lines = screen.splitlines()
         assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
@@ -89,10 +91,10 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
         screen = wait_for(session, r"\[stopped\][\s\S]* tokens · ")
         assert screen.index("[stopped]") < screen.rindex(" tokens · ")  # how it ended, then the summary
         tmux(session, "send-keys", "/quit", "Enter")
-        deadline = time.time() + 30
-        while time.time() < deadline and not (tmp_path / "stty.txt").exists():
+        deadline = time.time() + 30  # stty writes a side file, then renames it: a file here is a whole one
+        while time.time() < deadline and not modes_file.exists():
             time.sleep(0.2)
-        modes = (tmp_path / "stty.txt").read_text()
+        modes = modes_file.read_text()
         assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
 
 
