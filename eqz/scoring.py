@@ -58,7 +58,7 @@ def nrc_lexicon() -> dict[str, frozenset[str]] | None:
     return {word.lower(): frozenset(categories) for word, categories in data.items()}
 
 
-def _nrc_categories(word: str, table: dict[str, frozenset[str]]) -> frozenset[str]:
+def nrc_categories(word: str, table: dict[str, frozenset[str]]) -> frozenset[str]:
     """The categories of ``word`` or, for an inflected form the lexicon lacks (smiled, fears), of its stem."""
     if word in table:
         return table[word]
@@ -109,7 +109,7 @@ class EmotionScorer:
             return _own_counts(tokens)
         counts: Counter[str] = Counter()
         for token in tokens:
-            counts.update(_nrc_categories(token, table))
+            counts.update(nrc_categories(token, table))
         return counts
 
     def rates(self, text: str) -> dict[str, float]:
