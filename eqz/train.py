@@ -384,7 +384,10 @@ class Candidate:
         return None
 
 
-def _vector(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float, n_layer: int) -> np.ndarray:
+def strength_matrix(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float,
+                    n_layer: int) -> np.ndarray:
+    """The control vector of strength c: each of the ``steered`` layers gets c / len(steered) of its typical token
+    norm along the unit direction."""
     matrix = np.zeros((n_layer, units.shape[-1]), dtype=np.float32)
     for layer in steered:
         matrix[layer] = strength / len(steered) * norms[layer] * units[layer]
@@ -458,7 +461,7 @@ def calibrate_and_check(model: Model, settings: TrainSettings, candidates: list[
     n_layer = model.info.n_layer
 
     def vector(candidate: Candidate, strength: float) -> np.ndarray:
-        return _vector(candidate.units, token_norm, steered, strength, n_layer)
+        return strength_matrix(candidate.units, token_norm, steered, strength, n_layer)
 
     prompts = prompt_sets()["calibration"][: settings.calibration_prompts]
     described = {band: _judge(band, settings) for band in settings.described}
