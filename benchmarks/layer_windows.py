@@ -6,7 +6,7 @@ stimulus directions (made as `eqz train` makes them, through the f16 copy) at ev
 scored by the NRC lexicon and the unsteered model as judge, with the fluency bounds calibration keeps to. On the
 held-out eval prompts the shipped bank at +1 is generated in the same run for comparison; `--prompts calibration`
 screens on calibration's prompts instead (with a seed of its own), so a window can be chosen there and checked
-on held-out prompts. Writes every figure and four replies per setting to a JSON file.
+on held-out prompts. Writes every setting's row, as `eqz eval` records one, to a JSON file.
 
     python benchmarks/layer_windows.py [--windows 3-8,6-13,10-19] [--strengths 0.35,0.5,0.7] [--out FILE]
     python benchmarks/layer_windows.py --prompts calibration --seed 777 --samples 2 --max-tokens 40
@@ -22,7 +22,7 @@ from pathlib import Path
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
-from eqz.eval import ReplyBench, ReplySet, Setting, bank_persona, prompt_sets
+from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets, result_row
 from eqz.models import default_model_path
 from eqz.train import TrainSettings, extract, find_directions, strength_matrix
 
@@ -30,18 +30,6 @@ from eqz.train import TrainSettings, extract, find_directions, strength_matrix
 def window(text: str) -> list[int]:
     first, last = (int(n) for n in text.split("-"))
     return list(range(first, last + 1))
-
-
-def figures(replies: ReplySet, baseline: ReplySet, band: str, samples: int) -> dict:
-    lifts, judged = replies.lifts(baseline), replies.judged_lifts(baseline)
-    return {"lift": round(lifts[band], 3), "most_lifted": max(lifts, key=lifts.get),
-            "clear": replies.clear(band, baseline), "holds": replies.clear_share(band, baseline, samples),
-            "judged": round(judged[band], 3), "judged_most": max(judged, key=judged.get),
-            "judged_clear": replies.judged_clear(band, baseline),
-            "judged_holds": replies.judged_clear_share(band, baseline, samples),
-            "ppl_ratio": round(replies.ppl_ratio(baseline), 2), "repeated_3grams": round(replies.repeat, 4),
-            "distinct_2": round(replies.distinct / baseline.distinct, 3), "fluent": replies.fluent(baseline),
-            "replies": replies.texts[:4]}
 
 
 def main() -> None:
@@ -58,8 +46,9 @@ def main() -> None:
     strengths = [float(s) for s in args.strengths.split(",")]
     started = time.perf_counter()
     with Model(default_model_path()) as file_model, file_model.unpacked() as model:
-        extraction = extract(model, TrainSettings())
-        units = find_directions(extraction, TrainSettings()).units
+        training = TrainSettings()
+        extraction = extract(model, training)
+        units = find_directions(extraction, training).units
         bank = require_bank(model.info)
         personas = {band: bank_persona(bank, band) for band in PRIMARIES}
         settings = [Setting("unsteered")]
@@ -75,17 +64,17 @@ def main() -> None:
                            samples=args.samples, labels=True)
         results = bench.run(settings)
     baseline = results["unsteered"]
-    rows = [{"window": name, "band": band, "strength": strength,
-             **figures(results[(name, band, strength)], baseline, band, args.samples)}
+    # a row's gain is the strength c: a window's own scale (the shipped bank's +1 row: its calibrated +1)
+    rows = [{"window": name, **result_row(band, strength, results[(name, band, strength)], baseline, args.samples)}
             for name, band, strength in (setting.key for setting in settings[1:])]
     Path(args.out).write_text(json.dumps({"prompts": args.prompts, "seed": args.seed, "samples": args.samples,
                                           "max_tokens": args.max_tokens, "rows": rows,
                                           "seconds": round(time.perf_counter() - started)}, indent=1))
-    for (name, strength) in dict.fromkeys((row["window"], row["strength"]) for row in rows):
-        cell = [row for row in rows if row["window"] == name and row["strength"] == strength]
+    for (name, strength) in dict.fromkeys((row["window"], row["gain"]) for row in rows):
+        cell = [row for row in rows if row["window"] == name and row["gain"] == strength]
         print(f"{name:>10} c={strength:<4g} lexicon clear {sum(r['clear'] for r in cell)}/8 "
-              f"(expected {sum(r['holds'] for r in cell):.1f}), judge {sum(r['judged_clear'] for r in cell)}/8 "
-              f"(expected {sum(r['judged_holds'] for r in cell):.1f}), fluent {sum(r['fluent'] for r in cell)}/8")
+              f"(expected {sum(r['clear_share'] for r in cell):.1f}), judge {sum(r['judged_clear'] for r in cell)}/8 "
+              f"(expected {sum(r['judged_clear_share'] for r in cell):.1f}), fluent {sum(r['fluent'] for r in cell)}/8")
 
 
 if __name__ == "__main__":

@@ -18,32 +18,31 @@ from collections import Counter
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
-from eqz.eval import CLEAR_LIFT, ReplyBench, Setting, prompt_sets
+from eqz.eval import ReplyBench, ReplySet, Setting, prompt_sets
 from eqz.models import default_model_path
-from eqz.scoring import lift, nrc_categories, nrc_lexicon, words
+from eqz.scoring import nrc_categories, nrc_lexicon, words
 
 
-def rates(texts: list[str], own: str | None = None) -> tuple[dict[str, float], dict[str, Counter]]:
-    """Words per 100 of each primary and the words counted; with ``own``, a word tagged ``own`` counts for it
-    alone."""
+def rates_apart(texts: list[str], own: str) -> dict[str, float]:
+    """Words per 100 of each primary, where a word the lexicon tags ``own`` counts for ``own`` alone."""
     table = nrc_lexicon()
-    counted = {band: Counter() for band in PRIMARIES}
-    total = 0
+    counts, total = Counter(), 0
     for text in texts:
         for word in words(text):
             total += 1
             categories = nrc_categories(word, table)
-            if own in categories:
-                categories = frozenset({own})
-            for band in PRIMARIES:
-                if band in categories:
-                    counted[band][word] += 1
-    return {band: 100 * sum(counted[band].values()) / max(1, total) for band in PRIMARIES}, counted
+            counts.update({own} if own in categories else categories)
+    return {band: 100 * counts[band] / max(1, total) for band in PRIMARIES}
 
 
-def verdict(lifts: dict[str, float], band: str) -> tuple[str, bool]:
-    rival = max((other for other in PRIMARIES if other != band), key=lifts.get)
-    return rival, lifts[band] >= CLEAR_LIFT and lifts[band] > lifts[rival]
+def words_of(texts: list[str], band: str) -> Counter:
+    """How often each word the lexicon tags ``band`` occurs in ``texts``."""
+    table = nrc_lexicon()
+    return Counter(word for text in texts for word in words(text) if band in nrc_categories(word, table))
+
+
+def rival(lifts: dict[str, float], band: str) -> str:
+    return max((other for other in PRIMARIES if other != band), key=lifts.get)
 
 
 def main() -> None:
@@ -58,28 +57,28 @@ def main() -> None:
         bench = ReplyBench(model, prompt_sets()["eval"], args.max_tokens, 4321, bank.steered_layers,
                            samples=args.samples)
         settings = [Setting("unsteered")] + [Setting(band, bank.mix({band: 1.0})) for band in PRIMARIES]
-        texts = {key: replies.texts for key, replies in bench.run(settings, perplexity=False).items()}
+        results = bench.run(settings, perplexity=False)
+    baseline = results["unsteered"]
+    table = nrc_lexicon()
     print("| band | own lift | top rival, all words | clear | top rival, words not tagged own | clear | "
           "the rival's words that are also the band's |")
     print("|---|---|---|---|---|---|---|")
     clear = {"all": 0, "apart": 0}
     for band in PRIMARIES:
-        base, _ = rates(texts["unsteered"])
-        steered, counted = rates(texts[band])
-        lifts = {other: lift(steered[other], base[other]) for other in PRIMARIES}
-        base_apart, _ = rates(texts["unsteered"], band)
-        steered_apart, _ = rates(texts[band], band)
-        lifts_apart = {other: lift(steered_apart[other], base_apart[other]) for other in PRIMARIES}
-        rival, is_clear = verdict(lifts, band)
-        rival_apart, is_clear_apart = verdict(lifts_apart, band)
+        replies = results[band]
+        apart = ReplySet([], rates=rates_apart(replies.texts, band))
+        baseline_apart = ReplySet([], rates=rates_apart(baseline.texts, band))
+        lifts, lifts_apart = replies.lifts(baseline), apart.lifts(baseline_apart)
+        top, top_apart = rival(lifts, band), rival(lifts_apart, band)
+        is_clear, is_clear_apart = replies.clear(band, baseline), apart.clear(band, baseline_apart)
         clear["all"] += is_clear
         clear["apart"] += is_clear_apart
-        table = nrc_lexicon()
-        shared = sum(n for word, n in counted[rival].items() if band in nrc_categories(word, table))
-        common = ", ".join(word for word, _ in counted[rival].most_common(5))
-        print(f"| {band} | {lifts[band]:.2f}x | {rival} {lifts[rival]:.2f}x | {'yes' if is_clear else 'no'} | "
-              f"{rival_apart} {lifts_apart[rival_apart]:.2f}x | {'yes' if is_clear_apart else 'no'} | "
-              f"{shared} of {sum(counted[rival].values())} ({common}) |")
+        counted = words_of(replies.texts, top)
+        shared = sum(n for word, n in counted.items() if band in nrc_categories(word, table))
+        common = ", ".join(word for word, _ in counted.most_common(5))
+        print(f"| {band} | {lifts[band]:.2f}x | {top} {lifts[top]:.2f}x | {'yes' if is_clear else 'no'} | "
+              f"{top_apart} {lifts_apart[top_apart]:.2f}x | {'yes' if is_clear_apart else 'no'} | "
+              f"{shared} of {sum(counted.values())} ({common}) |")
     print(f"\nclear: {clear['all']}/8 as the issue counts; {clear['apart']}/8 with rivals counted on words not "
           "tagged with the band's own emotion")
 

@@ -453,8 +453,9 @@ def _setting_name(row: dict) -> str:
     return f"prompt{row['gain']:+g}" if row.get("asked") else str(row["gain"])
 
 
-def _row(band: str, gain: float | None, replies: ReplySet, baseline: ReplySet, samples: int,
-         asked: bool = False) -> dict:
+def result_row(band: str, gain: float | None, replies: ReplySet, baseline: ReplySet, samples: int,
+               asked: bool = False) -> dict:
+    """One row of an EvalResult: the band's verdicts on ``replies`` against the unsteered ``baseline``."""
     share = replies.clear_share(band, baseline, samples) if gain != 0 else None
     judged = band in PRIMARIES and gain != 0 and replies.labels is not None and baseline.labels is not None
     return {
@@ -509,10 +510,10 @@ def evaluate(
     rows = []
     for band in bands:
         for gain in gains:
-            rows.append(_row(band, gain, baseline if gain == 0 else results[(band, gain)], baseline, samples))
+            rows.append(result_row(band, gain, baseline if gain == 0 else results[(band, gain)], baseline, samples))
         if personas[band]:
-            rows.append(_row(band, None, results[(band, None)], baseline, samples))
-            rows.append(_row(band, 1.0, results[(band, "asked")], baseline, samples, asked=True))
+            rows.append(result_row(band, None, results[(band, None)], baseline, samples))
+            rows.append(result_row(band, 1.0, results[(band, "asked")], baseline, samples, asked=True))
     return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name,
                       bank.model.fingerprint)
 
