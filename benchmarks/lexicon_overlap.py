@@ -2,10 +2,10 @@
 (29% of its joy words are surprise words too, 45% of fear words sadness words), so a band that adds its own words
 also lifts the rivals that share them, and the rival with the smaller unsteered rate can out-lift it by ratio.
 
-Generates the shipped bank's replies at +1 and unsteered on the held-out eval prompts (eval's seed and sizes) and
-gives, per band, the verdict as the issue defines it beside one where the rivals are counted only on words the
-lexicon does not also tag with the band's own emotion, and which words carry the rival's count. An explanation of
-the acceptance figure, not a replacement for it.
+Prints the lexicon's shared tags. Then it generates the shipped bank's replies at +1 and unsteered on the held-out
+eval prompts (eval's seed and sizes) and gives, per band, the verdict as the issue defines it beside one where the
+rivals are counted only on words the lexicon does not also tag with the band's own emotion, and which words carry
+the rival's count. An explanation of the acceptance figure, not a replacement for it.
 
     python benchmarks/lexicon_overlap.py [--samples 2] [--max-tokens 64]
 """
@@ -41,6 +41,17 @@ def words_of(texts: list[str], band: str) -> Counter:
     return Counter(word for text in texts for word in words(text) if band in nrc_categories(word, table))
 
 
+def shared_tags() -> list[str]:
+    """Markdown rows: the share of each primary's lexicon words that also carry another primary's tag."""
+    tags = list(nrc_lexicon().values())
+    rows = ["| words of / also tagged | " + " | ".join(PRIMARIES) + " |", "|---|" + "---|" * len(PRIMARIES)]
+    for band in PRIMARIES:
+        own = [categories for categories in tags if band in categories]
+        shares = ["" if other == band else f"{sum(other in c for c in own) / len(own):.0%}" for other in PRIMARIES]
+        rows.append(f"| {band} ({len(own)}) | " + " | ".join(shares) + " |")
+    return rows
+
+
 def rival(lifts: dict[str, float], band: str) -> str:
     return max((other for other in PRIMARIES if other != band), key=lifts.get)
 
@@ -52,6 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     if nrc_lexicon() is None:
         parser.error("this measures the NRC lexicon: install it with  pip install 'eqz[lexicon]'")
+    print("\n".join(shared_tags()) + "\n")
     with Model(default_model_path()) as model:
         bank = require_bank(model.info)
         bench = ReplyBench(model, prompt_sets()["eval"], args.max_tokens, 4321, bank.steered_layers,
