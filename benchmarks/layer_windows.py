@@ -22,7 +22,7 @@ from pathlib import Path
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
-from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets, result_row
+from eqz.eval import EVAL_SEED, ReplyBench, Setting, bank_persona, prompt_sets, result_row
 from eqz.models import default_model_path
 from eqz.train import TrainSettings, extract, find_directions, strength_matrix
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--windows", default="3-8,6-13,10-19", help="layer ranges, first-last")
     parser.add_argument("--strengths", default="0.35,0.5,0.7")
     parser.add_argument("--prompts", choices=("eval", "calibration"), default="eval")
-    parser.add_argument("--seed", type=int, default=4321, help="eval's seed by default")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="eval's seed by default")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="layer_windows.json")

@@ -18,7 +18,7 @@ from collections import Counter
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
-from eqz.eval import ReplyBench, ReplySet, Setting, prompt_sets
+from eqz.eval import EVAL_SEED, ReplyBench, ReplySet, Setting, prompt_sets
 from eqz.models import default_model_path
 from eqz.scoring import nrc_categories, nrc_lexicon, words
 
@@ -66,7 +66,7 @@ def main() -> None:
     print("\n".join(shared_tags()) + "\n")
     with Model(default_model_path()) as model:
         bank = require_bank(model.info)
-        bench = ReplyBench(model, prompt_sets()["eval"], args.max_tokens, 4321, bank.steered_layers,
+        bench = ReplyBench(model, prompt_sets()["eval"], args.max_tokens, EVAL_SEED, bank.steered_layers,
                            samples=args.samples)
         settings = [Setting("unsteered")] + [Setting(band, bank.mix({band: 1.0})) for band in PRIMARIES]
         results = bench.run(settings, perplexity=False)

@@ -52,6 +52,7 @@ CLEAR_AXIS_RISE = 1.0
 CLEAR_PREFERENCE_RISE = 0.05
 # How a verdict's noise is measured: the prompts drawn again this many times (see ReplySet.clear_share)
 BOOTSTRAP_DRAWS = 2000
+EVAL_SEED = 4321  # held-out replies' sampling seed: every held-out run draws the same replies unless told
 DEFAULT_GAINS = (-1.0, 0.0, 1.0, 2.0)
 CALIBRATION_PROMPTS = 5  # the first prompts of the neutral set (and the first of the zero prompts, see below)
 EVAL_PROMPTS = 16
@@ -110,6 +111,33 @@ class ReplySet:
     states: np.ndarray | None = None  # per layer read: the mean over replies of each reply's mean residual stream
     # per reply: the unsteered model's log-probability of naming each primary as its emotion (judge.LabelJudge)
     labels: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def scored(cls, replies: list[tuple[list[int], str]]) -> "ReplySet":
+        """Replies (tokens, text) scored on their text: words per emotion, repetition, distinct-2, script."""
+        texts = [text for _, text in replies]
+        scorer = emotion_scorer()
+        counts = np.array([scorer.word_counts(text) for text in texts])
+        return cls(
+            texts=texts,
+            counts=counts,
+            tokens=[tokens for tokens, _ in replies],
+            n_tokens=float(np.mean([len(tokens) for tokens, _ in replies])),
+            rates=dict(zip(BANDS, scorer.rates_of(counts.sum(axis=0)).tolist())),  # all replies' words together
+            repeat=float(np.mean([repeated_trigrams(t) for t in texts])),
+            distinct=float(np.mean([distinct2(t) for t in texts])),
+            latin=float(np.mean([latin_share(t) for t in texts])),
+        )
+
+    def samples_only(self, samples: int, kept: range) -> "ReplySet":
+        """Only samples ``kept`` of every prompt (the replies run prompt by prompt, ``samples`` each), scored as a set
+        of their own with the judge's names kept: what a run drawing fewer samples would have seen, so that one run
+        shows how far a verdict moves with the sampling alone. Perplexity and readout are means over all replies and
+        are not carried over."""
+        picked = [i for i in range(len(self.texts)) if i % samples in kept]
+        subset = ReplySet.scored([(self.tokens[i], self.texts[i]) for i in picked])
+        subset.labels = None if self.labels is None else self.labels[picked]
+        return subset
 
     @property
     def ppl(self) -> float:
@@ -278,7 +306,7 @@ class ReplyBench:
                 replies[key][(i, sample)] = (finished.tokens, finished.text)
                 advance(1)
         results = {
-            setting.key: self._text_scores([replies[setting.key][slot] for slot in sorted(replies[setting.key])])
+            setting.key: ReplySet.scored([replies[setting.key][slot] for slot in sorted(replies[setting.key])])
             for setting in settings
         }
         self.read_back(settings, results, progress, states, perplexity)
@@ -296,22 +324,6 @@ class ReplyBench:
             count = len(results[setting.key].tokens)
             results[setting.key].labels = scores[start : start + count]
             start += count
-
-    @staticmethod
-    def _text_scores(replies: list[tuple[list[int], str]]) -> ReplySet:
-        texts = [text for _, text in replies]
-        scorer = emotion_scorer()
-        counts = np.array([scorer.word_counts(text) for text in texts])
-        return ReplySet(
-            texts=texts,
-            counts=counts,
-            tokens=[tokens for tokens, _ in replies],
-            n_tokens=float(np.mean([len(tokens) for tokens, _ in replies])),
-            rates=dict(zip(BANDS, scorer.rates_of(counts.sum(axis=0)).tolist())),  # all replies' words together
-            repeat=float(np.mean([repeated_trigrams(t) for t in texts])),
-            distinct=float(np.mean([distinct2(t) for t in texts])),
-            latin=float(np.mean([latin_share(t) for t in texts])),
-        )
 
     def read_back(self, settings: list[Setting], results: dict, progress: Progress = _no_progress,
                   states: bool = True, perplexity: bool = True) -> None:
@@ -482,7 +494,7 @@ def evaluate(
     prompts: list[str] | None = None,
     reply_tokens: int = 64,
     samples: int = 1,
-    seed: int = 4321,
+    seed: int = EVAL_SEED,
     progress: Progress = _no_progress,
 ) -> EvalResult:
     """Generate under every band x gain, with each band only asked for in the system prompt, and asked for with

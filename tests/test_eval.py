@@ -301,3 +301,17 @@ def test_eval_rejects_bad_gains_and_bands(tmp_path):
     assert result.returncode != 0 and "--gains" in result.stderr and "Traceback" not in result.stderr
     result = run_eqz("eval", "--bands", "glee", "-o", str(tmp_path))
     assert result.returncode != 0 and "glee" in result.stderr and "joy" in result.stderr
+
+
+def test_a_reply_set_keeps_only_the_samples_asked_for_with_their_judged_names():
+    # two prompts x two samples, run prompt by prompt: sample 0 of each is joyful, sample 1 plain
+    texts = ["I am so happy and delighted today.", "The table is near the door.",
+             "What a happy, joyful morning!", "The bus leaves at nine."]
+    labels = np.arange(32, dtype=float).reshape(4, 8)
+    replies = ReplySet.scored([([1, 2, 3], text) for text in texts])
+    replies.labels = labels
+    joyful, plain = replies.samples_only(2, range(0, 1)), replies.samples_only(2, range(1, 2))
+    assert joyful.texts == [texts[0], texts[2]] and plain.texts == [texts[1], texts[3]]
+    assert np.array_equal(joyful.labels, labels[[0, 2]]) and np.array_equal(plain.labels, labels[[1, 3]])
+    assert joyful.rates["joy"] > replies.rates["joy"] > plain.rates["joy"] == 0.0
+    assert replies.samples_only(2, range(2)).rates == replies.rates
