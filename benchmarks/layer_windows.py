@@ -19,10 +19,12 @@ import json
 import time
 from pathlib import Path
 
+from report import print_clear_counts, pushed_rows  # benchmarks/ is on sys.path: it holds the script being run
+
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
-from eqz.eval import EVAL_SEED, ReplyBench, Setting, bank_persona, prompt_sets, result_row
+from eqz.eval import EVAL_SEED, ReplyBench, Setting, bank_persona, prompt_sets
 from eqz.models import default_model_path
 from eqz.train import TrainSettings, extract, find_directions, strength_matrix
 
@@ -63,18 +65,12 @@ def main() -> None:
         bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, args.seed, steered,
                            samples=args.samples, labels=True)
         results = bench.run(settings)
-    baseline = results["unsteered"]
     # a row's gain is the strength c: a window's own scale (the shipped bank's +1 row: its calibrated +1)
-    rows = [{"window": name, **result_row(band, strength, results[(name, band, strength)], baseline, args.samples)}
-            for name, band, strength in (setting.key for setting in settings[1:])]
+    rows = pushed_rows(settings, results, args.samples, "window")
     Path(args.out).write_text(json.dumps({"prompts": args.prompts, "seed": args.seed, "samples": args.samples,
                                           "max_tokens": args.max_tokens, "rows": rows,
                                           "seconds": round(time.perf_counter() - started)}, indent=1))
-    for (name, strength) in dict.fromkeys((row["window"], row["gain"]) for row in rows):
-        cell = [row for row in rows if row["window"] == name and row["gain"] == strength]
-        print(f"{name:>10} c={strength:<4g} lexicon clear {sum(r['clear'] for r in cell)}/8 "
-              f"(expected {sum(r['clear_share'] for r in cell):.1f}), judge {sum(r['judged_clear'] for r in cell)}/8 "
-              f"(expected {sum(r['judged_clear_share'] for r in cell):.1f}), fluent {sum(r['fluent'] for r in cell)}/8")
+    print_clear_counts(rows, "window")
 
 
 if __name__ == "__main__":

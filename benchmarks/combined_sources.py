@@ -1,0 +1,87 @@
+"""Do the two sources steer better together? Each primary pushed along its stimulus direction, its own-voice
+direction, and their sum (renormalised per layer), at the same strengths.
+
+Issue 11 lets training "choose per band which source steers best (or combine them)"; calibration only chooses.
+This makes both sources as `eqz train` does (through the f16 copy), prints how far apart they point, and scores the
+replies as calibration does (NRC lexicon, the unsteered model as judge, perplexity under the model asked for the
+band). It screens on calibration's prompts by default (a seed of its own); `--prompts eval` checks on held-out ones.
+
+    python benchmarks/combined_sources.py [--prompts calibration] [--seed 777] [--samples 4] [--max-tokens 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from report import print_clear_counts, pushed_rows  # benchmarks/ is on sys.path: it holds the script being run
+
+from eqz.bands import PRIMARIES
+from eqz.bank import require_bank
+from eqz.directions import unit
+from eqz.engine import Model
+from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
+from eqz.models import default_model_path
+from eqz.train import TrainSettings, extract, find_directions, strength_matrix, voice_directions
+
+
+SOURCES = ("stimulus", "voice", "combined")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strengths", default="0.35,0.5")
+    parser.add_argument("--prompts", choices=("eval", "calibration"), default="calibration")
+    parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--out", default="combined_sources.json")
+    args = parser.parse_args()
+    strengths = [float(s) for s in args.strengths.split(",")]
+    started = time.perf_counter()
+    with Model(default_model_path()) as file_model, file_model.unpacked() as model:
+        training = TrainSettings()
+        extraction = extract(model, training)
+        found = find_directions(extraction, training)
+        steered = found.steered
+        voice, _, _ = voice_directions(model, training, steered, lambda _stage, _total: lambda _n: None)
+        sources = {band: {"stimulus": found.units[band][steered], "voice": voice[band]} for band in PRIMARIES}
+        for rows in sources.values():
+            rows["combined"] = unit(rows["stimulus"] + rows["voice"])  # the keys' order is SOURCES
+        cosines = {band: round(float(np.mean(np.sum(sources[band]["stimulus"] * sources[band]["voice"], axis=1))), 3)
+                   for band in PRIMARIES}
+        print("stimulus . voice, mean over steered layers:", cosines)
+        n_layer = model.info.n_layer
+
+        def vector(rows: np.ndarray, strength: float) -> np.ndarray:
+            units = np.zeros((n_layer, rows.shape[1]), dtype=np.float32)
+            units[steered] = rows
+            return strength_matrix(units, extraction.token_norm, steered, strength, n_layer)
+
+        personas = {band: bank_persona(require_bank(model.info), band) for band in PRIMARIES}
+        settings = [Setting("unsteered")] + [
+            Setting((source, band, strength), vector(rows, strength), judge=personas[band])
+            for band in PRIMARIES for source, rows in sources[band].items() for strength in strengths]
+        bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, args.seed, steered,
+                           samples=args.samples, labels=True)
+        results = bench.run(settings)
+    rows = pushed_rows(settings, results, args.samples, "source")
+    Path(args.out).write_text(json.dumps({"prompts": args.prompts, "seed": args.seed, "samples": args.samples,
+                                          "max_tokens": args.max_tokens, "steered": steered, "cosines": cosines,
+                                          "rows": rows, "seconds": round(time.perf_counter() - started)}, indent=1))
+    print("| band | source | c | lexicon lift (most lifted) | holds | judge lift | judge holds | ppl (asked) | fluent |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['band']} | {row['source']} | {row['gain']:g} | {row['effect']:.2f}x ({row['most_lifted']}) | "
+              f"{row['clear_share']:.0%} | {row['judged_effect']:.2f}x | {row['judged_clear_share']:.0%} | "
+              f"{row.get('ppl_ratio', float('nan')):.1f}x | {'yes' if row['fluent'] else 'no'} |")
+    print_clear_counts(sorted(rows, key=lambda row: (SOURCES.index(row["source"]), row["gain"])), "source")
+    print(f"{round(time.perf_counter() - started)} s")
+
+
+if __name__ == "__main__":
+    main()
