@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from eqz.eval import result_row
+
 EQZ = str(Path(sys.executable).with_name("eqz"))  # the console script of the venv running the benchmark
 
 
@@ -18,8 +20,6 @@ def print_figures(title: str, rows: list[tuple[str, str, str]]) -> None:
 def pushed_rows(settings: list, results: dict, samples: int, label: str) -> list[dict]:
     """Rows, as `eqz eval` records them, for settings keyed (name, band, strength) after the unsteered first one:
     ``label`` holds the name (a layer window, a source), ``gain`` the strength c."""
-    from eqz.eval import result_row
-
     baseline = results[settings[0].key]
     return [{label: name, **result_row(band, strength, results[(name, band, strength)], baseline, samples)}
             for name, band, strength in (setting.key for setting in settings[1:])]

@@ -2,11 +2,12 @@
 
 The steering page draws 2 replies per held-out prompt, and a second sampling seed moved its count by a band
 (docs/steering-limits.md). *Holds* redraws the prompts but keeps each reply's words, so it cannot show this. Here
-every setting draws ``--samples`` replies per prompt (sample s of prompt i has seed 4321 + i + 1000 s, so samples
-0-1 are the page's own draws). The run is cut into replicas of 2 samples, and each replica is judged as a run of its
-own (lexicon and the unsteered model as judge). All samples pooled give the firmer verdict. Asking for the emotion
-in the system prompt is measured the same way in the same run. Replies are read through the f16 copy training uses
-(`Model.unpacked`, about twice as fast here), and perplexity is not read: fluency is the steering page's business.
+every setting draws ``--samples`` replies per prompt: sample s of prompt i has seed EVAL_SEED + i + 1000 s, so
+samples 0-1 have the page's seeds (their words differ from the page's: the replies are made through the f16 copy
+training uses, `Model.unpacked`, about twice as fast here). The run is cut into replicas of 2 samples, and each
+replica is judged as a run of its own (lexicon and the unsteered model as judge); all samples pooled give the
+firmer verdict. Asking for the emotion in the system prompt is measured the same way in the same run. Perplexity
+is not read: fluency is the steering page's business.
 
     python benchmarks/sample_spread.py [--samples 6] [--max-tokens 64] [--out sample_spread.json]
 """
@@ -62,8 +63,9 @@ def main() -> None:
                            samples=args.samples, labels=True)
         results = bench.run(settings, perplexity=False)
     baseline = results["unsteered"]
-    pooled = {way: [result_row(band, 1.0, results[(way, band)], baseline, args.samples) for band in PRIMARIES]
-              for way in WAYS.values()}
+    # asked only is recorded as eqz eval records its prompt-only rows: no gain
+    pooled = {way: [result_row(band, 1.0 if way == "steered" else None, results[(way, band)], baseline, args.samples)
+                    for band in PRIMARIES] for way in WAYS.values()}
     replicas = replica_counts(results, args.samples)
     Path(args.out).write_text(json.dumps({"samples": args.samples, "max_tokens": args.max_tokens, "seed": EVAL_SEED,
                                           "pooled": pooled, "replicas": replicas,

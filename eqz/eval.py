@@ -130,10 +130,12 @@ class ReplySet:
         )
 
     def samples_only(self, samples: int, kept: range) -> "ReplySet":
-        """Only samples ``kept`` of every prompt (the replies run prompt by prompt, ``samples`` each), scored as a set
-        of their own with the judge's names kept: what a run drawing fewer samples would have seen, so that one run
-        shows how far a verdict moves with the sampling alone. Perplexity and readout are means over all replies and
-        are not carried over."""
+        """Only samples ``kept`` of every prompt (the replies run prompt by prompt, ``samples`` each, as ReplyBench.run
+        orders them), scored as a set of their own: what a run drawing fewer samples would have seen, so that one run
+        shows how far a verdict moves with the sampling alone. Only the text's scores and the judge's names carry
+        over; perplexity, readout, states and preferences are read per setting, not per reply, and are left out."""
+        if len(self.texts) % samples:
+            raise ValueError(f"{len(self.texts)} replies are not whole prompts of {samples} samples")
         picked = [i for i in range(len(self.texts)) if i % samples in kept]
         subset = ReplySet.scored([(self.tokens[i], self.texts[i]) for i in picked])
         subset.labels = None if self.labels is None else self.labels[picked]

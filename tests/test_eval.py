@@ -304,14 +304,19 @@ def test_eval_rejects_bad_gains_and_bands(tmp_path):
 
 
 def test_a_reply_set_keeps_only_the_samples_asked_for_with_their_judged_names():
-    # two prompts x two samples, run prompt by prompt: sample 0 of each is joyful, sample 1 plain
+    # three prompts x two samples, run prompt by prompt: sample 0 of each is joyful, sample 1 plain
     texts = ["I am so happy and delighted today.", "The table is near the door.",
-             "What a happy, joyful morning!", "The bus leaves at nine."]
-    labels = np.arange(32, dtype=float).reshape(4, 8)
+             "What a happy, joyful morning!", "The bus goes to town.",
+             "I feel happy and glad.", "The box is on the shelf."]
+    labels = np.arange(48, dtype=float).reshape(6, 8)
     replies = ReplySet.scored([([1, 2, 3], text) for text in texts])
     replies.labels = labels
     joyful, plain = replies.samples_only(2, range(0, 1)), replies.samples_only(2, range(1, 2))
-    assert joyful.texts == [texts[0], texts[2]] and plain.texts == [texts[1], texts[3]]
-    assert np.array_equal(joyful.labels, labels[[0, 2]]) and np.array_equal(plain.labels, labels[[1, 3]])
+    assert joyful.texts == texts[0::2] and plain.texts == texts[1::2]
+    assert np.array_equal(joyful.labels, labels[0::2]) and np.array_equal(plain.labels, labels[1::2])
     assert joyful.rates["joy"] > replies.rates["joy"] > plain.rates["joy"] == 0.0
     assert replies.samples_only(2, range(2)).rates == replies.rates
+    # read as two prompts x three samples, the later replica is the last two of each prompt's three
+    assert replies.samples_only(3, range(1, 3)).texts == [texts[1], texts[2], texts[4], texts[5]]
+    with pytest.raises(ValueError, match="not whole prompts"):
+        replies.samples_only(4, range(2))
