@@ -26,7 +26,7 @@ from eqz.directions import unit
 from eqz.engine import Model
 from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
 from eqz.models import default_model_path
-from eqz.train import TrainSettings, extract, find_directions, strength_matrix, voice_directions
+from eqz.train import TrainSettings, extract, find_directions, layer_rows, strength_matrix, voice_directions
 
 
 SOURCES = ("stimulus", "voice", "combined")
@@ -49,23 +49,21 @@ def main() -> None:
         found = find_directions(extraction, training)
         steered = found.steered
         voice, _, _ = voice_directions(model, training, steered, lambda _stage, _total: lambda _n: None)
-        sources = {band: {"stimulus": found.units[band][steered], "voice": voice[band]} for band in PRIMARIES}
-        for rows in sources.values():
-            rows["combined"] = unit(rows["stimulus"] + rows["voice"])  # the keys' order is SOURCES
-        cosines = {band: round(float(np.mean(np.sum(sources[band]["stimulus"] * sources[band]["voice"], axis=1))), 3)
-                   for band in PRIMARIES}
+        n_layer, shape = model.info.n_layer, (model.info.n_layer, model.info.n_embd)
+        pairs = {band: (found.units[band][steered], voice[band]) for band in PRIMARIES}  # (stimulus, voice) per layer
+        cosines = {band: round(float(np.mean(np.sum(stimulus * own, axis=1))), 3)
+                   for band, (stimulus, own) in pairs.items()}
+        # full (n_layer, n_embd) unit matrices, zero off the steered layers, as training's candidates hold them
+        sources = {band: dict(zip(SOURCES, (layer_rows(units, steered, shape)
+                                            for units in (stimulus, own, unit(stimulus + own)))))
+                   for band, (stimulus, own) in pairs.items()}
         print("stimulus . voice, mean over steered layers:", cosines)
-        n_layer = model.info.n_layer
-
-        def vector(rows: np.ndarray, strength: float) -> np.ndarray:
-            units = np.zeros((n_layer, rows.shape[1]), dtype=np.float32)
-            units[steered] = rows
-            return strength_matrix(units, extraction.token_norm, steered, strength, n_layer)
-
-        personas = {band: bank_persona(require_bank(model.info), band) for band in PRIMARIES}
+        bank = require_bank(model.info)
+        personas = {band: bank_persona(bank, band) for band in PRIMARIES}
         settings = [Setting("unsteered")] + [
-            Setting((source, band, strength), vector(rows, strength), judge=personas[band])
-            for band in PRIMARIES for source, rows in sources[band].items() for strength in strengths]
+            Setting((source, band, strength), strength_matrix(units, extraction.token_norm, steered, strength, n_layer),
+                    judge=personas[band])
+            for band in PRIMARIES for source, units in sources[band].items() for strength in strengths]
         bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, args.seed, steered,
                            samples=args.samples, labels=True)
         results = bench.run(settings)

@@ -543,7 +543,7 @@ DESCRIBED_METHOD = ("the model's replies under a persona with the user's descrip
                     "(no readout)")
 
 
-def _layer_rows(units: np.ndarray, layers: list[int], shape: tuple[int, int]) -> np.ndarray:
+def layer_rows(units: np.ndarray, layers: list[int], shape: tuple[int, int]) -> np.ndarray:
     """A full (n_layer, n_embd) matrix from one row per layer in ``layers`` (zero elsewhere)."""
     full = np.zeros(shape, dtype=np.float32)
     full[layers] = units
@@ -584,9 +584,9 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
     )
 
     shape = (info.n_layer, info.n_embd)
-    sources = {"stimulus": {band: _layer_rows(units[found.steered], found.steered, shape)
+    sources = {"stimulus": {band: layer_rows(units[found.steered], found.steered, shape)
                             for band, units in found.units.items()},
-               "voice": {band: _layer_rows(units, found.steered, shape) for band, units in voice_units.items()}}
+               "voice": {band: layer_rows(units, found.steered, shape) for band, units in voice_units.items()}}
     candidates = [Candidate(band, source, units[band], _judge(band, settings))
                   for band in (*settings.bands, *settings.described) for source, units in sources.items()
                   if band in units and (source == "voice" or band not in settings.described)]
@@ -692,7 +692,7 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
     token_norm[list(token_norms)] = list(token_norms.values())
     units, voice, bank.voice_centre = voice_directions(model, settings, steered, progress, bank.voice_centre)
     shape = (model.info.n_layer, model.info.n_embd)
-    candidates = [Candidate(band, "voice", _layer_rows(units[band], steered, shape), _judge(band, settings))
+    candidates = [Candidate(band, "voice", layer_rows(units[band], steered, shape), _judge(band, settings))
                   for band in settings.described]
     calibration = calibrate_and_check(model, settings, candidates, steered, token_norm, progress)
     store_bands(bank, calibration, {}, settings.described)
