@@ -9,7 +9,10 @@ replica is judged as a run of its own (lexicon and the unsteered model as judge)
 firmer verdict. Asking for the emotion in the system prompt is measured the same way in the same run. Perplexity
 is not read: fluency is the steering page's business.
 
-    python benchmarks/sample_spread.py [--samples 6] [--max-tokens 64] [--out sample_spread.json]
+    python benchmarks/sample_spread.py [--model GGUF] [--samples 6] [--max-tokens 64] [--out sample_spread.json]
+
+The bank is the model's, found as eqz finds it ($EQZ_VECTORS first: point it at the folder holding a bank trained
+with `eqz train --out`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
 from eqz.eval import EVAL_SEED, ReplyBench, Setting, bank_persona, prompt_sets, result_row
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 
 REPLICA_SAMPLES = 2  # the steering page's samples per prompt
 WAYS = {"steered +1": "steered", "asked": "asked"}
@@ -46,6 +49,7 @@ def replica_counts(results: dict, samples: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="GGUF file [default: $EQZ_MODEL, else the default model]")
     parser.add_argument("--samples", type=int, default=6, help=f"a multiple of {REPLICA_SAMPLES}")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="sample_spread.json")
@@ -53,7 +57,7 @@ def main() -> None:
     if args.samples % REPLICA_SAMPLES or args.samples < 2 * REPLICA_SAMPLES:
         parser.error(f"--samples must be a multiple of {REPLICA_SAMPLES}, at least {2 * REPLICA_SAMPLES}")
     started = time.perf_counter()
-    with Model(default_model_path()) as file_model, file_model.unpacked() as model:
+    with Model(resolve_model_path(args.model)) as file_model, file_model.unpacked() as model:
         bank = require_bank(model.info)
         personas = {band: bank_persona(bank, band) for band in PRIMARIES}
         settings = [Setting("unsteered")]
