@@ -4,8 +4,8 @@ Replies are generated to neutral prompts under each band and gain (through the p
 machinery as ``eqz batch``), and beside them replies where the emotion is only asked for in the system prompt
 (the obvious alternative to steering). They are scored by what the bank never saw: the emotion lexicon
 (``scoring.emotion_scorer``: how many times more of each emotion's words than the unsteered replies), fluency
-measures that do not charge emotional wording (repeated 3-grams, distinct-2, the share of Latin letters,
-perplexity under the model *asked* for that emotion), and, as a second opinion, the model's own readout of the
+measures that do not charge emotional wording (repeated 3-grams, distinct-2, the share of Latin letters, words
+per token, perplexity under the model *asked* for that emotion), and, as a second opinion, the model's own readout of the
 replies at the bank's read layer.
 """
 
@@ -28,13 +28,18 @@ from .judge import LabelJudge
 from .reading import PrefixCache, group_tails, read_texts, shared_head_length
 from .meter import LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
-from .scoring import LIFT_PRIOR, distinct2, emotion_scorer, latin_share, lift, repeated_trigrams
+from .scoring import LIFT_PRIOR, distinct2, emotion_scorer, latin_share, lift, repeated_trigrams, words_per_token
 from .voice import persona_tokens
 
 # Fluency bounds (README "How the bank is made"): none of them charges a reply for being emotional.
 MAX_REPEATED_TRIGRAMS = 0.05
 MIN_DISTINCT_RATIO = 0.9  # distinct-2 at least 0.9x the unsteered replies'
 MIN_LATIN_RATIO = 0.9  # replies stay in the prompt's script
+# Replies stay made of words: words per model token at least 0.7x the unsteered replies'. Without it a reply of
+# curly quotes and glued words ("‘‘‘‘crackcrackchop") passed every bound: no words to repeat, all letters Latin, and
+# a loop is easy to predict (Gemma 3 270M's anger at +1: 0.02 words per token against 0.66, perplexity 1.6x).
+# Calibration-prompt replies of the shipped SmolLM2 bank at +1 sit at 0.91-1.10x, degenerate ones at 0.03-0.59x.
+MIN_WORDS_PER_TOKEN_RATIO = 0.7
 # Perplexity under the model asked for the emotion <= 4x the unsteered replies' own. A small model barely follows
 # the request, so the asked model still charges some emotional wording: on SmolLM2-135M replies that read
 # fluently sat at 1.2-3.4x, replies drifting into odd content at 6-20x (README, "How the bank is made").
@@ -102,6 +107,7 @@ class ReplySet:
     repeat: float = 0.0
     distinct: float = 1.0
     latin: float = 1.0
+    words_per_token: float = 1.0
     nll: float = math.nan  # mean negative log-probability under the judging prompt (nan: not measured)
     counts: np.ndarray | None = field(default=None, repr=False)  # per reply: scoring.EmotionScorer.word_counts
     readout: dict[str, float] = field(default_factory=dict)
@@ -114,19 +120,22 @@ class ReplySet:
 
     @classmethod
     def scored(cls, replies: list[tuple[list[int], str]]) -> "ReplySet":
-        """Replies (tokens, text) scored on their text: words per emotion, repetition, distinct-2, script."""
+        """Replies (tokens, text) scored on their text: words per emotion, repetition, distinct-2, script, words per
+        token."""
         texts = [text for _, text in replies]
+        tokens = [reply_tokens for reply_tokens, _ in replies]
         scorer = emotion_scorer()
         counts = np.array([scorer.word_counts(text) for text in texts])
         return cls(
             texts=texts,
             counts=counts,
-            tokens=[tokens for tokens, _ in replies],
-            n_tokens=float(np.mean([len(tokens) for tokens, _ in replies])),
+            tokens=tokens,
+            n_tokens=float(np.mean([len(reply_tokens) for reply_tokens in tokens])),
             rates=dict(zip(BANDS, scorer.rates_of(counts.sum(axis=0)).tolist())),  # all replies' words together
             repeat=float(np.mean([repeated_trigrams(t) for t in texts])),
             distinct=float(np.mean([distinct2(t) for t in texts])),
             latin=float(np.mean([latin_share(t) for t in texts])),
+            words_per_token=words_per_token(texts, tokens),
         )
 
     def samples_only(self, samples: int, kept: range) -> "ReplySet":
@@ -227,6 +236,7 @@ class ReplySet:
             self.repeat <= MAX_REPEATED_TRIGRAMS
             and self.distinct >= MIN_DISTINCT_RATIO * baseline.distinct
             and self.latin >= MIN_LATIN_RATIO * baseline.latin
+            and self.words_per_token >= MIN_WORDS_PER_TOKEN_RATIO * baseline.words_per_token
             and not ratio > MAX_PPL_RATIO
         )
 
@@ -483,6 +493,7 @@ def result_row(band: str, gain: float | None, replies: ReplySet, baseline: Reply
         "crosstalk": {other: round(value - baseline.readout.get(other, 0.0), 3)
                       for other, value in replies.readout.items() if other != band},
         "latin": round(replies.latin, 3),
+        "words_per_token": round(replies.words_per_token, 3),
         "length": round(replies.n_tokens, 1),
         "examples": [text[:240] for text in replies.texts[::samples][:3]],  # the first three prompts, first sample
     }
@@ -569,7 +580,7 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     with written[1].open("w", newline="") as handle:
         columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share",
                    "judged_effect", "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",
-                   "repeated_3grams", "distinct_2", "latin", "length", "fluent"]
+                   "repeated_3grams", "distinct_2", "latin", "words_per_token", "length", "fluent"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)

@@ -139,6 +139,13 @@ def latin_share(text: str) -> float:
     return sum(c.isascii() for c in letters) / len(letters) if letters else 1.0
 
 
+def words_per_token(texts: list[str], tokens: list[list[int]]) -> float:
+    """Words per model token over all replies: text that decays into punctuation runs, glued-together words or
+    letter soup scores low, which the word-level bounds cannot see (they find no words to count)."""
+    total = sum(len(reply) for reply in tokens)
+    return sum(len(words(text)) for text in texts) / total if total else 1.0
+
+
 def repeated_trigrams(text: str) -> float:
     """Share of word 3-grams that repeat an earlier one (0 = none, 1 = all): degenerate loops score high."""
     tokens = words(text)

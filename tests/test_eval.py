@@ -19,7 +19,7 @@ from eqz.bank import SHIPPED_DIR, Bank
 from eqz.models import ModelInfo
 from eqz.train import Calibration, Candidate, store_bands
 from eqz.scoring import (COUNTED, EmotionScorer, distinct2, emotion_scorer, latin_share, lift, nrc_lexicon,
-                         repeated_trigrams, words)
+                         repeated_trigrams, words, words_per_token)
 
 from .conftest import run_eqz
 
@@ -57,6 +57,17 @@ def test_lift_is_smoothed_and_latin_share_spots_another_script():
     assert lift(0.0, 0.0) == 1.0
     assert latin_share("plain English words") == 1.0
     assert latin_share("Привет мир") == 0.0
+
+
+def test_words_per_token_spots_replies_that_are_not_words():
+    # Gemma 3 270M's anger at +1 (calibration prompts): every word-level bound passed it
+    garbage = "‘‘t‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘“‘‘‘‘‘‘‘‘‘ ’‘‘‘‘‘‘crackcrackcrackchopchop"
+    plain = "The kettle boils water quickly, so tea is ready in a few minutes."
+    assert words_per_token([garbage, ""], [[0] * 40, []]) == pytest.approx(2 / 40)  # "t" and the glued run
+    assert words_per_token([], []) == 1.0
+    steered, unsteered = ReplySet.scored([([0] * 40, garbage)]), ReplySet.scored([([0] * 16, plain)])
+    assert steered.repeat == 0.0 and steered.distinct == 1.0 and steered.latin == 1.0
+    assert not steered.fluent(unsteered) and unsteered.fluent(unsteered)
 
 
 def test_a_reply_set_is_clear_only_where_its_own_band_leads_and_doubles():
@@ -226,12 +237,14 @@ def test_perplexity_is_exp_of_the_mean_negative_log_probability():
 
 
 def test_fluency_bounds_repeats_distinct_bigrams_script_and_judged_perplexity():
-    baseline = ReplySet(texts=[""], nll=1.0, distinct=1.0, latin=1.0)
+    baseline = ReplySet(texts=[""], nll=1.0, distinct=1.0, latin=1.0, words_per_token=1.0)
     assert ReplySet(texts=[""], nll=1.0 + math.log(3.9), repeat=0.04).fluent(baseline)
     assert not ReplySet(texts=[""], nll=1.0 + math.log(4.1)).fluent(baseline)
     assert not ReplySet(texts=[""], nll=1.0, repeat=0.06).fluent(baseline)
     assert not ReplySet(texts=[""], nll=1.0, distinct=0.85).fluent(baseline)
     assert not ReplySet(texts=[""], nll=1.0, latin=0.5).fluent(baseline)
+    assert not ReplySet(texts=[""], nll=1.0, words_per_token=0.6).fluent(baseline)
+    assert ReplySet(texts=[""], nll=1.0, words_per_token=0.75).fluent(baseline)
     assert ReplySet(texts=[""]).fluent(baseline)  # perplexity not measured: the other bounds decide
 
 
