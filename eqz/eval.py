@@ -5,8 +5,8 @@ machinery as ``eqz batch``), and beside them replies where the emotion is only a
 (the obvious alternative to steering). They are scored by what the bank never saw: the emotion lexicon
 (``scoring.emotion_scorer``: how many times more of each emotion's words than the unsteered replies), fluency
 measures that do not charge emotional wording (repeated 3-grams, distinct-2, the share of Latin letters, words
-per token, perplexity under the model *asked* for that emotion), and, as a second opinion, the model's own readout of the
-replies at the bank's read layer.
+per token, perplexity under the model *asked* for that emotion), and, as a second opinion, the model's own readout
+of the replies at the bank's read layer.
 """
 
 from __future__ import annotations
