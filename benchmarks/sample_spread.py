@@ -11,8 +11,8 @@ is not read: fluency is the steering page's business.
 
     python benchmarks/sample_spread.py [--model GGUF] [--samples 6] [--max-tokens 64] [--out sample_spread.json]
 
-The bank is the model's, found as eqz finds it ($EQZ_VECTORS first: point it at the folder holding a bank trained
-with `eqz train --out`).
+The bank is the model's, found as eqz finds it ($EQZ_VECTORS first; banks are found as $EQZ_VECTORS/*/bank.yaml, so
+for one made by `eqz train --out DIR` set it to the folder above DIR).
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def main() -> None:
     pooled = {way: [result_row(band, 1.0 if way == "steered" else None, results[(way, band)], baseline, args.samples)
                     for band in PRIMARIES] for way in WAYS.values()}
     replicas = replica_counts(results, args.samples)
-    Path(args.out).write_text(json.dumps({"samples": args.samples, "max_tokens": args.max_tokens, "seed": EVAL_SEED,
+    Path(args.out).write_text(json.dumps({"model": model.info.name, "bank": str(bank.directory),
+                                          "threads": model.threads, "samples": args.samples,
+                                          "max_tokens": args.max_tokens, "seed": EVAL_SEED,
                                           "pooled": pooled, "replicas": replicas,
                                           "seconds": round(time.perf_counter() - started)}, indent=1))
     for label, way in WAYS.items():

@@ -37,8 +37,9 @@ MIN_DISTINCT_RATIO = 0.9  # distinct-2 at least 0.9x the unsteered replies'
 MIN_LATIN_RATIO = 0.9  # replies stay in the prompt's script
 # Replies stay made of words: words per model token at least 0.7x the unsteered replies'. Without it a reply of
 # curly quotes and glued words ("‘‘‘‘crackcrackchop") passed every bound: no words to repeat, all letters Latin, and
-# a loop is easy to predict (Gemma 3 270M's anger at +1: 0.02 words per token against 0.66, perplexity 1.6x).
-# Calibration-prompt replies of the shipped SmolLM2 bank at +1 sit at 0.91-1.10x, degenerate ones at 0.03-0.59x.
+# a loop is easy to predict (Gemma 3 270M's anger at +1: 0.03 words per token against 0.73, perplexity 2.6x).
+# On calibration prompts sets at +1 that read as text sit at 0.89-1.10x on both models, degenerate ones at
+# 0.05-0.58x (docs/steering-limits.md, section 6).
 MIN_WORDS_PER_TOKEN_RATIO = 0.7
 # Perplexity under the model asked for the emotion <= 4x the unsteered replies' own. A small model barely follows
 # the request, so the asked model still charges some emotional wording: on SmolLM2-135M replies that read
@@ -250,6 +251,8 @@ class ReplySet:
             "clear": self.clear(band, baseline),
             "repeated_3grams": round(self.repeat, 3),
             "distinct_2": round(self.distinct, 3),
+            "latin": round(self.latin, 3),
+            "words_per_token": round(self.words_per_token, 3),
             **({"ppl_ratio": round(ratio, 3)} if math.isfinite(ratio) else {}),
             **({"readout": round(self.readout[band], 3)} if band in self.readout else {}),
             **(self._judged(band, baseline) if band in PRIMARIES and self.labels is not None
@@ -492,8 +495,6 @@ def result_row(band: str, gain: float | None, replies: ReplySet, baseline: Reply
         "lifts": {other: round(value, 3) for other, value in replies.lifts(baseline).items()},
         "crosstalk": {other: round(value - baseline.readout.get(other, 0.0), 3)
                       for other, value in replies.readout.items() if other != band},
-        "latin": round(replies.latin, 3),
-        "words_per_token": round(replies.words_per_token, 3),
         "length": round(replies.n_tokens, 1),
         "examples": [text[:240] for text in replies.texts[::samples][:3]],  # the first three prompts, first sample
     }

@@ -141,7 +141,8 @@ def latin_share(text: str) -> float:
 
 def words_per_token(texts: list[str], tokens: list[list[int]]) -> float:
     """Words per model token over all replies: text that decays into punctuation runs, glued-together words or
-    letter soup scores low, which the word-level bounds cannot see (they find no words to count)."""
+    letter soup scores low, which the word-level bounds cannot see (they find no words to count). No tokens at all
+    is 1.0: nothing to judge. A stop string's tokens count though its text is held back, alike in every setting."""
     total = sum(len(reply) for reply in tokens)
     return sum(len(words(text)) for text in texts) / total if total else 1.0
 

@@ -527,7 +527,7 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
         f"described bands: the unsteered model's specific preference +{E.CLEAR_PREFERENCE_RISE:g} nats/token), "
         "within the fluency bounds; else the fluent c with the largest effect (primaries: the judge's lift; weak); "
         "the source that is clear, else the one with the larger effect",
-        "fluency": f"repeated 3-grams <= {E.MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {E.MIN_DISTINCT_RATIO:g}x "
+        "fluency": f"repeated 3-grams <= {E.MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {E.MIN_DISTINCT_RATIO:g}x"
         f", Latin-letter share >= {E.MIN_LATIN_RATIO:g}x and words per token >= {E.MIN_WORDS_PER_TOKEN_RATIO:g}x the "
         "unsteered replies'; at +1 also perplexity under "
         f"the model asked for the band <= {E.MAX_PPL_RATIO:g}x the unsteered replies' own",
@@ -646,7 +646,8 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "confusion": {band: dict(zip(PRIMARIES, map(int, row))) for band, row in zip(PRIMARIES, found.confusion)},
         "accuracy_by_layer": {layer: round(float(a), 3) for layer, a in zip(extraction.layers, found.accuracies)},
         "axes_on_heldout": found.axis_check,
-        "baseline": {"repeated_3grams": round(baseline.repeat, 3), "distinct_2": round(baseline.distinct, 3)},
+        "baseline": {"repeated_3grams": round(baseline.repeat, 3), "distinct_2": round(baseline.distinct, 3),
+                     "latin": round(baseline.latin, 3), "words_per_token": round(baseline.words_per_token, 3)},
         # the readout change of every metered band when one band is at +1, on the calibration prompts
         "crosstalk": {
             band: {other: round(checked[(band, 1)].readout[other] - baseline.readout[other], 3) for other in metered}

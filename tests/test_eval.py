@@ -236,7 +236,7 @@ def test_perplexity_is_exp_of_the_mean_negative_log_probability():
     assert math.isnan(ReplySet(texts=[""]).ppl)
 
 
-def test_fluency_bounds_repeats_distinct_bigrams_script_and_judged_perplexity():
+def test_fluency_bounds_repeats_distinct_bigrams_script_words_per_token_and_judged_perplexity():
     baseline = ReplySet(texts=[""], nll=1.0, distinct=1.0, latin=1.0, words_per_token=1.0)
     assert ReplySet(texts=[""], nll=1.0 + math.log(3.9), repeat=0.04).fluent(baseline)
     assert not ReplySet(texts=[""], nll=1.0 + math.log(4.1)).fluent(baseline)
