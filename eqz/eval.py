@@ -136,7 +136,7 @@ class ReplySet:
             repeat=float(np.mean([repeated_trigrams(t) for t in texts])),
             distinct=float(np.mean([distinct2(t) for t in texts])),
             latin=float(np.mean([latin_share(t) for t in texts])),
-            words_per_token=words_per_token(texts, tokens),
+            words_per_token=words_per_token(counts[:, -1], tokens),  # word_counts ends with the number of words
         )
 
     def samples_only(self, samples: int, kept: range) -> "ReplySet":

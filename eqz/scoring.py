@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -139,12 +140,13 @@ def latin_share(text: str) -> float:
     return sum(c.isascii() for c in letters) / len(letters) if letters else 1.0
 
 
-def words_per_token(texts: list[str], tokens: list[list[int]]) -> float:
-    """Words per model token over all replies: text that decays into punctuation runs, glued-together words or
-    letter soup scores low, which the word-level bounds cannot see (they find no words to count). No tokens at all
-    is 1.0: nothing to judge. A stop string's tokens count though its text is held back, alike in every setting."""
+def words_per_token(word_counts: Sequence[int], tokens: Sequence[Sequence[int]]) -> float:
+    """Words per model token over all replies (``word_counts``: each reply's number of ``words``): text that decays
+    into punctuation runs, glued-together words or letter soup scores low, which the word-level bounds cannot see
+    (they find no words to count). No tokens at all is 1.0: nothing to judge. A stop string's tokens count though
+    its text is held back, alike in every setting."""
     total = sum(len(reply) for reply in tokens)
-    return sum(len(words(text)) for text in texts) / total if total else 1.0
+    return int(sum(word_counts)) / total if total else 1.0
 
 
 def repeated_trigrams(text: str) -> float:

@@ -63,7 +63,8 @@ def test_words_per_token_spots_replies_that_are_not_words():
     # Gemma 3 270M's anger at +1 (calibration prompts): every word-level bound passed it
     garbage = "‘‘t‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘‘“‘‘‘‘‘‘‘‘‘ ’‘‘‘‘‘‘crackcrackcrackchopchop"
     plain = "The kettle boils water quickly, so tea is ready in a few minutes."
-    assert words_per_token([garbage, ""], [[0] * 40, []]) == pytest.approx(2 / 40)  # "t" and the glued run
+    assert words(garbage) == ["t", "crackcrackcrackchopchop"]
+    assert words_per_token([2, 0], [[0] * 40, []]) == pytest.approx(2 / 40)
     assert words_per_token([], []) == 1.0
     steered, unsteered = ReplySet.scored([([0] * 40, garbage)]), ReplySet.scored([([0] * 16, plain)])
     assert steered.repeat == 0.0 and steered.distinct == 1.0 and steered.latin == 1.0
