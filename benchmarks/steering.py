@@ -18,8 +18,8 @@ from pathlib import Path
 from eqz.bands import BANDS, PRIMARIES
 from eqz.bank import Bank, require_bank
 from eqz.engine import Model
-from eqz.eval import (CLEAR_LIFT, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, EvalResult, evaluate, record,
-                      write_outputs)
+from eqz.eval import (CLEAR_LIFT, MAX_PPL_RATIO, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, TEXT_BOUNDS, EvalResult,
+                      evaluate, record, write_outputs)
 from eqz.models import resolve_model_path
 from eqz.scoring import LIFT_PRIOR
 
@@ -129,9 +129,8 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         "positive-minus-negative (high-minus-low arousal) words per 100. *Clear* = effect >= 2x and the most "
         "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt; prompt and +1 = "
         "asked for and the slider at +1 (does the slider add to asking?). *Fluent* = inside every bound calibration "
-        "keeps to: repeated 3-grams <= 5%, distinct-2 >= 0.9x, script share >= 0.9x and words per token >= 0.7x the "
-        "unsteered replies', "
-        "perplexity under the model asked for the band <= 4x theirs. *Holds* = how "
+        f"keeps to: {TEXT_BOUNDS}, perplexity under the model asked for the band <= {MAX_PPL_RATIO:g}x theirs. "
+        "*Holds* = how "
         f"often the band is clear when the {result.prompts} prompts are drawn again with replacement (each with its "
         "samples, the same draw for steered and unsteered replies): how far a verdict is from this prompt set's "
         "noise.",

@@ -45,6 +45,10 @@ MIN_WORDS_PER_TOKEN_RATIO = 0.7
 # the request, so the asked model still charges some emotional wording: on SmolLM2-135M replies that read
 # fluently sat at 1.2-3.4x, replies drifting into odd content at 6-20x (README, "How the bank is made").
 MAX_PPL_RATIO = 4.0
+# The bounds every reply set keeps to, in words, for bank.yaml and the steering pages (one wording for both)
+TEXT_BOUNDS = (f"repeated 3-grams <= {MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {MIN_DISTINCT_RATIO:g}x, Latin-letter "
+               f"share >= {MIN_LATIN_RATIO:g}x and words per token >= {MIN_WORDS_PER_TOKEN_RATIO:g}x the unsteered "
+               "replies'")
 # "Clearly more of it": the band's own emotion words at least twice the unsteered rate and the most lifted of the
 # eight; for the axes (no words of their own) a rise of one positive-minus-negative (or high-minus-low arousal)
 # word per 100 words.

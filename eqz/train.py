@@ -527,10 +527,8 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
         f"described bands: the unsteered model's specific preference +{E.CLEAR_PREFERENCE_RISE:g} nats/token), "
         "within the fluency bounds; else the fluent c with the largest effect (primaries: the judge's lift; weak); "
         "the source that is clear, else the one with the larger effect",
-        "fluency": f"repeated 3-grams <= {E.MAX_REPEATED_TRIGRAMS:.0%}, distinct-2 >= {E.MIN_DISTINCT_RATIO:g}x"
-        f", Latin-letter share >= {E.MIN_LATIN_RATIO:g}x and words per token >= {E.MIN_WORDS_PER_TOKEN_RATIO:g}x the "
-        "unsteered replies'; at +1 also perplexity under "
-        f"the model asked for the band <= {E.MAX_PPL_RATIO:g}x the unsteered replies' own",
+        "fluency": f"{E.TEXT_BOUNDS}; at +1 also perplexity under the model asked for the band <= "
+        f"{E.MAX_PPL_RATIO:g}x the unsteered replies' own",
         "direction_check": "primaries: how often the judge names the band; axes: lexicon rate; described bands: "
         "specific preference; and the readout: at -1 < 0 < +1 (the lexicon at -1 may exceed 0 by one word in the "
         "whole sample, its noise floor)",
