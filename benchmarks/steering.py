@@ -18,7 +18,7 @@ from pathlib import Path
 from eqz.bands import BANDS, PRIMARIES
 from eqz.bank import Bank, require_bank
 from eqz.engine import Model
-from eqz.eval import (CLEAR_LIFT, MAX_PPL_RATIO, MIN_DISTINCT_RATIO, MAX_REPEATED_TRIGRAMS, TEXT_BOUNDS, EvalResult,
+from eqz.eval import (CLEAR_LIFT, MAX_PPL_RATIO, TEXT_BOUNDS, EvalResult,
                       evaluate, record, write_outputs)
 from eqz.models import resolve_model_path
 from eqz.scoring import LIFT_PRIOR
@@ -69,8 +69,6 @@ def verdicts(result) -> dict[str, dict]:
                 "asked_at_1_judged_clear": both["judged_clear"] if both else None,
                 "asked_at_1_judged_clear_share": both["judged_clear_share"] if both else None,
             })
-        entry["fluent_at_1"] = (entry["repeated_3grams_at_1"] <= MAX_REPEATED_TRIGRAMS
-                                and (entry["distinct_ratio_at_1"] or 0) >= MIN_DISTINCT_RATIO)
         out[band] = entry
     return out
 
