@@ -3,10 +3,10 @@
 eqz steers every token it decodes: the chat template, the system prompt and the user's message as well as the
 reply. The alternative keeps the prompt unsteered, so the model reads the question as it would without a slider,
 and adds the vector to reply tokens only. Here both ways run side by side at the same gains and seeds (the bank's
-+1 scaled by each gain): 16 held-out prompts x ``--samples`` x 64 tokens, through the f16 copy training uses,
-scored by the NRC lexicon and by the unsteered model as judge, with perplexity under the model asked for the band.
-Steering less of the sequence is gentler per unit of gain, so the fair comparison is at the same fluency: for each
-band, the reply-only effect at the perplexity whole-sequence +1 reaches (interpolated between gains in log
++1 scaled by each gain): 16 held-out prompts x ``--samples`` x 64 tokens, through the f16 copy where training uses
+one, scored by the NRC lexicon and by the unsteered model as judge, with perplexity under the model asked for the
+band. Steering less of the sequence is gentler per unit of gain, so the fair comparison is at the same fluency: for
+each band, the reply-only effect at the perplexity whole-sequence +1 reaches (interpolated between gains in log
 perplexity).
 
     python benchmarks/reply_only.py [--model GGUF] [--samples 2] [--gains 1,1.5,2] [--out reply_only.json]
