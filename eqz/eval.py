@@ -245,6 +245,11 @@ class ReplySet:
             and not ratio > MAX_PPL_RATIO
         )
 
+    def text_measures(self) -> dict:
+        """The fluency bounds' measures of the text alone, as bank.yaml and eval records keep them."""
+        return {"repeated_3grams": round(self.repeat, 3), "distinct_2": round(self.distinct, 3),
+                "latin": round(self.latin, 3), "words_per_token": round(self.words_per_token, 3)}
+
     def summary(self, band: str, baseline: "ReplySet") -> dict:
         ratio = self.ppl_ratio(baseline)
         return {
@@ -253,10 +258,7 @@ class ReplySet:
             "effect": round(self.effect(band, baseline), 3),
             "most_lifted": self.most_lifted(band, baseline),
             "clear": self.clear(band, baseline),
-            "repeated_3grams": round(self.repeat, 3),
-            "distinct_2": round(self.distinct, 3),
-            "latin": round(self.latin, 3),
-            "words_per_token": round(self.words_per_token, 3),
+            **self.text_measures(),
             **({"ppl_ratio": round(ratio, 3)} if math.isfinite(ratio) else {}),
             **({"readout": round(self.readout[band], 3)} if band in self.readout else {}),
             **(self._judged(band, baseline) if band in PRIMARIES and self.labels is not None

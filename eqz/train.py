@@ -644,8 +644,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "confusion": {band: dict(zip(PRIMARIES, map(int, row))) for band, row in zip(PRIMARIES, found.confusion)},
         "accuracy_by_layer": {layer: round(float(a), 3) for layer, a in zip(extraction.layers, found.accuracies)},
         "axes_on_heldout": found.axis_check,
-        "baseline": {"repeated_3grams": round(baseline.repeat, 3), "distinct_2": round(baseline.distinct, 3),
-                     "latin": round(baseline.latin, 3), "words_per_token": round(baseline.words_per_token, 3)},
+        "baseline": baseline.text_measures(),
         # the readout change of every metered band when one band is at +1, on the calibration prompts
         "crosstalk": {
             band: {other: round(checked[(band, 1)].readout[other] - baseline.readout[other], 3) for other in metered}
