@@ -430,12 +430,22 @@ class Tap(Protocol):
     def __call__(self, layer: int, hidden: np.ndarray) -> bool: ...
 
 
+def _one_micro_batch(seqs: Sequence) -> bool:
+    """Whether llama.cpp computes a batch over separate KV streams as one micro-batch with rows in batch order:
+    tokens of a single sequence, or one token each for sequences with consecutive ids in increasing order
+    (other batches are split by sequence, and the rows of each piece counted from 0 again)."""
+    if any(not isinstance(owner, int) for owner in seqs):
+        return False
+    return len(set(seqs)) <= 1 or list(seqs) == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
 class Context:
     """A llama.cpp context: KV cache, control vector and taps. Sequence 0 is the single-stream "session"."""
 
     def __init__(self, model: Model, n_ctx: int, n_seq: int, n_batch: int, taps: bool, unified: bool):
         self.model = model
         self.n_seq = n_seq
+        self.unified = unified
         self.n_layer = model.info.n_layer
         self.n_embd = model.info.n_embd
         params = L.llama_context_default_params()
@@ -548,6 +558,9 @@ class Context:
         count = len(tokens)
         if count > self.n_batch:
             raise ValueError(f"{count} tokens exceed the batch size {self.n_batch}")
+        if self.has_taps and not self.unified and not _one_micro_batch(seqs):
+            raise ValueError("with separate KV streams and taps, decode one sequence's tokens or one token each "
+                             "for consecutive sequences (llama.cpp splits other batches; tap rows would not follow)")
         batch = self._batch
         batch.n_tokens = count
         for i in range(count):

@@ -264,6 +264,23 @@ class RowSteering:
         return changed
 
 
+def consecutive_runs(running: list[tuple[int, object]]) -> list[list[tuple[int, object]]]:
+    """``running`` (sorted by sequence id) cut where the ids stop being consecutive.
+
+    llama.cpp computes a batch over separate KV streams in one micro-batch per run of consecutive sequence ids,
+    and a tap sees one micro-batch at a time with its rows counted from 0. Decoding each run on its own keeps
+    every tap row the job that was announced for it (a batch of sequences 0, 2 and 3 would otherwise show the
+    row of sequence 2 as row 0, and it would be steered and metered as sequence 0).
+    """
+    runs: list[list[tuple[int, object]]] = []
+    for item in running:
+        if runs and item[0] == runs[-1][-1][0] + 1:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
 def generate_parallel(
     context: Context,
     jobs: Iterable[Job],
@@ -279,7 +296,10 @@ def generate_parallel(
     the context's control vector, so jobs with different vectors run together (the context needs taps).
 
     Every sequence's logits are computed exactly as if it ran alone (llama.cpp's CPU kernels work row by row
-    and flash attention skips other sequences' cells), so outputs do not depend on the parallelism.
+    and flash attention skips other sequences' cells), so outputs do not depend on the parallelism. Except on
+    F16 weights (the unpacked copy training decodes through): there a micro-batch of one row takes llama.cpp's
+    vector kernel instead of its matrix one (which needs two rows) and rounds differently, so a reply can
+    change with whether its sequence ran alone in some step.
     A job's first ``shared`` prompt tokens are its head (see PromptHeads): computed once per sequence for every
     job under the same vector that starts with them.
     Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
@@ -307,6 +327,15 @@ def generate_parallel(
         context.clear()
         heads = PromptHeads(context)
         while upcoming is not None or active or done:
+            # finish slots that are done first, so their sequences take new jobs in this very step: a hole in the
+            # batch would cost a step its full width and split it in two micro-batches (see consecutive_runs)
+            for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
+                number, slot = active.pop(seq)
+                heads.release(seq)
+                done[number] = slot.result()
+            while emitted in done:
+                yield done.pop(emitted)
+                emitted += 1
             # start jobs while there is room, the vector matches, and results are not piling up
             while (
                 upcoming is not None
@@ -332,27 +361,19 @@ def generate_parallel(
                 active[seq] = (started, slot)
                 started += 1
                 upcoming = next(queue, None)
-            # finish slots that are done, then decode one token for every running slot
-            for seq in [s for s, (_, slot) in active.items() if slot.finish_reason]:
-                number, slot = active.pop(seq)
-                heads.release(seq)
-                done[number] = slot.result()
-            while emitted in done:
-                yield done.pop(emitted)
-                emitted += 1
-            running = sorted(active.items())
-            if not running:
-                continue
-            announce([slot.job for _, (_, slot) in running], reply=True)
-            context.decode(
-                [slot.next_token for _, (_, slot) in running],
-                [slot.position for _, (_, slot) in running],
-                [seq for seq, _ in running],
-                [True] * len(running),
-            )
-            for row, (_, (_, slot)) in enumerate(running):
-                slot.position += 1
-                slot.next_token = slot.take(context, row)
+            # decode one token for every running slot (a job can be done at its first token)
+            running = sorted((seq, entry) for seq, entry in active.items() if not entry[1].finish_reason)
+            for run in consecutive_runs(running):
+                announce([slot.job for _, (_, slot) in run], reply=True)
+                context.decode(
+                    [slot.next_token for _, (_, slot) in run],
+                    [slot.position for _, (_, slot) in run],
+                    [seq for seq, _ in run],
+                    [True] * len(run),
+                )
+                for row, (_, (_, slot)) in enumerate(run):
+                    slot.position += 1
+                    slot.next_token = slot.take(context, row)
     finally:
         if steering is not None:
             context.set_tap(None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eqz.engine import Model, Sampler
-from eqz.generation import Stream
+from eqz.generation import Job, Stream, generate_parallel
 from eqz.reading import PrefixCache, TextGroup, read_texts
 from eqz.errors import EqzError
 from eqz.sampling import Sampling
@@ -146,6 +146,38 @@ def test_tap_rows_follow_batch_order_across_sequences(model):
         ctx.decode([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat], [True] * len(flat))
     together = recorder.seen[0][1]
     np.testing.assert_array_equal(together, np.concatenate(alone))
+
+
+def test_row_steering_reaches_its_own_rows_when_sequences_in_between_are_done(model, steer_matrix):
+    # Sequence 1's job ends after 2 tokens, leaving sequences 0 and 2 running: llama.cpp computes such a batch
+    # in two micro-batches, and the steered job on sequence 2 must still get its own vector, not sequence 0's.
+    text, stops = model.chat_prompt([{"role": "user", "content": PROMPT}])
+    prompt = model.tokenize(text, parse_special=True)
+    long, short = (Sampling(temperature=0.8, max_tokens=n) for n in (24, 2))
+    jobs = [Job(prompt, long, 1, stops, ignore_eos=True), Job(prompt, short, 2, stops, ignore_eos=True),
+            Job(prompt, long, 3, stops, steer_matrix, "steered", ignore_eos=True)]
+    steered = range(model.info.n_layer)
+
+    def tokens(batch: list[Job]) -> list[list[int]]:
+        with model.parallel_context(batch, parallel=len(batch)) as ctx:
+            return [finished.tokens for finished in generate_parallel(ctx, batch, row_steering=steered)]
+
+    together = tokens(jobs)
+    assert len(together[1]) == 2
+    assert together[0] == tokens(jobs[:1])[0]
+    assert together[2] == tokens(jobs[2:])[0]
+    assert together[2] != tokens([Job(prompt, long, 3, stops, ignore_eos=True)])[0]  # the vector matters
+
+
+def test_a_batch_llama_cpp_would_split_is_refused_where_taps_read_rows(model):
+    hello = model.tokenize("Hello there")
+    with model.parallel_context([Job(hello, SAMPLING, 1)] * 3, parallel=3) as ctx:
+        for seq in range(3):
+            ctx.decode_prompt(hello, seq)
+        end = [len(hello)] * 2
+        with pytest.raises(ValueError, match="consecutive sequences"):
+            ctx.decode([13, 13], end, [0, 2], [True, True])
+        ctx.decode([13, 13], end, [1, 2], [True, True])
 
 
 def test_writing_the_hidden_state_back_changes_what_follows(model):
