@@ -12,6 +12,8 @@ import yaml
 from eqz.analyze import analyze
 from eqz.bands import PRIMARIES
 from eqz.bank import find_bank
+from eqz.generation import Job, generate_parallel
+from eqz.meter import Instruments
 from eqz.reading import TextGroup, read_texts
 from eqz.sampling import Sampling
 from eqz.session import ChatSession
@@ -139,6 +141,28 @@ def test_batch_meter_adds_the_mean_readout_per_row(tmp_path):
     assert all(set(row["meter"]) >= {"joy", "sadness"} for row in rows)
     assert all(abs(row["meter"]["anger"]) <= 0.2 and row["filters"]["ablate"] == ["anger"] for row in rows)
     assert rows[1]["meter"]["sadness"] > rows[0]["meter"]["sadness"]
+
+
+def test_batch_meter_reads_each_reply_as_if_it_ran_alone(model, bank):
+    # The middle job ends after 2 tokens, leaving sequences 0 and 2 running (two micro-batches in llama.cpp):
+    # the grief reply's rows must still be metered as its own, not as the neutral reply's.
+    asked = [model.chat_prompt([{"role": "user", "content": text}]) for text in (NEUTRAL_PROMPT, NEUTRAL_PROMPT,
+                                                                                  GRIEF_PROMPT)]
+    jobs = [Job(model.tokenize(text, parse_special=True), Sampling(temperature=0.7, max_tokens=n), seed, stops,
+                ignore_eos=True) for (text, stops), n, seed in zip(asked, (24, 2, 24), (1, 2, 3))]
+
+    def means(batch: list[Job]) -> list[dict[str, float]]:
+        instruments = Instruments(bank, meter=True)
+        with model.parallel_context(batch, parallel=len(batch)) as ctx:
+            ctx.set_tap(instruments)
+            done = list(generate_parallel(ctx, batch, on_decode=instruments.owners))
+        return [instruments.mean(finished.job) for finished in done]
+
+    together = means(jobs)
+    for job, metered in ((jobs[0], together[0]), (jobs[2], together[2])):
+        alone = means([job])[0]
+        assert alone.keys() == metered.keys()
+        assert all(abs(alone[band] - metered[band]) < 1e-3 for band in alone), (alone, metered)
 
 
 def test_preset_filters_apply(tmp_path):
