@@ -264,20 +264,19 @@ class RowSteering:
         return changed
 
 
-def consecutive_runs(running: list[tuple[int, object]]) -> list[list[tuple[int, object]]]:
-    """``running`` (sorted by sequence id) cut where the ids stop being consecutive.
+def consecutive_runs(seqs: Sequence[int]) -> list[slice]:
+    """Sorted sequence ids ``seqs`` cut where they stop being consecutive, as slices of the list.
 
     llama.cpp computes a batch over separate KV streams in one micro-batch per run of consecutive sequence ids,
     and a tap sees one micro-batch at a time with its rows counted from 0. Decoding each run on its own keeps
     every tap row the job that was announced for it (a batch of sequences 0, 2 and 3 would otherwise show the
     row of sequence 2 as row 0, and it would be steered and metered as sequence 0).
     """
-    runs: list[list[tuple[int, object]]] = []
-    for item in running:
-        if runs and item[0] == runs[-1][-1][0] + 1:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
+    runs, start = [], 0
+    for index in range(1, len(seqs) + 1):
+        if index == len(seqs) or seqs[index] != seqs[index - 1] + 1:
+            runs.append(slice(start, index))
+            start = index
     return runs
 
 
@@ -363,7 +362,8 @@ def generate_parallel(
                 upcoming = next(queue, None)
             # decode one token for every running slot (a job can be done at its first token)
             running = sorted((seq, entry) for seq, entry in active.items() if not entry[1].finish_reason)
-            for run in consecutive_runs(running):
+            for span in consecutive_runs([seq for seq, _ in running]):
+                run = running[span]
                 announce([slot.job for _, (_, slot) in run], reply=True)
                 context.decode(
                     [slot.next_token for _, (_, slot) in run],

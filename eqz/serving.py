@@ -21,7 +21,7 @@ import numpy as np
 from .bank import Bank
 from .engine import Model, Sampler
 from .errors import EqzError
-from .generation import PromptHeads, ReplyText, RowSteering
+from .generation import PromptHeads, ReplyText, RowSteering, consecutive_runs
 from .meter import Filters, geometry, metered_bands
 from .sampling import Sampling
 from .steering import Steerer, Steering
@@ -258,14 +258,14 @@ class BatchServer:
             rows = sorted(self._running.values(), key=lambda r: r.seq)
             for row in rows:
                 row.apply_pending(self.steerer.bands)
-        if not rows:
-            return
-        self.tap.announce(rows, reply=True)
-        self.context.decode([row.next_token for row in rows], [row.position for row in rows],
-                            [row.seq for row in rows], [True] * len(rows))
-        for index, row in enumerate(rows):
-            row.position += 1
-            row.take(self, index)
+        for span in consecutive_runs([row.seq for row in rows]):  # one micro-batch each: tap rows stay in order
+            run = rows[span]
+            self.tap.announce(run, reply=True)
+            self.context.decode([row.next_token for row in run], [row.position for row in run],
+                                [row.seq for row in run], [True] * len(run))
+            for index, row in enumerate(run):
+                row.position += 1
+                row.take(self, index)
 
     def _finish(self, row: _Row, reason: str) -> None:
         with self._wake:

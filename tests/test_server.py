@@ -126,6 +126,23 @@ def test_eight_concurrent_moods_each_get_the_reply_they_get_alone(client):
     assert len(set(alone)) == 8
 
 
+def test_a_reply_keeps_its_own_sliders_when_a_request_in_between_is_done(client):
+    # Sent in this order, the three requests take sequences 0, 1 and 2 (sliders no earlier request used, so no
+    # sequence holds their prompt head); the middle one ends first (24 tokens, after the third has come), leaving
+    # 0 and 2 running, which llama.cpp computes as two micro-batches: the third reply must keep its own sliders.
+    requests = [("Write about rain.", {"trust": 0.2}, 64, 1), ("Write about bread.", {"fear": 0.7}, 24, 2),
+                ("Write about snow.", {"joy": 1.5}, 64, 3)]
+
+    def ask(index: int) -> str:
+        time.sleep(0.15 * index)
+        prompt, sliders, max_tokens, seed = requests[index]
+        return chat(client, prompt, sliders, seed=seed, max_tokens=max_tokens)
+
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(ask, range(3)))
+    assert together[2] == ask(2) != chat(client, "Write about snow.", {}, seed=3, max_tokens=64)
+
+
 def test_a_stream_is_resteered_from_its_next_token(server, client):
     body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "seed": 4,
             "max_tokens": 80, "stream": True}
