@@ -430,13 +430,28 @@ class Tap(Protocol):
     def __call__(self, layer: int, hidden: np.ndarray) -> bool: ...
 
 
+def consecutive_runs(seqs: Sequence[int]) -> list[slice]:
+    """Sorted sequence ids ``seqs`` cut where they stop being consecutive, as slices of the list.
+
+    llama.cpp computes a batch over separate KV streams in one micro-batch per run of consecutive sequence ids,
+    and a tap sees one micro-batch at a time with its rows counted from 0. Decoding each run on its own keeps
+    every tap row the job that was announced for it (a batch of sequences 0, 2 and 3 would otherwise show the
+    row of sequence 2 as row 0, and it would be steered and metered as sequence 0).
+    """
+    runs, start = [], 0
+    for index in range(1, len(seqs) + 1):
+        if index == len(seqs) or seqs[index] != seqs[index - 1] + 1:
+            runs.append(slice(start, index))
+            start = index
+    return runs
+
+
 def _one_micro_batch(seqs: Sequence) -> bool:
     """Whether llama.cpp computes a batch over separate KV streams as one micro-batch with rows in batch order:
-    tokens of a single sequence, or one token each for sequences with consecutive ids in increasing order
-    (other batches are split by sequence, and the rows of each piece counted from 0 again)."""
+    tokens of a single sequence, or one token each for one run of consecutive sequences."""
     if any(not isinstance(owner, int) for owner in seqs):
         return False
-    return len(set(seqs)) <= 1 or list(seqs) == list(range(seqs[0], seqs[0] + len(seqs)))
+    return len(set(seqs)) <= 1 or len(consecutive_runs(seqs)) == 1
 
 
 class Context:

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .engine import Context, Model, Sampler
+from .engine import Context, Model, Sampler, consecutive_runs
 from .errors import EqzError
 from .reading import PrefixCache, common_prefix_length
 from .sampling import Sampling
@@ -262,22 +262,6 @@ class RowSteering:
                 hidden[row] += vector[layer]
                 changed = True
         return changed
-
-
-def consecutive_runs(seqs: Sequence[int]) -> list[slice]:
-    """Sorted sequence ids ``seqs`` cut where they stop being consecutive, as slices of the list.
-
-    llama.cpp computes a batch over separate KV streams in one micro-batch per run of consecutive sequence ids,
-    and a tap sees one micro-batch at a time with its rows counted from 0. Decoding each run on its own keeps
-    every tap row the job that was announced for it (a batch of sequences 0, 2 and 3 would otherwise show the
-    row of sequence 2 as row 0, and it would be steered and metered as sequence 0).
-    """
-    runs, start = [], 0
-    for index in range(1, len(seqs) + 1):
-        if index == len(seqs) or seqs[index] != seqs[index - 1] + 1:
-            runs.append(slice(start, index))
-            start = index
-    return runs
 
 
 def generate_parallel(

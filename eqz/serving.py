@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 
 from .bank import Bank
-from .engine import Model, Sampler
+from .engine import Model, Sampler, consecutive_runs
 from .errors import EqzError
-from .generation import PromptHeads, ReplyText, RowSteering, consecutive_runs
+from .generation import PromptHeads, ReplyText, RowSteering
 from .meter import Filters, geometry, metered_bands
 from .sampling import Sampling
 from .steering import Steerer, Steering
