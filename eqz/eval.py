@@ -114,6 +114,8 @@ class ReplySet:
     latin: float = 1.0
     words_per_token: float = 1.0
     nll: float = math.nan  # mean negative log-probability under the judging prompt (nan: not measured)
+    # per prompt: the summed negative log-probability of its replies' tokens and their number (ppl_share)
+    nll_by_prompt: np.ndarray | None = field(default=None, repr=False)
     counts: np.ndarray | None = field(default=None, repr=False)  # per reply: scoring.EmotionScorer.word_counts
     readout: dict[str, float] = field(default_factory=dict)
     # per band judged by the model (no words of its own): how much likelier the replies are when the model is
@@ -161,6 +163,19 @@ class ReplySet:
 
     def ppl_ratio(self, baseline: "ReplySet") -> float:
         return math.exp(self.nll - baseline.nll) if math.isfinite(self.nll) else math.nan
+
+    def ppl_share(self, baseline: "ReplySet", draws: int = BOOTSTRAP_DRAWS) -> float | None:
+        """How often the perplexity bound would hold on another prompt set of this size (the prompts drawn again,
+        the same draw for these replies and the baseline's, as in clear_share). A mean over a few short replies
+        moves a lot with one reply that drifts: Gemma 3 270M's anger at +1 read 3.8x in calibration and 5.6x on
+        the same prompts with a few tokens sampled differently. None where it was not measured."""
+        if self.nll_by_prompt is None or baseline.nll_by_prompt is None:
+            return None
+        picks = np.random.default_rng(0).integers(0, len(self.nll_by_prompt), size=(draws, len(self.nll_by_prompt)))
+        steered, unsteered = (parts[picks].sum(axis=1) for parts in (self.nll_by_prompt, baseline.nll_by_prompt))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_ratio = steered[:, 0] / steered[:, 1] - unsteered[:, 0] / unsteered[:, 1]
+        return float(np.mean(log_ratio <= math.log(MAX_PPL_RATIO)))
 
     def lifts(self, baseline: "ReplySet") -> dict[str, float]:
         return {band: lift(self.rates[band], baseline.rates[band]) for band in PRIMARIES}
@@ -362,35 +377,39 @@ class ReplyBench:
             if perplexity:
                 personas = dict.fromkeys(([setting.judge] if setting.judge else []) + contrast)
                 judged += [(setting.key, persona) for persona in personas]
-        nll: dict[tuple[object, str | None], float] = {}
+        parts: dict[tuple[object, str | None], np.ndarray] = {}
         for reads, read_layers in ((plain, layers), (judged, [])):
             if reads:
-                nll.update(self._read(reads, results, read_layers, perplexity, progress))
+                parts.update(self._read(reads, results, read_layers, perplexity, progress))
         if not perplexity:
             return
+        nll = {read: float(by_prompt[:, 0].sum() / by_prompt[:, 1].sum()) for read, by_prompt in parts.items()}
         for setting in settings:
             result = results[setting.key]
             if (setting.key, setting.judge) in nll:
                 result.nll = nll[(setting.key, setting.judge)]
+                result.nll_by_prompt = parts[(setting.key, setting.judge)]
             for band, persona in self.preferences.items():
                 result.preference[band] = nll[(setting.key, NEUTRAL_PERSONA)] - nll[(setting.key, persona)]
 
     def _read(self, reads: list[tuple[object, str | None]], results: dict, layers: list[int], logprobs: bool,
-              progress: Progress) -> dict[tuple[object, str | None], float]:
-        """One read pass over the replies of (setting key, prompt persona) ``reads``: the mean negative
-        log-probability per read (with ``logprobs``); with ``layers``, also each setting's states and readout.
-        Replies to the same prompt under the same persona share that prefix, computed once."""
+              progress: Progress) -> dict[tuple[object, str | None], np.ndarray]:
+        """One read pass over the replies of (setting key, prompt persona) ``reads``: per read (with ``logprobs``),
+        each prompt's summed negative log-probability and number of tokens, shape (prompts, 2); with ``layers``,
+        also each setting's states and readout. Replies to the same prompt under the same persona share that
+        prefix, computed once."""
         tails: dict[tuple[str | None, int], list[tuple[tuple[object, str | None], list[int]]]] = {}
         for key, persona in reads:
             for i in range(len(self.prompts)):
                 for reply in results[key].tokens[i * self.samples : (i + 1) * self.samples]:
                     if reply:
                         tails.setdefault((persona, i), []).append(((key, persona), reply))
-        groups, owners = [], []
+        groups, owners, prompt_of = [], [], []
         for (persona, i), replies in tails.items():
             prefix, _ = self.prompt(persona, i)
             groups += group_tails(prefix, [reply for _, reply in replies], READ_BATCH, len(prefix))
             owners += [owner for owner, _ in replies]
+            prompt_of += [i] * len(replies)
         advance = progress("reading replies with the unsteered model", len(owners))
         with self.model.context(n_ctx=READ_BATCH, n_seq=64, n_batch=READ_BATCH, taps=bool(layers)) as context:
             reading = read_texts(context, groups, layers, logprobs=logprobs, progress=advance,
@@ -401,7 +420,9 @@ class ReplyBench:
         nll = {}
         for read, rows in rows_of.items():
             if logprobs:
-                nll[read] = -float(np.mean(np.concatenate([reading.logprobs[k] for k in rows])))
+                by_prompt = nll[read] = np.zeros((len(self.prompts), 2))
+                for k in rows:
+                    by_prompt[prompt_of[k]] += (-float(np.sum(reading.logprobs[k])), len(reading.logprobs[k]))
             if layers:
                 result = results[read[0]]
                 pooled = reading.pooled[rows]

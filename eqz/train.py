@@ -14,13 +14,14 @@ Calibration chooses, per band, the source and the strength by what the steered r
 emotion lexicon and by the unsteered model naming their emotion (eqz.judge; neither shares anything with the
 directions), on calibration prompts no other stage uses: gain +1 is the smallest strength on the ladder whose
 replies clearly lift the band's own emotion by both, the judge's verdict holding over redrawn prompts
-(Candidate.holds), within the fluency bounds; where none does, the fluent one with the largest effect, flagged
-weak. Last, every band is checked for direction at -1 / 0 / +1 (the judge, for the axes the lexicon, and the
-readout must rise) and flagged where not.
+(Candidate.holds), within the fluency bounds (the perplexity bound holding over redrawn prompts too); where none
+does, the fluent one with the largest effect, flagged weak. Last, every band is checked for direction at
+-1 / 0 / +1 (the judge, for the axes the lexicon, and the readout must rise) and flagged where not.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,13 +45,15 @@ from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli
 from .voice import VoiceCapture, capture_voice
 
 # Strength c: each steered layer gets c / (number of steered layers) of its typical token norm along the band.
-STRENGTHS = (0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
+STRENGTHS = (0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
 FIRST_STRENGTH = 0.35
 # A strength counts as clear in calibration only where its verdict survives redrawing the calibration prompts this
 # often (eval.ReplySet.clear_share): on 10 short replies a few chance words otherwise call the ladder's lowest rung
 # clear (bank v2's surprise: 3.1x at c = 0.15 in calibration, 1.1x on the held-out prompts). For the primaries the
 # redrawn verdict is the judge's (eqz.judge): the lexicon's ~300 words per setting almost never held this often;
 # for valence and arousal it is the lexicon's rise (before, one chance rise set valence at the lowest rung).
+# The perplexity bound is held to the same standard (eval.ReplySet.ppl_share): Gemma 3 270M's bands sat at 3.5-3.8x
+# in calibration and read 4.1-5.5x on the held-out prompts.
 CALIBRATION_HOLDS = 0.8
 SOURCES = ("stimulus", "voice")
 ZERO_REPLY_TOKENS = 24
@@ -358,10 +361,17 @@ class Candidate:
             return replies.judged_lifts(baseline)[self.band]
         return replies.effect(self.band, baseline)
 
+    def fluent(self, strength: float, baseline: ReplySet) -> bool:
+        """The replies at ``strength`` are inside every fluency bound, the perplexity bound on most redraws of the
+        calibration prompts too."""
+        replies = self.tried[strength]
+        share = replies.ppl_share(baseline)
+        return replies.fluent(baseline) and (share is None or share >= CALIBRATION_HOLDS)
+
     def best(self, baseline: ReplySet) -> tuple[float, bool] | None:
         """(strength, clear): the smallest fluent strength that is clear (and holds), else the fluent one with the
         largest effect; None if no strength tried was fluent."""
-        fluent = {c: r for c, r in self.tried.items() if r.fluent(baseline)}
+        fluent = {c: r for c, r in self.tried.items() if self.fluent(c, baseline)}
         clear = sorted(c for c in fluent if self.holds(c, baseline))
         if clear:
             return clear[0], True
@@ -373,8 +383,8 @@ class Candidate:
         """Where to look next on the ladder: down from a clear (or non-fluent) strength, up from a fluent one that
         is not clear yet; None once the answer is pinned between two tried steps or at the ladder's end."""
         best = self.best(baseline)
-        if best is None:  # nothing fluent yet: go below the lowest tried
-            step = STRENGTHS.index(min(self.tried)) - 1
+        if best is None:  # nothing fluent yet: go below the lowest tried, as far as its perplexity says
+            step = self._below(min(self.tried), baseline)
         elif best[1]:  # clear: is the step below clear too?
             step = STRENGTHS.index(best[0]) - 1
         else:  # fluent, not clear: go above the highest fluent step unless the step above failed
@@ -382,6 +392,18 @@ class Candidate:
         if 0 <= step < len(STRENGTHS) and STRENGTHS[step] not in self.tried:
             return STRENGTHS[step]
         return None
+
+    def _below(self, strength: float, baseline: ReplySet) -> int:
+        """The ladder step to try below ``strength``, whose replies were not fluent: where their perplexity ratio
+        r was over the bound, the highest step c' at which log r scaled by c'/c is back inside it (measured, log r
+        rises faster than c, so this errs low and the search climbs back); else the next step down. Gemma 3
+        270M's bands read 8-370x at c = 0.35 and were fluent at 0.1 or below: one step a round took five rounds."""
+        step = STRENGTHS.index(strength) - 1
+        ratio = self.tried[strength].ppl_ratio(baseline)
+        while step > 0 and ratio > E.MAX_PPL_RATIO and math.log(ratio) * STRENGTHS[step] / strength > math.log(
+                E.MAX_PPL_RATIO):
+            step -= 1
+        return step
 
 
 def strength_matrix(units: np.ndarray, norms: np.ndarray, steered: list[int], strength: float,
@@ -528,7 +550,8 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
         "within the fluency bounds; else the fluent c with the largest effect (primaries: the judge's lift; weak); "
         "the source that is clear, else the one with the larger effect",
         "fluency": f"{E.TEXT_BOUNDS}; at +1 also perplexity under the model asked for the band <= "
-        f"{E.MAX_PPL_RATIO:g}x the unsteered replies' own",
+        f"{E.MAX_PPL_RATIO:g}x the unsteered replies' own, in >= {CALIBRATION_HOLDS:.0%} of redraws of the "
+        "calibration prompts",
         "direction_check": "primaries: how often the judge names the band; axes: lexicon rate; described bands: "
         "specific preference; and the readout: at -1 < 0 < +1 (the lexicon at -1 may exceed 0 by one word in the "
         "whole sample, its noise floor)",

@@ -146,6 +146,38 @@ def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_
     assert valence.best(baseline) == (0.15, True)
 
 
+def _perplexed(per_prompt_nll: list[float], tokens: int = 40) -> ReplySet:
+    """Replies (one per prompt, ``tokens`` each) with these mean negative log-probabilities, fluent by the text."""
+    parts = np.array([[nll * tokens, tokens] for nll in per_prompt_nll])
+    return ReplySet(texts=[""] * len(parts), repeat=0.0, distinct=1.0, latin=1.0, nll_by_prompt=parts,
+                    nll=float(parts[:, 0].sum() / parts[:, 1].sum()),
+                    counts=np.zeros((len(parts), len(COUNTED) + 1)), rates=dict.fromkeys(BANDS, 0.0))
+
+
+def test_calibration_keeps_a_strength_whose_perplexity_bound_holds_over_redrawn_prompts():
+    """Gemma 3 270M's bands sat at 3.5-3.8x in calibration and read 4.1-5.5x held out: a mean over ten short
+    replies is moved by the one that drifts."""
+    baseline = _perplexed([2.0] * 10)
+    steady = _perplexed([2.0 + math.log(3.0)] * 10)  # 3x on every prompt
+    drifting = _perplexed([2.0 + math.log(1.5)] * 9 + [2.0 + 10 * math.log(3.5) - 9 * math.log(1.5)])  # 3.5x, one reply
+    assert steady.fluent(baseline) and drifting.fluent(baseline)  # same point verdict
+    assert steady.ppl_share(baseline) == 1.0 and drifting.ppl_share(baseline) < 0.8
+    candidate = Candidate("joy", "stimulus", np.zeros((1, 1)), tried={0.2: steady, 0.25: drifting})
+    assert candidate.best(baseline) == (0.2, False) and candidate.next_strength(baseline) is None
+    assert ReplySet(texts=[]).ppl_share(baseline) is None  # not measured: the point verdict alone
+
+
+def test_calibration_jumps_down_the_ladder_as_far_as_the_perplexity_says():
+    baseline = _perplexed([2.0] * 10)
+    far_out = Candidate("fear", "stimulus", np.zeros((1, 1)), tried={0.35: _perplexed([2.0 + math.log(370)] * 10)})
+    assert far_out.next_strength(baseline) == 0.07  # log 370 x 0.07 / 0.35 = 1.18 <= log 4; at 0.1, 1.69 is not
+    just_over = Candidate("fear", "stimulus", np.zeros((1, 1)), tried={0.35: _perplexed([2.0 + math.log(5)] * 10)})
+    assert just_over.next_strength(baseline) == 0.25  # the next step down
+    unmeasured = Candidate("fear", "stimulus", np.zeros((1, 1)), tried={0.35: _counted([{}] * 10)})
+    unmeasured.tried[0.35].repeat = 0.5  # not fluent by the text, perplexity not read: one step down
+    assert unmeasured.next_strength(baseline) == 0.25
+
+
 def test_the_label_judge_counts_a_band_clear_where_it_names_it_twice_as_often_and_most():
     """ReplySet.labels: per reply, the judge's log-probability of each primary's name; lifts are paired by reply."""
     baseline = ReplySet(texts=[""] * 4, labels=np.log(np.full((4, 8), 1 / 8)))
