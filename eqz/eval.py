@@ -101,6 +101,12 @@ class Setting:
     judge: str | None = None
 
 
+def redrawn_prompts(prompts: int, draws: int) -> np.ndarray:
+    """(draws, prompts) indices: the prompt set drawn again with replacement, the same draws for every verdict (and
+    for steered and unsteered replies alike), so verdicts on one set of replies are tested on the same redraws."""
+    return np.random.default_rng(0).integers(0, prompts, size=(draws, prompts))
+
+
 @dataclass
 class ReplySet:
     """Replies generated under one setting, and how they score."""
@@ -171,7 +177,7 @@ class ReplySet:
         the same prompts with a few tokens sampled differently. None where it was not measured."""
         if self.nll_by_prompt is None or baseline.nll_by_prompt is None:
             return None
-        picks = np.random.default_rng(0).integers(0, len(self.nll_by_prompt), size=(draws, len(self.nll_by_prompt)))
+        picks = redrawn_prompts(len(self.nll_by_prompt), draws)
         steered, unsteered = (parts[picks].sum(axis=1) for parts in (self.nll_by_prompt, baseline.nll_by_prompt))
         with np.errstate(divide="ignore", invalid="ignore"):
             log_ratio = steered[:, 0] / steered[:, 1] - unsteered[:, 0] / unsteered[:, 1]
@@ -207,7 +213,7 @@ class ReplySet:
         if band not in BANDS or self.counts is None or baseline.counts is None:
             return None
         steered, unsteered = (c.reshape(-1, samples, c.shape[1]).sum(axis=1) for c in (self.counts, baseline.counts))
-        picks = np.random.default_rng(0).integers(0, len(steered), size=(draws, len(steered)))
+        picks = redrawn_prompts(len(steered), draws)
         scorer = emotion_scorer()
         rates, base = (scorer.rates_of(counts[picks].sum(axis=1)) for counts in (steered, unsteered))
         own = BANDS.index(band)
@@ -231,7 +237,7 @@ class ReplySet:
                            draws: int = BOOTSTRAP_DRAWS) -> float:
         """clear_share for the judge's verdict: the prompts drawn again (paired, with all their samples)."""
         differences = (self.labels - baseline.labels).reshape(-1, samples, len(PRIMARIES)).mean(axis=1)
-        picks = np.random.default_rng(0).integers(0, len(differences), size=(draws, len(differences)))
+        picks = redrawn_prompts(len(differences), draws)
         lifts = differences[picks].mean(axis=1)
         own = PRIMARIES.index(band)
         return float(np.mean((lifts[:, own] >= math.log(CLEAR_LIFT)) & (lifts.argmax(axis=1) == own)))
@@ -417,10 +423,10 @@ class ReplyBench:
         rows_of: dict[tuple[object, str | None], list[int]] = {}
         for k, owner in enumerate(owners):
             rows_of.setdefault(owner, []).append(k)
-        nll = {}
+        parts = {}
         for read, rows in rows_of.items():
             if logprobs:
-                by_prompt = nll[read] = np.zeros((len(self.prompts), 2))
+                by_prompt = parts[read] = np.zeros((len(self.prompts), 2))
                 for k in rows:
                     by_prompt[prompt_of[k]] += (-float(np.sum(reading.logprobs[k])), len(reading.logprobs[k]))
             if layers:
@@ -430,7 +436,7 @@ class ReplyBench:
                 if self.reader:
                     values = self.reader.readouts(pooled[:, 0]).mean(axis=0)
                     result.readout = {b: float(v) for b, v in zip(self.reader.bands, values)}
-        return nll
+        return parts
 
 
 @dataclass

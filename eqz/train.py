@@ -400,8 +400,9 @@ class Candidate:
         270M's bands read 8-370x at c = 0.35 and were fluent at 0.1 or below: one step a round took five rounds."""
         step = STRENGTHS.index(strength) - 1
         ratio = self.tried[strength].ppl_ratio(baseline)
-        while step > 0 and ratio > E.MAX_PPL_RATIO and math.log(ratio) * STRENGTHS[step] / strength > math.log(
-                E.MAX_PPL_RATIO):
+        if not ratio > E.MAX_PPL_RATIO:  # over another bound, or perplexity not read
+            return step
+        while step > 0 and math.log(ratio) * STRENGTHS[step] / strength > math.log(E.MAX_PPL_RATIO):
             step -= 1
         return step
 
