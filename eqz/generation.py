@@ -282,7 +282,9 @@ def generate_parallel(
     and flash attention skips other sequences' cells), so outputs do not depend on the parallelism. Except on
     F16 weights (the unpacked copy training decodes through): there a micro-batch of one row takes llama.cpp's
     vector kernel instead of its matrix one (which needs two rows) and rounds differently, so a reply can
-    change with whether its sequence ran alone in some step.
+    change with whether its sequence ran alone in some step. And except on K-quants (Q4_K_M, Q6_K): llama.cpp
+    multiplies a step of 4 or more rows with kernels that round differently from its one-row one
+    (benchmarks/parallel_rows.py).
     A job's first ``shared`` prompt tokens are its head (see PromptHeads): computed once per sequence for every
     job under the same vector that starts with them.
     Jobs are read lazily; at most ``window`` finished results wait for an earlier, slower job.
