@@ -18,6 +18,7 @@ from eqz.eval import prompt_sets
 from eqz.generation import Job, generate_parallel
 from eqz.models import default_model_path
 from eqz.sampling import Sampling
+from eqz.voice import persona_tokens
 
 WIDTHS = (1, 2, 4, 8)
 
@@ -27,8 +28,7 @@ def replies(model: Model, parallel: int, count: int, max_tokens: int) -> list[li
     sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=max_tokens)
     jobs = []
     for index, prompt in enumerate(prompt_sets()["train"][:count]):
-        text, stops = model.chat_prompt([{"role": "user", "content": prompt}])
-        tokens = model.tokenize(text, parse_special=True)
+        tokens, stops = persona_tokens(model, None, prompt)
         jobs.append(Job(tokens, sampling, 100 + index, stop=stops, ignore_eos=True))
     with model.parallel_context(jobs, parallel) as context:
         return [finished.tokens for finished in generate_parallel(context, jobs)]
