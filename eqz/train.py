@@ -315,6 +315,12 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int], p
 # ------------------------------------------------------------------------------------------------ calibration
 
 
+def _often(share: float | None) -> bool:
+    """A verdict's share of redrawn calibration prompts is high enough (None: not measured, the point verdict
+    stands alone)."""
+    return share is None or share >= CALIBRATION_HOLDS
+
+
 @dataclass
 class Candidate:
     """One band's direction from one source, and the replies seen at each strength tried."""
@@ -350,8 +356,7 @@ class Candidate:
     def holds(self, strength: float, baseline: ReplySet) -> bool:
         """The replies at ``strength`` are clear by the lexicon and clear on most redraws of the prompts: by the judge
         for a primary (two scorers that share nothing), by the lexicon for an axis or replies that were not judged."""
-        share = self.clear_share(strength, baseline)
-        return self.tried[strength].clear(self.band, baseline) and (share is None or share >= CALIBRATION_HOLDS)
+        return self.tried[strength].clear(self.band, baseline) and _often(self.clear_share(strength, baseline))
 
     def effect(self, strength: float, baseline: ReplySet) -> float:
         """What a strength that is not clear is ranked by: the judge's lift where the replies were judged (the denser
@@ -365,8 +370,7 @@ class Candidate:
         """The replies at ``strength`` are inside every fluency bound, the perplexity bound on most redraws of the
         calibration prompts too."""
         replies = self.tried[strength]
-        share = replies.ppl_share(baseline)
-        return replies.fluent(baseline) and (share is None or share >= CALIBRATION_HOLDS)
+        return replies.fluent(baseline) and _often(replies.ppl_share(baseline))
 
     def best(self, baseline: ReplySet) -> tuple[float, bool] | None:
         """(strength, clear): the smallest fluent strength that is clear (and holds), else the fluent one with the
