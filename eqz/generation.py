@@ -163,25 +163,49 @@ class Finished:
     finish_reason: str
 
 
-class _Slot:
-    """One job running on a sequence of a parallel batch."""
+class Decoding:
+    """A reply being decoded on sequence ``seq`` of a parallel context: its sampler, its text so far and where its
+    next token goes. Parallel generation and the server run their rows as these (``decode_step``)."""
 
-    def __init__(self, context: Context, job: Job):
-        self.job = job
-        self.sampler = Sampler(context.model, job.sampling, job.seed)
-        self.reply = ReplyText(context.model, job.stop, job.sampling.max_tokens, job.ignore_eos)
-        self.position = len(job.prompt)
-        self.next_token: int | None = None
+    def __init__(self, model: Model, seq: int, prompt_length: int, sampling: Sampling, seed: int,
+                 stops: Sequence[str], ignore_eos: bool = False):
+        self.seq = seq
+        self.sampler = Sampler(model, sampling, seed)
+        self.reply = ReplyText(model, stops, sampling.max_tokens, ignore_eos)
+        self.position = prompt_length
+        self.next_token: int | None = None  # None once the reply is over
 
     @property
     def finish_reason(self) -> str | None:
         return self.reply.finish_reason
 
-    def take(self, context: Context, row: int) -> int | None:
-        """Sample from batch row ``row``; returns the token to decode next, or None when the job is done."""
+    def take(self, context: Context, row: int) -> str | None:
+        """Sample the next token from batch row ``row``; returns the text it makes safe to show (see ReplyText)."""
         token = self.sampler.sample(context, row)
-        self.reply.add(token, room=self.position < context.n_ctx // context.n_seq)
-        return None if self.reply.finish_reason else token
+        piece = self.reply.add(token, room=self.position < context.n_ctx // context.n_seq)
+        self.next_token = None if self.reply.finish_reason else token
+        return piece
+
+
+def decode_step(context: Context, rows: Sequence[Decoding], announce: Callable[[Sequence[Decoding]], None]) -> None:
+    """Decode every row's next token (``rows`` sorted by sequence) and sample the one after: one decode per run of
+    consecutive sequences (see consecutive_runs), each ``announce``d first, so tap rows are the rows in order."""
+    for span in consecutive_runs([row.seq for row in rows]):
+        run = rows[span]
+        announce(run)
+        context.decode([row.next_token for row in run], [row.position for row in run], [row.seq for row in run],
+                       [True] * len(run))
+        for index, row in enumerate(run):
+            row.position += 1
+            row.take(context, index)
+
+
+class _Slot(Decoding):
+    """One job running on a sequence of a parallel batch."""
+
+    def __init__(self, context: Context, job: Job, seq: int):
+        super().__init__(context.model, seq, len(job.prompt), job.sampling, job.seed, job.stop, job.ignore_eos)
+        self.job = job
 
     def result(self) -> Finished:
         self.reply.assembler.flush()
@@ -334,7 +358,7 @@ def generate_parallel(
                 prompt = list(upcoming.prompt)
                 head = PromptHeads.head(prompt, upcoming.shared, upcoming.vector_key)
                 seq = heads.pick([s for s in range(context.n_seq) if s not in active], head)
-                slot = _Slot(context, upcoming)
+                slot = _Slot(context, upcoming, seq)
                 if len(prompt) >= context.n_ctx // context.n_seq:
                     raise EqzError(
                         f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
@@ -342,24 +366,13 @@ def generate_parallel(
                     )
                 prompt_rows = lambda size: announce([slot.job] * size, reply=False)  # noqa: E731
                 heads.decode(seq, prompt, head, before_chunk=prompt_rows)
-                slot.next_token = slot.take(context, -1)
+                slot.take(context, -1)
                 active[seq] = (started, slot)
                 started += 1
                 upcoming = next(queue, None)
             # decode one token for every running slot (a job can be done at its first token)
-            running = sorted((seq, entry) for seq, entry in active.items() if not entry[1].finish_reason)
-            for span in consecutive_runs([seq for seq, _ in running]):
-                run = running[span]
-                announce([slot.job for _, (_, slot) in run], reply=True)
-                context.decode(
-                    [slot.next_token for _, (_, slot) in run],
-                    [slot.position for _, (_, slot) in run],
-                    [seq for seq, _ in run],
-                    [True] * len(run),
-                )
-                for row, (_, (_, slot)) in enumerate(run):
-                    slot.position += 1
-                    slot.next_token = slot.take(context, row)
+            running = sorted((slot for _, slot in active.values() if not slot.finish_reason), key=lambda s: s.seq)
+            decode_step(context, running, lambda run: announce([slot.job for slot in run], reply=True))
     finally:
         if steering is not None:
             context.set_tap(None)

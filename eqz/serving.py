@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 
 from .bank import Bank
-from .engine import Model, Sampler, consecutive_runs
+from .engine import Context, Model
 from .errors import EqzError
-from .generation import PromptHeads, ReplyText, RowSteering
+from .generation import Decoding, PromptHeads, RowSteering, decode_step
 from .meter import Filters, geometry, metered_bands
 from .sampling import Sampling
 from .steering import Steerer, Steering
@@ -54,22 +54,19 @@ class Request:
         self.cancelled.set()
 
 
-class _Row:
-    """A request running on one sequence: its sampler, reply, vector, filters, prompt head and meter sums."""
+class _Row(Decoding):
+    """A request running on one sequence: besides its reply (generation.Decoding), its vector, filters, prompt head
+    and meter sums."""
 
     def __init__(self, server: "BatchServer", request: Request, seq: int, head: tuple):
+        super().__init__(server.model, seq, len(request.prompt), request.sampling, request.seed, request.stops)
         self.request = request
-        self.seq = seq
         self.head = head
-        self.sampler = Sampler(server.model, request.sampling, request.seed)
-        self.reply = ReplyText(server.model, request.stops, request.sampling.max_tokens, False)
-        self.position = len(request.prompt)
         self.vector = server.steerer.matrix(request.steering)
         self.filters = Filters(server.bank, request.filters.get("clamp", {}), request.filters.get("ablate", [])) \
             if request.filters and server.bank is not None else None
         self.meter_sum: np.ndarray | None = None
         self.meter_count = 0
-        self.next_token: int | None = None
         self.pending: tuple[np.ndarray | None, Steering] | None = None  # new sliders, applied at the next decode
 
     def apply_pending(self, bands: tuple[str, ...]) -> None:
@@ -81,13 +78,12 @@ class _Row:
         self.request.changes.append({"at_token": len(self.reply.tokens), "text_offset": len(self.reply.assembler.text),
                                      **self.request.steering.to_dict(bands)})
 
-    def take(self, server: "BatchServer", row: int) -> None:
-        """Sample this row's next token from batch row ``row`` and tell the client what it added."""
-        token = self.sampler.sample(server.context, row)
-        piece = self.reply.add(token, room=self.position < server.per_sequence)
+    def take(self, context: Context, row: int) -> str | None:
+        """Sample the next token and tell the client what it added."""
+        piece = super().take(context, row)
         if piece:
             self.request.on_event("piece", piece)
-        self.next_token = None if self.reply.finish_reason else token
+        return piece
 
 
 class _RowTap:
@@ -244,7 +240,7 @@ class BatchServer:
         kept from the last request under the same settings is skipped) and sample token one."""
         self._heads.decode(row.seq, row.request.prompt, row.head,
                            before_chunk=lambda size: self.tap.announce([row] * size, reply=False))
-        row.take(self, -1)
+        row.take(self.context, -1)
 
     def _step(self) -> None:
         """Finish rows that are done or cancelled, then decode one token for every running row."""
@@ -258,14 +254,7 @@ class BatchServer:
             rows = sorted(self._running.values(), key=lambda r: r.seq)
             for row in rows:
                 row.apply_pending(self.steerer.bands)
-        for span in consecutive_runs([row.seq for row in rows]):  # one micro-batch each: tap rows stay in order
-            run = rows[span]
-            self.tap.announce(run, reply=True)
-            self.context.decode([row.next_token for row in run], [row.position for row in run],
-                                [row.seq for row in run], [True] * len(run))
-            for index, row in enumerate(run):
-                row.position += 1
-                row.take(self, index)
+        decode_step(self.context, rows, lambda run: self.tap.announce(run, reply=True))
 
     def _finish(self, row: _Row, reason: str) -> None:
         with self._wake:
