@@ -42,7 +42,9 @@ def _own_counts(tokens: list[str]) -> Counter[str]:
     return Counter(table[token] for token in tokens if token in table)
 
 
-_SUFFIXES = ("'s", "s", "es", "ed", "d", "ing", "ly", "ness")
+# Inflections only, each with the stems it may come from (hated -> hate before hat; scared -> scare, not scar).
+# Derivations are not undone: NRC rates words, and "really" is not "real" (trust), nor "usually" "usual".
+_INFLECTIONS = (("'s", ("",)), ("s", ("",)), ("es", ("",)), ("d", ("",)), ("ed", ("e", "")), ("ing", ("e", "")))
 
 
 @lru_cache(maxsize=1)
@@ -63,12 +65,11 @@ def nrc_categories(word: str, table: dict[str, frozenset[str]]) -> frozenset[str
     """The categories of ``word`` or, for an inflected form the lexicon lacks (smiled, fears), of its stem."""
     if word in table:
         return table[word]
-    for suffix in _SUFFIXES:
+    for suffix, endings in _INFLECTIONS:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            stem = word[: -len(suffix)]
-            for candidate in (stem, stem + "e"):
-                if candidate in table:
-                    return table[candidate]
+            for ending in endings:
+                if (stem := word[: -len(suffix)] + ending) in table:
+                    return table[stem]
     return frozenset()
 
 

@@ -18,8 +18,8 @@ from eqz.judge import LabelJudge
 from eqz.bank import SHIPPED_DIR, Bank
 from eqz.models import ModelInfo
 from eqz.train import Calibration, Candidate, store_bands
-from eqz.scoring import (COUNTED, EmotionScorer, distinct2, emotion_scorer, latin_share, lift, nrc_lexicon,
-                         repeated_trigrams, words, words_per_token)
+from eqz.scoring import (COUNTED, EmotionScorer, distinct2, emotion_scorer, latin_share, lift, nrc_categories,
+                         nrc_lexicon, repeated_trigrams, words, words_per_token)
 
 from .conftest import run_eqz
 
@@ -50,6 +50,15 @@ def test_the_nrc_lexicon_is_installed_and_scores_inflected_forms():
     assert rates["joy"] > 0 and rates["fear"] > 0 and rates["disgust"] > 0  # smiled -> smile (inflection)
     assert rates["valence"] < 0  # more negative than positive words
     assert all(value == 0 for value in EmotionScorer("nrc").rates("The the of and.").values())
+
+
+def test_the_nrc_fallback_undoes_inflections_only():
+    table = nrc_lexicon()
+    assert nrc_categories("scared", table) == table["scare"]  # scare-d, not scar-ed (sadness, disgust)
+    assert nrc_categories("hated", table) == table["hate"]
+    assert nrc_categories("friends", table) == table["friend"]
+    for derived in ("really", "usually", "kindly", "assigned"):  # real, usual, kind: not the adverb's emotion
+        assert not nrc_categories(derived, table) - {"positive", "negative"}, derived
 
 
 def test_lift_is_smoothed_and_latin_share_spots_another_script():
