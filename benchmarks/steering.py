@@ -1,16 +1,17 @@
 """How clearly each slider moves the text, against asking for the emotion in the prompt: the bank v2 figures.
 
-Runs `eqz eval`'s measurement (eqz.eval.evaluate) on the held-out prompts (16 that neither training nor
-calibration used), scored by the NRC Emotion Lexicon, and writes docs/steering-<model>.md: a table per model with
+Runs `eqz eval`'s measurement (eqz.eval.evaluate) on the test prompts (16 that neither training, calibration nor
+any design choice used; `--prompts eval` for the development split), scored by the NRC Emotion Lexicon, and writes docs/steering-<model>.md: a table per model with
 the acceptance criteria, and three real replies per band at 0 / +1 / +2 so a reader can judge fluency.
 
-    python benchmarks/steering.py [--model PATH] [--samples 2] [--max-tokens 64] [--bank DIR]
+    python benchmarks/steering.py [--model PATH] [--samples 2] [--max-tokens 64] [--bank DIR] [--prompts test]
     python benchmarks/steering.py --bank DIR --report docs/eval-<bank>/eval.json   # the page again, no generating
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from pathlib import Path
 from eqz.bands import BANDS, PRIMARIES
 from eqz.bank import Bank, require_bank
 from eqz.engine import Model
-from eqz.eval import (CLEAR_LIFT, MAX_PPL_RATIO, TEXT_BOUNDS, EvalResult,
-                      evaluate, record, write_outputs)
+from eqz.eval import (CLEAR_AXIS_RISE, CLEAR_LIFT, MAX_PPL_RATIO, TEXT_BOUNDS, EvalResult, evaluate, prompt_sets,
+                      record, write_outputs)
 from eqz.models import resolve_model_path
 from eqz.scoring import LIFT_PRIOR
 
@@ -37,6 +38,7 @@ def verdicts(result) -> dict[str, dict]:
         entry = {
             "effect_at_1": up["effect"],
             "effect_at_2": rows[2.0]["effect"] if 2.0 in rows else None,
+            "fluent_at_2": rows[2.0]["fluent"] if 2.0 in rows else None,
             "most_lifted_at_1": up["most_lifted"],
             "clear_at_1": up["clear"],
             "clear_share_at_1": up.get("clear_share"),
@@ -62,6 +64,7 @@ def verdicts(result) -> dict[str, dict]:
                 "judged_clear_at_1": up["judged_clear"], "judged_clear_share_at_1": up["judged_clear_share"],
                 "judged_effect_at_-1": down["judged_effect"] if down else None,
                 "judged_effect_at_2": rows[2.0]["judged_effect"] if 2.0 in rows else None,
+                "judged_share_at_0": zero.get("judged_share"),
                 "prompt_only_judged_effect": prompted["judged_effect"] if prompted else None,
                 "prompt_only_judged_clear": prompted["judged_clear"] if prompted else None,
                 "prompt_only_judged_clear_share": prompted["judged_clear_share"] if prompted else None,
@@ -109,6 +112,20 @@ def _asked_cell(f: dict, effect_key: str, clear_key: str) -> str:
     return cell
 
 
+def _at_two(effect: float | None, fluent: bool | None) -> str:
+    """An effect at +2, marked where those replies leave the fluency bounds (+2 is past calibration's choice)."""
+    return "-" if effect is None else f"{effect:.2f}" + (" (not fluent)" if fluent is False else "")
+
+
+def _prompts_said(result) -> str:
+    """Which prompts the replies answer, and what that split has and has not been used for."""
+    if result.prompt_set == "test":
+        return (f"{result.prompts} test prompts (written after every design choice was made: neither training, "
+                "calibration nor any choice saw them)")
+    return (f"{result.prompts} held-out prompts of the eval split (neither training nor calibration saw them; "
+            "changes to eqz were kept or dropped on their figures, so they are a development set)")
+
+
 def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     primaries = [b for b in PRIMARIES if b in figures]
     clear = _clear_of(figures, primaries, "clear_at_1", "within_bounds_at_1")
@@ -120,12 +137,14 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     lines = [
         f"# Steering figures: {model_name}",
         "",
-        f"Written by `python benchmarks/steering.py`: {result.prompts} held-out prompts (neither training nor "
-        f"calibration saw them) x {result.samples} samples x {result.reply_tokens} tokens, temperature 0.7, "
+        f"Written by `python benchmarks/steering.py`: {_prompts_said(result)} x {result.samples} samples x "
+        f"{result.reply_tokens} tokens, temperature 0.7, "
         f"scored by the {result.scorer} lexicon (shares nothing with the bank). Effect = the band's own emotion "
-        "words over the unsteered replies' (x; smoothed by 0.25 words/100); for valence and arousal, the rise in "
-        "positive-minus-negative (high-minus-low arousal) words per 100. *Clear* = effect >= 2x and the most "
-        "lifted of the eight. Prompt only = no vector, the emotion asked for in the system prompt; prompt and +1 = "
+        f"words over the unsteered replies' (x; smoothed by {LIFT_PRIOR:g} words/100); for valence, the rise in "
+        "positive-minus-negative words per 100; for arousal, the rise in the eight primaries' rates weighted by "
+        "their circumplex arousal (NRC has no arousal words). *Clear* = effect >= 2x and the most lifted of the "
+        f"eight (valence and arousal: a rise of at least {CLEAR_AXIS_RISE:g} word per 100). +2 is past "
+        "calibration's choice: its cells say where those replies leave the fluency bounds. Prompt only = no vector, the emotion asked for in the system prompt; prompt and +1 = "
         "asked for and the slider at +1 (does the slider add to asking?). *Fluent* = inside every bound calibration "
         f"keeps to: {TEXT_BOUNDS}, perplexity under the model asked for the band <= {MAX_PPL_RATIO:g}x theirs. "
         "*Holds* = how "
@@ -145,7 +164,7 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
     for band in result.bands:
         f = figures[band]
         entry = bank.bands[band]
-        two = f"{f['effect_at_2']:.2f}" if f["effect_at_2"] is not None else "-"
+        two = _at_two(f["effect_at_2"], f.get("fluent_at_2"))
         prompted = f"{f['prompt_only_effect']:.2f}" if f["prompt_only_effect"] is not None else "-"
         both = _asked_cell(f, "asked_at_1_effect", "asked_at_1_clear")
         ppl = f"{f['ppl_ratio_at_1']:.2f}" if f["ppl_ratio_at_1"] is not None else "-"
@@ -230,21 +249,26 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
         "answer read for the eight primaries' names (eqz/judge.py; no persona, no stimulus: it shares nothing with "
         "the directions). Effect = how many times likelier it names the band than for the unsteered replies to the "
         "same prompts (geometric mean over paired replies); *clear* = >= 2x and the most lifted of the eight; "
-        f"*holds* = the same redraw of the {prompts} prompts as above.",
+        f"*holds* = the same redraw of the {prompts} prompts as above. *Unsteered p* = how likely the judge names "
+        "the band for the unsteered replies (geometric mean over them, the eight names' probabilities summing to 1): "
+        "no setting can lift the band more than 1/p times, so where p is above 0.5, 2x cannot be reached.",
         "",
         f"**Primaries clear at +1 by the judge: {clear}**; prompting only: {prompt_clear}/{len(judged)}"
         f"{asked[0]}. Expected over redrawn prompt sets: {expected:.1f}/{len(judged)} at +1, "
         f"{prompt_expected:.1f}/{len(judged)} prompting only{asked[1]}.",
         "",
-        "| band | judge +1 | names most +1 | clear +1 | holds +1 | judge -1 | judge +2 | prompt only | "
-        "prompt only clear | prompt and +1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| band | unsteered p (lift at most) | judge +1 | names most +1 | clear +1 | holds +1 | judge -1 | judge +2 | "
+        "prompt only | prompt only clear | prompt and +1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for band in judged:
         f = figures[band]
         cells = [f"{f[key]:.2f}" if f[key] is not None else "-"
                  for key in ("judged_effect_at_-1", "judged_effect_at_2", "prompt_only_judged_effect")]
-        lines.append(f"| {band} | {f['judged_effect_at_1']:.2f} | {f['judged_most_lifted_at_1']} | "
+        cells[1] = _at_two(f["judged_effect_at_2"], f.get("fluent_at_2"))
+        share = f.get("judged_share_at_0")
+        ceiling = f"{share:.2f} ({1 / share:.1f}x)" if share else "-"
+        lines.append(f"| {band} | {ceiling} | {f['judged_effect_at_1']:.2f} | {f['judged_most_lifted_at_1']} | "
                      f"{'yes' if f['judged_clear_at_1'] else 'no'} | {f['judged_clear_share_at_1']:.0%} | "
                      f"{cells[0]} | {cells[1]} | {cells[2]} | {_yes_no(f['prompt_only_judged_clear'])} | "
                      f"{_asked_cell(f, 'asked_at_1_judged_effect', 'asked_at_1_judged_clear')} |")
@@ -258,6 +282,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--gains", default="-1,0,1,2", help="0 and 1 at least")
+    parser.add_argument("--prompts", choices=("test", "eval"), default="test",
+                        help="test: never used for a choice (the pages); eval: the development split")
     parser.add_argument("--record", action="store_true", help="store the figures in the bank's bank.yaml")
     parser.add_argument("--report", metavar="EVAL_JSON", help="write the page again from a run's eval.json "
                         "(with --bank, the bank it measured) instead of generating")
@@ -283,7 +309,8 @@ def main() -> None:
             if not {0.0, 1.0} <= set(gains):
                 parser.error("--gains needs 0 and 1: every verdict compares +1 with the unsteered replies")
             result = evaluate(model, bank, BANDS if set(BANDS) <= set(bank.names) else bank.names, gains,
-                              reply_tokens=args.max_tokens, samples=args.samples)
+                              prompt_sets()[args.prompts], reply_tokens=args.max_tokens, samples=args.samples)
+            result = dataclasses.replace(result, prompt_set=args.prompts)
             name = model.info.name
     slug = bank.directory.name
     DOCS.mkdir(exist_ok=True)

@@ -73,14 +73,17 @@ Progress = Callable[[str, int], Callable[[int], None]]
 
 
 def prompt_sets() -> dict[str, list[str]]:
-    """The built-in prompts, split so that training, calibration, the meter's zero and eval never share one."""
-    from .stimuli import neutral_prompts, training_prompts
+    """The built-in prompts, split so that training, calibration, the meter's zero, eval and test never share one.
+    Eval is the development split (changes to eqz were kept or dropped on its figures); test is read only by the
+    steering pages, for figures no choice was tuned on."""
+    from .stimuli import neutral_prompts, test_prompts, training_prompts
 
     prompts = neutral_prompts()
     end_of_eval = CALIBRATION_PROMPTS + EVAL_PROMPTS
     extra = end_of_eval + EXTRA_CALIBRATION_PROMPTS
     return {"calibration": prompts[:CALIBRATION_PROMPTS] + prompts[end_of_eval:extra],
-            "eval": prompts[CALIBRATION_PROMPTS:end_of_eval], "zero": prompts[extra:], "train": training_prompts()}
+            "eval": prompts[CALIBRATION_PROMPTS:end_of_eval], "zero": prompts[extra:], "train": training_prompts(),
+            "test": test_prompts()}
 
 
 def _no_progress(_stage: str, _total: int) -> Callable[[int], None]:
@@ -451,6 +454,7 @@ class EvalResult:
     samples: int
     scorer: str
     model: str = ""  # the fingerprint of the model the bank was trained for ("": a run from before it was kept)
+    prompt_set: str = ""  # which of prompt_sets() the replies answer ("": not recorded, the eval split or given prompts)
 
     def table(self, band: str) -> list[dict]:
         """The band's slider rows, by gain."""
@@ -486,13 +490,13 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {"bands": list(self.bands), "gains": list(self.gains), "prompts": self.prompts,
                 "reply_tokens": self.reply_tokens, "samples": self.samples, "scorer": self.scorer, "model": self.model,
-                "rows": self.rows}
+                "prompt_set": self.prompt_set, "rows": self.rows}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalResult":
         """A result written by ``write_outputs`` (eval.json), to report again without generating again."""
         return cls(tuple(data["bands"]), tuple(data["gains"]), data["rows"], data["prompts"], data["reply_tokens"],
-                   data["samples"], data["scorer"], data.get("model", ""))
+                   data["samples"], data["scorer"], data.get("model", ""), data.get("prompt_set", ""))
 
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""
@@ -525,6 +529,9 @@ def result_row(band: str, gain: float | None, replies: ReplySet, baseline: Reply
         **replies.summary(band, baseline),
         **({"clear_share": round(share, 3)} if share is not None else {}),
         **({"judged_clear_share": round(replies.judged_clear_share(band, baseline, samples), 3)} if judged else {}),
+        # how likely the judge names the band for the unsteered replies (geometric mean): its lift cannot pass 1 / this
+        **({"judged_share": round(float(np.exp(replies.labels[:, PRIMARIES.index(band)].mean())), 4)}
+           if gain == 0 and band in PRIMARIES and replies.labels is not None else {}),
         "lifts": {other: round(value, 3) for other, value in replies.lifts(baseline).items()},
         "crosstalk": {other: round(value - baseline.readout.get(other, 0.0), 3)
                       for other, value in replies.readout.items() if other != band},

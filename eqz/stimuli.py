@@ -65,6 +65,12 @@ def neutral_prompts() -> list[str]:
     return [line.strip() for line in _read("prompts/neutral.txt").splitlines() if line.strip()]
 
 
+def test_prompts() -> list[str]:
+    """Neutral chat prompts written after every design choice was made: only the steering pages
+    (benchmarks/steering.py) read them, so no choice was ever tuned on them (the eval split has been)."""
+    return [line.strip() for line in _read("prompts/test.txt").splitlines() if line.strip()]
+
+
 @lru_cache(maxsize=1)
 def training_prompts() -> list[str]:
     """Neutral chat prompts the persona replies of ``eqz train`` answer; no other set shares one."""

@@ -13,7 +13,7 @@ import yaml
 from eqz.bands import BANDS, CIRCUMPLEX, PRIMARIES
 import numpy as np
 
-from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplySet
+from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplySet, prompt_sets
 from eqz.judge import LabelJudge
 from eqz.bank import SHIPPED_DIR, Bank
 from eqz.models import ModelInfo
@@ -375,3 +375,13 @@ def test_a_reply_set_keeps_only_the_samples_asked_for_with_their_judged_names():
     assert replies.samples_only(3, range(1, 3)).texts == [texts[1], texts[2], texts[4], texts[5]]
     with pytest.raises(ValueError, match="not whole prompts"):
         replies.samples_only(4, range(2))
+
+
+def test_the_prompt_splits_share_no_prompt():
+    splits = prompt_sets()
+    assert len(splits["eval"]) == len(splits["test"]) == 16 and len(splits["calibration"]) == 10
+    seen: dict[str, str] = {}
+    for name, prompts in splits.items():
+        for prompt in prompts:
+            assert prompt.lower() not in seen, f"{prompt!r} is in {seen.get(prompt.lower())} and {name}"
+            seen[prompt.lower()] = name
