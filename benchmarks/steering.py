@@ -6,6 +6,9 @@ the acceptance criteria, and three real replies per band at 0 / +1 / +2 so a rea
 
     python benchmarks/steering.py [--model PATH] [--samples 2] [--max-tokens 64] [--bank DIR] [--prompts test]
     python benchmarks/steering.py --bank DIR --report docs/eval-<bank>/eval.json   # the page again, no generating
+
+The test split's page is docs/steering-<bank>.md (outputs in docs/eval-<bank>/); the eval split's, the development
+set, docs/steering-<bank>-eval.md.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def verdicts(result) -> dict[str, dict]:
             "clear_share_at_1": up.get("clear_share"),
             "lowered_at_-1": None if down is None else down["words_per_100"] < zero["words_per_100"]
             if band in PRIMARIES else down["effect"] < 0,
-            "readout_rises": None if down is None else down.get("readout", 0) < zero.get("readout", 0) < up.get("readout", 0),
+            "readout_rises": down["readout"] < zero["readout"] < up["readout"]
+            if down is not None and all("readout" in row for row in (down, zero, up)) else None,  # unmetered: -
             "repeated_3grams_at_1": up["repeated_3grams"],
             "distinct_ratio_at_1": round(up["distinct_2"] / zero["distinct_2"], 3) if zero["distinct_2"] else None,
             "ppl_ratio_at_1": up.get("ppl_ratio"),
@@ -267,7 +271,7 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
                  for key in ("judged_effect_at_-1", "judged_effect_at_2", "prompt_only_judged_effect")]
         cells[1] = _at_two(f["judged_effect_at_2"], f.get("fluent_at_2"))
         share = f.get("judged_share_at_0")
-        ceiling = f"{share:.2f} ({1 / share:.1f}x)" if share else "-"
+        ceiling = "-" if share is None else f"{share:.2f} ({1 / share:.1f}x)" if share >= 0.01 else "< 0.01 (> 100x)"
         lines.append(f"| {band} | {ceiling} | {f['judged_effect_at_1']:.2f} | {f['judged_most_lifted_at_1']} | "
                      f"{'yes' if f['judged_clear_at_1'] else 'no'} | {f['judged_clear_share_at_1']:.0%} | "
                      f"{cells[0]} | {cells[1]} | {cells[2]} | {_yes_no(f['prompt_only_judged_clear'])} | "
@@ -312,7 +316,7 @@ def main() -> None:
                               prompt_sets()[args.prompts], reply_tokens=args.max_tokens, samples=args.samples)
             result = dataclasses.replace(result, prompt_set=args.prompts)
             name = model.info.name
-    slug = bank.directory.name
+    slug = bank.directory.name + ("" if result.prompt_set == "test" else "-eval")  # the pages are the test split's
     DOCS.mkdir(exist_ok=True)
     if not args.report:
         write_outputs(result, DOCS / f"eval-{slug}", plot=True)  # first: the replies are kept whatever follows

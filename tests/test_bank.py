@@ -21,7 +21,7 @@ from .conftest import run_eqz
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
 SHIPPED = SHIPPED_DIR / "smollm2-135m-instruct"
-MIN_CLEAR_PRIMARIES = 3  # measured for the shipped bank (docs/steering-smollm2-135m-instruct.md); a retrain must not fall below
+MIN_CLEAR_PRIMARIES = 3  # measured for the shipped bank (docs/steering-smollm2-135m-instruct-eval.md); a retrain must not fall below
 
 
 @pytest.fixture(scope="module")
