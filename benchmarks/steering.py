@@ -1,8 +1,9 @@
 """How clearly each slider moves the text, against asking for the emotion in the prompt: the bank v2 figures.
 
 Runs `eqz eval`'s measurement (eqz.eval.evaluate) on the test prompts (16 that neither training, calibration nor
-any design choice used; `--prompts eval` for the development split), scored by the NRC Emotion Lexicon, and writes docs/steering-<model>.md: a table per model with
-the acceptance criteria, and three real replies per band at 0 / +1 / +2 so a reader can judge fluency.
+any design choice used; `--prompts eval` for the development split), scored by the NRC Emotion Lexicon, and
+writes docs/steering-<model>.md: a table per model with the acceptance criteria, and three real replies per band
+at 0 / +1 / +2 so a reader can judge fluency.
 
     python benchmarks/steering.py [--model PATH] [--samples 2] [--max-tokens 64] [--bank DIR] [--prompts test]
     python benchmarks/steering.py --bank DIR --report docs/eval-<bank>/eval.json   # the page again, no generating
@@ -148,10 +149,10 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         "positive-minus-negative words per 100; for arousal, the rise in the eight primaries' rates weighted by "
         "their circumplex arousal (NRC has no arousal words). *Clear* = effect >= 2x and the most lifted of the "
         f"eight (valence and arousal: a rise of at least {CLEAR_AXIS_RISE:g} word per 100). +2 is past "
-        "calibration's choice: its cells say where those replies leave the fluency bounds. Prompt only = no vector, the emotion asked for in the system prompt; prompt and +1 = "
-        "asked for and the slider at +1 (does the slider add to asking?). *Fluent* = inside every bound calibration "
-        f"keeps to: {TEXT_BOUNDS}, perplexity under the model asked for the band <= {MAX_PPL_RATIO:g}x theirs. "
-        "*Holds* = how "
+        "calibration's choice: its cells say where those replies leave the fluency bounds. Prompt only = no vector, "
+        "the emotion asked for in the system prompt; prompt and +1 = asked for and the slider at +1 (does the "
+        "slider add to asking?). *Fluent* = inside every bound calibration keeps to: "
+        f"{TEXT_BOUNDS}, perplexity under the model asked for the band <= {MAX_PPL_RATIO:g}x theirs. *Holds* = how "
         f"often the band is clear when the {result.prompts} prompts are drawn again with replacement (each with its "
         "samples, the same draw for steered and unsteered replies): how far a verdict is from this prompt set's "
         "noise.",
@@ -268,13 +269,13 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
     for band in judged:
         f = figures[band]
         cells = [f"{f[key]:.2f}" if f[key] is not None else "-"
-                 for key in ("judged_effect_at_-1", "judged_effect_at_2", "prompt_only_judged_effect")]
-        cells[1] = _at_two(f["judged_effect_at_2"], f.get("fluent_at_2"))
+                 for key in ("judged_effect_at_-1", "prompt_only_judged_effect")]
         share = f.get("judged_share_at_0")
         ceiling = "-" if share is None else f"{share:.2f} ({1 / share:.1f}x)" if share >= 0.01 else "< 0.01 (> 100x)"
         lines.append(f"| {band} | {ceiling} | {f['judged_effect_at_1']:.2f} | {f['judged_most_lifted_at_1']} | "
                      f"{'yes' if f['judged_clear_at_1'] else 'no'} | {f['judged_clear_share_at_1']:.0%} | "
-                     f"{cells[0]} | {cells[1]} | {cells[2]} | {_yes_no(f['prompt_only_judged_clear'])} | "
+                     f"{cells[0]} | {_at_two(f['judged_effect_at_2'], f.get('fluent_at_2'))} | {cells[1]} | "
+                     f"{_yes_no(f['prompt_only_judged_clear'])} | "
                      f"{_asked_cell(f, 'asked_at_1_judged_effect', 'asked_at_1_judged_clear')} |")
     return lines
 

@@ -41,6 +41,11 @@ def _read(name: str) -> str:
     return files("eqz").joinpath(f"data/{name}").read_text(encoding="utf-8")
 
 
+def _prompts(name: str) -> list[str]:
+    """The prompts of ``data/prompts/<name>.txt``, one a line."""
+    return [line.strip() for line in _read(f"prompts/{name}.txt").splitlines() if line.strip()]
+
+
 def is_heldout(index: int) -> bool:
     return (index // 4) % 4 == 3
 
@@ -62,16 +67,17 @@ def load_stimuli() -> StimulusSet:
 @lru_cache(maxsize=1)
 def neutral_prompts() -> list[str]:
     """Emotionally neutral chat prompts: the default prompt set of calibration and ``eqz eval``."""
-    return [line.strip() for line in _read("prompts/neutral.txt").splitlines() if line.strip()]
+    return _prompts("neutral")
 
 
+@lru_cache(maxsize=1)
 def test_prompts() -> list[str]:
     """Neutral chat prompts written after every design choice was made: only the steering pages
     (benchmarks/steering.py) read them, so no choice was ever tuned on them (the eval split has been)."""
-    return [line.strip() for line in _read("prompts/test.txt").splitlines() if line.strip()]
+    return _prompts("test")
 
 
 @lru_cache(maxsize=1)
 def training_prompts() -> list[str]:
     """Neutral chat prompts the persona replies of ``eqz train`` answer; no other set shares one."""
-    return [line.strip() for line in _read("prompts/train.txt").splitlines() if line.strip()]
+    return _prompts("train")
