@@ -69,6 +69,7 @@ class TrainSettings:
     neutral_passages: int = 80
     voice_prompts: int = 16
     voice_tokens: int = 32
+    voice_samples: int = 1  # replies per prompt and persona (benchmarks/voice_budget.py measures more)
     calibration_prompts: int = 10
     reply_tokens: int = 40
     seed: int = 1234
@@ -297,7 +298,7 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int], p
     personas = {"neutral": NEUTRAL_PERSONA}
     personas.update({band: _judge(band, settings)
                      for band in ((*PRIMARIES,) if centre is None else ()) + tuple(settings.described)})
-    prompts = prompt_sets()["train"][: settings.voice_prompts]
+    prompts = prompt_sets()["train"][: settings.voice_prompts] * settings.voice_samples  # each its own seed
     capture = capture_voice(model, personas, prompts, layers, settings.voice_tokens, settings.seed, progress=progress)
     neutral = capture.states["neutral"].mean(axis=0)
     differences = {band: capture.states[band].mean(axis=0) - neutral for band in personas if band != "neutral"}

@@ -1,0 +1,112 @@
+"""Are the own-voice directions held back by how few replies make them? The voice source made as `eqz train` makes
+it (16 prompts x 1 reply x 32 tokens per persona) and with a budget training cannot afford on a CPU (24 prompts x
+--samples replies x --voice-tokens tokens), pushed beside the stimulus source at the same strengths.
+
+DEVELOPERS.md measured that training's voice directions are mostly sampling noise (two seeds: cosine 0.21). This
+prints the large budget's split-half cosine (replies of samples 0..S/2-1 against the rest) and scores all three
+sources as calibration does (NRC lexicon, the unsteered model as judge, perplexity under the model asked for the
+band) on the eval prompts by default (the development split; never the test split).
+
+    python benchmarks/voice_budget.py [--samples 12] [--voice-tokens 24] [--strengths 0.35,0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from report import print_clear_counts, pushed_rows  # benchmarks/ is on sys.path: it holds the script being run
+
+from eqz.bands import PRIMARIES
+from eqz.bank import require_bank
+from eqz.directions import unit
+from eqz.engine import Model
+from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
+from eqz.models import default_model_path
+from eqz.train import TrainSettings, extract, find_directions, layer_rows, strength_matrix, voice_directions
+
+QUIET = lambda _stage, _total: lambda _n: None  # noqa: E731
+
+
+def split_half_cosines(states: dict[str, np.ndarray], prompts: int) -> dict[str, float]:
+    """Per primary, the cosine (mean over layers) between the centred voice differences made from the first half of
+    the samples and from the second: how much of a direction one half of the replies reproduces. Row i of a
+    persona's states is prompt i % prompts, sample i // prompts."""
+    samples = len(states["neutral"]) // prompts
+    sample_of = np.arange(len(states["neutral"])) // prompts
+    halves = []
+    for rows in (sample_of < samples // 2, sample_of >= samples // 2):
+        neutral = states["neutral"][rows].mean(axis=0)
+        differences = {band: states[band][rows].mean(axis=0) - neutral for band in PRIMARIES}
+        centre = np.mean(list(differences.values()), axis=0)
+        halves.append({band: unit(vector - centre) for band, vector in differences.items()})
+    return {band: round(float(np.mean(np.sum(halves[0][band] * halves[1][band], axis=1))), 3) for band in PRIMARIES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--voice-tokens", type=int, default=24)
+    parser.add_argument("--strengths", default="0.35,0.5")
+    parser.add_argument("--prompts", choices=("eval", "calibration"), default="eval")
+    parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--eval-samples", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default="voice_budget.json")
+    args = parser.parse_args()
+    strengths = [float(s) for s in args.strengths.split(",")]
+    started = time.perf_counter()
+    with Model(default_model_path()) as file_model, file_model.unpacked() as model:
+        training = TrainSettings()
+        extraction = extract(model, training)
+        found = find_directions(extraction, training)
+        steered = found.steered
+        small, _, _ = voice_directions(model, training, steered, QUIET)
+        large_settings = TrainSettings(voice_prompts=len(prompt_sets()["train"]), voice_tokens=args.voice_tokens,
+                                       voice_samples=args.samples)
+        voice_started = time.perf_counter()
+        large, capture, _ = voice_directions(model, large_settings, steered, QUIET)
+        voice_seconds = round(time.perf_counter() - voice_started)
+        halves = split_half_cosines(capture.states, large_settings.voice_prompts)
+        agreement = {band: round(float(np.mean(np.sum(small[band] * large[band], axis=1))), 3) for band in PRIMARIES}
+        print(f"large voice capture: {capture.tokens} reply tokens in {voice_seconds} s")
+        print("split-half cosine of the large capture:", halves)
+        print("training's voice . large voice:", agreement)
+        n_layer, shape = model.info.n_layer, (model.info.n_layer, model.info.n_embd)
+        sources = {"stimulus": {b: found.units[b][steered] for b in PRIMARIES}, "voice": small, "voice-large": large}
+        bank = require_bank(model.info)
+        personas = {band: bank_persona(bank, band) for band in PRIMARIES}
+        settings = [Setting("unsteered")] + [
+            Setting((source, band, strength),
+                    strength_matrix(layer_rows(units[band], steered, shape), extraction.token_norm, steered, strength,
+                                    n_layer),
+                    judge=personas[band])
+            for source, units in sources.items() for band in PRIMARIES for strength in strengths]
+        bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, args.seed, steered,
+                           samples=args.eval_samples, labels=True)
+        results = bench.run(settings)
+    rows = pushed_rows(settings, results, args.eval_samples, "source")
+    Path(args.out).write_text(json.dumps({
+        "prompts": args.prompts, "seed": args.seed, "samples": args.eval_samples, "max_tokens": args.max_tokens,
+        "voice_replies_per_persona": len(capture.states["neutral"]), "voice_tokens": args.voice_tokens,
+        "voice_seconds": voice_seconds, "split_half_cosines": halves, "small_large_cosines": agreement,
+        "steered": steered, "rows": rows, "seconds": round(time.perf_counter() - started),
+        # the first sample's reply to the first two prompts under every setting, to read beside the figures
+        "replies": {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
+                    results[setting.key].texts[:: args.eval_samples][:2] for setting in settings}}, indent=1))
+    print("| band | source | c | lexicon lift (most lifted) | holds | judge lift | judge holds | ppl (asked) | fluent |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in sorted(rows, key=lambda row: (row["band"], row["gain"], row["source"])):
+        print(f"| {row['band']} | {row['source']} | {row['gain']:g} | {row['effect']:.2f}x ({row['most_lifted']}) | "
+              f"{row['clear_share']:.0%} | {row['judged_effect']:.2f}x | {row['judged_clear_share']:.0%} | "
+              f"{row.get('ppl_ratio', float('nan')):.1f}x | {'yes' if row['fluent'] else 'no'} |")
+    print_clear_counts(rows, "source")
+    print(f"{round(time.perf_counter() - started)} s")
+
+
+if __name__ == "__main__":
+    main()
