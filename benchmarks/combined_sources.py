@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from report import print_clear_counts, pushed_rows  # benchmarks/ is on sys.path: it holds the script being run
+# benchmarks/ is on sys.path: it holds the script being run
+from report import print_clear_counts, print_source_rows, pushed_rows, pushed_settings, training_sources
 
 from eqz.bands import PRIMARIES
-from eqz.bank import require_bank
 from eqz.directions import unit
 from eqz.engine import Model
-from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
+from eqz.eval import ReplyBench, prompt_sets
 from eqz.models import default_model_path
-from eqz.train import TrainSettings, extract, find_directions, layer_rows, strength_matrix, voice_directions
+from eqz.train import layer_rows
 
 
 SOURCES = ("stimulus", "voice", "combined")
@@ -44,26 +44,18 @@ def main() -> None:
     strengths = [float(s) for s in args.strengths.split(",")]
     started = time.perf_counter()
     with Model(default_model_path()) as file_model, file_model.unpacked() as model:
-        training = TrainSettings()
-        extraction = extract(model, training)
-        found = find_directions(extraction, training)
+        extraction, found, voice = training_sources(model)
         steered = found.steered
-        voice, _, _ = voice_directions(model, training, steered, lambda _stage, _total: lambda _n: None)
-        n_layer, shape = model.info.n_layer, (model.info.n_layer, model.info.n_embd)
+        shape = (model.info.n_layer, model.info.n_embd)
         pairs = {band: (found.units[band][steered], voice[band]) for band in PRIMARIES}  # (stimulus, voice) per layer
         cosines = {band: round(float(np.mean(np.sum(stimulus * own, axis=1))), 3)
                    for band, (stimulus, own) in pairs.items()}
-        # full (n_layer, n_embd) unit matrices, zero off the steered layers, as training's candidates hold them
-        sources = {band: dict(zip(SOURCES, (layer_rows(units, steered, shape)
-                                            for units in (stimulus, own, unit(stimulus + own)))))
-                   for band, (stimulus, own) in pairs.items()}
         print("stimulus . voice, mean over steered layers:", cosines)
-        bank = require_bank(model.info)
-        personas = {band: bank_persona(bank, band) for band in PRIMARIES}
-        settings = [Setting("unsteered")] + [
-            Setting((source, band, strength), strength_matrix(units, extraction.token_norm, steered, strength, n_layer),
-                    judge=personas[band])
-            for band in PRIMARIES for source, units in sources[band].items() for strength in strengths]
+        # full (n_layer, n_embd) unit matrices, zero off the steered layers, as training's candidates hold them
+        pushes = [(source, band, layer_rows(units, steered, shape))
+                  for band, (stimulus, own) in pairs.items()
+                  for source, units in zip(SOURCES, (stimulus, own, unit(stimulus + own)))]
+        settings = pushed_settings(model, pushes, extraction.token_norm, steered, strengths)
         bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, args.seed, steered,
                            samples=args.samples, labels=True)
         results = bench.run(settings)
@@ -71,12 +63,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"prompts": args.prompts, "seed": args.seed, "samples": args.samples,
                                           "max_tokens": args.max_tokens, "steered": steered, "cosines": cosines,
                                           "rows": rows, "seconds": round(time.perf_counter() - started)}, indent=1))
-    print("| band | source | c | lexicon lift (most lifted) | holds | judge lift | judge holds | ppl (asked) | fluent |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['band']} | {row['source']} | {row['gain']:g} | {row['effect']:.2f}x ({row['most_lifted']}) | "
-              f"{row['clear_share']:.0%} | {row['judged_effect']:.2f}x | {row['judged_clear_share']:.0%} | "
-              f"{row.get('ppl_ratio', float('nan')):.1f}x | {'yes' if row['fluent'] else 'no'} |")
+    print_source_rows(rows)
     print_clear_counts(sorted(rows, key=lambda row: (SOURCES.index(row["source"]), row["gain"])), "source")
     print(f"{round(time.perf_counter() - started)} s")
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from eqz.eval import result_row
+import numpy as np
+
+from eqz.bands import PRIMARIES
+from eqz.bank import require_bank
+from eqz.engine import Model
+from eqz.eval import Setting, bank_persona, result_row
+from eqz.train import Directions, Extraction, TrainSettings, extract, find_directions, strength_matrix, voice_directions
 
 EQZ = str(Path(sys.executable).with_name("eqz"))  # the console script of the venv running the benchmark
+QUIET = lambda _stage, _total: lambda _n: None  # noqa: E731  (a Progress that shows nothing)
 
 
 def print_figures(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -34,3 +41,33 @@ def print_clear_counts(rows: list[dict], label: str) -> None:
               f"(expected {sum(r['clear_share'] for r in cell):.1f}), judge {sum(r['judged_clear'] for r in cell)}/"
               f"{len(cell)} (expected {sum(r['judged_clear_share'] for r in cell):.1f}), "
               f"fluent {sum(r['fluent'] for r in cell)}/{len(cell)}")
+
+
+def training_sources(model: Model) -> tuple[Extraction, Directions, dict[str, np.ndarray]]:
+    """The stimulus directions (with where they are steered) and the own-voice ones, made as `eqz train` makes them."""
+    settings = TrainSettings()
+    extraction = extract(model, settings)
+    found = find_directions(extraction, settings)
+    voice, _, _ = voice_directions(model, settings, found.steered, QUIET)
+    return extraction, found, voice
+
+
+def pushed_settings(model: Model, pushes: list[tuple[str, str, np.ndarray]], token_norm: np.ndarray,
+                    steered: list[int], strengths: list[float]) -> list[Setting]:
+    """The unsteered setting, then every push (name, band, full (n_layer, n_embd) unit matrix) at every strength,
+    keyed (name, band, strength) for pushed_rows and judged under the band's persona in the shipped bank."""
+    bank = require_bank(model.info)
+    return [Setting("unsteered")] + [
+        Setting((name, band, strength), strength_matrix(units, token_norm, steered, strength, model.info.n_layer),
+                judge=bank_persona(bank, band))
+        for name, band, units in pushes for strength in strengths]
+
+
+def print_source_rows(rows: list[dict]) -> None:
+    """pushed_rows keyed by "source" as a markdown table."""
+    print("| band | source | c | lexicon lift (most lifted) | holds | judge lift | judge holds | ppl (asked) | fluent |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['band']} | {row['source']} | {row['gain']:g} | {row['effect']:.2f}x ({row['most_lifted']}) | "
+              f"{row['clear_share']:.0%} | {row['judged_effect']:.2f}x | {row['judged_clear_share']:.0%} | "
+              f"{row.get('ppl_ratio', float('nan')):.1f}x | {'yes' if row['fluent'] else 'no'} |")

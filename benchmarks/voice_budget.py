@@ -19,17 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from report import print_clear_counts, pushed_rows  # benchmarks/ is on sys.path: it holds the script being run
+# benchmarks/ is on sys.path: it holds the script being run
+from report import QUIET, print_clear_counts, print_source_rows, pushed_rows, pushed_settings, training_sources
 
 from eqz.bands import PRIMARIES
-from eqz.bank import require_bank
 from eqz.directions import unit
 from eqz.engine import Model
-from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
+from eqz.eval import ReplyBench, prompt_sets
 from eqz.models import default_model_path
-from eqz.train import TrainSettings, extract, find_directions, layer_rows, strength_matrix, voice_directions
-
-QUIET = lambda _stage, _total: lambda _n: None  # noqa: E731
+from eqz.train import TrainSettings, layer_rows, voice_directions
 
 
 def split_half_cosines(states: dict[str, np.ndarray], prompts: int) -> dict[str, float]:
@@ -61,11 +59,8 @@ def main() -> None:
     strengths = [float(s) for s in args.strengths.split(",")]
     started = time.perf_counter()
     with Model(default_model_path()) as file_model, file_model.unpacked() as model:
-        training = TrainSettings()
-        extraction = extract(model, training)
-        found = find_directions(extraction, training)
+        extraction, found, small = training_sources(model)
         steered = found.steered
-        small, _, _ = voice_directions(model, training, steered, QUIET)
         large_settings = TrainSettings(voice_prompts=len(prompt_sets()["train"]), voice_tokens=args.voice_tokens,
                                        voice_samples=args.samples)
         voice_started = time.perf_counter()
@@ -76,16 +71,11 @@ def main() -> None:
         print(f"large voice capture: {capture.tokens} reply tokens in {voice_seconds} s")
         print("split-half cosine of the large capture:", halves)
         print("training's voice . large voice:", agreement)
-        n_layer, shape = model.info.n_layer, (model.info.n_layer, model.info.n_embd)
+        shape = (model.info.n_layer, model.info.n_embd)
         sources = {"stimulus": {b: found.units[b][steered] for b in PRIMARIES}, "voice": small, "voice-large": large}
-        bank = require_bank(model.info)
-        personas = {band: bank_persona(bank, band) for band in PRIMARIES}
-        settings = [Setting("unsteered")] + [
-            Setting((source, band, strength),
-                    strength_matrix(layer_rows(units[band], steered, shape), extraction.token_norm, steered, strength,
-                                    n_layer),
-                    judge=personas[band])
-            for source, units in sources.items() for band in PRIMARIES for strength in strengths]
+        pushes = [(source, band, layer_rows(units[band], steered, shape))
+                  for source, units in sources.items() for band in PRIMARIES]
+        settings = pushed_settings(model, pushes, extraction.token_norm, steered, strengths)
         bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, args.seed, steered,
                            samples=args.eval_samples, labels=True)
         results = bench.run(settings)
@@ -98,12 +88,7 @@ def main() -> None:
         # the first sample's reply to the first two prompts under every setting, to read beside the figures
         "replies": {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
                     results[setting.key].texts[:: args.eval_samples][:2] for setting in settings}}, indent=1))
-    print("| band | source | c | lexicon lift (most lifted) | holds | judge lift | judge holds | ppl (asked) | fluent |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in sorted(rows, key=lambda row: (row["band"], row["gain"], row["source"])):
-        print(f"| {row['band']} | {row['source']} | {row['gain']:g} | {row['effect']:.2f}x ({row['most_lifted']}) | "
-              f"{row['clear_share']:.0%} | {row['judged_effect']:.2f}x | {row['judged_clear_share']:.0%} | "
-              f"{row.get('ppl_ratio', float('nan')):.1f}x | {'yes' if row['fluent'] else 'no'} |")
+    print_source_rows(sorted(rows, key=lambda row: (row["band"], row["gain"], row["source"])))
     print_clear_counts(rows, "source")
     print(f"{round(time.perf_counter() - started)} s")
 
