@@ -16,10 +16,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 # benchmarks/ is on sys.path: it holds the script being run
-from report import print_clear_counts, print_source_rows, pushed_rows, pushed_settings, training_sources
+from report import layer_cosine, print_clear_counts, print_source_rows, pushed_rows, pushed_settings, training_sources
 
 from eqz.bands import PRIMARIES
 from eqz.directions import unit
@@ -48,8 +46,7 @@ def main() -> None:
         steered = found.steered
         shape = (model.info.n_layer, model.info.n_embd)
         pairs = {band: (found.units[band][steered], voice[band]) for band in PRIMARIES}  # (stimulus, voice) per layer
-        cosines = {band: round(float(np.mean(np.sum(stimulus * own, axis=1))), 3)
-                   for band, (stimulus, own) in pairs.items()}
+        cosines = {band: layer_cosine(stimulus, own) for band, (stimulus, own) in pairs.items()}
         print("stimulus . voice, mean over steered layers:", cosines)
         # full (n_layer, n_embd) unit matrices, zero off the steered layers, as training's candidates hold them
         pushes = [(source, band, layer_rows(units, steered, shape))

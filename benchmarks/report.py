@@ -43,6 +43,11 @@ def print_clear_counts(rows: list[dict], label: str) -> None:
               f"fluent {sum(r['fluent'] for r in cell)}/{len(cell)}")
 
 
+def layer_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Two directions' cosine, layer by layer, averaged over the layers (rows of unit vectors)."""
+    return round(float(np.mean(np.sum(a * b, axis=1))), 3)
+
+
 def training_sources(model: Model) -> tuple[Extraction, Directions, dict[str, np.ndarray]]:
     """The stimulus directions (with where they are steered) and the own-voice ones, made as `eqz train` makes them."""
     settings = TrainSettings()

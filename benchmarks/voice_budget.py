@@ -20,29 +20,26 @@ from pathlib import Path
 import numpy as np
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import QUIET, print_clear_counts, print_source_rows, pushed_rows, pushed_settings, training_sources
+from report import (QUIET, layer_cosine, print_clear_counts, print_source_rows, pushed_rows, pushed_settings,
+                    training_sources)
 
 from eqz.bands import PRIMARIES
 from eqz.directions import unit
 from eqz.engine import Model
 from eqz.eval import ReplyBench, prompt_sets
 from eqz.models import default_model_path
-from eqz.train import TrainSettings, layer_rows, voice_directions
+from eqz.train import TrainSettings, layer_rows, voice_differences, voice_directions
 
 
 def split_half_cosines(states: dict[str, np.ndarray], prompts: int) -> dict[str, float]:
-    """Per primary, the cosine (mean over layers) between the centred voice differences made from the first half of
-    the samples and from the second: how much of a direction one half of the replies reproduces. Row i of a
-    persona's states is prompt i % prompts, sample i // prompts."""
-    samples = len(states["neutral"]) // prompts
+    """Per primary, the cosine between the voice directions made from the first half of the samples and from the
+    second: how much of a direction one half of the replies reproduces. Row i of a persona's states is prompt
+    i % prompts, sample i // prompts."""
     sample_of = np.arange(len(states["neutral"])) // prompts
-    halves = []
-    for rows in (sample_of < samples // 2, sample_of >= samples // 2):
-        neutral = states["neutral"][rows].mean(axis=0)
-        differences = {band: states[band][rows].mean(axis=0) - neutral for band in PRIMARIES}
-        centre = np.mean(list(differences.values()), axis=0)
-        halves.append({band: unit(vector - centre) for band, vector in differences.items()})
-    return {band: round(float(np.mean(np.sum(halves[0][band] * halves[1][band], axis=1))), 3) for band in PRIMARIES}
+    half = (sample_of.max() + 1) // 2
+    halves = [voice_differences({key: replies[rows] for key, replies in states.items()})[0]
+              for rows in (sample_of < half, sample_of >= half)]
+    return {band: layer_cosine(unit(halves[0][band]), unit(halves[1][band])) for band in PRIMARIES}
 
 
 def main() -> None:
@@ -67,7 +64,7 @@ def main() -> None:
         large, capture, _ = voice_directions(model, large_settings, steered, QUIET)
         voice_seconds = round(time.perf_counter() - voice_started)
         halves = split_half_cosines(capture.states, large_settings.voice_prompts)
-        agreement = {band: round(float(np.mean(np.sum(small[band] * large[band], axis=1))), 3) for band in PRIMARIES}
+        agreement = {band: layer_cosine(small[band], large[band]) for band in PRIMARIES}
         print(f"large voice capture: {capture.tokens} reply tokens in {voice_seconds} s")
         print("split-half cosine of the large capture:", halves)
         print("training's voice . large voice:", agreement)

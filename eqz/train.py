@@ -283,6 +283,17 @@ def heldout_readouts(extraction: Extraction, units: dict[str, np.ndarray], layer
 # ------------------------------------------------------------------------------------------------ voice
 
 
+def voice_differences(states: dict[str, np.ndarray], centre: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """Each persona's mean reply state (``states``: persona -> (replies, layers, embd)) minus the neutral persona's,
+    centred on ``centre`` (None: the primaries' mean difference, what any persona shares). Returns the centred
+    differences and the centre."""
+    neutral = states["neutral"].mean(axis=0)
+    differences = {band: replies.mean(axis=0) - neutral for band, replies in states.items() if band != "neutral"}
+    if centre is None:
+        centre = np.mean([differences[band] for band in PRIMARIES], axis=0)
+    return {band: vector - centre for band, vector in differences.items()}, centre
+
+
 def voice_directions(model: Model, settings: TrainSettings, layers: list[int], progress: Progress,
                      centre: np.ndarray | None = None) -> tuple[dict, VoiceCapture, np.ndarray]:
     """Unit "own voice" directions at ``layers`` per band: the model's replies under the band's persona minus its
@@ -300,12 +311,8 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int], p
                      for band in ((*PRIMARIES,) if centre is None else ()) + tuple(settings.described)})
     prompts = prompt_sets()["train"][: settings.voice_prompts] * settings.voice_samples  # each its own seed
     capture = capture_voice(model, personas, prompts, layers, settings.voice_tokens, settings.seed, progress=progress)
-    neutral = capture.states["neutral"].mean(axis=0)
-    differences = {band: capture.states[band].mean(axis=0) - neutral for band in personas if band != "neutral"}
     measured = centre is None
-    if measured:
-        centre = np.mean([differences[band] for band in PRIMARIES], axis=0)
-    centred = {band: vector - centre for band, vector in differences.items()}
+    centred, centre = voice_differences(capture.states, centre)
     units = {band: D.unit(vector) for band, vector in centred.items()}
     if all(band in centred for band in PRIMARIES):
         units.update({axis: D.unit(vector)
