@@ -68,11 +68,11 @@ def pushed_settings(model: Model, pushes: list[tuple[str, str, np.ndarray]], tok
         for name, band, units in pushes for strength in strengths]
 
 
-def print_source_rows(rows: list[dict]) -> None:
-    """pushed_rows keyed by "source" as a markdown table."""
-    print("| band | source | c | lexicon lift (most lifted) | holds | judge lift | judge holds | ppl (asked) | fluent |")
+def print_source_rows(rows: list[dict], label: str = "source") -> None:
+    """pushed_rows keyed by ``label`` as a markdown table."""
+    print(f"| band | {label} | c | lexicon lift (most lifted) | holds | judge lift | judge holds | ppl (asked) | fluent |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['band']} | {row['source']} | {row['gain']:g} | {row['effect']:.2f}x ({row['most_lifted']}) | "
+        print(f"| {row['band']} | {row[label]} | {row['gain']:g} | {row['effect']:.2f}x ({row['most_lifted']}) | "
               f"{row['clear_share']:.0%} | {row['judged_effect']:.2f}x | {row['judged_clear_share']:.0%} | "
               f"{row.get('ppl_ratio', float('nan')):.1f}x | {'yes' if row['fluent'] else 'no'} |")

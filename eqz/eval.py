@@ -26,7 +26,7 @@ from .engine import Model
 from .generation import Job, generate_parallel
 from .judge import LabelJudge
 from .reading import PrefixCache, group_tails, read_texts, shared_head_length
-from .meter import LayerGeometry, geometry, metered_bands
+from .meter import Filters, LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
 from .scoring import LIFT_PRIOR, distinct2, emotion_scorer, latin_share, lift, repeated_trigrams, words_per_token
 from .voice import persona_tokens
@@ -95,13 +95,14 @@ class Setting:
     """One way of making replies: a control vector, and/or a persona asked for in the system prompt.
 
     ``judge``: the persona under which the replies' perplexity is measured (the emotion they were meant to
-    have), None for the plain prompt.
+    have), None for the plain prompt. ``filters``: clamps or notches applied after the vector, as in a chat.
     """
 
     key: object
     vector: np.ndarray | None = field(default=None, compare=False)
     persona: str | None = None
     judge: str | None = None
+    filters: Filters | None = field(default=None, compare=False)
 
 
 def redrawn_prompts(prompts: int, draws: int) -> np.ndarray:
@@ -342,7 +343,7 @@ class ReplyBench:
                 for sample in range(self.samples):
                     jobs.append(Job(tokens, self.sampling, self.seed + i + 1000 * sample, stop=stops,
                                     vector=setting.vector, vector_key=setting.key, tag=(setting.key, i, sample),
-                                    shared=head))
+                                    shared=head, filters=setting.filters))
         advance = progress("generating replies", len(jobs))
         replies: dict = {setting.key: {} for setting in settings}
         with self.model.parallel_context(jobs, self.parallel) as context:

@@ -153,6 +153,7 @@ class Job:
     tag: object = None
     ignore_eos: bool = False
     shared: int = 0  # leading prompt tokens other jobs with this vector_key share (a chat template, a system prompt)
+    filters: object = None  # meter.Filters for this job's rows (row steering only); vector_key must tell them apart
 
 
 @dataclass
@@ -268,7 +269,8 @@ class PromptHeads:
 
 
 class RowSteering:
-    """Per-sequence control vectors: adds each batch row's own vector to the residual stream after each layer.
+    """Per-sequence control vectors and filters: adds each batch row's own vector to the residual stream after
+    each layer, then applies the row's filters (meter.Filters) to the result, as a chat's tap does.
 
     llama.cpp's control vector is one per context; writing ``l_out-N + v`` back through a tap is the same float
     addition its ``ggml_add`` does, so a row steered here gets exactly the tokens the context vector would give,
@@ -277,14 +279,16 @@ class RowSteering:
 
     def __init__(self, layers: Sequence[int]):
         self.layers = frozenset(layers)
-        self.rows: list[np.ndarray | None] = []
+        self.rows: list[tuple[np.ndarray | None, object]] = []  # (vector, filters) per batch row
 
     def __call__(self, layer: int, hidden: np.ndarray) -> bool:
         changed = False
-        for row, vector in enumerate(self.rows[: len(hidden)]):
+        for row, (vector, filters) in enumerate(self.rows[: len(hidden)]):
             if vector is not None and np.any(vector[layer]):
                 hidden[row] += vector[layer]
                 changed = True
+            if filters is not None:
+                changed = filters.apply(layer, hidden[row : row + 1]) or changed
         return changed
 
 
@@ -322,7 +326,7 @@ def generate_parallel(
     def announce(rows: list[Job], reply: bool) -> None:
         """Before a decode: whose rows these are (for the row steering and the meter)."""
         if steering is not None:
-            steering.rows = [job.vector for job in rows]
+            steering.rows = [(job.vector, job.filters) for job in rows]
         if on_decode:
             on_decode(rows if reply else None)
 

@@ -103,13 +103,10 @@ class _RowTap:
     def announce(self, rows: list[_Row], reply: bool) -> None:
         """Before a decode: whose rows these are, and whether they are reply tokens."""
         self.rows, self.reply_rows = rows, reply
-        self._steering.rows = [row.vector for row in rows]
+        self._steering.rows = [(row.vector, row.filters) for row in rows]
 
     def __call__(self, layer: int, hidden: np.ndarray) -> bool:
         changed = self._steering(layer, hidden)
-        for index, row in enumerate(self.rows[: len(hidden)]):
-            if row.filters is not None:
-                changed = row.filters.apply(layer, hidden[index : index + 1]) or changed
         if self._geometry is not None and layer == self.read_layer and self.reply_rows:
             readouts = self._geometry.readouts(hidden)
             for index, row in enumerate(self.rows[: len(hidden)]):

@@ -13,7 +13,7 @@ from eqz.analyze import analyze
 from eqz.bands import PRIMARIES
 from eqz.bank import find_bank
 from eqz.generation import Job, generate_parallel
-from eqz.meter import Instruments
+from eqz.meter import Filters, Instruments
 from eqz.reading import TextGroup, read_texts
 from eqz.sampling import Sampling
 from eqz.session import ChatSession
@@ -163,6 +163,22 @@ def test_batch_meter_reads_each_reply_as_if_it_ran_alone(model, bank):
         alone = means([job])[0]
         assert alone.keys() == metered.keys()
         assert all(abs(alone[band] - metered[band]) < 1e-3 for band in alone), (alone, metered)
+
+
+def test_a_jobs_filters_clamp_its_own_rows_as_a_chat_does(model, bank):
+    # eval's ReplyBench (and benchmarks/clamp_steering.py) filter per row in a shared batch: the clamped job must
+    # get the reply a chat with the same clamp gets, and the job beside it the reply it gets alone.
+    clamped, _ = reply_with(model, bank, NEUTRAL_PROMPT, {"clamp": {"joy": 2.0}}, seed=4, tokens=32)
+    plain, _ = reply_with(model, bank, NEUTRAL_PROMPT, None, seed=4, tokens=32)
+    assert clamped.text != plain.text
+    text, stops = model.chat_prompt([{"role": "user", "content": NEUTRAL_PROMPT}])
+    prompt = model.tokenize(text, parse_special=True)
+    sampling = Sampling(seed=4, max_tokens=32)
+    jobs = [Job(prompt, sampling, 4, stops, vector_key="plain"),
+            Job(prompt, sampling, 4, stops, vector_key="clamped", filters=Filters(bank, {"joy": 2.0}, []))]
+    with model.parallel_context(jobs, parallel=2) as ctx:
+        done = list(generate_parallel(ctx, jobs, row_steering=bank.steered_layers))
+    assert [finished.text for finished in done] == [plain.text, clamped.text]
 
 
 def test_preset_filters_apply(tmp_path):

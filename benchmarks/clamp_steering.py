@@ -1,0 +1,109 @@
+"""Can a filter steer more cleanly than a slider? The shipped bank's primaries pushed three ways on the same prompts:
+the slider at +1 (a fixed vector added at every steered layer), the slider at +1 with the other seven primaries
+notched to their neutral level (crosstalk removed inside the forward pass, whatever the prompt), and a clamp that
+holds the band's component at a level (the push adapts to each token: it adds only what is missing).
+
+Scored as calibration scores them (NRC lexicon, the unsteered model as judge, perplexity under the model asked for
+the band) on the eval prompts by default (the development split; never the test split). A clamp's "c" in the table
+is its level in the meter's units (0 = the model's neutral level, 1 = typical emotional text), held at every steered
+layer; the slider at +1 reads about 1-3 on its band at the read layer while it writes.
+
+    python benchmarks/clamp_steering.py [--levels 2,3,5] [--bands joy,fear] [--ways slider,notched,clamp]
+    python benchmarks/clamp_steering.py --prompts calibration --ways clamp --levels 1,2,3,4,5,6 --out screen.json
+    python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --seed 9999 --samples 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import print_clear_counts, print_source_rows, pushed_rows
+
+from eqz.bands import PRIMARIES
+from eqz.bank import Bank, require_bank
+from eqz.engine import Model
+from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
+from eqz.meter import Filters
+from eqz.models import resolve_model_path
+
+
+def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: list[str]) -> list[Setting]:
+    """Unsteered first, then per band: slider +1, slider +1 with the other primaries notched, and each of the band's
+    clamp levels (those of ``ways``); keyed (way, band, strength or level) for report.pushed_rows."""
+    settings = [Setting("unsteered")]
+    for band in bands:
+        judge = bank_persona(bank, band)
+        others = [other for other in PRIMARIES if other != band]
+        if "slider" in ways:
+            settings.append(Setting(("slider", band, 1.0), bank.mix({band: 1.0}), judge=judge))
+        if "notched" in ways:
+            settings.append(Setting(("notched", band, 1.0), bank.mix({band: 1.0}), judge=judge,
+                                    filters=Filters(bank, {}, others)))
+        if "clamp" in ways:
+            settings += [Setting(("clamp", band, level), judge=judge, filters=Filters(bank, {band: level}, []))
+                         for level in levels[band]]
+    return settings
+
+
+def chosen_levels(screen: Path) -> dict[str, float]:
+    """Per band, the level `eqz train` would call +1 from a screen's clamp rows (calibration's rule,
+    train.Candidate): the smallest fluent level clear by the lexicon whose judge verdict holds on 80% of redraws,
+    else the fluent level with the largest judge lift (the lowest level when none is fluent)."""
+    rows = [row for row in json.loads(screen.read_text())["rows"] if row["way"] == "clamp"]
+    chosen = {}
+    for band in dict.fromkeys(row["band"] for row in rows):
+        tried = sorted((row for row in rows if row["band"] == band), key=lambda row: row["gain"])
+        fluent = [row for row in tried if row["fluent"]] or tried[:1]
+        holding = [row for row in fluent if row["clear"] and row["judged_clear_share"] >= 0.8]
+        chosen[band] = (holding[0] if holding else max(fluent, key=lambda row: row["judged_effect"]))["gain"]
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="GGUF file [default: $EQZ_MODEL, else the default model]")
+    parser.add_argument("--bank", type=Path, help="bank directory [default: the model's bank]")
+    parser.add_argument("--levels", default="2,3,5", help="clamp levels tried on every band")
+    parser.add_argument("--chosen-from", type=Path, default=None,
+                        help="a screen's JSON: clamp each band at the level calibration's rule picks there instead")
+    parser.add_argument("--ways", default="slider,notched,clamp")
+    parser.add_argument("--bands", default=",".join(PRIMARIES))
+    parser.add_argument("--prompts", choices=("eval", "calibration"), default="eval")
+    parser.add_argument("--prompt-count", type=int, default=None, help="the first N prompts only (a quick look)")
+    parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default="clamp_steering.json")
+    args = parser.parse_args()
+    bands = args.bands.split(",")
+    if args.chosen_from:
+        levels = {band: [level] for band, level in chosen_levels(args.chosen_from).items()}
+    else:
+        levels = {band: [float(level) for level in args.levels.split(",")] for band in bands}
+    prompts = prompt_sets()[args.prompts][: args.prompt_count]
+    started = time.perf_counter()
+    with Model(resolve_model_path(args.model)) as file_model, file_model.unpacked() as model:
+        bank = Bank.load(args.bank) if args.bank else require_bank(model.info)
+        settings = settings_for(bank, bands, levels, args.ways.split(","))
+        bench = ReplyBench(model, prompts, args.max_tokens, args.seed, bank.steered_layers, samples=args.samples,
+                           labels=True)
+        results = bench.run(settings)
+    rows = pushed_rows(settings, results, args.samples, "way")
+    Path(args.out).write_text(json.dumps({
+        "model": model.info.name, "prompts": args.prompts, "prompt_count": len(prompts), "seed": args.seed,
+        "samples": args.samples, "max_tokens": args.max_tokens, "levels": levels, "rows": rows,
+        "seconds": round(time.perf_counter() - started),
+        # the first sample's reply to the first two prompts under every setting, to read beside the figures
+        "replies": {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
+                    results[setting.key].texts[:: args.samples][:2] for setting in settings}}, indent=1))
+    print_source_rows(rows, "way")
+    print_clear_counts(rows, "way")
+    print(f"{round(time.perf_counter() - started)} s")
+
+
+if __name__ == "__main__":
+    main()
