@@ -4,13 +4,15 @@ notched to their neutral level (crosstalk removed inside the forward pass, whate
 holds the band's component at a level (the push adapts to each token: it adds only what is missing).
 
 Scored as calibration scores them (NRC lexicon, the unsteered model as judge, perplexity under the model asked for
-the band) on the eval prompts by default (the development split; never the test split). A clamp's "c" in the table
+the band) on the eval prompts by default (the development split; `--prompts test` only for the final check of levels
+chosen elsewhere, as in the third example). A clamp's "c" in the table
 is its level in the meter's units (0 = the model's neutral level, 1 = typical emotional text), held at every steered
 layer; the slider at +1 reads about 1-3 on its band at the read layer while it writes.
 
     python benchmarks/clamp_steering.py [--levels 2,3,5] [--bands joy,fear] [--ways slider,notched,clamp]
     python benchmarks/clamp_steering.py --prompts calibration --ways clamp --levels 1,2,3,4,5,6 --out screen.json
     python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --seed 9999 --samples 4
+    python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --prompts test --samples 4
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def main() -> None:
                         help="a screen's JSON: clamp each band at the level calibration's rule picks there instead")
     parser.add_argument("--ways", default="slider,notched,clamp")
     parser.add_argument("--bands", default=",".join(PRIMARIES))
-    parser.add_argument("--prompts", choices=("eval", "calibration"), default="eval")
+    parser.add_argument("--prompts", choices=("eval", "calibration", "test"), default="eval")
     parser.add_argument("--prompt-count", type=int, default=None, help="the first N prompts only (a quick look)")
     parser.add_argument("--seed", type=int, default=777)
     parser.add_argument("--samples", type=int, default=2)

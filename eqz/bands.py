@@ -60,19 +60,24 @@ SHORT_NAMES = {
 
 MAX_GAIN = 2.0
 SAFE_GAIN = 1.0
+# Clamp levels are in the meter's units (1 = typical emotional text). Held at every steered layer, levels 2-6 steer
+# clearly and stay fluent on the default model's held-out prompts and 12 is no longer text
+# (benchmarks/clamp_steering.py, docs/steering-limits.md section 9).
+MAX_LEVEL = 6.0
 
 
 def check_gain(band: str, value, valid: tuple[str, ...] | None = BANDS, what: str = "gain") -> float:
-    """A gain (or, ``what``, a clamp level) for ``band`` as a float, or a one-line EqzError naming the valid bands /
-    range. ``valid`` None: any band name (the bank checks it later)."""
+    """A gain (or, ``what`` "level", a clamp level) for ``band`` as a float, or a one-line EqzError naming the valid
+    bands / range. ``valid`` None: any band name (the bank checks it later)."""
     if valid is not None and band not in valid:
         raise EqzError(f"unknown band '{band}'; valid bands: {', '.join(valid)}")
     try:
         gain = float(value)
     except (TypeError, ValueError):
         raise EqzError(f"{what} for {band} must be a number, got {value!r}") from None
-    if not math.isfinite(gain) or abs(gain) > MAX_GAIN:
-        raise EqzError(f"{what} for {band} must be a finite number in [-{MAX_GAIN:g}, {MAX_GAIN:g}], got {value!r}")
+    limit = MAX_LEVEL if what == "level" else MAX_GAIN
+    if not math.isfinite(gain) or abs(gain) > limit:
+        raise EqzError(f"{what} for {band} must be a finite number in [-{limit:g}, {limit:g}], got {value!r}")
     return gain
 
 
@@ -82,7 +87,7 @@ def parse_set(spec: str, valid: tuple[str, ...] | None = BANDS, option: str = "-
     if not sep:
         raise EqzError(f"{option} takes BAND=VALUE, got '{spec}'" + (f"; valid bands: {', '.join(valid)}" if valid else ""))
     return band.strip().lower(), check_gain(band.strip().lower(), value.strip(), valid,
-                                            "level" if option == "--clamp" else "gain")
+                                            "level" if option in ("--clamp", "/clamp") else "gain")
 
 
 def gain_warning(band: str, gain: float) -> str:

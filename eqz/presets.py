@@ -105,7 +105,7 @@ def _parse_filters(filters, where: str, bands: tuple[str, ...]) -> dict:
         result["clamp"] = {}
         for band, level in clamp.items():
             try:
-                result["clamp"][str(band)] = check_gain(str(band), level, bands)
+                result["clamp"][str(band)] = check_gain(str(band), level, bands, "level")
             except EqzError as error:
                 raise EqzError(f"{where}: filters.clamp.{band}: {error}") from None
     ablate = filters.get("ablate") or []

@@ -136,7 +136,8 @@ def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):
         (("--set", "joy=nan"), ("gain for joy", "finite")),
         (("--set", "joy=lots"), ("gain for joy must be a number",)),
         (("--set", "joy"), ("BAND=VALUE", "got 'joy'")),
-        (("--clamp", "joy=9"), ("level for joy", "[-2, 2]")),
+        (("--set", "joy=3"), ("gain for joy", "[-2, 2]")),
+        (("--clamp", "joy=9"), ("level for joy", "[-6, 6]")),
     ],
 )
 def test_bad_slider_values_are_refused_with_the_valid_bands(args, fragments):
@@ -146,6 +147,13 @@ def test_bad_slider_values_are_refused_with_the_valid_bands(args, fragments):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
     assert ("valid bands" in lines[0]) == ("unknown band" in lines[0])
+
+
+def test_a_clamp_may_hold_a_band_past_the_sliders_range():
+    # clamps steer clearly at levels 2-6 (docs/steering-limits.md section 9), sliders stop at 2
+    result = run_eqz("generate", "hi", "--clamp", "joy=4", "-n", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["filters"]["clamp"] == {"joy": 4.0}
 
 
 def test_gain_beyond_one_warns_but_runs():

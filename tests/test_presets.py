@@ -50,7 +50,7 @@ BROKEN = [
     ({**GOOD, "sampling": {"top_p": 1.5}}, "sampling.top_p", "[0.0, 1.0]"),
     ({**GOOD, "sampling": {"warmth": 1}}, "sampling.warmth", "allowed: temperature"),
     ({**GOOD, "name": "Bad Name"}, "name must be", "lowercase"),
-    ({**GOOD, "filters": {"clamp": {"fear": 9}}}, "filters.clamp.fear", "[-2, 2]"),
+    ({**GOOD, "filters": {"clamp": {"fear": 9}}}, "filters.clamp.fear", "[-6, 6]"),
     ("name: [unclosed\n", "not valid YAML", "line"),
     ("!!python/object/apply:os.system ['echo pwned']\n", "not valid YAML", ""),
 ]
