@@ -5,9 +5,9 @@ holds the band's component at a level (the push adapts to each token: it adds on
 
 Scored as calibration scores them (NRC lexicon, the unsteered model as judge, perplexity under the model asked for
 the band) on the eval prompts by default (the development split; `--prompts test` only for the final check of levels
-chosen elsewhere, as in the third example). A clamp's "c" in the table
-is its level in the meter's units (0 = the model's neutral level, 1 = typical emotional text), held at every steered
-layer; the slider at +1 reads about 1-3 on its band at the read layer while it writes.
+chosen elsewhere, as in the last example). A clamp's "c" in the table is its level in the meter's units (0 = the
+model's neutral level, 1 = typical emotional text), held at every steered layer; the slider at +1 reads about 1-3 on
+its band at the read layer while it writes.
 
     python benchmarks/clamp_steering.py [--levels 2,3,5] [--bands joy,fear] [--ways slider,notched,clamp]
     python benchmarks/clamp_steering.py --prompts calibration --ways clamp --levels 1,2,3,4,5,6 --out screen.json
@@ -31,6 +31,7 @@ from eqz.engine import Model
 from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
 from eqz.meter import Filters
 from eqz.models import resolve_model_path
+from eqz.train import CALIBRATION_HOLDS
 
 
 def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: list[str]) -> list[Setting]:
@@ -53,14 +54,14 @@ def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: l
 
 def chosen_levels(screen: Path) -> dict[str, float]:
     """Per band, the level `eqz train` would call +1 from a screen's clamp rows (calibration's rule,
-    train.Candidate): the smallest fluent level clear by the lexicon whose judge verdict holds on 80% of redraws,
-    else the fluent level with the largest judge lift (the lowest level when none is fluent)."""
+    train.Candidate): the smallest fluent level clear by the lexicon whose judge verdict holds on CALIBRATION_HOLDS
+    (80%) of redraws, else the fluent level with the largest judge lift (the lowest level when none is fluent)."""
     rows = [row for row in json.loads(screen.read_text())["rows"] if row["way"] == "clamp"]
     chosen = {}
     for band in dict.fromkeys(row["band"] for row in rows):
         tried = sorted((row for row in rows if row["band"] == band), key=lambda row: row["gain"])
         fluent = [row for row in tried if row["fluent"]] or tried[:1]
-        holding = [row for row in fluent if row["clear"] and row["judged_clear_share"] >= 0.8]
+        holding = [row for row in fluent if row["clear"] and row["judged_clear_share"] >= CALIBRATION_HOLDS]
         chosen[band] = (holding[0] if holding else max(fluent, key=lambda row: row["judged_effect"]))["gain"]
     return chosen
 
