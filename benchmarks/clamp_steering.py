@@ -12,7 +12,7 @@ its band at the read layer while it writes.
     python benchmarks/clamp_steering.py [--levels 2,3,5] [--bands joy,fear] [--ways slider,notched,clamp]
     python benchmarks/clamp_steering.py --prompts calibration --ways clamp --levels 1,2,3,4,5,6 --out screen.json
     python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --seed 9999 --samples 4
-    python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --prompts test --samples 4
+    python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --prompts test --samples 4 --negative
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import print_clear_counts, print_source_rows, pushed_rows
+from report import print_clear_counts, print_lowered_counts, print_source_rows, pushed_rows
 
 from eqz.bands import PRIMARIES
 from eqz.bank import Bank, require_bank
@@ -34,21 +34,29 @@ from eqz.models import resolve_model_path
 from eqz.train import CALIBRATION_HOLDS
 
 
-def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: list[str]) -> list[Setting]:
+def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: list[str],
+                 negative: bool = False) -> list[Setting]:
     """Unsteered first, then per band: slider +1, slider +1 with the other primaries notched, and each of the band's
-    clamp levels (those of ``ways``); keyed (way, band, strength or level) for report.pushed_rows."""
+    clamp levels (those of ``ways``); with ``negative`` also the slider at -1 and each clamp at minus its level
+    (perplexity under the plain prompt, as `eqz eval` measures -1). Keyed (way, band, strength or level) for
+    report.pushed_rows."""
     settings = [Setting("unsteered")]
     for band in bands:
         judge = bank_persona(bank, band)
         others = [other for other in PRIMARIES if other != band]
         if "slider" in ways:
             settings.append(Setting(("slider", band, 1.0), bank.mix({band: 1.0}), judge=judge))
+            if negative:
+                settings.append(Setting(("slider", band, -1.0), bank.mix({band: -1.0})))
         if "notched" in ways:
             settings.append(Setting(("notched", band, 1.0), bank.mix({band: 1.0}), judge=judge,
                                     filters=Filters(bank, {}, others)))
         if "clamp" in ways:
             settings += [Setting(("clamp", band, level), judge=judge, filters=Filters(bank, {band: level}, []))
                          for level in levels[band]]
+            if negative:
+                settings += [Setting(("clamp", band, -level), filters=Filters(bank, {band: -level}, []))
+                             for level in levels[band]]
     return settings
 
 
@@ -75,6 +83,7 @@ def main() -> None:
                         help="a screen's JSON: clamp each band at the level calibration's rule picks there instead")
     parser.add_argument("--ways", default="slider,notched,clamp")
     parser.add_argument("--bands", default=",".join(PRIMARIES))
+    parser.add_argument("--negative", action="store_true", help="also the slider at -1 and each clamp at minus its level")
     parser.add_argument("--prompts", choices=("eval", "calibration", "test"), default="eval")
     parser.add_argument("--prompt-count", type=int, default=None, help="the first N prompts only (a quick look)")
     parser.add_argument("--seed", type=int, default=777)
@@ -91,7 +100,7 @@ def main() -> None:
     started = time.perf_counter()
     with Model(resolve_model_path(args.model)) as file_model, file_model.unpacked() as model:
         bank = Bank.load(args.bank) if args.bank else require_bank(model.info)
-        settings = settings_for(bank, bands, levels, args.ways.split(","))
+        settings = settings_for(bank, bands, levels, args.ways.split(","), args.negative)
         bench = ReplyBench(model, prompts, args.max_tokens, args.seed, bank.steered_layers, samples=args.samples,
                            labels=True)
         results = bench.run(settings)
@@ -103,8 +112,10 @@ def main() -> None:
         # the first sample's reply to the first two prompts under every setting, to read beside the figures
         "replies": {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
                     results[setting.key].texts[:: args.samples][:2] for setting in settings}}, indent=1))
-    print_source_rows(rows, "way")
-    print_clear_counts(rows, "way")
+    raised = [row for row in rows if row["gain"] > 0]
+    print_source_rows(raised, "way")
+    print_clear_counts(raised, "way")
+    print_lowered_counts([row for row in rows if row["gain"] < 0], "way")
     print(f"{round(time.perf_counter() - started)} s")
 
 

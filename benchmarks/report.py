@@ -43,6 +43,16 @@ def print_clear_counts(rows: list[dict], label: str) -> None:
               f"fluent {sum(r['fluent'] for r in cell)}/{len(cell)}")
 
 
+def print_lowered_counts(rows: list[dict], label: str) -> None:
+    """Per name: the primaries whose own emotion falls below the unsteered rate when pushed down, by the lexicon and
+    by the judge."""
+    for name in dict.fromkeys(row[label] for row in rows):
+        cell = [row for row in rows if row[label] == name]
+        print(f"{name:>10} pushed down: lexicon lowers {sum(r['effect'] < 1 for r in cell)}/{len(cell)}, judge lowers "
+              f"{sum(r['judged_effect'] < 1 for r in cell)}/{len(cell)}, fluent {sum(r['fluent'] for r in cell)}/"
+              f"{len(cell)}")
+
+
 def layer_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Two directions' cosine, layer by layer, averaged over the layers (rows of unit vectors)."""
     return round(float(np.mean(np.sum(a * b, axis=1))), 3)
