@@ -356,6 +356,9 @@ def generate_parallel(
                 and started - emitted < window
                 and (steering is not None or not active or upcoming.vector_key == current_key)
             ):
+                if steering is None and upcoming.filters:
+                    # only the row tap applies a job's filters: without it the job would run unfiltered, unseen
+                    raise ValueError("a job with filters needs row_steering (the steered layers)")
                 if steering is None and upcoming.vector_key != current_key:
                     context.set_control_vector(upcoming.vector)
                     current_key = upcoming.vector_key

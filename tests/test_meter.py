@@ -179,6 +179,8 @@ def test_a_jobs_filters_clamp_its_own_rows_as_a_chat_does(model, bank):
     with model.parallel_context(jobs, parallel=2) as ctx:
         done = list(generate_parallel(ctx, jobs, row_steering=bank.steered_layers))
     assert [finished.text for finished in done] == [plain.text, clamped.text]
+    with model.parallel_context(jobs, parallel=2) as ctx, pytest.raises(ValueError, match="row_steering"):
+        list(generate_parallel(ctx, jobs))  # without the row tap the clamp would be dropped silently
 
 
 def test_preset_filters_apply(tmp_path):
