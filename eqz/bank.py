@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .bands import check_band_name
+from .bands import check_band_name, check_gain
 from .models import ModelInfo
 from .shipped import shipped_dir
 from .errors import EqzError
@@ -110,6 +110,10 @@ class Band:
     check: dict = field(default_factory=dict)  # figures at +1 and -1 on the calibration prompts
     calibration: list[dict] = field(default_factory=list)  # every strength and source tried
     trained: dict | None = None  # when and how fast a band added to an existing bank was made
+    # the level (meter units) gain +1 holds the band at, at every steered layer, instead of adding its vector (a clamp
+    # adds only what a token lacks: docs/steering-limits.md section 9); None: the slider adds its vector
+    hold: float | None = None
+    hold_check: dict = field(default_factory=dict)  # the held level's figures on the calibration prompts
 
     @property
     def imported(self) -> bool:
@@ -130,12 +134,12 @@ class Band:
                    "direction_ok": self.direction_ok, "problems": self.problems, "check": self.check,
                    "calibration": self.calibration, "file": f"{self.name}.gguf",
                    "negative_ratio": round(float(self.negative_ratio), 4), "readout": self.readout,
-                   "trained": self.trained}
+                   "trained": self.trained, "hold": self.hold, "hold_check": self.hold_check}
         return {key: value for key, value in written.items() if value is not None and value != [] and value != {}}
 
 
 _BAND_ENTRY_FIELDS = ("source", "description", "strength", "negative_strength", "clear", "direction_ok", "problems",
-                      "check", "calibration", "trained")
+                      "check", "calibration", "trained", "hold", "hold_check")
 
 
 @dataclass
@@ -168,6 +172,11 @@ class Bank:
     def names(self) -> tuple[str, ...]:
         return tuple(self.bands)
 
+    @property
+    def holds_any(self) -> bool:
+        """Some slider holds a level (see ``Band.hold``): moving it needs the filters' tap."""
+        return any(band.hold is not None for band in self.bands.values())
+
     def check_gains(self, gains: dict[str, float]) -> None:
         unknown = [band for band in gains if band not in self.bands]
         if unknown:
@@ -176,9 +185,11 @@ class Bank:
     def open_problems(self, name: str) -> list[str]:
         """The band's problems (PROBLEMS keys) from training, less "weak" where held-out figures recorded for this
         bank (`eqz eval --record`) found it clear at +1: they rest on several times calibration's replies."""
-        problems = list(self.bands[name].problems)
+        band = self.bands[name]
         held_out = self.quality.get("dose_response", {}).get(name, {}).get("1.0", {})
-        return [p for p in problems if not (p == "weak" and held_out.get("clear"))]
+        # a held band's +1 is its level, which passed calibration's rule where hold_check says clear
+        cleared = held_out.get("clear") or (band.hold is not None and band.hold_check.get("clear"))
+        return [p for p in band.problems if not (p == "weak" and cleared)]
 
     def doubtful(self, gains: dict[str, float]) -> list[str]:
         """A warning per band moved in ``gains`` with an open problem (see ``open_problems``): such a slider may not
@@ -195,8 +206,20 @@ class Bank:
             lines.append(f"{name} may not move the text as named in this bank ({why}); see `eqz vectors show`")
         return lines
 
+    def held(self, gains: dict[str, float]) -> dict[str, float]:
+        """The levels the held bands among ``gains`` are clamped at (gain x the band's hold level; 0 gains omitted)."""
+        self.check_gains(gains)
+        return {band: round(gain * self.bands[band].hold, 4) for band, gain in gains.items()
+                if gain != 0 and self.bands[band].hold is not None}
+
+    def added(self, gains: dict[str, float]) -> np.ndarray | None:
+        """The control vector the sliders add: ``mix`` of the bands that are not held (see ``held``)."""
+        self.check_gains(gains)
+        return self.mix({band: gain for band, gain in gains.items() if self.bands[band].hold is None})
+
     def mix(self, gains: dict[str, float]) -> np.ndarray | None:
-        """The control vector for these slider gains (None when every gain is 0)."""
+        """The sum of these bands' vectors at these gains, held bands' too (None when every gain is 0); what a
+        slider applies is ``added`` plus ``held``."""
         self.check_gains(gains)
         active = {band: gain for band, gain in gains.items() if gain != 0}
         if not active:
@@ -209,11 +232,33 @@ class Bank:
         return total
 
     def vector(self, gains: dict[str, float] | None = None, **named: float) -> ControlVector:
-        """The control vector for these slider gains as a value (``bank.vector(joy=0.8)``)."""
-        mix = self.mix({**(gains or {}), **named})
+        """The control vector for these slider gains as a value (``bank.vector(joy=0.8)``); a held band has none."""
+        gains = {**(gains or {}), **named}
+        held = self.held(gains)
+        if held:
+            band = next(iter(held))
+            raise EqzError(f"{band} holds a level (clamp {band}={held[band]:g}) rather than adding a vector, so it has "
+                           "no control vector to export; export the other bands, or clamp it in eqz")
+        mix = self.mix(gains)
         if mix is None:
             mix = np.zeros((self.model.n_layer, self.model.n_embd), dtype=np.float32)
         return ControlVector(mix, self.model.architecture)
+
+    def hold(self, name: str, level: float | None, check: dict | None = None) -> None:
+        """Make band ``name``'s +1 hold its component at ``level`` (meter units) instead of adding its vector;
+        None: add the vector again. ``check``: the level's figures on the calibration prompts, if measured."""
+        band = self.bands.get(name)
+        if band is None:
+            raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
+        if level is not None:
+            if not band.readout:
+                raise EqzError(f"'{name}' is unmetered (imported), so it has no level to hold; it can only add its "
+                               "vector")
+            level = check_gain(name, level, None, "level")
+            if level <= 0:
+                raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
+        band.hold = float(level) if level is not None else None
+        band.hold_check = dict(check or {}) if level is not None else {}
 
     def remove(self, name: str) -> None:
         """Drop band ``name`` (and its file, if the bank is on disk)."""

@@ -315,7 +315,8 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
     record_model = model_record(model)
     per_sequence = longest + max(s.sampling.max_tokens for s in settings) + 8
     per_sequence = (per_sequence + 255) // 256 * 256
-    filtered = any(setting.filters for setting in settings)
+    filtered = any(setting.filters for setting in settings) or \
+        any(steerer.held(Steering().with_gains(setting.gains)) for setting in settings)
     taps = (meter or filtered) and steerer.bank is not None
     heads: dict[str | None, list[int]] = {}  # system prompt -> the tokens every prompt with it starts with
     with model.context(n_ctx=per_sequence * parallel, n_seq=parallel, n_batch=max(512, per_sequence), unified=False,
@@ -326,8 +327,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
             matrix = steerer.matrix(steering)
             instruments = None
             if taps:
-                chosen = Filters(steerer.bank, setting.filters.get("clamp", {}), setting.filters.get("ablate", []))
-                instruments = Instruments(steerer.bank, meter=meter, filters=chosen)
+                instruments = Instruments(steerer.bank, meter=meter, filters=steerer.filters(steering, setting.filters))
                 context.set_tap(instruments)
 
             def jobs() -> Iterator[Job]:
@@ -353,7 +353,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
                     "finish_reason": finished.finish_reason,
                 }), "sample": task.sample}
                 if instruments is not None:
-                    if instruments.filters:
+                    if instruments.filters and instruments.filters.asked:
                         record["filters"] = instruments.filters.describe()
                     if meter:
                         record["meter"] = instruments.mean(finished.job)

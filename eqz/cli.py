@@ -579,6 +579,27 @@ def vectors_import(
     typer.echo(f"band '{name}' added to the bank in {directory} (unmetered); try: eqz chat --set {name}=0.5")
 
 
+@vectors_app.command("hold")
+def vectors_hold(
+    band: Annotated[str, typer.Argument(metavar="BAND", help="a metered band of the model's bank")],
+    level: Annotated[str, typer.Argument(metavar="LEVEL", help="the level +1 holds it at (meter units, up to 6), or 'off'")],
+    model: ModelOpt = None,
+) -> None:
+    """Make a slider hold its band at a level instead of adding its vector (gain g holds g x LEVEL at every steered
+    layer, like --clamp): on the default model this steers more clearly by the judge (docs/steering-limits.md
+    section 9). 'off' makes it add its vector again. Changes your own copy of the bank."""
+    from .bank import writable_bank
+
+    name = band.strip().lower()
+    with _load_model(model, None) as loaded:
+        bank = writable_bank(loaded.info)
+        bank.hold(name, None if level.strip().lower() == "off" else level)
+        directory = bank.save()
+    held = bank.bands[name].hold
+    typer.echo(f"{name} +1 now holds level {held:g} (bank in {directory}); try: eqz chat --set {name}=1"
+               if held is not None else f"{name} adds its vector again (bank in {directory})")
+
+
 @vectors_app.command("remove")
 def vectors_remove(
     bands: Annotated[list[str], typer.Argument(metavar="BAND...", help="bands to remove from your own bank for the model")],

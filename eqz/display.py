@@ -105,9 +105,10 @@ def print_bank(bank: Bank) -> None:
         if band.imported:
             table.add_row(name, "imported", "-", "-", "-", "-", "-", "-", "-", "[yellow]unmetered[/yellow]")
             continue
-        cells = ["described" if band.description else band.source or "stimulus", f"{band.strength:g}",
-                 f"x{band.negative_ratio:g}"]
-        at_one = band.check.get("+1")
+        held = band.hold is not None
+        cells = ["described" if band.description else band.source or "stimulus",
+                 f"held {band.hold:g}" if held else f"{band.strength:g}", "-" if held else f"x{band.negative_ratio:g}"]
+        at_one = band.hold_check if held else band.check.get("+1")
         if at_one:
             ppl = at_one.get("ppl_ratio")
             cells += [f"{at_one['effect']:.2f}", at_one["most_lifted"], _judged(at_one),
@@ -123,7 +124,8 @@ def print_bank(bank: Bank) -> None:
     calibration = bank.method.get("calibration")
     if isinstance(calibration, dict):
         console.print(
-            f"[dim]c: strength at gain +1 (c/steered layers of each layer's token norm); neg.: share of it at -1; "
+            f"[dim]c: strength at gain +1 (c/steered layers of each layer's token norm), or 'held L': +1 holds the "
+            "band at level L (meter units) at every steered layer instead of adding its vector; neg.: share of it at -1; "
             f"at +1: effect = the band's own emotion words over the unsteered replies' ({calibration['scorer']} "
             "lexicon; axes: + words/100; described bands: + nats/token the unsteered model prefers them for the "
             "description over the primaries), most lifted = the emotion that rose most, judge = how many times "

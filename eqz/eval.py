@@ -105,6 +105,13 @@ class Setting:
     filters: Filters | None = field(default=None, compare=False)
 
 
+def slider_setting(key, bank: Bank, gains: dict[str, float], **named) -> Setting:
+    """The replies these sliders make, as a chat makes them: the added vector, and the levels of held sliders
+    (``Bank.held``) as filters."""
+    held = bank.held(gains)
+    return Setting(key, bank.added(gains), filters=Filters(bank, {}, [], held=held) if held else None, **named)
+
+
 def redrawn_prompts(prompts: int, draws: int) -> np.ndarray:
     """(draws, prompts) indices: the prompt set drawn again with replacement, the same draws for every verdict (and
     for steered and unsteered replies alike), so verdicts on one set of replies are tested on the same redraws."""
@@ -566,11 +573,11 @@ def evaluate(
     bench = ReplyBench(model, prompts, reply_tokens, seed, bank.steered_layers, bank.read_layer, reader,
                        samples=samples, preferences=preference_personas(described), labels=True)
     settings = [Setting("baseline")]
-    settings += [Setting((band, gain), bank.mix({band: gain}), judge=personas[band] if gain > 0 else None)
+    settings += [slider_setting((band, gain), bank, {band: gain}, judge=personas[band] if gain > 0 else None)
                  for band in bands for gain in gains if gain != 0]
     asked = [band for band in bands if personas[band]]
     settings += [Setting((band, None), persona=personas[band], judge=personas[band]) for band in asked]
-    settings += [Setting((band, "asked"), bank.mix({band: 1.0}), persona=personas[band], judge=personas[band])
+    settings += [slider_setting((band, "asked"), bank, {band: 1.0}, persona=personas[band], judge=personas[band])
                  for band in asked]
     results = bench.run(settings, progress, states=True)
     baseline = results["baseline"]

@@ -67,10 +67,12 @@ class Filters:
 
     Several bands are solved together: with U the bands' unit directions, h' = h + U^T a with a chosen so that
     U h' hits every target exactly, moving h as little as possible (directions need not be orthogonal).
+    ``held``: the levels of held sliders (``Bank.held``); the user's own clamps and notches win over them, and
+    ``describe`` names only the user's.
     """
 
-    def __init__(self, bank: Bank, clamp: dict[str, float], ablate: list[str]):
-        targets = {**{band: 0.0 for band in ablate}, **clamp}
+    def __init__(self, bank: Bank, clamp: dict[str, float], ablate: list[str], held: dict[str, float] | None = None):
+        targets = {**(held or {}), **{band: 0.0 for band in ablate}, **clamp}
         valid = metered_bands(bank)
         unknown = [band for band in targets if band not in valid]
         if unknown:
@@ -89,6 +91,11 @@ class Filters:
 
     def __bool__(self) -> bool:
         return bool(self.targets)
+
+    @property
+    def asked(self) -> bool:
+        """The user asked for clamps or notches (beyond what held sliders hold)."""
+        return bool(self.clamp or self.ablate)
 
     def describe(self) -> dict:
         return {"clamp": self.clamp, "ablate": list(self.ablate)}
@@ -115,15 +122,20 @@ class Instruments:
     """
 
     def __init__(self, bank: Bank, meter: bool, filters: Filters | None = None):
-        self.filters = filters if filters else None
         self.read_layer = bank.read_layer
         self.metered = metered_bands(bank) if meter else ()
         self._geometry = geometry(bank, self.read_layer, self.metered) if self.metered else None
-        self.layers = frozenset(([self.read_layer] if self.metered else []) + (self.filters.layers if self.filters else []))
+        self.set_filters(filters)
         self.latest: np.ndarray | None = None  # readouts of the last row read
         self._owners: list | None = None  # who each row of the next decode belongs to (None: not metered)
         self._sums: dict = defaultdict(lambda: np.zeros(len(self.metered)))
         self._counts: dict = defaultdict(int)
+
+    def set_filters(self, filters: Filters | None) -> None:
+        """Filter with ``filters`` from the next decode on (the meter's sums are kept); set the tap again, since the
+        layers it needs may change."""
+        self.filters = filters if filters else None
+        self.layers = frozenset(([self.read_layer] if self.metered else []) + (self.filters.layers if self.filters else []))
 
     def owners(self, rows: list | None) -> None:
         """Name the owner of each row of the next decode; rows owned by None are not accumulated."""

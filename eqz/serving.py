@@ -63,17 +63,17 @@ class _Row(Decoding):
         self.request = request
         self.head = head
         self.vector = server.steerer.matrix(request.steering)
-        self.filters = Filters(server.bank, request.filters.get("clamp", {}), request.filters.get("ablate", [])) \
-            if request.filters and server.bank is not None else None
+        self.filters = server.steerer.filters(request.steering, request.filters)
         self.meter_sum: np.ndarray | None = None
         self.meter_count = 0
-        self.pending: tuple[np.ndarray | None, Steering] | None = None  # new sliders, applied at the next decode
+        # new sliders (their vector, held sliders' filters and steering), applied at the next decode
+        self.pending: tuple[np.ndarray | None, Filters | None, Steering] | None = None
 
     def apply_pending(self, bands: tuple[str, ...]) -> None:
         """Take new sliders between two decodes (never in the middle of one), and log the change."""
         if self.pending is None:
             return
-        self.vector, self.request.steering = self.pending
+        self.vector, self.filters, self.request.steering = self.pending
         self.pending = None
         self.request.changes.append({"at_token": len(self.reply.tokens), "text_offset": len(self.reply.assembler.text),
                                      **self.request.steering.to_dict(bands)})
@@ -169,7 +169,7 @@ class BatchServer:
             row = self._running.get(request_id)
             if row is None:
                 raise KeyError(request_id)
-            row.pending = (vector, steering)
+            row.pending = (vector, self.steerer.filters(steering, row.request.filters), steering)
 
     @property
     def load(self) -> tuple[int, int]:

@@ -95,12 +95,14 @@ class ChatSession:
         filters: dict | None = None,
     ):
         self.model = model
-        # taps (the meter, the filters) need the eval callback, which can only be set when the context is made
-        taps = bank is not None and bool(metered_bands(bank)) and (meter or bool(filters))
+        # taps (the meter, the filters, held sliders) need the eval callback, which can only be set when the context
+        # is made
+        taps = bank is not None and bool(metered_bands(bank)) and (meter or bool(filters) or bank.holds_any)
         self.context = model.context(n_ctx=min(n_ctx, model.info.n_ctx_train), taps=taps)
         self.steerer = Steerer(model.info, bank)
         self.instruments: Instruments | None = None
-        self.filters: Filters | None = None
+        self.filters: Filters | None = None  # the user's filters and the held sliders' levels together
+        self._asked_filters: dict = {}  # the user's clamp and ablate
         self.meter_on = meter and taps
         self.sampling = sampling
         self.system = system
@@ -120,16 +122,32 @@ class ChatSession:
 
     def set_steering(self, steering: Steering) -> None:
         """Apply ``steering`` now (between replies). Raises EqzError if a vector does not fit the model."""
-        self.context.set_control_vector(self.steerer.matrix(steering))
+        self._steer(steering, self.steerer.matrix(steering))
+
+    def _steer(self, steering: Steering, matrix: np.ndarray | None) -> None:
+        """Apply ``steering`` (whose added vector is ``matrix``) from the next decode on: the control vector, and
+        the filters again where it moves a held slider."""
+        held_before = self.steerer.held(self.steering)
+        self.context.set_control_vector(matrix)
         self.steering = steering
+        if self.steerer.held(steering) != held_before:
+            self._refilter()
 
     def set_filters(self, clamp: dict[str, float] | None = None, ablate: list[str] | None = None) -> None:
         """Clamp bands to levels / notch them to neutral inside the forward pass (empty: no filters)."""
+        self._asked_filters = {"clamp": dict(clamp or {}), "ablate": list(ablate or [])}
+        self._refilter()
+
+    def _refilter(self) -> None:
+        """Filter with the user's filters and the levels of the held sliders moved now."""
         bank = self.steerer.bank
         if not self.context.has_taps or bank is None:
             raise EqzError("filters need the model's bank and the meter: start eqz chat with a bank and --meter")
-        self.filters = Filters(bank, clamp or {}, ablate or [])
-        self.instruments = Instruments(bank, meter=self.meter_on, filters=self.filters)
+        self.filters = self.steerer.filters(self.steering, self._asked_filters)
+        if self.instruments is None:
+            self.instruments = Instruments(bank, meter=self.meter_on, filters=self.filters)
+        else:
+            self.instruments.set_filters(self.filters)
         self.context.set_tap(self.instruments if self.instruments.layers else None)
 
     def request_steering(self, steering: Steering) -> None:
@@ -176,8 +194,7 @@ class ChatSession:
         """Start the assistant's reply to ``user_text``; iterate the Turn for its text as it streams."""
         pending = self._take_pending()  # a slider moved after the last token of the previous reply
         if pending is not None:
-            self.context.set_control_vector(pending[1])
-            self.steering = pending[0]
+            self._steer(*pending)
         return Turn(self, user_text)
 
     def _fit_prompt(self) -> tuple[list[int], tuple[str, ...], int]:
@@ -264,15 +281,15 @@ class Turn:
             self.record.finish_reason = self._stream.finish_reason or "interrupted"
             if self.session.instruments is not None:
                 self.record.meter = self.session.instruments.mean(self)
-                self.record.filters = self.session.filters.describe() if self.session.filters else None
+                filters = self.session.filters
+                self.record.filters = filters.describe() if filters and filters.asked else None
             self.session.history.append(
                 {"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()}
             )
             self._sampler.close()
 
     def _apply(self, steering: Steering, matrix: np.ndarray | None) -> None:
-        self.session.context.set_control_vector(matrix)
-        self.session.steering = steering
+        self.session._steer(steering, matrix)
         self.record.changes.append(
             {
                 "at_token": len(self._stream.tokens),

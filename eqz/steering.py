@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .bank import Bank, require_bank
+from .meter import Filters
 from .models import ModelInfo
 from .vector_files import ControlVectorFile, read_control_vector
 
@@ -74,15 +75,36 @@ class Steerer:
             self._files[key] = vector_file
         return self._files[key]
 
+    def held(self, steering: Steering) -> dict[str, float]:
+        """The levels held sliders clamp their bands at (``Bank.held``): they steer through the filters, not
+        ``matrix``."""
+        if not steering.gains:
+            return {}
+        if self.bank is None:
+            self.bank = require_bank(self.info)
+        return self.bank.held(dict(steering.gains))
+
+    def filters(self, steering: Steering, asked: dict | None = None) -> Filters | None:
+        """What a reply under ``steering`` is filtered with: the user's ``asked`` ({"clamp": ..., "ablate": ...})
+        and the held sliders' levels together; None when there is neither."""
+        asked = asked or {}
+        held = self.held(steering)
+        if not (held or asked.get("clamp") or asked.get("ablate")):
+            return None
+        if self.bank is None:
+            self.bank = require_bank(self.info)
+        return Filters(self.bank, asked.get("clamp", {}), asked.get("ablate", []), held=held)
+
     def matrix(self, steering: Steering) -> np.ndarray | None:
-        """The summed control vector, or None when nothing steers (the exact unsteered graph)."""
+        """The summed control vector of the sliders that add one and the files, or None when nothing steers (the
+        exact unsteered graph)."""
         if steering.is_neutral:
             return None
         total = np.zeros((self.info.n_layer, self.info.n_embd), dtype=np.float32)
         if steering.gains:
             if self.bank is None:
                 self.bank = require_bank(self.info)
-            mix = self.bank.mix(dict(steering.gains))
+            mix = self.bank.added(dict(steering.gains))
             if mix is not None:
                 total += mix
         for path, scale in steering.vectors:

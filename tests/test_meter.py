@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from eqz.meter import Filters, Instruments
 from eqz.reading import TextGroup, read_texts
 from eqz.sampling import Sampling
 from eqz.session import ChatSession
+from eqz.steering import Steering
 from eqz.stimuli import load_stimuli
 
 from .conftest import run_eqz
@@ -194,3 +196,59 @@ def test_preset_filters_apply(tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["preset"] == "numb" and record["filters"]["ablate"] == ["sadness"]
+
+
+def test_a_held_slider_clamps_its_band_where_it_would_add_its_vector(tmp_path):
+    """`eqz vectors hold joy 3`: --set joy=1 then holds joy at 3 as --clamp joy=3 does, in generate and batch (not
+    the vector it added before), is reported as a slider, cannot be exported, and 'off' gives the vector back."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+
+    def reply(*args: str, held: bool = True) -> dict:
+        result = run_eqz("generate", NEUTRAL_PROMPT, "-n", "24", "--seed", "3", "--json", *args, env=env if held else None)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    added = reply("--set", "joy=1", held=False)
+    held = run_eqz("vectors", "hold", "joy", "3", env=env)
+    assert held.returncode == 0 and "joy +1 now holds level 3" in held.stdout, held.stderr
+    assert "held 3" in run_eqz("vectors", "show", env=env).stdout
+    by_slider, by_clamp = reply("--set", "joy=1"), reply("--clamp", "joy=3")
+    assert by_slider["output"] == by_clamp["output"] != added["output"]
+    assert by_slider["sliders"]["joy"] == 1.0 and "filters" not in by_slider and by_clamp["filters"]["clamp"] == {"joy": 3.0}
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(NEUTRAL_PROMPT + "\n" + GRIEF_PROMPT + "\n")
+    outputs = []
+    for option in ("--set", "--clamp"):
+        out = tmp_path / f"{option[2:]}.jsonl"
+        result = run_eqz("batch", str(prompts), "-o", str(out), "-n", "16", "--seed", "2", option,
+                         "joy=1" if option == "--set" else "joy=3", env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append([json.loads(line)["output"] for line in out.read_text().splitlines()])
+    assert outputs[0] == outputs[1]
+
+    refused = run_eqz("vectors", "export", "--set", "joy=1", "-o", str(tmp_path / "joy.gguf"), env=env)
+    assert refused.returncode != 0 and "joy holds a level" in refused.stderr and "Traceback" not in refused.stderr
+    assert run_eqz("vectors", "hold", "joy", "off", env=env).returncode == 0
+    assert reply("--set", "joy=1")["output"] == added["output"]
+
+
+def test_a_held_slider_moved_in_a_chat_clamps_from_the_next_token(model, bank):
+    held_bank = copy.deepcopy(bank)
+    held_bank.hold("joy", 3)
+    sampling = Sampling(seed=6, max_tokens=40)
+    clamped, _ = reply_with(model, bank, NEUTRAL_PROMPT, {"clamp": {"joy": 3.0}}, seed=6, tokens=40)
+    session = ChatSession(model, sampling, bank=held_bank, steering=Steering().with_gain("joy", 1.0))
+    assert "".join(session.reply(NEUTRAL_PROMPT)) == clamped.text
+    session.close()
+
+    plain, _ = reply_with(model, bank, NEUTRAL_PROMPT, None, seed=6, tokens=40)
+    session = ChatSession(model, sampling, bank=held_bank)
+    turn = session.reply(NEUTRAL_PROMPT)
+    for index, _ in enumerate(turn):
+        if index == 3:
+            session.request_steering(Steering().with_gain("joy", 1.0))  # as the chat's slider keys do
+    (change,) = turn.record.changes
+    assert session.filters.targets == {"joy": 3.0} and not session.filters.asked
+    assert turn.text[: change["text_offset"]] == plain.text[: change["text_offset"]] and turn.text != plain.text
+    session.close()

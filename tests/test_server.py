@@ -30,8 +30,9 @@ TOPICS = ["rain", "a cat", "bread", "a train", "snow", "music", "a city", "the m
 class Served:
     """An `eqz serve` process on a free loopback port."""
 
-    def __init__(self, *args: str):
-        self.process = subprocess.Popen([EQZ, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True)
+    def __init__(self, *args: str, env: dict | None = None):
+        self.process = subprocess.Popen([EQZ, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **(env or {})})
         line = self.process.stderr.readline()
         found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         assert found, line + self.process.stderr.read()
@@ -163,6 +164,33 @@ def test_a_stream_is_resteered_from_its_next_token(server, client):
     plain = chat(client, "Write a long story about a lighthouse.", {}, seed=4, max_tokens=80)
     assert record["output"] != plain and record["output"][:change["text_offset"]] == plain[:change["text_offset"]]
     assert text and record["output"].endswith(text)
+
+
+def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path)}
+    assert run_eqz("vectors", "hold", "joy", "3", env=env).returncode == 0
+    clamped = json.loads(run_eqz("generate", "Describe your morning.", "--clamp", "joy=3", "--seed", "3", "-n", "24",
+                                 "--json").stdout)
+    served = Served("--parallel", "2", env=env)
+    try:
+        client = OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert chat(client, "Describe your morning.", {"joy": 1}) == clamped["output"]
+        body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "seed": 4,
+                "max_tokens": 60, "stream": True}
+        request = urllib.request.Request(served.url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            stream_id = response.headers["X-Eqz-Stream"]
+            for _ in range(6):
+                response.readline(), response.readline()
+            assert served.post(f"/v1/eqz/streams/{stream_id}", {"sliders": {"joy": 1}})[0] == 200
+            response.read()
+        status, record = served.get(f"/v1/eqz/streams/{stream_id}")
+        plain = chat(client, "Write a long story about a lighthouse.", {}, seed=4, max_tokens=60)
+        (change,) = record["changes"]
+        assert record["output"][:change["text_offset"]] == plain[:change["text_offset"]] and record["output"] != plain
+    finally:
+        served.close()
 
 
 @pytest.mark.parametrize("body,fragment", [
