@@ -29,7 +29,7 @@ from .bands import check_gain
 from .engine import Model
 from .generation import Job, generate_parallel, template_head
 from .reading import common_prefix_length
-from .meter import Filters, Instruments
+from .meter import Instruments
 from .errors import EqzError
 from .presets import Preset, Resolved, get_preset, resolve
 from .session import model_record, reply_record
