@@ -144,21 +144,29 @@ def test_a_reply_keeps_its_own_sliders_when_a_request_in_between_is_done(client)
     assert together[2] == ask(2) != chat(client, "Write about snow.", {}, seed=3, max_tokens=64)
 
 
-def test_a_stream_is_resteered_from_its_next_token(server, client):
+def resteered_stream(server: Served, max_tokens: int, sliders: dict) -> tuple[dict, str]:
+    """Stream a lighthouse story unsteered, move the sliders after six pieces; the stream's record and the text that
+    came after the move."""
     body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "seed": 4,
-            "max_tokens": 80, "stream": True}
+            "max_tokens": max_tokens, "stream": True}
     request = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         stream_id = response.headers["X-Eqz-Stream"]
         for _ in range(6):
             response.readline(), response.readline()  # "data: ..." and the blank line after it
-        status, changed = server.post(f"/v1/eqz/streams/{stream_id}", {"sliders": {"joy": 1.5}})
-        assert status == 200 and changed["sliders"]["joy"] == 1.5
+        status, changed = server.post(f"/v1/eqz/streams/{stream_id}", {"sliders": sliders})
+        assert status == 200 and all(changed["sliders"][band] == gain for band, gain in sliders.items())
         text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
                        for line in response.read().decode().splitlines() if line.startswith("data: {"))
     status, record = server.get(f"/v1/eqz/streams/{stream_id}")
-    assert status == 200 and record["finish_reason"] == "length"
+    assert status == 200
+    return record, text
+
+
+def test_a_stream_is_resteered_from_its_next_token(server, client):
+    record, text = resteered_stream(server, 80, {"joy": 1.5})
+    assert record["finish_reason"] == "length"
     (change,) = record["changes"]
     assert 0 < change["at_token"] < record["n_tokens"] and change["sliders"]["joy"] == 1.5
     plain = chat(client, "Write a long story about a lighthouse.", {}, seed=4, max_tokens=80)
@@ -175,17 +183,7 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
     try:
         client = OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert chat(client, "Describe your morning.", {"joy": 1}) == clamped["output"]
-        body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "seed": 4,
-                "max_tokens": 60, "stream": True}
-        request = urllib.request.Request(served.url + "/v1/chat/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            stream_id = response.headers["X-Eqz-Stream"]
-            for _ in range(6):
-                response.readline(), response.readline()
-            assert served.post(f"/v1/eqz/streams/{stream_id}", {"sliders": {"joy": 1}})[0] == 200
-            response.read()
-        status, record = served.get(f"/v1/eqz/streams/{stream_id}")
+        record, _ = resteered_stream(served, 60, {"joy": 1})
         plain = chat(client, "Write a long story about a lighthouse.", {}, seed=4, max_tokens=60)
         (change,) = record["changes"]
         assert record["output"][:change["text_offset"]] == plain[:change["text_offset"]] and record["output"] != plain
