@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--bands", default=",".join(PRIMARIES))
     parser.add_argument("--negative", action="store_true", help="also the slider at -1 and each clamp at minus its level")
     parser.add_argument("--prompts", choices=("eval", "calibration", "test"), default="eval")
+    parser.add_argument("--prompts-file", type=Path, default=None,
+                        help="one prompt per line instead of a built-in set (benchmarks/data/fresh_prompts.txt: 16 "
+                             "written after the test split was spent)")
     parser.add_argument("--prompt-count", type=int, default=None, help="the first N prompts only (a quick look)")
     parser.add_argument("--seed", type=int, default=777)
     parser.add_argument("--samples", type=int, default=2)
@@ -96,7 +99,8 @@ def main() -> None:
         levels = {band: [level] for band, level in chosen_levels(args.chosen_from).items()}
     else:
         levels = {band: [float(level) for level in args.levels.split(",")] for band in bands}
-    prompts = prompt_sets()[args.prompts][: args.prompt_count]
+    prompts = (args.prompts_file.read_text().splitlines() if args.prompts_file else prompt_sets()[args.prompts])
+    prompts = [prompt for prompt in prompts if prompt.strip()][: args.prompt_count]
     started = time.perf_counter()
     with Model(resolve_model_path(args.model)) as file_model, file_model.unpacked() as model:
         bank = Bank.load(args.bank) if args.bank else require_bank(model.info)
@@ -106,7 +110,7 @@ def main() -> None:
         results = bench.run(settings)
     rows = pushed_rows(settings, results, args.samples, "way")
     Path(args.out).write_text(json.dumps({
-        "model": model.info.name, "prompts": args.prompts, "prompt_count": len(prompts), "seed": args.seed,
+        "model": model.info.name, "prompts": str(args.prompts_file) if args.prompts_file else args.prompts, "prompt_count": len(prompts), "seed": args.seed,
         "samples": args.samples, "max_tokens": args.max_tokens, "levels": levels, "rows": rows,
         "seconds": round(time.perf_counter() - started),
         # the first sample's reply to the first two prompts under every setting, to read beside the figures
