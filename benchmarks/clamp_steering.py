@@ -110,7 +110,8 @@ def main() -> None:
         results = bench.run(settings)
     rows = pushed_rows(settings, results, args.samples, "way")
     Path(args.out).write_text(json.dumps({
-        "model": model.info.name, "prompts": str(args.prompts_file) if args.prompts_file else args.prompts, "prompt_count": len(prompts), "seed": args.seed,
+        "model": model.info.name, "prompts": str(args.prompts_file) if args.prompts_file else args.prompts,
+        "prompt_count": len(prompts), "seed": args.seed,
         "samples": args.samples, "max_tokens": args.max_tokens, "levels": levels, "rows": rows,
         "seconds": round(time.perf_counter() - started),
         # the first sample's reply to the first two prompts under every setting, to read beside the figures

@@ -97,8 +97,9 @@ class Filters:
         """The user asked for clamps or notches (beyond what held sliders hold)."""
         return bool(self.clamp or self.ablate)
 
-    def describe(self) -> dict:
-        return {"clamp": self.clamp, "ablate": list(self.ablate)}
+    def describe(self) -> dict | None:
+        """The user's clamps and notches as records hold them; None when only held sliders filter."""
+        return {"clamp": self.clamp, "ablate": list(self.ablate)} if self.asked else None
 
     def apply(self, layer: int, hidden: np.ndarray) -> bool:
         """Rewrite ``hidden`` (rows, n_embd) in place; True if this layer is filtered."""

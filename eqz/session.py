@@ -281,8 +281,7 @@ class Turn:
             self.record.finish_reason = self._stream.finish_reason or "interrupted"
             if self.session.instruments is not None:
                 self.record.meter = self.session.instruments.mean(self)
-                filters = self.session.filters
-                self.record.filters = filters.describe() if filters and filters.asked else None
+                self.record.filters = self.session.filters.describe() if self.session.filters else None
             self.session.history.append(
                 {"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()}
             )

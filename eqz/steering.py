@@ -75,14 +75,16 @@ class Steerer:
             self._files[key] = vector_file
         return self._files[key]
 
+    def _bank(self) -> Bank:
+        """The bank, found for the model the first time sliders need it (an EqzError when it has none)."""
+        if self.bank is None:
+            self.bank = require_bank(self.info)
+        return self.bank
+
     def held(self, steering: Steering) -> dict[str, float]:
         """The levels held sliders clamp their bands at (``Bank.held``): they steer through the filters, not
         ``matrix``."""
-        if not steering.gains:
-            return {}
-        if self.bank is None:
-            self.bank = require_bank(self.info)
-        return self.bank.held(dict(steering.gains))
+        return self._bank().held(dict(steering.gains)) if steering.gains else {}
 
     def filters(self, steering: Steering, asked: dict | None = None) -> Filters | None:
         """What a reply under ``steering`` is filtered with: the user's ``asked`` ({"clamp": ..., "ablate": ...})
@@ -91,9 +93,7 @@ class Steerer:
         held = self.held(steering)
         if not (held or asked.get("clamp") or asked.get("ablate")):
             return None
-        if self.bank is None:
-            self.bank = require_bank(self.info)
-        return Filters(self.bank, asked.get("clamp", {}), asked.get("ablate", []), held=held)
+        return Filters(self._bank(), asked.get("clamp", {}), asked.get("ablate", []), held=held)
 
     def matrix(self, steering: Steering) -> np.ndarray | None:
         """The summed control vector of the sliders that add one and the files, or None when nothing steers (the
@@ -102,9 +102,7 @@ class Steerer:
             return None
         total = np.zeros((self.info.n_layer, self.info.n_embd), dtype=np.float32)
         if steering.gains:
-            if self.bank is None:
-                self.bank = require_bank(self.info)
-            mix = self.bank.added(dict(steering.gains))
+            mix = self._bank().added(dict(steering.gains))
             if mix is not None:
                 total += mix
         for path, scale in steering.vectors:

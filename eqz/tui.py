@@ -151,7 +151,7 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
     else:
         lines.append(Text("no emotion bank for this model: run `eqz train` to get sliders", style="yellow"))
     s = session.sampling
-    filters = session.filters.describe() if session.filters and session.filters.asked else None
+    filters = session.filters.describe() if session.filters else None
     status = (
         f"temp {s.temperature:.2f} · top-p {s.top_p:.2f} · top-k {s.top_k} · min-p {s.min_p:.2f} · "
         f"repeat {s.repeat_penalty:.2f} · {equalizer.tokens_per_second:.0f} tok/s"
