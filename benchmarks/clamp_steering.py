@@ -13,6 +13,7 @@ its band at the read layer while it writes.
     python benchmarks/clamp_steering.py --prompts calibration --ways clamp --levels 1,2,3,4,5,6 --out screen.json
     python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --seed 9999 --samples 4
     python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --prompts test --samples 4 --negative
+    python benchmarks/clamp_steering.py --chosen-from screen.json --hold-in vectors/smollm2-135m-instruct  # ship them
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: l
     return settings
 
 
-def chosen_levels(screen: Path) -> dict[str, float]:
-    """Per band, the level `eqz train` would call +1 from a screen's clamp rows (calibration's rule,
+def chosen_rows(screen: Path) -> dict[str, dict]:
+    """Per band, the clamp row whose level `eqz train` would call +1 in a screen (calibration's rule,
     train.Candidate): the smallest fluent level clear by the lexicon whose judge verdict holds on CALIBRATION_HOLDS
     (80%) of redraws, else the fluent level with the largest judge lift (the lowest level when none is fluent)."""
     rows = [row for row in json.loads(screen.read_text())["rows"] if row["way"] == "clamp"]
@@ -69,9 +70,26 @@ def chosen_levels(screen: Path) -> dict[str, float]:
     for band in dict.fromkeys(row["band"] for row in rows):
         tried = sorted((row for row in rows if row["band"] == band), key=lambda row: row["gain"])
         fluent = [row for row in tried if row["fluent"]] or tried[:1]
-        holding = [row for row in fluent if row["clear"] and row["judged_clear_share"] >= CALIBRATION_HOLDS]
-        chosen[band] = (holding[0] if holding else max(fluent, key=lambda row: row["judged_effect"]))["gain"]
+        holding = [row for row in fluent if passes_calibration(row)]
+        chosen[band] = holding[0] if holding else max(fluent, key=lambda row: row["judged_effect"])
     return chosen
+
+
+def passes_calibration(row: dict) -> bool:
+    return row["fluent"] and row["clear"] and row["judged_clear_share"] >= CALIBRATION_HOLDS
+
+
+def hold_chosen(bank_dir: Path, screen: Path) -> None:
+    """Make every band screened hold its chosen level in the bank at ``bank_dir``, with the screen's figures for
+    that level as its check (``eqz vectors show`` prints them; a level that fails calibration's rule is weak)."""
+    bank = Bank.load(bank_dir)
+    for band, row in chosen_rows(screen).items():
+        check = {key: row[key] for key in ("effect", "most_lifted", "clear", "clear_share", "judged_effect",
+                                           "judged_most_lifted", "judged_clear", "judged_clear_share",
+                                           "repeated_3grams", "distinct_2", "ppl_ratio", "fluent")}
+        bank.hold(band, row["gain"], {**check, "weak": not passes_calibration(row), "screen": screen.name})
+        print(f"{band}: holds {row['gain']:g}{'' if passes_calibration(row) else ' (weak)'}")
+    bank.save()
 
 
 def main() -> None:
@@ -81,6 +99,8 @@ def main() -> None:
     parser.add_argument("--levels", default="2,3,5", help="clamp levels tried on every band")
     parser.add_argument("--chosen-from", type=Path, default=None,
                         help="a screen's JSON: clamp each band at the level calibration's rule picks there instead")
+    parser.add_argument("--hold-in", type=Path, default=None, metavar="BANK_DIR",
+                        help="with --chosen-from: make that bank's sliders hold the chosen levels, and exit")
     parser.add_argument("--ways", default="slider,notched,clamp")
     parser.add_argument("--bands", default=",".join(PRIMARIES))
     parser.add_argument("--negative", action="store_true", help="also the slider at -1 and each clamp at minus its level")
@@ -94,9 +114,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="clamp_steering.json")
     args = parser.parse_args()
+    if args.hold_in:
+        hold_chosen(args.hold_in, args.chosen_from)
+        return
     bands = args.bands.split(",")
     if args.chosen_from:
-        levels = {band: [level] for band, level in chosen_levels(args.chosen_from).items()}
+        levels = {band: [row["gain"]] for band, row in chosen_rows(args.chosen_from).items()}
     else:
         levels = {band: [float(level) for level in args.levels.split(",")] for band in bands}
     prompts = (args.prompts_file.read_text().splitlines() if args.prompts_file else prompt_sets()[args.prompts])

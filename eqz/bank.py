@@ -38,7 +38,8 @@ READABLE_FORMATS = (1, 2)  # format 1 banks read along their steering vectors
 SHIPPED_DIR = shipped_dir("vectors")
 # What a band's direction check can find (bank.yaml stores the key; messages and `vectors show` use the words).
 PROBLEMS = {
-    "weak": "no fluent strength clearly lifts its emotion on most redraws of the calibration prompts",
+    "weak": "at +1 it does not clearly lift its emotion on most redraws of the calibration prompts",
+    "uncalibrated": "it holds a level set by hand (`eqz vectors hold`), which nothing has measured",
     "lexicon": "its emotion words do not rise from -1 to +1",
     "judge": "the unsteered model does not judge its replies closer to the band from -1 to +1",
     "readout": "the model's readout does not rise from -1 to +1",
@@ -182,28 +183,31 @@ class Bank:
         if unknown:
             raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(self.names)}")
 
-    def open_problems(self, name: str) -> list[str]:
-        """The band's problems (PROBLEMS keys) from training, less "weak" where held-out figures recorded for this
-        bank (`eqz eval --record`) found it clear at +1: they rest on several times calibration's replies."""
+    def trained_problems(self, name: str) -> list[str]:
+        """The band's problems (PROBLEMS keys) as calibration found them: a slider's from training; a held band's
+        from its level's check (``Band.hold_check``), since the vector's figures say nothing of a clamp."""
         band = self.bands[name]
+        if band.hold is None:
+            return band.problems
+        if not band.hold_check:
+            return ["uncalibrated"]
+        return ["weak"] if band.hold_check.get("weak") else []
+
+    def open_problems(self, name: str) -> list[str]:
+        """``trained_problems`` less "weak" where held-out figures recorded for this bank (`eqz eval --record`)
+        found the band clear at +1: they rest on several times calibration's replies."""
         held_out = self.quality.get("dose_response", {}).get(name, {}).get("1.0", {})
-        # a held band's +1 is its level, which passed calibration's rule where hold_check says clear
-        cleared = held_out.get("clear") or (band.hold is not None and band.hold_check.get("clear"))
-        return [p for p in band.problems if not (p == "weak" and cleared)]
+        return [p for p in self.trained_problems(name) if not (p == "weak" and held_out.get("clear"))]
 
     def doubtful(self, gains: dict[str, float]) -> list[str]:
         """A warning per band moved in ``gains`` with an open problem (see ``open_problems``): such a slider may not
         move the text the way it is named, and users should hear so rather than see nothing."""
         lines = []
         for name, gain in gains.items():
-            band = self.bands.get(name)
-            if gain == 0 or band is None or band.direction_ok is not False:
-                continue
-            problems = self.open_problems(name)
-            if band.problems and not problems:  # only "weak", and held-out figures found it clear
-                continue
-            why = "; ".join(PROBLEMS.get(p, p) for p in problems) or "direction check failed"
-            lines.append(f"{name} may not move the text as named in this bank ({why}); see `eqz vectors show`")
+            problems = self.open_problems(name) if gain != 0 and name in self.bands else []
+            if problems:
+                why = "; ".join(PROBLEMS.get(p, p) for p in problems)
+                lines.append(f"{name} may not move the text as named in this bank ({why}); see `eqz vectors show`")
         return lines
 
     def held(self, gains: dict[str, float]) -> dict[str, float]:
@@ -232,14 +236,9 @@ class Bank:
         return total
 
     def vector(self, gains: dict[str, float] | None = None, **named: float) -> ControlVector:
-        """The control vector for these slider gains as a value (``bank.vector(joy=0.8)``); a held band has none."""
-        gains = {**(gains or {}), **named}
-        held = self.held(gains)
-        if held:
-            band = next(iter(held))
-            raise EqzError(f"{band} holds a level (clamp {band}={held[band]:g}) rather than adding a vector, so it has "
-                           "no control vector to export; export the other bands, or clamp it in eqz")
-        mix = self.mix(gains)
+        """The control vector for these slider gains as a value (``bank.vector(joy=0.8)``). A control vector can
+        only add, so a held band (``held``) gives its vector: it steers as that slider did before it was held."""
+        mix = self.mix({**(gains or {}), **named})
         if mix is None:
             mix = np.zeros((self.model.n_layer, self.model.n_embd), dtype=np.float32)
         return ControlVector(mix, self.model.architecture)
@@ -259,6 +258,9 @@ class Bank:
                 raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
         band.hold = float(level) if level is not None else None
         band.hold_check = dict(check or {}) if level is not None else {}
+        # figures `eqz eval --record` measured the other way of steering no longer describe this slider
+        for figures in ("dose_response", "steering"):
+            self.quality.get(figures, {}).pop(name, None)
 
     def remove(self, name: str) -> None:
         """Drop band ``name`` (and its file, if the bank is on disk)."""

@@ -552,7 +552,12 @@ def vectors_export(
         if not any(gains.values()):
             raise EqzError("nothing to export: give at least one non-zero --set BAND=GAIN, or --preset NAME")
         path = loaded.bank.vector(gains).save(output)
+        held = loaded.bank.held(gains)
     mix = ", ".join(f"{b}={g:g}" for b, g in gains.items() if g)
+    if held:
+        _warn(f"{', '.join(held)} {'holds' if len(held) == 1 else 'hold'} a level in eqz, which a control vector "
+              "cannot do: the file adds the vector instead, which steers less clearly (docs/steering-limits.md "
+              "section 10)")
     typer.echo(f"wrote {path} ({mix}); apply with: llama-cli -m MODEL --control-vector {path}")
 
 

@@ -116,7 +116,7 @@ def print_bank(bank: Bank) -> None:
         else:
             cells += ["-"] * 5
         problems = bank.open_problems(name)
-        cleared = "" if problems == band.problems else " (eval)"
+        cleared = "" if problems == bank.trained_problems(name) else " (eval)"
         cells.append("-" if band.direction_ok is None else "[red]" + ", ".join(problems) + "[/red]" if problems
                      else "ok" + cleared)
         table.add_row(name, *cells)

@@ -134,6 +134,24 @@ def test_bank_mix_uses_the_negative_ratio():
     assert bank.mix({"joy": 0.0}) is None
 
 
+def test_a_held_band_is_judged_by_its_level_and_forgets_the_vectors_held_out_figures():
+    """Holding swaps what +1 does, so the slider's problems and its recorded figures stop applying: a level set by
+    hand is uncalibrated, a measured one is weak only where its own check says so, and the export adds vectors."""
+    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD)), "fear": D.unit(RNG.normal(size=EMBD))})
+    bank.bands["joy"].problems = ["weak", "lexicon"]
+    bank.quality["dose_response"] = {"joy": {"1.0": {"clear": True}}, "fear": {"1.0": {"clear": False}}}
+    assert bank.open_problems("joy") == ["lexicon"]
+    bank.hold("joy", 2)
+    assert bank.open_problems("joy") == ["uncalibrated"] and "joy" not in bank.quality["dose_response"]
+    assert "set by hand" in bank.doubtful({"joy": 0.5, "fear": 0.5})[0] and len(bank.doubtful({"joy": 0.5})) == 1
+    bank.hold("joy", 2, {"weak": True})
+    assert bank.open_problems("joy") == ["weak"]
+    bank.quality["dose_response"]["joy"] = {"1.0": {"clear": True}}  # `eqz eval --record` of the held slider
+    assert bank.open_problems("joy") == [] and bank.doubtful({"joy": 1.0}) == []
+    assert bank.held({"joy": -0.5, "fear": 1.0}) == {"joy": -1.0}
+    assert np.allclose(bank.vector(joy=1.0).matrix, bank.mix({"joy": 1.0}))
+
+
 def test_filters_hit_every_target_even_for_overlapping_directions():
     base = D.unit(RNG.normal(size=EMBD))
     joy = D.unit(base + 0.3 * RNG.normal(size=EMBD))
