@@ -1,8 +1,10 @@
 """Decode speed on the default model, measured side by side in one run.
 
-Prints eqz's decode tokens/s for: unsteered; steered (every band of the shipped bank non-zero); steered with the
-meter on; steered with the meter and two filters (clamp joy, ablate sadness) on. Each ratio is taken against the
-condition it adds to (steered vs unsteered, target >= 0.98; meter vs steered, target >= 0.95; filters vs steered).
+Prints eqz's decode tokens/s for: unsteered; steered (every band's vector added); every band as the shipped bank's
+sliders apply it (held bands clamped through the filters' tap, the others added); steered with the meter on;
+steered with the meter and two filters (clamp joy, ablate sadness) on. Each ratio is taken against the condition it
+adds to (steered vs unsteered, target >= 0.98; sliders vs unsteered; meter vs steered, target >= 0.95; filters vs
+steered).
 Also the cost of one slider change (a new control vector set between two tokens + the re-reserve of the next
 decode), in ms. Rounds are interleaved and medians reported, because these machines are shared and noisy.
 """
@@ -57,7 +59,8 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
     matrix = bank.mix(ALL_BANDS)
     meter = Instruments(bank, meter=True)
     filters = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, ["sadness"]))
-    rates: dict[str, list[float]] = {k: [] for k in ("unsteered", "steered", "meter", "filters", "changing")}
+    held = Instruments(bank, meter=False, filters=Filters(bank, {}, [], held=bank.held(ALL_BANDS)))
+    rates: dict[str, list[float]] = {k: [] for k in ("unsteered", "steered", "sliders", "meter", "filters", "changing")}
     # the meter and filters need a context made with the eval callback; the plain conditions get a plain one
     with model.context(n_ctx=1024) as plain, model.context(n_ctx=1024, taps=True) as tapped:
         decode_rate(model, plain, None)  # warm-up
@@ -65,6 +68,7 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
         for _ in range(rounds):
             rates["unsteered"].append(decode_rate(model, plain, None))
             rates["steered"].append(decode_rate(model, plain, matrix))
+            rates["sliders"].append(decode_rate(model, tapped, bank.added(ALL_BANDS), held))
             rates["meter"].append(decode_rate(model, tapped, matrix, meter))
             rates["filters"].append(decode_rate(model, tapped, matrix, filters))
             rates["changing"].append(decode_rate(model, plain, matrix, change_every_token=True))
@@ -78,7 +82,10 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
         "steered_tok_s": round(median["steered"], 1),
         "meter_tok_s": round(median["meter"], 1),
         "filters_tok_s": round(median["filters"], 1),
+        "sliders_tok_s": round(median["sliders"], 1),
         "steered_ratio": round(median["steered"] / median["unsteered"], 3),
+        "sliders_ratio": round(median["sliders"] / median["unsteered"], 3),
+        "held_bands": len(bank.held(ALL_BANDS)),
         "meter_ratio": round(median["meter"] / median["steered"], 3),
         "filters_ratio": round(median["filters"] / median["steered"], 3),
         "vector_change_ms": round(1000 * (1 / median["changing"] - 1 / median["steered"]), 2),
@@ -90,6 +97,8 @@ def rows(figures: dict) -> list[tuple[str, str, str]]:
         ("decode, unsteered", f"{figures['unsteered_tok_s']:.1f} tok/s", "baseline"),
         (f"decode, all {len(BANDS)} bands steered", f"{figures['steered_tok_s']:.1f} tok/s",
          f"x{figures['steered_ratio']:.3f} of unsteered (target >= 0.98)"),
+        (f"decode, all bands as sliders ({figures['held_bands']} held)", f"{figures['sliders_tok_s']:.1f} tok/s",
+         f"x{figures['sliders_ratio']:.3f} of unsteered"),
         ("decode, + meter", f"{figures['meter_tok_s']:.1f} tok/s",
          f"x{figures['meter_ratio']:.3f} of steered (target >= 0.95)"),
         ("decode, + meter + 2 filters", f"{figures['filters_tok_s']:.1f} tok/s", f"x{figures['filters_ratio']:.3f} of steered"),
