@@ -155,7 +155,10 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         f"{TEXT_BOUNDS}, perplexity under the model asked for the band <= {MAX_PPL_RATIO:g}x theirs. *Holds* = how "
         f"often the band is clear when the {result.prompts} prompts are drawn again with replacement (each with its "
         "samples, the same draw for steered and unsteered replies): how far a verdict is from this prompt set's "
-        "noise.",
+        "noise." + (" *Held L* (source column): gain g holds the band's component at g x L (meter units) at every "
+                    "steered layer instead of adding its vector (`eqz vectors hold`; docs/steering-limits.md "
+                    "section 10); its bank check is the level's, on the calibration prompts."
+                    if bank.holds_any else ""),
         "",
         f"**Primaries clear at +1: {clear}**; lifted >= 2x: {lifted}/{len(primaries)}; "
         f"prompting only: {prompt_clear}/{len(primaries)} clear{asked[0]}. "
@@ -174,9 +177,10 @@ def markdown(model_name: str, bank: Bank, result, figures: dict) -> str:
         both = _asked_cell(f, "asked_at_1_effect", "asked_at_1_clear")
         ppl = f"{f['ppl_ratio_at_1']:.2f}" if f["ppl_ratio_at_1"] is not None else "-"
         share = f"{f['clear_share_at_1']:.0%}" if f["clear_share_at_1"] is not None else "-"
-        check = "ok" if entry.direction_ok else ", ".join(entry.problems or ["-"])
+        check = ", ".join(bank.trained_problems(band)) or ("ok" if entry.direction_ok is not None else "-")
+        source = (entry.source or "-") + (f", held {entry.hold:g}" if entry.hold is not None else "")
         lines.append(
-            f"| {band} | {entry.source or '-'} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
+            f"| {band} | {source} | {f['effect_at_1']:.2f} | {f['most_lifted_at_1']} | "
             f"{'yes' if f['clear_at_1'] else 'no'} | {share} | {two} | {_yes_no(f['lowered_at_-1'])} | "
             f"{_yes_no(f['readout_rises'])} | {f['repeated_3grams_at_1']:.1%} | "
             f"{f['distinct_ratio_at_1']:.2f} | {ppl} | {prompted} | {both} | {check} |"
