@@ -21,7 +21,9 @@ from .conftest import run_eqz
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
 SHIPPED = SHIPPED_DIR / "smollm2-135m-instruct"
-MIN_CLEAR_PRIMARIES = 3  # measured for the shipped bank (docs/steering-smollm2-135m-instruct-eval.md); a retrain must not fall below
+# primaries expected clear at +1 by each scorer, measured for the shipped bank on the eval split
+# (docs/steering-smollm2-135m-instruct-eval.md: lexicon 3.1, judge 7.8); a retrain must not fall below
+MIN_EXPECTED_CLEAR = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,11 @@ def test_recorded_quality_figures_meet_the_bar(manifest):
         assert steering[band]["distinct_ratio_at_1"] >= 0.9, band
         if manifest["bands"][band]["direction_ok"]:  # what the bank's own check promised holds on held-out prompts
             assert table["-1.0"]["readout"] < table["0.0"]["readout"] < table["1.0"]["readout"], band
-    clear = [band for band in PRIMARIES if steering[band]["clear_at_1"]]
-    prompted = [band for band in PRIMARIES if steering[band]["prompt_only_clear"]]
-    assert len(clear) >= MIN_CLEAR_PRIMARIES and len(clear) > len(prompted), (clear, prompted)
+    # expected counts over redrawn prompts: a single run's count moves by a band or two with the draw (README)
+    for scorer in ("clear_share_at_1", "judged_clear_share_at_1"):
+        expected = sum(steering[band][scorer] for band in PRIMARIES)
+        prompted = sum(steering[band]["prompt_only_" + scorer.removesuffix("_at_1")] for band in PRIMARIES)
+        assert expected >= MIN_EXPECTED_CLEAR and expected > prompted, (scorer, expected, prompted)
 
 
 def analyze_json(text: str) -> dict:
@@ -112,21 +116,25 @@ def test_joy_and_sadness_sliders_move_the_replies_the_expected_way():
 
 
 def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):
+    """Sliders that add their vectors export exactly what they apply; a held slider exports its vector (a control
+    vector cannot hold a level) and says so in one warning line."""
     mix = tmp_path / "mix.gguf"
-    exported = run_eqz("vectors", "export", "--set", "joy=0.5", "--set", "fear=-0.3", "-o", str(mix))
-    assert exported.returncode == 0, exported.stderr
+    exported = run_eqz("vectors", "export", "--set", "valence=0.5", "--set", "arousal=-0.3", "-o", str(mix))
+    assert exported.returncode == 0 and "warning" not in exported.stderr, exported.stderr
     vector_file = read_control_vector(mix)
     assert vector_file.model_hint == "llama"
     common = ("generate", "Tell me about your day.", "--temperature", "0", "-n", "48", "--json")
-    sliders = json.loads(run_eqz(*common, "--set", "joy=0.5", "--set", "fear=-0.3").stdout)["output"]
+    sliders = json.loads(run_eqz(*common, "--set", "valence=0.5", "--set", "arousal=-0.3").stdout)["output"]
     raw = json.loads(run_eqz(*common, "--vector", str(mix)).stdout)["output"]
     plain = json.loads(run_eqz(*common).stdout)["output"]
     assert raw == sliders
     assert raw != plain
     from_preset = run_eqz("vectors", "export", "--preset", "melancholy", "--set", "joy=0", "-o", str(mix))
     assert from_preset.returncode == 0 and "sadness=0.8, arousal=-0.3" in from_preset.stdout, from_preset.stderr
-    preset = json.loads(run_eqz(*common, "--set", "sadness=0.8", "--set", "arousal=-0.3").stdout)["output"]
-    assert json.loads(run_eqz(*common, "--vector", str(mix)).stdout)["output"] == preset
+    assert "sadness holds a level in eqz" in from_preset.stderr and "Traceback" not in from_preset.stderr
+    shipped = Bank.load(SHIPPED)
+    assert shipped.bands["sadness"].hold is not None
+    assert np.allclose(read_control_vector(mix).matrix(30, 576), shipped.mix({"sadness": 0.8, "arousal": -0.3}))
 
 
 @pytest.mark.parametrize(
@@ -307,14 +315,20 @@ def test_bank_math_matches_the_files(model):
 
 def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
     """Copy the shipped bank, mark joy as failing, and move it in generate and in chat's /set; a band calibration
-    called weak warns unless the held-out figures recorded in the bank found it clear."""
+    called weak warns unless the held-out figures recorded in the bank found it clear. A held slider is judged by
+    its level's check, not its vector's: weak the same way, and a level set by hand warns that nothing measured it."""
     shutil.copytree(SHIPPED, tmp_path / "bank")
     manifest = yaml.safe_load((tmp_path / "bank" / "bank.yaml").read_text())
+    recorded = manifest["quality"].setdefault("dose_response", {})
+    for band in ("joy", "sadness", "trust", "fear"):  # sliders that add their vectors
+        manifest["bands"][band].update(hold=None, hold_check={})
     manifest["bands"]["joy"].update(direction_ok=False, problems=["lexicon"])
     manifest["bands"]["sadness"].update(direction_ok=True, problems=[])
-    for band, clear_held_out in (("trust", True), ("fear", False)):  # weak in calibration; eqz eval --record says
-        manifest["bands"][band].update(direction_ok=False, problems=["weak"])
-        manifest["quality"]["dose_response"][band]["1.0"]["clear"] = clear_held_out
+    for band, clear_held_out in (("trust", True), ("fear", False), ("disgust", True), ("surprise", False)):
+        manifest["bands"][band].update(direction_ok=False, problems=["weak"])  # weak in calibration
+        recorded.setdefault(band, {})["1.0"] = {"clear": clear_held_out}  # what eqz eval --record said
+    manifest["bands"]["disgust"]["hold_check"]["weak"] = manifest["bands"]["surprise"]["hold_check"]["weak"] = True
+    manifest["bands"]["anger"]["hold_check"] = {}  # held by hand
     (tmp_path / "bank" / "bank.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     env = {"EQZ_VECTORS": str(tmp_path)}
     moved = run_eqz("generate", "hi", "--set", "joy=0.5", "-n", "4", env=env)
@@ -323,9 +337,13 @@ def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
     assert "do not rise from -1 to +1" in warnings[0] and "eqz vectors show" in warnings[0]
     fine = run_eqz("generate", "hi", "--set", "sadness=0.5", "-n", "4", env=env)
     assert fine.returncode == 0 and "warning" not in fine.stderr
-    weak = run_eqz("generate", "hi", "--set", "trust=0.5", "--set", "fear=0.5", "-n", "4", env=env)
-    warned = [line.split()[2] for line in weak.stderr.splitlines() if line.startswith("eqz: warning:")]
-    assert weak.returncode == 0 and warned == ["fear"]  # held-out figures outweigh calibration's "weak" on trust
+    weak = run_eqz("generate", "hi", *(f"--set={band}=0.5" for band in ("trust", "fear", "disgust", "surprise",
+                                                                         "anger", "anticipation")), "-n", "4", env=env)
+    warned = {line.split()[2]: line for line in weak.stderr.splitlines() if line.startswith("eqz: warning:")}
+    assert weak.returncode == 0 and set(warned) == {"fear", "surprise", "anger"}, weak.stderr  # held-out figures win
+    assert "set by hand" in warned["anger"] and "does not clearly lift" in warned["surprise"]
+    shown = run_eqz("vectors", "show", env=env).stdout
+    assert "uncalibrated" in shown and "ok (eval)" in shown
     chat = run_eqz("chat", "--no-panel", input="/set joy 0.3\n/quit\n", env=env)
     assert chat.returncode == 0 and "joy may not move the text as named" in chat.stdout
 

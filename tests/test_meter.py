@@ -199,21 +199,23 @@ def test_preset_filters_apply(tmp_path):
 
 
 def test_a_held_slider_clamps_its_band_where_it_would_add_its_vector(tmp_path):
-    """`eqz vectors hold joy 3`: --set joy=1 then holds joy at 3 as --clamp joy=3 does, in generate and batch (not
-    the vector it added before), is reported as a slider, cannot be exported, and 'off' gives the vector back."""
+    """The shipped bank holds joy at 4: --set joy=1 gives what --clamp joy=4 gives. `eqz vectors hold joy 3` moves
+    the level (generate and batch then give what --clamp joy=3 gives), the record shows a slider, and 'off' adds
+    the vector again, which is what an exported file adds."""
     env = {"XDG_DATA_HOME": str(tmp_path / "data")}
 
-    def reply(*args: str, held: bool = True) -> dict:
-        result = run_eqz("generate", NEUTRAL_PROMPT, "-n", "24", "--seed", "3", "--json", *args, env=env if held else None)
+    def reply(*args: str, own: bool = True) -> dict:
+        result = run_eqz("generate", NEUTRAL_PROMPT, "-n", "24", "--seed", "3", "--json", *args, env=env if own else None)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    added = reply("--set", "joy=1", held=False)
+    shipped = reply("--set", "joy=1", own=False)
+    assert shipped["output"] == reply("--clamp", "joy=4", own=False)["output"]
     held = run_eqz("vectors", "hold", "joy", "3", env=env)
     assert held.returncode == 0 and "joy +1 now holds level 3" in held.stdout, held.stderr
     assert "held 3" in run_eqz("vectors", "show", env=env).stdout
     by_slider, by_clamp = reply("--set", "joy=1"), reply("--clamp", "joy=3")
-    assert by_slider["output"] == by_clamp["output"] != added["output"]
+    assert by_slider["output"] == by_clamp["output"] != shipped["output"]
     assert by_slider["sliders"]["joy"] == 1.0 and "filters" not in by_slider and by_clamp["filters"]["clamp"] == {"joy": 3.0}
 
     prompts = tmp_path / "prompts.txt"
@@ -227,10 +229,12 @@ def test_a_held_slider_clamps_its_band_where_it_would_add_its_vector(tmp_path):
         outputs.append([json.loads(line)["output"] for line in out.read_text().splitlines()])
     assert outputs[0] == outputs[1]
 
-    refused = run_eqz("vectors", "export", "--set", "joy=1", "-o", str(tmp_path / "joy.gguf"), env=env)
-    assert refused.returncode != 0 and "joy holds a level" in refused.stderr and "Traceback" not in refused.stderr
     assert run_eqz("vectors", "hold", "joy", "off", env=env).returncode == 0
-    assert reply("--set", "joy=1")["output"] == added["output"]
+    added = reply("--set", "joy=1")
+    exported = run_eqz("vectors", "export", "--set", "joy=1", "-o", str(tmp_path / "joy.gguf"), env=env)
+    assert exported.returncode == 0 and "warning" not in exported.stderr, exported.stderr
+    assert reply("--vector", str(tmp_path / "joy.gguf"))["output"] == added["output"] not in (shipped["output"],
+                                                                                             by_slider["output"])
 
 
 def test_a_held_slider_moved_in_a_chat_clamps_from_the_next_token(model, bank):
