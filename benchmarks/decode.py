@@ -59,6 +59,7 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
     matrix = bank.mix(ALL_BANDS)
     meter = Instruments(bank, meter=True)
     filters = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, ["sadness"]))
+    added = bank.added(ALL_BANDS)  # what the sliders add; the held bands go through the tap
     held = Instruments(bank, meter=False, filters=Filters(bank, {}, [], held=bank.held(ALL_BANDS)))
     rates: dict[str, list[float]] = {k: [] for k in ("unsteered", "steered", "sliders", "meter", "filters", "changing")}
     # the meter and filters need a context made with the eval callback; the plain conditions get a plain one
@@ -68,7 +69,7 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
         for _ in range(rounds):
             rates["unsteered"].append(decode_rate(model, plain, None))
             rates["steered"].append(decode_rate(model, plain, matrix))
-            rates["sliders"].append(decode_rate(model, tapped, bank.added(ALL_BANDS), held))
+            rates["sliders"].append(decode_rate(model, tapped, added, held))
             rates["meter"].append(decode_rate(model, tapped, matrix, meter))
             rates["filters"].append(decode_rate(model, tapped, matrix, filters))
             rates["changing"].append(decode_rate(model, plain, matrix, change_every_token=True))
