@@ -555,9 +555,10 @@ def vectors_export(
         held = loaded.bank.held(gains)
     mix = ", ".join(f"{b}={g:g}" for b, g in gains.items() if g)
     if held:
-        _warn(f"{', '.join(held)} {'holds' if len(held) == 1 else 'hold'} a level in eqz, which a control vector "
-              "cannot do: the file adds the vector instead, which steers less clearly (docs/steering-limits.md "
-              "section 10)")
+        one = len(held) == 1
+        _warn(f"{', '.join(held)} {'holds' if one else 'hold'} a level in eqz, which a control vector cannot do: the "
+              f"file adds {'its vector' if one else 'their vectors'} instead, which steer{'s' if one else ''} less "
+              "clearly (docs/steering-limits.md section 10)")
     typer.echo(f"wrote {path} ({mix}); apply with: llama-cli -m MODEL --control-vector {path}")
 
 
