@@ -87,8 +87,9 @@ def hold_chosen(bank_dir: Path, screen: Path) -> None:
         check = {key: row[key] for key in ("effect", "most_lifted", "clear", "clear_share", "judged_effect",
                                            "judged_most_lifted", "judged_clear", "judged_clear_share",
                                            "repeated_3grams", "distinct_2", "ppl_ratio", "fluent")}
-        bank.hold(band, row["gain"], {**check, "weak": not passes_calibration(row), "screen": screen.name})
-        print(f"{band}: holds {row['gain']:g}{'' if passes_calibration(row) else ' (weak)'}")
+        weak = not passes_calibration(row)
+        bank.hold(band, row["gain"], {**check, "weak": weak, "screen": screen.name})
+        print(f"{band}: holds {row['gain']:g}{' (weak)' if weak else ''}")
     bank.save()
 
 

@@ -59,8 +59,8 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
     matrix = bank.mix(ALL_BANDS)
     meter = Instruments(bank, meter=True)
     filters = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, ["sadness"]))
-    added = bank.added(ALL_BANDS)  # what the sliders add; the held bands go through the tap
-    held = Instruments(bank, meter=False, filters=Filters(bank, {}, [], held=bank.held(ALL_BANDS)))
+    added, levels = bank.added(ALL_BANDS), bank.held(ALL_BANDS)  # the sliders add one; the held go through the tap
+    held = Instruments(bank, meter=False, filters=Filters(bank, {}, [], held=levels))
     rates: dict[str, list[float]] = {k: [] for k in ("unsteered", "steered", "sliders", "meter", "filters", "changing")}
     # the meter and filters need a context made with the eval callback; the plain conditions get a plain one
     with model.context(n_ctx=1024) as plain, model.context(n_ctx=1024, taps=True) as tapped:
@@ -86,7 +86,7 @@ def measure(model: Model, rounds: int = ROUNDS) -> dict:
         "sliders_tok_s": round(median["sliders"], 1),
         "steered_ratio": round(median["steered"] / median["unsteered"], 3),
         "sliders_ratio": round(median["sliders"] / median["unsteered"], 3),
-        "held_bands": len(bank.held(ALL_BANDS)),
+        "held_bands": len(levels),
         "meter_ratio": round(median["meter"] / median["steered"], 3),
         "filters_ratio": round(median["filters"] / median["steered"], 3),
         "vector_change_ms": round(1000 * (1 / median["changing"] - 1 / median["steered"]), 2),
