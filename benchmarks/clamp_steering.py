@@ -13,7 +13,8 @@ its band at the read layer while it writes.
     python benchmarks/clamp_steering.py --prompts calibration --ways clamp --levels 1,2,3,4,5,6 --out screen.json
     python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --seed 9999 --samples 4
     python benchmarks/clamp_steering.py --chosen-from screen.json --ways slider,clamp --prompts test --samples 4 --negative
-    python benchmarks/clamp_steering.py --chosen-from screen.json --hold-in vectors/smollm2-135m-instruct  # ship them
+    python benchmarks/clamp_steering.py --chosen-from screen.json --hold-in vectors/smollm2-135m-instruct \
+        --bands joy,surprise,sadness,disgust,anticipation  # ship them: these hold, the other screened bands add
 """
 
 from __future__ import annotations
@@ -79,11 +80,19 @@ def passes_calibration(row: dict) -> bool:
     return row["fluent"] and row["clear"] and row["judged_clear_share"] >= CALIBRATION_HOLDS
 
 
-def hold_chosen(bank_dir: Path, screen: Path) -> None:
-    """Make every band screened hold its chosen level in the bank at ``bank_dir``, with the screen's figures for
-    that level as its check (``eqz vectors show`` prints them; a level that fails calibration's rule is weak)."""
+def hold_chosen(bank_dir: Path, screen: Path, bands: list[str]) -> None:
+    """Make each of ``bands`` hold its chosen level in the bank at ``bank_dir``, with the screen's figures for that
+    level as its check (``eqz vectors show`` prints them; a level that fails calibration's rule is weak); the other
+    bands screened add their vectors again, so the bank ends as the command says whatever it held before."""
     bank = Bank.load(bank_dir)
-    for band, row in chosen_rows(screen).items():
+    chosen = chosen_rows(screen)
+    if unscreened := [band for band in bands if band not in chosen]:
+        raise SystemExit(f"{screen} screened no level for {', '.join(unscreened)}; its bands: {', '.join(chosen)}")
+    for band, row in chosen.items():
+        if band not in bands:
+            bank.hold(band, None)
+            print(f"{band}: adds its vector")
+            continue
         check = {key: row[key] for key in ("effect", "most_lifted", "clear", "clear_share", "judged_effect",
                                            "judged_most_lifted", "judged_clear", "judged_clear_share",
                                            "repeated_3grams", "distinct_2", "ppl_ratio", "fluent")}
@@ -101,7 +110,8 @@ def main() -> None:
     parser.add_argument("--chosen-from", type=Path, default=None,
                         help="a screen's JSON: clamp each band at the level calibration's rule picks there instead")
     parser.add_argument("--hold-in", type=Path, default=None, metavar="BANK_DIR",
-                        help="with --chosen-from: make that bank's sliders hold the chosen levels, and exit")
+                        help="with --chosen-from: make that bank's sliders in --bands hold the chosen levels (the other "
+                             "bands screened add their vectors), and exit")
     parser.add_argument("--ways", default="slider,notched,clamp")
     parser.add_argument("--bands", default=",".join(PRIMARIES))
     parser.add_argument("--negative", action="store_true", help="also the slider at -1 and each clamp at minus its level")
@@ -115,10 +125,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="clamp_steering.json")
     args = parser.parse_args()
-    if args.hold_in:
-        hold_chosen(args.hold_in, args.chosen_from)
-        return
     bands = args.bands.split(",")
+    if args.hold_in:
+        hold_chosen(args.hold_in, args.chosen_from, bands)
+        return
     if args.chosen_from:
         levels = {band: [row["gain"]] for band, row in chosen_rows(args.chosen_from).items()}
     else:
