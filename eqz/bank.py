@@ -245,7 +245,8 @@ class Bank:
 
     def hold(self, name: str, level: float | None, check: dict | None = None) -> None:
         """Make band ``name``'s +1 hold its component at ``level`` (meter units) instead of adding its vector;
-        None: add the vector again. ``check``: the level's figures on the calibration prompts, if measured."""
+        None: add the vector again. ``check``: the level's figures on the calibration prompts, if measured. The
+        level it already holds keeps its recorded figures, and its check unless given a new one."""
         band = self.bands.get(name)
         if band is None:
             raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
@@ -256,11 +257,13 @@ class Bank:
             level = check_gain(name, level, None, "level")
             if level <= 0:
                 raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
-        band.hold = float(level) if level is not None else None
-        band.hold_check = dict(check or {}) if level is not None else {}
-        # figures `eqz eval --record` measured the other way of steering no longer describe this slider
-        for figures in ("dose_response", "steering"):
-            self.quality.get(figures, {}).pop(name, None)
+        level = float(level) if level is not None else None
+        if level != band.hold:  # figures `eqz eval --record` measured another way of steering no longer apply
+            for figures in ("dose_response", "steering"):
+                self.quality.get(figures, {}).pop(name, None)
+            band.hold, band.hold_check = level, {}
+        if level is not None and check is not None:
+            band.hold_check = dict(check)
 
     def remove(self, name: str) -> None:
         """Drop band ``name`` (and its file, if the bank is on disk)."""

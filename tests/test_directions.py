@@ -148,7 +148,13 @@ def test_a_held_band_is_judged_by_its_level_and_forgets_the_vectors_held_out_fig
     assert bank.open_problems("joy") == ["weak"]
     bank.quality["dose_response"]["joy"] = {"1.0": {"clear": True}}  # `eqz eval --record` of the held slider
     assert bank.open_problems("joy") == [] and bank.doubtful({"joy": 1.0}) == []
-    assert bank.held({"joy": -0.5, "fear": 1.0}) == {"joy": -1.0}
+    bank.hold("joy", 2)  # held again at its level by hand: what was measured of that level still stands
+    assert bank.open_problems("joy") == [] and bank.bands["joy"].hold_check == {"weak": True}
+    bank.hold("joy", 2, {"weak": True, "screen": "again"})  # a new check of the same level keeps the figures
+    assert bank.open_problems("joy") == [] and bank.bands["joy"].hold_check["screen"] == "again"
+    bank.hold("joy", 2.5)
+    assert bank.open_problems("joy") == ["uncalibrated"] and "joy" not in bank.quality["dose_response"]
+    assert bank.held({"joy": -0.5, "fear": 1.0}) == {"joy": -1.25}
     assert np.allclose(bank.vector(joy=1.0).matrix, bank.mix({"joy": 1.0}))
 
 
