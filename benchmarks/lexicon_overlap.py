@@ -2,12 +2,14 @@
 (29% of its joy words are surprise words too, 45% of fear words sadness words), so a band that adds its own words
 also lifts the rivals that share them, and the rival with the smaller unsteered rate can out-lift it by ratio.
 
-Prints the lexicon's shared tags. Then it generates the shipped bank's replies at +1 and unsteered on the held-out
-eval prompts (eval's seed and sizes) and gives, per band, the verdict as the issue defines it beside one where the
-rivals are counted only on words the lexicon does not also tag with the band's own emotion, and which words carry
-the rival's count. An explanation of the acceptance figure, not a replacement for it.
+Prints the lexicon's shared tags. Then it generates the shipped bank's replies at +1 (as the sliders apply it: held
+bands hold their level) and unsteered on the held-out eval prompts (eval's seed and sizes) and gives, per band, the
+verdict as the issue defines it beside one where the rivals are counted only on words the lexicon does not also tag
+with the band's own emotion, and which words carry the rival's count. With ``--minus`` also -1, and which of the
+band's own words its -1 replies carry: a band whose -1 reads as "not lowered" on a few words per hundred. An
+explanation of the acceptance figures, not a replacement for them.
 
-    python benchmarks/lexicon_overlap.py [--samples 2] [--max-tokens 64]
+    python benchmarks/lexicon_overlap.py [--samples 2] [--max-tokens 64] [--prompts test] [--minus]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import Counter
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
-from eqz.eval import EVAL_SEED, ReplyBench, ReplySet, Setting, prompt_sets
+from eqz.eval import EVAL_SEED, ReplyBench, ReplySet, Setting, prompt_sets, slider_setting
 from eqz.models import default_model_path
 from eqz.scoring import nrc_categories, nrc_lexicon, words
 
@@ -60,15 +62,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompts", choices=("eval", "test"), default="eval")
+    parser.add_argument("--minus", action="store_true", help="also -1: the band's own words it leaves")
     args = parser.parse_args()
     if nrc_lexicon() is None:
         parser.error("this measures the NRC lexicon: install it with  pip install 'eqz[lexicon]'")
     print("\n".join(shared_tags()) + "\n")
     with Model(default_model_path()) as model:
         bank = require_bank(model.info)
-        bench = ReplyBench(model, prompt_sets()["eval"], args.max_tokens, EVAL_SEED, bank.steered_layers,
+        bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, EVAL_SEED, bank.steered_layers,
                            samples=args.samples)
-        settings = [Setting("unsteered")] + [Setting(band, bank.mix({band: 1.0})) for band in PRIMARIES]
+        gains = (1.0, -1.0) if args.minus else (1.0,)
+        settings = [Setting("unsteered")] + [slider_setting((band, gain), bank, {band: gain})
+                                             for band in PRIMARIES for gain in gains]
         results = bench.run(settings, perplexity=False)
     baseline = results["unsteered"]
     table = nrc_lexicon()
@@ -77,7 +83,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     clear = {"all": 0, "apart": 0}
     for band in PRIMARIES:
-        replies = results[band]
+        replies = results[(band, 1.0)]
         apart = ReplySet([], rates=rates_apart(replies.texts, band))
         baseline_apart = ReplySet([], rates=rates_apart(baseline.texts, band))
         lifts, lifts_apart = replies.lifts(baseline), apart.lifts(baseline_apart)
@@ -93,6 +99,22 @@ def main() -> None:
               f"{shared} of {sum(counted.values())} ({common}) |")
     print(f"\nclear: {clear['all']}/8 as the issue counts; {clear['apart']}/8 with rivals counted on words not "
           "tagged with the band's own emotion")
+    if args.minus:
+        print("\n" + "\n".join(minus_rows(results)))
+
+
+def minus_rows(results: dict) -> list[str]:
+    """Markdown rows: per band, its own words unsteered and at -1, and the words that carry each count."""
+    baseline = results["unsteered"]
+    rows = ["| band | own words/100 unsteered | at -1 | lowered | words at -1 | words unsteered |", "|---|" + "---|" * 5]
+    for band in PRIMARIES:
+        minus = results[(band, -1.0)]
+        top = {name: ", ".join(f"{word} {n}" for word, n in words_of(replies.texts, band).most_common(5))
+               for name, replies in (("minus", minus), ("unsteered", baseline))}
+        lowered = minus.lifts(baseline)[band] < 1
+        rows.append(f"| {band} | {baseline.rates[band]:.2f} | {minus.rates[band]:.2f} | {'yes' if lowered else 'no'} | "
+                    f"{top['minus']} | {top['unsteered']} |")
+    return rows
 
 
 if __name__ == "__main__":
