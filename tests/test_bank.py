@@ -328,7 +328,7 @@ def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
         manifest["bands"][band].update(direction_ok=False, problems=["weak"])  # weak in calibration
         recorded.setdefault(band, {})["1.0"] = {"clear": clear_held_out}  # what eqz eval --record said
     manifest["bands"]["disgust"]["hold_check"]["weak"] = manifest["bands"]["surprise"]["hold_check"]["weak"] = True
-    manifest["bands"]["anger"]["hold_check"] = {}  # held by hand
+    manifest["bands"]["anger"].update(hold=2.0, hold_check={})  # held by hand
     (tmp_path / "bank" / "bank.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     env = {"EQZ_VECTORS": str(tmp_path)}
     moved = run_eqz("generate", "hi", "--set", "joy=0.5", "-n", "4", env=env)
