@@ -3,11 +3,11 @@
 also lifts the rivals that share them, and the rival with the smaller unsteered rate can out-lift it by ratio.
 
 Prints the lexicon's shared tags. Then it generates the shipped bank's replies at +1 (as the sliders apply it: held
-bands hold their level) and unsteered on the held-out eval prompts (eval's seed and sizes) and gives, per band, the
-verdict as the issue defines it beside one where the rivals are counted only on words the lexicon does not also tag
-with the band's own emotion, and which words carry the rival's count. With ``--minus`` also -1, and which of the
-band's own words its -1 replies carry: a band whose -1 reads as "not lowered" on a few words per hundred. An
-explanation of the acceptance figures, not a replacement for them.
+bands hold their level) and unsteered on the held-out eval prompts (or the test prompts; eval's seed and sizes) and
+gives, per band, the verdict as the issue defines it beside one where the rivals are counted only on words the
+lexicon does not also tag with the band's own emotion, and which words carry the rival's count. With ``--minus``
+also -1, and which of the band's own words its -1 replies carry: a band whose -1 reads as "not lowered" on a few
+words per hundred. An explanation of the acceptance figures, not a replacement for them.
 
     python benchmarks/lexicon_overlap.py [--samples 2] [--max-tokens 64] [--prompts test] [--minus]
 """
@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", choices=("eval", "test"), default="eval")
-    parser.add_argument("--minus", action="store_true", help="also -1: the band's own words it leaves")
+    parser.add_argument("--minus", action="store_true",
+                        help="also -1, and which of the band's own words its -1 replies still carry")
     args = parser.parse_args()
     if nrc_lexicon() is None:
         parser.error("this measures the NRC lexicon: install it with  pip install 'eqz[lexicon]'")
