@@ -112,7 +112,7 @@ def minus_rows(results: dict) -> list[str]:
         minus = results[(band, -1.0)]
         top = {name: ", ".join(f"{word} {n}" for word, n in words_of(replies.texts, band).most_common(5))
                for name, replies in (("minus", minus), ("unsteered", baseline))}
-        lowered = minus.lifts(baseline)[band] < 1
+        lowered = minus.rates[band] < baseline.rates[band]  # as the steering pages' "-1 lowers"
         rows.append(f"| {band} | {baseline.rates[band]:.2f} | {minus.rates[band]:.2f} | {'yes' if lowered else 'no'} | "
                     f"{top['minus']} | {top['unsteered']} |")
     return rows

@@ -257,7 +257,6 @@ class Bank:
             level = check_gain(name, level, None, "level")
             if level <= 0:
                 raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
-        level = float(level) if level is not None else None
         if level != band.hold:  # figures `eqz eval --record` measured another way of steering no longer apply
             for figures in ("dose_response", "steering"):
                 self.quality.get(figures, {}).pop(name, None)

@@ -593,8 +593,8 @@ def vectors_hold(
 ) -> None:
     """Make a slider hold its band at a level instead of adding its vector (gain g holds g x LEVEL at every steered
     layer, like --clamp): on held-out prompts this steered more clearly than adding the vector (docs/steering-limits.md
-    section 10), and the default model's primaries ship held. 'off' makes it add its vector again. A level set here
-    is unmeasured, and moving the slider says so. Changes your own copy of the bank."""
+    section 10), and five of the default model's primaries ship held. 'off' makes it add its vector again. A new level
+    set here is unmeasured, and moving the slider says so. Changes your own copy of the bank."""
     from .bank import writable_bank
 
     name = band.strip().lower()
