@@ -38,8 +38,9 @@ from eqz.train import CALIBRATION_HOLDS
 
 def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: list[str],
                  negative: bool = False) -> list[Setting]:
-    """Unsteered first, then per band: slider +1, slider +1 with the other primaries notched, and each of the band's
-    clamp levels (those of ``ways``); with ``negative`` also the slider at -1 and each clamp at minus its level
+    """Unsteered first, then per band: slider +1, slider +1 with the other primaries notched, each of the band's
+    clamp levels, and each level clamped together with the other primaries held at neutral ("isolated"; those of
+    ``ways``); with ``negative`` also the slider at -1 and each clamp at minus its level
     (perplexity under the plain prompt, as `eqz eval` measures -1). Keyed (way, band, strength or level) for
     report.pushed_rows."""
     settings = [Setting("unsteered")]
@@ -59,6 +60,9 @@ def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: l
             if negative:
                 settings += [Setting(("clamp", band, -level), filters=Filters(bank, {band: -level}, []))
                              for level in levels[band]]
+        if "isolated" in ways:
+            settings += [Setting(("isolated", band, level), judge=judge, filters=Filters(bank, {band: level}, others))
+                         for level in levels[band]]
     return settings
 
 
