@@ -225,16 +225,17 @@ class EqzModel:
         return analyze(self.model, self.bank, text, by)
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
-              orthogonalize: bool = False, base: Bank | None = None, progress=None) -> Bank:
+              orthogonalize: bool = False, base: Bank | None = None, progress=None, hold: bool = False) -> Bank:
         """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
         description) and a bank for the model already there, those bands are added to ``base`` (default: the
-        user's own copy of the model's bank, which ``bank.save()`` writes back)."""
+        user's own copy of the model's bank, which ``bank.save()`` writes back). ``hold``: also screen held levels
+        for the primaries and hold those that steer better held (train.screen_holds; ~200 s more on SmolLM2, 2 cores)."""
         from .bands import BANDS
         from .bank import writable_bank
         from .train import TrainSettings, add_described_bands, train_bank
 
         settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
-                                 described=dict(described or {}))
+                                 described=dict(described or {}), hold=hold)
         extra = {"progress": progress} if progress else {}
         adding = bool(described and not bands and self.bank_if_any() is not None)
         with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1

@@ -39,7 +39,7 @@ from .engine import Model
 from .reading import TextGroup, common_prefix_length, read_texts
 from .errors import EqzError
 from .eval import ReplyBench, ReplySet, Setting, prompt_sets
-from .meter import LayerGeometry
+from .meter import Filters, LayerGeometry
 from .scoring import emotion_scorer, words
 from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli
 from .voice import VoiceCapture, capture_voice
@@ -55,6 +55,8 @@ FIRST_STRENGTH = 0.35
 # The perplexity bound is held to the same standard (eval.ReplySet.ppl_share): Gemma 3 270M's bands sat at 3.5-3.8x
 # in calibration and read 4.1-5.5x on the held-out prompts.
 CALIBRATION_HOLDS = 0.8
+# the levels `--hold` screens for a held slider's +1 (meter units; a pilot's 12 was no longer text)
+HOLD_LEVELS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
 SOURCES = ("stimulus", "voice")
 ZERO_REPLY_TOKENS = 24
 
@@ -73,6 +75,7 @@ class TrainSettings:
     calibration_prompts: int = 10
     reply_tokens: int = 40
     seed: int = 1234
+    hold: bool = False  # screen held levels for the primaries and hold where that steers better (screen_holds)
     described: dict[str, str] = field(default_factory=dict)  # bands the user describes: name -> description
 
     def __post_init__(self) -> None:
@@ -366,6 +369,13 @@ class Candidate:
         for a primary (two scorers that share nothing), by the lexicon for an axis or replies that were not judged."""
         return self.tried[strength].clear(self.band, baseline) and _often(self.clear_share(strength, baseline))
 
+    def expected_clear(self, strength: float, baseline: ReplySet) -> float:
+        """How many of the two scorers call the band clear at ``strength``, expected over redrawn calibration prompts
+        (the lexicon's share plus the judge's, 0 to 2): what screen_holds compares a held level and a vector by."""
+        replies = self.tried[strength]
+        judged = replies.judged_clear_share(self.band, baseline, samples=1) if self.judged(strength) else 0.0
+        return (replies.clear_share(self.band, baseline, samples=1) or 0.0) + judged
+
     def effect(self, strength: float, baseline: ReplySet) -> float:
         """What a strength that is not clear is ranked by: the judge's lift where the replies were judged (the denser
         figure), else the lexicon's effect."""
@@ -482,6 +492,7 @@ class Calibration:
     baseline: ReplySet
     checked: dict  # (band, 1) and (band, -1) -> ReplySet
     vector: Callable[[Candidate, float], np.ndarray]
+    bench: ReplyBench  # the calibration prompts and seeds, to try other settings on the same footing
     prompts: int
     seconds: float
 
@@ -510,7 +521,47 @@ def calibrate_and_check(model: Model, settings: TrainSettings, candidates: list[
     if reader is not None:
         bench.read_back([Setting("baseline")] + [Setting((band, 1)) for band in chosen] + negative, checked,
                         progress, perplexity=False)
-    return Calibration(chosen, candidates, baseline, checked, vector, len(prompts), time.perf_counter() - started)
+    return Calibration(chosen, candidates, baseline, checked, vector, bench, len(prompts),
+                       time.perf_counter() - started)
+
+
+def held_level(vector: Candidate, clamp: Candidate, baseline: ReplySet) -> tuple[float, bool] | None:
+    """(level, clear) where the level calibration's rule picks among ``clamp``'s (tried by level) steers better than
+    ``vector`` at its pinned +1 by the two scorers' expected verdicts; None where the vector does as well."""
+    best = clamp.best(baseline)
+    if best is None or clamp.expected_clear(best[0], baseline) <= vector.expected_clear(vector.pinned, baseline):
+        return None
+    return best
+
+
+def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_progress,
+                 levels: tuple[float, ...] = HOLD_LEVELS) -> dict[str, tuple[float, dict]]:
+    """Which primaries should hold a level at +1 instead of adding their vector (docs/steering-limits.md section 13).
+
+    Every level of ``levels`` is clamped on the calibration prompts, with calibration's seeds; calibration's own rule
+    (Candidate.best) picks a level, which is held where the two scorers' expected verdicts on it (Candidate.
+    expected_clear) beat the vector's at its +1 on the same prompts. Chosen on calibration's replies alone, this
+    picked on SmolLM2 the bands a choice read off three held-out prompt sets picked, one more, and scored as well
+    there. Returns band -> (level, its figures as ``Bank.hold`` keeps them)."""
+    bands = [band for band, vector in calibration.chosen.items()
+             if band in PRIMARIES and bank.bands[band].readout and vector.judged(vector.pinned)]
+    settings = [Setting((band, level), judge=calibration.chosen[band].judge, filters=Filters(bank, {band: level}, []))
+                for band in bands for level in levels]
+    results = calibration.bench.run(settings, progress)
+    baseline, held = calibration.baseline, {}
+    for band in bands:
+        vector = calibration.chosen[band]
+        clamp = Candidate(band, "held", vector.units, vector.judge, {level: results[(band, level)] for level in levels})
+        best = held_level(vector, clamp, baseline)
+        if best is None:
+            continue
+        level, clear = best
+        replies = clamp.tried[level]
+        shares = {"clear_share": replies.clear_share(band, baseline, 1),
+                  "judged_clear_share": replies.judged_clear_share(band, baseline, 1)}
+        held[band] = (level, {**replies.summary(band, baseline), **{key: round(v, 3) for key, v in shares.items()},
+                              "weak": not clear, "screen": "eqz train --hold"})
+    return held
 
 
 def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[dict, np.ndarray]],
@@ -670,6 +721,15 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         for band in calibration.chosen if band in found.meter
     }
     store_bands(bank, calibration, readouts, settings.described)
+    hold_started = time.perf_counter()
+    if settings.hold:
+        for band, (level, check) in screen_holds(bank, calibration, progress).items():
+            bank.hold(band, level, check)
+        levels = ", ".join(f"{level:g}" for level in HOLD_LEVELS)
+        bank.method["held"] = (f"each primary clamped at levels {levels} on the calibration prompts; calibration's rule "
+                               "picks a level, held where the lexicon's and the judge's expected verdicts on it beat "
+                               "the vector's at +1")
+    hold_seconds = time.perf_counter() - hold_started
     baseline, checked = calibration.baseline, calibration.checked
     heldout_accuracy = float(np.trace(found.confusion) / found.confusion.sum())
     bank.quality = {
@@ -695,6 +755,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "extraction_tokens": extraction.tokens,
         "voice_seconds": round(voice.seconds, 1),
         "calibration_seconds": round(calibration.seconds, 1),
+        **({"hold_seconds": round(hold_seconds, 1)} if settings.hold else {}),
         "threads": model.threads,
         "weights": _weights(model),
     }

@@ -17,7 +17,7 @@ from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplySet, prompt_sets
 from eqz.judge import LabelJudge
 from eqz.bank import SHIPPED_DIR, Bank
 from eqz.models import ModelInfo
-from eqz.train import Calibration, Candidate, store_bands
+from eqz.train import Calibration, Candidate, held_level, store_bands
 from eqz.scoring import (COUNTED, EmotionScorer, distinct2, emotion_scorer, latin_share, lift, nrc_categories,
                          nrc_lexicon, repeated_trigrams, words, words_per_token)
 
@@ -229,6 +229,29 @@ def test_calibration_asks_the_judge_to_confirm_a_lexicon_verdict_and_ranks_the_r
     assert unconfirmed.best(baseline) == (0.25, False)  # neither holds; the judge's larger lift ranks first
 
 
+def test_train_hold_holds_a_level_only_where_both_scorers_expect_more_of_it_than_of_the_vector():
+    """`eqz train --hold` (screen_holds): calibration's rule picks the level, and the level is held only where the
+    lexicon's and the judge's shares over redrawn prompts add up to more than the vector's at its +1."""
+    baseline = _counted([{"joy": 1, "fear": 1}] * 10)
+    baseline.labels = _named([0.0] * 10)
+    lexicon_only = _counted([{"joy": 4, "fear": 1}] * 10)  # expected verdicts: lexicon 1, judge 0
+    lexicon_only.labels = _named([0.1] * 10)
+    both = _counted([{"joy": 4, "fear": 1}] * 10)  # lexicon 1, judge 1
+    both.labels = _named([1.0] * 10)
+    judge_only = _counted([{"joy": 1, "fear": 1}] * 10)  # lexicon 0, judge 1
+    judge_only.labels = _named([1.5] * 10)
+    for replies in (baseline, lexicon_only, both, judge_only):
+        replies.repeat, replies.distinct, replies.latin = 0.0, 1.0, 1.0
+    vector = Candidate("joy", "stimulus", np.zeros((1, 1)), tried={0.35: lexicon_only}, pinned=0.35)
+    assert vector.expected_clear(0.35, baseline) == 1.0
+    clamp = Candidate("joy", "held", np.zeros((1, 1)), tried={2.0: judge_only, 4.0: both})
+    assert held_level(vector, clamp, baseline) == (4.0, True)  # 2.0 does not hold by both; 4.0 does and beats 1.0
+    tied = Candidate("joy", "held", np.zeros((1, 1)), tried={3.0: judge_only})
+    assert held_level(vector, tied, baseline) is None  # as good as the vector: keep the vector
+    judge_only.repeat = 0.5  # out of the fluency bounds: nothing to hold
+    assert held_level(vector, tied, baseline) is None and tied.best(baseline) is None
+
+
 def test_the_direction_check_of_a_primary_follows_the_judge_where_the_replies_were_judged():
     """-1 / 0 / +1 on the calibration prompts: a chance trust word at -1 (above the lexicon's one-word floor) no
     longer flags the band when the judge, reading every reply, names trust less at -1 and more at +1."""
@@ -240,7 +263,8 @@ def test_the_direction_check_of_a_primary_follows_the_judge_where_the_replies_we
         replies.labels[:, PRIMARIES.index("trust")] += named
     candidate = Candidate("trust", "stimulus", np.zeros((2, 3)), tried={0.35: up}, pinned=0.35)
     calibration = Calibration({"trust": candidate}, [candidate], baseline, {("trust", 1): up, ("trust", -1): down},
-                              lambda _candidate, _strength: np.zeros((2, 3), np.float32), prompts=10, seconds=0.0)
+                              lambda _candidate, _strength: np.zeros((2, 3), np.float32), bench=None, prompts=10,
+                              seconds=0.0)
     bank = Bank.empty(ModelInfo("x.gguf", "tiny", "llama", 2, 3, 100, 512, True))
     store_bands(bank, calibration, {}, {})
     assert bank.bands["trust"].problems == []  # clear (judge holds, lexicon 2.5x) and rising by the judge
