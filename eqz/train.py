@@ -75,7 +75,7 @@ class TrainSettings:
     calibration_prompts: int = 10
     reply_tokens: int = 40
     seed: int = 1234
-    hold: bool = False  # screen held levels for the primaries and hold where that steers better (screen_holds)
+    hold: bool = True  # screen held levels for the primaries and hold where that steers better (screen_holds)
     described: dict[str, str] = field(default_factory=dict)  # bands the user describes: name -> description
 
     def __post_init__(self) -> None:
@@ -540,9 +540,9 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
 
     Every level of ``levels`` is clamped on the calibration prompts, with calibration's seeds; calibration's own rule
     (Candidate.best) picks a level, which is held where the two scorers' expected verdicts on it (Candidate.
-    expected_clear) beat the vector's at its +1 on the same prompts. Chosen on calibration's replies alone, this
-    picked on SmolLM2 the bands a choice read off three held-out prompt sets picked, one more, and scored as well
-    there. Returns band -> (level, its figures as ``Bank.hold`` keeps them)."""
+    expected_clear) beat the vector's at its +1 on the same prompts (held_level). It needs no held-out prompts, so a
+    user's own training can make the kind of bank eqz ships, whose held bands were read off held-out splits by hand.
+    Returns band -> (level, its figures as ``Bank.hold`` keeps them)."""
     bands = [band for band, vector in calibration.chosen.items()
              if band in PRIMARIES and bank.bands[band].readout and vector.judged(vector.pinned)]
     settings = [Setting((band, level), judge=calibration.chosen[band].judge, filters=Filters(bank, {band: level}, []))
