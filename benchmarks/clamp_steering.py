@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import print_clear_counts, print_lowered_counts, print_source_rows, pushed_rows
+from report import first_replies, print_clear_counts, print_lowered_counts, print_source_rows, pushed_rows
 
 from eqz.bands import PRIMARIES
 from eqz.bank import Bank, require_bank
@@ -152,9 +152,7 @@ def main() -> None:
         "prompt_count": len(prompts), "seed": args.seed,
         "samples": args.samples, "max_tokens": args.max_tokens, "levels": levels, "rows": rows,
         "seconds": round(time.perf_counter() - started),
-        # the first sample's reply to the first two prompts under every setting, to read beside the figures
-        "replies": {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
-                    results[setting.key].texts[:: args.samples][:2] for setting in settings}}, indent=1))
+        "replies": first_replies(settings, results, args.samples)}, indent=1))
     raised = [row for row in rows if row["gain"] > 0]
     print_source_rows(raised, "way")
     print_clear_counts(raised, "way")

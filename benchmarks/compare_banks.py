@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import print_clear_counts, print_source_rows, pushed_rows
+from report import first_replies, print_clear_counts, print_source_rows, pushed_rows
 
 from eqz.bands import PRIMARIES
 from eqz.bank import Bank
@@ -57,8 +57,7 @@ def main() -> None:
         "model": model.info.name, "prompts": str(args.prompts_file) if args.prompts_file else args.prompts,
         "prompt_count": len(prompts), "seed": args.seed, "samples": args.samples, "max_tokens": args.max_tokens,
         "banks": list(banks), "rows": rows, "seconds": round(time.perf_counter() - started),
-        "replies": {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
-                    results[setting.key].texts[:: args.samples][:2] for setting in settings}}, indent=1))
+        "replies": first_replies(settings, results, args.samples)}, indent=1))
     print_source_rows(rows, "bank")
     print_clear_counts(rows, "bank")
     print(f"{round(time.perf_counter() - started)} s")

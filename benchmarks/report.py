@@ -17,6 +17,12 @@ EQZ = str(Path(sys.executable).with_name("eqz"))  # the console script of the ve
 QUIET = lambda _stage, _total: lambda _n: None  # noqa: E731  (a Progress that shows nothing)
 
 
+def first_replies(settings: list, results: dict, samples: int) -> dict[str, list[str]]:
+    """The first sample's reply to the first two prompts under every setting, to store beside the figures and read."""
+    return {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
+            results[setting.key].texts[::samples][:2] for setting in settings}
+
+
 def print_figures(title: str, rows: list[tuple[str, str, str]]) -> None:
     """rows: (what, figure with its unit, note such as the ratio to the baseline)."""
     print(title)

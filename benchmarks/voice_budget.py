@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import (QUIET, layer_cosine, print_clear_counts, print_source_rows, pushed_rows, pushed_settings,
+from report import (QUIET, first_replies, layer_cosine, print_clear_counts, print_source_rows, pushed_rows, pushed_settings,
                     training_sources)
 
 from eqz.bands import PRIMARIES
@@ -82,9 +82,7 @@ def main() -> None:
         "voice_replies_per_persona": len(capture.states["neutral"]), "voice_tokens": args.voice_tokens,
         "voice_seconds": voice_seconds, "split_half_cosines": halves, "small_large_cosines": agreement,
         "steered": steered, "rows": rows, "seconds": round(time.perf_counter() - started),
-        # the first sample's reply to the first two prompts under every setting, to read beside the figures
-        "replies": {" ".join(map(str, setting.key)) if isinstance(setting.key, tuple) else setting.key:
-                    results[setting.key].texts[:: args.eval_samples][:2] for setting in settings}}, indent=1))
+        "replies": first_replies(settings, results, args.eval_samples)}, indent=1))
     print_source_rows(sorted(rows, key=lambda row: (row["band"], row["gain"], row["source"])))
     print_clear_counts(rows, "source")
     print(f"{round(time.perf_counter() - started)} s")
