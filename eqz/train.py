@@ -545,6 +545,8 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
     Returns band -> (level, its figures as ``Bank.hold`` keeps them)."""
     bands = [band for band, vector in calibration.chosen.items()
              if band in PRIMARIES and bank.bands[band].readout and vector.judged(vector.pinned)]
+    if not bands:  # only axes or described bands trained: nothing has a level to hold
+        return {}
     settings = [Setting((band, level), judge=calibration.chosen[band].judge, filters=Filters(bank, {band: level}, []))
                 for band in bands for level in levels]
     results = calibration.bench.run(settings, progress)
@@ -560,7 +562,7 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
         shares = {"clear_share": replies.clear_share(band, baseline, 1),
                   "judged_clear_share": replies.judged_clear_share(band, baseline, 1)}
         held[band] = (level, {**replies.summary(band, baseline), **{key: round(v, 3) for key, v in shares.items()},
-                              "weak": not clear, "screen": "eqz train --hold"})
+                              "weak": not clear, "screen": "eqz train"})
     return held
 
 

@@ -294,7 +294,7 @@ def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
         assert entry["calibration"] and "+1" in entry["check"] and "-1" in entry["check"]
         assert all("judged_effect" in row for row in entry["calibration"])  # the judge confirms on a base model too
         if entry.get("hold") is not None:  # the screen found a level steering better than the vector: its figures are kept
-            assert entry["hold"] in HOLD_LEVELS and entry["hold_check"]["screen"] == "eqz train --hold"
+            assert entry["hold"] in HOLD_LEVELS and entry["hold_check"]["screen"] == "eqz train"
             assert {"effect", "judged_effect", "clear_share", "judged_clear_share", "fluent"} <= set(entry["hold_check"])
     assert manifest["trained"]["hold_seconds"] > 0 and "held" in manifest["method"]
     assert read_control_vector(bank_dir / "joy.gguf").model_hint == "gemma3"

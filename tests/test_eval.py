@@ -230,7 +230,7 @@ def test_calibration_asks_the_judge_to_confirm_a_lexicon_verdict_and_ranks_the_r
 
 
 def test_train_hold_holds_a_level_only_where_both_scorers_expect_more_of_it_than_of_the_vector():
-    """`eqz train --hold` (screen_holds): calibration's rule picks the level, and the level is held only where the
+    """`eqz train`'s held-level screen (screen_holds): calibration's rule picks the level, and the level is held only where the
     lexicon's and the judge's shares over redrawn prompts add up to more than the vector's at its +1."""
     baseline = _counted([{"joy": 1, "fear": 1}] * 10)
     baseline.labels = _named([0.0] * 10)
