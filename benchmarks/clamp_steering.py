@@ -33,7 +33,7 @@ from eqz.engine import Model
 from eqz.eval import ReplyBench, Setting, bank_persona, prompt_sets
 from eqz.meter import Filters
 from eqz.models import resolve_model_path
-from eqz.train import CALIBRATION_HOLDS
+from eqz.train import CALIBRATION_HOLDS, hold_check
 
 
 def settings_for(bank, bands: list[str], levels: dict[str, list[float]], ways: list[str],
@@ -97,11 +97,8 @@ def hold_chosen(bank_dir: Path, screen: Path, bands: list[str]) -> None:
             bank.hold(band, None)
             print(f"{band}: adds its vector")
             continue
-        check = {key: row[key] for key in ("effect", "most_lifted", "clear", "clear_share", "judged_effect",
-                                           "judged_most_lifted", "judged_clear", "judged_clear_share",
-                                           "repeated_3grams", "distinct_2", "ppl_ratio", "fluent")}
         weak = not passes_calibration(row)
-        bank.hold(band, row["gain"], {**check, "weak": weak, "screen": screen.name})
+        bank.hold(band, row["gain"], hold_check(row, weak, screen.name))
         print(f"{band}: holds {row['gain']:g}{' (weak)' if weak else ''}")
     bank.save()
 

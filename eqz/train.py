@@ -38,7 +38,7 @@ from .bank import Band, Bank, Layers
 from .engine import Model
 from .reading import TextGroup, common_prefix_length, read_texts
 from .errors import EqzError
-from .eval import ReplyBench, ReplySet, Setting, prompt_sets
+from .eval import ReplyBench, ReplySet, Setting, prompt_sets, result_row
 from .meter import Filters, LayerGeometry
 from .scoring import emotion_scorer, words
 from .stimuli import SPLIT_RULE, STIMULUS_SET_VERSION, load_stimuli
@@ -525,6 +525,17 @@ def calibrate_and_check(model: Model, settings: TrainSettings, candidates: list[
                        time.perf_counter() - started)
 
 
+# what a held level's check keeps of its eval row (Bank.hold_check; `eqz vectors show` prints it)
+HOLD_CHECK_KEYS = ("effect", "most_lifted", "clear", "clear_share", "judged_effect", "judged_most_lifted",
+                   "judged_clear", "judged_clear_share", "repeated_3grams", "distinct_2", "ppl_ratio", "fluent")
+
+
+def hold_check(row: dict, weak: bool, screen: str) -> dict:
+    """A held level's figures as ``Bank.hold`` keeps them, from an ``eval.result_row`` of its replies: whether it is
+    weak (missed calibration's rule) and which screen measured it."""
+    return {**{key: row[key] for key in HOLD_CHECK_KEYS if key in row}, "weak": weak, "screen": screen}
+
+
 def held_level(vector: Candidate, clamp: Candidate, baseline: ReplySet) -> tuple[float, bool] | None:
     """(level, clear) where the level calibration's rule picks among ``clamp``'s (tried by level) steers better than
     ``vector`` at its pinned +1 by the two scorers' expected verdicts; None where the vector does as well."""
@@ -558,11 +569,8 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
         if best is None:
             continue
         level, clear = best
-        replies = clamp.tried[level]
-        shares = {"clear_share": replies.clear_share(band, baseline, 1),
-                  "judged_clear_share": replies.judged_clear_share(band, baseline, 1)}
-        held[band] = (level, {**replies.summary(band, baseline), **{key: round(v, 3) for key, v in shares.items()},
-                              "weak": not clear, "screen": "eqz train"})
+        row = result_row(band, level, clamp.tried[level], baseline, samples=1)
+        held[band] = (level, hold_check(row, weak=not clear, screen="eqz train"))
     return held
 
 
