@@ -553,19 +553,27 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
     (Candidate.best) picks a level, which is held where the two scorers' expected verdicts on it (Candidate.
     expected_clear) beat the vector's at its +1 on the same prompts (held_level). It needs no held-out prompts, so a
     user's own training can make the kind of bank eqz ships, whose held bands were read off held-out splits by hand.
+    Levels go up one at a time and a band stops at its first fluent level that holds (the rule's pick, whatever lies
+    above it); a vector clear on every redraw by both scorers cannot be beaten and is not screened.
     Returns band -> (level, its figures as ``Bank.hold`` keeps them)."""
-    bands = [band for band, vector in calibration.chosen.items()
-             if band in PRIMARIES and bank.bands[band].readout and vector.judged(vector.pinned)]
-    if not bands:  # only axes or described bands trained: nothing has a level to hold
-        return {}
-    settings = [Setting((band, level), judge=calibration.chosen[band].judge, filters=Filters(bank, {band: level}, []))
-                for band in bands for level in levels]
-    results = calibration.bench.run(settings, progress)
-    baseline, held = calibration.baseline, {}
-    for band in bands:
-        vector = calibration.chosen[band]
-        clamp = Candidate(band, "held", vector.units, vector.judge, {level: results[(band, level)] for level in levels})
-        best = held_level(vector, clamp, baseline)
+    baseline = calibration.baseline
+    clamps = {band: Candidate(band, "held", vector.units, vector.judge) for band, vector in calibration.chosen.items()
+              if band in PRIMARIES and bank.bands[band].readout and vector.judged(vector.pinned)
+              and vector.expected_clear(vector.pinned, baseline) < 2.0}
+    screening = list(clamps)
+    for level in sorted(levels):
+        if not screening:
+            break
+        settings = [Setting((band, level), judge=clamps[band].judge, filters=Filters(bank, {band: level}, []))
+                    for band in screening]
+        results = calibration.bench.run(settings, progress)
+        for band in screening:
+            clamps[band].tried[level] = results[(band, level)]
+        screening = [band for band in screening
+                     if not (clamps[band].fluent(level, baseline) and clamps[band].holds(level, baseline))]
+    held = {}
+    for band, clamp in clamps.items():
+        best = held_level(calibration.chosen[band], clamp, baseline)
         if best is None:
             continue
         level, clear = best
@@ -736,9 +744,10 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         for band, (level, check) in screen_holds(bank, calibration, progress).items():
             bank.hold(band, level, check)
         levels = ", ".join(f"{level:g}" for level in HOLD_LEVELS)
-        bank.method["held"] = (f"each primary clamped at levels {levels} on the calibration prompts; calibration's rule "
-                               "picks a level, held where the lexicon's and the judge's expected verdicts on it beat "
-                               "the vector's at +1")
+        bank.method["held"] = (f"each primary clamped at levels {levels} on the calibration prompts, up to its first "
+                               "fluent level that holds; calibration's rule picks a level, held where the lexicon's and "
+                               "the judge's expected verdicts on it beat the vector's at +1 (a vector clear on every "
+                               "redraw by both is kept unscreened)")
     hold_seconds = time.perf_counter() - hold_started
     baseline, checked = calibration.baseline, calibration.checked
     heldout_accuracy = float(np.trace(found.confusion) / found.confusion.sum())

@@ -17,7 +17,7 @@ from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplySet, prompt_sets
 from eqz.judge import LabelJudge
 from eqz.bank import SHIPPED_DIR, Bank
 from eqz.models import ModelInfo
-from eqz.train import Calibration, Candidate, held_level, store_bands
+from eqz.train import HOLD_LEVELS, Calibration, Candidate, held_level, screen_holds, store_bands
 from eqz.scoring import (COUNTED, EmotionScorer, distinct2, emotion_scorer, latin_share, lift, nrc_categories,
                          nrc_lexicon, repeated_trigrams, words, words_per_token)
 
@@ -250,6 +250,49 @@ def test_train_hold_holds_a_level_only_where_both_scorers_expect_more_of_it_than
     assert held_level(vector, tied, baseline) is None  # as good as the vector: keep the vector
     judge_only.repeat = 0.5  # out of the fluency bounds: nothing to hold
     assert held_level(vector, tied, baseline) is None and tied.best(baseline) is None
+
+
+class _CannedBench:
+    """A ReplyBench stand-in that answers each (band, level) setting with canned replies and notes what was asked."""
+
+    def __init__(self, replies: dict):
+        self.replies, self.asked = replies, []
+
+    def run(self, settings, _progress):
+        self.asked += [setting.key for setting in settings]
+        return {setting.key: self.replies[setting.key] for setting in settings}
+
+
+def test_the_hold_screen_stops_a_band_at_its_first_level_that_holds_and_skips_a_vector_it_cannot_beat():
+    """Levels go up one at a time (the rule picks the smallest fluent level that holds, whatever lies above it), so
+    joy stops at 2 while fear, which never holds, is tried at every level; trust's vector is clear on every redraw
+    by both scorers, so no level could beat it and none is run. Only the screen's scheduling is canned here: its
+    replies come from the real model in the Gemma training test."""
+    baseline = _counted([{"joy": 1, "fear": 1, "trust": 1}] * 10)
+    baseline.labels = _named([0.0] * 10)
+    lexicon_only = _counted([{"joy": 4, "fear": 4, "trust": 1}] * 10)
+    lexicon_only.labels = _named([0.1] * 10)
+    judge_only = _counted([{"joy": 1, "fear": 1, "trust": 1}] * 10)
+    judge_only.labels = _named([1.5] * 10)
+    both = _counted([{"joy": 4, "fear": 1, "trust": 1}] * 10)
+    both.labels = _named([1.0] * 10)
+    trusting = _counted([{"joy": 1, "fear": 1, "trust": 8}] * 10)
+    trusting.labels = np.log(np.full((10, 8), 1 / 8))
+    trusting.labels[:, PRIMARIES.index("trust")] += 2.0
+    for replies in (baseline, lexicon_only, judge_only, both, trusting):
+        replies.repeat, replies.distinct, replies.latin = 0.0, 1.0, 1.0
+    units = np.zeros((30, 576), np.float32)
+    chosen = {band: Candidate(band, "stimulus", units, tried={0.35: replies}, pinned=0.35)
+              for band, replies in (("joy", lexicon_only), ("fear", lexicon_only), ("trust", trusting))}
+    assert chosen["trust"].expected_clear(0.35, baseline) == 2.0
+    canned = {("joy", level): judge_only if level < 2 else both for level in HOLD_LEVELS}
+    canned |= {("fear", level): judge_only for level in HOLD_LEVELS}
+    bench = _CannedBench(canned)
+    calibration = Calibration(chosen, list(chosen.values()), baseline, {}, lambda _candidate, _strength: units,
+                              bench=bench, prompts=10, seconds=0.0)
+    held = screen_holds(Bank.load(SHIPPED_DIR / "smollm2-135m-instruct"), calibration)
+    assert bench.asked == [("joy", 1.0), ("fear", 1.0), ("joy", 2.0)] + [("fear", level) for level in HOLD_LEVELS[1:]]
+    assert set(held) == {"joy"} and held["joy"][0] == 2.0 and held["joy"][1]["weak"] is False
 
 
 def test_the_direction_check_of_a_primary_follows_the_judge_where_the_replies_were_judged():
