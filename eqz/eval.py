@@ -327,6 +327,11 @@ class ReplyBench:
         self._tokens: dict[tuple[str | None, int], tuple[list[int], tuple[str, ...]]] = {}
         self._read_prefixes = PrefixCache()  # every run reads replies after the same persona and prompt heads
 
+    @property
+    def slots(self) -> int:
+        """How many replies one decode step generates: a run of fewer settings' replies leaves the rest idle."""
+        return self.parallel or self.model.reply_rows
+
     def prompt(self, persona: str | None, index: int) -> tuple[list[int], tuple[str, ...]]:
         key = (persona, index)
         if key not in self._tokens:

@@ -553,24 +553,26 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
     (Candidate.best) picks a level, which is held where the two scorers' expected verdicts on it (Candidate.
     expected_clear) beat the vector's at its +1 on the same prompts (held_level). It needs no held-out prompts, so a
     user's own training can make the kind of bank eqz ships, whose held bands were read off held-out splits by hand.
-    Levels go up one at a time and a band stops at its first fluent level that holds (the rule's pick, whatever lies
-    above it); a vector clear on every redraw by both scorers cannot be beaten and is not screened.
+    Levels go up (as many at once as fill the decode slots twice) and a band stops at its first fluent level that holds
+    (the rule's pick, whatever lies above it); a vector clear on every redraw by both scorers cannot be beaten and is
+    not screened.
     Returns band -> (level, its figures as ``Bank.hold`` keeps them)."""
     baseline = calibration.baseline
     clamps = {band: Candidate(band, "held", vector.units, vector.judge) for band, vector in calibration.chosen.items()
               if band in PRIMARIES and bank.bands[band].readout and vector.judged(vector.pinned)
               and vector.expected_clear(vector.pinned, baseline) < 2.0}
-    screening = list(clamps)
-    for level in sorted(levels):
-        if not screening:
-            break
+    bench, screening, untried = calibration.bench, list(clamps), sorted(levels)
+    while screening and untried:
+        # levels per run: enough for two full waves of the decode slots, so a part-empty last wave costs little
+        filling = math.ceil(2 * bench.slots / (len(screening) * len(bench.prompts) * bench.samples))
+        batch, untried = untried[:filling], untried[filling:]
         settings = [Setting((band, level), judge=clamps[band].judge, filters=Filters(bank, {band: level}, []))
-                    for band in screening]
-        results = calibration.bench.run(settings, progress)
+                    for band in screening for level in batch]
+        results = bench.run(settings, progress)
         for band in screening:
-            clamps[band].tried[level] = results[(band, level)]
-        screening = [band for band in screening
-                     if not (clamps[band].fluent(level, baseline) and clamps[band].holds(level, baseline))]
+            clamps[band].tried.update({level: results[(band, level)] for level in batch})
+        screening = [band for band in screening if not any(
+            clamps[band].fluent(level, baseline) and clamps[band].holds(level, baseline) for level in batch)]
     held = {}
     for band, clamp in clamps.items():
         best = held_level(calibration.chosen[band], clamp, baseline)

@@ -253,21 +253,24 @@ def test_train_hold_holds_a_level_only_where_both_scorers_expect_more_of_it_than
 
 
 class _CannedBench:
-    """A ReplyBench stand-in that answers each (band, level) setting with canned replies and notes what was asked."""
+    """A ReplyBench stand-in (10 prompts, 1 sample, 8 decode slots) that answers each (band, level) setting with
+    canned replies and notes what each run asked for."""
+
+    prompts, samples, slots = [""] * 10, 1, 8
 
     def __init__(self, replies: dict):
-        self.replies, self.asked = replies, []
+        self.replies, self.runs = replies, []
 
     def run(self, settings, _progress):
-        self.asked += [setting.key for setting in settings]
+        self.runs.append([setting.key for setting in settings])
         return {setting.key: self.replies[setting.key] for setting in settings}
 
 
 def test_the_hold_screen_stops_a_band_at_its_first_level_that_holds_and_skips_a_vector_it_cannot_beat():
-    """Levels go up one at a time (the rule picks the smallest fluent level that holds, whatever lies above it), so
-    joy stops at 2 while fear, which never holds, is tried at every level; trust's vector is clear on every redraw
-    by both scorers, so no level could beat it and none is run. Only the screen's scheduling is canned here: its
-    replies come from the real model in the Gemma training test."""
+    """Levels go up (the rule picks the smallest fluent level that holds, whatever lies above it), so joy stops at 2
+    while fear, which never holds, is tried at every level, two levels a run once it alone fills the 8 slots less
+    than twice; trust's vector is clear on every redraw by both scorers, so no level could beat it and none is run. Only
+    the screen's scheduling is canned here: its replies come from the real model in the Gemma training test."""
     baseline = _counted([{"joy": 1, "fear": 1, "trust": 1}] * 10)
     baseline.labels = _named([0.0] * 10)
     lexicon_only = _counted([{"joy": 4, "fear": 4, "trust": 1}] * 10)
@@ -291,7 +294,8 @@ def test_the_hold_screen_stops_a_band_at_its_first_level_that_holds_and_skips_a_
     calibration = Calibration(chosen, list(chosen.values()), baseline, {}, lambda _candidate, _strength: units,
                               bench=bench, prompts=10, seconds=0.0)
     held = screen_holds(Bank.load(SHIPPED_DIR / "smollm2-135m-instruct"), calibration)
-    assert bench.asked == [("joy", 1.0), ("fear", 1.0), ("joy", 2.0)] + [("fear", level) for level in HOLD_LEVELS[1:]]
+    assert bench.runs == [[("joy", 1.0), ("fear", 1.0)], [("joy", 2.0), ("fear", 2.0)], [("fear", 3.0), ("fear", 4.0)],
+                          [("fear", 5.0), ("fear", 6.0)]]
     assert set(held) == {"joy"} and held["joy"][0] == 2.0 and held["joy"][1]["weak"] is False
 
 
