@@ -229,7 +229,7 @@ class EqzModel:
         """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
         description) and a bank for the model already there, those bands are added to ``base`` (default: the
         user's own copy of the model's bank, which ``bank.save()`` writes back). ``hold``: screen held levels for the
-        primaries and hold those that steer better held (train.screen_holds; ~200 s of a 480 s SmolLM2 training on 2
+        primaries and hold those that steer better held (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2
         cores); described bands are unmetered, so adding them screens nothing."""
         from .bands import BANDS
         from .bank import writable_bank

@@ -468,7 +468,7 @@ def train(
     ] = False,
     hold: Annotated[
         bool, typer.Option("--hold/--no-hold", metavar="", help="try holding each primary at a level instead of adding its vector, "
-                           "and hold those that steer better so, as the shipped bank does (--no-hold: ~3 minutes "
+                           "and hold those that steer better so, as the shipped bank does (--no-hold: ~2.5 minutes "
                            "less for a 135M model)")
     ] = True,
     threads: ThreadsOpt = None,

@@ -358,7 +358,7 @@ class ReplyBench:
                                     shared=head, filters=setting.filters))
         advance = progress("generating replies", len(jobs))
         replies: dict = {setting.key: {} for setting in settings}
-        with self.model.parallel_context(jobs, self.parallel) as context:
+        with self.model.parallel_context(jobs, self.slots) as context:
             for finished in generate_parallel(context, jobs, row_steering=self.steered):
                 key, i, sample = finished.job.tag
                 replies[key][(i, sample)] = (finished.tokens, finished.text)

@@ -571,8 +571,8 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
         results = bench.run(settings, progress)
         for band in screening:
             clamps[band].tried.update({level: results[(band, level)] for level in batch})
-        screening = [band for band in screening if not any(
-            clamps[band].fluent(level, baseline) and clamps[band].holds(level, baseline) for level in batch)]
+        # levels go up, so a clear pick among those tried is final
+        screening = [band for band in screening if not (clamps[band].best(baseline) or (None, False))[1]]
     held = {}
     for band, clamp in clamps.items():
         best = held_level(calibration.chosen[band], clamp, baseline)
