@@ -225,12 +225,13 @@ class EqzModel:
         return analyze(self.model, self.bank, text, by)
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
-              orthogonalize: bool = False, base: Bank | None = None, progress=None, hold: bool = True) -> Bank:
+              orthogonalize: bool = False, base: Bank | None = None, progress=None, hold: bool | None = None) -> Bank:
         """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
         description) and a bank for the model already there, those bands are added to ``base`` (default: the
         user's own copy of the model's bank, which ``bank.save()`` writes back). ``hold``: screen held levels for the
         primaries and hold those that steer better held (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2
-        cores); described bands are unmetered, so adding them screens nothing."""
+        cores, as long with ``quick``); by default unless ``quick``. Described bands are unmetered, so adding them
+        screens nothing."""
         from .bands import BANDS
         from .bank import writable_bank
         from .train import TrainSettings, add_described_bands, train_bank

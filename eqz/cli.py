@@ -462,15 +462,17 @@ def train(
                      "added to the model's bank, or trained with a new one"),
     ] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR", help="bank directory \\[default: user data dir]")] = None,
-    quick: Annotated[bool, typer.Option("--quick", metavar="", help="fewer stimuli, persona and calibration replies (~3x faster, noisier gains)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", metavar="", help="fewer stimuli, persona and calibration replies, and "
+                                        "no held-level screen unless --hold (~2x faster, noisier gains)")] = False,
     orthogonalize: Annotated[
         bool, typer.Option("--orthogonalize", metavar="", help="make the eight primaries orthogonal (less crosstalk)")
     ] = False,
     hold: Annotated[
-        bool, typer.Option("--hold/--no-hold", metavar="", help="try holding each primary at a level instead of adding its vector, "
-                           "and hold those that steer better so, as the shipped bank does (--no-hold: ~2.5 minutes "
-                           "less for a 135M model)")
-    ] = True,
+        Optional[bool], typer.Option("--hold/--no-hold", metavar="", help="try holding each primary at a level instead of "
+                                     "adding its vector, and hold those that steer better so, as the shipped bank does "
+                                     "(~2.5 minutes for a 135M model) \\[default: --hold, --no-hold with --quick]",
+                                     show_default=False)
+    ] = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:

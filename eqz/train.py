@@ -75,10 +75,14 @@ class TrainSettings:
     calibration_prompts: int = 10
     reply_tokens: int = 40
     seed: int = 1234
-    hold: bool = True  # screen held levels for the primaries and hold where that steers better (screen_holds)
+    # screen held levels for the primaries and hold where that steers better (screen_holds); None: unless quick
+    # (the screen is ~140 s whatever the settings, most of a quick training's saving)
+    hold: bool | None = None
     described: dict[str, str] = field(default_factory=dict)  # bands the user describes: name -> description
 
     def __post_init__(self) -> None:
+        if self.hold is None:
+            self.hold = not self.quick
         if self.quick:
             self.train_pairs, self.neutral_passages = 20, 24
             self.voice_prompts, self.voice_tokens = 8, 24

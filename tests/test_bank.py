@@ -276,11 +276,12 @@ def test_bad_described_bands_are_refused_before_training(spec, fragment):
 @pytest.mark.gemma
 def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
     """A second architecture end to end: train (quick, one band: the 8-way classification still reads every
-    primary; its held levels are screened too, as by default), found by fingerprint, the slider changes the output.
+    primary; its held levels are screened too, asked for with --hold), found by fingerprint, the slider changes the
+    output.
     Gemma 3 270M is a base model: its persona replies come from a plain transcript."""
     data = tmp_path / "data"
     env = {"XDG_DATA_HOME": str(data)}
-    trained = run_eqz("train", "--quick", "--bands", "joy", "-m", str(gemma_path), env=env, timeout=900)
+    trained = run_eqz("train", "--quick", "--hold", "--bands", "joy", "-m", str(gemma_path), env=env, timeout=900)
     assert trained.returncode == 0, trained.stderr
     bank_dir = next((data / "eqz" / "vectors").iterdir())
     manifest = yaml.safe_load((bank_dir / "bank.yaml").read_text())
