@@ -75,8 +75,8 @@ class TrainSettings:
     calibration_prompts: int = 10
     reply_tokens: int = 40
     seed: int = 1234
-    # screen held levels for the primaries and hold where that steers better (screen_holds); None: unless quick
-    # (the screen is ~140 s whatever the settings, most of a quick training's saving)
+    # screen held levels for the primaries and hold where that steers better (screen_holds); None: unless quick,
+    # where the screen costs about as much as in a full training (132 s of a 335 s quick SmolLM2 training)
     hold: bool | None = None
     described: dict[str, str] = field(default_factory=dict)  # bands the user describes: name -> description
 
