@@ -478,7 +478,7 @@ def train(
 ) -> None:
     """Train emotion vectors for a GGUF model (eqz's stimuli and the model's own voice) and calibrate every
     slider on the text it produces, scored by an emotion lexicon and by the unsteered model naming its emotion.
-    About 8-12 minutes for a 135M model on 2 cores.
+    About 7-12 minutes for a 135M model on 2 cores (--quick: 3-5).
     With only --band, the described bands are added to the model's existing bank (a few minutes)."""
     from pathlib import Path
 
