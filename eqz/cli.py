@@ -728,9 +728,20 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _bare_help_flags(command, help_names: list[str]) -> None:
+    """Print -h/--help without the `<bool>` typer 0.29 puts after it: eqz's own flags pass metavar="" for that, and
+    click makes the help option itself, once per command (cached), so it is done here for every command."""
+    option = command.get_help_option(typer.Context(command, help_option_names=help_names))
+    if option is not None:
+        option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _bare_help_flags(sub, help_names)
+
+
 def main() -> None:
     """Run the CLI: bad input becomes one line on stderr and a non-zero exit (a traceback only with --debug)."""
     command = typer.main.get_command(app)
+    _bare_help_flags(command, app.info.context_settings["help_option_names"])
     args = sys.argv[1:]
     cut = args.index("--") if "--" in args else len(args)  # after "--" everything is text
     if "--debug" in args[:cut]:  # accepted after the command too
