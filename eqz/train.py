@@ -405,6 +405,11 @@ class Candidate:
             return None
         return max(fluent, key=lambda c: self.effect(c, baseline)), False
 
+    def found_clear(self, baseline: ReplySet) -> bool:
+        """Calibration's rule has its pick: some strength tried is fluent and holds."""
+        best = self.best(baseline)
+        return best is not None and best[1]
+
     def next_strength(self, baseline: ReplySet) -> float | None:
         """Where to look next on the ladder: down from a clear (or non-fluent) strength, up from a fluent one that
         is not clear yet; None once the answer is pinned between two tried steps or at the ladder's end."""
@@ -576,7 +581,7 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
         for band in screening:
             clamps[band].tried.update({level: results[(band, level)] for level in batch})
         # levels go up, so a clear pick among those tried is final
-        screening = [band for band in screening if not (clamps[band].best(baseline) or (None, False))[1]]
+        screening = [band for band in screening if not clamps[band].found_clear(baseline)]
     held = {}
     for band, clamp in clamps.items():
         best = held_level(calibration.chosen[band], clamp, baseline)
