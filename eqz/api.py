@@ -225,19 +225,22 @@ class EqzModel:
         return analyze(self.model, self.bank, text, by)
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
-              orthogonalize: bool = False, base: Bank | None = None, progress=None, hold: bool | None = None) -> Bank:
+              orthogonalize: bool = False, base: Bank | None = None, progress=None, hold: bool | None = None,
+              seed: int | None = None) -> Bank:
         """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
         description) and a bank for the model already there, those bands are added to ``base`` (default: the
         user's own copy of the model's bank, which ``bank.save()`` writes back). ``hold``: screen held levels for the
         primaries and hold those that steer better held (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2
         cores, as long with ``quick``); by default unless ``quick``. Described bands are unmetered, so adding them
-        screens nothing."""
+        screens nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
+        one machine the same seed gives the same bank byte for byte, at any thread count."""
         from .bands import BANDS
         from .bank import writable_bank
         from .train import TrainSettings, add_described_bands, train_bank
 
         settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
-                                 described=dict(described or {}), hold=hold)
+                                 described=dict(described or {}), hold=hold,
+                                 **({"seed": seed} if seed is not None else {}))
         extra = {"progress": progress} if progress else {}
         adding = bool(described and not bands and self.bank_if_any() is not None)
         with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1

@@ -474,6 +474,9 @@ def train(
                                      "\\[default: --hold, --no-hold with --quick]",
                                      show_default=False)
     ] = None,
+    seed: Annotated[Optional[int], typer.Option(metavar="N", help="seed of every reply training samples; on one "
+                                                "machine the same seed makes the same bank \\[default: 1234]",
+                                                show_default=False)] = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:
@@ -496,7 +499,8 @@ def train(
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
         with progress_bars() as progress:
             bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize,
-                                base=find_bank(loaded.info) if out else None, progress=progress, hold=hold)
+                                base=find_bank(loaded.info) if out else None, progress=progress, hold=hold,
+                                seed=seed)
         bank.save(Path(out).expanduser() if out else (bank.directory or user_data_dir() / slug(loaded.info.name)))
     print_bank(bank)
 

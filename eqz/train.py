@@ -786,6 +786,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "voice_seconds": round(voice.seconds, 1),
         "calibration_seconds": round(calibration.seconds, 1),
         **({"hold_seconds": round(hold_seconds, 1)} if settings.hold else {}),
+        "seed": settings.seed,
         "threads": model.threads,
         "weights": _weights(model),
     }
@@ -830,6 +831,7 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 1),
             "voice_prompts": len(voice.states["neutral"]),
+            "seed": settings.seed,
             "weights": _weights(model),
         }
     return bank

@@ -276,12 +276,13 @@ def test_bad_described_bands_are_refused_before_training(spec, fragment):
 @pytest.mark.gemma
 def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
     """A second architecture end to end: train (quick, one band: the 8-way classification still reads every
-    primary; its held levels are screened too, asked for with --hold), found by fingerprint, the slider changes the
-    output.
+    primary; its held levels are screened too, asked for with --hold; its seed is recorded), found by fingerprint,
+    the slider changes the output.
     Gemma 3 270M is a base model: its persona replies come from a plain transcript."""
     data = tmp_path / "data"
     env = {"XDG_DATA_HOME": str(data)}
-    trained = run_eqz("train", "--quick", "--hold", "--bands", "joy", "-m", str(gemma_path), env=env, timeout=900)
+    trained = run_eqz("train", "--quick", "--hold", "--bands", "joy", "--seed", "5", "-m", str(gemma_path), env=env,
+                      timeout=900)
     assert trained.returncode == 0, trained.stderr
     bank_dir = next((data / "eqz" / "vectors").iterdir())
     manifest = yaml.safe_load((bank_dir / "bank.yaml").read_text())
@@ -290,6 +291,7 @@ def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
     assert set(manifest["bands"]) == {"joy"}
     assert not (bank_dir / "voice-centre.npy").exists()  # a --quick centre is not kept for later bands
     assert manifest["trained"]["weights"] == "file"  # Q4_K_M batches fast: no f16 copy
+    assert manifest["trained"]["seed"] == 5  # what a retraining needs to make the same bank on this machine
     for entry in manifest["bands"].values():  # calibrated and checked like the shipped bank
         assert entry["source"] in ("stimulus", "voice") and isinstance(entry["direction_ok"], bool)
         assert entry["calibration"] and "+1" in entry["check"] and "-1" in entry["check"]
