@@ -140,7 +140,9 @@ def print_bank(bank: Bank) -> None:
     trained = bank.trained
     if trained:
         through = " (through an f16 copy of the weights)" if trained.get("weights") == "f16 copy" else ""
-        console.print(f"trained in {trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}{through}")
+        seed = f", seed {trained['seed']}" if "seed" in trained else ""  # banks before stop 48 used 1234 unrecorded
+        console.print(f"trained in {trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}"
+                      f"{seed}{through}")
 
 
 _LEVELS = "▁▂▃▄▅▆▇█"

@@ -292,6 +292,7 @@ def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
     assert not (bank_dir / "voice-centre.npy").exists()  # a --quick centre is not kept for later bands
     assert manifest["trained"]["weights"] == "file"  # Q4_K_M batches fast: no f16 copy
     assert manifest["trained"]["seed"] == 5  # what a retraining needs to make the same bank on this machine
+    assert "seed 5" in run_eqz("vectors", "show", str(bank_dir), "-m", str(gemma_path), env=env).stdout
     for entry in manifest["bands"].values():  # calibrated and checked like the shipped bank
         assert entry["source"] in ("stimulus", "voice") and isinstance(entry["direction_ok"], bool)
         assert entry["calibration"] and "+1" in entry["check"] and "-1" in entry["check"]
