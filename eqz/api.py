@@ -29,6 +29,7 @@ from .generation import template_head
 from .models import ModelInfo, resolve_model_path
 from .presets import Preset, get_preset, resolve
 from .reading import common_prefix_length
+from .sampling import check_setting
 from .session import ChatSession, Turn, model_record
 from .steering import Steering
 from .vector_files import ControlVector
@@ -240,7 +241,7 @@ class EqzModel:
 
         settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
                                  described=dict(described or {}), hold=hold,
-                                 **({"seed": seed} if seed is not None else {}))
+                                 **({"seed": check_setting("seed", seed)} if seed is not None else {}))
         extra = {"progress": progress} if progress else {}
         adding = bool(described and not bands and self.bank_if_any() is not None)
         with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1

@@ -160,6 +160,11 @@ def test_bad_sampling_values(flag, value, fragment):
     assert_one_line_error(run_eqz("generate", "hi", flag, value), fragment)
 
 
+def test_a_bad_training_seed_is_refused_before_training(tmp_path):
+    assert_one_line_error(run_eqz("train", "--seed", "-3", "-o", str(tmp_path / "bank")), "seed must be in [0, ")
+    assert not (tmp_path / "bank").exists()
+
+
 def test_prompt_longer_than_the_context():
     assert_one_line_error(run_eqz("generate", "word " * 600, "--ctx", "256"), "context holds 256", "--ctx")
 
