@@ -33,10 +33,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=9999)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--bands", default=",".join(PRIMARIES),
+                        help="primaries to compare (banks that differ in a few bands need run only those)")
     parser.add_argument("--out", default="compare_banks.json")
     args = parser.parse_args()
     if len(args.bank) < 2:
         raise SystemExit("give two or more --bank directories to compare")
+    bands = args.bands.split(",")
+    if not set(bands) <= set(PRIMARIES):
+        raise SystemExit(f"--bands takes primaries: {', '.join(PRIMARIES)}")
     prompts = args.prompts_file.read_text().splitlines() if args.prompts_file else prompt_sets()[args.prompts]
     prompts = [prompt for prompt in prompts if prompt.strip()]
     started = time.perf_counter()
@@ -46,7 +51,7 @@ def main() -> None:
         steered = sorted({layer for bank in banks.values() for layer in bank.steered_layers})
         settings = [Setting("unsteered")] + [
             slider_setting((name, band, 1.0), bank, {band: 1.0}, judge=bank_persona(bank, band))
-            for name, bank in banks.items() for band in PRIMARIES]
+            for name, bank in banks.items() for band in PRIMARIES if band in bands]
         bench = ReplyBench(model, prompts, args.max_tokens, args.seed, steered, samples=args.samples, labels=True)
         results = bench.run(settings)
     rows = pushed_rows(settings, results, args.samples, "bank")
