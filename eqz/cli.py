@@ -470,7 +470,7 @@ def train(
     hold: Annotated[
         Optional[bool], typer.Option("--hold/--no-hold", metavar="", help="try holding each primary at a level instead of "
                                      "adding its vector, and hold those that steer better so, as the shipped bank does "
-                                     "(2-4 minutes for a 135M model: 142 s and 260 s in two runs) "
+                                     "(about 2-3 minutes for a 135M model: 119 s and 148 s in two runs) "
                                      "\\[default: --hold, --no-hold with --quick]",
                                      show_default=False)
     ] = None,

@@ -267,7 +267,7 @@ class _CannedBench:
 
 
 def test_the_hold_screen_stops_a_band_at_its_first_level_that_holds_and_skips_a_vector_it_cannot_beat():
-    """Levels go up (the rule picks the smallest fluent level that holds, whatever lies above it), so joy stops at 2
+    """Levels go up (the rule picks the smallest fluent level that holds, whatever lies above it), so joy stops at 4
     while fear, which never holds, is tried at every level, two levels a run once it alone fills the 8 slots less
     than twice; trust's vector is clear on every redraw by both scorers, so no level could beat it and none is run. Only
     the screen's scheduling is canned here: its replies come from the real model in the Gemma training test."""
@@ -288,15 +288,15 @@ def test_the_hold_screen_stops_a_band_at_its_first_level_that_holds_and_skips_a_
     chosen = {band: Candidate(band, "stimulus", units, tried={0.35: replies}, pinned=0.35)
               for band, replies in (("joy", lexicon_only), ("fear", lexicon_only), ("trust", trusting))}
     assert chosen["trust"].expected_clear(0.35, baseline) == 2.0
-    canned = {("joy", level): judge_only if level < 2 else both for level in HOLD_LEVELS}
+    assert HOLD_LEVELS == (3.0, 4.0, 5.0, 6.0)
+    canned = {("joy", level): judge_only if level < 4 else both for level in HOLD_LEVELS}
     canned |= {("fear", level): judge_only for level in HOLD_LEVELS}
     bench = _CannedBench(canned)
     calibration = Calibration(chosen, list(chosen.values()), baseline, {}, lambda _candidate, _strength: units,
                               bench=bench, prompts=10, seconds=0.0)
     held = screen_holds(Bank.load(SHIPPED_DIR / "smollm2-135m-instruct"), calibration)
-    assert bench.runs == [[("joy", 1.0), ("fear", 1.0)], [("joy", 2.0), ("fear", 2.0)], [("fear", 3.0), ("fear", 4.0)],
-                          [("fear", 5.0), ("fear", 6.0)]]
-    assert set(held) == {"joy"} and held["joy"][0] == 2.0 and held["joy"][1]["weak"] is False
+    assert bench.runs == [[("joy", 3.0), ("fear", 3.0)], [("joy", 4.0), ("fear", 4.0)], [("fear", 5.0), ("fear", 6.0)]]
+    assert set(held) == {"joy"} and held["joy"][0] == 4.0 and held["joy"][1]["weak"] is False
 
 
 def test_a_quick_training_leaves_the_hold_screen_out_unless_asked():
