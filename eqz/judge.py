@@ -28,28 +28,29 @@ _SLOT = "\x00"
 
 @dataclass(frozen=True)
 class LabelJudge:
-    """The question's tokens around a text, and the first token of each primary's name (PRIMARIES order)."""
+    """The question's tokens around a text, and the first token of each name it reads (PRIMARIES by default)."""
 
     head: list[int]
     trailer: list[int]
     labels: list[int]
 
     @classmethod
-    def for_model(cls, model: Model) -> "LabelJudge | None":
-        """The judge in ``model``'s chat format (a plain transcript without one); None where two primaries' names
-        start with the same token, so the answer could not tell them apart."""
-        text, _ = model.chat_prompt([{"role": "user", "content": QUESTION.format(text=_SLOT)}])
-        text += (" " if text.endswith(":") else "") + ANSWER
+    def for_model(cls, model: Model, question: str = QUESTION, answer: str = ANSWER,
+                  names: Sequence[str] = PRIMARIES) -> "LabelJudge | None":
+        """The judge in ``model``'s chat format (a plain transcript without one); None where two names start with
+        the same token, so the answer could not tell them apart."""
+        text, _ = model.chat_prompt([{"role": "user", "content": question.format(text=_SLOT)}])
+        text += (" " if text.endswith(":") else "") + answer
         before, after = text.split(_SLOT)
-        labels = [model.tokenize(" " + band, add_special=False)[0] for band in PRIMARIES]
+        labels = [model.tokenize(" " + name, add_special=False)[0] for name in names]
         if len(set(labels)) < len(labels):
             return None
         return cls(model.tokenize(before, parse_special=True),
                    model.tokenize(after, add_special=False, parse_special=True), labels)
 
     def scores(self, model: Model, texts: Sequence[Sequence[int]], progress=None) -> np.ndarray:
-        """(len(texts), 8): log-probability of the judge naming each primary for each text (tokens), over the
-        eight names only."""
+        """(len(texts), names): log-probability of the judge giving each name for each text (tokens), over the
+        names only."""
         longest = max((len(text) for text in texts), default=0) + len(self.head) + len(self.trailer)
         n_batch = max(1024, longest)
         groups = group_tails(self.head, [list(text) + self.trailer for text in texts], n_batch, len(self.head))

@@ -78,6 +78,12 @@ COUNTED = (*PRIMARIES, "positive", "negative")
 _CIRCUMPLEX_WEIGHTS = np.array([CIRCUMPLEX[band] for band in PRIMARIES])  # (primaries, valence/arousal)
 
 
+def on_axes(primaries: np.ndarray) -> np.ndarray:
+    """(..., 8) an amount per primary (words, or the judge's probabilities) -> (..., 2) valence and arousal, each
+    primary weighted by its place on the circumplex."""
+    return primaries @ _CIRCUMPLEX_WEIGHTS
+
+
 @dataclass(frozen=True)
 class EmotionScorer:
     """Emotion words per 100 words, per band: the independent judge of what a slider does to text."""
@@ -96,7 +102,7 @@ class EmotionScorer:
         as ``rates`` defines them."""
         per100 = 100.0 * counts[..., :-1] / np.maximum(1, counts[..., -1:])
         primaries = per100[..., : len(PRIMARIES)]
-        axes = primaries @ _CIRCUMPLEX_WEIGHTS
+        axes = on_axes(primaries)
         if self._nrc_table() is not None:
             axes[..., 0] = per100[..., COUNTED.index("positive")] - per100[..., COUNTED.index("negative")]
         return np.concatenate([primaries, axes], axis=-1)
