@@ -261,8 +261,13 @@ def print_analysis(analysis) -> None:
 
 
 def _judged(row: dict) -> str:
-    """The judge's lift for the band in one cell, * where it is clear (eval.ReplySet.judged_clear)."""
-    if "judged_effect" not in row or row.get("gain") == 0:
+    """The judge's lift for the band in one cell, * where it is clear (eval.ReplySet.judged_clear); for an axis, the
+    signed rise of its names' circumplex reading (eval.ReplySet.judged_rise)."""
+    if row.get("gain") == 0:
+        return "-"
+    if "judged_rise" in row:
+        return f"{row['judged_rise']:+.2f}"
+    if "judged_effect" not in row:
         return "-"
     return f"{row['judged_effect']:.2f}" + (" *" if row["judged_clear"] else "")
 

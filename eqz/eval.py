@@ -28,7 +28,8 @@ from .judge import LabelJudge
 from .reading import PrefixCache, group_tails, read_texts, shared_head_length
 from .meter import Filters, LayerGeometry, geometry, metered_bands
 from .sampling import Sampling
-from .scoring import LIFT_PRIOR, distinct2, emotion_scorer, latin_share, lift, repeated_trigrams, words_per_token
+from .scoring import (LIFT_PRIOR, distinct2, emotion_scorer, latin_share, lift, on_axes, repeated_trigrams,
+                      words_per_token)
 from .voice import persona_tokens
 
 # Fluency bounds (README "How the bank is made"): none of them charges a reply for being emotional.
@@ -244,6 +245,14 @@ class ReplySet:
         lifts = self.judged_lifts(baseline)
         return lifts[band] >= CLEAR_LIFT and max(lifts, key=lifts.get) == band
 
+    def judged_rise(self, axis: str, baseline: "ReplySet") -> float:
+        """How far the judge's names, weighted by their circumplex valence or arousal (scoring.on_axes), moved from
+        the baseline's replies: the axes' dense reading, as the lift is the primaries'. On sentences of known
+        arousal it ranks high above low better than the lexicon's weighting (AUC 0.98-0.99 against 0.93 on both
+        models; benchmarks/arousal_judge.py)."""
+        column = AXES.index(axis)
+        return float(on_axes(np.exp(self.labels))[:, column].mean() - on_axes(np.exp(baseline.labels))[:, column].mean())
+
     def judged_clear_share(self, band: str, baseline: "ReplySet", samples: int,
                            draws: int = BOOTSTRAP_DRAWS) -> float:
         """clear_share for the judge's verdict: the prompts drawn again (paired, with all their samples)."""
@@ -294,6 +303,8 @@ class ReplySet:
             **({"ppl_ratio": round(ratio, 3)} if math.isfinite(ratio) else {}),
             **({"readout": round(self.readout[band], 3)} if band in self.readout else {}),
             **(self._judged(band, baseline) if band in PRIMARIES and self.labels is not None
+               and baseline.labels is not None else {}),
+            **({"judged_rise": round(self.judged_rise(band, baseline), 3)} if band in AXES and self.labels is not None
                and baseline.labels is not None else {}),
             "fluent": self.fluent(baseline),
         }
@@ -514,8 +525,8 @@ class EvalResult:
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""
         keep = ("effect", "words_per_100", "most_lifted", "clear", "clear_share", "judged_effect",
-                "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio", "repeated_3grams",
-                "fluent")
+                "judged_most_lifted", "judged_clear", "judged_clear_share", "judged_rise", "readout", "ppl_ratio",
+                "repeated_3grams", "fluent")
         return {
             band: {_setting_name(row): {k: row[k] for k in keep if k in row}
                    for row in self.table(band) + self.prompt_rows(band)}

@@ -16,7 +16,7 @@ directions), on calibration prompts no other stage uses: gain +1 is the smallest
 replies clearly lift the band's own emotion by both, the judge's verdict holding over redrawn prompts
 (Candidate.holds), within the fluency bounds (the perplexity bound holding over redrawn prompts too); where none
 does, the fluent one with the largest effect, flagged weak. Last, every band is checked for direction at
--1 / 0 / +1 (the judge, for the axes the lexicon, and the readout must rise) and flagged where not.
+-1 / 0 / +1 (the judge, for the axes its names' circumplex reading, and the readout must rise) and flagged where not.
 """
 
 from __future__ import annotations
@@ -524,7 +524,7 @@ def calibrate_and_check(model: Model, settings: TrainSettings, candidates: list[
     described = {band: _judge(band, settings) for band in settings.described}
     bench = ReplyBench(model, prompts, settings.reply_tokens, settings.seed, steered, read_layer, reader,
                        preferences=E.preference_personas(described),
-                       labels=any(candidate.band in PRIMARIES for candidate in candidates))
+                       labels=any(candidate.band in BANDS for candidate in candidates))
     chosen, baseline = calibrate(candidates, bench, vector, progress)
     checked = {"baseline": baseline, **{(band, 1): c.tried[c.pinned] for band, c in chosen.items()}}
     negative = [Setting((band, -1), -vector(c, c.pinned)) for band, c in chosen.items()]
@@ -604,8 +604,10 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
     for band, candidate in calibration.chosen.items():
         up, down = checked[(band, 1)], checked[(band, -1)]
         ratio = 1.0 if down.fluent(baseline) else 0.5
-        judged = band in PRIMARIES and up.labels is not None and down.labels is not None
-        if judged:  # every reply counts, where one chance word flipped the lexicon's verdict between trainings
+        judged = band in BANDS and up.labels is not None and down.labels is not None
+        if judged and band in AXES:  # the names' circumplex reading: every reply counts (ReplySet.judged_rise)
+            text_rises = down.judged_rise(band, baseline) < 0 < up.judged_rise(band, baseline)
+        elif judged:  # every reply counts, where one chance word flipped the lexicon's verdict between trainings
             text_rises = down.judged_lifts(baseline)[band] < 1.0 < up.judged_lifts(baseline)[band]
         elif band in up.rates:
             # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
@@ -647,7 +649,8 @@ def _calibration_method(calibration: Calibration, settings: TrainSettings) -> di
         "fluency": f"{E.TEXT_BOUNDS}; at +1 also perplexity under the model asked for the band <= "
         f"{E.MAX_PPL_RATIO:g}x the unsteered replies' own, in >= {CALIBRATION_HOLDS:.0%} of redraws of the "
         "calibration prompts",
-        "direction_check": "primaries: how often the judge names the band; axes: lexicon rate; described bands: "
+        "direction_check": "primaries: how often the judge names the band; axes: the judge's names weighted by their "
+        "circumplex valence or arousal (a model whose names it cannot read: the lexicon rate); described bands: "
         "specific preference; and the readout: at -1 < 0 < +1 (the lexicon at -1 may exceed 0 by one word in the "
         "whole sample, its noise floor)",
     }

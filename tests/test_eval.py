@@ -327,6 +327,36 @@ def test_the_direction_check_of_a_primary_follows_the_judge_where_the_replies_we
     assert bank.bands["trust"].problems == ["judge"]
 
 
+def test_the_direction_check_of_an_axis_follows_the_judges_names_on_the_circumplex():
+    """Arousal's words are the primaries' weighted by circumplex arousal, so joy words at -1 read as a rise. Where
+    the replies were judged, the judge's names carry the check: calmer names (sadness, trust) at -1 and livelier
+    (anger, surprise) at +1 pass it whatever the words did; the other way round flags "judge"."""
+    baseline = _counted([{"trust": 2}] * 10)
+    up, down = _counted([{"anger": 3}] * 10), _counted([{"joy": 6}] * 10)  # the words rise at -1 as well
+    for replies, lively in ((baseline, 0.0), (up, 1.0), (down, -1.0)):
+        replies.repeat, replies.distinct, replies.latin, replies.texts = 0.0, 1.0, 1.0, ["word " * 100] * 10
+        replies.labels = np.log(np.full((10, 8), 1 / 8))
+        for band in ("anger", "surprise"):
+            replies.labels[:, PRIMARIES.index(band)] += lively
+        for band in ("sadness", "trust"):
+            replies.labels[:, PRIMARIES.index(band)] -= lively
+        replies.labels -= np.logaddexp.reduce(replies.labels, axis=1, keepdims=True)
+    assert down.judged_rise("arousal", baseline) < 0 < up.judged_rise("arousal", baseline)
+    assert down.rates["arousal"] > baseline.rates["arousal"]
+    candidate = Candidate("arousal", "voice", np.zeros((2, 3)), tried={0.35: up}, pinned=0.35)
+    calibration = Calibration({"arousal": candidate}, [candidate], baseline,
+                              {("arousal", 1): up, ("arousal", -1): down},
+                              lambda _candidate, _strength: np.zeros((2, 3), np.float32), bench=None, prompts=10,
+                              seconds=0.0)
+    bank = Bank.empty(ModelInfo("x.gguf", "tiny", "llama", 2, 3, 100, 512, True))
+    store_bands(bank, calibration, {}, {})
+    assert not {"judge", "lexicon"} & set(bank.bands["arousal"].problems)
+    assert bank.bands["arousal"].check["-1"]["judged_rise"] < 0
+    down.labels, baseline.labels = baseline.labels, down.labels  # now the judge hears -1 as livelier than 0
+    store_bands(bank, calibration, {}, {})
+    assert "judge" in bank.bands["arousal"].problems
+
+
 def test_a_described_band_is_clear_when_the_judge_prefers_its_persona_specifically():
     """Preference = nats per token likelier under the band's persona than the neutral one; what every persona gains
     (the primaries' mean) does not count, and the band's own persona must gain most."""
