@@ -65,12 +65,12 @@ def steer_axes(model: Model, bank: Bank, samples: int = 2, tokens: int = 64, see
     bench = ReplyBench(model, prompt_sets()["test"], tokens, seed, bank.steered_layers, samples=samples, labels=True)
     results = bench.run(settings)
     base = results.pop("unsteered")
+    rows = {"unsteered": {"examples": [text[:200] for text in base.texts[::samples][:3]]}}
     direct = LabelJudge.for_model(model, AROUSAL_QUESTION, AROUSAL_ANSWER, AROUSAL_NAMES)
     calm_or_excited = {key: direct.scores(model, replies.tokens) @ np.array([-1.0, 1.0])
                        for key, replies in [("unsteered", base), *results.items()]}
     scorer = emotion_scorer()
     picks = redrawn_prompts(len(bench.prompts), BOOTSTRAP_DRAWS)
-    rows = {}
     for (axis, gain), replies in results.items():
         column = AXES.index(axis)
         per_prompt = [on_axes(np.exp(r.labels))[:, column].reshape(-1, samples).mean(axis=1) for r in (replies, base)]
@@ -86,7 +86,7 @@ def steer_axes(model: Model, bank: Bank, samples: int = 2, tokens: int = 64, see
             "judge_sign_holds": round(float(np.mean(sign * judged[picks].mean(axis=1) > 0)), 2),
             "arousal_judge_rise": round(float(asked.mean()), 3),
             "arousal_judge_sign_holds": round(float(np.mean(sign * asked[picks].mean(axis=1) > 0)), 2),
-            "example": replies.texts[0][:160]}
+            "examples": [text[:200] for text in replies.texts[::samples][:3]]}  # the first three prompts' first replies
     return rows
 
 
@@ -121,6 +121,8 @@ def main() -> None:
               "| arousal judge rise (log-odds excited) | sign holds |")
         print("|---|---|---|---|---|---|---|")
         for name, row in figures["steered"].items():
+            if name == "unsteered":  # its replies only, to read beside the steered ones
+                continue
             print(f"| {name} | {row['lexicon_rise']:+.2f} | {row['lexicon_sign_holds']:.0%} | "
                   f"{row['judge_rise']:+.3f} | {row['judge_sign_holds']:.0%} | {row['arousal_judge_rise']:+.3f} | "
                   f"{row['arousal_judge_sign_holds']:.0%} |")
