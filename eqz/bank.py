@@ -41,7 +41,7 @@ PROBLEMS = {
     "weak": "at +1 it does not clearly lift its emotion on most redraws of the calibration prompts",
     "uncalibrated": "it holds a level set by hand (`eqz vectors hold`), which nothing has measured",
     "lexicon": "its emotion words do not rise from -1 to +1",
-    "judge": "the unsteered model does not judge its replies closer to the band from -1 to +1",
+    "judge": "the unsteered model does not judge its replies closer to the band (an axis: higher on it) from -1 to +1",
     "readout": "the model's readout does not rise from -1 to +1",
     "fluency": "replies at +1 leave the fluency bounds",
 }
