@@ -8,12 +8,12 @@ unsteered model asked "Is the writer calm or excited?", log p(excited) - log p(c
 high against low arousal (0.5 = chance), over all 64 and within each valence (a scorer that reads only valence
 cannot pass there).
 
-With --bank, the bank's valence and arousal sliders at -1 and +1 against unsteered replies (the test split, 16 x 2 x
-64, seed 9999): the lexicon's rise (words per 100, as the pages) beside the emotion judge's,
-the eight names' probabilities weighted by their circumplex valence or arousal, and the direct question's, each with
-the share of redrawn prompt sets on which it keeps its sign.
+With --bank, the bank's valence and arousal sliders (or --sliders: a band of one's own is read on arousal) at -1
+and +1 against unsteered replies (the test split, 16 x 2 x 64, seed 9999): the lexicon's rise (words per 100, as
+the pages) beside the emotion judge's, the eight names' probabilities weighted by their circumplex valence or
+arousal, and the direct question's, each with the share of redrawn prompt sets on which it keeps its sign.
 
-    python benchmarks/arousal_judge.py [--model PATH] [--bank DIR] [--out FILE.json]
+    python benchmarks/arousal_judge.py [--model PATH] [--bank DIR [--sliders A,B]] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -57,11 +57,13 @@ def scores(model: Model, texts: list[str]) -> dict[str, np.ndarray]:
             f"{scorer.name} lexicon, circumplex": lexicon}
 
 
-def steer_axes(model: Model, bank: Bank, samples: int = 2, tokens: int = 64, seed: int = 9999) -> dict:
-    """Each axis at -1 and +1 against the unsteered replies: the lexicon's and the judge's rise, and how often each
-    keeps its sign when the prompts are drawn again."""
-    settings = [Setting("unsteered")] + [slider_setting((axis, gain), bank, {axis: gain})
-                                         for axis in AXES for gain in (-1.0, 1.0)]
+def steer_axes(model: Model, bank: Bank, sliders: list[str], samples: int = 2, tokens: int = 64,
+               seed: int = 9999) -> dict:
+    """Each slider at -1 and +1 against the unsteered replies, read on the axis it names (a band of one's own: on
+    arousal): the lexicon's and the judge's rise, and how often each keeps its sign when the prompts are drawn
+    again."""
+    settings = [Setting("unsteered")] + [slider_setting((slider, gain), bank, {slider: gain})
+                                         for slider in sliders for gain in (-1.0, 1.0)]
     bench = ReplyBench(model, prompt_sets()["test"], tokens, seed, bank.steered_layers, samples=samples, labels=True)
     results = bench.run(settings)
     base = results.pop("unsteered")
@@ -71,16 +73,17 @@ def steer_axes(model: Model, bank: Bank, samples: int = 2, tokens: int = 64, see
                        for key, replies in [("unsteered", base), *results.items()]}
     scorer = emotion_scorer()
     picks = redrawn_prompts(len(bench.prompts), BOOTSTRAP_DRAWS)
-    for (axis, gain), replies in results.items():
+    for (slider, gain), replies in results.items():
+        axis = slider if slider in AXES else "arousal"
         column = AXES.index(axis)
         per_prompt = [on_axes(np.exp(r.labels))[:, column].reshape(-1, samples).mean(axis=1) for r in (replies, base)]
         judged = per_prompt[0] - per_prompt[1]
-        asked = (calm_or_excited[(axis, gain)] - calm_or_excited["unsteered"]).reshape(-1, samples).mean(axis=1)
+        asked = (calm_or_excited[(slider, gain)] - calm_or_excited["unsteered"]).reshape(-1, samples).mean(axis=1)
         words = [scorer.rates_of(r.counts.reshape(-1, samples, r.counts.shape[1]).sum(axis=1)[picks].sum(axis=1))
                  [:, BANDS.index(axis)] for r in (replies, base)]
         sign = np.sign(gain)
-        rows[f"{axis} {gain:+g}"] = {
-            "lexicon_rise": round(replies.effect(axis, base), 2),
+        rows[f"{slider} {gain:+g}"] = {
+            "lexicon_rise": round(replies.rates[axis] - base.rates[axis], 2),
             "lexicon_sign_holds": round(float(np.mean(sign * (words[0] - words[1]) > 0)), 2),
             "judge_rise": round(float(judged.mean()), 3),
             "judge_sign_holds": round(float(np.mean(sign * judged[picks].mean(axis=1) > 0)), 2),
@@ -94,6 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
     parser.add_argument("--bank", type=Path, help="also steer this bank's valence and arousal (see above)")
+    parser.add_argument("--sliders", default=",".join(AXES),
+                        help="the bank's sliders to steer; a band of your own is read on arousal")
     parser.add_argument("--out", help="also write the figures as JSON")
     args = parser.parse_args()
     sentences = yaml.safe_load(SENTENCES.read_text())
@@ -110,7 +115,7 @@ def main() -> None:
                 "negative": auc(by["high_negative"], by["low_negative"]),
                 "means": {q: round(float(v.mean()), 3) for q, v in by.items()}}
         if args.bank:
-            figures["steered"] = steer_axes(model, Bank.load(args.bank))
+            figures["steered"] = steer_axes(model, Bank.load(args.bank), args.sliders.split(","))
     print(f"{figures['model']}: AUC of high against low arousal, {figures['sentences']} sentences")
     print("| scorer | all | within positive | within negative |")
     print("|---|---|---|---|")
