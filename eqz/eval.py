@@ -250,8 +250,8 @@ class ReplySet:
         the baseline's replies: the axes' dense reading, as the lift is the primaries'. On sentences of known
         arousal it ranks high above low better than the lexicon's weighting (AUC 0.98-0.99 against 0.93 on both
         models; benchmarks/arousal_judge.py)."""
-        column = AXES.index(axis)
-        return float(on_axes(np.exp(self.labels))[:, column].mean() - on_axes(np.exp(baseline.labels))[:, column].mean())
+        steered, unsteered = (on_axes(np.exp(replies.labels))[:, AXES.index(axis)] for replies in (self, baseline))
+        return float(steered.mean() - unsteered.mean())
 
     def judged_clear_share(self, band: str, baseline: "ReplySet", samples: int,
                            draws: int = BOOTSTRAP_DRAWS) -> float:
