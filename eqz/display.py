@@ -129,8 +129,8 @@ def print_bank(bank: Bank) -> None:
             f"at +1: effect = the band's own emotion words over the unsteered replies' ({calibration['scorer']} "
             "lexicon; axes: + words/100; described bands: + nats/token the unsteered model prefers them for the "
             "description over the primaries), most lifted = the emotion that rose most, judge = how many times "
-            "likelier the unsteered model names the band as the replies' emotion (* clear; axes: the rise of its "
-            "names' circumplex valence or arousal), rep3 = repeated 3-grams, "
+            f"likelier the unsteered model names the band as the replies' emotion (* clear; {_JUDGED_AXES}), "
+            "rep3 = repeated 3-grams, "
             "ppl = perplexity under the model asked for the band over the unsteered replies'; check: ok; ok (eval) = "
             "weak in calibration, clear on the held-out prompts of `eqz eval --record`; or what failed: "
             + "; ".join(f"{key} = {words}" for key, words in PROBLEMS.items()) + "[/dim]"
@@ -261,6 +261,10 @@ def print_analysis(analysis) -> None:
                   "(--json for full precision)[/dim]")
 
 
+# what the judge column holds for valence and arousal (eval.ReplySet.judged_rise), in both tables' legends
+_JUDGED_AXES = "axes: the rise of its names' circumplex valence or arousal"
+
+
 def _judged(row: dict) -> str:
     """The judge's lift for the band in one cell, * where it is clear (eval.ReplySet.judged_clear); for an axis, the
     signed rise of its names' circumplex reading (eval.ReplySet.judged_rise)."""
@@ -302,6 +306,7 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
                   "for the description over the primaries); * = clearly lifted and the most lifted; most: the emotion "
                   "lifted most; holds: how often the band is clear when the prompts are drawn again; judge: how many "
                   "times likelier the unsteered model names the band as the replies' emotion (* clear: 2x and most of "
-                  "the eight); read: the model's own reading of the replies; ppl: perplexity under the model asked for "
-                  "the band over the unsteered replies'; rep3: repeated 3-grams; dist2: distinct-2 (the share of word "
-                  "pairs that are distinct); tok: reply length in tokens. eval.json and eval.csv keep every figure.[/dim]")
+                  f"the eight; {_JUDGED_AXES}); read: the model's own reading of the replies; ppl: perplexity under "
+                  "the model asked for the band over the unsteered replies'; rep3: repeated 3-grams; dist2: distinct-2 "
+                  "(the share of word pairs that are distinct); tok: reply length in tokens. eval.json and eval.csv "
+                  "keep every figure.[/dim]")
