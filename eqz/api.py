@@ -243,7 +243,7 @@ class EqzModel:
                                  described=dict(described or {}), hold=hold,
                                  **({"seed": check_setting("seed", seed)} if seed is not None else {}))
         extra = {"progress": progress} if progress else {}
-        adding = bool(described and not bands and self.bank_if_any() is not None)
+        adding = bool(described and not bands and (base is not None or self.bank_if_any() is not None))
         with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1
             if adding:
                 return add_described_bands(model, base or writable_bank(self.info), settings, **extra)

@@ -432,6 +432,19 @@ def resolve_bank(spec: str | None, info: ModelInfo | None) -> Bank:
     raise EqzError(f"no bank named '{spec}'; `eqz vectors list` shows the banks found")
 
 
+def bank_to_extend(directory: Path, info: ModelInfo) -> Bank | None:
+    """The bank that `eqz train --band ... -o DIR` adds to: the one already in ``directory`` where it is this model's,
+    so a second described band does not drop the first; else the model's own (None: it has none). A bank in
+    ``directory`` for another model is refused, not overwritten."""
+    if not (directory / MANIFEST).exists():
+        return find_bank(info)
+    bank = Bank.load(directory)
+    if bank.model.fingerprint != model_fingerprint(info):
+        raise EqzError(f"{directory} holds the bank of {bank.model.name}, not of {info.name}; "
+                       "give --out a directory of its own")
+    return bank
+
+
 def _own_bank_dirs(info: ModelInfo) -> list[Path]:
     """Where the user's own bank for this model may live (by name; by name and fingerprint if names clash)."""
     return [user_data_dir() / slug(info.name), user_data_dir() / f"{slug(info.name)}-{model_fingerprint(info)[-10:]}"]

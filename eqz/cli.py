@@ -487,7 +487,7 @@ def train(
     from pathlib import Path
 
     from .bands import BANDS, parse_described
-    from .bank import find_bank, slug, user_data_dir
+    from .bank import bank_to_extend, slug, user_data_dir
     from .display import progress_bars, print_bank
     from .errors import EqzError
 
@@ -496,12 +496,14 @@ def train(
     if unknown:
         raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")
     descriptions = dict(parse_described(spec) for spec in described or [])
+    target = Path(out).expanduser() if out else None
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
+        # described bands alone, written to --out: added to the bank already there (else the model's own)
+        base = bank_to_extend(target, loaded.info) if target and descriptions and not bands else None
         with progress_bars() as progress:
-            bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize,
-                                base=find_bank(loaded.info) if out else None, progress=progress, hold=hold,
-                                seed=seed)
-        bank.save(Path(out).expanduser() if out else (bank.directory or user_data_dir() / slug(loaded.info.name)))
+            bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, base=base,
+                                progress=progress, hold=hold, seed=seed)
+        bank.save(target or bank.directory or user_data_dir() / slug(loaded.info.name))
     print_bank(bank)
 
 

@@ -253,3 +253,19 @@ def test_a_corrupt_meter_file_is_one_clear_error_not_a_traceback(tmp_path, conte
     (tmp_path / "bank" / METER_FILE).write_bytes(content)
     with pytest.raises(EqzError, match="cannot read the meter's directions.*eqz train"):
         Bank.load(tmp_path / "bank")
+
+
+def test_described_bands_written_to_a_bank_directory_extend_the_bank_there(tmp_path):
+    """`eqz train --band b=... -o DIR` adds to DIR's bank: a second described band must not drop the first (it
+    once took the model's shipped bank and wrote it over DIR). DIR holding another model's bank is refused."""
+    from eqz.bank import bank_to_extend
+    from eqz.errors import EqzError
+
+    bank = tiny_bank({"nostalgia": D.unit(RNG.normal(size=EMBD))})
+    bank.save(tmp_path / "mine")
+    info = ModelInfo("x.gguf", "tiny", "llama", LAYERS + 1, EMBD, 100, 512, True)
+    assert set(bank_to_extend(tmp_path / "mine", info).bands) == {"nostalgia"}
+    assert bank_to_extend(tmp_path / "new", info) is None  # no bank there, and none for this model anywhere
+    other = ModelInfo("y.gguf", "other", "llama", LAYERS + 1, EMBD, 100, 512, True)
+    with pytest.raises(EqzError, match="holds the bank of tiny, not of other"):
+        bank_to_extend(tmp_path / "mine", other)
