@@ -8,10 +8,11 @@ unsteered model asked "Is the writer calm or excited?", log p(excited) - log p(c
 high against low arousal (0.5 = chance), over all 64 and within each valence (a scorer that reads only valence
 cannot pass there).
 
-With --bank, the bank's valence and arousal sliders (or --sliders: a band of one's own is read on arousal) at -1
-and +1 against unsteered replies (the test split, 16 x 2 x 64, seed 9999): the lexicon's rise (words per 100, as
-the pages) beside the emotion judge's, the eight names' probabilities weighted by their circumplex valence or
-arousal, and the direct question's, each with the share of redrawn prompt sets on which it keeps its sign.
+With --bank, the bank's valence and arousal sliders (or --sliders: a band of one's own is read on arousal; a/b
+moves a up and b down together) at -1 and +1 against unsteered replies (the test split, 16 x 2 x 64, seed 9999):
+the lexicon's rise (words per 100, as the pages) beside the emotion judge's, the eight names' probabilities
+weighted by their circumplex valence or arousal, and the direct question's, each with the share of redrawn prompt
+sets on which it keeps its sign.
 
     python benchmarks/arousal_judge.py [--model PATH] [--bank DIR [--sliders A,B]] [--out FILE.json]
 """
@@ -57,12 +58,18 @@ def scores(model: Model, texts: list[str]) -> dict[str, np.ndarray]:
             f"{scorer.name} lexicon, circumplex": lexicon}
 
 
+def _gains(slider: str, gain: float) -> dict[str, float]:
+    """A slider's gains: "a/b" moves a up and b down together (a bipolar pair of one's own bands)."""
+    up, _, down = slider.partition("/")
+    return {up: gain, **({down: -gain} if down else {})}
+
+
 def steer_axes(model: Model, bank: Bank, sliders: list[str], samples: int = 2, tokens: int = 64,
                seed: int = 9999) -> dict:
     """Each slider at -1 and +1 against the unsteered replies, read on the axis it names (a band of one's own: on
     arousal): the lexicon's and the judge's rise, and how often each keeps its sign when the prompts are drawn
     again."""
-    settings = [Setting("unsteered")] + [slider_setting((slider, gain), bank, {slider: gain})
+    settings = [Setting("unsteered")] + [slider_setting((slider, gain), bank, _gains(slider, gain))
                                          for slider in sliders for gain in (-1.0, 1.0)]
     bench = ReplyBench(model, prompt_sets()["test"], tokens, seed, bank.steered_layers, samples=samples, labels=True)
     results = bench.run(settings)
@@ -98,7 +105,8 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--bank", type=Path, help="also steer this bank's valence and arousal (see above)")
     parser.add_argument("--sliders", default=",".join(AXES),
-                        help="the bank's sliders to steer; a band of your own is read on arousal")
+                        help="the bank's sliders to steer; a band of your own is read on arousal, and a/b moves a up "
+                        "and b down together")
     parser.add_argument("--out", help="also write the figures as JSON")
     args = parser.parse_args()
     sentences = yaml.safe_load(SENTENCES.read_text())
