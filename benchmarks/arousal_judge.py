@@ -82,8 +82,7 @@ def steer_axes(model: Model, bank: Bank, sliders: list[str], samples: int = 2, t
     picks = redrawn_prompts(len(bench.prompts), BOOTSTRAP_DRAWS)
     for (slider, gain), replies in results.items():
         axis = slider if slider in AXES else "arousal"
-        column = AXES.index(axis)
-        per_prompt = [on_axes(np.exp(r.labels))[:, column].reshape(-1, samples).mean(axis=1) for r in (replies, base)]
+        per_prompt = [r.judged_axis(axis).reshape(-1, samples).mean(axis=1) for r in (replies, base)]
         judged = per_prompt[0] - per_prompt[1]
         asked = (calm_or_excited[(slider, gain)] - calm_or_excited["unsteered"]).reshape(-1, samples).mean(axis=1)
         words = [scorer.rates_of(r.counts.reshape(-1, samples, r.counts.shape[1]).sum(axis=1)[picks].sum(axis=1))

@@ -231,9 +231,9 @@ class EqzModel:
         """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
         description) and a bank to add them to, they are added: to ``base`` where given (`eqz train -o DIR` passes
         the bank already in DIR), else to the user's own copy of the model's bank, which ``bank.save()`` writes
-        back. ``hold``: screen held levels for the
-        primaries and hold those that steer better held (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2
-        cores, as long with ``quick``); by default unless ``quick``. Described bands are unmetered, so adding them
+        back. ``hold``: screen held levels for the primaries and hold those that steer better held
+        (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2 cores, as long with ``quick``); by default
+        unless ``quick``. Described bands are unmetered, so adding them
         screens nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
         one machine the same seed gives the same bank byte for byte, at any thread count."""
         from .bands import BANDS

@@ -245,13 +245,15 @@ class ReplySet:
         lifts = self.judged_lifts(baseline)
         return lifts[band] >= CLEAR_LIFT and max(lifts, key=lifts.get) == band
 
+    def judged_axis(self, axis: str) -> np.ndarray:
+        """Per reply, the judge's names weighted by their circumplex valence or arousal (scoring.on_axes): the axes'
+        dense reading, as the lift is the primaries'. On sentences of known arousal it ranks high above low better
+        than the lexicon's weighting (AUC 0.98-0.99 against 0.93 on both models; benchmarks/arousal_judge.py)."""
+        return on_axes(np.exp(self.labels))[:, AXES.index(axis)]
+
     def judged_rise(self, axis: str, baseline: "ReplySet") -> float:
-        """How far the judge's names, weighted by their circumplex valence or arousal (scoring.on_axes), moved from
-        the baseline's replies: the axes' dense reading, as the lift is the primaries'. On sentences of known
-        arousal it ranks high above low better than the lexicon's weighting (AUC 0.98-0.99 against 0.93 on both
-        models; benchmarks/arousal_judge.py)."""
-        steered, unsteered = (on_axes(np.exp(replies.labels))[:, AXES.index(axis)] for replies in (self, baseline))
-        return float(steered.mean() - unsteered.mean())
+        """How far judged_axis moved from the baseline's replies, over all replies."""
+        return float(self.judged_axis(axis).mean() - baseline.judged_axis(axis).mean())
 
     def judged_clear_share(self, band: str, baseline: "ReplySet", samples: int,
                            draws: int = BOOTSTRAP_DRAWS) -> float:
@@ -293,6 +295,7 @@ class ReplySet:
 
     def summary(self, band: str, baseline: "ReplySet") -> dict:
         ratio = self.ppl_ratio(baseline)
+        judged = self.labels is not None and baseline.labels is not None
         return {
             **({"words_per_100": round(self.rates[band], 3)} if band in self.rates else {}),
             **({"preference": round(self.specific_preference(band), 4)} if band in self.preference else {}),
@@ -302,10 +305,8 @@ class ReplySet:
             **self.text_measures(),
             **({"ppl_ratio": round(ratio, 3)} if math.isfinite(ratio) else {}),
             **({"readout": round(self.readout[band], 3)} if band in self.readout else {}),
-            **(self._judged(band, baseline) if band in PRIMARIES and self.labels is not None
-               and baseline.labels is not None else {}),
-            **({"judged_rise": round(self.judged_rise(band, baseline), 3)} if band in AXES and self.labels is not None
-               and baseline.labels is not None else {}),
+            **(self._judged(band, baseline) if band in PRIMARIES and judged else {}),
+            **({"judged_rise": round(self.judged_rise(band, baseline), 3)} if band in AXES and judged else {}),
             "fluent": self.fluent(baseline),
         }
 
