@@ -12,9 +12,10 @@ With --bank, the bank's valence and arousal sliders (or --sliders: a band of one
 moves a up and b down together) at -1 and +1 against unsteered replies (the test split, 16 x 2 x 64, seed 9999):
 the lexicon's rise (words per 100, as the pages) beside the emotion judge's, the eight names' probabilities
 weighted by their circumplex valence or arousal, and the direct question's, each with the share of redrawn prompt
-sets on which it keeps its sign.
+sets on which it keeps its sign; and, in the JSON, how far the judge's names moved on the other axis.
+--prompts eval steers on the development split, to choose between constructions before the test split reads them.
 
-    python benchmarks/arousal_judge.py [--model PATH] [--bank DIR [--sliders A,B]] [--out FILE.json]
+    python benchmarks/arousal_judge.py [--model PATH] [--bank DIR [--sliders A,B] [--prompts eval]] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -65,13 +66,13 @@ def _gains(slider: str, gain: float) -> dict[str, float]:
 
 
 def steer_axes(model: Model, bank: Bank, sliders: list[str], samples: int = 2, tokens: int = 64,
-               seed: int = 9999) -> dict:
+               seed: int = 9999, prompts: str = "test") -> dict:
     """Each slider at -1 and +1 against the unsteered replies, read on the axis it names (a band of one's own: on
     arousal): the lexicon's and the judge's rise, and how often each keeps its sign when the prompts are drawn
     again."""
     settings = [Setting("unsteered")] + [slider_setting((slider, gain), bank, _gains(slider, gain))
                                          for slider in sliders for gain in (-1.0, 1.0)]
-    bench = ReplyBench(model, prompt_sets()["test"], tokens, seed, bank.steered_layers, samples=samples, labels=True)
+    bench = ReplyBench(model, prompt_sets()[prompts], tokens, seed, bank.steered_layers, samples=samples, labels=True)
     results = bench.run(settings)
     base = results.pop("unsteered")
     rows = {"unsteered": {"examples": [text[:200] for text in base.texts[::samples][:3]]}}
@@ -82,8 +83,9 @@ def steer_axes(model: Model, bank: Bank, sliders: list[str], samples: int = 2, t
     picks = redrawn_prompts(len(bench.prompts), BOOTSTRAP_DRAWS)
     for (slider, gain), replies in results.items():
         axis = slider if slider in AXES else "arousal"
-        per_prompt = [r.judged_axis(axis).reshape(-1, samples).mean(axis=1) for r in (replies, base)]
-        judged = per_prompt[0] - per_prompt[1]
+        other = AXES[1 - AXES.index(axis)]
+        judged, crosstalk = (replies.judged_axis(a).reshape(-1, samples).mean(axis=1)
+                             - base.judged_axis(a).reshape(-1, samples).mean(axis=1) for a in (axis, other))
         asked = (calm_or_excited[(slider, gain)] - calm_or_excited["unsteered"]).reshape(-1, samples).mean(axis=1)
         words = [scorer.rates_of(r.counts.reshape(-1, samples, r.counts.shape[1]).sum(axis=1)[picks].sum(axis=1))
                  [:, BANDS.index(axis)] for r in (replies, base)]
@@ -95,6 +97,7 @@ def steer_axes(model: Model, bank: Bank, sliders: list[str], samples: int = 2, t
             "judge_sign_holds": round(float(np.mean(sign * judged[picks].mean(axis=1) > 0)), 2),
             "arousal_judge_rise": round(float(asked.mean()), 3),
             "arousal_judge_sign_holds": round(float(np.mean(sign * asked[picks].mean(axis=1) > 0)), 2),
+            f"judge_{other}_rise": round(float(crosstalk.mean()), 3),  # what it moves on the other axis
             "examples": [text[:200] for text in replies.texts[::samples][:3]]}  # the first three prompts' first replies
     return rows
 
@@ -106,6 +109,8 @@ def main() -> None:
     parser.add_argument("--sliders", default=",".join(AXES),
                         help="the bank's sliders to steer; a band of your own is read on arousal, and a/b moves a up "
                         "and b down together")
+    parser.add_argument("--prompts", default="test", choices=("eval", "test"),
+                        help="the split steered on: test for figures, eval to choose between constructions")
     parser.add_argument("--out", help="also write the figures as JSON")
     args = parser.parse_args()
     sentences = yaml.safe_load(SENTENCES.read_text())
@@ -122,7 +127,8 @@ def main() -> None:
                 "negative": auc(by["high_negative"], by["low_negative"]),
                 "means": {q: round(float(v.mean()), 3) for q, v in by.items()}}
         if args.bank:
-            figures["steered"] = steer_axes(model, Bank.load(args.bank), args.sliders.split(","))
+            figures["steered"] = steer_axes(model, Bank.load(args.bank), args.sliders.split(","),
+                                             prompts=args.prompts)
     print(f"{figures['model']}: AUC of high against low arousal, {figures['sentences']} sentences")
     print("| scorer | all | within positive | within negative |")
     print("|---|---|---|---|")

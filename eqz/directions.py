@@ -45,6 +45,12 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
+def reject(vectors: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Each layer's row of ``vectors`` with its component along that layer's row of ``direction`` removed, scaled
+    to length 1."""
+    return unit(remove_components(vectors, unit(direction)[:, None, :]))
+
+
 def circumplex_axes(differences: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Valence and arousal as circumplex-weighted sums of the primaries' centred difference vectors."""
     return {

@@ -216,8 +216,18 @@ def _unit_directions(emotional: dict, neutral: dict, components: np.ndarray, ort
     """Unit band directions per layer: centred mean differences with ``components`` (layers, k, embd) removed."""
     differences = D.centre(D.mean_differences(emotional, neutral))
     differences.update(D.circumplex_axes(differences))
-    units = {band: D.unit(D.remove_components(vector, components)) for band, vector in differences.items()}
+    units = _valence_free_arousal({band: D.unit(D.remove_components(vector, components))
+                                   for band, vector in differences.items()})
     return D.orthogonalize(units, PRIMARIES) if orthogonal else units
+
+
+def _valence_free_arousal(units: dict) -> dict:
+    """The steering axes as the circumplex draws them, at right angles: arousal's rows with their valence
+    component removed. The circumplex sum alone leans on valence (cosine -0.24 to -0.38 per layer in SmolLM2's
+    bank v2), and its -1 turned replies warm rather than calm (docs/steering-limits.md section 19)."""
+    if "arousal" in units and "valence" in units:
+        units["arousal"] = D.reject(units["arousal"], units["valence"])
+    return units
 
 
 def find_directions(extraction: Extraction, settings: TrainSettings) -> Directions:
@@ -324,8 +334,8 @@ def voice_directions(model: Model, settings: TrainSettings, layers: list[int], p
     centred, centre = voice_differences(capture.states, centre)
     units = {band: D.unit(vector) for band, vector in centred.items()}
     if all(band in centred for band in PRIMARIES):
-        units.update({axis: D.unit(vector)
-                      for axis, vector in D.circumplex_axes({b: centred[b] for b in PRIMARIES}).items()})
+        units.update(_valence_free_arousal({axis: D.unit(vector) for axis, vector
+                                            in D.circumplex_axes({b: centred[b] for b in PRIMARIES}).items()}))
     return units, capture, None if measured and settings.quick else centre.astype(np.float32)
 
 
@@ -633,6 +643,13 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
         )
 
 
+def crosstalk(calibration: Calibration, metered: list[str]) -> dict[str, dict[str, float]]:
+    """Per calibrated band, how every ``metered`` band's readout moved when it was at +1 (calibration prompts)."""
+    checked, baseline = calibration.checked, calibration.baseline
+    return {band: {other: round(checked[(band, 1)].readout[other] - baseline.readout[other], 3) for other in metered}
+            for band in calibration.chosen}
+
+
 def _calibration_method(calibration: Calibration, settings: TrainSettings) -> dict:
     return {
         "scorer": emotion_scorer().name,
@@ -727,7 +744,8 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         },
         "neutral_components": found.components,
         "selection": "components and layers chosen by 4-fold cross-validated accuracy on the training pairs",
-        "axes": "valence and arousal = circumplex-weighted sums of the primaries' centred differences",
+        "axes": "valence and arousal = circumplex-weighted sums of the primaries' centred differences; arousal's "
+        "valence component removed (steering only: the meter reads the circumplex sums)",
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
         "readout": "along the band's discriminant direction (regularised LDA of the eight primaries' training texts: "
@@ -765,7 +783,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
                                "the judge's expected verdicts on it beat the vector's at +1 (a vector clear on every "
                                "redraw by both is kept unscreened)")
     hold_seconds = time.perf_counter() - hold_started
-    baseline, checked = calibration.baseline, calibration.checked
+    baseline = calibration.baseline
     heldout_accuracy = float(np.trace(found.confusion) / found.confusion.sum())
     bank.quality = {
         "heldout_accuracy": round(heldout_accuracy, 3),
@@ -777,10 +795,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "axes_on_heldout": found.axis_check,
         "baseline": baseline.text_measures(),
         # the readout change of every metered band when one band is at +1, on the calibration prompts
-        "crosstalk": {
-            band: {other: round(checked[(band, 1)].readout[other] - baseline.readout[other], 3) for other in metered}
-            for band in calibration.chosen
-        },
+        "crosstalk": crosstalk(calibration, metered),
     }
     bank.trained = {
         "eqz_version": __version__,
@@ -793,12 +808,12 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         **({"hold_seconds": round(hold_seconds, 1)} if settings.hold else {}),
         "seed": settings.seed,
         "threads": model.threads,
-        "weights": _weights(model),
+        "weights": weights_read(model),
     }
     return bank
 
 
-def _weights(model: Model) -> str:
+def weights_read(model: Model) -> str:
     """What training read and decoded through: the model file, or the f16 copy ``Model.unpacked`` made of it."""
     return "f16 copy" if model.path != Path(model.info.path) else "file"
 
@@ -810,18 +825,25 @@ def _judge(band: str, settings: TrainSettings) -> str | None:
     return persona_prompt(description) if description else None
 
 
+def bank_token_norm(bank: Bank, n_layer: int) -> np.ndarray:
+    """(n_layer,) the typical token norm per layer recorded when ``bank`` was trained (zero off its steered
+    layers): what a band calibrated later for it is sized by."""
+    token_norms = bank.layers.token_norm
+    if not token_norms:
+        raise EqzError(f"the bank in {bank.directory} records no token norms (made before eqz 0.2 or from imported "
+                       "vectors), so a described band cannot be sized for it; train a full bank with the band")
+    token_norm = np.zeros(n_layer, dtype=np.float32)
+    token_norm[list(token_norms)] = list(token_norms.values())
+    return token_norm
+
+
 def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
                         progress: Progress = _no_progress) -> Bank:
     """Add the bands of ``settings.described`` to ``bank`` (trained for ``model``), made and calibrated on the bank's
     steered layers as a full training would make them; the bank's other bands stay as they are. Unsaved."""
     started = time.perf_counter()
-    token_norms = bank.layers.token_norm
-    if not token_norms:
-        raise EqzError(f"the bank in {bank.directory} records no token norms (made before eqz 0.2 or from imported "
-                       "vectors), so a described band cannot be sized for it; train a full bank with the band")
     steered = bank.steered_layers
-    token_norm = np.zeros(model.info.n_layer, dtype=np.float32)
-    token_norm[list(token_norms)] = list(token_norms.values())
+    token_norm = bank_token_norm(bank, model.info.n_layer)
     units, voice, bank.voice_centre = voice_directions(model, settings, steered, progress, bank.voice_centre)
     shape = (model.info.n_layer, model.info.n_embd)
     candidates = [Candidate(band, "voice", layer_rows(units[band], steered, shape), _judge(band, settings))
@@ -837,6 +859,6 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
             "seconds": round(time.perf_counter() - started, 1),
             "voice_prompts": len(voice.states["neutral"]),
             "seed": settings.seed,
-            "weights": _weights(model),
+            "weights": weights_read(model),
         }
     return bank

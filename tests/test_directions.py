@@ -86,6 +86,32 @@ def test_circumplex_axes_weight_the_primaries():
     assert axes["arousal"][0, 0] == pytest.approx(0.5 + 0.5)
 
 
+def test_reject_leaves_unit_rows_at_right_angles_to_the_direction():
+    vectors, direction = RNG.normal(size=(LAYERS, EMBD)), RNG.normal(size=(LAYERS, EMBD))
+    vectors[0] += 3 * direction[0]  # a row leaning on its direction
+    rejected = D.reject(vectors, direction)
+    assert np.allclose(np.einsum("le,le->l", rejected, direction), 0, atol=1e-9)
+    assert np.allclose(np.linalg.norm(rejected, axis=1), 1)
+    assert all(rejected[layer] @ vectors[layer] > 0 for layer in range(LAYERS))  # still the same way round
+
+
+def test_trained_arousal_steers_at_right_angles_to_valence():
+    """Training's stimulus directions: arousal is the circumplex sum with its valence component removed (the sum
+    leans on valence wherever the primaries' directions are not orthogonal, as in every real bank)."""
+    from eqz.train import _unit_directions
+
+    shared = RNG.normal(size=(LAYERS, EMBD))  # primaries that overlap, as real ones do
+    emotional = {band: RNG.normal(size=(6, LAYERS, EMBD)) + shared + RNG.normal(size=(LAYERS, EMBD))
+                 for band in PRIMARIES}
+    neutral = {band: RNG.normal(size=(6, LAYERS, EMBD)) for band in PRIMARIES}
+    components = np.zeros((LAYERS, 0, EMBD))
+    units = _unit_directions(emotional, neutral, components, orthogonal=False)
+    summed = D.unit(D.circumplex_axes(D.centre(D.mean_differences(emotional, neutral)))["arousal"])
+    assert np.abs(np.einsum("le,le->l", summed, units["valence"])).max() > 0.05  # there was something to remove
+    assert np.allclose(np.einsum("le,le->l", units["arousal"], units["valence"]), 0, atol=1e-9)
+    assert np.all(np.einsum("le,le->l", units["arousal"], summed) > 0.5)
+
+
 def synthetic_bands(separation: float):
     """Eight bands whose texts sit around their own random direction (layer 1 separable, layer 0 not)."""
     centres = {band: RNG.normal(size=EMBD) for band in PRIMARIES}
