@@ -40,6 +40,8 @@ def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
                                       bank.read_layer, reader)
     store_bands(bank, calibration, {"arousal": (old.readout, old.read_directions)}, {})
     bank.quality.setdefault("crosstalk", {}).update(crosstalk(calibration, list(metered_bands(bank))))
+    for figures in ("dose_response", "steering"):  # what `eqz eval --record` measured of the old vector
+        bank.quality.get(figures, {}).pop("arousal", None)
     bank.bands["arousal"].trained = {
         "eqz_version": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1), "seed": settings.seed, "weights": weights_read(model),
