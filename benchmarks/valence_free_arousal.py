@@ -24,8 +24,8 @@ from eqz.bank import Bank
 from eqz.engine import Model
 from eqz.meter import geometry, metered_bands
 from eqz.models import resolve_model_path
-from eqz.train import (Candidate, TrainSettings, bank_token_norm, calibrate_and_check, crosstalk, layer_rows,
-                       store_bands, weights_read)
+from eqz.train import (AXES_METHOD, Candidate, TrainSettings, bank_token_norm, calibrate_and_check, crosstalk,
+                       layer_rows, store_bands, weights_read)
 
 
 def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
@@ -34,10 +34,9 @@ def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
     old = bank.bands["arousal"]
     units = D.reject(old.matrix[steered], bank.bands["valence"].matrix[steered])
     reader = geometry(bank, bank.read_layer, metered_bands(bank))
-    calibration = calibrate_and_check(model, settings, [Candidate("arousal", old.source, layer_rows(units, steered,
-                                                                                                     shape))],
-                                      steered, bank_token_norm(bank, model.info.n_layer), print_stage,
-                                      bank.read_layer, reader)
+    candidate = Candidate("arousal", old.source, layer_rows(units, steered, shape))
+    calibration = calibrate_and_check(model, settings, [candidate], steered, bank_token_norm(bank, model.info.n_layer),
+                                      print_stage, bank.read_layer, reader)
     store_bands(bank, calibration, {"arousal": (old.readout, old.read_directions)}, {})
     bank.quality.setdefault("crosstalk", {}).update(crosstalk(calibration, list(metered_bands(bank))))
     for figures in ("dose_response", "steering"):  # what `eqz eval --record` measured of the old vector
@@ -47,8 +46,7 @@ def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
         "seconds": round(time.perf_counter() - started, 1), "seed": settings.seed, "weights": weights_read(model),
         "remade": "the bank's arousal with its valence component removed, calibrated again "
                   "(benchmarks/valence_free_arousal.py)"}
-    bank.method["axes"] = ("valence and arousal = circumplex-weighted sums of the primaries' centred differences; "
-                           "arousal's valence component removed (steering only: the meter reads the circumplex sums)")
+    bank.method["axes"] = AXES_METHOD
 
 
 def print_stage(stage: str, total: int):

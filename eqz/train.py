@@ -221,6 +221,10 @@ def _unit_directions(emotional: dict, neutral: dict, components: np.ndarray, ort
     return D.orthogonalize(units, PRIMARIES) if orthogonal else units
 
 
+AXES_METHOD = ("valence and arousal = circumplex-weighted sums of the primaries' centred differences; arousal's "
+               "valence component removed (steering only: the meter reads the circumplex sums)")
+
+
 def _valence_free_arousal(units: dict) -> dict:
     """The steering axes as the circumplex draws them, at right angles: arousal's rows with their valence
     component removed. The circumplex sum alone leans on valence (cosine -0.24 to -0.38 per layer in SmolLM2's
@@ -744,8 +748,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         },
         "neutral_components": found.components,
         "selection": "components and layers chosen by 4-fold cross-validated accuracy on the training pairs",
-        "axes": "valence and arousal = circumplex-weighted sums of the primaries' centred differences; arousal's "
-        "valence component removed (steering only: the meter reads the circumplex sums)",
+        "axes": AXES_METHOD,
         "orthogonalized": settings.orthogonalize,
         "strength_unit": "c: every steered layer gets c/len(steered) of its typical token norm",
         "readout": "along the band's discriminant direction (regularised LDA of the eight primaries' training texts: "
@@ -831,7 +834,7 @@ def bank_token_norm(bank: Bank, n_layer: int) -> np.ndarray:
     token_norms = bank.layers.token_norm
     if not token_norms:
         raise EqzError(f"the bank in {bank.directory} records no token norms (made before eqz 0.2 or from imported "
-                       "vectors), so a described band cannot be sized for it; train a full bank with the band")
+                       "vectors), so a band added later cannot be sized for it; train a full bank with the band")
     token_norm = np.zeros(n_layer, dtype=np.float32)
     token_norm[list(token_norms)] = list(token_norms.values())
     return token_norm
