@@ -1,6 +1,6 @@
 """Remake a bank's arousal slider as `eqz train` makes it since 2026-12-06 (stop 50), without retraining the rest.
 
-The circumplex sum of the primaries leans on valence (cosine -0.24 to -0.38 per steered layer in the shipped
+The circumplex sum of the primaries leans on valence (cosine -0.24 to -0.37 per steered layer in the shipped
 SmolLM2 bank), so training now removes arousal's valence component (train._valence_free_arousal). A bank's
 arousal and valence rows are its unit directions scaled per layer, so rejecting one from the other gives exactly
 the direction training makes now from the same differences. That direction is then calibrated and checked as
@@ -24,8 +24,8 @@ from eqz.bank import Bank
 from eqz.engine import Model
 from eqz.meter import geometry, metered_bands
 from eqz.models import resolve_model_path
-from eqz.train import (AXES_METHOD, Candidate, TrainSettings, bank_token_norm, calibrate_and_check, crosstalk,
-                       layer_rows, store_bands, weights_read)
+from eqz.train import (AXES_METHOD, STRENGTHS, Candidate, TrainSettings, bank_token_norm, calibrate_and_check,
+                       crosstalk, layer_rows, store_bands, weights_read)
 
 
 def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
@@ -45,7 +45,9 @@ def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
         "eqz_version": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1), "seed": settings.seed, "weights": weights_read(model),
         "remade": "the bank's arousal with its valence component removed, calibrated again "
-                  "(benchmarks/valence_free_arousal.py)"}
+                  "(benchmarks/valence_free_arousal.py)",
+        "ladder": list(STRENGTHS),
+        "direction_check": "the judge's names weighted by circumplex arousal, and the readout"}
     bank.method["axes"] = AXES_METHOD
 
 

@@ -227,7 +227,7 @@ AXES_METHOD = ("valence and arousal = circumplex-weighted sums of the primaries'
 
 def _valence_free_arousal(units: dict) -> dict:
     """The steering axes as the circumplex draws them, at right angles: arousal's rows with their valence
-    component removed. The circumplex sum alone leans on valence (cosine -0.24 to -0.38 per layer in SmolLM2's
+    component removed. The circumplex sum alone leans on valence (cosine -0.24 to -0.37 per layer in SmolLM2's
     bank v2), and its -1 turned replies warm rather than calm (docs/steering-limits.md section 19)."""
     if "arousal" in units and "valence" in units:
         units["arousal"] = D.reject(units["arousal"], units["valence"])
