@@ -22,6 +22,7 @@ from eqz import __version__
 from eqz import directions as D
 from eqz.bank import Bank
 from eqz.engine import Model
+from eqz.errors import EqzError
 from eqz.meter import geometry, metered_bands
 from eqz.models import resolve_model_path
 from eqz.train import (AXES_METHOD, STRENGTHS, Candidate, TrainSettings, bank_token_norm, calibrate_and_check,
@@ -62,7 +63,12 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("-o", "--out", type=Path, help="where to save the bank (default: over --bank)")
     args = parser.parse_args()
-    bank = Bank.load(args.bank)
+    try:
+        bank = Bank.load(args.bank)
+    except EqzError as error:
+        parser.error(str(error))
+    if not {"arousal", "valence"} <= set(bank.bands):
+        parser.error(f"the bank in {args.bank} has no arousal or no valence band to remake arousal from")
     settings = TrainSettings(**({"seed": bank.trained["seed"]} if "seed" in bank.trained else {}))
     with Model(resolve_model_path(args.model)) as file_model, file_model.unpacked() as model:
         remake_arousal(model, bank, settings)
