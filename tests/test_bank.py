@@ -77,7 +77,11 @@ def test_recorded_quality_figures_meet_the_bar(manifest):
     setup = quality["dose_response_setup"]
     assert setup["scorer"] == "nrc" and setup["prompts"] == 16
     dose, steering = quality["dose_response"], quality["steering"]
-    for band in BANDS:
+    # a band remade after the recording (benchmarks/valence_free_arousal.py) has its figures dropped, as a new hold
+    # level's are: they measured another vector
+    remade = {band for band, entry in manifest["bands"].items() if (entry.get("trained") or {}).get("remade")}
+    assert set(dose) == set(steering) == set(BANDS) - remade
+    for band in sorted(dose):
         table = dose[band]
         assert {"-1.0", "0.0", "1.0", "2.0"} <= set(table) and ("prompt" in table) == (band in PRIMARIES)
         assert table["1.0"]["repeated_3grams"] <= 0.05, band
