@@ -34,14 +34,14 @@ def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
     steered, shape = bank.steered_layers, (model.info.n_layer, model.info.n_embd)
     old = bank.bands["arousal"]
     units = D.reject(old.matrix[steered], bank.bands["valence"].matrix[steered])
-    reader = geometry(bank, bank.read_layer, metered_bands(bank))
+    metered = metered_bands(bank)
+    reader = geometry(bank, bank.read_layer, metered)
     candidate = Candidate("arousal", old.source, layer_rows(units, steered, shape))
     calibration = calibrate_and_check(model, settings, [candidate], steered, bank_token_norm(bank, model.info.n_layer),
                                       print_stage, bank.read_layer, reader)
     store_bands(bank, calibration, {"arousal": (old.readout, old.read_directions)}, {})
-    bank.quality.setdefault("crosstalk", {}).update(crosstalk(calibration, list(metered_bands(bank))))
-    for figures in ("dose_response", "steering"):  # what `eqz eval --record` measured of the old vector
-        bank.quality.get(figures, {}).pop("arousal", None)
+    bank.quality.setdefault("crosstalk", {}).update(crosstalk(calibration, list(metered)))
+    bank.forget_recorded("arousal")
     bank.bands["arousal"].trained = {
         "eqz_version": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1), "seed": settings.seed, "weights": weights_read(model),

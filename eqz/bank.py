@@ -257,12 +257,17 @@ class Bank:
             level = check_gain(name, level, None, "level")
             if level <= 0:
                 raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
-        if level != band.hold:  # figures `eqz eval --record` measured another way of steering no longer apply
-            for figures in ("dose_response", "steering"):
-                self.quality.get(figures, {}).pop(name, None)
+        if level != band.hold:
+            self.forget_recorded(name)
             band.hold, band.hold_check = level, {}
         if level is not None and check is not None:
             band.hold_check = dict(check)
+
+    def forget_recorded(self, name: str) -> None:
+        """Drop the figures `eqz eval --record` stored for band ``name``: it now steers another way (a new held
+        level, a remade vector), which they did not measure."""
+        for figures in ("dose_response", "steering"):
+            self.quality.get(figures, {}).pop(name, None)
 
     def remove(self, name: str) -> None:
         """Drop band ``name`` (and its file, if the bank is on disk)."""
