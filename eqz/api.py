@@ -226,28 +226,33 @@ class EqzModel:
         return analyze(self.model, self.bank, text, by)
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
-              orthogonalize: bool = False, base: Bank | None = None, progress=None, hold: bool | None = None,
+              orthogonalize: bool = False, into: Path | None = None, progress=None, hold: bool | None = None,
               seed: int | None = None) -> Bank:
         """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
-        description) and a bank to add them to, they are added: to ``base`` where given (`eqz train -o DIR` passes
-        the bank already in DIR), else to the user's own copy of the model's bank, which ``bank.save()`` writes
-        back. ``hold``: screen held levels for the primaries and hold those that steer better held
-        (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2 cores, as long with ``quick``); by default
-        unless ``quick``. Described bands are unmetered, so adding them
-        screens nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
+        description) and a bank to add them to, they are added: with ``into`` (the directory the bank will be saved
+        to, `eqz train -o DIR`), to the bank already there, else the model's; without it, to the user's own copy of
+        the model's bank, which ``bank.save()`` writes back. ``hold``: screen held levels for the primaries and
+        hold those that steer better held (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2 cores, as
+        long with ``quick``); by default unless ``quick``. Described bands are unmetered, so adding them screens
+        nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
         one machine the same seed gives the same bank byte for byte, at any thread count."""
         from .bands import BANDS
-        from .bank import writable_bank
+        from .bank import bank_to_extend, writable_bank
         from .train import TrainSettings, add_described_bands, train_bank
 
         settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
                                  described=dict(described or {}), hold=hold,
                                  **({"seed": check_setting("seed", seed)} if seed is not None else {}))
         extra = {"progress": progress} if progress else {}
-        adding = bool(described and not bands and (base is not None or self.bank_if_any() is not None))
+        base = None
+        if described and not bands:
+            if into is not None:
+                base = bank_to_extend(Path(into), self.info)
+            elif self.bank_if_any() is not None:
+                base = writable_bank(self.info)
         with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1
-            if adding:
-                return add_described_bands(model, base or writable_bank(self.info), settings, **extra)
+            if base is not None:
+                return add_described_bands(model, base, settings, **extra)
             return train_bank(model, settings, **extra)
 
 

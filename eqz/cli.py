@@ -487,7 +487,7 @@ def train(
     from pathlib import Path
 
     from .bands import BANDS, parse_described
-    from .bank import bank_to_extend, slug, user_data_dir
+    from .bank import slug, user_data_dir
     from .display import progress_bars, print_bank
     from .errors import EqzError
 
@@ -498,10 +498,8 @@ def train(
     descriptions = dict(parse_described(spec) for spec in described or [])
     target = Path(out).expanduser() if out else None
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
-        # described bands alone, written to --out: added to the bank already there (else the model's own)
-        base = bank_to_extend(target, loaded.info) if target and descriptions and not bands else None
         with progress_bars() as progress:
-            bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, base=base,
+            bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
                                 progress=progress, hold=hold, seed=seed)
         bank.save(target or bank.directory or user_data_dir() / slug(loaded.info.name))
     print_bank(bank)
