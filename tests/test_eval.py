@@ -13,7 +13,7 @@ import yaml
 from eqz.bands import BANDS, CIRCUMPLEX, PRIMARIES
 import numpy as np
 
-from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplySet, prompt_sets
+from eqz.eval import CLEAR_PREFERENCE_RISE, EvalResult, ReplyBench, ReplySet, Setting, prompt_sets, slider_setting
 from eqz.judge import LabelJudge
 from eqz.bank import SHIPPED_DIR, Bank
 from eqz.models import ModelInfo
@@ -456,6 +456,23 @@ def test_the_unsteered_model_names_the_emotion_of_emotional_sentences(model):
     assert scores.shape == (24, 8) and np.allclose(np.exp(scores).sum(axis=1), 1.0, atol=1e-4)
     named = (scores - scores.mean(axis=0)).argmax(axis=1)
     assert np.mean(named == np.repeat(np.arange(8), 3)) >= 0.6
+
+
+@pytest.mark.slow
+def test_a_settings_judged_names_do_not_depend_on_the_settings_measured_beside_it(model):
+    """On quantized weights a text's reading moves with what shares its decode (on the default model's Q4_1, by
+    0.07 nats per name on average; docs/steering-limits.md section 20), so each setting's replies are judged in
+    decodes of their own: a page or a calibration round reads a setting the same whatever else it measures."""
+    (shipped,) = SHIPPED_DIR.glob("*/bank.yaml")
+    bank = Bank.load(shipped.parent)
+    bench = ReplyBench(model, prompt_sets()["eval"][:3], 16, seed=5, steered=bank.steered_layers, labels=True)
+    plain, joy = Setting("plain"), slider_setting("joy", bank, {"joy": 1.0})
+    others = [slider_setting(band, bank, {band: 1.0}) for band in ("sadness", "anger")]
+    alone = bench.run([plain, joy], perplexity=False)
+    beside = bench.run([plain, *others, joy], perplexity=False)
+    for key in ("plain", "joy"):
+        assert alone[key].tokens == beside[key].tokens  # the same replies (sampling rarely feels the rounding)
+        assert np.array_equal(alone[key].labels, beside[key].labels), key
 
 
 @pytest.mark.slow
