@@ -27,7 +27,8 @@ ALONE = 40
 def moved(a: np.ndarray, b: np.ndarray) -> dict:
     """How far two readings of the same texts (texts x names, log-probabilities) lie apart."""
     step = np.abs(a - b)
-    return {"texts": len(a), "mean_logp_moved": round(float(step.mean()), 4), "max_logp_moved": round(float(step.max()), 4),
+    return {"texts": len(a), "mean_logp_moved": round(float(step.mean()), 4),
+            "max_logp_moved": round(float(step.max()), 4),
             "texts_moved_over_0.01": round(float((step.max(axis=1) > 0.01).mean()), 3),
             "geometric_mean_moved_up_to": round(float(np.abs(np.exp(a.mean(axis=0) - b.mean(axis=0)) - 1).max()), 4)}
 
