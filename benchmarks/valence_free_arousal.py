@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from eqz import __version__
 from eqz import directions as D
 from eqz.bank import Bank
 from eqz.engine import Model
@@ -26,7 +24,7 @@ from eqz.errors import EqzError
 from eqz.meter import geometry, metered_bands
 from eqz.models import resolve_model_path
 from eqz.train import (AXES_METHOD, STRENGTHS, Candidate, TrainSettings, bank_token_norm, calibrate_and_check,
-                       crosstalk, layer_rows, store_bands, weights_read)
+                       crosstalk, layer_rows, store_bands, training_record)
 
 
 def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
@@ -43,8 +41,7 @@ def remake_arousal(model: Model, bank: Bank, settings: TrainSettings) -> None:
     bank.quality.setdefault("crosstalk", {}).update(crosstalk(calibration, list(metered)))
     bank.forget_recorded("arousal")
     bank.bands["arousal"].trained = {
-        "eqz_version": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - started, 1), "seed": settings.seed, "weights": weights_read(model),
+        **training_record(model, settings, started),
         "remade": "the bank's arousal with its valence component removed, calibrated again "
                   "(benchmarks/valence_free_arousal.py)",
         "ladder": list(STRENGTHS),

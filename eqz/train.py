@@ -801,19 +801,23 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
         "crosstalk": crosstalk(calibration, metered),
     }
     bank.trained = {
-        "eqz_version": __version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - started, 1),
+        **training_record(model, settings, started),
         "extraction_seconds": round(extraction.seconds, 1),
         "extraction_tokens": extraction.tokens,
         "voice_seconds": round(voice.seconds, 1),
         "calibration_seconds": round(calibration.seconds, 1),
         **({"hold_seconds": round(hold_seconds, 1)} if settings.hold else {}),
-        "seed": settings.seed,
         "threads": model.threads,
-        "weights": weights_read(model),
     }
     return bank
+
+
+def training_record(model: Model, settings: TrainSettings, started: float) -> dict:
+    """bank.yaml's ``trained`` for a bank or a band made since ``started`` (perf_counter): eqz's version, when, how
+    long, the sampling seed and the weights read (`eqz vectors show` prints them; a retraining needs the seed)."""
+    return {"eqz_version": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 1), "seed": settings.seed,
+            "weights": weights_read(model)}
 
 
 def weights_read(model: Model) -> str:
@@ -856,12 +860,6 @@ def add_described_bands(model: Model, bank: Bank, settings: TrainSettings,
     bank.method.setdefault("sources", {})["described"] = DESCRIBED_METHOD
     bank.method["described_calibration"] = _calibration_method(calibration, settings)
     for band in settings.described:
-        bank.bands[band].trained = {
-            "eqz_version": __version__,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - started, 1),
-            "voice_prompts": len(voice.states["neutral"]),
-            "seed": settings.seed,
-            "weights": weights_read(model),
-        }
+        bank.bands[band].trained = {**training_record(model, settings, started),
+                                    "voice_prompts": len(voice.states["neutral"])}
     return bank
