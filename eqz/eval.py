@@ -15,6 +15,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -624,11 +625,13 @@ def bank_persona(bank: Bank, band: str) -> str | None:
 
 
 def record(result: EvalResult, bank: Bank, **extra) -> None:
-    """Store the dose-response figures (and ``extra`` quality entries) in the bank's bank.yaml."""
+    """Store the dose-response figures (and ``extra`` quality entries) in the bank's bank.yaml, dated: a band
+    remade later (its ``trained`` date after this one) has figures that measured another vector."""
     quality = bank.quality
     quality["dose_response"] = result.dose_response()
     quality["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": result.reply_tokens,
-                                      "samples": result.samples, "scorer": result.scorer}
+                                      "samples": result.samples, "scorer": result.scorer,
+                                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     quality.update(extra)
     bank.save()
 
