@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import sys
 from typing import Annotated, Optional
 
@@ -603,8 +605,8 @@ def vectors_hold(
     level: Annotated[str, typer.Argument(metavar="LEVEL", help="the level +1 holds it at (meter units, up to 6), or 'off'")],
     model: ModelOpt = None,
 ) -> None:
-    """Make a slider hold its band at a level instead of adding its vector (gain g holds g x LEVEL at every steered
-    layer, like --clamp): on held-out prompts this steered more clearly than adding the vector (docs/steering-limits.md
+    """Make a slider hold its band at a level instead of adding its vector. Gain g holds g x LEVEL at every steered
+    layer, like --clamp: on held-out prompts this steered more clearly than adding the vector (docs/steering-limits.md
     section 10), and five of the default model's primaries ship held. 'off' makes it add its vector again. A new level
     set here is unmeasured, and moving the slider says so. Changes your own copy of the bank."""
     from .bank import writable_bank
@@ -742,10 +744,21 @@ def _bare_help_flags(command, help_names: list[str]) -> None:
         _bare_help_flags(sub, help_names)
 
 
+def _one_line_summaries(command) -> None:
+    """List each subcommand by its help's first sentence, on one line: typer's rich help keeps a docstring's line
+    breaks in the command list, so on an 80-column terminal entries broke mid-phrase and ran to four lines."""
+    for sub in getattr(command, "commands", {}).values():
+        if sub.short_help is None and sub.help:
+            first_paragraph = " ".join(inspect.cleandoc(sub.help).split("\n\n")[0].split())
+            sub.short_help = re.split(r"(?<=\.)\s", first_paragraph, maxsplit=1)[0]
+        _one_line_summaries(sub)
+
+
 def main() -> None:
     """Run the CLI: bad input becomes one line on stderr and a non-zero exit (a traceback only with --debug)."""
     command = typer.main.get_command(app)
     _bare_help_flags(command, app.info.context_settings["help_option_names"])
+    _one_line_summaries(command)
     args = sys.argv[1:]
     cut = args.index("--") if "--" in args else len(args)  # after "--" everything is text
     if "--debug" in args[:cut]:  # accepted after the command too

@@ -189,6 +189,16 @@ def test_a_bare_command_prints_its_help_and_succeeds(args):
     assert result.returncode == 0 and "Usage" in result.stdout and result.stderr == ""
 
 
+@pytest.mark.parametrize("args", [(), ("presets",), ("vectors",)])
+def test_the_command_list_gives_each_command_one_line(args):
+    """Each entry is its help's first sentence, whole: typer kept a docstring's line breaks there, so `eqz --help`
+    broke `models` after "llama.cpp" and listed `vectors hold` in four lines."""
+    page = run_eqz(*args, "--help", env={"COLUMNS": "240"}).stdout
+    panel = page[page.index("Commands"):].splitlines()[1:-1]
+    continued = [row for row in panel if row.startswith("│   ")]  # no name in the first column
+    assert panel and not continued, page
+
+
 def test_debug_is_accepted_after_the_command_and_analyze_says_what_is_missing():
     assert run_eqz("presets", "list", "--debug").returncode == 0
     assert_one_line_error(run_eqz("analyze"), "nothing to analyze", "--file")
