@@ -137,7 +137,10 @@ def print_bank(bank: Bank) -> None:
         )
     dose = quality.get("dose_response")
     if dose:
-        console.print("dose-response (eqz eval): see `eqz vectors show --json` or the README table")
+        setup = quality.get("dose_response_setup", {})
+        when = f", recorded {setup['date'][:10]}" if "date" in setup else ""  # recordings before stop 52: undated
+        console.print(f"dose-response (eqz eval --record, {len(dose)} bands{when}): see `eqz vectors show --json` or "
+                      "the README table")
     trained = bank.trained
     if trained:
         through = " (through an f16 copy of the weights)" if trained.get("weights") == "f16 copy" else ""

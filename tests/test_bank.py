@@ -179,8 +179,9 @@ def test_gain_beyond_one_warns_but_runs():
 def test_vectors_list_and_show():
     listing = json.loads(run_eqz("vectors", "list", "--json").stdout)
     assert any(entry["fingerprint"].startswith("llama-30x576") and len(entry["bands"]) == 10 for entry in listing)
-    shown = run_eqz("vectors", "show")
+    shown = run_eqz("vectors", "show", env={"COLUMNS": "160"})
     assert shown.returncode == 0 and "held-out 8-way classification" in shown.stdout and "joy" in shown.stdout
+    assert "dose-response (eqz eval --record, 10 bands, recorded 20" in shown.stdout  # how many bands it measured
 
 
 def test_import_a_repeng_style_vector_as_a_band(tmp_path):
