@@ -44,6 +44,7 @@ PROBLEMS = {
     "judge": "the unsteered model does not judge its replies closer to the band (an axis: higher on it) from -1 to +1",
     "readout": "the model's readout does not rise from -1 to +1",
     "fluency": "replies at +1 leave the fluency bounds",
+    "fluency (eval)": "replies at +1 left the fluency bounds on the held-out prompts of `eqz eval --record`",
 }
 
 
@@ -194,10 +195,14 @@ class Bank:
         return ["weak"] if band.hold_check.get("weak") else []
 
     def open_problems(self, name: str) -> list[str]:
-        """``trained_problems`` less "weak" where held-out figures recorded for this bank (`eqz eval --record`)
-        found the band clear at +1: they rest on several times calibration's replies."""
+        """``trained_problems`` as the held-out figures recorded for this bank (`eqz eval --record`) revise them,
+        since they rest on several times calibration's replies: less "weak" where they found the band clear at +1,
+        plus "fluency (eval)" where its +1 replies left the fluency bounds there."""
         held_out = self.quality.get("dose_response", {}).get(name, {}).get("1.0", {})
-        return [p for p in self.trained_problems(name) if not (p == "weak" and held_out.get("clear"))]
+        problems = [p for p in self.trained_problems(name) if not (p == "weak" and held_out.get("clear"))]
+        if held_out.get("fluent") is False and "fluency" not in problems:
+            problems.append("fluency (eval)")
+        return problems
 
     def doubtful(self, gains: dict[str, float]) -> list[str]:
         """A warning per band moved in ``gains`` with an open problem (see ``open_problems``): such a slider may not

@@ -345,6 +345,7 @@ def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
         recorded.setdefault(band, {})["1.0"] = {"clear": clear_held_out}  # what eqz eval --record said
     manifest["bands"]["disgust"]["hold_check"]["weak"] = manifest["bands"]["surprise"]["hold_check"]["weak"] = True
     manifest["bands"]["anger"].update(hold=2.0, hold_check={})  # held by hand
+    recorded["anticipation"]["1.0"]["fluent"] = False  # passed its level's check, garbled on the held-out prompts
     (tmp_path / "bank" / "bank.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     env = {"EQZ_VECTORS": str(tmp_path)}
     moved = run_eqz("generate", "hi", "--set", "joy=0.5", "-n", "4", env=env)
@@ -356,10 +357,16 @@ def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
     weak = run_eqz("generate", "hi", *(f"--set={band}=0.5" for band in ("trust", "fear", "disgust", "surprise",
                                                                          "anger", "anticipation")), "-n", "4", env=env)
     warned = {line.split()[2]: line for line in weak.stderr.splitlines() if line.startswith("eqz: warning:")}
-    assert weak.returncode == 0 and set(warned) == {"fear", "surprise", "anger"}, weak.stderr  # held-out figures win
+    assert weak.returncode == 0 and set(warned) == {"fear", "surprise", "anger", "anticipation"}, weak.stderr
     assert "set by hand" in warned["anger"] and "does not clearly lift" in warned["surprise"]
-    shown = run_eqz("vectors", "show", env=env).stdout
-    assert "uncalibrated" in shown and "ok (eval)" in shown
+    assert "left the fluency bounds on the held-out prompts" in warned["anticipation"]  # held-out figures win
+    shown = run_eqz("vectors", "show", env={**env, "COLUMNS": "160"}).stdout
+    rows = {}
+    for line in shown.splitlines():  # the table's rows, each ending in its check (the legend names them all)
+        if line.split() and line.split()[0] in BANDS:
+            rows.setdefault(line.split()[0], line.rstrip())
+    assert rows["anger"].endswith(" uncalibrated") and rows["trust"].endswith(" ok (eval)"), shown
+    assert rows["anticipation"].endswith(" fluency (eval)") and rows["sadness"].endswith(" ok"), shown
     chat = run_eqz("chat", "--no-panel", input="/set joy 0.3\n/quit\n", env=env)
     assert chat.returncode == 0 and "joy may not move the text as named" in chat.stdout
 

@@ -184,6 +184,21 @@ def test_a_held_band_is_judged_by_its_level_and_forgets_the_vectors_held_out_fig
     assert np.allclose(bank.vector(joy=1.0).matrix, bank.mix({"joy": 1.0}))
 
 
+def test_held_out_replies_outside_the_fluency_bounds_open_a_problem():
+    """Recorded held-out figures can add a problem as well as clear "weak": a +1 that left the fluency bounds there
+    warns, though calibration's fewer replies stayed inside them."""
+    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD))})
+    bank.bands["joy"].problems = ["weak"]
+    bank.quality["dose_response"] = {"joy": {"1.0": {"clear": True, "fluent": False}}}
+    assert bank.open_problems("joy") == ["fluency (eval)"]
+    assert "left the fluency bounds on the held-out prompts" in bank.doubtful({"joy": 1.0})[0]
+    bank.bands["joy"].problems = ["fluency"]  # calibration found it too: said once
+    assert bank.open_problems("joy") == ["fluency"]
+    bank.quality["dose_response"]["joy"]["1.0"]["fluent"] = True
+    bank.bands["joy"].problems = []
+    assert bank.open_problems("joy") == [] and bank.doubtful({"joy": 1.0}) == []
+
+
 def test_filters_hit_every_target_even_for_overlapping_directions():
     base = D.unit(RNG.normal(size=EMBD))
     joy = D.unit(base + 0.3 * RNG.normal(size=EMBD))
