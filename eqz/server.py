@@ -69,6 +69,8 @@ class EqzServer:
         self.api_key = api_key
         bank = model.bank_if_any()
         self.bands = bank.names if bank else ()
+        # the warning `eqz generate --set BAND=1` prints, per band that has one: the web page shows it too
+        self.doubts = {band: lines[0] for band in self.bands if (lines := bank.doubtful({band: 1.0}))}
         self.metered = bool(bank and metered_bands(bank))
         self.loop = model.server(parallel, per_sequence, max_waiting)
         self.records: OrderedDict[str, dict] = OrderedDict()
@@ -101,11 +103,11 @@ class EqzServer:
                                                          "owned_by": "eqz"}]})
 
     async def config(self, request: HttpRequest) -> Response:
-        """What the web page needs: the bands, the presets' sliders, whether the meter can run."""
+        """What the web page needs: the bands and their warnings, the presets' sliders, whether the meter can run."""
         presets = {name: {"description": entry.preset.description, "sliders": entry.preset.sliders}
                    for name, entry in sorted(discover(self.bands).items()) if entry.preset is not None}
-        return JSONResponse({"model": self.name, "bands": list(self.bands), "presets": presets, "gain_limit": 2.0,
-                             "metered": self.metered})
+        return JSONResponse({"model": self.name, "bands": list(self.bands), "doubts": self.doubts, "presets": presets,
+                             "gain_limit": 2.0, "metered": self.metered})
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         body = await _json_body(request)

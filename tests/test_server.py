@@ -268,8 +268,16 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
         browser.find_element(By.ID, "text").send_keys("Write a long story about a lighthouse keeper.", Keys.ENTER)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1
                    and len(b.find_element(By.CSS_SELECTOR, ".msg.assistant").text) > 40)
+        # the bands that warn when moved in the CLI carry that warning here (the shipped bank: joy is weak)
+        status, config = server.get("/v1/eqz/config")
+        assert status == 200 and "joy" in config["doubts"] and "sadness" not in config["doubts"], config
+        flag = browser.find_element(By.CSS_SELECTOR, "label[for=s-joy] .doubt")
+        assert flag.get_attribute("title") == config["doubts"]["joy"] and "may not move" in config["doubts"]["joy"]
+        assert not browser.find_elements(By.CSS_SELECTOR, "label[for=s-sadness] .doubt")
+        assert browser.find_element(By.ID, "doubts").text == ""  # no band moved yet
         joy = browser.find_element(By.ID, "s-joy")
         joy.send_keys(Keys.ARROW_UP * 8)  # the user moves the slider while the reply streams
+        assert browser.find_element(By.ID, "doubts").text == "warning: " + config["doubts"]["joy"]  # while moved
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
         stream_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-stream")
         if os.environ.get("EQZ_RECORD_SCREENSHOT"):
