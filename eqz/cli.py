@@ -542,8 +542,11 @@ def vectors_show(
             found = resolve_bank(None, loaded.info)
     else:
         found = resolve_bank(bank, None)
-    if json_output:
-        typer.echo(json.dumps(found.manifest(), indent=2, default=str))
+    if json_output:  # bank.yaml, and per band the problems the check column shows and moving it warns of
+        shown = found.manifest()
+        for name, entry in shown["bands"].items():
+            entry["open_problems"] = found.open_problems(name)
+        typer.echo(json.dumps(shown, indent=2, default=str))
         return
     print_bank(found)
 

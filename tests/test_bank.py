@@ -367,6 +367,9 @@ def test_a_band_that_failed_its_direction_check_warns_when_moved(tmp_path):
             rows.setdefault(line.split()[0], line.rstrip())
     assert rows["anger"].endswith(" uncalibrated") and rows["trust"].endswith(" ok (eval)"), shown
     assert rows["anticipation"].endswith(" fluency (eval)") and rows["sadness"].endswith(" ok"), shown
+    listed = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
+    assert listed["anticipation"]["open_problems"] == ["fluency (eval)"] and listed["trust"]["open_problems"] == []
+    assert listed["trust"]["problems"] == ["weak"]  # bank.yaml's own record, as calibration left it
     chat = run_eqz("chat", "--no-panel", input="/set joy 0.3\n/quit\n", env=env)
     assert chat.returncode == 0 and "joy may not move the text as named" in chat.stdout
 
