@@ -737,31 +737,35 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _bare_help_flags(command, help_names: list[str]) -> None:
+def _command_tree(command):
+    """``command`` and every command below it."""
+    yield command
+    for sub in getattr(command, "commands", {}).values():
+        yield from _command_tree(sub)
+
+
+def _bare_help_flag(command, help_names: list[str]) -> None:
     """Print -h/--help without the `<bool>` typer 0.29 puts after it: eqz's own flags pass metavar="" for that, and
     click makes the help option itself, once per command (cached), so it is done here for every command."""
     option = command.get_help_option(typer.Context(command, help_option_names=help_names))
     if option is not None:
         option.metavar = ""
-    for sub in getattr(command, "commands", {}).values():
-        _bare_help_flags(sub, help_names)
 
 
-def _one_line_summaries(command) -> None:
-    """List each subcommand by its help's first sentence, on one line: typer's rich help keeps a docstring's line
-    breaks in the command list, so on an 80-column terminal entries broke mid-phrase and ran to four lines."""
-    for sub in getattr(command, "commands", {}).values():
-        if sub.short_help is None and sub.help:
-            first_paragraph = " ".join(inspect.cleandoc(sub.help).split("\n\n")[0].split())
-            sub.short_help = re.split(r"(?<=\.)\s", first_paragraph, maxsplit=1)[0]
-        _one_line_summaries(sub)
+def _one_line_summary(command) -> None:
+    """List the command by its help's first sentence, on one line: typer's rich help keeps a docstring's line
+    breaks in a group's command list, so on an 80-column terminal entries broke mid-phrase and ran to four lines."""
+    if command.short_help is None and command.help:
+        first_paragraph = " ".join(inspect.cleandoc(command.help).split("\n\n")[0].split())
+        command.short_help = re.split(r"(?<=\.)\s", first_paragraph, maxsplit=1)[0]
 
 
 def main() -> None:
     """Run the CLI: bad input becomes one line on stderr and a non-zero exit (a traceback only with --debug)."""
     command = typer.main.get_command(app)
-    _bare_help_flags(command, app.info.context_settings["help_option_names"])
-    _one_line_summaries(command)
+    for each in _command_tree(command):
+        _bare_help_flag(each, app.info.context_settings["help_option_names"])
+        _one_line_summary(each)
     args = sys.argv[1:]
     cut = args.index("--") if "--" in args else len(args)  # after "--" everything is text
     if "--debug" in args[:cut]:  # accepted after the command too

@@ -255,7 +255,7 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
 @pytest.mark.parametrize("command", ["generate", "chat", "batch", "train", "eval"])
 def test_help_pages_show_value_names_and_every_default(command):
     page = run_eqz(command, "--help", env={"COLUMNS": "120"}).stdout
-    options = [line for line in page.splitlines() if "--" in line]  # -h/--help too (eqz.cli._bare_help_flags)
+    options = [line for line in page.splitlines() if "--" in line]  # -h/--help too (eqz.cli._bare_help_flag)
     assert not [line for line in options if "<list[" in line or "<bool>" in line or "<int" in line], page
     if command in ("generate", "chat"):
         assert "[default: 256]" in page and "[default: physical cores not busy with other jobs]" in page
