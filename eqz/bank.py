@@ -18,6 +18,7 @@ import re
 import shutil
 import zipfile
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,12 @@ PROBLEMS = {
     "fluency": "replies at +1 leave the fluency bounds",
     "fluency (eval)": "replies at +1 left the fluency bounds on the held-out prompts of `eqz eval --record`",
 }
+
+
+def record_date() -> str:
+    """When a bank.yaml record is made (a training, a remake, an `eqz eval --record`): UTC, ISO to the second, one
+    format for all, so that two dates compare as strings (a band remade after the figures were recorded)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def user_data_dir() -> Path:

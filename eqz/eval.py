@@ -15,14 +15,13 @@ import csv
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt, primary_personas
-from .bank import Bank
+from .bank import Bank, record_date
 from .engine import Model
 from .generation import Job, generate_parallel
 from .judge import LabelJudge
@@ -631,7 +630,7 @@ def record(result: EvalResult, bank: Bank, **extra) -> None:
     quality["dose_response"] = result.dose_response()
     quality["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": result.reply_tokens,
                                       "samples": result.samples, "scorer": result.scorer,
-                                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                                      "date": record_date()}
     quality.update(extra)
     bank.save()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +33,7 @@ from . import __version__
 from . import directions as D
 from . import eval as E
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt
-from .bank import Band, Bank, Layers
+from .bank import Band, Bank, Layers, record_date
 from .engine import Model
 from .reading import TextGroup, common_prefix_length, read_texts
 from .errors import EqzError
@@ -815,7 +814,7 @@ def train_bank(model: Model, settings: TrainSettings, progress: Progress = _no_p
 def training_record(model: Model, settings: TrainSettings, started: float) -> dict:
     """bank.yaml's ``trained`` for a bank or a band made since ``started`` (perf_counter): eqz's version, when, how
     long, the sampling seed and the weights read (`eqz vectors show` prints them; a retraining needs the seed)."""
-    return {"eqz_version": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"eqz_version": __version__, "date": record_date(),
             "seconds": round(time.perf_counter() - started, 1), "seed": settings.seed,
             "weights": weights_read(model)}
 
