@@ -297,7 +297,7 @@ def batch(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="auto|ADDRESS", help="generate on a Ray cluster: auto ($RAY_ADDRESS, one running here, else a new local one) or its address")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each [default: the cluster's CPUs / threads]")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each \\[default: the cluster's CPUs / threads]")] = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
     from .batch import Output, PromptFile, parse_sweep

@@ -98,7 +98,7 @@ def _bar_cells(gain: float) -> tuple[str, str, str, str]:
     return tuple(cells)  # type: ignore[return-value]
 
 
-COMPACT_BELOW_ROWS = 24  # shorter terminals get the panel without bars (7 rows instead of 15)
+COMPACT_BELOW_ROWS = 24  # shorter terminals get the panel without bars (6 rows instead of 12)
 
 
 def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Panel:

@@ -7,7 +7,9 @@ import json
 import gguf
 import numpy as np
 import pytest
+import typer
 
+from eqz import cli
 from eqz.vector_files import write_control_vector
 
 from .conftest import run_eqz
@@ -250,6 +252,29 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert reset.returncode == 0 and "shipped bank is in use again" in reset.stdout
     shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
     assert shown["bands"]["joy"]["source"] in ("stimulus", "voice")  # the trained joy is back
+
+
+def _commands_with_written_defaults() -> list[tuple[str, ...]]:
+    """Every command path whose options' help writes its own "[default: ...]"."""
+    def walk(command, path):
+        if any("[default:" in (getattr(param, "help", None) or "") for param in command.params):
+            yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, path + (name,))
+    return list(walk(typer.main.get_command(cli.app), ()))
+
+
+@pytest.mark.parametrize("path", _commands_with_written_defaults(), ids=" ".join)
+def test_every_default_written_in_a_help_is_shown(path):
+    """rich reads an unescaped "[default: ...]" as markup and prints nothing of it."""
+    wide = run_eqz(*path, "--help", env={"COLUMNS": "400"}).stdout  # one line per option: no wrapping
+    command = typer.main.get_command(cli.app)
+    for name in path:
+        command = command.commands[name]
+    for param in command.params:
+        written = getattr(param, "help", None) or ""
+        if "[default:" in written:
+            assert "[default:" + written.split("[default:")[1] in wide, written
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "batch", "train", "eval"])
