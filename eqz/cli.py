@@ -214,10 +214,11 @@ def generate(
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
                                 sampling=sampling, ctx=ctx, meter=json_output, clamp=clamp, ablate=ablate)
         turn = session.reply(prompt)
-        for piece in turn:
-            if not json_output:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+        with turn.ctrl_c_stops():  # the text so far is printed (or recorded) either way
+            for piece in turn:
+                if not json_output:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
         if json_output:
             record = reply_record(prompt, session.system, session.preset, turn.text, loaded.model_record,
                                   turn.record.to_dict())
@@ -228,6 +229,8 @@ def generate(
             if hint:
                 _warn(f"{turn.record.tokens_per_second:.1f} tok/s: {hint}")
         session.close()
+    if turn.record.finish_reason == "interrupted":
+        raise typer.Exit(130)
 
 
 @app.command()

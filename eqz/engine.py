@@ -10,7 +10,9 @@ import ctypes
 import importlib.machinery
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -590,14 +592,33 @@ class Context:
                 for k, owner in enumerate(owners):
                     batch.seq_id[i][k] = owner
             batch.logits[i] = logits[i]
-        status = L.llama_decode(self._ctx, batch)
-        if self._tap_error is not None:
-            error, self._tap_error = self._tap_error, None
+        with self._ctrl_c_held() as pressed:
+            status = L.llama_decode(self._ctx, batch)
+        error, self._tap_error = self._tap_error, None
+        if pressed:
+            raise KeyboardInterrupt
+        if error is not None:
             raise error
         if status == 1:
             raise EqzError("the context is full; raise --ctx or shorten the conversation", exit_code=1)
         if status != 0:
             raise EqzError(f"llama.cpp failed to decode (status {status})", exit_code=1)
+
+    @contextmanager
+    def _ctrl_c_held(self) -> Iterator[list]:
+        """Hold Ctrl-C until the decode returns when taps run Python inside it: a KeyboardInterrupt raised in a
+        ctypes callback outside its try is printed ("Exception ignored") and dropped, and the decode goes on.
+        Yields a list that is non-empty once Ctrl-C was pressed. A handler of the caller's own is left alone."""
+        pressed: list = []
+        if (not self.has_taps or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield pressed
+            return
+        previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+        try:
+            yield pressed
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def logits(self, row: int) -> np.ndarray:
         """The logits of batch row ``row`` of the last decode (a copy)."""

@@ -7,8 +7,10 @@ output; everything that decides what the model sees lives here.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Iterator
@@ -260,6 +262,16 @@ class Turn:
     def stop(self) -> None:
         """Ask the reply to end after the current token (safe from a signal handler or another thread)."""
         self._stop_requested.set()
+
+    @contextmanager
+    def ctrl_c_stops(self) -> Iterator[None]:
+        """While inside, Ctrl-C ends the reply between two tokens instead of raising KeyboardInterrupt, so what was
+        written so far is kept and recorded (finish_reason "interrupted")."""
+        previous = signal.signal(signal.SIGINT, lambda *_: self.stop())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     @property
     def text(self) -> str:

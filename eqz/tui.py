@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import sys
 import termios
 import threading
 import time
 import tty
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -255,16 +253,6 @@ class KeyReader:
 # -------------------------------------------------------------------------------------------------- the loop
 
 
-@contextmanager
-def ctrl_c_stops(turn: Turn) -> Iterator[None]:
-    """While inside, Ctrl-C ends the reply between two tokens instead of raising KeyboardInterrupt."""
-    previous = signal.signal(signal.SIGINT, lambda *_: turn.stop())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _read_line(console: Console) -> str | None:
     """One line of input; None on Ctrl-D. Ctrl-C at the prompt only clears the line."""
     try:
@@ -339,7 +327,7 @@ def _start_reply(session: ChatSession, text: str, console: Console) -> Turn | No
 
 def _stream_plain(turn: Turn) -> None:
     out = sys.stdout
-    with ctrl_c_stops(turn):
+    with turn.ctrl_c_stops():
         for piece in turn:
             out.write(piece)
             out.flush()
@@ -363,7 +351,7 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
         tail = Text("\n").join(lines[-room:]) if len(lines) else Text("")
         return Group(tail, board)
 
-    with ctrl_c_stops(turn), KeyReader(equalizer.press), Live(
+    with turn.ctrl_c_stops(), KeyReader(equalizer.press), Live(
         get_renderable=screen, console=console, transient=True, refresh_per_second=15, redirect_stdout=False
     ):
         for _ in turn:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 
 import gguf
 import numpy as np
@@ -12,7 +15,7 @@ import typer
 from eqz import cli
 from eqz.vector_files import write_control_vector
 
-from .conftest import run_eqz
+from .conftest import EQZ, run_eqz
 
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
@@ -284,3 +287,32 @@ def test_help_pages_show_value_names_and_every_default(command):
     assert not [line for line in options if "<list[" in line or "<bool>" in line or "<int" in line], page
     if command in ("generate", "chat"):
         assert "[default: 256]" in page and "[default: physical cores not busy with other jobs]" in page
+
+
+def test_ctrl_c_ends_a_held_reply_at_once_and_keeps_the_text():
+    """A held band runs Python inside llama_decode (the tap); Ctrl-C there used to be printed as "Exception ignored"
+    and dropped, so the reply ran to the end and exited 0 (half the time, hence three tries)."""
+    import pexpect
+
+    for _ in range(3):
+        child = pexpect.spawn(EQZ, ["generate", "Write a long essay about the history of Rome.", "-n", "400",
+                                    "--set", "sadness=0.5"], encoding="utf-8", timeout=60)
+        child.expect(r"\w+ \w+ \w+")  # the reply is streaming
+        child.sendintr()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 130, child.before
+        assert "Exception ignored" not in child.before and len(child.before.split()) < 150, child.before
+
+
+def test_ctrl_c_in_generate_json_still_prints_the_record():
+    process = subprocess.Popen([EQZ, "generate", "Write a long essay about the history of Rome.", "-n", "400",
+                                "--set", "joy=0.5", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "warning: joy" in process.stderr.readline()  # printed once the sliders are set, just before the reply
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    record = json.loads(stdout)
+    assert record["finish_reason"] == "interrupted" and 0 < record["n_tokens"] < 400
+    assert record["output"] and "Exception ignored" not in stderr
