@@ -217,11 +217,15 @@ class Output:
         if self.first["model"]["fingerprint"] != model["fingerprint"]:
             raise EqzError(f"{self.path} was written by another model ({self.first['model']['name']}); "
                            "resume with that model or choose another -o")
-        ours = [setting.sampling.to_dict() for setting in settings]
-        if self.first["sampling"] not in ours:
-            theirs = self.first["sampling"]
+
+        def unseeded(sampling: dict) -> dict:  # a row's sampling carries that row's own seed
+            return {key: value for key, value in sampling.items() if key != "seed"}
+
+        ours = [unseeded(setting.sampling.to_dict()) for setting in settings]
+        theirs = unseeded(self.first["sampling"])
+        if theirs not in ours:
             differ = [f"{key} {theirs.get(key)} there, {ours[0].get(key)} now" for key in sorted(set(theirs) | set(ours[0]))
-                      if key != "seed" and theirs.get(key) != ours[0].get(key)]
+                      if theirs.get(key) != ours[0].get(key)]
             raise EqzError(f"{self.path} was written with other sampling settings ({'; '.join(differ)}); "
                            "resume with the same flags or choose another -o")
 
@@ -347,7 +351,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
                 record = {"id": task.row.id, **reply_record(task.row.prompt, system, setting.preset, finished.text,
                                                             record_model, {
                     **steering.to_dict(bands),
-                    "sampling": setting.sampling.to_dict(),
+                    "sampling": {**setting.sampling.to_dict(), "seed": finished.job.seed},
                     "seed": finished.job.seed,
                     "n_tokens": len(finished.tokens),
                     "finish_reason": finished.finish_reason,

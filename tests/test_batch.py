@@ -53,6 +53,7 @@ def test_same_file_whatever_the_parallelism(tmp_path, prompt_file):
         assert key in record
     assert record["finish_reason"] in ("stop", "length") and record["model"]["fingerprint"].startswith("llama-")
     assert len({r["seed"] for r in table}) == 8  # every (id, sample) has its own seed
+    assert all(r["sampling"]["seed"] == r["seed"] for r in table)  # as in generate --json: the seed it used
 
 
 def test_resume_after_sigint_gives_exactly_the_uninterrupted_rows(tmp_path):
