@@ -74,20 +74,28 @@ class PromptFile:
 
     def rows(self) -> Iterator[PromptRow]:
         """Valid rows in file order (bad lines raise, or are skipped with --skip-bad)."""
+        seen: set[str] = set()
         with self.path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
                 try:
                     row = self._parse(number, raw)
+                    if row is not None and row.id in seen:
+                        raise EqzError(f"{self._where(number)}: duplicate id '{row.id}' (ids must be unique for "
+                                       "--resume to work)")
                 except EqzError as error:
                     if not self.skip_bad:
                         raise EqzError(f"{error}; fix the line or pass --skip-bad") from None
                     self.skipped.append(str(error))
                     continue
                 if row is not None:
+                    seen.add(row.id)
                     yield row
 
+    def _where(self, number: int) -> str:
+        return f"{self.path.name if not self._spool else 'stdin'} line {number}"
+
     def _parse(self, number: int, raw: bytes) -> PromptRow | None:
-        where = f"{self.path.name if not self._spool else 'stdin'} line {number}"
+        where = self._where(number)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -184,6 +192,9 @@ class Output:
         self.path = Path(path).expanduser()
         self.done: set[str] = set()
         self.first: dict | None = None
+        if self.path.is_dir():
+            raise EqzError(f"{self.path} is a folder; -o takes a file name, such as {self.path / 'out.jsonl'}")
+        self.created = not self.path.exists()  # removed again if the run stops before its first row
         if self.path.exists() and self.path.stat().st_size > 0:
             if not resume:
                 raise EqzError(f"{self.path} already has rows; pass --resume to continue it or choose another -o")
@@ -239,6 +250,8 @@ class Output:
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
+        if self.created and self.path.stat().st_size == 0:  # a run that stopped on bad input leaves no empty file
+            self.path.unlink()
 
 
 # -------------------------------------------------------------------------------------------------- running
@@ -267,12 +280,8 @@ class BatchStats:
 
 def plan(prompts: PromptFile, model: Model) -> tuple[int, int]:
     """Validate every line before any generation; returns (valid prompts, longest prompt in tokens)."""
-    seen: set[str] = set()
     count = longest = 0
     for row in prompts.rows():
-        if row.id in seen:
-            raise EqzError(f"line {row.line}: duplicate id '{row.id}'; ids must be unique for --resume to work")
-        seen.add(row.id)
         count += 1
         longest = max(longest, len(model.tokenize(row.prompt)) + 64 + len(model.tokenize(row.system or "")))
     if count == 0:

@@ -274,7 +274,7 @@ def chat(
 @app.command()
 def batch(
     prompts: Annotated[str, typer.Argument(metavar="PROMPTS", help="prompt file: .txt (one per line), .jsonl ({\"prompt\", \"id\"?, \"system\"?}) or - for stdin")],
-    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="JSONL file the rows are appended to")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="JSONL file written row by row as each finishes (an existing one only with --resume)")],
     model: ModelOpt = None,
     preset: PresetOpt = None,
     presets: Annotated[Optional[str], typer.Option("--presets", metavar="A,B,C", help="comma-separated presets to cross with the grid")] = None,

@@ -97,19 +97,24 @@ def _string_field(reader: gguf.GGUFReader, key: str) -> str | None:
 def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) -> Path:
     """Write the non-zero rows of ``matrix`` (n_layer, n_embd) as ``direction.N`` tensors."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise EqzError(f"{path} is a folder; give a file name, such as {path / 'mix.gguf'}")
     layers = [layer for layer in range(1, len(matrix)) if np.any(matrix[layer])]
     if np.any(matrix[0]):
         raise EqzError("layer 0 cannot be steered; a control vector starts at layer 1")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
-    writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
-    writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(layers))
-    for layer in layers:
-        writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(matrix[layer], dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
+        writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
+        writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(layers))
+        for layer in layers:
+            writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(matrix[layer], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except OSError as error:
+        raise EqzError(f"cannot write {path}: {error.strerror or error}; choose another file") from None
     return path
 
 

@@ -135,4 +135,18 @@ def test_duplicate_ids_are_refused(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
     result = run_eqz("batch", str(prompts), "-o", str(tmp_path / "o.jsonl"))
-    assert result.returncode != 0 and "duplicate id '1'" in result.stderr
+    assert result.returncode != 0 and "p.jsonl line 2: duplicate id '1'" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()  # a run that stopped before its first row leaves no empty file
+    skipped = run_eqz("batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "-n", "4", "--skip-bad")
+    assert skipped.returncode == 0 and "skipped p.jsonl line 2" in skipped.stderr, skipped.stderr
+    assert [row["prompt"] for row in rows(tmp_path / "o.jsonl")] == ["a"]
+
+
+def test_an_output_that_is_a_folder_is_one_line(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    batch = run_eqz("batch", str(prompts), "-o", str(tmp_path))
+    assert batch.returncode == 2 and batch.stderr == f"eqz: error: {tmp_path} is a folder; -o takes a file name, " \
+                                                     f"such as {tmp_path / 'out.jsonl'}\n"
+    export = run_eqz("vectors", "export", "--set", "joy=0.5", "-o", str(tmp_path))
+    assert export.returncode == 2 and export.stderr.startswith(f"eqz: error: {tmp_path} is a folder")
