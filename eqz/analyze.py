@@ -18,7 +18,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 @dataclass
 class Segment:
     text: str
-    readouts: dict[str, float]  # calibrated, mean over the segment's tokens
+    readouts: dict[str, float] | None  # calibrated, mean over the segment's tokens; None: the unread first token
 
 
 @dataclass
@@ -52,6 +52,7 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
     """Per-token readouts at the bank's read layer, grouped by sentence or token.
 
     The first token is left out of every mean: it is an attention sink whose state says nothing about the text.
+    By token it is still listed, unread, so the segments spell the whole text.
     """
     if by not in ("sentence", "token"):
         raise EqzError(f"--by must be 'sentence' or 'token', got '{by}'")
@@ -79,7 +80,8 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
             members = [i for i in range(1, len(tokens)) if left <= starts[i] < right]
             if members and rendered[left:right].strip():
                 groups.append((rendered[left:right].strip(), members))
-    segments = [
+    segments = [Segment(pieces[0], None)] if by == "token" and tokens[0] != model.bos else []
+    segments += [
         Segment(label, {b: round(float(v), 3) for b, v in zip(bands, readouts[members].mean(axis=0))})
         for label, members in groups
     ]

@@ -253,6 +253,9 @@ def print_analysis(analysis) -> None:
     for band in analysis.bands:
         table.add_column(SHORT_NAMES.get(band, band[:5])[:4], justify="right", width=4, no_wrap=True)
     for segment in analysis.segments:
+        if segment.readouts is None:  # the first token: an attention sink, never read
+            table.add_row(Text(segment.text, style="dim"), *[Text("   ·", style="dim")] * len(analysis.bands))
+            continue
         cells = [Text(_four_chars(segment.readouts[b]), style=_strip_style(segment.readouts[b])) for b in analysis.bands]
         table.add_row(segment.text, *cells)
     table.add_section()
@@ -260,8 +263,9 @@ def print_analysis(analysis) -> None:
                for b in analysis.bands]
     table.add_row(Text("whole text", style="bold"), *overall)
     console.print(table)
+    unread = "; · = not read (the first token only sinks attention)" if analysis.segments[0].readouts is None else ""
     console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band "
-                  "(--json for full precision)[/dim]")
+                  f"(--json for full precision){unread}[/dim]")
 
 
 # what the judge column holds for valence and arousal (eval.ReplySet.judged_rise), in both tables' legends

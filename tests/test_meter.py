@@ -75,6 +75,11 @@ def test_analyze_by_sentence_and_token_and_json():
     assert scores[1]["joy"] > scores[2]["joy"] and scores[2]["sadness"] > scores[1]["sadness"]
     by_token = json.loads(run_eqz("analyze", text, "--by", "token", "--json").stdout)
     assert len(by_token["segments"]) > 15
+    assert "".join(segment["text"] for segment in by_token["segments"]) == text  # the first token too, unread
+    assert by_token["segments"][0]["readouts"] is None and by_token["segments"][1]["readouts"]
+    shown = run_eqz("analyze", "I am happy today.", "--by", "token").stdout
+    rows = [line.split() for line in shown.splitlines() if line.strip()]  # header, rule, then the tokens
+    assert rows[2] == ["I"] + ["·"] * 10 and "· = not read" in shown
     bad = run_eqz("analyze", text, "--by", "word")
     assert bad.returncode != 0 and "--by must be" in bad.stderr
 
