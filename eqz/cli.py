@@ -366,17 +366,18 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (chat and completions, with sliders per request and live re-steering) and the web
     equalizer at http://HOST:PORT/."""
-    from .server import is_loopback, serve as run_server
+    from .server import is_loopback, listen_socket, serve as run_server
 
     if not is_loopback(host) and not api_key:
         raise EqzError(f"--host {host} would let anyone on the network use this machine; add --api-key KEY "
                        "(or leave --host at 127.0.0.1)")
+    listening = listen_socket(host, port)  # a busy --port fails now, before the model loads
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         def ready(bound: int) -> None:
             sys.stderr.write(f"eqz serve: {loaded.info.name} on http://{host}:{bound}/ (web equalizer), OpenAI API "
                              f"at http://{host}:{bound}/v1; Ctrl-C stops\n")
 
-        run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready)
+        run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready, listening=listening)
 
 
 @app.command()

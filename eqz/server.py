@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import json
 import secrets
+import socket
 import time
 from collections import OrderedDict
 from importlib import resources
@@ -83,7 +84,8 @@ class EqzServer:
             Route("/v1/eqz/streams/{id}", self.stream_state, methods=["GET", "POST"]),
         ], exception_handlers={
             404: lambda request, exc: _error(404, f"no such path: {request.url.path}", "not_found"),
-            405: lambda request, exc: _error(405, f"{request.method} is not allowed on {request.url.path}", "not_found"),
+            405: lambda request, exc: _error(405, f"{request.method} is not allowed on {request.url.path}",
+                                             "invalid_request_error"),
             ServerBusy: lambda request, exc: _error(429, str(exc), "rate_limit_error", {"Retry-After": "1"}),
             EqzError: lambda request, exc: _error(400, str(exc)),  # one line; the server never dies of a request
         })
@@ -112,8 +114,10 @@ class EqzServer:
     async def chat_completions(self, request: HttpRequest) -> Response:
         body = await _json_body(request)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+        if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        for index, message in enumerate(messages):
+            _check_message(index, message)
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
         return await self._respond(body, self._prepare(body, messages=messages), chat=True)
 
@@ -151,6 +155,9 @@ class EqzServer:
     # -- the work
 
     def _prepare(self, body: dict, **text):
+        if body.get("n", 1) != 1:
+            raise BadRequest("'n' must be 1: eqz returns one choice per request (send more requests, or use "
+                             "eqz batch --samples N)")
         settings = body.get("eqz", {"preset": self.preset} if self.preset else {}) or {}
         if not isinstance(settings, dict):
             raise BadRequest("'eqz' must be an object: {\"sliders\", \"preset\", \"clamp\", \"ablate\", \"meter\"}")
@@ -292,9 +299,17 @@ async def _json_body(request: HttpRequest) -> dict:
     return body
 
 
-def _is_message(message) -> bool:
-    return (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant", "developer")
-            and (isinstance(message.get("content"), str) or isinstance(message.get("content"), list)))
+ROLES = ("system", "user", "assistant", "developer")
+
+
+def _check_message(index: int, message) -> None:
+    """One line naming the message and what is wrong with it."""
+    if not isinstance(message, dict):
+        raise BadRequest(f"messages[{index}] must be an object {{\"role\", \"content\"}}")
+    if message.get("role") not in ROLES:
+        raise BadRequest(f"messages[{index}]: role {json.dumps(message.get('role'))} is not one of {', '.join(ROLES)}")
+    if not isinstance(message.get("content"), (str, list)):
+        raise BadRequest(f"messages[{index}]: 'content' must be a string or a list of text parts")
 
 
 def _text(content) -> str:
@@ -313,9 +328,30 @@ def _sliders(sliders, valid: tuple[str, ...] | None) -> dict[str, float]:
     return {str(band).lower(): check_gain(str(band).lower(), gain, valid) for band, gain in sliders.items()}
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (0: any free port). The CLI binds before the model loads, so a busy port
+    or an unknown host is one line at once (uvicorn logs those and exits on its own)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = min(found, key=lambda info: info[0] != socket.AF_INET)  # IPv4 first
+    except socket.gaierror as error:
+        raise EqzError(f"cannot listen on {host}: {error.strerror}; give an address such as 127.0.0.1") from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+    except OSError as error:
+        listening.close()
+        raise EqzError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another port "
+                       "(0: any free one)") from None
+    return listening
+
+
 def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: int = 4,
-          api_key: str | None = None, max_waiting: int = 64, preset: str | None = None, on_ready=None) -> None:
-    """Run the server until interrupted. A host other than loopback needs ``api_key``."""
+          api_key: str | None = None, max_waiting: int = 64, preset: str | None = None, on_ready=None,
+          listening: socket.socket | None = None) -> None:
+    """Run the server until interrupted. A host other than loopback needs ``api_key``. ``listening``: a socket
+    from ``listen_socket(host, port)`` already bound."""
     import uvicorn
 
     if not is_loopback(host) and not api_key:
@@ -323,6 +359,7 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
                        "give an API key (or bind 127.0.0.1)")
     if preset:
         get_preset(preset, model.bank.names)  # a misspelt preset fails now, not on every request
+    listening = listening or listen_socket(host, port)
     server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset)
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     runner = uvicorn.Server(config)
@@ -335,6 +372,7 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
 
         runner.startup = startup
     try:
-        runner.run()
+        runner.run(sockets=[listening])
     finally:
         server.close()
+        listening.close()

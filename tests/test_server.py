@@ -200,12 +200,28 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature must be a number"),
     ({"messages": [{"role": "user", "content": "word " * 3000}]}, "the prompt has"),
     ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "gloomy"}}, "gloomy"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}]},
+     "messages[1]: role \"wizard\" is not one of"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0]: 'content' must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be 1"),
 ])
 def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, fragment):
     status, answer = server.post("/v1/chat/completions", body)
     assert status == 400 and fragment in answer["error"]["message"] and "\n" not in answer["error"]["message"]
     assert answer["error"]["type"] == "invalid_request_error"
     assert server.get("/v1/models")[0] == 200
+
+
+def test_a_busy_port_or_a_foreign_address_is_one_line_before_the_model_loads(server):
+    port = server.url.rsplit(":", 1)[1]
+    busy = run_eqz("serve", "--port", port, "--model", "/nonexistent.gguf", timeout=30)  # the port is checked first
+    assert busy.returncode == 2 and busy.stderr == f"eqz: error: cannot listen on 127.0.0.1:{port}: Address already " \
+                                                   "in use; choose another port (0: any free one)\n"
+    foreign = run_eqz("serve", "--host", "192.0.2.1", "--api-key", "k", "--port", "0", timeout=30)  # TEST-NET-1
+    assert foreign.returncode == 2 and foreign.stderr.startswith("eqz: error: cannot listen on 192.0.2.1:0: ")
+    assert len(foreign.stderr.splitlines()) == 1
+    status, answer = server.get("/v1/chat/completions")
+    assert status == 405 and answer["error"]["type"] == "invalid_request_error"
 
 
 def test_a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_429():
