@@ -15,7 +15,9 @@ failed its direction check) go to ``model.on_warning``, by default Python's ``wa
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -45,7 +47,13 @@ class EqzWarning(UserWarning):
 
 
 def _python_warning(message: str) -> None:
-    warnings.warn(message, EqzWarning, stacklevel=4)
+    """Warn at the first caller outside eqz, whichever API function led here (Python 3.11 has no
+    ``skip_file_prefixes``)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, EqzWarning, stacklevel=level)
 
 
 class EqzModel:

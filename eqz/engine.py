@@ -155,7 +155,7 @@ FALLBACK_STOPS = ("\nUser:", "\nAssistant:")
 
 def _check_gguf_header(path: Path) -> None:
     if not path.exists():
-        raise EqzError(f"model file not found: {path} (pass --model PATH or set EQZ_MODEL)")
+        raise EqzError(f"model file not found: {path}; give the path of a .gguf file")
     if not path.is_file():
         raise EqzError(f"model path is not a file: {path} (pass the .gguf file itself)")
     with path.open("rb") as handle:
@@ -373,6 +373,8 @@ class Model:
         """A new context. ``unified`` shares one KV cache among sequences, keeping batch rows in order for
         taps and allowing shared prefixes; non-unified gives each sequence its own cache of n_ctx / n_seq
         cells laid out exactly as if it ran alone (what makes parallel generation reproducible)."""
+        if not self._model:
+            raise EqzError("this model was closed; load it again (eqz.load) to use it")
         return Context(self, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, taps=taps, unified=unified)
 
 

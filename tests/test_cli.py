@@ -113,7 +113,7 @@ def test_generate_with_vector_file_steers_and_scale_zero_does_not(random_vector_
 
 
 def test_missing_model_path():
-    assert_one_line_error(run_eqz("generate", "hi", "--model", "/no/such/model.gguf"), "not found", "--model")
+    assert_one_line_error(run_eqz("generate", "hi", "--model", "/no/such/model.gguf"), "not found", "/no/such/model.gguf")
 
 
 def test_file_that_is_not_gguf(tmp_path):
