@@ -698,11 +698,12 @@ def presets_save(
     repeat_penalty: RepeatPenaltyOpt = None,
     clamp: ClampOpt = None,
     ablate: AblateOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", metavar="", help="overwrite a saved preset of that name")] = False,
 ) -> None:
     """Save a user preset from --set gains, sampling and filters (on top of an optional --from preset) to the user
     config dir: everything a preset file can hold."""
     from .bands import BANDS
-    from .presets import Preset, check_name, get_preset, resolve, save_preset
+    from .presets import BUNDLED_DIR, Preset, check_name, get_preset, resolve, save_preset
     from .sampling import check_setting
 
     base = get_preset(from_) if from_ else None
@@ -719,7 +720,9 @@ def presets_save(
         resolved.system,
         resolved.filters,
     )
-    typer.echo(f"saved {save_preset(preset)}")
+    typer.echo(f"saved {save_preset(preset, replace)}")
+    if (BUNDLED_DIR / f"{preset.name}.yaml").exists():
+        typer.echo(f"it stands in for the bundled '{preset.name}'; delete that file to have the bundled one back")
 
 
 @presets_app.command("validate")

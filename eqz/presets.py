@@ -167,11 +167,15 @@ def get_preset(name: str, bands: tuple[str, ...] = BANDS) -> Preset:
     return entry.preset
 
 
-def save_preset(preset: Preset) -> Path:
-    """Write a user preset (overriding a bundled one of the same name)."""
+def save_preset(preset: Preset, replace: bool = False) -> Path:
+    """Write a user preset (standing in for a bundled one of the same name). A saved one of the same name is
+    replaced only when asked: it may hold a system prompt and sampling the new one does not."""
     directory = user_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{preset.name}.yaml"
+    if path.exists() and not replace:
+        raise EqzError(f"a preset '{preset.name}' is already saved ({path}); pass --replace to overwrite it, or "
+                       "choose another name")
     path.write_text(preset.to_yaml(), encoding="utf-8")
     return path
 

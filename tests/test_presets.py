@@ -99,6 +99,12 @@ def test_presets_save_writes_a_valid_user_preset(tmp_path):
     assert preset.description == "based on serene"  # not serene's own words about itself
     shown = run_eqz("presets", "show", "sunny", env=env)
     assert "sunny" in shown.stdout and "+0.90" in shown.stdout
+    again = run_eqz("presets", "save", "sunny", "--set", "joy=0.1", env=env)  # would lose serene's system prompt
+    assert again.returncode == 2 and "pass --replace" in again.stderr and load_preset_file(path).sliders["joy"] == 0.9
+    replaced = run_eqz("presets", "save", "sunny", "--set", "joy=0.1", "--replace", env=env)
+    assert replaced.returncode == 0 and load_preset_file(path).sliders == {"joy": 0.1}
+    shadow = run_eqz("presets", "save", "serene", "--set", "joy=0.2", env=env)
+    assert shadow.returncode == 0 and "stands in for the bundled 'serene'" in shadow.stdout
 
 
 def test_unknown_preset_lists_the_available_ones():
