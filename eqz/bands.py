@@ -66,11 +66,20 @@ SAFE_GAIN = 1.0
 MAX_LEVEL = 6.0
 
 
+def unknown_band(band: str, valid: tuple[str, ...], what: str = "") -> EqzError:
+    """The error for a band not in ``valid``. A built-in band missing from a bank was removed from the user's copy
+    or never trained (``eqz train --bands``): a preset naming it fails, and the line says how to get it back."""
+    if band in BANDS:
+        return EqzError(f"this bank has no band '{band}'{what}; it has {', '.join(valid)} (`eqz vectors reset` "
+                        "restores the shipped bank where there is one, `eqz train --bands` trains the band)")
+    return EqzError(f"unknown band '{band}'{what}; valid bands: {', '.join(valid)}")
+
+
 def check_gain(band: str, value, valid: tuple[str, ...] | None = BANDS, what: str = "gain") -> float:
     """A gain (or, ``what`` "level", a clamp level) for ``band`` as a float, or a one-line EqzError naming the valid
     bands / range. ``valid`` None: any band name (the bank checks it later)."""
     if valid is not None and band not in valid:
-        raise EqzError(f"unknown band '{band}'; valid bands: {', '.join(valid)}")
+        raise unknown_band(band, valid)
     try:
         gain = float(value)
     except (TypeError, ValueError):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .bands import check_band_name, check_gain
+from .bands import check_band_name, check_gain, unknown_band
 from .models import ModelInfo
 from .shipped import shipped_dir
 from .errors import EqzError
@@ -189,7 +189,7 @@ class Bank:
     def check_gains(self, gains: dict[str, float]) -> None:
         unknown = [band for band in gains if band not in self.bands]
         if unknown:
-            raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(self.names)}")
+            raise unknown_band(unknown[0], self.names)
 
     def trained_problems(self, name: str) -> list[str]:
         """The band's problems (PROBLEMS keys) as calibration found them: a slider's from training; a held band's

@@ -634,14 +634,20 @@ def vectors_remove(
     model: ModelOpt = None,
 ) -> None:
     """Remove bands (imported or described ones, say) from your own copy of the model's bank."""
+    from .bands import BANDS
     from .bank import writable_bank
 
     with _load_model(model, None) as loaded:
         bank = writable_bank(loaded.info)
-        for band in bands:
-            bank.remove(band.strip().lower())
+        names = [band.strip().lower() for band in bands]
+        for band in names:
+            bank.remove(band)
         directory = bank.save()
-    typer.echo(f"removed {', '.join(bands)} from the bank in {directory}")
+    typer.echo(f"removed {', '.join(names)} from the bank in {directory}")
+    built_in = [band for band in names if band in BANDS]
+    if built_in:
+        typer.echo(f"presets that move {', '.join(built_in)} will not load until `eqz vectors reset` (or "
+                   "`eqz train --bands`) brings it back")
 
 
 @vectors_app.command("reset")

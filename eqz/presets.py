@@ -15,7 +15,7 @@ from typing import Iterable
 
 import yaml
 
-from .bands import BANDS, check_gain
+from .bands import BANDS, check_gain, unknown_band
 from .errors import EqzError
 from .sampling import SETTING_NAMES, Sampling, check_setting, make_sampling
 from .shipped import shipped_dir
@@ -220,6 +220,6 @@ def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterabl
     ablates = list(preset_filters.get("ablate", []))
     for band in ablate:
         if band not in valid:
-            raise EqzError(f"unknown band '{band}' to ablate; valid bands: {', '.join(valid)}")
+            raise unknown_band(band, valid, " to ablate")
         ablates.append(band)
     return {"clamp": clamps, "ablate": ablates} if clamps or ablates else {}

@@ -251,6 +251,10 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert "extra" not in json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "joy", "--replace", env=env).returncode == 0
     assert json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]["joy"]["source"] == str(random_vector_file)
+    removed = run_eqz("vectors", "remove", "Joy", env=env)
+    assert removed.returncode == 0 and "presets that move joy will not load" in removed.stdout
+    without = run_eqz("generate", "hi", "-p", "melancholy", "-n", "2", env=env)  # melancholy moves joy
+    assert_one_line_error(without, "this bank has no band 'joy'", "eqz vectors reset")
     reset = run_eqz("vectors", "reset", env=env)
     assert reset.returncode == 0 and "shipped bank is in use again" in reset.stdout
     shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
