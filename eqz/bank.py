@@ -61,7 +61,10 @@ def user_data_dir() -> Path:
 
 def search_dirs() -> list[Path]:
     """Where banks are looked for, first match wins: $EQZ_VECTORS, the user data dir, the shipped vectors/."""
-    extra = [Path(os.environ["EQZ_VECTORS"])] if os.environ.get("EQZ_VECTORS") else []
+    extra = [Path(os.environ["EQZ_VECTORS"]).expanduser()] if os.environ.get("EQZ_VECTORS") else []
+    if extra and not extra[0].is_dir():  # a typo would silently fall back to another bank
+        raise EqzError(f"EQZ_VECTORS={os.environ['EQZ_VECTORS']} is not a folder; point it at a folder of banks or "
+                       "unset it")
     return extra + [user_data_dir(), SHIPPED_DIR]
 
 

@@ -159,7 +159,7 @@ def _root(
 
 @app.command()
 def models(
-    paths: Annotated[Optional[list[str]], typer.Argument(metavar="GGUF...", help="GGUF files \\[default: the model eqz would load]")] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="GGUF", help="GGUF files \\[default: the model eqz would load]")] = None,
     model: ModelOpt = None,
     json_output: JsonOpt = False,
     ctx: Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context the memory estimate is for", min=64)] = 4096,
@@ -630,7 +630,7 @@ def vectors_hold(
 
 @vectors_app.command("remove")
 def vectors_remove(
-    bands: Annotated[list[str], typer.Argument(metavar="BAND...", help="bands to remove from your own bank for the model")],
+    bands: Annotated[list[str], typer.Argument(metavar="BAND", help="bands to remove from your own bank for the model")],
     model: ModelOpt = None,
 ) -> None:
     """Remove bands (imported or described ones, say) from your own copy of the model's bank."""
@@ -739,7 +739,9 @@ def presets_validate(file: Annotated[str, typer.Argument(metavar="FILE", help="a
     from .presets import load_preset_file
 
     preset = load_preset_file(Path(file))
-    typer.echo(f"ok: {preset.name} ({len(preset.sliders)} sliders, {len(preset.sampling)} sampling settings)")
+    sliders, settings = len(preset.sliders), len(preset.sampling)
+    typer.echo(f"ok: {preset.name} ({sliders} slider{'s' * (sliders != 1)}, "
+               f"{settings} sampling setting{'s' * (settings != 1)})")
 
 
 # -- entry point ---------------------------------------------------------------------------------------------

@@ -320,3 +320,9 @@ def test_ctrl_c_in_generate_json_still_prints_the_record():
     record = json.loads(stdout)
     assert record["finish_reason"] == "interrupted" and 0 < record["n_tokens"] < 400
     assert record["output"] and "Exception ignored" not in stderr
+
+
+def test_a_bank_folder_that_does_not_exist_is_one_line(tmp_path):
+    """$EQZ_VECTORS with a typo fell back to another bank without a word."""
+    assert_one_line_error(run_eqz("vectors", "list", env={"EQZ_VECTORS": str(tmp_path / "nope")}), "EQZ_VECTORS=",
+                          "is not a folder")
