@@ -47,7 +47,7 @@ VectorOpt = Annotated[
     Optional[list[str]],
     typer.Option("--vector", metavar="FILE[:SCALE]", help="llama.cpp control vector FILE[:SCALE], repeatable; summed like llama.cpp"),
 ]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="preset mood (see eqz presets list)")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help="preset mood by name (see eqz presets list) or a preset .yaml file")]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", metavar="BAND=GAIN", help="slider BAND=GAIN, repeatable (gain -2..2; 1 = calibrated strength)"),

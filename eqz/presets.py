@@ -155,7 +155,10 @@ def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
 
 
 def get_preset(name: str, bands: tuple[str, ...] = BANDS) -> Preset:
-    """A preset by name; names are case-insensitive, like band names."""
+    """A preset by name (case-insensitive, like band names), or a preset file by its path (a .yaml file someone
+    shared, used without saving it)."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        return load_preset_file(Path(name).expanduser(), bands)
     name = name.strip().lower()
     entries = discover(bands)
     entry = entries.get(name)

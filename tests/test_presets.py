@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,12 @@ def test_presets_save_writes_a_valid_user_preset(tmp_path):
 def test_unknown_preset_lists_the_available_ones():
     result = run_eqz("presets", "show", "nope")
     assert result.returncode != 0 and "available: anxious" in result.stderr
+
+
+def test_a_preset_file_is_used_by_its_path_without_saving_it(tmp_path):
+    shared = tmp_path / "from-a-friend.yaml"
+    shared.write_text("name: wistful\ndescription: shared\nsliders:\n  sadness: 0.6\n")
+    record = json.loads(run_eqz("generate", "Hi", "-p", str(shared), "-n", "4", "--json").stdout)
+    assert record["preset"] == "wistful" and record["sliders"]["sadness"] == 0.6
+    missing = run_eqz("generate", "Hi", "-p", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "nope.yaml: cannot read" in missing.stderr
