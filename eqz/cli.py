@@ -646,8 +646,8 @@ def vectors_remove(
     typer.echo(f"removed {', '.join(names)} from the bank in {directory}")
     built_in = [band for band in names if band in BANDS]
     if built_in:
-        typer.echo(f"presets that move {', '.join(built_in)} will not load until `eqz vectors reset` (or "
-                   "`eqz train --bands`) brings it back")
+        typer.echo(f"presets that move {', '.join(built_in)} will not load until the band is back (`eqz vectors "
+                   "reset`, or `eqz train --bands`)")
 
 
 @vectors_app.command("reset")

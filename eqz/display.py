@@ -263,7 +263,8 @@ def print_analysis(analysis) -> None:
                for b in analysis.bands]
     table.add_row(Text("whole text", style="bold"), *overall)
     console.print(table)
-    unread = "; · = not read (the first token only sinks attention)" if analysis.segments[0].readouts is None else ""
+    first_unread = bool(analysis.segments) and analysis.segments[0].readouts is None
+    unread = "; · = not read (the first token only sinks attention)" if first_unread else ""
     console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band "
                   f"(--json for full precision){unread}[/dim]")
 

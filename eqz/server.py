@@ -155,7 +155,7 @@ class EqzServer:
     # -- the work
 
     def _prepare(self, body: dict, **text):
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise BadRequest("'n' must be 1: eqz returns one choice per request (send more requests, or use "
                              "eqz batch --samples N)")
         settings = body.get("eqz", {"preset": self.preset} if self.preset else {}) or {}
