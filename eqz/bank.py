@@ -196,13 +196,14 @@ class Bank:
 
     def trained_problems(self, name: str) -> list[str]:
         """The band's problems (PROBLEMS keys) as calibration found them: a slider's from training; a held band's
-        from its level's check (``Band.hold_check``), since the vector's figures say nothing of a clamp."""
+        from its level's check (``Band.hold_check``: weak, and the -1 direction check where `eqz train` ran it),
+        since the vector's figures say nothing of a clamp."""
         band = self.bands[name]
         if band.hold is None:
             return band.problems
         if not band.hold_check:
             return ["uncalibrated"]
-        return ["weak"] if band.hold_check.get("weak") else []
+        return (["weak"] if band.hold_check.get("weak") else []) + band.hold_check.get("problems", [])
 
     def open_problems(self, name: str) -> list[str]:
         """``trained_problems`` as the held-out figures recorded for this bank (`eqz eval --record`) revise them,

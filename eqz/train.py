@@ -554,10 +554,12 @@ HOLD_CHECK_KEYS = ("effect", "most_lifted", "clear", "clear_share", "judged_effe
                    "judged_clear", "judged_clear_share", "repeated_3grams", "distinct_2", "ppl_ratio", "fluent")
 
 
-def hold_check(row: dict, weak: bool, screen: str) -> dict:
+def hold_check(row: dict, weak: bool, screen: str, problems: list[str] | None = None) -> dict:
     """A held level's figures as ``Bank.hold`` keeps them, from an ``eval.result_row`` of its replies: whether it is
-    weak (missed calibration's rule) and which screen measured it."""
-    return {**{key: row[key] for key in HOLD_CHECK_KEYS if key in row}, "weak": weak, "screen": screen}
+    weak (missed calibration's rule), which screen measured it, and what its direction check found (``problems``,
+    keys of bank.PROBLEMS; absent where the screen did not check it)."""
+    return {**{key: row[key] for key in HOLD_CHECK_KEYS if key in row}, "weak": weak, "screen": screen,
+            **({"problems": list(problems)} if problems is not None else {})}
 
 
 def held_level(vector: Candidate, clamp: Candidate, baseline: ReplySet) -> tuple[float, bool] | None:
@@ -597,15 +599,41 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
             clamps[band].tried.update({level: results[(band, level)] for level in batch})
         # levels go up, so a clear pick among those tried is final
         screening = [band for band in screening if not clamps[band].found_clear(baseline)]
+    chosen = {band: best for band, clamp in clamps.items()
+              if (best := held_level(calibration.chosen[band], clamp, baseline)) is not None}
+    # the direction check that store_bands gives a vector, for the level: held at -level beside +level and 0
+    below = [Setting((band, -level), judge=clamps[band].judge, filters=Filters(bank, {band: -level}, []))
+             for band, (level, _) in chosen.items()]
+    down = bench.run(below, progress) if below else {}
+    if below and getattr(bench, "reader", None) is not None:
+        up = {(band, level): clamps[band].tried[level] for band, (level, _) in chosen.items()}
+        bench.read_back([Setting(key) for key in up] + below, {**up, **down}, progress, perplexity=False)
     held = {}
-    for band, clamp in clamps.items():
-        best = held_level(calibration.chosen[band], clamp, baseline)
-        if best is None:
-            continue
-        level, clear = best
-        row = result_row(band, level, clamp.tried[level], baseline, samples=1)
-        held[band] = (level, hold_check(row, weak=not clear, screen="eqz train"))
+    for band, (level, clear) in chosen.items():
+        row = result_row(band, level, clamps[band].tried[level], baseline, samples=1)
+        found = direction_problems(band, clamps[band].tried[level], down[(band, -level)], baseline)
+        held[band] = (level, hold_check(row, weak=not clear, screen="eqz train",
+                                        problems=[key for key, present in found.items() if present]))
     return held
+
+
+def direction_problems(band: str, up: ReplySet, down: ReplySet, baseline: ReplySet) -> dict[str, bool]:
+    """The direction check from -1 through 0 to +1: {"judge" or "lexicon": the text does not rise, "readout": the
+    model's own readout does not} (keys of bank.PROBLEMS; the readout only where it was read)."""
+    judged = band in BANDS and up.labels is not None and down.labels is not None
+    if judged and band in AXES:  # the names' circumplex reading: every reply counts (ReplySet.judged_rise)
+        text_rises = down.judged_rise(band, baseline) < 0 < up.judged_rise(band, baseline)
+    elif judged:  # every reply counts, where one chance word flipped the lexicon's verdict between trainings
+        text_rises = down.judged_lifts(baseline)[band] < 1.0 < up.judged_lifts(baseline)[band]
+    elif band in up.rates:
+        # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
+        floor = 100.0 / max(1, sum(len(words(text)) for text in down.texts))
+        text_rises = down.rates[band] <= baseline.rates[band] + floor and baseline.rates[band] < up.rates[band]
+    else:
+        text_rises = down.effect(band, baseline) < 0 < up.effect(band, baseline)
+    readout_rises = (down.readout[band] < baseline.readout[band] < up.readout[band]) if band in up.readout else None
+    return {("lexicon" if band in up.rates and not judged else "judge"): not text_rises,
+            "readout": readout_rises is False}
 
 
 def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[dict, np.ndarray]],
@@ -617,22 +645,10 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
     for band, candidate in calibration.chosen.items():
         up, down = checked[(band, 1)], checked[(band, -1)]
         ratio = 1.0 if down.fluent(baseline) else 0.5
-        judged = band in BANDS and up.labels is not None and down.labels is not None
-        if judged and band in AXES:  # the names' circumplex reading: every reply counts (ReplySet.judged_rise)
-            text_rises = down.judged_rise(band, baseline) < 0 < up.judged_rise(band, baseline)
-        elif judged:  # every reply counts, where one chance word flipped the lexicon's verdict between trainings
-            text_rises = down.judged_lifts(baseline)[band] < 1.0 < up.judged_lifts(baseline)[band]
-        elif band in up.rates:
-            # one word in the whole sample is the noise floor of a rate: -1 passes if it adds at most that much
-            floor = 100.0 / max(1, sum(len(words(text)) for text in down.texts))
-            text_rises = down.rates[band] <= baseline.rates[band] + floor and baseline.rates[band] < up.rates[band]
-        else:
-            text_rises = down.effect(band, baseline) < 0 < up.effect(band, baseline)
-        readout_rises = (down.readout[band] < baseline.readout[band] < up.readout[band]) if band in up.readout else None
         best = candidate.best(baseline)
         weak = best is None or not best[1]
-        found_problems = {"weak": weak, ("lexicon" if band in up.rates and not judged else "judge"): not text_rises,
-                          "readout": readout_rises is False, "fluency": not up.fluent(baseline)}
+        found_problems = {"weak": weak, **direction_problems(band, up, down, baseline),
+                          "fluency": not up.fluent(baseline)}
         problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
         readout, read_directions = readouts.get(band, (None, None))
         bank.bands[band] = Band(

@@ -307,6 +307,7 @@ def test_train_on_gemma_then_steer_it(tmp_path, gemma_path):
         if entry.get("hold") is not None:  # the screen found a level steering better than the vector: its figures are kept
             assert entry["hold"] in HOLD_LEVELS and entry["hold_check"]["screen"] == "eqz train"
             assert {"effect", "judged_effect", "clear_share", "judged_clear_share", "fluent"} <= set(entry["hold_check"])
+            assert set(entry["hold_check"]["problems"]) <= {"judge", "readout"}  # its -level was checked too
     assert manifest["trained"]["hold_seconds"] > 0 and "held" in manifest["method"]
     assert read_control_vector(bank_dir / "joy.gguf").model_hint == "gemma3"
     args = ("generate", "Tell me about cats.", "-m", str(gemma_path), "--seed", "2", "-n", "32", "--json")

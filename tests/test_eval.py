@@ -289,14 +289,25 @@ def test_the_hold_screen_stops_a_band_at_its_first_level_that_holds_and_skips_a_
               for band, replies in (("joy", lexicon_only), ("fear", lexicon_only), ("trust", trusting))}
     assert chosen["trust"].expected_clear(0.35, baseline) == 2.0
     assert HOLD_LEVELS == (3.0, 4.0, 5.0, 6.0)
+    less_joy = _counted([{"joy": 0, "fear": 1, "trust": 1}] * 10)
+    less_joy.labels = _named([-1.0] * 10)
+    less_joy.repeat, less_joy.distinct, less_joy.latin = 0.0, 1.0, 1.0
     canned = {("joy", level): judge_only if level < 4 else both for level in HOLD_LEVELS}
-    canned |= {("fear", level): judge_only for level in HOLD_LEVELS}
+    canned |= {("fear", level): judge_only for level in HOLD_LEVELS} | {("joy", -4.0): less_joy}
     bench = _CannedBench(canned)
     calibration = Calibration(chosen, list(chosen.values()), baseline, {}, lambda _candidate, _strength: units,
                               bench=bench, prompts=10, seconds=0.0)
-    held = screen_holds(Bank.load(SHIPPED_DIR / "smollm2-135m-instruct"), calibration)
-    assert bench.runs == [[("joy", 3.0), ("fear", 3.0)], [("joy", 4.0), ("fear", 4.0)], [("fear", 5.0), ("fear", 6.0)]]
+    bank = Bank.load(SHIPPED_DIR / "smollm2-135m-instruct")
+    held = screen_holds(bank, calibration)
+    assert bench.runs == [[("joy", 3.0), ("fear", 3.0)], [("joy", 4.0), ("fear", 4.0)], [("fear", 5.0), ("fear", 6.0)],
+                          [("joy", -4.0)]]  # the held level's direction check: -level beside +level and 0
     assert set(held) == {"joy"} and held["joy"][0] == 4.0 and held["joy"][1]["weak"] is False
+    assert held["joy"][1]["problems"] == []
+    canned[("joy", -4.0)] = both  # joy named more at -1 than unsteered: the level fails its direction check
+    joy = screen_holds(bank, calibration)["joy"]
+    assert joy[1]["problems"] == ["judge"]
+    bank.hold("joy", *joy)
+    assert bank.trained_problems("joy") == ["judge"]  # shown in `eqz vectors show`; moving the slider warns
 
 
 def test_a_quick_training_leaves_the_hold_screen_out_unless_asked():
