@@ -12,19 +12,21 @@ the fluency measures, and the band's words that -1 adds most. Files are named <t
     eqz batch $common --set sadness=-1 -o s_sadness_held.jsonl     # the hold at -L, as shipped
     eqz batch $common --clamp sadness=-1 -o s_sadness_clamp1.jsonl # a clamp at one unit below neutral
     eqz vectors hold sadness off && eqz batch $common --set sadness=-1 -o s_sadness_vector.jsonl
-    python benchmarks/negative_side.py s_base.jsonl s_*_*.jsonl --out docs/negative-side/smollm2.json
+    python benchmarks/negative_side.py s_base.jsonl s_*_*.jsonl --out docs/negative-side/smollm2-135m-instruct.json
 
 (Gemma: the same with `-m gemma-3-270m-q4_k_m.gguf` and its bank copied from docs/banks into your data dir.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import batch_files_args
 
 from eqz.bands import PRIMARIES
 from eqz.eval import BOOTSTRAP_DRAWS, redrawn_prompts
@@ -47,11 +49,7 @@ def band_words(texts: list[str], band: str) -> Counter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("unsteered", type=Path, help="`eqz batch` file with no slider moved")
-    parser.add_argument("steered", type=Path, nargs="+", help="<tag>_<band>_<way>.jsonl files, one setting each")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = batch_files_args(__doc__, "<tag>_<band>_<way>.jsonl files, one setting each")
     unsteered = replies_by_prompt(args.unsteered)
     prompts = sorted(unsteered)
     base_counts = np.array([sum(scorer.word_counts(text) for text in unsteered[p]) for p in prompts])

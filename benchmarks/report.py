@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,6 +16,15 @@ from eqz.train import Directions, Extraction, TrainSettings, extract, find_direc
 
 EQZ = str(Path(sys.executable).with_name("eqz"))  # the console script of the venv running the benchmark
 QUIET = lambda _stage, _total: lambda _n: None  # noqa: E731  (a Progress that shows nothing)
+
+
+def batch_files_args(doc: str, steered_help: str) -> argparse.Namespace:
+    """The command line of a script that scores `eqz batch` files: the unsteered file, the steered ones, --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("unsteered", type=Path, help="`eqz batch` file with no slider moved")
+    parser.add_argument("steered", type=Path, nargs="+", help=steered_help)
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args()
 
 
 def first_replies(settings: list, results: dict, samples: int) -> dict[str, list[str]]:

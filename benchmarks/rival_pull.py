@@ -17,12 +17,14 @@ unsteered file's rows, smoothed by LIFT_PRIOR), with the fluency measures calibr
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import batch_files_args
 
 from eqz.bands import PRIMARIES
 from eqz.scoring import distinct2, emotion_scorer, lift, repeated_trigrams
@@ -44,11 +46,7 @@ def primary_rates(texts: list[str]) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("unsteered", type=Path, help="`eqz batch` file with no slider moved")
-    parser.add_argument("steered", type=Path, nargs="+", help="`eqz batch` files of the settings to score")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = batch_files_args(__doc__, "`eqz batch` files of the settings to score")
     (unsteered,) = settings_in(args.unsteered).values()
     base = primary_rates(unsteered)
     base_distinct = np.mean([distinct2(text) for text in unsteered])
