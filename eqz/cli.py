@@ -372,12 +372,15 @@ def serve(
         raise EqzError(f"--host {host} would let anyone on the network use this machine; add --api-key KEY "
                        "(or leave --host at 127.0.0.1)")
     listening = listen_socket(host, port)  # a busy --port fails now, before the model loads
-    with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
-        def ready(bound: int) -> None:
-            sys.stderr.write(f"eqz serve: {loaded.info.name} on http://{host}:{bound}/ (web equalizer), OpenAI API "
-                             f"at http://{host}:{bound}/v1; Ctrl-C stops\n")
+    try:
+        with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
+            def ready(bound: int) -> None:
+                sys.stderr.write(f"eqz serve: {loaded.info.name} on http://{host}:{bound}/ (web equalizer), OpenAI "
+                                 f"API at http://{host}:{bound}/v1; Ctrl-C stops\n")
 
-        run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready, listening=listening)
+            run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready, listening=listening)
+    finally:
+        listening.close()
 
 
 @app.command()

@@ -183,6 +183,11 @@ def save_preset(preset: Preset, replace: bool = False) -> Path:
     return path
 
 
+def is_preset_name(name: str) -> bool:
+    """A preset's name (case-insensitive), not a file's path."""
+    return bool(_NAME.match(name.strip().lower()))
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise EqzError(f"preset name '{name}' must be lowercase letters, digits, - or _ (at most 40)")

@@ -30,7 +30,7 @@ from .api import EqzModel
 from .bands import check_gain
 from .errors import EqzError
 from .meter import metered_bands
-from .presets import discover, get_preset
+from .presets import discover, get_preset, is_preset_name
 from .serving import ServerBusy
 from .steering import Steering
 
@@ -174,8 +174,9 @@ class EqzServer:
         if not isinstance(clamp, dict) or not isinstance(ablate, list):
             raise BadRequest("eqz 'clamp' is {band: level} and 'ablate' a list of bands")
         preset = settings.get("preset")
-        if preset is not None and not isinstance(preset, str):
-            raise BadRequest("eqz 'preset' must be a preset's name")
+        if "eqz" in body and preset is not None and not (isinstance(preset, str) and is_preset_name(preset)):
+            # a client names a preset, never a file: a path would read the server's files
+            raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)")
         return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
                                   sampling=sampling, stop=stop, clamp=clamp,
                                   ablate=[str(band).lower() for band in ablate], meter=bool(settings.get("meter")))
@@ -334,12 +335,14 @@ def listen_socket(host: str, port: int) -> socket.socket:
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, kind, proto, _, address = min(found, key=lambda info: info[0] != socket.AF_INET)  # IPv4 first
-    except socket.gaierror as error:
-        raise EqzError(f"cannot listen on {host}: {error.strerror}; give an address such as 127.0.0.1") from None
+    except (socket.gaierror, UnicodeError) as error:
+        raise EqzError(f"cannot listen on {host}: {getattr(error, 'strerror', None) or error}; give an address "
+                       "such as 127.0.0.1") from None
     listening = socket.socket(family, kind, proto)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listening.bind(address)
+        listening.listen(2048)  # only listening holds the port (SO_REUSEADDR lets a bound-only one be shared)
     except OSError as error:
         listening.close()
         raise EqzError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another port "
@@ -360,7 +363,11 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
     if preset:
         get_preset(preset, model.bank.names)  # a misspelt preset fails now, not on every request
     listening = listening or listen_socket(host, port)
-    server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset)
+    try:
+        server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset)
+    except BaseException:
+        listening.close()
+        raise
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     runner = uvicorn.Server(config)
     if on_ready:

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from eqz.errors import EqzError
+from eqz.server import listen_socket
+
 from .conftest import EQZ, run_eqz
 
 pytestmark = pytest.mark.slow
@@ -204,6 +207,7 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
      "messages[1]: role \"wizard\" is not one of"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0]: 'content' must be"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "/etc/hostname"}}, "must be a preset's name"),
 ])
 def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, fragment):
     status, answer = server.post("/v1/chat/completions", body)
@@ -222,6 +226,17 @@ def test_a_busy_port_or_a_foreign_address_is_one_line_before_the_model_loads(ser
     assert len(foreign.stderr.splitlines()) == 1
     status, answer = server.get("/v1/chat/completions")
     assert status == 405 and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_a_port_is_held_from_the_moment_eqz_serve_checks_it():
+    """Bound without listening, a port with SO_REUSEADDR can be bound again: two servers starting together would
+    both pass the check made before the model loads."""
+    first = listen_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(EqzError, match="Address already in use"):
+            listen_socket("127.0.0.1", first.getsockname()[1]).close()
+    finally:
+        first.close()
 
 
 def test_a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_429():
