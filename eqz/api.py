@@ -166,15 +166,21 @@ class EqzModel:
 
         source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts))
         sink = output if isinstance(output, Output) else Output(str(output), resume=False)
-        sweeps, ablate = list(sweeps), list(ablate)
-        bank = self.bank_if_any(required=bool(sliders or sweeps or preset or presets or meter or clamp or ablate))
-        valid = bank.names if bank else ()
-        grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp, ablate)
-        count, longest = plan(source, self.model)
+        try:
+            sweeps, ablate = list(sweeps), list(ablate)
+            bank = self.bank_if_any(required=bool(sliders or sweeps or preset or presets or meter or clamp or ablate))
+            valid = bank.names if bank else ()
+            grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp,
+                              ablate)
+            count, longest = plan(source, self.model)
+            sink.check_compatible(self.model_record, grid)
+        except BaseException:
+            if sink is not output:  # made here from a path: closed again (and removed if still empty)
+                sink.close()
+            raise
         moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
         for line in bank.doubtful(moved) if bank else []:
             self.on_warning(line)
-        sink.check_compatible(self.model_record, grid)
         return BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
                          parallel, meter, self.on_warning)
 
@@ -230,7 +236,8 @@ class EqzModel:
         return result
 
     def analyze(self, text: str, by: str = "sentence") -> Analysis:
-        """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token)."""
+        """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token; by token
+        the first segment's ``readouts`` is None: the first token is not read)."""
         return analyze(self.model, self.bank, text, by)
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,

@@ -236,7 +236,12 @@ class Model:
     def close(self) -> None:
         if self._model:
             L.llama_model_free(self._model)
-            self._model = None
+            self._model = self._vocab = None
+
+    def _require_open(self) -> None:
+        """Every use of the model goes through tokens or a context; after close() both would read freed memory."""
+        if not self._model:
+            raise EqzError("this model was closed; load it again (eqz.load) to use it")
 
     def __enter__(self) -> "Model":
         return self
@@ -305,6 +310,7 @@ class Model:
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Tokens of ``text``; ``add_special`` adds BOS where the model wants one (never twice)."""
+        self._require_open()
         if add_special and self.bos >= 0 and text.startswith(self._token_text(self.bos)):
             add_special = False
         data = text.encode("utf-8")
@@ -319,6 +325,7 @@ class Model:
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens render as empty)."""
+        self._require_open()
         buffer = ctypes.create_string_buffer(64)
         size = L.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
         if size < 0:
@@ -373,8 +380,7 @@ class Model:
         """A new context. ``unified`` shares one KV cache among sequences, keeping batch rows in order for
         taps and allowing shared prefixes; non-unified gives each sequence its own cache of n_ctx / n_seq
         cells laid out exactly as if it ran alone (what makes parallel generation reproducible)."""
-        if not self._model:
-            raise EqzError("this model was closed; load it again (eqz.load) to use it")
+        self._require_open()
         return Context(self, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, taps=taps, unified=unified)
 
 

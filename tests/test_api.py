@@ -85,7 +85,7 @@ def test_a_server_skips_a_kept_prompt_head_only_under_the_same_settings(library)
     assert texts[0] == texts[3] != alone
 
 
-def test_library_errors_are_one_line_and_name_no_flags(library):
+def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
     with pytest.raises(eqz.EqzError) as unknown:
         library.generate("Hi", sliders={"glee": 1})
     assert "valid bands" in str(unknown.value) and "--" not in str(unknown.value)
@@ -98,10 +98,16 @@ def test_library_errors_are_one_line_and_name_no_flags(library):
     with pytest.raises(eqz.EqzError) as missing:
         eqz.load("/no/such/model.gguf")
     assert "not found" in str(missing.value) and "--" not in str(missing.value)
+    duplicated, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    duplicated.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+    with pytest.raises(eqz.EqzError, match="duplicate id"):
+        library.batch(duplicated, out)
+    assert not out.exists()  # the file it opened is closed and, empty, removed
     closed = eqz.load()
     closed.close()
-    with pytest.raises(eqz.EqzError, match="this model was closed"):
-        closed.generate("Hi", max_tokens=2)
+    for use in (lambda: closed.generate("Hi", max_tokens=2), lambda: closed.analyze("I am glad.")):
+        with pytest.raises(eqz.EqzError, match="this model was closed"):  # not llama.cpp reading freed memory
+            use()
 
 
 def test_control_vectors_are_values_that_round_trip_through_gguf(tmp_path):
