@@ -58,11 +58,14 @@ def main() -> None:
     picks = redrawn_prompts(len(prompts), BOOTSTRAP_DRAWS)
     rows = []
     for path in args.steered:
-        band, way = path.stem.split("_")[1:3]
-        if path == args.unsteered or band not in PRIMARIES:
+        parts = path.stem.split("_")
+        if path == args.unsteered or len(parts) != 3 or parts[1] not in PRIMARIES:
             continue
+        band, way = parts[1:]
         own = PRIMARIES.index(band)
         steered = replies_by_prompt(path)
+        if sorted(steered) != prompts or any(len(steered[p]) != len(unsteered[p]) for p in prompts):
+            raise SystemExit(f"{path} does not hold the unsteered file's prompts and samples (a batch cut short?)")
         counts = np.array([sum(scorer.word_counts(text) for text in steered[p]) for p in prompts])
         texts = [text for p in prompts for text in steered[p]]
         rate, base = (scorer.rates_of(c.sum(axis=0))[own] for c in (counts, base_counts))

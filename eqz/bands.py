@@ -68,10 +68,11 @@ MAX_LEVEL = 6.0
 
 def unknown_band(band: str, valid: tuple[str, ...], what: str = "") -> EqzError:
     """The error for a band not in ``valid``. A built-in band missing from a bank was removed from the user's copy
-    or never trained (``eqz train --bands``): a preset naming it fails, and the line says how to get it back."""
+    or never trained (``train --bands``): a preset naming it fails, and the line says why and what brings it back
+    (no flag: the library and the server give the same line)."""
     if band in BANDS:
-        return EqzError(f"this bank has no band '{band}'{what}; it has {', '.join(valid)} (`eqz vectors reset` "
-                        "restores the shipped bank where there is one, `eqz train --bands` trains the band)")
+        return EqzError(f"this bank has no band '{band}'{what} (removed from your copy of the bank, or never trained: "
+                        f"`vectors reset` restores the shipped bank); it has {', '.join(valid)}")
     return EqzError(f"unknown band '{band}'{what}; valid bands: {', '.join(valid)}")
 
 

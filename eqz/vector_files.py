@@ -102,6 +102,7 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
     layers = [layer for layer in range(1, len(matrix)) if np.any(matrix[layer])]
     if np.any(matrix[0]):
         raise EqzError("layer 0 cannot be steered; a control vector starts at layer 1")
+    writer = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
@@ -114,6 +115,9 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
         writer.write_tensors_to_file()
         writer.close()
     except OSError as error:
+        if writer is not None:  # no half-written vector left behind for --vector to trip on
+            writer.close()
+            path.unlink(missing_ok=True)
         raise EqzError(f"cannot write {path}: {error.strerror or error}; choose another file") from None
     return path
 
