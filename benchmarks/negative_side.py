@@ -20,17 +20,17 @@ the fluency measures, and the band's words that -1 adds most. Files are named <t
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 # benchmarks/ is on sys.path: it holds the script being run
+from lexicon_overlap import words_of
 from report import batch_files_args
 
 from eqz.bands import PRIMARIES
 from eqz.eval import BOOTSTRAP_DRAWS, redrawn_prompts
-from eqz.scoring import distinct2, emotion_scorer, lift, nrc_categories, repeated_trigrams, words
+from eqz.scoring import distinct2, emotion_scorer, lift, repeated_trigrams
 
 scorer = emotion_scorer()
 
@@ -41,11 +41,6 @@ def replies_by_prompt(path: Path) -> dict[str, list[str]]:
         row = json.loads(line)
         replies.setdefault(row["id"], []).append(row["output"])
     return replies
-
-
-def band_words(texts: list[str], band: str) -> Counter:
-    table = scorer._nrc_table()
-    return Counter(word for text in texts for word in words(text) if band in nrc_categories(word, table))
 
 
 def main() -> None:
@@ -71,7 +66,7 @@ def main() -> None:
         rate, base = (scorer.rates_of(c.sum(axis=0))[own] for c in (counts, base_counts))
         redrawn = lift(scorer.rates_of(counts[picks].sum(axis=1))[:, own],
                        scorer.rates_of(base_counts[picks].sum(axis=1))[:, own])
-        gained = band_words(texts, band) - band_words(base_texts, band)
+        gained = words_of(texts, band) - words_of(base_texts, band)
         rows.append({"band": band, "way": way, "lift": round(lift(rate, base), 2),
                      "lowers_share": round(float(np.mean(redrawn < 1)), 2),
                      "words_per_100": [round(float(base), 2), round(float(rate), 2)],
