@@ -755,11 +755,11 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _command_tree(command):
-    """``command`` and every command below it."""
-    yield command
-    for sub in getattr(command, "commands", {}).values():
-        yield from _command_tree(sub)
+def _command_tree(command, path: tuple[str, ...] = ()):
+    """(the words that name it after `eqz`, the command) for ``command`` and every command below it."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_tree(sub, path + (name,))
 
 
 def _bare_help_flag(command, help_names: list[str]) -> None:
@@ -781,7 +781,7 @@ def _one_line_summary(command) -> None:
 def main() -> None:
     """Run the CLI: bad input becomes one line on stderr and a non-zero exit (a traceback only with --debug)."""
     command = typer.main.get_command(app)
-    for each in _command_tree(command):
+    for _, each in _command_tree(command):
         _bare_help_flag(each, app.info.context_settings["help_option_names"])
         _one_line_summary(each)
     args = sys.argv[1:]

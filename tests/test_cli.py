@@ -261,27 +261,22 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert shown["bands"]["joy"]["source"] in ("stimulus", "voice")  # the trained joy is back
 
 
-def _commands_with_written_defaults() -> list[tuple[str, ...]]:
-    """Every command path whose options' help writes its own "[default: ...]"."""
-    def walk(command, path):
-        if any("[default:" in (getattr(param, "help", None) or "") for param in command.params):
-            yield path
-        for name, sub in getattr(command, "commands", {}).items():
-            yield from walk(sub, path + (name,))
-    return list(walk(typer.main.get_command(cli.app), ()))
+def _written_defaults() -> list[tuple[tuple[str, ...], list[str]]]:
+    """(command path, the help of each option that writes its own "[default: ...]") for every command with one."""
+    found = [(path, [param.help for param in command.params if "[default:" in (getattr(param, "help", None) or "")])
+             for path, command in cli._command_tree(typer.main.get_command(cli.app))]
+    return [(path, written) for path, written in found if written]
 
 
-@pytest.mark.parametrize("path", _commands_with_written_defaults(), ids=" ".join)
-def test_every_default_written_in_a_help_is_shown(path):
+WRITTEN_DEFAULTS = _written_defaults()
+
+
+@pytest.mark.parametrize("path,written", WRITTEN_DEFAULTS, ids=[" ".join(path) for path, _ in WRITTEN_DEFAULTS])
+def test_every_default_written_in_a_help_is_shown(path, written):
     """rich reads an unescaped "[default: ...]" as markup and prints nothing of it."""
     wide = run_eqz(*path, "--help", env={"COLUMNS": "400"}).stdout  # one line per option: no wrapping
-    command = typer.main.get_command(cli.app)
-    for name in path:
-        command = command.commands[name]
-    for param in command.params:
-        written = getattr(param, "help", None) or ""
-        if "[default:" in written:
-            assert "[default:" + written.split("[default:")[1] in wide, written
+    for help_text in written:
+        assert "[default:" + help_text.split("[default:")[1] in wide, help_text
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "batch", "train", "eval"])
