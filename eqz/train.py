@@ -611,15 +611,14 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
     held = {}
     for band, (level, clear) in chosen.items():
         row = result_row(band, level, clamps[band].tried[level], baseline, samples=1)
-        found = direction_problems(band, clamps[band].tried[level], down[(band, -level)], baseline)
-        held[band] = (level, hold_check(row, weak=not clear, screen="eqz train",
-                                        problems=[key for key, present in found.items() if present]))
+        problems = direction_problems(band, clamps[band].tried[level], down[(band, -level)], baseline)
+        held[band] = (level, hold_check(row, weak=not clear, screen="eqz train", problems=problems))
     return held
 
 
-def direction_problems(band: str, up: ReplySet, down: ReplySet, baseline: ReplySet) -> dict[str, bool]:
-    """The direction check from -1 through 0 to +1: {"judge" or "lexicon": the text does not rise, "readout": the
-    model's own readout does not} (keys of bank.PROBLEMS; the readout only where it was read)."""
+def direction_problems(band: str, up: ReplySet, down: ReplySet, baseline: ReplySet) -> list[str]:
+    """The direction check from -1 through 0 to +1, as the keys of bank.PROBLEMS it finds: "judge" (or "lexicon")
+    where the text does not rise, "readout" where the model's own readout does not (only where it was read)."""
     judged = band in BANDS and up.labels is not None and down.labels is not None
     if judged and band in AXES:  # the names' circumplex reading: every reply counts (ReplySet.judged_rise)
         text_rises = down.judged_rise(band, baseline) < 0 < up.judged_rise(band, baseline)
@@ -632,8 +631,8 @@ def direction_problems(band: str, up: ReplySet, down: ReplySet, baseline: ReplyS
     else:
         text_rises = down.effect(band, baseline) < 0 < up.effect(band, baseline)
     readout_rises = (down.readout[band] < baseline.readout[band] < up.readout[band]) if band in up.readout else None
-    return {("lexicon" if band in up.rates and not judged else "judge"): not text_rises,
-            "readout": readout_rises is False}
+    return ([] if text_rises else ["lexicon" if band in up.rates and not judged else "judge"]) + \
+        (["readout"] if readout_rises is False else [])
 
 
 def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[dict, np.ndarray]],
@@ -647,9 +646,8 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
         ratio = 1.0 if down.fluent(baseline) else 0.5
         best = candidate.best(baseline)
         weak = best is None or not best[1]
-        found_problems = {"weak": weak, **direction_problems(band, up, down, baseline),
-                          "fluency": not up.fluent(baseline)}
-        problems = [key for key, present in found_problems.items() if present]  # keys of bank.PROBLEMS
+        problems = (["weak"] if weak else []) + direction_problems(band, up, down, baseline) + \
+            ([] if up.fluent(baseline) else ["fluency"])  # keys of bank.PROBLEMS
         readout, read_directions = readouts.get(band, (None, None))
         bank.bands[band] = Band(
             band, calibration.vector(candidate, candidate.pinned), ratio, readout, read_directions,
