@@ -604,10 +604,11 @@ def screen_holds(bank: Bank, calibration: Calibration, progress: Progress = _no_
     # the direction check that store_bands gives a vector, for the level: held at -level beside +level and 0
     below = [Setting((band, -level), judge=clamps[band].judge, filters=Filters(bank, {band: -level}, []))
              for band, (level, _) in chosen.items()]
-    down = bench.run(below, progress) if below else {}
-    if below and getattr(bench, "reader", None) is not None:
+    readout = getattr(bench, "reader", None) is not None  # the check reads no perplexity at -level
+    down = bench.run(below, progress, states=readout, perplexity=False) if below else {}
+    if below and readout:  # the screen read none of the +level replies' states
         up = {(band, level): clamps[band].tried[level] for band, (level, _) in chosen.items()}
-        bench.read_back([Setting(key) for key in up] + below, {**up, **down}, progress, perplexity=False)
+        bench.read_back([Setting(key) for key in up], up, progress, perplexity=False)
     held = {}
     for band, (level, clear) in chosen.items():
         row = result_row(band, level, clamps[band].tried[level], baseline, samples=1)

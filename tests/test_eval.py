@@ -261,7 +261,7 @@ class _CannedBench:
     def __init__(self, replies: dict):
         self.replies, self.runs = replies, []
 
-    def run(self, settings, _progress):
+    def run(self, settings, _progress, **_reads):
         self.runs.append([setting.key for setting in settings])
         return {setting.key: self.replies[setting.key] for setting in settings}
 
