@@ -88,7 +88,8 @@ class ChatCommands:
             raise EqzError(f"usage: {COMMANDS['preset'].usage}")
         preset = get_preset(args[0], self.session.steerer.bands or BANDS)
         self.session.apply_preset(preset)
-        return CommandResult(f"preset {preset.name}: {preset.description}", show_panel=True)
+        described = f": {preset.description}" if preset.description else ""
+        return CommandResult(f"preset {preset.name}{described}", show_panel=True)
 
     def sampling(self, args: list[str], _rest: str, setting: str = "") -> CommandResult:
         if len(args) != 1:

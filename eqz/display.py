@@ -87,8 +87,8 @@ def print_bank_list(banks: list[FoundBank]) -> None:
 
 def print_bank(bank: Bank) -> None:
     model, layers = bank.model, bank.layers
-    console.print(f"[bold]{bank.directory}[/bold]")
-    console.print(f"model {model.name} ({model.fingerprint}), {model.n_layer} layers x {model.n_embd}")
+    console.print(f"[bold]{escape(str(bank.directory))}[/bold]")
+    console.print(f"model {escape(model.name)} ({model.fingerprint}), {model.n_layer} layers x {model.n_embd}")
     if layers.steered:
         console.print(f"read layer {layers.read}, steered layers {layers.steered[0]}-{layers.steered[-1]}")
     quality = bank.quality
@@ -177,15 +177,18 @@ def print_preset_list(entries: list[PresetEntry]) -> None:
     table.add_column("source")
     for entry in sorted(entries, key=lambda e: e.name):
         if entry.preset:
-            table.add_row(entry.name, mini_chart(entry.preset.sliders), entry.preset.description, entry.source)
+            table.add_row(Text(entry.name), mini_chart(entry.preset.sliders), Text(entry.preset.description),
+                          Text(entry.source))
         else:
-            table.add_row(entry.name, Text("invalid", style="red"), Text(entry.error or "", style="red"), entry.source)
+            table.add_row(Text(entry.name), Text("invalid", style="red"), Text(entry.error or "", style="red"),
+                          Text(entry.source))
     console.print(table)
     console.print(f"[dim]chart columns: {', '.join(BANDS)}; {CHART_LEGEND}[/dim]")
 
 
 def print_preset(preset: Preset) -> None:
-    console.print(f"[bold]{preset.name}[/bold] — {preset.description}")
+    described = f" — {escape(preset.description)}" if preset.description else ""
+    console.print(f"[bold]{escape(preset.name)}[/bold]{described}")
     for band in BANDS:
         gain = preset.sliders.get(band, 0.0)
         if gain:
@@ -195,10 +198,10 @@ def print_preset(preset: Preset) -> None:
     if preset.sampling:
         console.print("  sampling: " + ", ".join(f"{k} {v}" for k, v in preset.sampling.items()))
     if preset.system:
-        console.print(f"  system: {preset.system}")
+        console.print(f"  system: {escape(preset.system)}")
     if preset.filters:
-        console.print(f"  filters: {preset.filters}")
-    console.print(f"[dim]  {preset.path}[/dim]")
+        console.print(f"  filters: {escape(str(preset.filters))}")
+    console.print(f"[dim]  {escape(str(preset.path))}[/dim]")
 
 
 @contextmanager
@@ -257,7 +260,7 @@ def print_analysis(analysis) -> None:
             table.add_row(Text(segment.text, style="dim"), *[Text("   ·", style="dim")] * len(analysis.bands))
             continue
         cells = [Text(_four_chars(segment.readouts[b]), style=_strip_style(segment.readouts[b])) for b in analysis.bands]
-        table.add_row(segment.text, *cells)
+        table.add_row(Text(segment.text), *cells)
     table.add_section()
     overall = [Text(_four_chars(analysis.overall[b]), style="bold " + _strip_style(analysis.overall[b]))
                for b in analysis.bands]

@@ -18,6 +18,7 @@ from typing import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
 
@@ -30,7 +31,7 @@ from .session import ChatSession, Turn
 STEP = 0.1
 LIMIT = 2.0
 _UP_BLOCKS = " ▁▂▃▄▅▆▇█"
-KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r reset all  Ctrl-C stop"
+KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"
 
 # -------------------------------------------------------------------------------------------------- state
 
@@ -163,7 +164,7 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
     if not compact:
         lines.append(Text(KEY_HELP, style="dim"))
     title = f"eqz · {session.model.info.name}" + (f" · preset {session.preset}" if session.preset else "")
-    return Panel(Group(*lines), title=title, title_align="left", border_style="blue", width=width)
+    return Panel(Group(*lines), title=Text(title), title_align="left", border_style="blue", width=width)
 
 
 def reply_text(text: str, changes: list[dict], start: dict[str, float]) -> Text:
@@ -278,7 +279,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
     equalizer = Equalizer(session)
     commands = ChatCommands(session)
     info = session.model.info
-    console.print(f"[bold]eqz chat[/bold] · {info.name} · /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
+    console.print(f"[bold]eqz chat[/bold] · {escape(info.name)} · /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
     if panel and equalizer.bands:
         console.print(_panel(equalizer, console))
     while True:
@@ -306,7 +307,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
                 _stream_plain(turn)
                 _report_end(turn, console)
         except EqzError as error:
-            console.print(f"[red]error:[/red] {error}")
+            console.print(f"[red]error:[/red] {escape(str(error))}")
 
 
 def _panel(equalizer: Equalizer, console: Console) -> Panel:

@@ -68,7 +68,8 @@ def test_ctrl_c_at_the_prompt_does_not_quit():
     assert child.exitstatus == 0
 
 
-@pytest.mark.parametrize("command,fragment", [("/vector /no/such.gguf 1", "not found"), ("/vector x.gguf abc", "invalid scale"), ("/save", "usage")])
+@pytest.mark.parametrize("command,fragment", [("/vector /no/such.gguf 1", "not found"), ("/vector x.gguf abc", "invalid scale"),
+                                              ("/save", "usage"), ("/preset [/b]", "[/b]: cannot read")])  # not markup
 def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
     child = spawn_chat()
     child.sendline(command)

@@ -1,7 +1,14 @@
-"""What the terminal shows, checked without a model: the chat's change markers name only the bands that moved."""
+"""What the terminal shows, checked without a model: the chat's change markers, and outside text printed as written."""
 
 from __future__ import annotations
 
+import io
+
+from rich.console import Console
+
+from eqz import display
+from eqz.analyze import Analysis, Segment
+from eqz.presets import Preset, PresetEntry
 from eqz.tui import reply_text
 
 
@@ -10,3 +17,25 @@ def test_change_markers_name_only_the_bands_that_moved():
     changes = [{"text_offset": 5, "sliders": {**start, "joy": 0.4}},
                {"text_offset": 9, "sliders": {**start, "joy": 0.4, "surprise": 0.0}}]
     assert reply_text("Hello world", changes, start).plain == "Hello⟨joy +0.4⟩ wor⟨surprise +0.0⟩ld"
+
+
+def test_text_from_users_and_models_is_printed_as_written_not_as_markup(tmp_path, monkeypatch):
+    """A preset's fields, a path, an analysed sentence: rich would drop "[b]" and fail on "[/b]" read as markup."""
+    written = io.StringIO()
+    monkeypatch.setattr(display, "console", Console(file=written, width=200, highlight=False))
+    odd = "calm [b]not bold[/b] [/i]"
+    preset = Preset(name="brackets", description=odd, sliders={"joy": 0.3}, sampling={}, system=f"You are {odd}.",
+                    filters={}, path=tmp_path / "[x].yaml")
+    display.print_preset(preset)
+    display.print_preset_list([PresetEntry(name="brackets", path=preset.path, source="[user]", preset=preset, error=None)])
+    display.print_analysis(Analysis(bands=("joy",), segments=[Segment(odd, {"joy": 0.5})], overall={"joy": 0.5}))
+    shown = written.getvalue()
+    assert shown.count(odd) == 4 and "[x].yaml" in shown and "[user]" in shown
+
+
+def test_a_preset_without_a_description_shows_just_its_name(tmp_path, monkeypatch):
+    written = io.StringIO()
+    monkeypatch.setattr(display, "console", Console(file=written, width=200))
+    display.print_preset(Preset(name="plain", description="", sliders={}, sampling={}, system=None, filters={},
+                                path=tmp_path / "plain.yaml"))
+    assert written.getvalue().splitlines()[0] == "plain"
