@@ -25,10 +25,9 @@ import numpy as np
 import yaml
 
 from .bands import check_band_name, check_gain, unknown_band
-from .models import ModelInfo
-from .shipped import shipped_dir
 from .errors import EqzError
-from .models import fingerprint
+from .models import ModelInfo, fingerprint
+from .shipped import shipped_dir
 from .vector_files import ControlVector, read_control_vector, write_control_vector
 
 MANIFEST = "bank.yaml"
@@ -328,6 +327,7 @@ class Bank:
         bank.voice_centre = _voice_centre(directory / VOICE_CENTRE_FILE, (len(bank.steered_layers), model.n_embd))
         read_directions = _meter_directions(directory / METER_FILE)
         for name, entry in manifest["bands"].items():
+            _check_entry(directory / MANIFEST, name, entry)
             vector_file = read_control_vector(directory / entry["file"])
             bank.bands[name] = Band(
                 name, vector_file.matrix(model.n_layer, model.n_embd, model.name),
@@ -384,6 +384,18 @@ def _voice_centre(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
 def _read_manifest(path: Path) -> dict:
     """bank.yaml through libyaml when PyYAML has it: the pure-Python parser costs ~0.15 s of every start-up."""
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _check_entry(manifest_path: Path, name, entry) -> None:
+    """A band's name reaches file names, YAML keys and the web page, and its file must lie in the bank's folder: a
+    bank.yaml edited by hand or shared is checked as a new band's name is."""
+    try:
+        check_band_name(str(name))
+    except EqzError as error:
+        raise EqzError(f"{manifest_path}: {error}") from None
+    file = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(file, str) or Path(file).name != file or not file.endswith(".gguf"):
+        raise EqzError(f"{manifest_path}: band '{name}' needs a file: a .gguf in the bank's folder, such as {name}.gguf")
 
 
 def _is_manifest(manifest) -> bool:

@@ -296,6 +296,24 @@ def test_a_corrupt_meter_file_is_one_clear_error_not_a_traceback(tmp_path, conte
         Bank.load(tmp_path / "bank")
 
 
+@pytest.mark.parametrize("band,file,fragment", [('<img src=x onerror="alert(1)">', "joy.gguf", "band name"),
+                                                 ("joy", "../../elsewhere.gguf", "in the bank's folder")])
+def test_a_bank_yaml_edited_by_hand_is_checked_as_a_new_band_is(tmp_path, band, file, fragment):
+    """A band's name reaches the web page and file names; its file must lie in the bank's folder."""
+    import yaml
+
+    from eqz.bank import MANIFEST, SHIPPED_DIR
+    from eqz.errors import EqzError
+
+    (shipped,) = [path.parent for path in SHIPPED_DIR.glob(f"*/{MANIFEST}")]
+    shutil.copytree(shipped, tmp_path / "bank")
+    manifest = yaml.safe_load((tmp_path / "bank" / MANIFEST).read_text())
+    manifest["bands"][band] = {**manifest["bands"].pop("joy"), "file": file}
+    (tmp_path / "bank" / MANIFEST).write_text(yaml.safe_dump(manifest))
+    with pytest.raises(EqzError, match=f"bank.yaml: .*{fragment}"):
+        Bank.load(tmp_path / "bank")
+
+
 def test_described_bands_written_to_a_bank_directory_extend_the_bank_there(tmp_path):
     """`eqz train --band b=... -o DIR` adds to DIR's bank: a second described band must not drop the first (it
     once took the model's shipped bank and wrote it over DIR). DIR holding another model's bank is refused."""
