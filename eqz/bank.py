@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -311,22 +313,21 @@ class Bank:
         """The bank in ``directory``; pass its ``manifest`` if it was already read."""
         directory = Path(directory)
         if manifest is None:
-            try:
-                manifest = _read_manifest(directory / MANIFEST)
-            except (OSError, yaml.YAMLError) as error:
-                raise EqzError(f"cannot read the bank in {directory}: {error}") from None
+            manifest = _read_manifest(directory / MANIFEST)
         if not _is_manifest(manifest):
-            raise EqzError(f"{directory / MANIFEST} is not an eqz bank (format {BANK_FORMAT})")
-        model = ModelRecord(**manifest["model"])
-        layers = manifest["layers"]
-        bank = cls(directory, model,
-                   Layers(layers["read"], [int(layer) for layer in layers["steered"]], layers.get("candidates"),
-                          {int(layer): float(norm) for layer, norm in (layers.get("token_norm") or {}).items()}),
-                   method=manifest.get("method", {}), quality=manifest.get("quality", {}),
-                   trained=manifest.get("trained", {}))
+            raise EqzError(f"{directory / MANIFEST} is not an eqz bank (format {BANK_FORMAT}); {_mend(directory / MANIFEST)}")
+        with _broken_manifest(directory / MANIFEST):
+            model = ModelRecord(**manifest["model"])
+            layers = manifest["layers"]
+            bank = cls(directory, model,
+                       Layers(layers["read"], [int(layer) for layer in layers["steered"]], layers.get("candidates"),
+                              {int(layer): float(norm) for layer, norm in (layers.get("token_norm") or {}).items()}),
+                       method=manifest.get("method", {}), quality=manifest.get("quality", {}),
+                       trained=manifest.get("trained", {}))
+            bands = manifest["bands"].items()
         bank.voice_centre = _voice_centre(directory / VOICE_CENTRE_FILE, (len(bank.steered_layers), model.n_embd))
         read_directions = _meter_directions(directory / METER_FILE)
-        for name, entry in manifest["bands"].items():
+        for name, entry in bands:
             _check_entry(directory / MANIFEST, name, entry)
             vector_file = read_control_vector(directory / entry["file"])
             bank.bands[name] = Band(
@@ -383,7 +384,24 @@ def _voice_centre(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
 
 def _read_manifest(path: Path) -> dict:
     """bank.yaml through libyaml when PyYAML has it: the pure-Python parser costs ~0.15 s of every start-up."""
-    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    with _broken_manifest(path):
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@contextmanager
+def _broken_manifest(path: Path) -> Iterator[None]:
+    """A bank.yaml that cannot be read, or lacks what a bank has, is one line saying how to get going again: it is
+    never skipped in silence (its bands would vanish without a word)."""
+    try:
+        yield
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as error:
+        what = f"no {error} entry" if isinstance(error, KeyError) else " ".join(f"{type(error).__name__}: {error}".split())
+        raise EqzError(f"cannot read the bank {path} ({what}); {_mend(path)}") from None
+
+
+def _mend(manifest_path: Path) -> str:
+    return ("`eqz vectors reset` deletes it and the shipped bank is used again"
+            if manifest_path.parent.parent == user_data_dir() else "mend it or remove its folder")
 
 
 def _check_entry(manifest_path: Path, name, entry) -> None:
@@ -421,13 +439,11 @@ def list_banks() -> list[FoundBank]:
     found = []
     for root in search_dirs():
         for manifest_path in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
-            try:
-                manifest = _read_manifest(manifest_path)
-            except (OSError, yaml.YAMLError):
-                continue
-            if _is_manifest(manifest):
-                found.append(FoundBank(manifest_path.parent, ModelRecord(**manifest["model"]),
-                                       tuple(manifest["bands"]),
+            manifest = _read_manifest(manifest_path)
+            if not _is_manifest(manifest):
+                raise EqzError(f"{manifest_path} is not an eqz bank (format {BANK_FORMAT}); {_mend(manifest_path)}")
+            with _broken_manifest(manifest_path):
+                found.append(FoundBank(manifest_path.parent, ModelRecord(**manifest["model"]), tuple(manifest["bands"]),
                                        manifest.get("quality", {}).get("heldout_accuracy"), manifest))
     return found
 
@@ -486,10 +502,19 @@ def _own_bank_dirs(info: ModelInfo) -> list[Path]:
 def reset_user_bank(info: ModelInfo) -> Path | None:
     """Delete the user's own bank for this model; returns where it was, or None if there was none."""
     for directory in _own_bank_dirs(info):
-        if (directory / MANIFEST).exists() and Bank.load(directory).model.fingerprint == model_fingerprint(info):
+        if (directory / MANIFEST).exists() and _bank_fingerprint(directory) in (model_fingerprint(info), None):
             shutil.rmtree(directory)
             return directory
     return None
+
+
+def _bank_fingerprint(directory: Path) -> str | None:
+    """The fingerprint of the model a bank was made for; None where its bank.yaml cannot say (broken: a reset
+    removes it, since the folder is named for this model)."""
+    try:
+        return _read_manifest(directory / MANIFEST)["model"]["fingerprint"]
+    except (EqzError, KeyError, TypeError):
+        return None
 
 
 def writable_bank(info: ModelInfo) -> Bank:

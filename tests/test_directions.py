@@ -314,6 +314,39 @@ def test_a_bank_yaml_edited_by_hand_is_checked_as_a_new_band_is(tmp_path, band, 
         Bank.load(tmp_path / "bank")
 
 
+@pytest.mark.parametrize("breakage", ["no n_embd", "steered layers not numbers", "not UTF-8", "a list"])
+def test_a_broken_bank_of_ones_own_is_one_line_and_reset_removes_it(tmp_path, monkeypatch, breakage):
+    """A bank.yaml the user's edits broke is never skipped in silence (its bands would vanish), nor a traceback; the
+    line names the way back, and that way (`eqz vectors reset`) works on a bank it cannot read."""
+    import yaml
+
+    from eqz.bank import MANIFEST, SHIPPED_DIR, find_bank, reset_user_bank, slug
+    from eqz.errors import EqzError
+    from eqz.models import ModelInfo
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    monkeypatch.delenv("EQZ_VECTORS", raising=False)
+    (shipped,) = [path.parent for path in SHIPPED_DIR.glob(f"*/{MANIFEST}")]
+    manifest = yaml.safe_load((shipped / MANIFEST).read_text())
+    record = manifest["model"]
+    info = ModelInfo("model.gguf", record["name"], record["architecture"], record["n_layer"], record["n_embd"],
+                     record["n_vocab"], 8192, True)
+    own = tmp_path / "eqz" / "vectors" / slug(info.name)
+    shutil.copytree(shipped, own)
+    if breakage == "no n_embd":
+        del manifest["model"]["n_embd"]
+    elif breakage == "steered layers not numbers":
+        manifest["layers"]["steered"] = ["ten"]
+    elif breakage == "a list":
+        manifest = [manifest]
+    (own / MANIFEST).write_bytes(yaml.safe_dump(manifest).encode() + (b"\xff\xfe" if breakage == "not UTF-8" else b""))
+    with pytest.raises(EqzError, match=f"{own / MANIFEST}.*`eqz vectors reset` deletes it") as raised:
+        find_bank(info)
+    assert "\n" not in str(raised.value)
+    assert reset_user_bank(info) == own and not own.exists()
+    assert find_bank(info).directory == shipped
+
+
 def test_described_bands_written_to_a_bank_directory_extend_the_bank_there(tmp_path):
     """`eqz train --band b=... -o DIR` adds to DIR's bank: a second described band must not drop the first (it
     once took the model's shipped bank and wrote it over DIR). DIR holding another model's bank is refused."""
