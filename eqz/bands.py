@@ -107,13 +107,13 @@ def gain_warning(band: str, gain: float) -> str:
     return ""
 
 
-_BAND_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_BAND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # whole names only: fullmatch
 
 
 def check_band_name(name: str) -> None:
     """A new band's name must work as a --set key, a YAML key and a file name."""
-    if not _BAND_NAME.match(name):
-        raise EqzError(f"band name '{name}' must be lowercase letters, digits or _, starting with a letter")
+    if not _BAND_NAME.fullmatch(name):
+        raise EqzError(f"band name {name!r} must be lowercase letters, digits or _, starting with a letter")
 
 
 def parse_described(spec: str) -> tuple[str, str]:

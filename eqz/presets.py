@@ -23,7 +23,7 @@ from .shipped import shipped_dir
 BUNDLED_DIR = shipped_dir("presets")
 KEYS = ("name", "description", "sliders", "sampling", "system", "filters")
 FILTER_KEYS = ("clamp", "ablate")
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")  # whole names only: fullmatch
 
 
 def user_dir() -> Path:
@@ -59,7 +59,7 @@ def parse_preset(data, where: str, bands: tuple[str, ...] = BANDS) -> Preset:
     if unknown:
         raise EqzError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(KEYS)}")
     name = data.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise EqzError(f"{where}: name must be lowercase letters, digits, - or _ (got {name!r})")
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -122,10 +122,14 @@ def load_preset_file(path: Path, bands: tuple[str, ...] = BANDS) -> Preset:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise EqzError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise EqzError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                       "save it as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise EqzError(f"{path}: not valid YAML{at}: {getattr(error, 'problem', error)}") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, as every error is
+        raise EqzError(f"{path}: not valid YAML{at}: {problem}") from None
     preset = parse_preset(data, str(path), bands)
     return Preset(**{**preset.__dict__, "path": path})
 
@@ -185,12 +189,12 @@ def save_preset(preset: Preset, replace: bool = False) -> Path:
 
 def is_preset_name(name: str) -> bool:
     """A preset's name (case-insensitive), not a file's path."""
-    return bool(_NAME.match(name.strip().lower()))
+    return bool(_NAME.fullmatch(name.strip().lower()))
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise EqzError(f"preset name '{name}' must be lowercase letters, digits, - or _ (at most 40)")
+    if not _NAME.fullmatch(name):
+        raise EqzError(f"preset name {name!r} must be lowercase letters, digits, - or _ (at most 40)")
     return name
 
 

@@ -297,6 +297,7 @@ def test_a_corrupt_meter_file_is_one_clear_error_not_a_traceback(tmp_path, conte
 
 
 @pytest.mark.parametrize("band,file,fragment", [('<img src=x onerror="alert(1)">', "joy.gguf", "band name"),
+                                                 ("joy\n", "joy.gguf", "band name"),
                                                  ("joy", "../../elsewhere.gguf", "in the bank's folder")])
 def test_a_bank_yaml_edited_by_hand_is_checked_as_a_new_band_is(tmp_path, band, file, fragment):
     """A band's name reaches the web page and file names; its file must lie in the bank's folder."""

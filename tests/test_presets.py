@@ -35,7 +35,7 @@ def test_bundled_preset_is_valid(path):
 
 def write(tmp_path: Path, data, name="mood.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    path.write_bytes(data if isinstance(data, bytes) else (data if isinstance(data, str) else yaml.safe_dump(data)).encode())
     return path
 
 
@@ -54,10 +54,13 @@ BROKEN = [
     ({**GOOD, "filters": {"clamp": {"fear": 9}}}, "filters.clamp.fear", "[-6, 6]"),
     ("name: [unclosed\n", "not valid YAML", "line"),
     ("!!python/object/apply:os.system ['echo pwned']\n", "not valid YAML", ""),
+    ("name: a\x00b\n", "not valid YAML", "special characters"),  # PyYAML's message spans lines
+    ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9", "save it as UTF-8"),
+    ({**GOOD, "name": "mood\n"}, "name must be", "lowercase"),  # "$" matches before a final newline
 ]
 
 
-@pytest.mark.parametrize("data,field,allowed", BROKEN, ids=[b[1] for b in BROKEN])
+@pytest.mark.parametrize("data,field,allowed", BROKEN, ids=[b[1] + (" (bytes)" if isinstance(b[0], bytes) else "") for b in BROKEN])
 def test_each_validation_error_is_one_line_naming_file_field_and_allowed(tmp_path, data, field, allowed):
     path = write(tmp_path, data)
     with pytest.raises(EqzError) as caught:
@@ -76,11 +79,13 @@ def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
     presets.mkdir(parents=True)
     (presets / "serene.yaml").write_text(yaml.safe_dump({**GOOD, "name": "serene", "description": "mine"}))
     (presets / "broken.yaml").write_text(yaml.safe_dump({**GOOD, "name": "broken", "sliders": {"zest": 1}}))
+    (presets / "latin.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))  # broke every preset command
     env = {"XDG_CONFIG_HOME": str(config)}
     listing = run_eqz("presets", "list", "--json", env=env)
     entries = {e["name"]: e for e in __import__("json").loads(listing.stdout)}
     assert entries["serene"]["source"] == "user"
     assert entries["broken"]["error"] and "zest" in entries["broken"]["error"]
+    assert "not UTF-8" in entries["latin"]["error"]
     assert entries["melancholy"]["error"] is None  # the others still load
     table = run_eqz("presets", "list", env=env)
     assert "invalid" in table.stdout and "mine" in table.stdout
