@@ -266,7 +266,7 @@ def chat(
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
                                 sampling=sampling, ctx=ctx, meter=meter, clamp=clamp, ablate=ablate)
         try:
-            run_chat(session, panel=panel)
+            run_chat(session, panel=panel, debug=_state["debug"])
         finally:
             session.close()
 

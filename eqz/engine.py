@@ -199,6 +199,17 @@ def _explain_load_failure(path: Path, errors: list[str]) -> EqzError:
 _SLOW_BATCH_FILE_TYPES = frozenset({L.LLAMA_FTYPE_MOSTLY_Q4_1})
 
 
+def utf8(text: str) -> bytes:
+    """``text`` as llama.cpp takes it. Bytes a terminal or file gave that are not UTF-8 reach Python as lone
+    surrogates (and JSON can spell them out); they have no UTF-8 form, so the text is refused in one line."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise EqzError(f"the text is not valid UTF-8 ({what}); give it in UTF-8") from None
+
+
 class Model:
     """A GGUF model loaded by llama.cpp (weights and vocabulary), shared by the contexts made from it."""
 
@@ -313,7 +324,7 @@ class Model:
         self._require_open()
         if add_special and self.bos >= 0 and text.startswith(self._token_text(self.bos)):
             add_special = False
-        data = text.encode("utf-8")
+        data = utf8(text)
         capacity = len(data) + 8
         buffer = (L.llama_token * capacity)()
         count = L.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)

@@ -273,7 +273,8 @@ def _read_line(console: Console) -> str | None:
             console.print("\n[dim](Ctrl-D or /quit to leave)[/dim]")
 
 
-def run_chat(session: ChatSession, panel: bool = True, console: Console | None = None) -> None:
+def run_chat(session: ChatSession, panel: bool = True, console: Console | None = None, debug: bool = False) -> None:
+    """The chat loop. No error ends it: the conversation so far stays, for the next line or for /save."""
     console = console or Console(highlight=False)
     panel = panel and console.is_terminal and sys.stdin.isatty()
     equalizer = Equalizer(session)
@@ -308,6 +309,11 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
                 _report_end(turn, console)
         except EqzError as error:
             console.print(f"[red]error:[/red] {escape(str(error))}")
+        except Exception as error:  # an eqz bug, which must not cost the user the conversation
+            if debug:
+                console.print_exception()
+            console.print(f"[red]error:[/red] unexpected {type(error).__name__}: {escape(str(error))} (an eqz bug; "
+                          "the chat goes on, and /save keeps it)")
 
 
 def _panel(equalizer: Equalizer, console: Console) -> Panel:

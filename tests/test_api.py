@@ -103,6 +103,9 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
     with pytest.raises(eqz.EqzError, match="duplicate id"):
         library.batch(duplicated, out)
     assert not out.exists()  # the file it opened is closed and, empty, removed
+    for use in (lambda: library.generate("caf\udce9", max_tokens=2), lambda: library.analyze("I am glad \ud800.")):
+        with pytest.raises(eqz.EqzError, match="not valid UTF-8"):  # not a raw UnicodeEncodeError
+            use()
     closed = eqz.load()
     closed.close()
     for use in (lambda: closed.generate("Hi", max_tokens=2), lambda: closed.analyze("I am glad.")):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+import json
+import os
+import subprocess
+
 import pexpect
 import pytest
 
@@ -83,3 +87,15 @@ def test_piped_chat_echoes_what_the_user_said():
     ran = run_eqz("chat", "--seed", "1", "-n", "8", input="Hello there\n/quit\n")
     assert ran.returncode == 0, ran.stderr
     assert "you> Hello there\n" in ran.stdout  # the transcript on stdout reads as a conversation
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tmp_path):
+    """A terminal in another encoding sends bytes that are not UTF-8: that line gets one error, and the conversation
+    (before and after it) is kept. It used to end the chat with "unexpected UnicodeEncodeError", unsaved."""
+    saved = tmp_path / "chat.json"
+    lines = b"Hello\ncaf\xe9 au lait\nHi again\n/save " + str(saved).encode() + b"\n/quit\n"
+    ran = subprocess.run([EQZ, "chat", "--seed", "1", "-n", "6"], input=lines, capture_output=True, env=os.environ,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert b"not valid UTF-8 (byte 0xe9)" in ran.stdout
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"] == ["Hello", "Hi again"]
