@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .bands import check_band_name, check_gain, unknown_band
+from .bands import check_band_name, check_gain
 from .errors import EqzError
 from .models import ModelInfo, fingerprint
 from .shipped import shipped_dir
@@ -191,9 +191,9 @@ class Bank:
         return any(band.hold is not None for band in self.bands.values())
 
     def check_gains(self, gains: dict[str, float]) -> None:
-        unknown = [band for band in gains if band not in self.bands]
-        if unknown:
-            raise unknown_band(unknown[0], self.names)
+        """Names this bank has, gains in the sliders' range: the library's ``bank.vector(joy=nan)`` included."""
+        for band, gain in gains.items():
+            check_gain(band, gain, self.names)
 
     def trained_problems(self, name: str) -> list[str]:
         """The band's problems (PROBLEMS keys) as calibration found them: a slider's from training; a held band's

@@ -27,6 +27,7 @@ from .errors import EqzError
 from .threads import default_threads
 from .models import ModelInfo
 from .sampling import Sampling
+from .vector_files import NOT_FINITE
 
 if TYPE_CHECKING:
     from .generation import Job
@@ -544,6 +545,8 @@ class Context:
             raise EqzError(
                 f"control vector has shape {vector.shape}, the model needs ({self.n_layer}, {self.n_embd})"
             )
+        if not np.isfinite(vector).all():  # else NaN (inf x 0) lands on row 0 and the line below blames layer 0
+            raise EqzError(NOT_FINITE)
         if np.any(vector[0]):
             raise EqzError("a control vector cannot steer layer 0 (llama.cpp starts at layer 1)")
         rows = np.ascontiguousarray(vector[1:], dtype=np.float32)

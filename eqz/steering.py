@@ -105,6 +105,7 @@ class Steerer:
             mix = self._bank().added(dict(steering.gains))
             if mix is not None:
                 total += mix
-        for path, scale in steering.vectors:
-            total += np.float32(scale) * self.load(path).matrix(self.info.n_layer, self.info.n_embd)
+        with np.errstate(over="ignore", invalid="ignore"):  # a huge scale: Context.set_control_vector says so
+            for path, scale in steering.vectors:
+                total += np.float32(scale) * self.load(path).matrix(self.info.n_layer, self.info.n_embd)
         return total

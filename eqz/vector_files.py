@@ -94,12 +94,20 @@ def _string_field(reader: gguf.GGUFReader, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+NOT_FINITE = "the control vector is not finite (a scale too large for float32, or NaN); use smaller scales"
+
+
 def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) -> Path:
     """Write the non-zero rows of ``matrix`` (n_layer, n_embd) as ``direction.N`` tensors."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise EqzError(f"{path} is a folder; give a file name, such as {path / 'mix.gguf'}")
+    if not np.isfinite(matrix).all():
+        raise EqzError(NOT_FINITE)
     layers = [layer for layer in range(1, len(matrix)) if np.any(matrix[layer])]
+    if not layers:
+        raise EqzError(f"the control vector is zero on every layer: it steers nothing, and a file of it has no "
+                       f"directions to read; {path} not written")
     if np.any(matrix[0]):
         raise EqzError("layer 0 cannot be steered; a control vector starts at layer 1")
     writer = None
@@ -143,7 +151,8 @@ class ControlVector:
         return self + -other if isinstance(other, ControlVector) else NotImplemented
 
     def __mul__(self, scale: float) -> "ControlVector":
-        return ControlVector(self.matrix * np.float32(scale), self.model_hint)
+        with np.errstate(over="ignore", invalid="ignore"):  # too large: saving or applying it says so, in one line
+            return ControlVector(self.matrix * np.float32(scale), self.model_hint)
 
     __rmul__ = __mul__
 

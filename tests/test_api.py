@@ -103,6 +103,8 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
     with pytest.raises(eqz.EqzError, match="duplicate id"):
         library.batch(duplicated, out)
     assert not out.exists()  # the file it opened is closed and, empty, removed
+    with pytest.raises(eqz.EqzError, match="finite number in"):  # was a vector of NaN
+        library.bank.vector(joy=float("nan"))
     for use in (lambda: library.generate("caf\udce9", max_tokens=2), lambda: library.analyze("I am glad \ud800.")):
         with pytest.raises(eqz.EqzError, match="not valid UTF-8"):  # not a raw UnicodeEncodeError
             use()
@@ -123,6 +125,11 @@ def test_control_vectors_are_values_that_round_trip_through_gguf(tmp_path):
     assert np.allclose(loaded.matrix, mixed.matrix) and loaded.model_hint == "llama"
     with pytest.raises(eqz.EqzError, match="different models"):
         a + eqz.ControlVector(np.zeros((4, 9), dtype=np.float32))
+    with pytest.raises(eqz.EqzError, match="zero on every layer"):  # a file llama.cpp and eqz could not read back
+        (a * 0).save(tmp_path / "zero.gguf")
+    with pytest.raises(eqz.EqzError, match="not finite"):
+        (a * 1e39).save(tmp_path / "huge.gguf")
+    assert not (tmp_path / "zero.gguf").exists() and not (tmp_path / "huge.gguf").exists()
 
 
 def test_importing_eqz_and_its_numpy_modules_does_not_start_llama_cpp():

@@ -157,6 +157,13 @@ def test_bad_vector_scale(random_vector_file, scale):
     assert_one_line_error(run_eqz("generate", "hi", "--vector", f"{random_vector_file}:{scale}"), "invalid scale")
 
 
+def test_a_vector_scale_past_float32_is_named_as_such(random_vector_file):
+    """A finite scale whose product overflows float32 (inf x 0 put NaN on layer 0, blamed on the file)."""
+    ran = run_eqz("generate", "hi", "--vector", f"{random_vector_file}:1e39")
+    assert_one_line_error(ran, "not finite (a scale too large for float32")
+    assert "RuntimeWarning" not in ran.stderr
+
+
 @pytest.mark.parametrize(
     "flag,value,fragment",
     [("--temperature", "warm", "--temperature"), ("--temperature", "nan", "temperature"), ("--top-p", "2", "top_p")],
