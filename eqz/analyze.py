@@ -62,6 +62,9 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
     tokens = model.tokenize(text)
     if len(tokens) < 2:
         raise EqzError("the text is too short to analyze (it needs at least two tokens)")
+    if len(tokens) > model.info.n_ctx_train:  # past its trained length a model's states are not what the meter knows
+        raise EqzError(f"the text is {len(tokens)} tokens, more than the {model.info.n_ctx_train} {model.info.name} "
+                       "reads at once; analyze it in parts")
     shape = geometry(bank, bank.read_layer, bands, zero="neutral_text")
     recorder = _Recorder(bank.read_layer)
     with model.context(n_ctx=max(512, len(tokens) + 8), n_batch=min(2048, max(512, len(tokens))), taps=True) as ctx:

@@ -82,6 +82,8 @@ def test_analyze_by_sentence_and_token_and_json():
     assert rows[2] == ["I"] + ["·"] * 10 and "· = not read" in shown
     bad = run_eqz("analyze", text, "--by", "word")
     assert bad.returncode != 0 and "--by must be" in bad.stderr
+    too_long = run_eqz("analyze", "I am glad. " * 2100)  # 8,401 tokens, past the 8,192 the model was trained on
+    assert too_long.returncode == 2 and "more than the 8192" in too_long.stderr
 
 
 def reply_with(model, bank, prompt, filters, seed, tokens=100):
