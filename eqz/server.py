@@ -6,7 +6,8 @@ that OpenAI clients pass through (``extra_body={"eqz": {...}}`` in the ``openai`
 
     {"sliders": {"joy": 0.8}, "preset": "curious", "clamp": {"fear": 0}, "ablate": ["anger"], "meter": true}
 
-Errors are HTTP 4xx in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, one line each.
+Errors are in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, one line each: HTTP 4xx for what
+a request got wrong, 503 once the decode loop has stopped.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from starlette.routing import Route
 
 from .api import EqzModel
 from .bands import check_gain
+from .engine import utf8
 from .errors import EqzError
 from .meter import metered_bands
 from .presets import discover, get_preset, is_preset_name
-from .serving import ServerBusy
-from .steering import Steering
+from .serving import DecodeLoopStopped, ServerBusy
 
 KEPT_RECORDS = 256  # finished replies kept for GET /v1/eqz/streams/{id}
 SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -87,6 +88,7 @@ class EqzServer:
             405: lambda request, exc: _error(405, f"{request.method} is not allowed on {request.url.path}",
                                              "invalid_request_error"),
             ServerBusy: lambda request, exc: _error(429, str(exc), "rate_limit_error", {"Retry-After": "1"}),
+            DecodeLoopStopped: lambda request, exc: _error(503, str(exc), "server_error"),
             EqzError: lambda request, exc: _error(400, str(exc)),  # one line; the server never dies of a request
         })
         if api_key:
@@ -116,9 +118,7 @@ class EqzServer:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-        for index, message in enumerate(messages):
-            _check_message(index, message)
-        messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
+        messages = [_message(index, message) for index, message in enumerate(messages)]
         return await self._respond(body, self._prepare(body, messages=messages), chat=True)
 
     async def completions(self, request: HttpRequest) -> Response:
@@ -128,11 +128,12 @@ class EqzServer:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string")
-        return await self._respond(body, self._prepare(body, prompt=prompt), chat=False)
+        return await self._respond(body, self._prepare(body, prompt=_text(prompt, "'prompt'")), chat=False)
 
     async def stream_state(self, request: HttpRequest) -> Response:
         """GET: a reply's record (running or recently finished); POST {"sliders": {...}}: re-steer a running one
-        from its next token on."""
+        from its next token on, the sliders not named keeping their latest setting. A running reply's record shows
+        the sliders its next token gets."""
         stream_id = request.path_params["id"]
         if request.method == "GET":
             record = self.records.get(stream_id)
@@ -145,12 +146,13 @@ class EqzServer:
         record = self.records.get(stream_id)
         if record is None or record.get("finish_reason"):
             return _error(404, f"no running stream '{stream_id}'", "not_found")
-        steering = Steering().with_gains({**record["sliders"], **sliders})
         try:
-            self.loop.resteer(stream_id, steering)
+            steering = self.loop.resteer(stream_id, sliders)
         except KeyError:
             return _error(404, f"stream '{stream_id}' has finished", "not_found")
-        return JSONResponse({"id": stream_id, **steering.to_dict(self.bands)})
+        state = steering.to_dict(self.bands)
+        record.update(state)
+        return JSONResponse({"id": stream_id, **state})
 
     # -- the work
 
@@ -178,7 +180,8 @@ class EqzServer:
             # a client names a preset, never a file: a path would read the server's files
             raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)")
         return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
-                                  sampling=sampling, stop=stop, clamp=clamp,
+                                  sampling=sampling, stop=stop,
+                                  clamp={str(band).lower(): level for band, level in clamp.items()},
                                   ablate=[str(band).lower() for band in ablate], meter=bool(settings.get("meter")))
 
     async def _respond(self, body: dict, job, chat: bool) -> Response:
@@ -295,6 +298,8 @@ async def _json_body(request: HttpRequest) -> dict:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadRequest(f"the body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply to read") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
@@ -303,21 +308,33 @@ async def _json_body(request: HttpRequest) -> dict:
 ROLES = ("system", "user", "assistant", "developer")
 
 
-def _check_message(index: int, message) -> None:
-    """One line naming the message and what is wrong with it."""
+def _message(index: int, message) -> dict:
+    """The message as the chat template takes it, {"role", "content": its text (a string, or the text parts of a
+    list of content parts)}; or one line naming the message, or its part, and what is wrong with it."""
     if not isinstance(message, dict):
         raise BadRequest(f"messages[{index}] must be an object {{\"role\", \"content\"}}")
-    if message.get("role") not in ROLES:
-        raise BadRequest(f"messages[{index}]: role {json.dumps(message.get('role'))} is not one of {', '.join(ROLES)}")
-    if not isinstance(message.get("content"), (str, list)):
-        raise BadRequest(f"messages[{index}]: 'content' must be a string or a list of text parts")
-
-
-def _text(content) -> str:
-    """A message's text: a string, or the text parts of a list of content parts."""
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise BadRequest(f"messages[{index}]: role {json.dumps(role)} is not one of {', '.join(ROLES)}")
     if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        return {"role": role, "content": _text(content, f"messages[{index}].content")}
+    if not isinstance(content, list):
+        raise BadRequest(f"messages[{index}]: 'content' must be a string or a list of text parts")
+    return {"role": role, "content": "".join(_text(part.get("text"), f"messages[{index}].content[{number}].text")
+                                             for number, part in enumerate(content)
+                                             if isinstance(part, dict) and part.get("type") == "text")}
+
+
+def _text(value, field: str) -> str:
+    """``value`` if it is text the model can read (a string that has a UTF-8 form: JSON can spell out a lone
+    surrogate, which has none), else one line naming ``field``."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be text")
+    try:
+        utf8(value)
+    except EqzError as error:
+        raise BadRequest(f"{field}: {error}") from None
+    return value
 
 
 def _sliders(sliders, valid: tuple[str, ...] | None) -> dict[str, float]:

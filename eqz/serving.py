@@ -31,6 +31,11 @@ class ServerBusy(EqzError):
     """Every slot is taken and the waiting line is full; try again shortly."""
 
 
+class DecodeLoopStopped(EqzError):
+    """The decode thread died of an error: the server's fault, not the request's; no request can run until a
+    restart."""
+
+
 @dataclass(eq=False)
 class Request:
     """One reply to generate. ``on_event(kind, data)`` is called from the decode thread: ("piece", text) as
@@ -153,7 +158,7 @@ class BatchServer:
                            f"{self.per_sequence} tokens in all (prompt and reply)")
         with self._wake:
             if self.error is not None:
-                raise EqzError(f"the decode loop stopped: {self.error}")
+                raise DecodeLoopStopped(f"the server's decode loop stopped ({self.error}); it needs a restart")
             if len(self._waiting) + len(self._running) >= self.parallel + self.max_waiting:
                 raise ServerBusy(f"all {self.parallel} slots are busy and {self.max_waiting} requests wait; "
                                  "retry in a moment")
@@ -162,14 +167,17 @@ class BatchServer:
             self._wake.notify()
         return request
 
-    def resteer(self, request_id: str, steering: Steering) -> None:
-        """New sliders for a running request, applied from its next token (the decode thread picks them up)."""
-        vector = self.steerer.matrix(steering)
+    def resteer(self, request_id: str, gains: dict[str, float]) -> Steering:
+        """Move some sliders of a running request from its next token on (the decode thread picks them up); the
+        others keep their latest setting, a change not yet applied included, so moves made one at a time add up.
+        Returns the steering the next token gets."""
         with self._wake:
             row = self._running.get(request_id)
             if row is None:
                 raise KeyError(request_id)
-            row.pending = (vector, self.steerer.filters(steering, row.request.filters), steering)
+            steering = (row.pending[2] if row.pending else row.request.steering).with_gains(gains)
+            row.pending = (self.steerer.matrix(steering), self.steerer.filters(steering, row.request.filters), steering)
+        return steering
 
     @property
     def load(self) -> tuple[int, int]:

@@ -147,19 +147,21 @@ def test_a_reply_keeps_its_own_sliders_when_a_request_in_between_is_done(client)
     assert together[2] == ask(2) != chat(client, "Write about snow.", {}, seed=3, max_tokens=64)
 
 
-def resteered_stream(server: Served, max_tokens: int, sliders: dict) -> tuple[dict, str]:
-    """Stream a lighthouse story unsteered, move the sliders after six pieces; the stream's record and the text that
-    came after the move."""
+def resteered_stream(server: Served, max_tokens: int, *moves: dict, start: dict | None = None) -> tuple[dict, str]:
+    """Stream a lighthouse story (unsteered, or under ``start``), make each move of the sliders after six more pieces
+    and check the running record shows it at once; the stream's record and the text that came after the last move."""
     body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "seed": 4,
-            "max_tokens": max_tokens, "stream": True}
+            "max_tokens": max_tokens, "stream": True, **({"eqz": {"sliders": start}} if start else {})}
     request = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         stream_id = response.headers["X-Eqz-Stream"]
-        for _ in range(6):
-            response.readline(), response.readline()  # "data: ..." and the blank line after it
-        status, changed = server.post(f"/v1/eqz/streams/{stream_id}", {"sliders": sliders})
-        assert status == 200 and all(changed["sliders"][band] == gain for band, gain in sliders.items())
+        for sliders in moves:
+            for _ in range(6):
+                response.readline(), response.readline()  # "data: ..." and the blank line after it
+            status, changed = server.post(f"/v1/eqz/streams/{stream_id}", {"sliders": sliders})
+            assert status == 200 and all(changed["sliders"][band] == gain for band, gain in sliders.items())
+            assert server.get(f"/v1/eqz/streams/{stream_id}")[1]["sliders"] == changed["sliders"]
         text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
                        for line in response.read().decode().splitlines() if line.startswith("data: {"))
     status, record = server.get(f"/v1/eqz/streams/{stream_id}")
@@ -175,6 +177,13 @@ def test_a_stream_is_resteered_from_its_next_token(server, client):
     plain = chat(client, "Write a long story about a lighthouse.", {}, seed=4, max_tokens=80)
     assert record["output"] != plain and record["output"][:change["text_offset"]] == plain[:change["text_offset"]]
     assert text and record["output"].endswith(text)
+
+
+def test_moves_of_one_slider_at_a_time_add_up(server):
+    record, _ = resteered_stream(server, 80, {"joy": 1}, {"fear": 0.5}, start={"trust": 0.3})
+    moved = [{band: gain for band, gain in state["sliders"].items() if gain} for state in (*record["changes"], record)]
+    both = {"trust": 0.3, "joy": 1, "fear": 0.5}
+    assert moved == [{"trust": 0.3, "joy": 1}, both, both]  # the two changes, then the record of the whole reply
 
 
 def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_path):
@@ -206,6 +215,11 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}]},
      "messages[1]: role \"wizard\" is not one of"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0]: 'content' must be"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text must be text"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": None}]}]},
+     "messages[0].content[1].text must be text"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content: the text is not valid UTF-8"),
+    (b"[" * 100000, "nested too deeply"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "/etc/hostname"}}, "must be a preset's name"),
 ])
@@ -214,6 +228,14 @@ def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, f
     assert status == 400 and fragment in answer["error"]["message"] and "\n" not in answer["error"]["message"]
     assert answer["error"]["type"] == "invalid_request_error"
     assert server.get("/v1/models")[0] == 200
+
+
+def test_band_names_take_any_case_in_sliders_clamp_and_ablate(server):
+    status, reply = server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "eqz": {"sliders": {"JOY": 1}, "clamp": {"Fear": 0.5}, "ablate": ["ANGER"]}})
+    assert status == 200, reply
+    assert reply["eqz"]["sliders"]["joy"] == 1 and reply["eqz"]["filters"] == {"clamp": {"fear": 0.5}, "ablate": ["anger"]}
 
 
 def test_a_busy_port_or_a_foreign_address_is_one_line_before_the_model_loads(server):
