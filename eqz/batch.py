@@ -6,11 +6,13 @@
   one llama.cpp batch, and written in a fixed order, each flushed as soon as it is done.
 - Seeds come from (--seed, prompt id, sample index), so a command gives the same file at any --parallel and
   the same prompt gets the same seed under every mood (paired comparisons).
-- ``--resume`` keeps the rows already in OUT (dropping a half-written last line) and writes only the rest.
+- ``--resume`` keeps the rows already in OUT (dropping a half-written last line) and writes only the rest; it
+  refuses a file eqz did not write (before touching it) and one written with other settings.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -26,13 +28,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .bands import check_gain
-from .engine import Model
+from .engine import Model, utf8
 from .generation import Job, generate_parallel, template_head
 from .reading import common_prefix_length
 from .meter import Instruments
 from .errors import EqzError
 from .presets import Preset, Resolved, get_preset, resolve
-from .session import model_record, reply_record
+from .session import context_length, model_record, reply_record
 from .steering import Steerer, Steering
 
 
@@ -80,7 +82,7 @@ class PromptFile:
                 try:
                     row = self._parse(number, raw)
                     if row is not None and row.id in seen:
-                        raise EqzError(f"{self._where(number)}: duplicate id '{row.id}' (ids must be unique for "
+                        raise EqzError(f"{self.where(number)}: duplicate id '{row.id}' (ids must be unique for "
                                        "--resume to work)")
                 except EqzError as error:
                     if not self.skip_bad:
@@ -91,13 +93,13 @@ class PromptFile:
                     seen.add(row.id)
                     yield row
 
-    def _where(self, number: int) -> str:
+    def where(self, number: int) -> str:
         return f"{self.path.name if not self._spool else 'stdin'} line {number}"
 
     def _parse(self, number: int, raw: bytes) -> PromptRow | None:
-        where = self._where(number)
+        where = self.where(number)
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a file may start with a byte order mark
         except UnicodeDecodeError:
             raise EqzError(f"{where}: not valid UTF-8") from None
         text = text.rstrip("\r\n")
@@ -114,18 +116,43 @@ class PromptFile:
         system = data.get("system")
         if system is not None and not isinstance(system, str):
             raise EqzError(f"{where}: \"system\" must be a string")
-        return PromptRow(number, str(data.get("id", number)), data["prompt"], system)
+        row_id = data.get("id", number)
+        if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+            raise EqzError(f"{where}: \"id\" must be a string or a whole number")
+        for key in ("prompt", "system", "id"):  # JSON can spell out a lone surrogate, which no file or model takes
+            if isinstance(data.get(key), str):
+                try:
+                    utf8(data[key])
+                except EqzError as error:
+                    raise EqzError(f"{where}: \"{key}\": {error}") from None
+        return PromptRow(number, str(row_id), data["prompt"], system)
+
+    def own_system(self, prompt_id: str) -> str | None:
+        """The system prompt of the row with ``prompt_id`` when it sets one itself (bad lines are passed over, as
+        ``rows`` has already reported them)."""
+        with self.path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    row = self._parse(number, raw)
+                except EqzError:
+                    continue
+                if row is not None and row.id == prompt_id:
+                    return row.system
+        return None
 
 
 def _looks_like_jsonl(path: Path) -> bool:
-    with path.open("rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                return raw.lstrip().startswith(b"{")
+    with path.open(encoding="utf-8-sig", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                return line.lstrip().startswith("{")
     return False
 
 
 # -------------------------------------------------------------------------------------------------- the grid
+
+
+MAX_SWEEP_STEPS = 1000  # a step of 0.002 from -1 to 1: finer than any difference a reply shows
 
 
 def parse_sweep(spec: str, bands: tuple[str, ...] | None) -> tuple[str, list[float]]:
@@ -144,6 +171,8 @@ def parse_sweep(spec: str, bands: tuple[str, ...] | None) -> tuple[str, list[flo
     if count < 1 or (count == 1 and start != stop):
         raise EqzError(f"--sweep {spec}: N is how many gains from START to STOP, so at least 2 (or 1 with START = "
                        "STOP); use --set for one value")
+    if count > MAX_SWEEP_STEPS:
+        raise EqzError(f"--sweep {spec}: at most {MAX_SWEEP_STEPS} gains per sweep; choose a smaller N")
     return band, [round(float(g), 6) for g in np.linspace(start, stop, count)]
 
 
@@ -206,21 +235,31 @@ class Output:
             raise EqzError(f"cannot write {self.path}: {error.strerror or error}; choose another -o") from None
 
     def _load_existing(self) -> None:
+        """Remember the rows already there. Only a last line that is not JSON, after rows, is taken for one cut off by
+        a kill mid-write and dropped; any other line that is not a row means the file is not eqz's, and it is refused
+        before anything in it changes. A last row without its newline is kept, and the newline added."""
         keep = 0
+        raw = b""
         with self.path.open("rb") as handle:
-            for raw in handle:
-                if not raw.endswith(b"\n"):
-                    break  # a half-written last line: dropped below
+            for number, raw in enumerate(handle, start=1):
                 try:
                     row = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise EqzError(f"{self.path} has a broken line after {keep} bytes; it is not an eqz batch file") from None
+                except ValueError:  # not JSON, or not UTF-8
+                    if keep and not raw.endswith(b"\n"):
+                        break
+                    row = None
+                if not _is_row(row):
+                    raise EqzError(f"{self.path} line {number} is not a row eqz batch wrote, so --resume will not add "
+                                   "to it; choose another -o")
                 self.first = self.first or row
                 self.done.add(row_key(row["id"], row["preset"], row["sliders"], row["sample"], row["seed"]))
                 keep += len(raw)
         if keep < self.path.stat().st_size:
             with self.path.open("r+b") as handle:
                 handle.truncate(keep)
+        elif not raw.endswith(b"\n"):
+            with self.path.open("ab") as handle:
+                handle.write(b"\n")
 
     def check_compatible(self, model: dict, settings: list[Resolved]) -> None:
         if self.first is None:
@@ -240,6 +279,28 @@ class Output:
             raise EqzError(f"{self.path} was written with other sampling settings ({'; '.join(differ)}); "
                            "resume with the same flags or choose another -o")
 
+    def check_same_rows(self, prompts: PromptFile, settings: list[Resolved], seed: int) -> None:
+        """Refuse to resume with another --seed, --system, --clamp or --ablate, which would leave one file mixing two
+        runs (rows are matched by id, preset, sliders, sample and seed alone). The first row tells: its seed comes
+        from --seed, its id and sample; its system is its prompt's own, else --system's or the preset's (so when its
+        prompt sets one, --system goes unchecked); its "filters" are the clamps and notches asked for."""
+        first = self.first
+        if first is None:
+            return
+        if first["seed"] != row_seed(seed, first["id"], first["sample"]):
+            raise EqzError(f"{self.path} was written with another --seed (its rows' seeds do not come from --seed "
+                           f"{seed}); resume with the same --seed or choose another -o")
+        own = prompts.own_system(first["id"])
+        if first["system"] not in [own if own is not None else setting.system for setting in settings]:
+            raise EqzError(f"{self.path} was written with another system prompt (--system, or the preset's); resume "
+                           "with the same one or choose another -o")
+        theirs = _filter_bands(first.get("filters") or {})
+        if theirs not in [_filter_bands(setting.filters) for setting in settings]:
+            ours = _filter_bands(settings[0].filters)
+            raise EqzError(f"{self.path} was written with other filters ({_describe_filters(*theirs)} there, "
+                           f"{_describe_filters(*ours)} now); resume with the same --clamp and --ablate or choose "
+                           "another -o")
+
     def write(self, row: dict) -> None:
         self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.handle.flush()
@@ -248,10 +309,35 @@ class Output:
         if self.handle.closed:
             return
         self.handle.flush()
-        os.fsync(self.handle.fileno())
+        try:
+            os.fsync(self.handle.fileno())
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.ENOTSUP):  # a pipe or a terminal: nothing to sync
+                raise
         self.handle.close()
         if self.created and self.path.stat().st_size == 0:  # a run that stopped on bad input leaves no empty file
             self.path.unlink()
+
+
+ROW_TYPES = {"id": str, "prompt": str, "output": str, "sliders": dict, "sampling": dict, "seed": int, "sample": int,
+             "model": dict}
+
+
+def _is_row(data) -> bool:
+    """Whether ``data`` looks like a row eqz batch wrote: the keys --resume reads, of the types it writes."""
+    return (isinstance(data, dict) and all(isinstance(data.get(key), kind) for key, kind in ROW_TYPES.items())
+            and "preset" in data and "system" in data and {"name", "fingerprint"} <= data["model"].keys())
+
+
+def _filter_bands(filters: dict) -> tuple[dict, list[str]]:
+    """(clamps, notched bands) as a row records them (meter.Filters.describe): a clamped band is not also notched."""
+    clamp = filters.get("clamp", {})
+    return clamp, sorted(set(filters.get("ablate", [])) - set(clamp))
+
+
+def _describe_filters(clamp: dict, ablate: list[str]) -> str:
+    parts = [f"--clamp {band}={level}" for band, level in clamp.items()] + [f"--ablate {band}" for band in ablate]
+    return " ".join(parts) or "none"
 
 
 # -------------------------------------------------------------------------------------------------- running
@@ -283,7 +369,11 @@ def plan(prompts: PromptFile, model: Model) -> tuple[int, int]:
     count = longest = 0
     for row in prompts.rows():
         count += 1
-        longest = max(longest, len(model.tokenize(row.prompt)) + 64 + len(model.tokenize(row.system or "")))
+        size = len(model.tokenize(row.prompt)) + 64 + len(model.tokenize(row.system or ""))
+        if size >= model.info.n_ctx_train:  # each sequence's context stops at the trained length (context_length)
+            raise EqzError(f"{prompts.where(row.line)}: the prompt is about {size} tokens with its chat template, and "
+                           f"{model.info.name} reads {model.info.n_ctx_train} at most; shorten it")
+        longest = max(longest, size)
     if count == 0:
         raise EqzError(f"{prompts.path}: no prompts found")
     return count, longest
@@ -327,7 +417,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
     bands = steerer.bands
     record_model = model_record(model)
     per_sequence = longest + max(s.sampling.max_tokens for s in settings) + 8
-    per_sequence = (per_sequence + 255) // 256 * 256
+    per_sequence = context_length(model, (per_sequence + 255) // 256 * 256)
     filtered = any(setting.filters for setting in settings) or \
         any(steerer.held(Steering().with_gains(setting.gains)) for setting in settings)
     taps = (meter or filtered) and steerer.bank is not None
@@ -414,6 +504,9 @@ class BatchPlan:
     parallel: int = 4
     meter: bool = False
     on_warning: Callable[[str], None] = lambda message: None
+
+    def __post_init__(self) -> None:
+        self.output.check_same_rows(self.prompts, self.settings, self.seed)  # check_compatible has neither
 
     @property
     def total(self) -> int:

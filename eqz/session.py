@@ -39,6 +39,11 @@ def model_record(model: Model) -> dict:
     }
 
 
+def context_length(model: Model, wanted: int) -> int:
+    """``wanted`` tokens of context, but no more than the model was trained on: beyond that it only costs memory."""
+    return min(wanted, model.info.n_ctx_train)
+
+
 def reply_record(prompt: str, system: str | None, preset: str | None, output: str, model: dict, details: dict) -> dict:
     """The one shape of a reply's record, for ``generate --json`` and batch rows alike (README: "Records"):
     what was asked, the reply, how it was made (``details``: sliders, vectors, sampling, seed, ...), by which model
@@ -100,7 +105,7 @@ class ChatSession:
         # taps (the meter, the filters, held sliders) need the eval callback, which can only be set when the context
         # is made
         taps = bank is not None and bool(metered_bands(bank)) and (meter or bool(filters) or bank.holds_any)
-        self.context = model.context(n_ctx=min(n_ctx, model.info.n_ctx_train), taps=taps)
+        self.context = model.context(n_ctx=context_length(model, n_ctx), taps=taps)
         self.steerer = Steerer(model.info, bank)
         self.instruments: Instruments | None = None
         self.filters: Filters | None = None  # the user's filters and the held sliders' levels together

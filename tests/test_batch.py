@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -100,16 +101,84 @@ def test_resume_refuses_other_settings(tmp_path, prompt_file):
     assert result.returncode != 0 and "other sampling settings" in result.stderr
     assert "temperature" in result.stderr and "0.2 now" in result.stderr and "{" not in result.stderr
     assert out.read_text() == before
+    others = [("--seed", "2", "--seed"), ("--system", "Be terse.", "system prompt"),
+              ("--clamp", "joy=0.5", "--clamp joy=0.5 now"), ("--ablate", "anger", "--ablate anger now")]
+    for flag, value, named in others:
+        other = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "8", flag, value, "--resume")
+        assert other.returncode == 2 and other.stderr.count("\n") == 1 and named in other.stderr, other.stderr
+        assert out.read_text() == before
+
+
+ROW = {"id": "1", "prompt": "hi", "system": None, "preset": None, "output": "Hello", "sliders": {}, "vectors": [],
+       "sampling": {}, "seed": 1, "n_tokens": 1, "finish_reason": "stop", "eqz_version": "0.1.0", "sample": 0,
+       "model": {"name": "m", "path": "m.gguf", "fingerprint": "llama-1x1-0"}}
+
+
+def test_resume_refuses_a_file_eqz_did_not_write(tmp_path, prompt_file):
+    """Only a last line that is not JSON, after rows, reads as cut off by a kill; anything else is someone's file."""
+    without_model = {key: value for key, value in ROW.items() if key != "model"}
+    for content in ["my notes, not jsonl", '{"a": 1}\n', "[1,2]\n", json.dumps(without_model) + "\n",
+                    json.dumps(ROW) + '\n{"a": 1}']:
+        out = tmp_path / "notes.txt"
+        out.write_text(content)
+        result = run_eqz("batch", str(prompt_file), "-o", str(out), "--resume", "-n", "4")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"eqz: error: {out} line ") and "choose another -o" in result.stderr
+        assert out.read_text() == content
+
+
+def test_resume_keeps_a_last_row_without_its_newline(tmp_path, prompt_file):
+    first = tmp_path / "first.txt"
+    first.write_text(PROMPTS[0] + "\n")
+    out, whole = tmp_path / "out.jsonl", tmp_path / "whole.jsonl"
+    assert run_eqz("batch", str(prompt_file), "-o", str(whole), "-n", "4").returncode == 0
+    assert run_eqz("batch", str(first), "-o", str(out), "-n", "4").returncode == 0
+    out.write_text(out.read_text().rstrip("\n"))
+    resumed = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "4", "--resume")
+    assert resumed.returncode == 0 and "(1 already there)" in resumed.stderr, resumed.stderr
+    assert out.read_text() == whole.read_text()
+
+
+def test_output_to_a_pipe(prompt_file):
+    """-o /dev/stdout | ...: a pipe cannot be fsynced, and that is no reason to fail the run."""
+    result = run_eqz("batch", str(prompt_file), "-o", "/dev/stdout", "-n", "4")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["1", "2", "3", "4"]
+
+
+def test_a_prompt_past_the_trained_context_is_one_line_naming_it(tmp_path):
+    """Each sequence's context stops at the trained length, so a prompt that cannot fit in it is bad input."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello.\n" + "I am glad. " * 2100 + "\n")
+    result = run_eqz("batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "-n", "4")
+    assert result.returncode == 2 and "p.txt line 2: the prompt is about" in result.stderr
+    assert "reads 8192 at most" in result.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def test_huge_max_tokens_stays_within_the_trained_context(tmp_path):
+    """-n sizes each sequence's KV cache, but never past the model's trained length (as generate and chat)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Reply with only the word yes.\n")
+    result = run_eqz("--debug", "batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "-n", "200000", "-j", "1",
+                     "--temperature", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = int(re.search(r"n_ctx_train\s+=\s+(\d+)", result.stderr).group(1))
+    assert int(re.search(r"n_ctx_seq\s+=\s+(\d+)", result.stderr).group(1)) <= trained
 
 
 BAD_LINES = [
     (b'{"prompt": "fine"}\n{"prompt": "broken\n', "line 2", "invalid JSON"),
     (b'{"prompt": "fine"}\n{"id": 4}\n', "line 2", "missing \\\"prompt\\\""),
     (b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n', "line 2", "not valid UTF-8"),
+    (b'{"prompt": "fine"}\n{"prompt": "\\ud800 hi"}\n', "line 2", "lone surrogate"),
+    (b'{"prompt": "fine"}\n{"prompt": "yo", "id": "\\ud800"}\n', "line 2", "lone surrogate"),
+    (b'{"prompt": "fine"}\n{"prompt": "yo", "id": null}\n', "line 2", "must be a string or a whole number"),
+    (b'{"prompt": "fine"}\n{"prompt": "yo", "id": {"a": 1}}\n', "line 2", "must be a string or a whole number"),
 ]
 
 
-@pytest.mark.parametrize("content,where,what", BAD_LINES, ids=["json", "prompt", "utf8"])
+@pytest.mark.parametrize("content,where,what", BAD_LINES,
+                         ids=["json", "prompt", "utf8", "surrogate", "surrogate-id", "null-id", "object-id"])
 def test_bad_prompt_line_stops_before_any_generation(tmp_path, content, where, what):
     prompts = tmp_path / "p.jsonl"
     prompts.write_bytes(content)
@@ -132,6 +201,24 @@ def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
     assert result.returncode == 0, result.stderr
     table = rows(out)
     assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Be terse."
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_bytes(b"\xef\xbb\xbfSay hi.\n")
+    assert run_eqz("batch", str(text), "-o", str(tmp_path / "t.jsonl"), "-n", "4").returncode == 0
+    assert rows(tmp_path / "t.jsonl")[0]["prompt"] == "Say hi."
+    out = tmp_path / "j.jsonl"
+    line = json.dumps({"id": "a", "prompt": "Say hi."})
+    result = run_eqz("batch", "-", "-o", str(out), "-n", "4", input="\ufeff" + line)
+    assert result.returncode == 0, result.stderr
+    assert [row["id"] for row in rows(out)] == ["a"]
+
+
+def test_sweep_with_absurdly_many_steps_is_one_line(tmp_path, prompt_file):
+    result = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "o.jsonl"), "--sweep", "joy=-1:1:1000000000000")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "at most 1000 gains" in result.stderr, \
+        result.stderr
 
 
 def test_duplicate_ids_are_refused(tmp_path):
