@@ -119,7 +119,8 @@ class EqzModel:
         n_ctx: int = 4096,
     ) -> ChatSession:
         """A conversation set up from a preset, then the explicit settings on top of it (they win)."""
-        ablate = list(ablate)
+        sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        sampling, vectors = _mapping(sampling, "sampling", "{'temperature': 0.7}"), _vector_pairs(vectors)
         bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate))
         valid = bank.names if bank else ()
         chosen = get_preset(preset, valid) if isinstance(preset, str) else preset
@@ -142,6 +143,7 @@ class EqzModel:
     def stream(self, prompt: str, **settings) -> Iterator[str]:
         """One reply to ``prompt``, piece by piece. ``settings``: those of ``session``, plus ``seed``,
         ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``."""
+        _text(prompt, "prompt")
         with Chat(self.session(**_split_sampling(settings))) as chat:
             yield from chat.send(prompt)
 
@@ -164,10 +166,11 @@ class EqzModel:
         from .batch import BatchPlan, Output, PromptFile, build_grid, plan
         from .steering import Steerer
 
+        sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
         source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts))
         sink = output if isinstance(output, Output) else Output(str(output), resume=False)
         try:
-            sweeps, ablate = list(sweeps), list(ablate)
+            sweeps = list(sweeps)
             bank = self.bank_if_any(required=bool(sliders or sweeps or preset or presets or meter or clamp or ablate))
             valid = bank.names if bank else ()
             grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp,
@@ -238,7 +241,7 @@ class EqzModel:
     def analyze(self, text: str, by: str = "sentence") -> Analysis:
         """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token; by token
         the first segment's ``readouts`` is None: the first token is not read)."""
-        return analyze(self.model, self.bank, text, by)
+        return analyze(self.model, self.bank, _text(text, "text"), by)
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
               orthogonalize: bool = False, into: Path | None = None, progress=None, hold: bool | None = None,
@@ -271,11 +274,39 @@ class EqzModel:
             return train_bank(model, settings, **extra)
 
 
+def _text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise EqzError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _mapping(value, name: str, example: str = "{'joy': 0.5}") -> dict | None:
+    """A dict argument; one line where a list or a string was passed."""
+    if value is not None and not isinstance(value, dict):
+        raise EqzError(f"{name} must be a dict, such as {example}; got {type(value).__name__}")
+    return value
+
+
+def _names(value, name: str) -> list[str]:
+    if isinstance(value, str):  # iterating it would give its letters
+        raise EqzError(f"{name} takes a list of band names, such as ['{value}']")
+    return list(value)
+
+
+def _vector_pairs(value) -> list[tuple[str | Path, float]]:
+    """``vectors``: (path, scale) pairs; one line for a lone path, which would otherwise be unpacked letter by letter."""
+    pairs = [value] if isinstance(value, (str, Path)) else list(value)
+    if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+        raise EqzError("vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]")
+    return pairs
+
+
 _SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")
 
 
 def _split_sampling(settings: dict) -> dict:
     """Sampling settings given by name, gathered into the ``sampling`` dict ``session`` takes."""
+    _mapping(settings.get("sampling"), "sampling", "{'temperature': 0.7}")
     sampling = {key: settings.pop(key) for key in _SAMPLING_KEYS if key in settings}
     if sampling:
         settings["sampling"] = {**settings.get("sampling", {}), **sampling}
@@ -290,7 +321,7 @@ class Chat:
 
     def send(self, text: str) -> Turn:
         """The reply to ``text``: iterate it for pieces; ``.text`` and ``.record`` once done."""
-        return self.session.reply(text)
+        return self.session.reply(_text(text, "text"))
 
     def set(self, **gains: float) -> None:
         bank = self.session.steerer.bank
@@ -329,6 +360,8 @@ def load(model: str | Path | None = None, *, bank: str | Path | None = None, thr
          gpu_layers: int | None = None) -> EqzModel:
     """Load a GGUF model (default: eqz's default model) and, if given, a bank by directory or name.
     ``gpu_layers``: layers offloaded to the GPU, -1 for all (default: all on a GPU build of llama.cpp, else 0)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise EqzError(f"threads must be a whole number of at least 1 (None: eqz chooses), got {threads!r}")
     loaded = Model(resolve_model_path(None if model is None else str(model)), threads=threads, gpu_layers=gpu_layers)
     try:
         return EqzModel(loaded, resolve_bank(str(bank), loaded.info) if bank is not None else None)

@@ -103,6 +103,16 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
     with pytest.raises(eqz.EqzError, match="duplicate id"):
         library.batch(duplicated, out)
     assert not out.exists()  # the file it opened is closed and, empty, removed
+    misuses = {"prompt must be a string": lambda: library.generate(None),  # each was a raw TypeError/AttributeError
+               "text must be a string": lambda: library.analyze(None),
+               "sliders must be a dict": lambda: library.generate("Hi", sliders=["joy"]),
+               "vectors takes \\(path, scale\\) pairs": lambda: library.generate("Hi", vectors="joy.gguf"),
+               "ablate takes a list": lambda: library.chat(ablate="joy"),
+               "sampling must be a dict": lambda: library.generate("Hi", sampling=[0.7]),
+               "threads must be a whole number": lambda: eqz.load(threads=-3)}
+    for message, misuse in misuses.items():
+        with pytest.raises(eqz.EqzError, match=message):
+            misuse()
     with pytest.raises(eqz.EqzError, match="finite number in"):  # was a vector of NaN
         library.bank.vector(joy=float("nan"))
     for use in (lambda: library.generate("caf\udce9", max_tokens=2), lambda: library.analyze("I am glad \ud800.")):
