@@ -82,9 +82,11 @@ def check_gain(band: str, value, valid: tuple[str, ...] | None = BANDS, what: st
     if valid is not None and band not in valid:
         raise unknown_band(band, valid)
     try:
-        gain = float(value)
+        gain = float(value) if not isinstance(value, bool) else None  # YAML/JSON true is no gain
     except (TypeError, ValueError):
-        raise EqzError(f"{what} for {band} must be a number, got {value!r}") from None
+        gain = None
+    if gain is None:
+        raise EqzError(f"{what} for {band} must be a number, got {value!r}")
     limit = MAX_LEVEL if what == "level" else MAX_GAIN
     if not math.isfinite(gain) or abs(gain) > limit:
         raise EqzError(f"{what} for {band} must be a finite number in [-{limit:g}, {limit:g}], got {value!r}")

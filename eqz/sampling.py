@@ -49,9 +49,11 @@ def check_setting(name: str, value) -> float | int:
     if integer:
         return _as_int(name, value, low, high)
     try:
-        number = float(value)
+        number = float(value) if not isinstance(value, bool) else None  # YAML/JSON false is no temperature
     except (TypeError, ValueError):
-        raise EqzError(f"{name} must be a number, got {value!r}") from None
+        number = None
+    if number is None:
+        raise EqzError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
         raise EqzError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
     return number

@@ -187,7 +187,10 @@ class EqzServer:
     async def _respond(self, body: dict, job, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        streaming = bool(body.get("stream"))
+        streaming = body.get("stream")
+        if streaming not in (None, True, False):  # "false" would stream
+            raise BadRequest(f"'stream' must be true or false, got {json.dumps(streaming)}")
+        streaming = bool(streaming)
 
         def on_event(kind: str, data) -> None:
             """From the decode thread. A reply that is not streamed needs only its end, so it wakes this loop once,

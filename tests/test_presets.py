@@ -46,6 +46,7 @@ BROKEN = [
     ({**GOOD, "colour": "blue"}, "unknown key 'colour'", "allowed keys: name"),
     ({**GOOD, "sliders": {"joy": 3.5}}, "sliders.joy", "[-2, 2]"),
     ({**GOOD, "sliders": {"joy": "lots"}}, "sliders.joy", "must be a number"),
+    ({**GOOD, "sliders": {"joy": True}}, "sliders.joy", "must be a number"),  # was read as 1.0
     ({**GOOD, "sliders": {"joy": float("nan")}}, "sliders.joy", "finite"),
     ({**GOOD, "sampling": {"temperature": "hot"}}, "sampling.temperature", "number"),
     ({**GOOD, "sampling": {"top_p": 1.5}}, "sampling.top_p", "[0.0, 1.0]"),

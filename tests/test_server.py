@@ -221,6 +221,9 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
     ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content: the text is not valid UTF-8"),
     (b"[" * 100000, "nested too deeply"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "false"}, "'stream' must be true or false"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": False}, "temperature must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"joy": True}}}, "gain for joy must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "/etc/hostname"}}, "must be a preset's name"),
 ])
 def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, fragment):
