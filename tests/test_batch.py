@@ -139,11 +139,15 @@ def test_resume_keeps_a_last_row_without_its_newline(tmp_path, prompt_file):
     assert out.read_text() == whole.read_text()
 
 
-def test_output_to_a_pipe(prompt_file):
-    """-o /dev/stdout | ...: a pipe cannot be fsynced, and that is no reason to fail the run."""
-    result = run_eqz("batch", str(prompt_file), "-o", "/dev/stdout", "-n", "4")
+@pytest.mark.parametrize("output", ["/dev/stdout", "-"])
+def test_output_to_a_pipe(prompt_file, output, tmp_path, monkeypatch):
+    """-o - (or /dev/stdout) | ...: a pipe cannot be fsynced, and that is no reason to fail the run; "-" wrote a file
+    named "-"."""
+    monkeypatch.chdir(tmp_path)
+    result = run_eqz("batch", str(prompt_file), "-o", output, "-n", "4")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["1", "2", "3", "4"]
+    assert not (tmp_path / "-").exists()
 
 
 def test_a_prompt_past_the_trained_context_is_one_line_naming_it(tmp_path):
