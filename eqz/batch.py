@@ -65,9 +65,10 @@ class PromptFile:
             self.path = Path(spec).expanduser()
             if not self.path.is_file():
                 raise EqzError(f"prompt file not found: {self.path}")
-            if self.path.suffix not in (".txt", ".jsonl"):
+            suffix = self.path.suffix.lower()  # PROMPTS.TXT as well
+            if suffix not in (".txt", ".jsonl"):
                 raise EqzError(f"{self.path}: prompt files are .txt (one per line) or .jsonl ({{\"prompt\": ...}})")
-            self.jsonl = self.path.suffix == ".jsonl"
+            self.jsonl = suffix == ".jsonl"
         self.skipped: list[str] = []
 
     def close(self) -> None:

@@ -142,9 +142,10 @@ def test_resume_keeps_a_last_row_without_its_newline(tmp_path, prompt_file):
 @pytest.mark.parametrize("output", ["/dev/stdout", "-"])
 def test_output_to_a_pipe(prompt_file, output, tmp_path, monkeypatch):
     """-o - (or /dev/stdout) | ...: a pipe cannot be fsynced, and that is no reason to fail the run; "-" wrote a file
-    named "-"."""
+    named "-". A prompt file's suffix is read in any case."""
     monkeypatch.chdir(tmp_path)
-    result = run_eqz("batch", str(prompt_file), "-o", output, "-n", "4")
+    source = prompt_file.rename(tmp_path / "PROMPTS.TXT") if output == "-" else prompt_file  # upper case: refused
+    result = run_eqz("batch", str(source), "-o", output, "-n", "4")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["1", "2", "3", "4"]
     assert not (tmp_path / "-").exists()
