@@ -16,6 +16,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -154,6 +155,7 @@ def _looks_like_jsonl(path: Path) -> bool:
 
 
 MAX_SWEEP_STEPS = 1000  # a step of 0.002 from -1 to 1: finer than any difference a reply shows
+MAX_SETTINGS = 100_000  # settings per grid; each row of each is a reply, so a bigger grid is a typo, not a plan
 
 
 def parse_sweep(spec: str, bands: tuple[str, ...] | None) -> tuple[str, list[float]]:
@@ -193,6 +195,10 @@ def build_grid(
     chosen: list[Preset | None] = [get_preset(name, bands) for name in presets] if presets else (
         [get_preset(base_preset, bands)] if base_preset else [None]
     )
+    size = len(chosen) * math.prod(len(gains) for _, gains in sweeps)
+    if size > MAX_SETTINGS:
+        raise EqzError(f"the grid has {size} settings (presets x sweeps); at most {MAX_SETTINGS}: sweep fewer gains or "
+                       "split the run")
     settings = []
     for preset in chosen:
         for combo in itertools.product(*[[(band, g) for g in gains] for band, gains in sweeps]):

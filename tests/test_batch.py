@@ -224,6 +224,9 @@ def test_sweep_with_absurdly_many_steps_is_one_line(tmp_path, prompt_file):
     result = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "o.jsonl"), "--sweep", "joy=-1:1:1000000000000")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "at most 1000 gains" in result.stderr, \
         result.stderr
+    sweeps = [arg for band in ("joy", "trust") for arg in ("--sweep", f"{band}=-1:1:1000")]  # a million settings
+    result = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "o.jsonl"), *sweeps)
+    assert result.returncode == 2 and "the grid has 1000000 settings" in result.stderr, result.stderr
 
 
 def test_duplicate_ids_are_refused(tmp_path):
