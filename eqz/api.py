@@ -294,7 +294,7 @@ def _names(value, name: str) -> list[str]:
 
 
 def _vector_pairs(value) -> list[tuple[str | Path, float]]:
-    """``vectors``: (path, scale) pairs; one line for a lone path, which would otherwise be unpacked letter by letter."""
+    """``vectors``: (path, scale) pairs; one line for a lone path (it would be unpacked letter by letter)."""
     pairs = [value] if isinstance(value, (str, Path)) else list(value)
     if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
         raise EqzError("vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]")

@@ -314,8 +314,7 @@ class Bank:
         directory = Path(directory)
         if manifest is None:
             manifest = _read_manifest(directory / MANIFEST)
-        if not _is_manifest(manifest):
-            raise EqzError(f"{directory / MANIFEST} is not an eqz bank (format {BANK_FORMAT}); {_mend(directory / MANIFEST)}")
+        _require_manifest(directory / MANIFEST, manifest)
         with _broken_manifest(directory / MANIFEST):
             model = ModelRecord(**manifest["model"])
             layers = manifest["layers"]
@@ -395,8 +394,14 @@ def _broken_manifest(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as error:
-        what = f"no {error} entry" if isinstance(error, KeyError) else " ".join(f"{type(error).__name__}: {error}".split())
+        what = (f"no {error} entry" if isinstance(error, KeyError)
+                else " ".join(f"{type(error).__name__}: {error}".split()))
         raise EqzError(f"cannot read the bank {path} ({what}); {_mend(path)}") from None
+
+
+def _require_manifest(path: Path, manifest) -> None:
+    if not _is_manifest(manifest):
+        raise EqzError(f"{path} is not an eqz bank (format {BANK_FORMAT}); {_mend(path)}")
 
 
 def _mend(manifest_path: Path) -> str:
@@ -413,7 +418,8 @@ def _check_entry(manifest_path: Path, name, entry) -> None:
         raise EqzError(f"{manifest_path}: {error}") from None
     file = entry.get("file") if isinstance(entry, dict) else None
     if not isinstance(file, str) or Path(file).name != file or not file.endswith(".gguf"):
-        raise EqzError(f"{manifest_path}: band '{name}' needs a file: a .gguf in the bank's folder, such as {name}.gguf")
+        raise EqzError(f"{manifest_path}: band '{name}' needs a file: a .gguf in the bank's folder, such as "
+                       f"{name}.gguf")
 
 
 def _is_manifest(manifest) -> bool:
@@ -440,8 +446,7 @@ def list_banks() -> list[FoundBank]:
     for root in search_dirs():
         for manifest_path in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
             manifest = _read_manifest(manifest_path)
-            if not _is_manifest(manifest):
-                raise EqzError(f"{manifest_path} is not an eqz bank (format {BANK_FORMAT}); {_mend(manifest_path)}")
+            _require_manifest(manifest_path, manifest)
             with _broken_manifest(manifest_path):
                 found.append(FoundBank(manifest_path.parent, ModelRecord(**manifest["model"]), tuple(manifest["bands"]),
                                        manifest.get("quality", {}).get("heldout_accuracy"), manifest))

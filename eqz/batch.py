@@ -225,7 +225,7 @@ class Output:
     """The JSONL file: rows are appended and flushed one by one; resume reads what is already there."""
 
     def __init__(self, path: str, resume: bool):
-        self.path = Path("/dev/stdout" if path == "-" else path).expanduser()  # "-": rows to stdout, as input from stdin
+        self.path = Path("/dev/stdout" if path == "-" else path).expanduser()  # "-": stdout, as input "-" is stdin
         self.done: set[str] = set()
         self.first: dict | None = None
         if self.path.is_dir():

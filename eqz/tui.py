@@ -280,7 +280,8 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
     equalizer = Equalizer(session)
     commands = ChatCommands(session)
     info = session.model.info
-    console.print(f"[bold]eqz chat[/bold] · {escape(info.name)} · /help for commands, Ctrl-C stops a reply, Ctrl-D leaves")
+    console.print(f"[bold]eqz chat[/bold] · {escape(info.name)} · /help for commands, Ctrl-C stops a reply, "
+                  "Ctrl-D leaves")
     if panel and equalizer.bands:
         console.print(_panel(equalizer, console))
     while True:
