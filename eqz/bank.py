@@ -168,6 +168,7 @@ class Bank:
     quality: dict = field(default_factory=dict)
     trained: dict = field(default_factory=dict)
     voice_centre: np.ndarray | None = None  # (len(steered), n_embd); see VOICE_CENTRE_FILE
+    dropped: set[str] = field(default_factory=set, repr=False)  # removed bands whose files save() deletes
 
     @classmethod
     def empty(cls, info: ModelInfo, directory: Path | None = None) -> "Bank":
@@ -286,13 +287,15 @@ class Bank:
         for figures in ("dose_response", "steering"):
             self.quality.get(figures, {}).pop(name, None)
 
-    def remove(self, name: str) -> None:
-        """Drop band ``name`` (and its file, if the bank is on disk)."""
-        if name not in self.bands:
-            raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
-        del self.bands[name]
-        if self.directory is not None:
-            (Path(self.directory) / f"{name}.gguf").unlink(missing_ok=True)
+    def remove(self, *names: str) -> None:
+        """Drop these bands; their files go when the bank is saved. All are checked first, so a bad name leaves the
+        bank as it was."""
+        for name in names:
+            if name not in self.bands:
+                raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
+        for name in names:
+            del self.bands[name]
+        self.dropped.update(names)
 
     # -- files
 
@@ -355,6 +358,9 @@ class Bank:
         temporary = directory / f".{MANIFEST}.tmp"
         temporary.write_text(yaml.safe_dump(self.manifest(), sort_keys=False, width=120))
         temporary.replace(directory / MANIFEST)
+        for name in self.dropped - set(self.bands):  # removed bands' vectors, once bank.yaml no longer names them
+            (directory / f"{name}.gguf").unlink(missing_ok=True)
+        self.dropped.clear()
         self.directory = directory
         return directory
 

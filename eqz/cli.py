@@ -642,15 +642,14 @@ def vectors_remove(
 
     with _load_model(model, None) as loaded:
         bank = writable_bank(loaded.info)
-        names = [band.strip().lower() for band in bands]
-        for band in names:
-            bank.remove(band)
+        names = list(dict.fromkeys(band.strip().lower() for band in bands))
+        bank.remove(*names)
         directory = bank.save()
     typer.echo(f"removed {', '.join(names)} from the bank in {directory}")
     built_in = [band for band in names if band in BANDS]
     if built_in:
         typer.echo(f"presets that move {', '.join(built_in)} will not load until the band is back (`eqz vectors "
-                   "reset`, or `eqz train --bands`)")
+                   "reset` brings the shipped bank back)")
 
 
 @vectors_app.command("reset")

@@ -254,8 +254,12 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert_one_line_error(refused, "already has a band 'joy'", "--replace")
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
     assert "extra" in json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
-    assert run_eqz("vectors", "remove", "extra", env=env).returncode == 0
+    failed = run_eqz("vectors", "remove", "extra", "nosuch", env=env)  # a bad name removes nothing
+    assert_one_line_error(failed, "no band 'nosuch'")
+    assert run_eqz("generate", "hi", "--set", "extra=0.5", "-n", "2", env=env).returncode == 0  # its file still there
+    assert run_eqz("vectors", "remove", "extra", "extra", env=env).returncode == 0
     assert "extra" not in json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
+    assert not list((tmp_path / "data").glob("eqz/vectors/*/extra.gguf"))
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "joy", "--replace", env=env).returncode == 0
     assert json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]["joy"]["source"] == str(random_vector_file)
     removed = run_eqz("vectors", "remove", "Joy", env=env)
