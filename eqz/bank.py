@@ -498,11 +498,37 @@ def bank_to_extend(directory: Path, info: ModelInfo) -> Bank | None:
     ``directory`` for another model is refused, not overwritten."""
     if not (directory / MANIFEST).exists():
         return find_bank(info)
+    return _this_models_bank(directory, info)
+
+
+def _this_models_bank(directory: Path, info: ModelInfo) -> Bank:
+    """The bank in ``directory``, refused if it is another model's (a training must not overwrite it)."""
     bank = Bank.load(directory)
     if bank.model.fingerprint != model_fingerprint(info):
         raise EqzError(f"{directory} holds the bank of {bank.model.name}, not of {info.name}; "
                        "give --out a directory of its own")
     return bank
+
+
+def check_training_target(directory: Path, info: ModelInfo, bands: tuple[str, ...] | None) -> None:
+    """Before a training starts (minutes of work), what would fail or destroy something when it saves: ``directory``
+    a file or not writable, another model's bank in it, or this model's with bands the new bank (``bands``; None:
+    it extends the one there) would drop: imported, described, or left out of --bands."""
+    if directory.exists() and not directory.is_dir():
+        raise EqzError(f"{directory} is a file; --out takes a directory for the bank")
+    probe = directory / f".{MANIFEST}.tmp"  # what save() writes first
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise EqzError(f"cannot write the bank into {directory}: {error.strerror or error}; give --out another "
+                       "directory") from None
+    if (directory / MANIFEST).exists():
+        dropped = [name for name in _this_models_bank(directory, info).names if bands is not None and name not in bands]
+        if dropped:
+            raise EqzError(f"{directory} holds this model's bank with {', '.join(dropped)}, which the new bank would "
+                           "drop; give --out a directory of its own (or `eqz vectors reset` first, for your own copy)")
 
 
 def _own_bank_dirs(info: ModelInfo) -> list[Path]:

@@ -496,7 +496,7 @@ def train(
     from pathlib import Path
 
     from .bands import BANDS, parse_described
-    from .bank import slug, user_data_dir
+    from .bank import check_training_target, slug, user_data_dir
     from .display import progress_bars, print_bank
     from .errors import EqzError
 
@@ -507,6 +507,10 @@ def train(
     descriptions = dict(parse_described(spec) for spec in described or [])
     target = Path(out).expanduser() if out else None
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
+        extending = bool(descriptions) and not bands  # described bands added to a bank (see EqzModel.train)
+        if target is not None or not extending:
+            check_training_target(target or user_data_dir() / slug(loaded.info.name), loaded.info,
+                                  None if extending else (*chosen, *descriptions))
         with progress_bars() as progress:
             bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
                                 progress=progress, hold=hold, seed=seed)

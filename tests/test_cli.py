@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -16,6 +18,8 @@ from eqz import cli
 from eqz.vector_files import write_control_vector
 
 from .conftest import EQZ, run_eqz
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
@@ -270,6 +274,19 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert reset.returncode == 0 and "shipped bank is in use again" in reset.stdout
     shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
     assert shown["bands"]["joy"]["source"] in ("stimulus", "voice")  # the trained joy is back
+
+
+def test_a_training_that_could_not_be_saved_is_refused_before_it_starts(tmp_path, random_vector_file):
+    """Minutes of training were lost at the end to an -o that named a file, and another model's bank or the bands
+    of the user's own (imported ones, the ones --bands leaves out) were overwritten without a word."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    (tmp_path / "afile").write_text("")
+    assert_one_line_error(run_eqz("train", "-o", str(tmp_path / "afile"), env=env), "is a file")
+    shutil.copytree(ROOT / "docs" / "banks" / "gemma-3-270m", tmp_path / "gemma")
+    assert_one_line_error(run_eqz("train", "-o", str(tmp_path / "gemma"), env=env), "holds the bank of Gemma 3")
+    assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
+    for args in ((), ("--bands", "joy")):
+        assert_one_line_error(run_eqz("train", *args, env=env), "holds this model's bank with", "extra", "--out")
 
 
 def _written_defaults() -> list[tuple[tuple[str, ...], list[str]]]:
