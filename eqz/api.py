@@ -15,16 +15,18 @@ failed its direction check) go to ``model.on_warning``, by default Python's ``wa
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import random
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
-from .bands import check_gain, gain_warning
-from .bank import Bank, find_bank, require_bank, resolve_bank
+from .bands import check_band_name, check_gain, gain_warning, parse_described
+from .bank import Bank, find_bank, model_fingerprint, require_bank, resolve_bank
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
 from .generation import template_head
@@ -40,6 +42,10 @@ if TYPE_CHECKING:
     from .batch import BatchPlan
     from .eval import EvalResult
     from .serving import BatchServer, Request
+
+
+EVAL_MIN_TOKENS = 8  # the fewest tokens per reply evaluate measures (`eqz eval -n`)
+MIN_CONTEXT = 64  # the fewest tokens a context holds (`--ctx`): a chat template head and a short reply
 
 
 class EqzWarning(UserWarning):
@@ -217,6 +223,8 @@ class EqzModel:
         eqz.serving); ``close()`` it when done."""
         from .serving import BatchServer
 
+        parallel, max_waiting = _whole(parallel, "parallel", 1), _whole(max_waiting, "max_waiting", 0)
+        per_sequence = _whole(per_sequence, "per_sequence", MIN_CONTEXT)
         return BatchServer(self.model, self.bank_if_any(), parallel, per_sequence, max_waiting)
 
     def evaluate(self, bands: Iterable[str] | None = None, gains: Iterable[float] = (-1, 0, 1, 2),
@@ -227,11 +235,15 @@ class EqzModel:
         from .eval import evaluate, record as record_figures
 
         bank = self.bank
-        chosen = tuple(bands) if bands else bank.names
-        gain_list = tuple(float(gain) for gain in gains)
+        chosen = tuple(_names(bands, "bands") if bands is not None else ()) or bank.names
         bank.check_gains({band: 0.0 for band in chosen})
-        for gain in gain_list:
-            check_gain(chosen[0], gain, bank.names)
+        gains = _listed(gains, "gains", "numbers", [-1, 0, 1, 2])
+        gain_list = tuple(check_gain(chosen[0], gain, bank.names) for gain in gains)
+        if prompts is not None:
+            prompts = _listed(prompts, "prompts", "strings", ["Describe your morning."])
+            prompts = [_text(prompt, "each prompt") for prompt in prompts]
+        max_tokens = _whole(max_tokens, "max_tokens", EVAL_MIN_TOKENS)
+        samples = _whole(samples, "samples", 1)
         extra = {"progress": progress} if progress else {}
         result = evaluate(self.model, bank, chosen, gain_list, prompts, max_tokens, samples, **extra)
         if record:
@@ -254,12 +266,17 @@ class EqzModel:
         long with ``quick``); by default unless ``quick``. Described bands are unmetered, so adding them screens
         nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
         one machine the same seed gives the same bank byte for byte, at any thread count."""
-        from .bands import BANDS
+        from .bands import BANDS, unknown_band
         from .bank import bank_to_extend, writable_bank
         from .train import TrainSettings, add_described_bands, train_bank
 
+        bands = _names(bands, "bands") if bands is not None else []
+        for band in bands:
+            if band not in BANDS:
+                raise unknown_band(band, BANDS)
+        described = _described(described)
         settings = TrainSettings(bands=tuple(bands or BANDS), quick=quick, orthogonalize=orthogonalize,
-                                 described=dict(described or {}), hold=hold,
+                                 described=described, hold=hold,
                                  **({"seed": check_setting("seed", seed)} if seed is not None else {}))
         extra = {"progress": progress} if progress else {}
         base = None
@@ -287,10 +304,25 @@ def _mapping(value, name: str, example: str = "{'joy': 0.5}") -> dict | None:
     return value
 
 
-def _names(value, name: str) -> list[str]:
-    if isinstance(value, str):  # iterating it would give its letters
-        raise EqzError(f"{name} takes a list of band names, such as ['{value}']")
+def _listed(value, name: str, what: str, example: list) -> list:
+    """A list argument from any iterable but a string (iterating one would give its letters); one line otherwise."""
+    if isinstance(value, str):
+        raise EqzError(f"{name} takes a list of {what}, such as {[value]!r}")
+    if not isinstance(value, Iterable):
+        raise EqzError(f"{name} takes a list of {what}, such as {example!r}; got {type(value).__name__}")
     return list(value)
+
+
+def _names(value, name: str) -> list[str]:
+    return _listed(value, name, "band names", ["joy"])
+
+
+def _whole(value, name: str, least: int, note: str = "") -> int:
+    """A count such as ``samples``: an int (a numpy one too), not a bool, a float or a string; ``note`` adds to the
+    error (what None means, where it is allowed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise EqzError(f"{name} must be a whole number of at least {least}{note}, got {value!r}")
+    return int(value)
 
 
 def _vector_pairs(value) -> list[tuple[str | Path, float]]:
@@ -299,6 +331,19 @@ def _vector_pairs(value) -> list[tuple[str | Path, float]]:
     if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
         raise EqzError("vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]")
     return pairs
+
+
+def _described(value) -> dict[str, str]:
+    """``train``'s described bands (name -> description), checked as `eqz train --band` checks them, before any
+    work: a name that is no file name (such as '../x') or is a built-in band's, an empty description."""
+    described = _mapping(value, "described", "{'nostalgia': 'wistful longing for the past'}") or {}
+    for name, description in described.items():
+        check_band_name(_text(name, "a described band's name"))  # also keeps '=' out of the spec below
+        if not _text(description, f"the description of {name}").strip():
+            raise EqzError(f"the description of {name} is empty; say what the feeling is, such as "
+                           "'wistful longing for the past'")
+        parse_described(f"{name}={description}")  # refuses a built-in band's name, as the CLI does
+    return dict(described)
 
 
 _SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")
@@ -360,14 +405,24 @@ def load(model: str | Path | None = None, *, bank: str | Path | None = None, thr
          gpu_layers: int | None = None) -> EqzModel:
     """Load a GGUF model (default: eqz's default model) and, if given, a bank by directory or name.
     ``gpu_layers``: layers offloaded to the GPU, -1 for all (default: all on a GPU build of llama.cpp, else 0)."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise EqzError(f"threads must be a whole number of at least 1 (None: eqz chooses), got {threads!r}")
+    if threads is not None:
+        _whole(threads, "threads", 1, " (None: eqz chooses)")
     loaded = Model(resolve_model_path(None if model is None else str(model)), threads=threads, gpu_layers=gpu_layers)
     try:
-        return EqzModel(loaded, resolve_bank(str(bank), loaded.info) if bank is not None else None)
+        return EqzModel(loaded, _bank_for(str(bank), loaded.info) if bank is not None else None)
     except BaseException:
         loaded.close()
         raise
+
+
+def _bank_for(spec: str, info: ModelInfo) -> Bank:
+    """The bank ``spec`` names, refused where it was made for another model (its vectors would not fit this one's
+    layers)."""
+    bank = resolve_bank(spec, info)
+    if bank.model.fingerprint != model_fingerprint(info):
+        raise EqzError(f"the bank {spec} was made for {bank.model.name}, not for {info.name}; load {bank.model.name} "
+                       f"to use it, or leave bank out to use the bank of {info.name}")
+    return bank
 
 
 __all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "load"]

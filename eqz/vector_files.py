@@ -8,6 +8,7 @@ A file eqz writes is what ``llama-cli --control-vector-scaled FILE 1.0`` applies
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,28 +140,56 @@ class ControlVector:
     matrix: np.ndarray
     model_hint: str = "llama"
 
+    def __post_init__(self) -> None:
+        """Any array-like of numbers becomes the float32 matrix llama.cpp adds; anything else is one line."""
+        try:
+            matrix = np.asarray(self.matrix, dtype=np.float32)
+        except (TypeError, ValueError):
+            matrix = None
+        if matrix is None or matrix.ndim != 2:
+            got = type(self.matrix).__name__ if matrix is None else f"shape {matrix.shape}"
+            raise EqzError(f"a control vector is an (n_layer, n_embd) matrix of numbers, such as np.zeros((30, 576)); "
+                           f"got {got}")
+        object.__setattr__(self, "matrix", matrix)
+
     def __add__(self, other: "ControlVector") -> "ControlVector":
         if not isinstance(other, ControlVector):
-            return NotImplemented
+            raise EqzError(f"a control vector adds up only with another control vector, not {type(other).__name__}; "
+                           "scale it with * instead")
         if other.matrix.shape != self.matrix.shape:
             raise EqzError(f"control vectors of shapes {self.matrix.shape} and {other.matrix.shape} do not add up; "
                            "they were made for different models")
         return ControlVector(self.matrix + other.matrix, self.model_hint)
 
+    def __radd__(self, other: int) -> "ControlVector":
+        """``0 + vector`` is the vector, so that ``sum(vectors)`` adds them up."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return self + other  # __add__'s one line
+
     def __sub__(self, other: "ControlVector") -> "ControlVector":
-        return self + -other if isinstance(other, ControlVector) else NotImplemented
+        return self + (-other if isinstance(other, ControlVector) else other)  # anything else: __add__'s one line
 
     def __mul__(self, scale: float) -> "ControlVector":
         with np.errstate(over="ignore", invalid="ignore"):  # too large: saving or applying it says so, in one line
-            return ControlVector(self.matrix * np.float32(scale), self.model_hint)
+            return ControlVector(self.matrix * self._scale(scale), self.model_hint)
 
     __rmul__ = __mul__
 
     def __truediv__(self, scale: float) -> "ControlVector":
+        if self._scale(scale) == 0:
+            raise EqzError("a control vector cannot be divided by 0; multiply it by 0 for one that steers nothing")
         return self * (1.0 / scale)
 
     def __neg__(self) -> "ControlVector":
         return self * -1.0
+
+    @staticmethod
+    def _scale(scale) -> np.float32:
+        """A real number to scale by, as float32 (a bool or a string is none)."""
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise EqzError(f"a control vector is scaled by a number, such as 0.5, not by a {type(scale).__name__}")
+        return np.float32(scale)
 
     def save(self, path: str | Path) -> Path:
         return write_control_vector(path, self.matrix, self.model_hint)
@@ -169,6 +198,10 @@ class ControlVector:
     def load(cls, path: str | Path, n_layer: int | None = None, n_embd: int | None = None) -> "ControlVector":
         """A control-vector GGUF as a value; give the model's ``n_layer``/``n_embd`` to check it fits (default:
         just enough layers for the file)."""
+        if any(size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1)
+               for size in (n_layer, n_embd)):
+            raise EqzError(f"n_layer and n_embd are the model's sizes, whole numbers such as model.info.n_layer; got "
+                           f"{n_layer!r} and {n_embd!r}")
         vector_file = read_control_vector(path)
         matrix = vector_file.matrix(n_layer or max(vector_file.directions) + 1, n_embd or vector_file.n_embd)
         return cls(matrix, vector_file.model_hint or "llama")

@@ -109,7 +109,25 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "vectors takes \\(path, scale\\) pairs": lambda: library.generate("Hi", vectors="joy.gguf"),
                "ablate takes a list": lambda: library.chat(ablate="joy"),
                "sampling must be a dict": lambda: library.generate("Hi", sampling=[0.7]),
-               "threads must be a whole number": lambda: eqz.load(threads=-3)}
+               "threads must be a whole number": lambda: eqz.load(threads=-3),
+               # a bank of another model: was a numpy broadcast error at the first slider
+               "was made for Gemma 3 270m, not for": lambda: eqz.load(bank=ROOT / "docs" / "banks" / "gemma-3-270m"),
+               "parallel must be a whole number of at least 1": lambda: library.server(parallel=0),  # never replied
+               "max_waiting must be a whole number of at least 0": lambda: library.server(max_waiting=-1),
+               "per_sequence must be a whole number of at least 64": lambda: library.server(per_sequence=8),
+               # evaluate: a lone string was iterated letter by letter, no tokens or a bool gain were measured
+               "bands takes a list of band names, such as \\['joy'\\]": lambda: library.evaluate("joy"),
+               "prompts takes a list of strings": lambda: library.evaluate(["joy"], [0], "Hi there", max_tokens=8),
+               "max_tokens must be a whole number of at least 8": lambda: library.evaluate(["joy"], [0], ["Hi"], 0),
+               "samples must be a whole number": lambda: library.evaluate(["joy"], [0], ["Hi"], 8, samples=1.5),
+               "gains takes a list of numbers": lambda: library.evaluate(["joy"], None),
+               "gain for joy must be a number, got True": lambda: library.evaluate(["joy"], [True], ["Hi"], 8),
+               # train: refused before the f16 unpacking (and the CLI's checks on described bands)
+               "unknown band 'nosuch'": lambda: library.train(["nosuch"]),
+               "described must be a dict": lambda: library.train(described="nostalgia"),
+               "'joy' is a built-in band": lambda: library.train(described={"joy": "plain happiness"}),
+               "band name '../x' must be lowercase": lambda: library.train(described={"../x": "a file elsewhere"}),
+               "the description of nost is empty": lambda: library.train(described={"nost": " "})}
     for message, misuse in misuses.items():
         with pytest.raises(eqz.EqzError, match=message):
             misuse()
@@ -140,6 +158,15 @@ def test_control_vectors_are_values_that_round_trip_through_gguf(tmp_path):
     with pytest.raises(eqz.EqzError, match="not finite"):
         (a * 1e39).save(tmp_path / "huge.gguf")
     assert not (tmp_path / "zero.gguf").exists() and not (tmp_path / "huge.gguf").exists()
+    assert np.array_equal(sum([a, b]).matrix, (a + b).matrix)  # sum starts at 0 + a
+    assert eqz.ControlVector([[0, 1], [1, 1]]).matrix.dtype == np.float32  # any array-like
+    misuses = {"scaled by a number, such as 0.5, not by a NoneType": lambda: a * None,  # was an all-NaN vector
+               "not by a str": lambda: a * "2", "not by a bool": lambda: True * a,  # were 2 and 1
+               "not by a ControlVector": lambda: a * a, "divided by 0": lambda: a / 0,
+               "whole numbers such as model.info.n_layer": lambda: eqz.ControlVector.load(tmp_path / "mix.gguf", "4")}
+    for message, misuse in misuses.items():
+        with pytest.raises(eqz.EqzError, match=message):
+            misuse()
 
 
 def test_importing_eqz_and_its_numpy_modules_does_not_start_llama_cpp():

@@ -304,19 +304,25 @@ def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_p
         served.close()
 
 
-def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
+def chromium():
+    """Debian's chromium, headless, driven by selenium; ``quit()`` it when done."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,760"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium()
     try:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 60)
@@ -356,3 +362,30 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
     assert status == 200 and record["changes"], record
     last = record["changes"][-1]
     assert last["sliders"]["joy"] == pytest.approx(0.8) and 0 < record["changes"][0]["at_token"] < record["n_tokens"]
+
+
+def test_a_band_named_like_an_object_property_is_just_a_band_on_the_web_page(tmp_path, random_vector_file):
+    """The page looks bands up in the server's maps: a band named 'constructor' found Object's own there (a
+    warning flag holding a function, and a preset set its slider to NaN)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    env = {"XDG_DATA_HOME": str(tmp_path)}
+    imported = run_eqz("vectors", "import", str(random_vector_file), "--band", "constructor", env=env)
+    assert imported.returncode == 0, imported.stderr
+    served = Served(env=env)
+    browser = chromium()
+    try:
+        browser.get(served.url + "/")
+        idle = lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"  # noqa: E731
+        WebDriverWait(browser, 60).until(idle)
+        doubts = served.get("/v1/eqz/config")[1]["doubts"]
+        flags = browser.find_elements(By.CSS_SELECTOR, "label[for=s-constructor] .doubt")
+        assert [flag.get_attribute("title") for flag in flags] == ([doubts["constructor"]] if "constructor" in doubts
+                                                                   else [])
+        Select(browser.find_element(By.ID, "preset")).select_by_value("melancholy")  # leaves constructor alone
+        assert browser.find_element(By.ID, "v-sadness").text != "+0.0"
+        assert browser.find_element(By.ID, "v-constructor").text == "+0.0"
+    finally:
+        browser.quit()
+        served.close()
