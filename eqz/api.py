@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
 from .bands import check_band_name, check_gain, gain_warning, parse_described
-from .bank import Bank, find_bank, model_fingerprint, require_bank, resolve_bank
+from .bank import SHIPPED_DIR, Bank, find_bank, model_fingerprint, require_bank, resolve_bank, writable_bank
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
 from .generation import template_head
@@ -244,9 +244,15 @@ class EqzModel:
             prompts = [_text(prompt, "each prompt") for prompt in prompts]
         max_tokens = _whole(max_tokens, "max_tokens", EVAL_MIN_TOKENS)
         samples = _whole(samples, "samples", 1)
+        unmeasured = [band for band in bank.quality.get("dose_response", {}) if band not in chosen]
+        if record and unmeasured:  # one record holds every band's figures, measured alike
+            raise EqzError(f"recording replaces the recorded figures of every band, and {', '.join(unmeasured)} would "
+                           "lose theirs; measure every band to record, or do not record")
         extra = {"progress": progress} if progress else {}
         result = evaluate(self.model, bank, chosen, gain_list, prompts, max_tokens, samples, **extra)
         if record:
+            if bank.directory is not None and Path(bank.directory).parent == SHIPPED_DIR:
+                self._bank = bank = writable_bank(self.info)  # eqz's own files stay as shipped
             record_figures(result, bank)
         return result
 
@@ -267,7 +273,7 @@ class EqzModel:
         nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
         one machine the same seed gives the same bank byte for byte, at any thread count."""
         from .bands import BANDS, unknown_band
-        from .bank import bank_to_extend, writable_bank
+        from .bank import bank_to_extend
         from .train import TrainSettings, add_described_bands, train_bank
 
         bands = _names(bands, "bands") if bands is not None else []

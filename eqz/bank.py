@@ -510,20 +510,26 @@ def _this_models_bank(directory: Path, info: ModelInfo) -> Bank:
     return bank
 
 
-def check_training_target(directory: Path, info: ModelInfo, bands: tuple[str, ...] | None) -> None:
-    """Before a training starts (minutes of work), what would fail or destroy something when it saves: ``directory``
-    a file or not writable, another model's bank in it, or this model's with bands the new bank (``bands``; None:
-    it extends the one there) would drop: imported, described, or left out of --bands."""
+def writable_directory(directory: Path, option: str) -> None:
+    """Make ``directory`` (given as ``option``) and try writing in it, so that a long run (a training, an eval) cannot
+    fail at its end for want of a place to put what it made."""
     if directory.exists() and not directory.is_dir():
-        raise EqzError(f"{directory} is a file; --out takes a directory for the bank")
-    probe = directory / f".{MANIFEST}.tmp"  # what save() writes first
+        raise EqzError(f"{directory} is a file; {option} takes a directory")
+    probe = directory / ".eqz-write-test"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
     except OSError as error:
-        raise EqzError(f"cannot write the bank into {directory}: {error.strerror or error}; give --out another "
-                       "directory") from None
+        raise EqzError(f"cannot write into {directory}: {error.strerror or error}; give {option} another directory") \
+            from None
+
+
+def check_training_target(directory: Path, info: ModelInfo, bands: tuple[str, ...] | None) -> None:
+    """Before a training starts (minutes of work), what would fail or destroy something when it saves: ``directory``
+    a file or not writable, another model's bank in it, or this model's with bands the new bank (``bands``; None:
+    it extends the one there) would drop: imported, described, or left out of --bands."""
+    writable_directory(directory, "--out")
     if (directory / MANIFEST).exists():
         dropped = [name for name in _this_models_bank(directory, info).names if bands is not None and name not in bands]
         if dropped:

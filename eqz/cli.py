@@ -434,6 +434,7 @@ def eval_command(
     unsteered model's judgement of the replies' emotion, readout, crosstalk and fluency on held-out neutral prompts."""
     from pathlib import Path
 
+    from .bank import writable_directory
     from .display import print_eval, progress_bars
     from .errors import EqzError
     from .eval import non_fluent_gains, write_outputs
@@ -450,12 +451,13 @@ def eval_command(
             raise EqzError(f"cannot read {prompts}: {error}") from None
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
+    writable_directory(Path(output).expanduser(), "--output")  # before minutes of replies, not after
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         chosen = [b.strip().lower() for b in bands.split(",")] if bands else None
         with progress_bars() as progress:
             result = loaded.evaluate(chosen, gain_list, prompt_list, tokens, samples, progress, record)
     print_eval(result, non_fluent_gains(result))
-    for path in write_outputs(result, Path(output), plot):
+    for path in write_outputs(result, Path(output).expanduser(), plot):
         typer.echo(f"wrote {path}")
 
 

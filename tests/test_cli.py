@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import typer
+import yaml
 
 from eqz import cli
 from eqz.vector_files import write_control_vector
@@ -287,6 +288,23 @@ def test_a_training_that_could_not_be_saved_is_refused_before_it_starts(tmp_path
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
     for args in ((), ("--bands", "joy")):
         assert_one_line_error(run_eqz("train", *args, env=env), "holds this model's bank with", "extra", "--out")
+
+
+def test_eval_records_into_the_users_copy_of_the_bank_and_only_every_band_at_once(tmp_path):
+    """--record wrote into eqz's own shipped files; recording some bands wiped the others' figures; an -o naming a file
+    failed after the whole eval, its tables unwritten."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    (tmp_path / "afile").write_text("")
+    assert_one_line_error(run_eqz("eval", "-o", str(tmp_path / "afile"), env=env), "is a file; --output takes")
+    assert_one_line_error(run_eqz("eval", "--bands", "joy", "--record", env=env), "trust, fear", "would lose theirs")
+    shipped = (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes()
+    (tmp_path / "one.txt").write_text("Describe your morning.\n")
+    ran = run_eqz("eval", "--prompts", str(tmp_path / "one.txt"), "-n", "8", "--gains", "1", "--record", "-o",
+                  str(tmp_path / "eval"), env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes() == shipped
+    (own,) = (tmp_path / "data").glob("eqz/vectors/*/bank.yaml")
+    assert yaml.safe_load(own.read_text())["quality"]["dose_response_setup"]["prompts"] == 1
 
 
 def _written_defaults() -> list[tuple[tuple[str, ...], list[str]]]:
