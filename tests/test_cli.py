@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -371,3 +372,20 @@ def test_a_bank_folder_that_does_not_exist_is_one_line(tmp_path):
     """$EQZ_VECTORS with a typo fell back to another bank without a word."""
     assert_one_line_error(run_eqz("vectors", "list", env={"EQZ_VECTORS": str(tmp_path / "nope")}), "EQZ_VECTORS=",
                           "is not a folder")
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_a_training_killed_leaves_no_copy_of_the_weights_behind(tmp_path, number):
+    """Training works on a temporary f16 copy of the weights (270 MB for the default model): SIGTERM or SIGHUP left
+    it in the temp folder; it still ends the run as that signal would."""
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    (tmp_path / "tmp").mkdir()
+    training = subprocess.Popen([EQZ, "train", "--quick", "--bands", "joy"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "tmp").glob("eqz-unpacked-*/f16.gguf")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the copy is written and loaded: training has begun
+    training.send_signal(number)
+    assert training.wait(timeout=60) == -number
+    assert not list((tmp_path / "tmp").iterdir())
