@@ -411,8 +411,11 @@ def _require_manifest(path: Path, manifest) -> None:
 
 
 def _mend(manifest_path: Path) -> str:
-    return ("`eqz vectors reset` deletes it and the shipped bank is used again"
-            if manifest_path.parent.parent == user_data_dir() else "mend it or remove its folder")
+    """What to do about a broken bank.yaml: any bank's folder can go; `eqz vectors reset` removes only the model's
+    own (it cannot tell whose a broken bank is otherwise)."""
+    reset = (" (`eqz vectors reset` does that, if it is the bank of the model you use)"
+             if manifest_path.parent.parent == user_data_dir() else "")
+    return f"mend it, or delete the folder {manifest_path.parent}{reset}"
 
 
 def _check_entry(manifest_path: Path, name, entry) -> None:

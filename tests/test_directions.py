@@ -341,7 +341,8 @@ def test_a_broken_bank_of_ones_own_is_one_line_and_reset_removes_it(tmp_path, mo
     elif breakage == "a list":
         manifest = [manifest]
     (own / MANIFEST).write_bytes(yaml.safe_dump(manifest).encode() + (b"\xff\xfe" if breakage == "not UTF-8" else b""))
-    with pytest.raises(EqzError, match=f"{own / MANIFEST}.*`eqz vectors reset` deletes it") as raised:
+    with pytest.raises(EqzError, match=f"{own / MANIFEST}.*delete the folder {own} \\(`eqz vectors reset` does") \
+            as raised:
         find_bank(info)
     assert "\n" not in str(raised.value)
     assert reset_user_bank(info) == own and not own.exists()
