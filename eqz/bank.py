@@ -564,7 +564,8 @@ def _bank_fingerprint(directory: Path) -> str | None:
 
 
 def writable_bank(info: ModelInfo) -> Bank:
-    """The user's own bank for this model, created from the shipped one (or empty) on first use."""
+    """The user's own bank for this model; on first use the one it would use otherwise (the shipped one), or an empty
+    one, to be written there by its first ``save()``: a change that fails first leaves no copy behind to shadow it."""
     own, other = _own_bank_dirs(info)
     if (own / MANIFEST).exists():
         bank = Bank.load(own)
@@ -575,8 +576,8 @@ def writable_bank(info: ModelInfo) -> Bank:
             return Bank.load(own)
     existing = find_bank(info)
     if existing is not None:
-        shutil.copytree(existing.directory, own, dirs_exist_ok=True)
-        return Bank.load(own)
+        existing.directory = own
+        return existing
     return Bank.empty(info, own)
 
 

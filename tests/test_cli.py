@@ -258,6 +258,8 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     env = {"XDG_DATA_HOME": str(tmp_path / "data")}
     refused = run_eqz("vectors", "import", str(random_vector_file), "--band", "joy", env=env)
     assert_one_line_error(refused, "already has a band 'joy'", "--replace")
+    assert_one_line_error(run_eqz("vectors", "hold", "nosuch", "5", env=env), "no band 'nosuch'")
+    assert not list((tmp_path / "data").glob("eqz/vectors/*"))  # no copy of the bank left to shadow the shipped one
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
     assert "extra" in json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
     failed = run_eqz("vectors", "remove", "extra", "nosuch", env=env)  # a bad name removes nothing
