@@ -276,7 +276,7 @@ class EqzModel:
         from .bank import bank_to_extend
         from .train import TrainSettings, add_described_bands, train_bank
 
-        bands = _names(bands, "bands") if bands is not None else []
+        bands = list(dict.fromkeys(_names(bands, "bands"))) if bands is not None else []  # each band once
         for band in bands:
             if band not in BANDS:
                 raise unknown_band(band, BANDS)

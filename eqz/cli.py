@@ -502,7 +502,7 @@ def train(
     from .display import progress_bars, print_bank
     from .errors import EqzError
 
-    chosen = tuple(b.strip().lower() for b in bands.split(",")) if bands else BANDS
+    chosen = tuple(dict.fromkeys(b.strip().lower() for b in bands.split(","))) if bands else BANDS
     unknown = [b for b in chosen if b not in BANDS]
     if unknown:
         raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")
