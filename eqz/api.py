@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
 from .bands import check_band_name, check_gain, gain_warning, parse_described
-from .bank import SHIPPED_DIR, Bank, find_bank, model_fingerprint, require_bank, resolve_bank, writable_bank
+from .bank import (MANIFEST, SHIPPED_DIR, Bank, find_bank, model_fingerprint, own_bank_directory, require_bank,
+                   resolve_bank)
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
 from .generation import template_head
@@ -244,17 +245,30 @@ class EqzModel:
             prompts = [_text(prompt, "each prompt") for prompt in prompts]
         max_tokens = _whole(max_tokens, "max_tokens", EVAL_MIN_TOKENS)
         samples = _whole(samples, "samples", 1)
-        unmeasured = [band for band in bank.quality.get("dose_response", {}) if band not in chosen]
-        if record and unmeasured:  # one record holds every band's figures, measured alike
-            raise EqzError(f"recording replaces the recorded figures of every band, and {', '.join(unmeasured)} would "
-                           "lose theirs; measure every band to record, or do not record")
+        into = self._record_into(bank, chosen) if record else None
         extra = {"progress": progress} if progress else {}
         result = evaluate(self.model, bank, chosen, gain_list, prompts, max_tokens, samples, **extra)
         if record:
-            if bank.directory is not None and Path(bank.directory).parent == SHIPPED_DIR:
-                self._bank = bank = writable_bank(self.info)  # eqz's own files stay as shipped
+            bank.directory = into
             record_figures(result, bank)
         return result
+
+    def _record_into(self, bank: Bank, bands: tuple[str, ...]) -> Path:
+        """Where ``evaluate(record=True)`` saves ``bank`` with its figures, checked before any reply: the user's own
+        copy of a shipped bank (eqz's files stay as shipped), and only with every band measured (one record holds
+        all the bands' figures, measured alike)."""
+        recorded = bank.quality.get("dose_response", {})
+        unmeasured = [band for band in recorded if band in bank.bands and band not in bands]
+        if unmeasured:
+            raise EqzError(f"recording replaces the recorded figures of every band, and {', '.join(unmeasured)} would "
+                           "lose theirs; measure every band to record, or do not record")
+        if bank.directory is None or Path(bank.directory).parent != SHIPPED_DIR:
+            return bank.directory
+        own = own_bank_directory(self.info)
+        if (own / MANIFEST).exists():  # the library's load(bank=...) can pick the shipped bank over the user's
+            raise EqzError(f"these figures would be the shipped bank's, and {own} holds your own bank for "
+                           f"{self.info.name}: record with that one (load the model without bank=), or delete it first")
+        return own
 
     def analyze(self, text: str, by: str = "sentence") -> Analysis:
         """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token; by token
@@ -273,7 +287,7 @@ class EqzModel:
         nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
         one machine the same seed gives the same bank byte for byte, at any thread count."""
         from .bands import BANDS, unknown_band
-        from .bank import bank_to_extend
+        from .bank import bank_to_extend, writable_bank
         from .train import TrainSettings, add_described_bands, train_bank
 
         bands = list(dict.fromkeys(_names(bands, "bands"))) if bands is not None else []  # each band once

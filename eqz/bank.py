@@ -295,6 +295,7 @@ class Bank:
                 raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
         for name in names:
             del self.bands[name]
+            self.forget_recorded(name)
         self.dropped.update(names)
 
     # -- files
@@ -331,12 +332,11 @@ class Bank:
         read_directions = _meter_directions(directory / METER_FILE)
         for name, entry in bands:
             _check_entry(directory / MANIFEST, name, entry)
-            vector_file = read_control_vector(directory / entry["file"])
-            bank.bands[name] = Band(
-                name, vector_file.matrix(model.n_layer, model.n_embd, model.name),
-                float(entry.get("negative_ratio", 1.0)), entry.get("readout"), read_directions.get(name),
-                **{key: entry[key] for key in _BAND_ENTRY_FIELDS if key in entry},
-            )
+            matrix = read_control_vector(directory / entry["file"]).matrix(model.n_layer, model.n_embd, model.name)
+            with _broken_manifest(directory / MANIFEST):  # a field of the wrong type, such as negative_ratio: abc
+                bank.bands[name] = Band(name, matrix, float(entry.get("negative_ratio", 1.0)), entry.get("readout"),
+                                        read_directions.get(name),
+                                        **{key: entry[key] for key in _BAND_ENTRY_FIELDS if key in entry})
         return bank
 
     def save(self, directory: Path | None = None) -> Path:
@@ -413,6 +413,8 @@ def _require_manifest(path: Path, manifest) -> None:
 def _mend(manifest_path: Path) -> str:
     """What to do about a broken bank.yaml: any bank's folder can go; `eqz vectors reset` removes only the model's
     own (it cannot tell whose a broken bank is otherwise)."""
+    if manifest_path.parent.parent == SHIPPED_DIR:
+        return "reinstall eqz (make clean && make test)"
     reset = (" (`eqz vectors reset` does that, if it is the bank of the model you use)"
              if manifest_path.parent.parent == user_data_dir() else "")
     return f"mend it, or delete the folder {manifest_path.parent}{reset}"
@@ -563,22 +565,24 @@ def _bank_fingerprint(directory: Path) -> str | None:
         return None
 
 
+def own_bank_directory(info: ModelInfo) -> Path:
+    """Where the user's own bank for this model is or will be: by the model's name, or by name and fingerprint where
+    another model of that name has the first."""
+    own, other = _own_bank_dirs(info)
+    return other if (own / MANIFEST).exists() and _bank_fingerprint(own) != model_fingerprint(info) else own
+
+
 def writable_bank(info: ModelInfo) -> Bank:
     """The user's own bank for this model; on first use the one it would use otherwise (the shipped one), or an empty
     one, to be written there by its first ``save()``: a change that fails first leaves no copy behind to shadow it."""
-    own, other = _own_bank_dirs(info)
-    if (own / MANIFEST).exists():
-        bank = Bank.load(own)
-        if bank.model.fingerprint == model_fingerprint(info):
-            return bank
-        own = other
-        if (own / MANIFEST).exists():
-            return Bank.load(own)
+    directory = own_bank_directory(info)
+    if (directory / MANIFEST).exists():
+        return Bank.load(directory)
     existing = find_bank(info)
     if existing is not None:
-        existing.directory = own
+        existing.directory = directory
         return existing
-    return Bank.empty(info, own)
+    return Bank.empty(info, directory)
 
 
 def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Band:
@@ -588,6 +592,7 @@ def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Ba
     matrix = vector_file.matrix(info.n_layer, info.n_embd, info.name)
     band = Band(name, matrix, source=str(Path(path).expanduser()))
     bank.bands[name] = band
+    bank.forget_recorded(name)  # figures of a band it replaces measured another vector
     if bank.layers.read is None:
         steered = [layer for layer in range(info.n_layer) if np.any(matrix[layer])]
         bank.layers.steered = steered

@@ -315,7 +315,8 @@ def test_a_bank_yaml_edited_by_hand_is_checked_as_a_new_band_is(tmp_path, band, 
         Bank.load(tmp_path / "bank")
 
 
-@pytest.mark.parametrize("breakage", ["no n_embd", "steered layers not numbers", "not UTF-8", "a list"])
+@pytest.mark.parametrize("breakage", ["no n_embd", "steered layers not numbers", "not UTF-8", "a list",
+                                      "a band's negative_ratio not a number"])
 def test_a_broken_bank_of_ones_own_is_one_line_and_reset_removes_it(tmp_path, monkeypatch, breakage):
     """A bank.yaml the user's edits broke is never skipped in silence (its bands would vanish), nor a traceback; the
     line names the way back, and that way (`eqz vectors reset`) works on a bank it cannot read."""
@@ -340,6 +341,8 @@ def test_a_broken_bank_of_ones_own_is_one_line_and_reset_removes_it(tmp_path, mo
         manifest["layers"]["steered"] = ["ten"]
     elif breakage == "a list":
         manifest = [manifest]
+    elif breakage == "a band's negative_ratio not a number":
+        manifest["bands"]["joy"]["negative_ratio"] = "abc"
     (own / MANIFEST).write_bytes(yaml.safe_dump(manifest).encode() + (b"\xff\xfe" if breakage == "not UTF-8" else b""))
     with pytest.raises(EqzError, match=f"{own / MANIFEST}.*delete the folder {own} \\(`eqz vectors reset` does") \
             as raised:
@@ -347,6 +350,17 @@ def test_a_broken_bank_of_ones_own_is_one_line_and_reset_removes_it(tmp_path, mo
     assert "\n" not in str(raised.value)
     assert reset_user_bank(info) == own and not own.exists()
     assert find_bank(info).directory == shipped
+
+
+def test_a_removed_band_takes_its_recorded_figures_with_it():
+    """Else `eqz eval --record` refused for good: it must measure every band with figures, and one was gone."""
+    from eqz.bank import MANIFEST, SHIPPED_DIR
+
+    (shipped,) = [path.parent for path in SHIPPED_DIR.glob(f"*/{MANIFEST}")]
+    bank = Bank.load(shipped)
+    assert "anticipation" in bank.quality["dose_response"]
+    bank.remove("anticipation")
+    assert "anticipation" not in bank.quality["dose_response"] and "joy" in bank.quality["dose_response"]
 
 
 def test_described_bands_written_to_a_bank_directory_extend_the_bank_there(tmp_path):
