@@ -71,6 +71,7 @@ class PromptFile:
                 raise EqzError(f"{self.path}: prompt files are .txt (one per line) or .jsonl ({{\"prompt\": ...}})")
             self.jsonl = suffix == ".jsonl"
         self.skipped: list[str] = []
+        self.unfit: set[int] = set()  # lines found bad after parsing (plan: too long for the model), left out
 
     def close(self) -> None:
         if self._spool:
@@ -87,13 +88,18 @@ class PromptFile:
                         raise EqzError(f"{self.where(number)}: duplicate id '{row.id}' (ids must be unique for "
                                        "--resume to work)")
                 except EqzError as error:
-                    if not self.skip_bad:
-                        raise EqzError(f"{error}; fix the line or pass --skip-bad") from None
-                    self.skipped.append(str(error))
+                    self.bad(number, str(error))
                     continue
-                if row is not None:
+                if row is not None and number not in self.unfit:
                     seen.add(row.id)
                     yield row
+
+    def bad(self, number: int, error: str) -> None:
+        """Line ``number`` cannot be a row (``error`` says why): the run stops, or with --skip-bad it is left out."""
+        if not self.skip_bad:
+            raise EqzError(f"{error}; fix the line or pass --skip-bad")
+        self.skipped.append(error)
+        self.unfit.add(number)
 
     def where(self, number: int) -> str:
         return f"{self.path.name if not self._spool else 'stdin'} line {number}"
@@ -242,18 +248,22 @@ class Output:
             raise EqzError(f"cannot write {self.path}: {error.strerror or error}; choose another -o") from None
 
     def _load_existing(self) -> None:
-        """Remember the rows already there. Only a last line that is not JSON, after rows, is taken for one cut off by
-        a kill mid-write and dropped; any other line that is not a row means the file is not eqz's, and it is refused
-        before anything in it changes. A last row without its newline is kept, and the newline added."""
+        """Remember the rows already there. Only a last line that starts a row but is not JSON is taken for one cut
+        off by a kill mid-write and dropped; any other line that is not a row (blank lines aside) means the file is
+        not eqz's, and it is refused before anything in it changes. A last row without its newline is kept, and the
+        newline added."""
         keep = 0
         raw = b""
         with self.path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
+                if not raw.strip():  # a blank line holds nothing to keep or to refuse
+                    keep += len(raw)
+                    continue
                 try:
                     row = json.loads(raw)
                 except ValueError:  # not JSON, or not UTF-8
-                    if keep and not raw.endswith(b"\n"):
-                        break
+                    if not raw.endswith(b"\n") and raw.startswith(b"{"):
+                        break  # the start of a row, cut off by a kill mid-write (the first row's too)
                     row = None
                 if not _is_row(row):
                     raise EqzError(f"{self.path} line {number} is not a row eqz batch wrote, so --resume will not add "
@@ -375,11 +385,12 @@ def plan(prompts: PromptFile, model: Model) -> tuple[int, int]:
     """Validate every line before any generation; returns (valid prompts, longest prompt in tokens)."""
     count = longest = 0
     for row in prompts.rows():
-        count += 1
         size = len(model.tokenize(row.prompt)) + 64 + len(model.tokenize(row.system or ""))
         if size >= model.info.n_ctx_train:  # each sequence's context stops at the trained length (context_length)
-            raise EqzError(f"{prompts.where(row.line)}: the prompt is about {size} tokens with its chat template, and "
-                           f"{model.info.name} reads {model.info.n_ctx_train} at most; shorten it")
+            prompts.bad(row.line, f"{prompts.where(row.line)}: the prompt is about {size} tokens with its chat "
+                                  f"template, and {model.info.name} reads {model.info.n_ctx_train} at most")
+            continue
+        count += 1
         longest = max(longest, size)
     if count == 0:
         raise EqzError(f"{prompts.path}: no prompts found")

@@ -137,6 +137,12 @@ def test_resume_keeps_a_last_row_without_its_newline(tmp_path, prompt_file):
     resumed = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "4", "--resume")
     assert resumed.returncode == 0 and "(1 already there)" in resumed.stderr, resumed.stderr
     assert out.read_text() == whole.read_text()
+    out.write_text(whole.read_text()[:40])  # a kill while the first row was written: the run starts again
+    assert run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "4", "--resume").returncode == 0
+    assert out.read_text() == whole.read_text()
+    out.write_text(whole.read_text().split("\n")[0] + "\n\n")  # a blank line (an editor's) is no one else's file
+    resumed = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "4", "--resume")
+    assert resumed.returncode == 0 and "(1 already there)" in resumed.stderr, resumed.stderr
 
 
 @pytest.mark.parametrize("output", ["/dev/stdout", "-"])
@@ -157,7 +163,11 @@ def test_a_prompt_past_the_trained_context_is_one_line_naming_it(tmp_path):
     prompts.write_text("Hello.\n" + "I am glad. " * 2100 + "\n")
     result = run_eqz("batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "-n", "4")
     assert result.returncode == 2 and "p.txt line 2: the prompt is about" in result.stderr
-    assert "reads 8192 at most" in result.stderr and not (tmp_path / "o.jsonl").exists()
+    assert "reads 8192 at most; fix the line or pass --skip-bad" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    skipped = run_eqz("batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "-n", "4", "--skip-bad")
+    assert skipped.returncode == 0 and "skipped p.txt line 2" in skipped.stderr
+    assert [row["id"] for row in rows(tmp_path / "o.jsonl")] == ["1"]
 
 
 def test_huge_max_tokens_stays_within_the_trained_context(tmp_path):
