@@ -509,7 +509,8 @@ def train(
     descriptions = dict(parse_described(spec) for spec in described or [])
     target = Path(out).expanduser() if out else None
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
-        extending = bool(descriptions) and not bands  # described bands added to a bank (see EqzModel.train)
+        # described bands added to the model's bank (see EqzModel.train); with no bank, a whole one is trained
+        extending = bool(descriptions) and not bands and (target is not None or loaded.bank_if_any() is not None)
         if target is not None or not extending:
             check_training_target(target or user_data_dir() / slug(loaded.info.name), loaded.info,
                                   None if extending else (*chosen, *descriptions))

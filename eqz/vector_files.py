@@ -177,7 +177,8 @@ class ControlVector:
     __rmul__ = __mul__
 
     def __truediv__(self, scale: float) -> "ControlVector":
-        if self._scale(scale) == 0:
+        self._scale(scale)  # a real number (a tiny one is 0 as float32, but not here: saving says "too large")
+        if scale == 0:
             raise EqzError("a control vector cannot be divided by 0; multiply it by 0 for one that steers nothing")
         return self * (1.0 / scale)
 

@@ -387,6 +387,7 @@ def test_a_training_killed_leaves_no_copy_of_the_weights_behind(tmp_path, number
     deadline = time.monotonic() + 120
     while not list((tmp_path / "tmp").glob("eqz-unpacked-*/f16.gguf")) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert list((tmp_path / "tmp").glob("eqz-unpacked-*/f16.gguf")), "no copy was made: nothing to test"
     time.sleep(3)  # the copy is written and loaded: training has begun
     training.send_signal(number)
     assert training.wait(timeout=60) == -number
