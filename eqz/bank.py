@@ -520,6 +520,7 @@ def writable_directory(directory: Path, option: str) -> None:
     fail at its end for want of a place to put what it made."""
     if directory.exists() and not directory.is_dir():
         raise EqzError(f"{directory} is a file; {option} takes a directory")
+    made = [path for path in (directory, *directory.parents) if not path.exists()]
     probe = directory / ".eqz-write-test"
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -528,6 +529,10 @@ def writable_directory(directory: Path, option: str) -> None:
     except OSError as error:
         raise EqzError(f"cannot write into {directory}: {error.strerror or error}; give {option} another directory") \
             from None
+    finally:
+        for path in made:  # the run makes them when it writes; a run refused or stopped before then leaves none
+            if path.is_dir():
+                path.rmdir()
 
 
 def check_training_target(directory: Path, info: ModelInfo, bands: tuple[str, ...] | None) -> None:
