@@ -15,7 +15,6 @@ failed its direction check) go to ``model.on_warning``, by default Python's ``wa
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import random
 import sys
@@ -34,7 +33,7 @@ from .generation import template_head
 from .models import ModelInfo, resolve_model_path
 from .presets import Preset, get_preset, resolve
 from .reading import common_prefix_length
-from .sampling import check_setting
+from .sampling import check_setting, is_whole
 from .session import ChatSession, Turn, model_record
 from .steering import Steering
 from .vector_files import ControlVector
@@ -340,7 +339,7 @@ def _names(value, name: str) -> list[str]:
 def _whole(value, name: str, least: int, note: str = "") -> int:
     """A count such as ``samples``: an int (a numpy one too), not a bool, a float or a string; ``note`` adds to the
     error (what None means, where it is allowed)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+    if not is_whole(value, least):
         raise EqzError(f"{name} must be a whole number of at least {least}{note}, got {value!r}")
     return int(value)
 

@@ -6,6 +6,7 @@ import math
 import re
 
 from .errors import EqzError
+from .sampling import as_number
 
 PRIMARIES = ("joy", "trust", "fear", "surprise", "sadness", "disgust", "anger", "anticipation")
 AXES = ("valence", "arousal")
@@ -81,10 +82,7 @@ def check_gain(band: str, value, valid: tuple[str, ...] | None = BANDS, what: st
     bands / range. ``valid`` None: any band name (the bank checks it later)."""
     if valid is not None and band not in valid:
         raise unknown_band(band, valid)
-    try:
-        gain = float(value) if not isinstance(value, bool) else None  # YAML/JSON true is no gain
-    except (TypeError, ValueError):
-        gain = None
+    gain = as_number(value)
     if gain is None:
         raise EqzError(f"{what} for {band} must be a number, got {value!r}")
     limit = MAX_LEVEL if what == "level" else MAX_GAIN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import EqzError
@@ -48,15 +49,29 @@ def check_setting(name: str, value) -> float | int:
     low, high, integer = _LIMITS[name]
     if integer:
         return _as_int(name, value, low, high)
-    try:
-        number = float(value) if not isinstance(value, bool) else None  # YAML/JSON false is no temperature
-    except (TypeError, ValueError):
-        number = None
+    number = as_number(value)
     if number is None:
         raise EqzError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
         raise EqzError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
     return number
+
+
+def as_number(value) -> float | None:
+    """``value`` as a float (a command line's string too), or None where it is no number: true and false included,
+    which YAML and JSON would otherwise make 1 and 0."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def is_whole(value, least: int) -> bool:
+    """Whether a library argument such as a count is an int (a numpy one too) of at least ``least``; a bool, a float or
+    a string is not."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
 
 
 def _as_int(name: str, value, low, high) -> int:

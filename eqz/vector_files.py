@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 
 from .errors import EqzError
+from .sampling import is_whole
 
 ARCHITECTURE = "controlvector"
 
@@ -199,8 +200,7 @@ class ControlVector:
     def load(cls, path: str | Path, n_layer: int | None = None, n_embd: int | None = None) -> "ControlVector":
         """A control-vector GGUF as a value; give the model's ``n_layer``/``n_embd`` to check it fits (default:
         just enough layers for the file)."""
-        if any(size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1)
-               for size in (n_layer, n_embd)):
+        if any(size is not None and not is_whole(size, 1) for size in (n_layer, n_embd)):
             raise EqzError(f"n_layer and n_embd are the model's sizes, whole numbers such as model.info.n_layer; got "
                            f"{n_layer!r} and {n_embd!r}")
         vector_file = read_control_vector(path)
