@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
-from .bands import check_band_name, check_gain, gain_warning, parse_described
-from .bank import (MANIFEST, SHIPPED_DIR, Bank, find_bank, model_fingerprint, own_bank_directory, require_bank,
-                   resolve_bank)
+from .bands import check_described, check_gain, gain_warning
+from .bank import MANIFEST, SHIPPED_DIR, Bank, find_bank, own_bank_directory, require_bank, resolve_bank
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
 from .generation import template_head
@@ -357,11 +356,7 @@ def _described(value) -> dict[str, str]:
     work: a name that is no file name (such as '../x') or is a built-in band's, an empty description."""
     described = _mapping(value, "described", "{'nostalgia': 'wistful longing for the past'}") or {}
     for name, description in described.items():
-        check_band_name(_text(name, "a described band's name"))  # also keeps '=' out of the spec below
-        if not _text(description, f"the description of {name}").strip():
-            raise EqzError(f"the description of {name} is empty; say what the feeling is, such as "
-                           "'wistful longing for the past'")
-        parse_described(f"{name}={description}")  # refuses a built-in band's name, as the CLI does
+        check_described(_text(name, "a described band's name"), _text(description, f"the description of {name}"))
     return dict(described)
 
 
@@ -428,20 +423,10 @@ def load(model: str | Path | None = None, *, bank: str | Path | None = None, thr
         _whole(threads, "threads", 1, " (None: eqz chooses)")
     loaded = Model(resolve_model_path(None if model is None else str(model)), threads=threads, gpu_layers=gpu_layers)
     try:
-        return EqzModel(loaded, _bank_for(str(bank), loaded.info) if bank is not None else None)
+        return EqzModel(loaded, resolve_bank(str(bank), loaded.info) if bank is not None else None)
     except BaseException:
         loaded.close()
         raise
-
-
-def _bank_for(spec: str, info: ModelInfo) -> Bank:
-    """The bank ``spec`` names, refused where it was made for another model (its vectors would not fit this one's
-    layers)."""
-    bank = resolve_bank(spec, info)
-    if bank.model.fingerprint != model_fingerprint(info):
-        raise EqzError(f"the bank {spec} was made for {bank.model.name}, not for {info.name}; load {bank.model.name} "
-                       f"to use it, or leave bank out to use the bank of {info.name}")
-    return bank
 
 
 __all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "load"]

@@ -123,7 +123,16 @@ def parse_described(spec: str) -> tuple[str, str]:
     if not sep or not description:
         raise EqzError(f"--band takes NAME=\"what the feeling is\", e.g. nostalgia=\"wistful longing for the past\"; "
                        f"got '{spec}'")
+    check_described(name, description)
+    return name, description
+
+
+def check_described(name: str, description: str) -> None:
+    """A described band (``eqz train --band``, the library's ``train(described=...)``): a name of its own that works
+    as a file name, and a description that says something."""
     check_band_name(name)
     if name in BANDS:
         raise EqzError(f"'{name}' is a built-in band; give the described band a name of its own")
-    return name, description
+    if not description.strip():
+        raise EqzError(f"the description of {name} is empty; say what the feeling is, such as 'wistful longing for "
+                       "the past'")

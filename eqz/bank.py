@@ -484,17 +484,22 @@ def require_bank(info: ModelInfo) -> Bank:
 
 
 def resolve_bank(spec: str | None, info: ModelInfo | None) -> Bank:
-    """A bank named by directory, by its folder name, or (spec None) the one for ``info``'s model."""
+    """A bank named by directory, by its folder name, or (spec None) the one for ``info``'s model. Given ``info``, a
+    named bank must be that model's: another's vectors do not fit its layers."""
     if spec is None:
         assert info is not None
         return require_bank(info)
     path = Path(spec).expanduser()
     if (path / MANIFEST).exists():
-        return Bank.load(path)
-    for found in list_banks():
-        if found.directory.name == spec:
-            return found.load()
-    raise EqzError(f"no bank named '{spec}'; `eqz vectors list` shows the banks found")
+        bank = Bank.load(path)
+    else:
+        bank = next((found.load() for found in list_banks() if found.directory.name == spec), None)
+        if bank is None:
+            raise EqzError(f"no bank named '{spec}'; `eqz vectors list` shows the banks found")
+    if info is not None and bank.model.fingerprint != model_fingerprint(info):
+        raise EqzError(f"the bank {spec} was made for {bank.model.name}, not for {info.name}; load {bank.model.name} "
+                       f"to use it, or leave bank out to use the bank of {info.name}")
+    return bank
 
 
 def bank_to_extend(directory: Path, info: ModelInfo) -> Bank | None:
@@ -541,7 +546,8 @@ def check_training_target(directory: Path, info: ModelInfo, bands: tuple[str, ..
     it extends the one there) would drop: imported, described, or left out of --bands."""
     writable_directory(directory, "--out")
     if (directory / MANIFEST).exists():
-        dropped = [name for name in _this_models_bank(directory, info).names if bands is not None and name not in bands]
+        kept = _this_models_bank(directory, info).names
+        dropped = [name for name in kept if name not in bands] if bands is not None else []
         if dropped:
             raise EqzError(f"{directory} holds this model's bank with {', '.join(dropped)}, which the new bank would "
                            "drop; give --out a directory of its own (or `eqz vectors reset` first, for your own copy)")
