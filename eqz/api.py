@@ -32,7 +32,7 @@ from .generation import template_head
 from .models import ModelInfo, resolve_model_path
 from .presets import Preset, get_preset, resolve
 from .reading import common_prefix_length
-from .sampling import check_setting, is_whole
+from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, check_setting, is_whole
 from .session import ChatSession, Turn, model_record
 from .steering import Steering
 from .vector_files import ControlVector
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
     from .batch import BatchPlan
     from .eval import EvalResult
     from .serving import BatchServer, Request
-
-
-EVAL_MIN_TOKENS = 8  # the fewest tokens per reply evaluate measures (`eqz eval -n`)
-MIN_CONTEXT = 64  # the fewest tokens a context holds (`--ctx`): a chat template head and a short reply
 
 
 class EqzWarning(UserWarning):
@@ -125,6 +121,7 @@ class EqzModel:
     ) -> ChatSession:
         """A conversation set up from a preset, then the explicit settings on top of it (they win)."""
         sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
         sampling, vectors = _mapping(sampling, "sampling", "{'temperature': 0.7}"), _vector_pairs(vectors)
         bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate))
         valid = bank.names if bank else ()

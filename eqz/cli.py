@@ -12,6 +12,7 @@ import typer
 
 from . import __version__
 from .errors import EqzError
+from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT
 
 EXAMPLES = """
 Examples:
@@ -41,7 +42,7 @@ ModelOpt = Annotated[
 ]
 ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs]", min=1)]
 GpuLayersOpt = Annotated[Optional[str], typer.Option("--gpu-layers", "-ngl", metavar="N|all", envvar="EQZ_GPU_LAYERS", help="layers offloaded to the GPU (also $EQZ_GPU_LAYERS) \\[default: all when llama.cpp was built for a GPU, else 0]")]
-CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens", min=64)]
+CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens", min=MIN_CONTEXT)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="system prompt")]
 VectorOpt = Annotated[
     Optional[list[str]],
@@ -98,6 +99,17 @@ def _clamp_ablate(clamp: list[str] | None, ablate: list[str] | None) -> tuple[di
     from .bands import parse_set
 
     return dict(parse_set(spec, None, "--clamp") for spec in clamp or []), [b.strip().lower() for b in ablate or []]
+
+
+def _listed(text: str | None, option: str) -> list[str] | None:
+    """A comma-separated option's names, in order, once each; None when it was not given. An empty name is a
+    typo (``--bands ""``, ``joy,,fear``), not "all"."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise EqzError(f"{option} '{text}' has an empty name; give names separated by commas, or leave {option} out")
+    return list(dict.fromkeys(names))
 
 
 def _load_model(model: str | None, threads: int | None, chatting: bool = False, gpu_layers: str | None = "0"):
@@ -162,7 +174,7 @@ def models(
     paths: Annotated[Optional[list[str]], typer.Argument(metavar="GGUF", help="GGUF files \\[default: the model eqz would load]")] = None,
     model: ModelOpt = None,
     json_output: JsonOpt = False,
-    ctx: Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context the memory estimate is for", min=64)] = 4096,
+    ctx: Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context the memory estimate is for", min=MIN_CONTEXT)] = 4096,
 ) -> None:
     """Show a model's path, architecture, layers, width, context length, chat template, the backend llama.cpp
     was built for, and the memory the weights and a KV cache of --ctx tokens take."""
@@ -315,6 +327,7 @@ def batch(
         from .ray_batch import require_ray
 
         require_ray()
+    preset_names = _listed(presets, "--presets") or []
     source = PromptFile(prompts, skip_bad=skip_bad)
     sink = Output(output, resume)  # a bad -o fails here, before the model loads
     try:
@@ -323,7 +336,7 @@ def batch(
                             min_p=min_p, repeat_penalty=repeat_penalty)
             clamps, ablates = _clamp_ablate(clamp, ablate)
             batch = loaded.batch(source, sink, preset=preset,
-                                 presets=[p.strip() for p in presets.split(",")] if presets else [],
+                                 presets=preset_names,
                                  sliders=_gains(set_, None), sweeps=[parse_sweep(s, None) for s in sweep or []],
                                  sampling=sampling, system=system, clamp=clamps, ablate=ablates, samples=samples,
                                  seed=seed, parallel=parallel, meter=meter)
@@ -366,8 +379,9 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (chat and completions, with sliders per request and live re-steering) and the web
     equalizer at http://HOST:PORT/."""
-    from .server import is_loopback, listen_socket, serve as run_server
+    from .server import check_api_key, is_loopback, listen_socket, serve as run_server
 
+    check_api_key(api_key)
     if not is_loopback(host) and not api_key:
         raise EqzError(f"--host {host} would let anyone on the network use this machine; add --api-key KEY "
                        "(or leave --host at 127.0.0.1)")
@@ -423,7 +437,7 @@ def eval_command(
     gains: Annotated[str, typer.Option("--gains", metavar="G,G,G", help="comma-separated gains")] = "-1,0,1,2",
     prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="FILE", help="prompt file, one per line \\[default: built-in held-out set]")] = None,
     output: Annotated[str, typer.Option("--output", "-o", metavar="DIR", help="directory for eval.json, eval.csv (and the plot)")] = "eval",
-    tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", metavar="N", help="tokens per reply", min=8)] = 64,
+    tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", metavar="N", help="tokens per reply", min=EVAL_MIN_TOKENS)] = 64,
     samples: Annotated[int, typer.Option("--samples", metavar="N", help="replies per prompt and setting", min=1)] = 1,
     plot: Annotated[bool, typer.Option("--plot", metavar="", help="also draw dose_response.png (needs matplotlib)")] = False,
     record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml")] = False,
@@ -451,9 +465,9 @@ def eval_command(
             raise EqzError(f"cannot read {prompts}: {error}") from None
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
+    chosen = [band.lower() for band in _listed(bands, "--bands") or []] or None
     writable_directory(Path(output).expanduser(), "--output")  # before minutes of replies, not after
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
-        chosen = [b.strip().lower() for b in bands.split(",")] if bands else None
         with progress_bars() as progress:
             result = loaded.evaluate(chosen, gain_list, prompt_list, tokens, samples, progress, record)
     print_eval(result, non_fluent_gains(result))
@@ -502,7 +516,7 @@ def train(
     from .display import progress_bars, print_bank
     from .errors import EqzError
 
-    chosen = tuple(dict.fromkeys(b.strip().lower() for b in bands.split(","))) if bands else BANDS
+    chosen = tuple(dict.fromkeys(band.lower() for band in _listed(bands, "--bands") or [])) or BANDS
     unknown = [b for b in chosen if b not in BANDS]
     if unknown:
         raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,11 +30,16 @@ err_console = Console(stderr=True, highlight=False)
 
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """``progress(stage, total)`` starts a bar and returns ``advance(n)``; bars go to stderr."""
+    """``progress(stage, total)`` starts a bar and returns ``advance(n)``; bars go to stderr. The display opens
+    with the first bar: an error before any work is one line, not a blank one and then the error."""
     columns = (TextColumn("{task.description:<42}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console) as bars:
+    with ExitStack() as opened:
+        shown: list[Progress] = []
 
         def start(stage: str, total: int) -> Callable[[int], None]:
+            if not shown:
+                shown.append(opened.enter_context(Progress(*columns, console=err_console)))
+            bars = shown[0]
             task = bars.add_task(stage, total=total)
             return lambda n: bars.advance(task, n)
 

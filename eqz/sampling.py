@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import EqzError
 
+MIN_CONTEXT = 64  # the fewest tokens a context holds (`--ctx`): a chat template head and a short reply
+EVAL_MIN_TOKENS = 8  # the fewest tokens per reply an eval measures (`eqz eval -n`): fewer carry no emotion words
+
 # (low, high, integer?) for every setting; None on a side means unbounded.
 _LIMITS: dict[str, tuple[float | None, float | None, bool]] = {
     "temperature": (0.0, 5.0, False),

@@ -60,11 +60,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_api_key(key: str | None) -> None:
+    """A key a client can send: HTTP carries a header in ASCII and trims the spaces at its ends, so a key with
+    spaces or other characters would lock every client out."""
+    if key and not all("!" <= character <= "~" for character in key):
+        raise EqzError("an API key must be printable ASCII without spaces (a client could never send this one); "
+                       "choose another, such as the output of `openssl rand -hex 16`")
+
+
 class EqzServer:
     """The app's state: the model, its decode loop, and the replies running or recently finished."""
 
     def __init__(self, model: EqzModel, parallel: int = 4, per_sequence: int = 2048, max_waiting: int = 64,
                  api_key: str | None = None, preset: str | None = None):
+        check_api_key(api_key)
         self.model = model
         self.preset = preset  # for requests without an "eqz" field (front-ends that cannot send one)
         self.name = Path(model.info.path).stem

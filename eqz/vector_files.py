@@ -101,6 +101,9 @@ NOT_FINITE = "the control vector is not finite (a scale too large for float32, o
 
 def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) -> Path:
     """Write the non-zero rows of ``matrix`` (n_layer, n_embd) as ``direction.N`` tensors."""
+    if str(path) == "-":
+        raise EqzError("a control vector is a binary .gguf file, not text for stdout; give a file name, such as "
+                       "mix.gguf")
     path = Path(path).expanduser()
     if path.is_dir():
         raise EqzError(f"{path} is a folder; give a file name, such as {path / 'mix.gguf'}")

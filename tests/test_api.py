@@ -115,6 +115,7 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "parallel must be a whole number of at least 1": lambda: library.server(parallel=0),  # never replied
                "max_waiting must be a whole number of at least 0": lambda: library.server(max_waiting=-1),
                "per_sequence must be a whole number of at least 64": lambda: library.server(per_sequence=8),
+               "n_ctx must be a whole number of at least 64": lambda: library.chat(n_ctx=0),  # llama.cpp: 0 = the model's
                # evaluate: a lone string was iterated letter by letter, no tokens or a bool gain were measured
                "bands takes a list of band names, such as \\['joy'\\]": lambda: library.evaluate("joy"),
                "prompts takes a list of strings": lambda: library.evaluate(["joy"], [0], "Hi there", max_tokens=8),

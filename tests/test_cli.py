@@ -183,6 +183,19 @@ def test_a_bad_training_seed_is_refused_before_training(tmp_path):
     assert not (tmp_path / "bank").exists()
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (("train", "--bands", ""), "--bands '' has an empty name"),  # was: train all ten bands
+    (("eval", "--bands", "joy,,fear"), "has an empty name"),  # was: unknown band ''
+    (("batch", "prompts.txt", "--presets", "calm,"), "--presets 'calm,' has an empty name"),
+    (("vectors", "export", "-o", "-", "--set", "joy=1"), "binary .gguf file"),  # was: a file named '-'
+    (("eval", "--bands", "nosuch"), "unknown band 'nosuch'"),  # was: a blank line from the progress bars first
+], ids=lambda value: " ".join(value) if isinstance(value, tuple) else "")
+def test_odd_lists_and_outputs_are_refused_in_one_line(tmp_path, args, fragment):
+    ran = run_eqz(*args, "-o", str(tmp_path / "out")) if args[0] != "vectors" else run_eqz(*args)
+    assert_one_line_error(ran, fragment)
+    assert ran.stderr.startswith("eqz: error: ") and not (tmp_path / "out").exists()
+
+
 def test_prompt_longer_than_the_context():
     assert_one_line_error(run_eqz("generate", "word " * 600, "--ctx", "256"), "context holds 256", "--ctx")
 

@@ -290,6 +290,9 @@ def test_a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_429():
 def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_plain_clients():
     refused = run_eqz("serve", "--host", "0.0.0.0", "--port", "0")
     assert refused.returncode == 2 and "--api-key" in refused.stderr and "Traceback" not in refused.stderr
+    for unsendable in (" ", "café"):  # HTTP trims a header's spaces and carries ASCII: no client could get in
+        blank = run_eqz("serve", "--host", "0.0.0.0", "--api-key", unsendable, "--port", "0", timeout=60)
+        assert blank.returncode == 2 and "printable ASCII without spaces" in blank.stderr
     misspelt = run_eqz("serve", "--preset", "gloomy", "--port", "0")
     assert misspelt.returncode == 2 and "gloomy" in misspelt.stderr
     served = Served("--api-key", "sesame", "--preset", "melancholy")
