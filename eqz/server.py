@@ -210,7 +210,9 @@ class EqzServer:
         job.on_event = on_event
         self.loop.submit(job)
         created = int(time.time())
-        self._remember(job.id, {"id": job.id, **job.steering.to_dict(self.bands), "finish_reason": None})
+        # a running reply's record: its changes are those a token has taken so far (the decode thread adds them)
+        self._remember(job.id, {"id": job.id, **job.steering.to_dict(self.bands), "changes": job.changes,
+                                "finish_reason": None})
         if streaming:
             return StreamingResponse(self._chunks(job, events, created, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Eqz-Stream": job.id})

@@ -156,12 +156,14 @@ def resteered_stream(server: Served, max_tokens: int, *moves: dict, start: dict 
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         stream_id = response.headers["X-Eqz-Stream"]
-        for sliders in moves:
+        for made, sliders in enumerate(moves, 1):
             for _ in range(6):
                 response.readline(), response.readline()  # "data: ..." and the blank line after it
             status, changed = server.post(f"/v1/eqz/streams/{stream_id}", {"sliders": sliders})
             assert status == 200 and all(changed["sliders"][band] == gain for band, gain in sliders.items())
-            assert server.get(f"/v1/eqz/streams/{stream_id}")[1]["sliders"] == changed["sliders"]
+            running = server.get(f"/v1/eqz/streams/{stream_id}")[1]
+            assert running["sliders"] == changed["sliders"]
+            assert len(running["changes"]) <= made  # the moves a token has taken so far (this one from the next)
         text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
                        for line in response.read().decode().splitlines() if line.startswith("data: {"))
     status, record = server.get(f"/v1/eqz/streams/{stream_id}")
