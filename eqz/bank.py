@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .bands import check_band_name, check_gain
+from .bands import BANDS, check_band_name, check_gain
 from .errors import EqzError
 from .models import ModelInfo, fingerprint
 from .shipped import shipped_dir
@@ -462,6 +462,12 @@ def list_banks() -> list[FoundBank]:
                 found.append(FoundBank(manifest_path.parent, ModelRecord(**manifest["model"]), tuple(manifest["bands"]),
                                        manifest.get("quality", {}).get("heldout_accuracy"), manifest))
     return found
+
+
+def known_band_names() -> tuple[str, ...]:
+    """The ten built-in bands and every band a bank here adds (imported or described): what a preset may name with
+    no model loaded (presets save, validate, list). The model's own bank checks it again when the preset is used."""
+    return tuple(dict.fromkeys([*BANDS, *(name for found in list_banks() for name in found.band_names)]))
 
 
 def find_bank(info: ModelInfo) -> Bank | None:

@@ -691,10 +691,11 @@ app.add_typer(presets_app, name="presets")
 @presets_app.command("list")
 def presets_list(json_output: JsonOpt = False) -> None:
     """List preset moods (bundled and user) with a small bar chart of each; broken files show their error."""
+    from .bank import known_band_names
     from .display import print_preset_list
     from .presets import discover
 
-    entries = discover()
+    entries = discover(known_band_names())
     if json_output:
         typer.echo(json.dumps([{"name": e.name, "path": str(e.path), "source": e.source, "error": e.error,
                                 "sliders": e.preset.sliders if e.preset else None} for e in entries.values()], indent=2))
@@ -705,10 +706,11 @@ def presets_list(json_output: JsonOpt = False) -> None:
 @presets_app.command("show")
 def presets_show(name: Annotated[str, typer.Argument(metavar="NAME", help="preset name")]) -> None:
     """Show one preset: description, sliders, sampling, system prompt, filters, file."""
+    from .bank import known_band_names
     from .display import print_preset
     from .presets import get_preset
 
-    print_preset(get_preset(name))
+    print_preset(get_preset(name, known_band_names()))
 
 
 @presets_app.command("save")
@@ -731,12 +733,13 @@ def presets_save(
 ) -> None:
     """Save a user preset from --set gains, sampling and filters (on top of an optional --from preset) to the user
     config dir: everything a preset file can hold."""
-    from .bands import BANDS
+    from .bank import known_band_names
     from .presets import BUNDLED_DIR, Preset, check_name, get_preset, resolve, save_preset
     from .sampling import check_setting
 
-    base = get_preset(from_) if from_ else None
-    resolved = resolve(base, BANDS, _gains(set_, BANDS), None, system, *_clamp_ablate(clamp, ablate))
+    known = known_band_names()
+    base = get_preset(from_, known) if from_ else None
+    resolved = resolve(base, known, _gains(set_, known), None, system, *_clamp_ablate(clamp, ablate))
     sampling = dict(base.sampling) if base else {}  # only the settings asked for, not every default
     flags = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                  repeat_penalty=repeat_penalty)
@@ -759,9 +762,10 @@ def presets_validate(file: Annotated[str, typer.Argument(metavar="FILE", help="a
     """Check a preset file: prints 'ok' or the one problem found (and exits non-zero)."""
     from pathlib import Path
 
+    from .bank import known_band_names
     from .presets import load_preset_file
 
-    preset = load_preset_file(Path(file))
+    preset = load_preset_file(Path(file), known_band_names())
     sliders, settings = len(preset.sliders), len(preset.sampling)
     typer.echo(f"ok: {preset.name} ({sliders} slider{'s' * (sliders != 1)}, "
                f"{settings} sampling setting{'s' * (settings != 1)})")

@@ -182,8 +182,9 @@ def print_preset_list(entries: list[PresetEntry]) -> None:
     table.add_column("source")
     for entry in sorted(entries, key=lambda e: e.name):
         if entry.preset:
-            table.add_row(Text(entry.name), mini_chart(entry.preset.sliders), Text(entry.preset.description),
-                          Text(entry.source))
+            own = ", ".join(f"{band} {gain:+g}" for band, gain in entry.preset.sliders.items() if band not in BANDS)
+            described = " ".join(part for part in (entry.preset.description, own and f"(also {own})") if part)
+            table.add_row(Text(entry.name), mini_chart(entry.preset.sliders), Text(described), Text(entry.source))
         else:
             table.add_row(Text(entry.name), Text("invalid", style="red"), Text(entry.error or "", style="red"),
                           Text(entry.source))
@@ -194,7 +195,7 @@ def print_preset_list(entries: list[PresetEntry]) -> None:
 def print_preset(preset: Preset) -> None:
     described = f" — {escape(preset.description)}" if preset.description else ""
     console.print(f"[bold]{escape(preset.name)}[/bold]{described}")
-    for band in BANDS:
+    for band in dict.fromkeys([*BANDS, *preset.sliders]):  # a band of the user's own after the ten
         gain = preset.sliders.get(band, 0.0)
         if gain:
             bar = "█" * round(abs(gain) * 10)  # left of the axis below zero, right of it above

@@ -126,3 +126,20 @@ def test_a_preset_file_is_used_by_its_path_without_saving_it(tmp_path):
     assert record["preset"] == "wistful" and record["sliders"]["sadness"] == 0.6
     missing = run_eqz("generate", "Hi", "-p", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "nope.yaml: cannot read" in missing.stderr
+
+
+def test_a_band_of_the_users_own_is_saved_validated_listed_and_shown_in_presets(tmp_path, random_vector_file):
+    """An imported (or described) band works in presets as in --set: save, validate and list refused it (they knew
+    the ten built-in bands only), while generate -p took the same file."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    assert run_eqz("vectors", "import", str(random_vector_file), "--band", "happy", env=env).returncode == 0
+    saved = run_eqz("presets", "save", "glad", "--set", "happy=0.5", "--set", "joy=0.2", env=env)
+    assert saved.returncode == 0, saved.stderr
+    path = tmp_path / "config" / "eqz" / "presets" / "glad.yaml"
+    assert run_eqz("presets", "validate", str(path), env=env).stdout.startswith("ok: glad (2 sliders")
+    listed = {entry["name"]: entry for entry in json.loads(run_eqz("presets", "list", "--json", env=env).stdout)}
+    assert listed["glad"]["error"] is None and listed["glad"]["sliders"] == {"happy": 0.5, "joy": 0.2}
+    assert "(also happy +0.5)" in run_eqz("presets", "list", env=env).stdout
+    assert "happy" in run_eqz("presets", "show", "glad", env=env).stdout
+    unknown = run_eqz("presets", "save", "odd", "--set", "zest=1", env=env)  # still refused: no bank has it
+    assert unknown.returncode == 2 and "unknown band 'zest'" in unknown.stderr and "happy" in unknown.stderr
