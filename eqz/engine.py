@@ -182,7 +182,8 @@ def _explain_load_failure(path: Path, errors: list[str]) -> EqzError:
     if "unknown model architecture" in joined:
         arch = joined.split("unknown model architecture:", 1)[1].strip().split()[0].strip("'")
         if arch == "controlvector":
-            return EqzError(f"{path} is a control vector, not a model; pass it with --vector FILE[:SCALE]")
+            return EqzError(f"{path} is a control vector, not a model; steer with it instead (--vector FILE[:SCALE]; "
+                            "vectors=[(FILE, SCALE)] in the library)")
         return EqzError(
             f"{path}: architecture '{arch}' is not supported by the llama.cpp in this eqz "
             f"(llama-cpp-python {L.__version__}); use a model of a supported architecture"
@@ -645,7 +646,8 @@ class Context:
         if error is not None:
             raise error
         if status == 1:
-            raise EqzError("the context is full; raise --ctx or shorten the conversation", exit_code=1)
+            raise EqzError("the context is full; raise --ctx (n_ctx in the library) or shorten the conversation",
+                           exit_code=1)
         if status != 0:
             raise EqzError(f"llama.cpp failed to decode (status {status})", exit_code=1)
 
@@ -707,7 +709,7 @@ class Context:
         if len(tokens) >= self.n_ctx:
             raise EqzError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
-                "shorten it or raise --ctx"
+                "shorten it or raise --ctx (n_ctx in the library)"
             )
         keep = 0
         for cached, new in zip(self.session_tokens, tokens):

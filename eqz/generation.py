@@ -369,7 +369,7 @@ def generate_parallel(
                 if len(prompt) >= context.n_ctx // context.n_seq:
                     raise EqzError(
                         f"a prompt of {len(prompt)} tokens does not fit the {context.n_ctx // context.n_seq} "
-                        "tokens each parallel sequence has; shorten it, lower --parallel or raise --ctx"
+                        "tokens each parallel sequence has; shorten it"
                     )
                 prompt_rows = lambda size: announce([slot.job] * size, reply=False)  # noqa: E731
                 heads.decode(seq, prompt, head, before_chunk=prompt_rows)

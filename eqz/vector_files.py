@@ -78,7 +78,8 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
         directions[layer] = np.array(tensor.data, dtype=np.float32).reshape(-1)
     if not directions:
         if architecture and architecture != ARCHITECTURE:
-            raise EqzError(f"{path} is a '{architecture}' model, not a control vector; pass it with --model")
+            raise EqzError(f"{path} is a '{architecture}' model, not a control vector; load it as the model (--model; "
+                           "eqz.load(FILE) in the library)")
         raise EqzError(f"{path} has no direction.N tensors; it is not a llama.cpp control vector")
     sizes = {len(direction) for direction in directions.values()}
     if len(sizes) != 1:
