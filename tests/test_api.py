@@ -21,6 +21,7 @@ from .conftest import run_eqz
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_BANK = ROOT / "vectors" / "smollm2-135m-instruct"
 
 
 def test_readme_library_example_runs_as_written(tmp_path):
@@ -116,6 +117,8 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "max_waiting must be a whole number of at least 0": lambda: library.server(max_waiting=-1),
                "per_sequence must be a whole number of at least 64": lambda: library.server(per_sequence=8),
                "n_ctx must be a whole number of at least 64": lambda: library.chat(n_ctx=0),  # llama.cpp: 0 = the model's
+               # a message the CLI shares names the library's way too (it said only "pass it with --vector")
+               "vectors=\\[\\(FILE, SCALE\\)\\] in the library": lambda: eqz.load(SHIPPED_BANK / "joy.gguf"),
                # evaluate: a lone string was iterated letter by letter, no tokens or a bool gain were measured
                "bands takes a list of band names, such as \\['joy'\\]": lambda: library.evaluate("joy"),
                "prompts takes a list of strings": lambda: library.evaluate(["joy"], [0], "Hi there", max_tokens=8),
