@@ -132,7 +132,7 @@ class EqzModel:
                 self.on_warning(f"{band}={gain:g}{gain_warning(band, resolved.gains[band])}")
         steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:
-            steering = steering.with_vector(path, scale)
+            steering = steering.plus_vector(path, scale)
         for line in bank.doubtful(dict(steering.gains)) if bank else []:
             self.on_warning(line)
         session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering, n_ctx=n_ctx,
@@ -169,6 +169,8 @@ class EqzModel:
         from .steering import Steerer
 
         sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        samples, parallel = _whole(samples, "samples", 1), _whole(parallel, "parallel", 1)  # 0 spun for ever
+        seed = check_setting("seed", seed)
         source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts))
         sink = output if isinstance(output, Output) else Output(str(output), resume=False)
         try:
@@ -227,7 +229,8 @@ class EqzModel:
                  prompts: list[str] | None = None, max_tokens: int = 64, samples: int = 1, progress=None,
                  record: bool = False) -> "EvalResult":
         """What each slider does to held-out replies against asking for the emotion in the system prompt (lexicon
-        or judge effect, readout, fluency). ``record`` stores the figures in the bank's bank.yaml."""
+        or judge effect, readout, fluency). ``record`` stores the figures in the bank's bank.yaml (the shipped bank's
+        in the user's own copy of it, used from then on; every band with recorded figures must be measured)."""
         from .eval import evaluate, record as record_figures
 
         bank = self.bank
@@ -414,7 +417,7 @@ def llama_build() -> dict:
 
 def load(model: str | Path | None = None, *, bank: str | Path | None = None, threads: int | None = None,
          gpu_layers: int | None = None) -> EqzModel:
-    """Load a GGUF model (default: eqz's default model) and, if given, a bank by directory or name.
+    """Load a GGUF model (default: $EQZ_MODEL, else eqz's default model) and, if given, a bank by directory or name.
     ``gpu_layers``: layers offloaded to the GPU, -1 for all (default: all on a GPU build of llama.cpp, else 0)."""
     if threads is not None:
         _whole(threads, "threads", 1, " (None: eqz chooses)")

@@ -40,6 +40,11 @@ class Steering:
         kept = tuple((p, s) for p, s in self.vectors if p != path)
         return replace(self, vectors=kept + (((path, scale),) if scale != 0 else ()))
 
+    def plus_vector(self, path: str | Path, scale: float) -> "Steering":
+        """Add ``scale`` to one file's scale: a file given twice adds up, as llama.cpp's --control-vector does."""
+        current = dict(self.vectors).get(str(Path(path).expanduser()), 0.0)
+        return self.with_vector(path, current + scale)
+
     def gain(self, band: str) -> float:
         return dict(self.gains).get(band, 0.0)
 

@@ -116,6 +116,8 @@ def test_generate_with_vector_file_steers_and_scale_zero_does_not(random_vector_
     assert steered["output"] != plain
     assert steered["vectors"] == [{"path": str(random_vector_file), "scale": 1.0}]
     assert zero == plain
+    halves = json.loads(run_eqz(*args, *["--vector", f"{random_vector_file}:0.5"] * 2).stdout)  # summed, as llama.cpp
+    assert (halves["output"], halves["vectors"]) == (steered["output"], steered["vectors"])  # the second replaced
 
 
 def test_missing_model_path():
