@@ -42,11 +42,11 @@ ModelOpt = Annotated[
 ]
 ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs]", min=1)]
 GpuLayersOpt = Annotated[Optional[str], typer.Option("--gpu-layers", "-ngl", metavar="N|all", envvar="EQZ_GPU_LAYERS", help="layers offloaded to the GPU (also $EQZ_GPU_LAYERS) \\[default: all when llama.cpp was built for a GPU, else 0]")]
-CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens", min=MIN_CONTEXT)]
+CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens (at most the model's trained context)", min=MIN_CONTEXT)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="system prompt")]
 VectorOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--vector", metavar="FILE[:SCALE]", help="llama.cpp control vector FILE[:SCALE], repeatable; summed like llama.cpp"),
+    typer.Option("--vector", metavar="FILE[:SCALE]", help="llama.cpp control vector FILE[:SCALE], repeatable; summed like llama.cpp (a file given twice too)"),
 ]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help="preset mood by name (see eqz presets list) or a preset .yaml file")]
 SetOpt = Annotated[
@@ -55,19 +55,19 @@ SetOpt = Annotated[
 ]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="most tokens per reply \\[default: 256]")]
 SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="random seed \\[default: random]")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="X", help="0 = greedy \\[default: 0.7]")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", metavar="X", help="nucleus sampling \\[default: 0.95]")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="X", help="0 = greedy, up to 5 \\[default: 0.7]")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", metavar="X", help="nucleus sampling, 0-1 \\[default: 0.95]")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", metavar="N", help="0 = off \\[default: 40]")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", metavar="X", help="\\[default: 0.05]")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", metavar="X", help="1 = off \\[default: 1.1]")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", metavar="X", help="0-1 \\[default: 0.05]")]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", metavar="X", help="1 = off, up to 5 \\[default: 1.1]")]
 ClampOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--clamp", metavar="BAND=LEVEL", help="hold BAND=LEVEL inside the model (calibrated units), repeatable"),
+    typer.Option("--clamp", metavar="BAND=LEVEL", help="hold BAND=LEVEL inside the model (calibrated units, -6..6), repeatable"),
 ]
 AblateOpt = Annotated[
     Optional[list[str]], typer.Option("--ablate", metavar="BAND", help="notch BAND to the model's neutral level, repeatable")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="print one machine-readable JSON record")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="print the result as machine-readable JSON")]
 
 
 def _gains(sets: list[str] | None, valid: tuple[str, ...] | None) -> dict[str, float]:
@@ -265,7 +265,7 @@ def chat(
     panel: Annotated[
         bool, typer.Option("--panel/--no-panel", metavar="", help="equalizer panel and hotkeys while replies stream")
     ] = True,
-    meter: Annotated[bool, typer.Option("--meter/--no-meter", metavar="", help="live readout of the model's own state")] = True,
+    meter: Annotated[bool, typer.Option("--meter/--no-meter", metavar="", help="live readout of the model's own state, in the panel and /save's records")] = True,
     clamp: ClampOpt = None,
     ablate: AblateOpt = None,
 ) -> None:
@@ -286,7 +286,7 @@ def chat(
 @app.command()
 def batch(
     prompts: Annotated[str, typer.Argument(metavar="PROMPTS", help="prompt file: .txt (one per line), .jsonl ({\"prompt\", \"id\"?, \"system\"?}) or - for stdin")],
-    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="JSONL file written row by row as each finishes (an existing one only with --resume)")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="JSONL file written row by row as each finishes (an existing one only with --resume; - for stdout)")],
     model: ModelOpt = None,
     preset: PresetOpt = None,
     presets: Annotated[Optional[str], typer.Option("--presets", metavar="A,B,C", help="comma-separated presets to cross with the grid")] = None,
@@ -309,7 +309,7 @@ def batch(
     top_k: TopKOpt = None,
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
-    threads: ThreadsOpt = None,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs; with --ray, 1 per worker]", min=1)] = None,
     gpu_layers: GpuLayersOpt = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="auto|ADDRESS", help="generate on a Ray cluster: auto ($RAY_ADDRESS, one running here, else a new local one) or its address")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each \\[default: the cluster's CPUs / threads]")] = None,
@@ -373,7 +373,7 @@ def serve(
     parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="replies decoded together, each with its own sliders", min=1, max=64)] = 4,
     api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="EQZ_API_KEY", help="require Authorization: Bearer KEY on /v1/ (also $EQZ_API_KEY)")] = None,
     queue: Annotated[int, typer.Option("--queue", metavar="N", help="requests that may wait for a slot before HTTP 429", min=0)] = 64,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help='the mood of requests without an "eqz" field')] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help='the mood of requests without an "eqz" field')] = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:
@@ -440,7 +440,7 @@ def eval_command(
     tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", metavar="N", help="tokens per reply", min=EVAL_MIN_TOKENS)] = 64,
     samples: Annotated[int, typer.Option("--samples", metavar="N", help="replies per prompt and setting", min=1)] = 1,
     plot: Annotated[bool, typer.Option("--plot", metavar="", help="also draw dose_response.png (needs matplotlib)")] = False,
-    record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml")] = False,
+    record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml (the shipped bank's go into your own copy of it, used from then on; every band with recorded figures must be measured)")] = False,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:
@@ -535,7 +535,7 @@ def train(
     print_bank(bank)
 
 
-vectors_app = typer.Typer(help="List, inspect, export and import emotion vector banks.", no_args_is_help=True)
+vectors_app = typer.Typer(help="List, inspect, export and import emotion vector banks; hold, remove or reset your own bank's bands.", no_args_is_help=True)
 app.add_typer(vectors_app, name="vectors")
 
 
@@ -583,7 +583,7 @@ def vectors_show(
 def vectors_export(
     output: Annotated[str, typer.Option("--output", "-o", metavar="FILE", help="the .gguf file to write")],
     set_: SetOpt = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="start from this preset's sliders (--set wins)")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help="start from this preset's sliders (--set wins)")] = None,
     model: ModelOpt = None,
 ) -> None:
     """Write one llama.cpp control vector for a slider mix or a preset's sliders (use with llama-cli
@@ -704,7 +704,7 @@ def presets_list(json_output: JsonOpt = False) -> None:
 
 
 @presets_app.command("show")
-def presets_show(name: Annotated[str, typer.Argument(metavar="NAME", help="preset name")]) -> None:
+def presets_show(name: Annotated[str, typer.Argument(metavar="NAME|FILE", help="preset name or a preset .yaml file")]) -> None:
     """Show one preset: description, sliders, sampling, system prompt, filters, file."""
     from .bank import known_band_names
     from .display import print_preset
@@ -717,7 +717,7 @@ def presets_show(name: Annotated[str, typer.Argument(metavar="NAME", help="prese
 def presets_save(
     name: Annotated[str, typer.Argument(metavar="NAME", help="name of the new preset")],
     set_: SetOpt = None,
-    from_: Annotated[Optional[str], typer.Option("--from", metavar="PRESET", help="start from this preset")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", metavar="NAME|FILE", help="start from this preset (by name or .yaml file)")] = None,
     description: Annotated[Optional[str], typer.Option("--description", "-d", metavar="TEXT", help="one line about the mood")] = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = None,
