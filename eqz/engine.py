@@ -369,9 +369,6 @@ class Model:
             size = L.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
         return buffer.raw[:size]
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(token) for token in tokens).decode("utf-8", "replace")
-
     # -- chat formatting
 
     def chat_prompt(self, messages: Sequence[dict]) -> tuple[str, tuple[str, ...]]:
