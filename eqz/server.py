@@ -33,7 +33,7 @@ from .engine import utf8
 from .errors import EqzError
 from .meter import metered_bands
 from .presets import discover, get_preset, is_preset_name
-from .serving import DecodeLoopStopped, ServerBusy
+from .serving import DecodeLoopStopped, PromptTooLong, ServerBusy
 
 KEPT_RECORDS = 256  # finished replies kept for GET /v1/eqz/streams/{id}
 SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -46,8 +46,9 @@ class BadRequest(EqzError):
     """What was wrong with a request body, in one line."""
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status,
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status,
                         headers=headers)
 
 
@@ -80,6 +81,9 @@ class EqzServer:
         self.api_key = api_key
         bank = model.bank_if_any()
         self.bands = bank.names if bank else ()
+        # a misspelt preset fails here, not on every request; clients may name it (the web page starts from it),
+        # a file too, which they could not name themselves
+        self.default = get_preset(preset, model.bank.names) if preset else None
         # the warning `eqz generate --set BAND=1` prints, per band that has one: the web page shows it too
         self.doubts = {band: lines[0] for band in self.bands if (lines := bank.doubtful({band: 1.0}))}
         self.metered = bool(bank and metered_bands(bank))
@@ -98,6 +102,8 @@ class EqzServer:
                                              "invalid_request_error"),
             ServerBusy: lambda request, exc: _error(429, str(exc), "rate_limit_error", {"Retry-After": "1"}),
             DecodeLoopStopped: lambda request, exc: _error(503, str(exc), "server_error"),
+            # OpenAI's code for it: a chat client (the web page too) drops its oldest turns and asks again
+            PromptTooLong: lambda request, exc: _error(400, str(exc), code="context_length_exceeded"),
             EqzError: lambda request, exc: _error(400, str(exc)),  # one line; the server never dies of a request
         })
         if api_key:
@@ -117,10 +123,13 @@ class EqzServer:
 
     async def config(self, request: HttpRequest) -> Response:
         """What the web page needs: the bands and their warnings, the presets' sliders, whether the meter can run."""
-        presets = {name: {"description": entry.preset.description, "sliders": entry.preset.sliders}
-                   for name, entry in sorted(discover(self.bands).items()) if entry.preset is not None}
+        shown = {name: entry.preset for name, entry in sorted(discover(self.bands).items()) if entry.preset is not None}
+        if self.default is not None:
+            shown[self.default.name] = self.default
+        presets = {name: {"description": preset.description, "sliders": preset.sliders} for name, preset in shown.items()}
         return JSONResponse({"model": self.name, "bands": list(self.bands), "doubts": self.doubts, "presets": presets,
-                             "gain_limit": 2.0, "metered": self.metered})
+                             "preset": self.default.name if self.default else None, "gain_limit": 2.0,
+                             "metered": self.metered})
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         body = await _json_body(request)
@@ -188,6 +197,8 @@ class EqzServer:
         if "eqz" in body and preset is not None and not (isinstance(preset, str) and is_preset_name(preset)):
             # a client names a preset, never a file: a path would read the server's files
             raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)")
+        if self.default is not None and preset == self.default.name:
+            preset = self.preset  # the server's own preset, a file perhaps
         return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
                                   sampling=sampling, stop=stop,
                                   clamp={str(band).lower(): level for band, level in clamp.items()},
@@ -391,8 +402,6 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
     if not is_loopback(host) and not api_key:
         raise EqzError(f"serving on {host} would let anyone on the network use this machine; "
                        "give an API key (or bind 127.0.0.1)")
-    if preset:
-        get_preset(preset, model.bank.names)  # a misspelt preset fails now, not on every request
     listening = listening or listen_socket(host, port)
     try:
         server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset)

@@ -31,6 +31,10 @@ class ServerBusy(EqzError):
     """Every slot is taken and the waiting line is full; try again shortly."""
 
 
+class PromptTooLong(EqzError):
+    """The prompt leaves no room for a reply in a sequence: a chat client drops its oldest turns and asks again."""
+
+
 class DecodeLoopStopped(EqzError):
     """The decode thread died of an error: the server's fault, not the request's; no request can run until a
     restart."""
@@ -154,7 +158,7 @@ class BatchServer:
 
     def submit(self, request: Request) -> Request:
         if len(request.prompt) + 1 >= self.per_sequence:
-            raise EqzError(f"the prompt has {len(request.prompt)} tokens; each reply has room for "
+            raise PromptTooLong(f"the prompt has {len(request.prompt)} tokens; each reply has room for "
                            f"{self.per_sequence} tokens in all (prompt and reply)")
         with self._wake:
             if self.error is not None:

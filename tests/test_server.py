@@ -52,9 +52,10 @@ class Served:
         except urllib.error.HTTPError as error:
             return error.code, {**json.loads(error.read()), "headers": {k.lower(): v for k, v in error.headers.items()}}
 
-    def get(self, path: str) -> tuple[int, dict]:
+    def get(self, path: str, key: str | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
         try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
@@ -305,6 +306,8 @@ def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_p
         assert reply["eqz"]["sliders"]["sadness"] == 0.8  # no "eqz" field: the server's preset
         status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "eqz": {}}, key="sesame")
         assert not any(reply["eqz"]["sliders"].values())  # an explicit (empty) field wins
+        status, config = served.get("/v1/eqz/config", key="sesame")
+        assert status == 200 and config["preset"] == "melancholy"  # the web page starts from it
     finally:
         served.close()
 
@@ -367,6 +370,47 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
     assert status == 200 and record["changes"], record
     last = record["changes"][-1]
     assert last["sliders"]["joy"] == pytest.approx(0.8) and 0 < record["changes"][0]["at_token"] < record["n_tokens"]
+
+
+def test_the_web_page_goes_on_after_a_refused_message_drops_old_turns_and_sends_its_preset(server):
+    """A message the server refused stayed in the page's history and every later one was refused with it (so did a
+    conversation grown past the context); a preset picked on the page sent only its sliders, not its sampling."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def say(text: str) -> None:
+        """Send ``text`` (set, not typed: thousands of keys are slow) and stop the reply at its first words."""
+        box, shown = browser.find_element(By.ID, "text"), len(browser.find_elements(By.CSS_SELECTOR, ".msg"))
+        browser.execute_script("arguments[0].value = arguments[1]", box, text)
+        box.send_keys(Keys.ENTER)  # the page is streaming from here until the reply (or the error) is in
+        idle = lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"  # noqa: E731
+        wait.until(lambda b: idle(b) or b.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1:] and
+                   b.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text)
+        if not idle(browser):
+            browser.find_element(By.ID, "stop").click()
+        wait.until(lambda b: idle(b) and len(b.find_elements(By.CSS_SELECTOR, ".msg")) >= shown + 2)
+
+    browser = chromium()
+    wait = WebDriverWait(browser, 120)
+    try:
+        browser.get(server.url + "/")
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        say("word " * 2100)  # longer than a reply's context on its own
+        (refused,) = browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert "tokens" in refused.text
+        Select(browser.find_element(By.ID, "preset")).select_by_value("serene")
+        say("Hi")
+        (answered,) = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert answered.text
+        status, record = server.get(f"/v1/eqz/streams/{browser.find_element(By.TAG_NAME, 'body').get_attribute('data-stream')}")
+        assert status == 200 and record["sampling"]["temperature"] == 0.6 and record["sliders"]["trust"] == 0.5
+        for _ in range(2):  # together past the context: the oldest turns go, as in the terminal chat
+            say("word " * 1200)
+        assert "dropped" in browser.find_element(By.ID, "log").text
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")[1:]  # the refused message was the only one
+    finally:
+        browser.quit()
 
 
 def test_a_band_named_like_an_object_property_is_just_a_band_on_the_web_page(tmp_path, random_vector_file):
