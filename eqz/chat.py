@@ -16,12 +16,15 @@ from .sampling import make_sampling
 from .session import ChatSession
 from .vector_files import parse_scaled_path
 
+KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"  # while a reply streams under the panel
+
 
 @dataclass
 class CommandResult:
     message: str = ""
     quit: bool = False
     show_panel: bool = False  # the screen should draw the equalizer
+    panel_says_it: bool = False  # and then the message repeats what the panel shows (the sliders)
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class ChatCommands:
     def help(self, _args: list[str], _rest: str) -> CommandResult:
         width = max(len(command.usage) for command in COMMANDS.values())
         lines = [f"  {command.usage:<{width}}  {command.summary}" for command in COMMANDS.values()]
-        return CommandResult("\n".join(lines))
+        return CommandResult("\n".join([*lines, f"keys while a reply streams under the panel: {KEY_HELP}"]))
 
     def system(self, _args: list[str], rest: str) -> CommandResult:
         self.session.system = rest or None
@@ -81,7 +84,7 @@ class ChatCommands:
             return CommandResult("no emotion bank for this model; run `eqz train` to make one")
         steering = self.session.steering
         listing = "  ".join(f"{band} {steering.gain(band):+.2f}" for band in bands)
-        return CommandResult(listing, show_panel=True)
+        return CommandResult(listing, show_panel=True, panel_says_it=True)
 
     def preset(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 1:

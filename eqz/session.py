@@ -141,9 +141,14 @@ class ChatSession:
             self._refilter()
 
     def set_filters(self, clamp: dict[str, float] | None = None, ablate: list[str] | None = None) -> None:
-        """Clamp bands to levels / notch them to neutral inside the forward pass (empty: no filters)."""
-        self._asked_filters = {"clamp": dict(clamp or {}), "ablate": list(ablate or [])}
-        self._refilter()
+        """Clamp bands to levels / notch them to neutral inside the forward pass (empty: no filters). Filters
+        refused leave the ones before in place (kept, a bad band failed every later change of the sliders)."""
+        kept, self._asked_filters = self._asked_filters, {"clamp": dict(clamp or {}), "ablate": list(ablate or [])}
+        try:
+            self._refilter()
+        except EqzError:
+            self._asked_filters = kept
+            raise
 
     def _refilter(self) -> None:
         """Filter with the user's filters and the levels of the held sliders moved now."""
@@ -290,7 +295,7 @@ class Turn:
                 if self._stop_requested.is_set():
                     break
                 pending = self.session._take_pending()
-                if pending is not None:
+                if pending is not None and not pending[0].same_as(self.session.steering):  # moves that cancel out
                     self._apply(*pending)
         finally:
             self.record.seconds = time.perf_counter() - started

@@ -45,6 +45,10 @@ class Steering:
         current = dict(self.vectors).get(str(Path(path).expanduser()), 0.0)
         return self.with_vector(path, current + scale)
 
+    def same_as(self, other: "Steering") -> bool:
+        """The same sliders and vectors, whatever order they were set in (up then down is no change)."""
+        return dict(self.gains) == dict(other.gains) and dict(self.vectors) == dict(other.vectors)
+
     def gain(self, band: str) -> float:
         return dict(self.gains).get(band, 0.0)
 

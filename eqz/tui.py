@@ -23,7 +23,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from .bands import SHORT_NAMES
-from .chat import ChatCommands
+from .chat import KEY_HELP, ChatCommands
 from .errors import EqzError
 from .threads import crowding_hint
 from .session import ChatSession, Turn
@@ -31,7 +31,6 @@ from .session import ChatSession, Turn
 STEP = 0.1
 LIMIT = 2.0
 _UP_BLOCKS = " ▁▂▃▄▅▆▇█"
-KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"
 
 # -------------------------------------------------------------------------------------------------- state
 
@@ -295,7 +294,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
                 result = commands.handle(line)
                 if result.show_panel and panel:
                     console.print(_panel(equalizer, console))
-                elif result.message:
+                if result.message and not (result.show_panel and panel and result.panel_says_it):
                     console.print(result.message, markup=False)
                 if result.quit:
                     return
@@ -310,6 +309,8 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
                 _report_end(turn, console)
         except EqzError as error:
             console.print(f"[red]error:[/red] {escape(str(error))}")
+        except KeyboardInterrupt:  # a second Ctrl-C after a reply stopped, or one during a command: the chat goes on
+            console.print("\n[dim]\\[stopped] (Ctrl-D or /quit to leave)[/dim]")
         except Exception as error:  # an eqz bug, which must not cost the user the conversation
             if debug:
                 console.print_exception()
@@ -378,5 +379,7 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
 def _report_end(turn: Turn, console: Console) -> None:
     if turn.record.finish_reason == "interrupted":
         console.print("[dim]\\[stopped][/dim]")
+    elif turn.record.finish_reason == "length":
+        console.print(f"[dim]\\[cut at {turn.record.n_tokens} tokens: /max-tokens N for longer replies][/dim]")
     elif turn.record.finish_reason == "context":
         console.print("[dim]\\[the context is full: the oldest turns will be dropped next time][/dim]")

@@ -62,6 +62,22 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(tmp_path):
     assert 0 < reply["reply"]["n_tokens"] < 2000
 
 
+def test_ctrl_c_outside_a_reply_and_the_prompt_keeps_the_chat(tmp_path):
+    """A Ctrl-C between the two (a second tap just after a reply stopped, one while a command runs) ended the chat
+    with exit 130 and the conversation unsaved. A /save into a FIFO waits for a reader: the Ctrl-C lands there."""
+    fifo = tmp_path / "nobody-reads"
+    os.mkfifo(fifo)
+    child = spawn_chat("--seed", "2", "-n", "8")
+    child.sendline("Hi")
+    child.expect_exact(PROMPT)
+    child.sendline(f"/save {fifo}")
+    child.expect_exact(f"/save {fifo}\r\n")
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(PROMPT)
+    assert save_and_leave(child, tmp_path / "kept.json", "saved 2 messages")["messages"][0]["content"] == "Hi"
+
+
 def test_ctrl_c_at_the_prompt_does_not_quit():
     child = spawn_chat()
     child.sendintr()

@@ -13,6 +13,7 @@ import yaml
 from eqz.analyze import analyze
 from eqz.bands import PRIMARIES
 from eqz.bank import find_bank
+from eqz.errors import EqzError
 from eqz.generation import Job, generate_parallel
 from eqz.meter import Filters, Instruments
 from eqz.reading import TextGroup, read_texts
@@ -262,4 +263,24 @@ def test_a_held_slider_moved_in_a_chat_clamps_from_the_next_token(model, bank):
     (change,) = turn.record.changes
     assert session.filters.targets == {"joy": 3.0} and not session.filters.asked
     assert turn.text[: change["text_offset"]] == plain.text[: change["text_offset"]] and turn.text != plain.text
+    session.close()
+
+
+def test_a_refused_filter_leaves_the_filters_before_and_moves_after_it_work(model, bank):
+    """`/ablate nosuch` was refused but kept: every later move of a held slider failed on it ("cannot filter
+    'nosuch'") while half applying; and slider moves that cancel out mid-reply were marked as a change."""
+    held_bank = copy.deepcopy(bank)
+    held_bank.hold("joy", 3)
+    session = ChatSession(model, Sampling(seed=6, max_tokens=12), bank=held_bank, meter=True)
+    session.set_filters(ablate=["anger"])
+    with pytest.raises(EqzError, match="nosuch"):
+        session.set_filters(ablate=["anger", "nosuch"])
+    session.set_steering(Steering().with_gain("joy", 1.0))  # held: the filters are made again
+    assert session.filters.describe() == {"clamp": {}, "ablate": ["anger"]}  # the user's filters, as before
+    turn = session.reply(NEUTRAL_PROMPT)
+    for index, _ in enumerate(turn):
+        if index == 2:  # up then down between two tokens, as two key presses
+            session.request_steering(Steering().with_gain("joy", 1.1))
+            session.request_steering(Steering().with_gain("joy", 1.0))
+    assert turn.record.changes == []
     session.close()
