@@ -15,6 +15,7 @@ failed its direction check) go to ``model.on_warning``, by default Python's ``wa
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -32,7 +33,7 @@ from .generation import template_head
 from .models import ModelInfo, resolve_model_path
 from .presets import Preset, get_preset, resolve
 from .reading import common_prefix_length
-from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, check_setting, is_whole
+from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, as_number, check_setting, is_whole
 from .session import ChatSession, Turn, model_record
 from .steering import Steering
 from .vector_files import ControlVector
@@ -170,7 +171,8 @@ class EqzModel:
 
         sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
         samples, parallel = _whole(samples, "samples", 1), _whole(parallel, "parallel", 1)  # 0 spun for ever
-        seed = check_setting("seed", seed)
+        if not is_whole(seed, -2**63):  # any whole number: each row's seed is hashed from it
+            raise EqzError(f"seed must be a whole number, got {seed!r}")
         source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts))
         sink = output if isinstance(output, Output) else Output(str(output), resume=False)
         try:
@@ -348,6 +350,9 @@ def _vector_pairs(value) -> list[tuple[str | Path, float]]:
     pairs = [value] if isinstance(value, (str, Path)) else list(value)
     if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
         raise EqzError("vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]")
+    for path, scale in pairs:
+        if (number := as_number(scale)) is None or not math.isfinite(number):
+            raise EqzError(f"the scale of {path} must be a finite number, got {scale!r}")
     return pairs
 
 

@@ -466,8 +466,13 @@ def list_banks() -> list[FoundBank]:
 
 def known_band_names() -> tuple[str, ...]:
     """The ten built-in bands and every band a bank here adds (imported or described): what a preset may name with
-    no model loaded (presets save, validate, list). The model's own bank checks it again when the preset is used."""
-    return tuple(dict.fromkeys([*BANDS, *(name for found in list_banks() for name in found.band_names)]))
+    no model loaded (presets save, validate, list). The model's bank checks it again when the preset is used, so a
+    bank that cannot be read (or $EQZ_VECTORS naming no folder) leaves the ten here: preset commands need no bank."""
+    try:
+        banks = list_banks()
+    except EqzError:
+        banks = []
+    return tuple(dict.fromkeys([*BANDS, *(name for found in banks for name in found.band_names)]))
 
 
 def find_bank(info: ModelInfo) -> Bank | None:

@@ -108,7 +108,7 @@ def _listed(text: str | None, option: str) -> list[str] | None:
         return None
     names = [name.strip() for name in text.split(",")]
     if not all(names):
-        raise EqzError(f"{option} '{text}' has an empty name; give names separated by commas, or leave {option} out")
+        raise EqzError(f"{option} {text!r} has an empty name; give names separated by commas, or leave {option} out")
     return list(dict.fromkeys(names))
 
 

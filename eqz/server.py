@@ -197,7 +197,7 @@ class EqzServer:
         if "eqz" in body and preset is not None and not (isinstance(preset, str) and is_preset_name(preset)):
             # a client names a preset, never a file: a path would read the server's files
             raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)")
-        if self.default is not None and preset == self.default.name:
+        if self.default is not None and isinstance(preset, str) and preset.strip().lower() == self.default.name:
             preset = self.preset  # the server's own preset, a file perhaps
         return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
                                   sampling=sampling, stop=stop,

@@ -157,9 +157,10 @@ class BatchServer:
     # -- called from other threads
 
     def submit(self, request: Request) -> Request:
-        if len(request.prompt) + 1 >= self.per_sequence:
-            raise PromptTooLong(f"the prompt has {len(request.prompt)} tokens; each reply has room for "
-                           f"{self.per_sequence} tokens in all (prompt and reply)")
+        reserve = min(request.sampling.max_tokens, self.per_sequence // 2)  # as a chat keeps room for its reply
+        if len(request.prompt) + reserve > self.per_sequence:
+            raise PromptTooLong(f"the prompt has {len(request.prompt)} tokens and its reply needs room for {reserve}; "
+                                f"each reply has {self.per_sequence} tokens in all (prompt and reply)")
         with self._wake:
             if self.error is not None:
                 raise DecodeLoopStopped(f"the server's decode loop stopped ({self.error}); it needs a restart")

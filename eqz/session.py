@@ -192,6 +192,11 @@ class ChatSession:
         """``steering`` (default: the current one) with every band of the bank listed."""
         return (steering or self.steering).to_dict(self.steerer.bands)
 
+    def forget_unanswered(self) -> None:
+        """Drop a last user message that got no reply (its reply was stopped before it started)."""
+        if self.history and self.history[-1]["role"] == "user":
+            self.history.pop()
+
     def reset(self) -> None:
         """Forget the conversation (the system prompt and settings stay)."""
         self.history = []

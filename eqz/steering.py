@@ -43,7 +43,7 @@ class Steering:
     def plus_vector(self, path: str | Path, scale: float) -> "Steering":
         """Add ``scale`` to one file's scale: a file given twice adds up, as llama.cpp's --control-vector does."""
         current = dict(self.vectors).get(str(Path(path).expanduser()), 0.0)
-        return self.with_vector(path, current + scale)
+        return self.with_vector(path, round(current + float(scale), 6))  # 0.1 + 0.2 is recorded as 0.3
 
     def same_as(self, other: "Steering") -> bool:
         """The same sliders and vectors, whatever order they were set in (up then down is no change)."""

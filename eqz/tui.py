@@ -310,6 +310,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
         except EqzError as error:
             console.print(f"[red]error:[/red] {escape(str(error))}")
         except KeyboardInterrupt:  # a second Ctrl-C after a reply stopped, or one during a command: the chat goes on
+            session.forget_unanswered()
             console.print("\n[dim]\\[stopped] (Ctrl-D or /quit to leave)[/dim]")
         except Exception as error:  # an eqz bug, which must not cost the user the conversation
             if debug:

@@ -109,6 +109,7 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "sliders must be a dict": lambda: library.generate("Hi", sliders=["joy"]),
                "vectors takes \\(path, scale\\) pairs": lambda: library.generate("Hi", vectors="joy.gguf"),
                "ablate takes a list": lambda: library.chat(ablate="joy"),
+               "the scale of joy.gguf must be a finite number": lambda: library.chat(vectors=[("joy.gguf", "x")]),
                "sampling must be a dict": lambda: library.generate("Hi", sampling=[0.7]),
                "threads must be a whole number": lambda: eqz.load(threads=-3),
                # a bank of another model: was a numpy broadcast error at the first slider
@@ -119,7 +120,7 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                # batch: parallel=0 spun for ever, samples="2" made 22 rows of a TypeError
                "parallel must be a whole number of at least 1": lambda: library.batch(duplicated, out, parallel=0),
                "samples must be a whole number of at least 1": lambda: library.batch(duplicated, out, samples="2"),
-               "seed must be in": lambda: library.batch(duplicated, out, seed=-1),
+               "seed must be a whole number": lambda: library.batch(duplicated, out, seed=1.5),
                "n_ctx must be a whole number of at least 64": lambda: library.chat(n_ctx=0),  # llama.cpp: 0 = the model's
                # a message the CLI shares names the library's way too (it said only "pass it with --vector")
                "vectors=\\[\\(FILE, SCALE\\)\\] in the library": lambda: eqz.load(SHIPPED_BANK / "joy.gguf"),

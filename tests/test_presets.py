@@ -143,3 +143,7 @@ def test_a_band_of_the_users_own_is_saved_validated_listed_and_shown_in_presets(
     assert "happy" in run_eqz("presets", "show", "glad", env=env).stdout
     unknown = run_eqz("presets", "save", "odd", "--set", "zest=1", env=env)  # still refused: no bank has it
     assert unknown.returncode == 2 and "unknown band 'zest'" in unknown.stderr and "happy" in unknown.stderr
+    broken = tmp_path / "data" / "eqz" / "vectors" / "broken"
+    broken.mkdir()
+    (broken / "bank.yaml").write_text("format: [")  # a bank no command can read: presets need none
+    assert run_eqz("presets", "show", "serene", env=env).returncode == 0

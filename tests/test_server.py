@@ -164,7 +164,10 @@ def resteered_stream(server: Served, max_tokens: int, *moves: dict, start: dict 
             assert status == 200 and all(changed["sliders"][band] == gain for band, gain in sliders.items())
             running = server.get(f"/v1/eqz/streams/{stream_id}")[1]
             assert running["sliders"] == changed["sliders"]
-            assert len(running["changes"]) <= made  # the moves a token has taken so far (this one from the next)
+            deadline = time.time() + 30  # the move is taken by the next token: the running record shows it then
+            while running["finish_reason"] is None and len(running["changes"]) < made and time.time() < deadline:
+                running = server.get(f"/v1/eqz/streams/{stream_id}")[1]
+            assert running["finish_reason"] is not None or running["changes"][-1]["sliders"] == changed["sliders"]
         text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
                        for line in response.read().decode().splitlines() if line.startswith("data: {"))
     status, record = server.get(f"/v1/eqz/streams/{stream_id}")
