@@ -118,7 +118,8 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "max_waiting must be a whole number of at least 0": lambda: library.server(max_waiting=-1),
                "per_sequence must be a whole number of at least 64": lambda: library.server(per_sequence=8),
                # batch: parallel=0 spun for ever, samples="2" made 22 rows of a TypeError
-               "parallel must be a whole number of at least 1": lambda: library.batch(duplicated, out, parallel=0),
+               "parallel must be a whole number of at least 1, got 0.5": lambda: library.batch(duplicated, out,
+                                                                                               parallel=0.5),
                "samples must be a whole number of at least 1": lambda: library.batch(duplicated, out, samples="2"),
                "seed must be a whole number": lambda: library.batch(duplicated, out, seed=1.5),
                "n_ctx must be a whole number of at least 64": lambda: library.chat(n_ctx=0),  # llama.cpp: 0 = the model's
