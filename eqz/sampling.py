@@ -39,6 +39,11 @@ class Sampling:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def reply_room(self, context_tokens: int) -> int:
+        """The tokens a prompt must leave free in a context of ``context_tokens`` for its reply: ``max_tokens``, but
+        at most half the context (a long conversation keeps its latest turns, not a reply of that length)."""
+        return min(self.max_tokens, context_tokens // 2)
+
 
 SETTING_NAMES = tuple(f.name for f in fields(Sampling))
 

@@ -157,7 +157,7 @@ class BatchServer:
     # -- called from other threads
 
     def submit(self, request: Request) -> Request:
-        reserve = min(request.sampling.max_tokens, self.per_sequence // 2)  # as a chat keeps room for its reply
+        reserve = request.sampling.reply_room(self.per_sequence)  # as a chat keeps room for its reply
         if len(request.prompt) + reserve > self.per_sequence:
             raise PromptTooLong(f"the prompt has {len(request.prompt)} tokens and its reply needs room for {reserve}; "
                                 f"each reply has {self.per_sequence} tokens in all (prompt and reply)")

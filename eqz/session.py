@@ -217,7 +217,7 @@ class ChatSession:
     def _fit_prompt(self) -> tuple[list[int], tuple[str, ...], int]:
         """Tokens of the conversation, dropping the oldest turns until a reply has room. Returns the count dropped."""
         dropped = 0
-        reserve = min(self.sampling.max_tokens, self.context.n_ctx // 2)
+        reserve = self.sampling.reply_room(self.context.n_ctx)
         while True:
             text, stops = self.model.chat_prompt(self.messages())
             tokens = self.model.tokenize(text, add_special=True, parse_special=True)
