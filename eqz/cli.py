@@ -511,15 +511,14 @@ def train(
     With only --band, the described bands are added to the model's existing bank (a few minutes)."""
     from pathlib import Path
 
-    from .bands import BANDS, parse_described
+    from .bands import BANDS, parse_described, unknown_band
     from .bank import check_training_target, slug, user_data_dir
     from .display import progress_bars, print_bank
-    from .errors import EqzError
 
     chosen = tuple(dict.fromkeys(band.lower() for band in _listed(bands, "--bands") or [])) or BANDS
     unknown = [b for b in chosen if b not in BANDS]
     if unknown:
-        raise EqzError(f"unknown band '{unknown[0]}'; valid bands: {', '.join(BANDS)}")
+        raise unknown_band(unknown[0], BANDS)  # as the library's train says, before the model loads
     descriptions = dict(parse_described(spec) for spec in described or [])
     target = Path(out).expanduser() if out else None
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
