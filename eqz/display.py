@@ -34,12 +34,12 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
     with the first bar: an error before any work is one line, not a blank one and then the error."""
     columns = (TextColumn("{task.description:<42}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with ExitStack() as opened:
-        shown: list[Progress] = []
+        bars: Progress | None = None
 
         def start(stage: str, total: int) -> Callable[[int], None]:
-            if not shown:
-                shown.append(opened.enter_context(Progress(*columns, console=err_console)))
-            bars = shown[0]
+            nonlocal bars
+            if bars is None:
+                bars = opened.enter_context(Progress(*columns, console=err_console))
             task = bars.add_task(stage, total=total)
             return lambda n: bars.advance(task, n)
 
