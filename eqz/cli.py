@@ -315,9 +315,9 @@ def batch(
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each \\[default: the cluster's CPUs / threads]")] = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
+    from .bands import parse_set
     from .batch import Output, PromptFile, parse_sweep
     from .display import batch_progress
-    from .errors import EqzError
 
     if preset and presets:
         raise EqzError("use either --preset NAME or --presets a,b,c, not both")
@@ -337,7 +337,7 @@ def batch(
             clamps, ablates = _clamp_ablate(clamp, ablate)
             batch = loaded.batch(source, sink, preset=preset,
                                  presets=preset_names,
-                                 sliders=_gains(set_, None), sweeps=[parse_sweep(s, None) for s in sweep or []],
+                                 sliders=dict(parse_set(s, None) for s in set_ or []), sweeps=[parse_sweep(s, None) for s in sweep or []],
                                  sampling=sampling, system=system, clamp=clamps, ablate=ablates, samples=samples,
                                  seed=seed, parallel=parallel, meter=meter)
             for skipped in source.skipped:
@@ -379,12 +379,9 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (chat and completions, with sliders per request and live re-steering) and the web
     equalizer at http://HOST:PORT/."""
-    from .server import check_api_key, is_loopback, listen_socket, serve as run_server
+    from .server import check_exposure, listen_socket, serve as run_server
 
-    check_api_key(api_key)
-    if not is_loopback(host) and not api_key:
-        raise EqzError(f"--host {host} would let anyone on the network use this machine; add --api-key KEY "
-                       "(or leave --host at 127.0.0.1)")
+    check_exposure(host, api_key)
     listening = listen_socket(host, port)  # a busy --port fails now, before the model loads
     try:
         with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
@@ -411,7 +408,6 @@ def analyze(
     from pathlib import Path
 
     from .display import print_analysis
-    from .errors import EqzError
 
     if text is None and file is None:
         raise EqzError('nothing to analyze: give the text, e.g. eqz analyze "What a day!", or --file FILE')
@@ -450,7 +446,6 @@ def eval_command(
 
     from .bank import writable_directory
     from .display import print_eval, progress_bars
-    from .errors import EqzError
     from .eval import non_fluent_gains, write_outputs
 
     try:
@@ -587,7 +582,6 @@ def vectors_export(
 ) -> None:
     """Write one llama.cpp control vector for a slider mix or a preset's sliders (use with llama-cli
     --control-vector). A preset's filters and sampling do not travel: a control vector holds only the mix."""
-    from .errors import EqzError
     from .presets import get_preset, resolve
 
     with _load_model(model, None) as loaded:
@@ -616,7 +610,6 @@ def vectors_import(
     """Adopt a repeng or llama.cpp control vector as a band of this model's bank (gain 1 = the file as is). The
     band is unmetered: the meter, analyze and filters do not read it."""
     from .bank import adopt_vector, writable_bank
-    from .errors import EqzError
 
     name = band.strip().lower()
     with _load_model(model, None) as loaded:

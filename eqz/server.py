@@ -69,6 +69,14 @@ def check_api_key(key: str | None) -> None:
                        "choose another, such as the output of `openssl rand -hex 16`")
 
 
+def check_exposure(host: str, key: str | None) -> None:
+    """A key clients can send, and one at all wherever others than this machine can connect."""
+    check_api_key(key)
+    if not is_loopback(host) and not key:
+        raise EqzError(f"--host {host} would let anyone on the network use this machine; add --api-key KEY "
+                       "(api_key in the library), or leave the host at 127.0.0.1")
+
+
 class EqzServer:
     """The app's state: the model, its decode loop, and the replies running or recently finished."""
 
@@ -293,8 +301,9 @@ class EqzServer:
     def _remember(self, stream_id: str, record: dict) -> None:
         self.records[stream_id] = record
         self.records.move_to_end(stream_id)
-        while len(self.records) > KEPT_RECORDS:
-            self.records.popitem(last=False)
+        finished = [key for key, kept in self.records.items() if kept.get("finish_reason")]
+        for key in finished[:max(0, len(self.records) - KEPT_RECORDS)]:  # a running reply's record always stays
+            del self.records[key]
 
 
 class _KeyCheck:
@@ -399,9 +408,7 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
     from ``listen_socket(host, port)`` already bound."""
     import uvicorn
 
-    if not is_loopback(host) and not api_key:
-        raise EqzError(f"serving on {host} would let anyone on the network use this machine; "
-                       "give an API key (or bind 127.0.0.1)")
+    check_exposure(host, api_key)
     listening = listening or listen_socket(host, port)
     try:
         server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset)

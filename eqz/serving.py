@@ -43,7 +43,8 @@ class DecodeLoopStopped(EqzError):
 @dataclass(eq=False)
 class Request:
     """One reply to generate. ``on_event(kind, data)`` is called from the decode thread: ("piece", text) as
-    the reply grows, ("meter", readouts) after each token when metered, then once ("done", record)."""
+    the reply grows, ("meter", readouts) after each token when metered, then once ("done", record), or
+    ("error", message) instead if the decode loop fails."""
 
     prompt: list[int]
     sampling: Sampling
@@ -161,9 +162,12 @@ class BatchServer:
         if len(request.prompt) + reserve > self.per_sequence:
             raise PromptTooLong(f"the prompt has {len(request.prompt)} tokens and its reply needs room for {reserve}; "
                                 f"each reply has {self.per_sequence} tokens in all (prompt and reply)")
+        self.steerer.filters(request.steering, request.filters)  # refused here (an unmetered band), not in the loop
         with self._wake:
             if self.error is not None:
                 raise DecodeLoopStopped(f"the server's decode loop stopped ({self.error}); it needs a restart")
+            if self._closed:
+                raise DecodeLoopStopped("the server was closed; start another (EqzModel.server)")
             if len(self._waiting) + len(self._running) >= self.parallel + self.max_waiting:
                 raise ServerBusy(f"all {self.parallel} slots are busy and {self.max_waiting} requests wait; "
                                  "retry in a moment")
@@ -179,7 +183,13 @@ class BatchServer:
         with self._wake:
             row = self._running.get(request_id)
             if row is None:
-                raise KeyError(request_id)
+                waiting = next((request for request in self._waiting if request.id == request_id), None)
+                if waiting is None:
+                    raise KeyError(request_id)
+                steering = waiting.steering.with_gains(gains)
+                self.steerer.filters(steering, waiting.filters)  # refused now, as for a running one
+                waiting.steering = steering  # it starts under these sliders: no change to log
+                return steering
             steering = (row.pending[2] if row.pending else row.request.steering).with_gains(gains)
             row.pending = (self.steerer.matrix(steering), self.steerer.filters(steering, row.request.filters), steering)
         return steering
@@ -191,13 +201,15 @@ class BatchServer:
             return len(self._running), len(self._waiting)
 
     def close(self) -> None:
+        """Cancel every request (each still gets its "done") and free the context once the decode thread is out."""
         with self._wake:
             self._closed = True
-            for request in list(self._waiting):
+            for request in [*self._waiting, *(row.request for row in self._running.values())]:
                 request.cancel()
             self._wake.notify()
         self._thread.join(timeout=30)
-        self.context.close()
+        if not self._thread.is_alive():  # still inside a decode: freeing its context would crash it
+            self.context.close()
 
     # -- the decode thread
 
@@ -242,8 +254,12 @@ class BatchServer:
             with self._wake:
                 rows = list(self._running.values())
                 self._running.clear()
+                waiting = list(self._waiting)
+                self._waiting.clear()
             for row in rows:
                 self._finish(row, "cancelled")
+            for request in waiting:
+                request.on_event("done", self._record(None, request, "cancelled"))
 
     def _start(self, row: _Row) -> None:
         """Decode the prompt into the row's sequence (steered and filtered like its reply; a head the sequence

@@ -441,3 +441,35 @@ def test_a_band_named_like_an_object_property_is_just_a_band_on_the_web_page(tmp
     finally:
         browser.quit()
         served.close()
+
+
+def test_a_filter_on_an_unmetered_band_is_a_400_and_a_waiting_stream_takes_new_sliders(tmp_path, random_vector_file):
+    """A clamp on an imported band used to be refused inside the decode loop, which then died for every client; and
+    a stream waiting for a slot was answered 'has finished' when its sliders moved."""
+    env = {"XDG_DATA_HOME": str(tmp_path)}
+    assert run_eqz("vectors", "import", str(random_vector_file), "--band", "mine", env=env).returncode == 0
+    served = Served("--parallel", "1", env=env)
+    try:
+        status, answer = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                              "max_tokens": 2, "eqz": {"clamp": {"mine": 0}}})
+        assert status == 400 and "cannot filter 'mine'" in answer["error"]["message"]
+
+        def stream(prompt: str, max_tokens: int):
+            body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
+            return urllib.request.urlopen(urllib.request.Request(
+                served.url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}),
+                timeout=60)
+
+        running = stream("Once upon a time", 2000)
+        running.readline()  # its first piece: it holds the only slot
+        waiting = stream("Hello", 4)
+        waiting_id = waiting.headers["X-Eqz-Stream"]
+        status, moved = served.post(f"/v1/eqz/streams/{waiting_id}", {"sliders": {"joy": 1}})
+        assert status == 200 and moved["sliders"]["joy"] == 1
+        running.close()  # frees the slot
+        waiting.read()
+        status, record = served.get(f"/v1/eqz/streams/{waiting_id}")
+        assert status == 200 and record["sliders"]["joy"] == 1 and record["changes"] == []  # it began under them
+        assert record["finish_reason"] == "length" and record["n_tokens"] == 4
+    finally:
+        served.close()
