@@ -13,6 +13,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -250,6 +251,10 @@ class Model:
         self._model = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise _explain_load_failure(self.path, _log.take_errors())
+        # freed when the model is dropped too (a notebook cell run again), not only by close(); the process's end
+        # frees everything anyway
+        self._release = weakref.finalize(self, L.llama_model_free, self._model)
+        self._release.atexit = False
         self._vocab = L.llama_model_get_vocab(self._model)
         template = L.llama_model_chat_template(self._model, None)
         self._template = template.decode("utf-8") if template else None
@@ -271,7 +276,7 @@ class Model:
 
     def close(self) -> None:
         if self._model:
-            L.llama_model_free(self._model)
+            self._release()
             self._model = self._vocab = None
 
     def _require_open(self) -> None:
@@ -398,12 +403,16 @@ class Model:
         time of a narrow one."""
         return 64 if self.gpu_layers else 16
 
+    def sequence_room(self, tokens: int) -> int:
+        """KV cells for one sequence of ``tokens`` (prompt and reply) beside others: a small margin, rounded up to
+        256, and no more than the model was trained on."""
+        return min((tokens + 8 + 255) // 256 * 256, self.info.n_ctx_train)
+
     def parallel_context(self, jobs: Sequence["Job"], parallel: int | None = None, taps: bool = True) -> "Context":
         """A context for generate_parallel: up to ``parallel`` (default ``reply_rows``) sequences, each with its
         own KV cells, room for the longest prompt plus the most tokens any job may generate (rounded up to 256)."""
         parallel = parallel or self.reply_rows
-        longest = max(len(job.prompt) + job.sampling.max_tokens for job in jobs)
-        per_sequence = (longest + 8 + 255) // 256 * 256
+        per_sequence = self.sequence_room(max(len(job.prompt) + job.sampling.max_tokens for job in jobs))
         parallel = max(1, min(parallel, len(jobs)))
         return self.context(n_ctx=per_sequence * parallel, n_seq=parallel, unified=False, taps=taps)
 
@@ -430,8 +439,9 @@ class Sampler:
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         add = lambda sampler: L.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
         if settings.repeat_penalty != 1.0:
-            n_vocab = model.info.n_vocab
-            add(L.llama_sampler_init_penalties(n_vocab, settings.repeat_last_n, settings.repeat_penalty, 0.0, 0.0))
+            # -1 is the whole context, as in llama.cpp's own tools; the sampler itself would read it as 0 (off)
+            last_n = model.info.n_ctx_train if settings.repeat_last_n == -1 else settings.repeat_last_n
+            add(L.llama_sampler_init_penalties(model.info.n_vocab, last_n, settings.repeat_penalty, 0.0, 0.0))
         if settings.temperature <= 0:
             add(L.llama_sampler_init_greedy())
             return
@@ -497,6 +507,11 @@ def _one_micro_batch(seqs: Sequence) -> bool:
     return len(set(seqs)) <= 1 or len(consecutive_runs(seqs)) == 1
 
 
+def _free_context(ctx, batch, _model: Model) -> None:
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+
+
 class Context:
     """A llama.cpp context: KV cache, control vector and taps. Sequence 0 is the single-stream "session"."""
 
@@ -515,7 +530,8 @@ class Context:
         params.no_perf = True
         self._filter = None
         if taps:
-            self._answer = L.ggml_backend_sched_eval_callback(self._on_tap)
+            on_tap = weakref.WeakMethod(self._on_tap)  # not a cycle: a dropped context is freed at once, not by gc
+            self._answer = L.ggml_backend_sched_eval_callback(lambda tensor, ask, data: on_tap()(tensor, ask, data))
             self._filter = _TapFilterState(self._answer, _GgmlTensor.name.offset)
             params.cb_eval = _tap_filter_eval
             params.cb_eval_user_data = ctypes.addressof(self._filter)
@@ -528,8 +544,13 @@ class Context:
             detail = "; ".join(_log.take_errors()) or "out of memory?"
             raise EqzError(f"llama.cpp could not create a context of {n_ctx} tokens: {detail}", exit_code=1)
         self.n_ctx = L.llama_n_ctx(self._ctx)
-        self.n_batch = n_batch
-        self._batch = L.llama_batch_init(n_batch, 0, max(1, n_seq))
+        # llama.cpp caps the batch at the context asked for, then rounds the context up: a prompt that fits the
+        # rounded context still has to go in pieces of the capped batch (one too big aborts the process)
+        self.n_batch = min(n_batch, L.llama_n_batch(self._ctx), L.llama_n_ubatch(self._ctx))
+        self._batch = L.llama_batch_init(self.n_batch, 0, max(1, n_seq))
+        # freed when the context is dropped too (its KV cache is large); holding the model keeps it until then
+        self._release = weakref.finalize(self, _free_context, self._ctx, self._batch, model)
+        self._release.atexit = False
         self._memory = L.llama_get_memory(self._ctx)
         self.session_tokens: list[int] = []  # what the KV cache holds for sequence 0
         self.control_vector: np.ndarray | None = None
@@ -540,8 +561,7 @@ class Context:
 
     def close(self) -> None:
         if self._ctx:
-            L.llama_batch_free(self._batch)
-            L.llama_free(self._ctx)
+            self._release()
             self._ctx = None
 
     def __enter__(self) -> "Context":
