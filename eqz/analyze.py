@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
     By token it is still listed, unread, so the segments spell the whole text.
     """
     if by not in ("sentence", "token"):
-        raise EqzError(f"--by must be 'sentence' or 'token', got '{by}'")
+        raise EqzError(f"--by (by in the library) must be 'sentence' or 'token', got {by!r}")
     bands = metered_bands(bank)
     if not bands:
         raise EqzError("this bank has no calibrated bands to read (imported vectors only)")
@@ -71,7 +72,8 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
         ctx.set_tap(recorder)
         ctx.prefill(tokens)
     readouts = shape.readouts(np.concatenate(recorder.rows))
-    pieces = [model.piece(token).decode("utf-8", "replace") for token in tokens]
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split over tokens goes to its last
+    pieces = [decoder.decode(model.piece(token)) for token in tokens]
     starts = np.cumsum([0] + [len(p) for p in pieces])[:-1]
     if by == "token":
         groups = [(pieces[i], [i]) for i in range(1, len(tokens))]

@@ -67,14 +67,14 @@ class ChatCommands:
         if len(args) != 2:
             raise EqzError(f"usage: {COMMANDS['vector'].usage}")
         path, scale = parse_scaled_path(f"{args[0]}:{args[1]}", "/vector")
-        self.session.set_steering(self.session.steering.with_vector(path, scale))
+        self.session.set_steering(self.session.pending_or_current_steering().with_vector(path, scale))
         return CommandResult(f"vector {path} {'removed' if scale == 0 else f'at scale {scale:g}'}")
 
     def set(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 2:
             raise EqzError(f"usage: {COMMANDS['set'].usage}")
         band, gain = parse_set(f"{args[0]}={args[1]}", self.session.steerer.bands or BANDS)
-        self.session.set_steering(self.session.steering.with_gain(band, gain))
+        self.session.set_steering(self.session.pending_or_current_steering().with_gain(band, gain))
         doubts = self.session.steerer.bank.doubtful({band: gain}) if self.session.steerer.bank else []
         return CommandResult("\n".join([f"{band} = {gain:+.2f}{gain_warning(band, gain)}"] + doubts))
 
@@ -82,7 +82,7 @@ class ChatCommands:
         bands = self.session.steerer.bands
         if not bands:
             return CommandResult("no emotion bank for this model; run `eqz train` to make one")
-        steering = self.session.steering
+        steering = self.session.pending_or_current_steering()
         listing = "  ".join(f"{band} {steering.gain(band):+.2f}" for band in bands)
         return CommandResult(listing, show_panel=True, panel_says_it=True)
 

@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -118,6 +119,7 @@ class ChatSession:
         self.steering = Steering()
         self._pending: tuple[Steering, np.ndarray | None] | None = None
         self._pending_lock = threading.Lock()
+        self._turn: weakref.ref[Turn] | None = None  # the latest reply, which may be unfinished
         self.set_steering(steering or Steering())
         if taps:
             self.set_filters(**(filters or {}))
@@ -128,8 +130,13 @@ class ChatSession:
     # -- settings
 
     def set_steering(self, steering: Steering) -> None:
-        """Apply ``steering`` now (between replies). Raises EqzError if a vector does not fit the model."""
-        self._steer(steering, self.steerer.matrix(steering))
+        """Apply ``steering`` now (between replies). Raises EqzError if a vector does not fit the model. A move
+        requested but not yet applied is dropped (it would undo this one at the next reply); build on
+        ``pending_or_current_steering`` to keep it."""
+        matrix = self.steerer.matrix(steering)
+        with self._pending_lock:
+            self._pending = None
+        self._steer(steering, matrix)
 
     def _steer(self, steering: Steering, matrix: np.ndarray | None) -> None:
         """Apply ``steering`` (whose added vector is ``matrix``) from the next decode on: the control vector, and
@@ -180,7 +187,7 @@ class ChatSession:
 
     def apply_preset(self, preset: Preset) -> None:
         """The preset's sliders replace every gain; its sampling, system prompt and filters are applied."""
-        self.set_steering(Steering(vectors=self.steering.vectors).with_gains(preset.sliders))
+        self.set_steering(Steering(vectors=self.pending_or_current_steering().vectors).with_gains(preset.sliders))
         if preset.filters or self.filters:
             self.set_filters(**preset.filters)
         self.sampling = make_sampling(self.sampling, **preset.sampling)
@@ -209,13 +216,19 @@ class ChatSession:
 
     def reply(self, user_text: str) -> "Turn":
         """Start the assistant's reply to ``user_text``; iterate the Turn for its text as it streams."""
+        unfinished = self._turn() if self._turn else None
+        if unfinished is not None:  # a reply left half-read: it ends here, before this one decodes
+            unfinished.close()
         pending = self._take_pending()  # a slider moved after the last token of the previous reply
         if pending is not None:
             self._steer(*pending)
-        return Turn(self, user_text)
+        turn = Turn(self, user_text)
+        self._turn = weakref.ref(turn)
+        return turn
 
     def _fit_prompt(self) -> tuple[list[int], tuple[str, ...], int]:
-        """Tokens of the conversation, dropping the oldest turns until a reply has room. Returns the count dropped."""
+        """Tokens of the conversation, dropping the oldest turns until a reply has room; with the stop strings and
+        the count of messages dropped."""
         dropped = 0
         reserve = self.sampling.reply_room(self.context.n_ctx)
         while True:
@@ -250,7 +263,8 @@ class Turn:
 
     def __init__(self, session: ChatSession, user_text: str):
         self.session = session
-        session.history.append({"role": "user", "content": user_text})
+        self._asked = {"role": "user", "content": user_text}
+        session.history.append(self._asked)
         instruments = session.instruments
         try:
             tokens, stops, dropped = session._fit_prompt()
@@ -258,7 +272,7 @@ class Turn:
                 instruments.owners(None)  # the prompt is not part of the reply's readout
             session.context.prefill(tokens)
         except BaseException:  # including Ctrl-C during a long prefill: the message was not answered
-            session.history.pop()
+            self._forget_asked()
             raise
         sampling = session.sampling
         seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
@@ -271,8 +285,14 @@ class Turn:
         self._sampler = Sampler(session.model, sampling, seed)
         self._stream = Stream(session.context, self._sampler, sampling.max_tokens, stops)
         self._stop_requested = threading.Event()
+        self._steps: Iterator[str] | None = None
+        self._started = self._finished = False
         if instruments:
             instruments.owners([self])  # every following decode is one token of this reply
+
+    def __repr__(self) -> str:
+        state = self.record.finish_reason or ("streaming" if self._started else "not started")
+        return f"<Turn {state}, {len(self._stream.tokens)} tokens: {self.text[:60]!r}>"
 
     def stop(self) -> None:
         """Ask the reply to end after the current token (safe from a signal handler or another thread)."""
@@ -293,6 +313,38 @@ class Turn:
         return self._stream.text
 
     def __iter__(self) -> Iterator[str]:
+        """The reply's pieces; iterating again goes on where the last iteration stopped (a finished reply yields
+        nothing more)."""
+        if self._steps is None:
+            self._steps = self._generate()
+        return self._steps
+
+    def close(self) -> None:
+        """End the reply where it is (the session's next reply does this to one left unfinished): recorded as
+        interrupted with its text so far, or, not started, with its message forgotten, as if never sent."""
+        if self._finished:
+            return
+        if self._started:
+            self._steps.close()  # runs the generator's finally: recorded and added to the history
+            return
+        self._finished = True
+        self._forget_asked()
+        self._sampler.close()
+        self._release_instruments()
+
+    def _forget_asked(self) -> None:
+        history = self.session.history
+        if history and history[-1] is self._asked:
+            history.pop()
+
+    def _release_instruments(self) -> None:
+        if self.session.instruments is not None:
+            self.session.instruments.owners(None)  # and the meter no longer holds this turn
+
+    def _generate(self) -> Iterator[str]:
+        if self._finished:  # closed before it started
+            return
+        self._started = True
         started = time.perf_counter()
         try:
             for step in self._stream:
@@ -306,13 +358,16 @@ class Turn:
             self.record.seconds = time.perf_counter() - started
             self.record.n_tokens = len(self._stream.tokens)
             self.record.finish_reason = self._stream.finish_reason or "interrupted"
-            if self.session.instruments is not None:
-                self.record.meter = self.session.instruments.mean(self)
+            if self.session.instruments is not None:  # on for the meter, or for filters alone (held sliders)
+                meter = self.session.instruments.mean(self)
+                self.record.meter = meter if self.session.meter_on else None
                 self.record.filters = self.session.filters.describe() if self.session.filters else None
             self.session.history.append(
                 {"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()}
             )
+            self._finished = True
             self._sampler.close()
+            self._release_instruments()
 
     def _apply(self, steering: Steering, matrix: np.ndarray | None) -> None:
         self.session._steer(steering, matrix)

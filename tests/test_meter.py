@@ -66,7 +66,7 @@ def test_analyze_ranks_short_sentences_it_never_saw_with_units_of_one_order(mode
 
 
 def test_analyze_by_sentence_and_token_and_json():
-    text = "The bus was on time. I won the lottery and danced in the street! Then my dog died."
+    text = "The bus was on time 🚌. I won the lottery and danced in the street! Then my dog died."
     table = run_eqz("analyze", text)
     assert table.returncode == 0 and "whole text" in table.stdout and "danced" in table.stdout
     by_sentence = json.loads(run_eqz("analyze", text, "--json").stdout)
@@ -76,13 +76,14 @@ def test_analyze_by_sentence_and_token_and_json():
     assert scores[1]["joy"] > scores[2]["joy"] and scores[2]["sadness"] > scores[1]["sadness"]
     by_token = json.loads(run_eqz("analyze", text, "--by", "token", "--json").stdout)
     assert len(by_token["segments"]) > 15
-    assert "".join(segment["text"] for segment in by_token["segments"]) == text  # the first token too, unread
+    # the first token too, unread; the emoji's bytes span tokens (each was a "\ufffd")
+    assert "".join(segment["text"] for segment in by_token["segments"]) == text
     assert by_token["segments"][0]["readouts"] is None and by_token["segments"][1]["readouts"]
     shown = run_eqz("analyze", "I am happy today.", "--by", "token").stdout
     rows = [line.split() for line in shown.splitlines() if line.strip()]  # header, rule, then the tokens
     assert rows[2] == ["I"] + ["·"] * 10 and "· = not read" in shown
     bad = run_eqz("analyze", text, "--by", "word")
-    assert bad.returncode != 0 and "--by must be" in bad.stderr
+    assert bad.returncode != 0 and "--by (by in the library) must be" in bad.stderr
     too_long = run_eqz("analyze", "I am glad. " * 2100)  # 8,401 tokens, past the 8,192 the model was trained on
     assert too_long.returncode == 2 and "more than the 8192" in too_long.stderr
 
@@ -283,4 +284,17 @@ def test_a_refused_filter_leaves_the_filters_before_and_moves_after_it_work(mode
             session.request_steering(Steering().with_gain("joy", 1.1))
             session.request_steering(Steering().with_gain("joy", 1.0))
     assert turn.record.changes == []
+    session.close()
+
+
+def test_a_slider_key_pressed_after_a_reply_and_a_set_command_both_count(model, bank):
+    """A key press after the last token waits for the next reply; a `/set` typed meanwhile built on the sliders
+    without it, and the waiting press then undid the `/set` when the next reply began."""
+    from eqz.chat import ChatCommands
+
+    session = ChatSession(model, Sampling(seed=6, max_tokens=4), bank=bank)
+    session.request_steering(Steering().with_gain("joy", 1.0))  # as the chat's slider keys do
+    ChatCommands(session).handle("/set fear 0.5")
+    "".join(session.reply(NEUTRAL_PROMPT))
+    assert dict(session.steering.gains) == {"joy": 1.0, "fear": 0.5}
     session.close()
