@@ -28,8 +28,8 @@ ROUNDS = 2
 
 def eqz_rate(model: Model, prompts: Path, parallel: int, folder: Path) -> float:
     source = PromptFile(str(prompts))
-    count, longest = plan(source, model)
     grid = build_grid((), None, [], {}, [], {"max_tokens": TOKENS}, None)
+    count, longest = plan(source, model, grid)
     out = folder / f"p{parallel}.jsonl"
     out.unlink(missing_ok=True)
     sink = Output(str(out), resume=False)

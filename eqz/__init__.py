@@ -9,6 +9,11 @@ __version__ = "0.1.0"
 __all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "load", "__version__"]
 
 
+def __dir__() -> list[str]:
+    """The public names too (they load on first use), for tab completion in a notebook."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
     if name in __all__:
         from . import api

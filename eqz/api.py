@@ -15,6 +15,7 @@ failed its direction check) go to ``model.on_warning``, by default Python's ``wa
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import random
@@ -66,6 +67,10 @@ class EqzModel:
         self._bank = bank
         self.on_warning: Callable[[str], None] = _python_warning
 
+    def __repr__(self) -> str:
+        bank = f"bank {self._bank.directory}" if self._bank is not None else "bank found when first used"
+        return f"<EqzModel {self.info.name} ({self.model.path.name}); threads={self.threads}; {bank}>"
+
     @property
     def info(self) -> ModelInfo:
         return self.model.info
@@ -110,7 +115,7 @@ class EqzModel:
     def session(
         self,
         *,
-        preset: str | Preset | None = None,
+        preset: str | Path | Preset | None = None,
         sliders: dict[str, float] | None = None,
         vectors: Iterable[tuple[str | Path, float]] = (),
         system: str | None = None,
@@ -123,14 +128,16 @@ class EqzModel:
         """A conversation set up from a preset, then the explicit settings on top of it (they win)."""
         sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
+        if preset is not None and not isinstance(preset, (str, Path, Preset)):
+            raise EqzError(f"preset must be a preset's name or file (or an eqz.presets.Preset), got {preset!r}")
+        if system is not None:
+            _text(system, "system")
         sampling, vectors = _mapping(sampling, "sampling", "{'temperature': 0.7}"), _vector_pairs(vectors)
         bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate))
         valid = bank.names if bank else ()
-        chosen = get_preset(preset, valid) if isinstance(preset, str) else preset
+        chosen = get_preset(str(preset), valid) if isinstance(preset, (str, Path)) else preset
         resolved = resolve(chosen, valid, sliders, sampling, system, clamp, ablate)
-        for band, gain in (sliders or {}).items():
-            if gain_warning(band, resolved.gains[band]):
-                self.on_warning(f"{band}={gain:g}{gain_warning(band, resolved.gains[band])}")
+        _warn_of_gains(self.on_warning, {band: resolved.gains[band] for band in sliders or {}})
         steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:
             steering = steering.plus_vector(path, scale)
@@ -147,8 +154,13 @@ class EqzModel:
         """One reply to ``prompt``, piece by piece. ``settings``: those of ``session``, plus ``seed``,
         ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``."""
         _text(prompt, "prompt")
-        with Chat(self.session(**_split_sampling(settings))) as chat:
-            yield from chat.send(prompt)
+        chat = self.chat(**settings)  # bad settings raise here, not at the first piece
+
+        def pieces() -> Iterator[str]:
+            with chat:
+                yield from chat.send(prompt)
+
+        return pieces()
 
     def generate(self, prompt: str, **settings) -> str:
         """One reply to ``prompt`` as a string (see ``stream`` for the settings)."""
@@ -156,42 +168,47 @@ class EqzModel:
 
     def chat(self, **settings) -> "Chat":
         """A conversation whose sliders can change at any time (see ``stream`` for the settings)."""
-        return Chat(self.session(**_split_sampling(settings)))
+        return Chat(self.session(**_split_sampling(settings)), self.on_warning)
 
     def batch(self, prompts, output, *, preset: str | None = None, presets: Iterable[str] = (),
               sliders: dict[str, float] | None = None, sweeps: Iterable[tuple[str, list[float]]] = (),
               sampling: dict | None = None, system: str | None = None, clamp: dict[str, float] | None = None,
               ablate: Iterable[str] = (), samples: int = 1, seed: int = 0, parallel: int = 4,
-              meter: bool = False) -> "BatchPlan":
+              meter: bool = False, resume: bool = False, skip_bad: bool = False) -> "BatchPlan":
         """Rows for every prompt x setting x sample, checked and ready: ``.run(on_row)`` writes them into
-        ``output``. ``prompts``: a ``batch.PromptFile`` or a path; ``output``: a ``batch.Output`` or a path.
-        Settings are (``presets``, or the one ``preset``) x every combination of ``sweeps`` (band, gains)."""
+        ``output``. ``prompts``: a ``batch.PromptFile`` or a path (bad lines stop the batch before any reply, or
+        with ``skip_bad`` are left out); ``output``: a ``batch.Output`` or a path (a file with rows needs ``resume``,
+        which writes only the missing ones; one opened here is closed when the run ends). Settings are (``presets``,
+        or the one ``preset``) x every combination of ``sweeps`` (band, gains)."""
         from .batch import BatchPlan, Output, PromptFile, build_grid, plan
         from .steering import Steerer
 
         sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}")
+        presets = _listed(presets, "presets", "preset names", ["calm"])
+        sweeps = _sweeps(sweeps)
         samples, parallel = _whole(samples, "samples", 1), _whole(parallel, "parallel", 1)  # 0 spun for ever
         if not is_whole(seed, -2**63):  # any whole number: each row's seed is hashed from it
             raise EqzError(f"seed must be a whole number, got {seed!r}")
-        source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts))
-        sink = output if isinstance(output, Output) else Output(str(output), resume=False)
+        source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts), skip_bad=bool(skip_bad))
+        sink = output if isinstance(output, Output) else Output(str(output), resume=bool(resume))
         try:
-            sweeps = list(sweeps)
             bank = self.bank_if_any(required=bool(sliders or sweeps or preset or presets or meter or clamp or ablate))
             valid = bank.names if bank else ()
             grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp,
                               ablate)
-            count, longest = plan(source, self.model)
+            count, longest = plan(source, self.model, grid)
             sink.check_compatible(self.model_record, grid)
         except BaseException:
             if sink is not output:  # made here from a path: closed again (and removed if still empty)
                 sink.close()
             raise
+        _warn_of_gains(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()})  # checked
         moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
         for line in bank.doubtful(moved) if bank else []:
             self.on_warning(line)
         return BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
-                         parallel, meter, self.on_warning)
+                         parallel, meter, self.on_warning, closes_output=sink is not output)
 
     def request(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                 preset: str | None = None, sliders: dict[str, float] | None = None, sampling: dict | None = None,
@@ -202,7 +219,15 @@ class EqzModel:
         as in ``session`` (the preset first, then the explicit ones)."""
         from .serving import Request
 
-        ablate = list(ablate)
+        sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}")
+        stop = [stop] if isinstance(stop, str) else _listed(stop, "stop", "strings", ["END"])  # OpenAI's one string too
+        if any(not isinstance(text, str) for text in stop):
+            raise EqzError(f"stop takes a list of strings, such as ['END']; got {stop!r}")
+        if prompt is not None:
+            _text(prompt, "prompt")
+        elif not isinstance(messages, list) or not all(isinstance(message, dict) for message in messages):
+            raise EqzError("messages must be a list of dicts, such as [{'role': 'user', 'content': 'Hi'}]")
         bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate or meter))
         valid = bank.names if bank else ()
         resolved = resolve(get_preset(preset, valid) if preset else None, valid, sliders, sampling, None, clamp, ablate)
@@ -216,7 +241,7 @@ class EqzModel:
             shared = common_prefix_length(tokens, template_head(self.model, messages)) if messages else 0
         seed = resolved.sampling.seed if resolved.sampling.seed is not None else random.randrange(2**32)
         return Request(tokens, dataclasses.replace(resolved.sampling, seed=seed), Steering().with_gains(resolved.gains), (*stops, *stop),
-                       resolved.filters, meter and bank is not None, seed=seed, shared=shared)
+                       resolved.filters, bool(meter), seed=seed, shared=shared)
 
     def server(self, parallel: int = 4, per_sequence: int = 2048, max_waiting: int = 64) -> "BatchServer":
         """A decode loop serving ``request()``s ``parallel`` at a time, each with its own sliders (see
@@ -271,8 +296,9 @@ class EqzModel:
         return own
 
     def analyze(self, text: str, by: str = "sentence") -> Analysis:
-        """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token; by token
-        the first segment's ``readouts`` is None: the first token is not read)."""
+        """How the model reads ``text``, band by band (``.overall``, and ``.segments`` per sentence or token; by token,
+        for a model that starts without a BOS token, the first segment's ``readouts`` is None: the first token is not
+        read)."""
         return analyze(self.model, self.bank, _text(text, "text"), by)
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
@@ -337,6 +363,16 @@ def _names(value, name: str) -> list[str]:
     return _listed(value, name, "band names", ["joy"])
 
 
+def _sweeps(value) -> list[tuple[str, list[float]]]:
+    """``batch``'s sweeps: (band, gains) pairs, as ``batch.parse_sweep`` makes them from the CLI's BAND=START:STOP:N."""
+    pairs = _listed(value, "sweeps", "(band, gains) pairs", [("joy", [-1, 0, 1])])
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], Iterable) and not isinstance(pair[1], str)):
+            raise EqzError(f"sweeps takes (band, gains) pairs, such as [('joy', [-1, 0, 1])]; got {pair!r}")
+    return [(band, list(gains)) for band, gains in pairs]
+
+
 def _whole(value, name: str, least: int, note: str = "") -> int:
     """A count such as ``samples``: an int (a numpy one too), not a bool, a float or a string; ``note`` adds to the
     error (what None means, where it is allowed)."""
@@ -351,6 +387,10 @@ def _vector_pairs(value) -> list[tuple[str | Path, float]]:
     if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
         raise EqzError("vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]")
     for path, scale in pairs:
+        if isinstance(path, ControlVector):  # a value steers through the sliders' bank or a file
+            raise EqzError("vectors takes files; save the ControlVector first, e.g. [(vector.save('mix.gguf'), 1.0)]")
+        if not isinstance(path, (str, Path)):
+            raise EqzError(f"vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]; got a {type(path).__name__}")
         if (number := as_number(scale)) is None or not math.isfinite(number):
             raise EqzError(f"the scale of {path} must be a finite number, got {scale!r}")
     return pairs
@@ -368,20 +408,33 @@ def _described(value) -> dict[str, str]:
 _SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")
 
 
+def _warn_of_gains(on_warning: Callable[[str], None], gains: dict[str, float]) -> None:
+    """A gain past the calibrated range is allowed, and said."""
+    for band, gain in gains.items():
+        warning = gain_warning(band, gain)
+        if warning:
+            on_warning(f"{band}={gain:g}{warning}")
+
+
 def _split_sampling(settings: dict) -> dict:
     """Sampling settings given by name, gathered into the ``sampling`` dict ``session`` takes."""
+    known = (*_SAMPLING_KEYS, *(name for name in inspect.signature(EqzModel.session).parameters if name != "self"))
+    for name in settings:
+        if name not in known:
+            raise EqzError(f"unknown setting {name!r}; the settings are: {', '.join(known)}")
     _mapping(settings.get("sampling"), "sampling", "{'temperature': 0.7}")
     sampling = {key: settings.pop(key) for key in _SAMPLING_KEYS if key in settings}
     if sampling:
-        settings["sampling"] = {**settings.get("sampling", {}), **sampling}
+        settings["sampling"] = {**(settings.get("sampling") or {}), **sampling}
     return settings
 
 
 class Chat:
     """A conversation: ``send`` streams a reply; ``set`` moves sliders from the next token on, even mid-reply."""
 
-    def __init__(self, session: ChatSession):
+    def __init__(self, session: ChatSession, on_warning: Callable[[str], None] = _python_warning):
         self.session = session
+        self.on_warning = on_warning
 
     def send(self, text: str) -> Turn:
         """The reply to ``text``: iterate it for pieces; ``.text`` and ``.record`` once done."""
@@ -391,6 +444,9 @@ class Chat:
         bank = self.session.steerer.bank
         valid = bank.names if bank else ()
         checked = {band: check_gain(band, gain, valid) for band, gain in gains.items()}
+        _warn_of_gains(self.on_warning, checked)
+        for line in bank.doubtful(checked) if bank else []:
+            self.on_warning(line)
         self.session.request_steering(self.session.pending_or_current_steering().with_gains(checked))
 
     @property

@@ -170,6 +170,12 @@ class Bank:
     voice_centre: np.ndarray | None = None  # (len(steered), n_embd); see VOICE_CENTRE_FILE
     dropped: set[str] = field(default_factory=set, repr=False)  # removed bands whose files save() deletes
 
+    def __repr__(self) -> str:
+        """Short, for a notebook: the full dataclass repr runs to tens of thousands of characters of arrays."""
+        steered = self.steered_layers
+        layers = f"layers {steered[0]}-{steered[-1]}" if steered else "no layers"
+        return f"<Bank of {self.model.name}: {', '.join(self.bands) or 'no bands'}; {layers}; {self.directory}>"
+
     @classmethod
     def empty(cls, info: ModelInfo, directory: Path | None = None) -> "Bank":
         return cls(directory, ModelRecord.of(info))

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -35,7 +36,7 @@ from .reading import common_prefix_length
 from .meter import Instruments
 from .errors import EqzError
 from .presets import Preset, Resolved, get_preset, resolve
-from .session import context_length, model_record, reply_record
+from .session import model_record, reply_record
 from .steering import Steerer, Steering
 
 
@@ -97,7 +98,7 @@ class PromptFile:
     def bad(self, number: int, error: str) -> None:
         """Line ``number`` cannot be a row (``error`` says why): the run stops, or with --skip-bad it is left out."""
         if not self.skip_bad:
-            raise EqzError(f"{error}; fix the line or pass --skip-bad")
+            raise EqzError(f"{error}; fix the line or pass --skip-bad (skip_bad=True in the library)")
         self.skipped.append(error)
         self.unfit.add(number)
 
@@ -239,7 +240,8 @@ class Output:
         self.created = not self.path.exists()  # removed again if the run stops before its first row
         if self.path.exists() and self.path.stat().st_size > 0:
             if not resume:
-                raise EqzError(f"{self.path} already has rows; pass --resume to continue it or choose another -o")
+                raise EqzError(f"{self.path} already has rows; pass --resume (resume=True in the library) to continue it "
+                               "or choose another -o")
             self._load_existing()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -381,12 +383,15 @@ class BatchStats:
         self.tokens += record["n_tokens"]
 
 
-def plan(prompts: PromptFile, model: Model) -> tuple[int, int]:
-    """Validate every line before any generation; returns (valid prompts, longest prompt in tokens)."""
+def plan(prompts: PromptFile, model: Model, settings: Iterable[Resolved] = ()) -> tuple[int, int]:
+    """Validate every line before any generation; returns (valid prompts, longest prompt in tokens). A prompt
+    without a system prompt of its own is counted with the longest of the ``settings``' (--system, a preset's)."""
     count = longest = 0
+    settings_system = max((len(model.tokenize(setting.system or "")) for setting in settings), default=0)
     for row in prompts.rows():
-        size = len(model.tokenize(row.prompt)) + 64 + len(model.tokenize(row.system or ""))
-        if size >= model.info.n_ctx_train:  # each sequence's context stops at the trained length (context_length)
+        system = len(model.tokenize(row.system)) if row.system is not None else settings_system
+        size = len(model.tokenize(row.prompt)) + 64 + system
+        if size >= model.info.n_ctx_train:  # each sequence's context stops at the trained length (Model.sequence_room)
             prompts.bad(row.line, f"{prompts.where(row.line)}: the prompt is about {size} tokens with its chat "
                                   f"template, and {model.info.name} reads {model.info.n_ctx_train} at most")
             continue
@@ -434,8 +439,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
     ``parallel`` at a time in one llama.cpp batch. What a local run and a Ray worker both do."""
     bands = steerer.bands
     record_model = model_record(model)
-    per_sequence = longest + max(s.sampling.max_tokens for s in settings) + 8
-    per_sequence = context_length(model, (per_sequence + 255) // 256 * 256)
+    per_sequence = model.sequence_room(longest + max(s.sampling.max_tokens for s in settings))
     filtered = any(setting.filters for setting in settings) or \
         any(steerer.held(Steering().with_gains(setting.gains)) for setting in settings)
     taps = (meter or filtered) and steerer.bank is not None
@@ -522,9 +526,15 @@ class BatchPlan:
     parallel: int = 4
     meter: bool = False
     on_warning: Callable[[str], None] = lambda message: None
+    closes_output: bool = False  # the output was opened for this plan (from a path): closed when a run ends
 
     def __post_init__(self) -> None:
-        self.output.check_same_rows(self.prompts, self.settings, self.seed)  # check_compatible has neither
+        try:
+            self.output.check_same_rows(self.prompts, self.settings, self.seed)  # check_compatible has neither
+        except BaseException:
+            if self.closes_output:
+                self.output.close()
+            raise
 
     @property
     def total(self) -> int:
@@ -532,8 +542,11 @@ class BatchPlan:
 
     def run(self, on_row: Callable[[dict, BatchStats], None] = lambda row, stats: None,
             stats: BatchStats | None = None) -> BatchStats:
-        return run_batch(self.model, self.steerer, self.prompts, self.settings, self.output, self.samples, self.seed,
-                         self.parallel, self.longest, on_row, stats, meter=self.meter)
+        """Generate every row not yet in the output; ``on_row(row, stats)`` after each is written."""
+        with self._closing():
+            return run_batch(self.model, self.steerer, self.prompts, self.settings, self.output, self.samples,
+                             self.seed, self.parallel, self.longest, on_row, stats or BatchStats(total=self.total),
+                             meter=self.meter)
 
     def run_on_ray(self, address: str = "auto", workers: int | None = None, threads: int | None = None,
                    on_row: Callable[[dict, BatchStats], None] = lambda row, stats: None,
@@ -542,4 +555,14 @@ class BatchPlan:
         cluster at ``address`` ("auto": $RAY_ADDRESS, a cluster running here, else a new local one)."""
         from .ray_batch import run_on_ray
 
-        return run_on_ray(self, address, workers, threads, on_row, stats, self.on_warning)
+        with self._closing():
+            return run_on_ray(self, address, workers, threads, on_row, stats or BatchStats(total=self.total),
+                              self.on_warning)
+
+    @contextmanager
+    def _closing(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if self.closes_output:
+                self.output.close()

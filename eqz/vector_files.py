@@ -161,10 +161,16 @@ class ControlVector:
         if not isinstance(other, ControlVector):
             raise EqzError(f"a control vector adds up only with another control vector, not {type(other).__name__}; "
                            "scale it with * instead")
-        if other.matrix.shape != self.matrix.shape:
+        if other.matrix.shape[1] != self.matrix.shape[1]:
             raise EqzError(f"control vectors of shapes {self.matrix.shape} and {other.matrix.shape} do not add up; "
                            "they were made for different models")
-        return ControlVector(self.matrix + other.matrix, self.model_hint)
+        # fewer rows: the layers past them are not steered (a file read without the model's n_layer ends at its
+        # last direction), as llama.cpp reads them
+        rows = max(len(self.matrix), len(other.matrix))
+        total = np.zeros((rows, self.matrix.shape[1]), dtype=np.float32)
+        total[: len(self.matrix)] += self.matrix
+        total[: len(other.matrix)] += other.matrix
+        return ControlVector(total, self.model_hint)
 
     def __radd__(self, other: int) -> "ControlVector":
         """``0 + vector`` is the vector, so that ``sum(vectors)`` adds them up."""

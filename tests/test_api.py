@@ -3,6 +3,7 @@ import that does not start llama.cpp."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import subprocess
@@ -86,6 +87,78 @@ def test_a_server_skips_a_kept_prompt_head_only_under_the_same_settings(library)
     assert texts[0] == texts[3] != alone
 
 
+def test_a_server_closed_answers_every_request_and_takes_no_more(library):
+    loop = library.server(parallel=1)
+    finished: dict[str, dict] = {}
+    done = {name: threading.Event() for name in ("running", "waiting")}
+    for name, max_tokens in (("running", 2000), ("waiting", 4)):
+        request = library.request(prompt="Once upon a time", sampling={"max_tokens": max_tokens, "seed": 1})
+        request.on_event = lambda kind, data, name=name: kind == "done" and (finished.update({name: data}),
+                                                                            done[name].set())
+        loop.submit(request)
+    loop.close()
+    assert all(event.wait(30) for event in done.values())  # the waiting one was never told before
+    assert finished["running"]["finish_reason"] == finished["waiting"]["finish_reason"] == "cancelled"
+    with pytest.raises(eqz.EqzError, match="was closed"):  # it queued for ever
+        loop.submit(library.request(prompt="Hi"))
+
+
+def test_a_notebooks_habits_leave_the_model_and_its_chats_sound(library):
+    """Cells run again, replies left unread or half-read, a context smaller than a prompt's batch."""
+    # llama.cpp caps a context's batch at the size asked for and rounds the context up: this aborted the process
+    assert isinstance(library.generate("word " * 200, n_ctx=64, max_tokens=2), str)
+    with library.chat(seed=1, max_tokens=8) as chat:
+        chat.send("First question?")  # never read: forgotten, as if never sent (it was answered with the next)
+        second = chat.send("Second question?")
+        assert "".join(second) + "".join(second) == second.text  # read twice: one reply (it was added twice)
+        half = chat.send("Tell me a story.")
+        pieces = iter(half)
+        next(pieces)
+        after = "".join(chat.send("What is 2+2?"))  # the half-read reply ends first (its text came after this one)
+        assert list(pieces) == []
+        assert [message["role"] for message in chat.history] == ["user", "assistant"] * 3
+        assert chat.history[0]["content"] == "Second question?" and chat.history[5]["content"] == after
+        assert chat.history[3]["reply"]["finish_reason"] == "interrupted" and chat.history[3]["content"] == half.text
+        assert "meter" not in chat.history[1]["reply"]  # was {}: held sliders tap the model, the meter was off
+    gc.disable()  # freed as soon as dropped, not at the next collection (a model and its chats were never freed)
+    try:
+        dropped = eqz.load()
+        chat = dropped.chat(meter=True)
+        "".join(chat.send("Hi"))
+        released = (dropped.model._release, chat.session.context._release)
+        del dropped, chat
+        assert not any(release.alive for release in released)
+    finally:
+        gc.enable()
+    with pytest.warns(eqz.EqzWarning, match="beyond the calibrated") as warned:  # Chat.set warned of nothing
+        with library.chat() as chat:
+            chat.set(joy=1.5)
+    assert {warning.filename for warning in warned} == {__file__}
+    assert library.generate("Hi", sampling=None, seed=3, max_tokens=2) == library.generate("Hi", seed=3, max_tokens=2)
+
+
+def test_a_library_batch_resumes_closes_its_file_and_counts_its_rows(library, tmp_path):
+    """A notebook cell run again met "pass --resume", which the library did not take; the file stayed open."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts.write_text("Say hi.\nName a colour.\n")
+    plan = library.batch(prompts, out, sampling={"max_tokens": 4})
+    stats = plan.run()
+    assert plan.output.handle.closed and stats.total == stats.written == 2  # total was 0
+    with pytest.raises(eqz.EqzError, match="resume=True in the library"):
+        library.batch(prompts, out, sampling={"max_tokens": 4})
+    again = library.batch(prompts, out, sampling={"max_tokens": 4}, resume=True)
+    assert again.run().written == 0 and len(out.read_text().splitlines()) == 2
+
+
+def test_repeat_last_n_of_minus_one_is_the_whole_context_as_in_llama_cpp(library):
+    """llama.cpp's sampler reads -1 as 0 (no penalty); its tools, and now eqz, make it the whole context."""
+    def reply(last_n: int) -> str:
+        return library.generate("List the numbers one to twenty.", temperature=0, repeat_penalty=2.0,
+                                sampling={"repeat_last_n": last_n}, max_tokens=30)
+
+    assert reply(-1) == reply(4096) != reply(0)
+
+
 def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
     with pytest.raises(eqz.EqzError) as unknown:
         library.generate("Hi", sliders={"glee": 1})
@@ -108,6 +181,7 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "text must be a string": lambda: library.analyze(None),
                "sliders must be a dict": lambda: library.generate("Hi", sliders=["joy"]),
                "vectors takes \\(path, scale\\) pairs": lambda: library.generate("Hi", vectors="joy.gguf"),
+               "save the ControlVector first": lambda: library.generate("Hi", vectors=[(library.bank.vector(joy=1), 1)]),
                "ablate takes a list": lambda: library.chat(ablate="joy"),
                "the scale of joy.gguf must be a finite number": lambda: library.chat(vectors=[("joy.gguf", "x")]),
                "sampling must be a dict": lambda: library.generate("Hi", sampling=[0.7]),
@@ -137,7 +211,21 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "described must be a dict": lambda: library.train(described="nostalgia"),
                "'joy' is a built-in band": lambda: library.train(described={"joy": "plain happiness"}),
                "band name '../x' must be lowercase": lambda: library.train(described={"../x": "a file elsewhere"}),
-               "the description of nost is empty": lambda: library.train(described={"nost": " "})}
+               "the description of nost is empty": lambda: library.train(described={"nost": " "}),
+               # each was a raw TypeError, ValueError or AttributeError, or iterated a string letter by letter
+               "presets takes a list of preset names": lambda: library.batch(duplicated, out, presets="melancholy"),
+               "sweeps takes \\(band, gains\\) pairs": lambda: library.batch(duplicated, out, sweeps={"joy": [-1, 1]}),
+               "sampling must be a dict, such as {.temperature.: 0.7}; got list": lambda: library.batch(
+                   duplicated, out, sampling=[1]),
+               "preset must be a preset's name or file": lambda: library.generate("Hi", preset=123),
+               "system must be a string": lambda: library.generate("Hi", system=5),
+               "messages must be a list of dicts": lambda: library.request("Hi"),
+               "ablate takes a list of band names": lambda: library.request([{"role": "user", "content": "Hi"}],
+                                                                            ablate="joy"),
+               "by \\(by in the library\\) must be": lambda: library.analyze("I am glad.", by="word"),
+               "unknown setting 'temprature'; the settings are: seed": lambda: library.generate("Hi", temprature=0.5),
+               # a generator that checked nothing until its first piece
+               "unknown band 'jyo'": lambda: library.stream("Hi", sliders={"jyo": 1})}
     for message, misuse in misuses.items():
         with pytest.raises(eqz.EqzError, match=message):
             misuse()
@@ -161,6 +249,8 @@ def test_control_vectors_are_values_that_round_trip_through_gguf(tmp_path):
     assert np.allclose(mixed.matrix, a.matrix - b.matrix / 4)
     loaded = eqz.ControlVector.load(mixed.save(tmp_path / "mix.gguf"))
     assert np.allclose(loaded.matrix, mixed.matrix) and loaded.model_hint == "llama"
+    two_layers = eqz.ControlVector(np.ones((2, 8), dtype=np.float32))  # as ControlVector.load reads a short file
+    assert np.allclose((a + two_layers).matrix, np.vstack([a.matrix[:2] + 1, a.matrix[2:]]))  # was "different models"
     with pytest.raises(eqz.EqzError, match="different models"):
         a + eqz.ControlVector(np.zeros((4, 9), dtype=np.float32))
     with pytest.raises(eqz.EqzError, match="zero on every layer"):  # a file llama.cpp and eqz could not read back

@@ -218,6 +218,16 @@ def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
     assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Be terse."
 
 
+def test_a_long_system_prompt_is_counted_in_each_sequences_room(tmp_path):
+    """Each sequence's room was sized by the prompts alone: a --system of ~400 tokens did not fit beside them."""
+    out = tmp_path / "out.jsonl"
+    long_system = "Be brief and kind. " * 80
+    result = subprocess.run([EQZ, "batch", "-", "-o", str(out), "-n", "8", "--system", long_system],
+                            input="Say hi.\nName a colour.\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [(row["system"], row["finish_reason"]) for row in rows(out)] == [(long_system, "length")] * 2
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     text = tmp_path / "p.txt"
     text.write_bytes(b"\xef\xbb\xbfSay hi.\n")
