@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
 from eqz.eval import Setting, bank_persona, result_row

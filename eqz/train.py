@@ -58,7 +58,6 @@ CALIBRATION_HOLDS = 0.8
 # calibration's 10 replies a level of 1-2 "holds" mostly by chance (three seeds held 2 for three bands, and each read
 # lower held out than the same training held from 3: steering-limits section 17), and no hand choice held below 3
 HOLD_LEVELS = (3.0, 4.0, 5.0, 6.0)
-SOURCES = ("stimulus", "voice")
 ZERO_REPLY_TOKENS = 24
 
 
