@@ -152,7 +152,8 @@ class EqzModel:
 
     def stream(self, prompt: str, **settings) -> Iterator[str]:
         """One reply to ``prompt``, piece by piece. ``settings``: those of ``session``, plus ``seed``,
-        ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``."""
+        ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``
+        (-1: the whole context)."""
         _text(prompt, "prompt")
         chat = self.chat(**settings)  # bad settings raise here, not at the first piece
 
@@ -390,7 +391,8 @@ def _vector_pairs(value) -> list[tuple[str | Path, float]]:
         if isinstance(path, ControlVector):  # a value steers through the sliders' bank or a file
             raise EqzError("vectors takes files; save the ControlVector first, e.g. [(vector.save('mix.gguf'), 1.0)]")
         if not isinstance(path, (str, Path)):
-            raise EqzError(f"vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]; got a {type(path).__name__}")
+            raise EqzError(f"vectors takes (path, scale) pairs, such as [('joy.gguf', 0.8)]; got a "
+                           f"{type(path).__name__}")
         if (number := as_number(scale)) is None or not math.isfinite(number):
             raise EqzError(f"the scale of {path} must be a finite number, got {scale!r}")
     return pairs
@@ -405,7 +407,7 @@ def _described(value) -> dict[str, str]:
     return dict(described)
 
 
-_SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+_SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
 
 
 def _warn_of_gains(on_warning: Callable[[str], None], gains: dict[str, float]) -> None:

@@ -328,6 +328,7 @@ class Turn:
             self._steps.close()  # runs the generator's finally: recorded and added to the history
             return
         self._finished = True
+        self.record.finish_reason = "interrupted"
         self._forget_asked()
         self._sampler.close()
         self._release_instruments()

@@ -154,7 +154,7 @@ def test_repeat_last_n_of_minus_one_is_the_whole_context_as_in_llama_cpp(library
     """llama.cpp's sampler reads -1 as 0 (no penalty); its tools, and now eqz, make it the whole context."""
     def reply(last_n: int) -> str:
         return library.generate("List the numbers one to twenty.", temperature=0, repeat_penalty=2.0,
-                                sampling={"repeat_last_n": last_n}, max_tokens=30)
+                                repeat_last_n=last_n, max_tokens=30)
 
     assert reply(-1) == reply(4096) != reply(0)
 
@@ -181,7 +181,8 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "text must be a string": lambda: library.analyze(None),
                "sliders must be a dict": lambda: library.generate("Hi", sliders=["joy"]),
                "vectors takes \\(path, scale\\) pairs": lambda: library.generate("Hi", vectors="joy.gguf"),
-               "save the ControlVector first": lambda: library.generate("Hi", vectors=[(library.bank.vector(joy=1), 1)]),
+               "save the ControlVector first": lambda: library.generate("Hi",
+                                                                        vectors=[(library.bank.vector(joy=1), 1)]),
                "ablate takes a list": lambda: library.chat(ablate="joy"),
                "the scale of joy.gguf must be a finite number": lambda: library.chat(vectors=[("joy.gguf", "x")]),
                "sampling must be a dict": lambda: library.generate("Hi", sampling=[0.7]),
