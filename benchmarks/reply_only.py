@@ -17,13 +17,15 @@ The bank is the model's, found as eqz finds it ($EQZ_VECTORS first).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz import generation
 from eqz.bands import PRIMARIES
@@ -46,7 +48,7 @@ class ReplyOnlySteering(generation.RowSteering):
     in_prompt = False  # True while PromptHeads.decode runs
 
     def __call__(self, layer: int, hidden: np.ndarray) -> bool:
-        if self.in_prompt and self.rows and isinstance(self.rows[0], ReplyOnlyVector):
+        if self.in_prompt and self.rows and isinstance(self.rows[0][0], ReplyOnlyVector):  # (vector, filters)
             return False
         return super().__call__(layer, hidden)
 
@@ -121,7 +123,7 @@ def report(run: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model", help="GGUF file [default: $EQZ_MODEL, else the default model]")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--gains", default="1,1.5,2", help="ascending, the first the one to match (1)")
