@@ -20,12 +20,14 @@ sets on which it keeps its sign; and, in the JSON, how far the judge's names mov
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.bands import AXES, BANDS
 from eqz.bank import Bank
@@ -103,7 +105,7 @@ def steer_axes(model: Model, bank: Bank, sliders: list[str], samples: int = 2, t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model")
     parser.add_argument("--bank", type=Path, help="also steer this bank's valence and arousal (see above)")
     parser.add_argument("--sliders", default=",".join(AXES),

@@ -17,7 +17,7 @@ from report import print_figures  # benchmarks/ is on sys.path: it holds the scr
 
 from eqz.batch import Output, PromptFile, build_grid, plan, run_batch
 from eqz.engine import Model
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 from eqz.steering import Steerer
 from eqz.stimuli import neutral_prompts
 
@@ -132,7 +132,7 @@ def rows(figures: dict) -> list[tuple[str, str, str]]:
 
 
 def main() -> dict:
-    with Model(default_model_path()) as model:
+    with Model(resolve_model_path(None)) as model:
         figures = measure(model)
     print_figures(f"batch on the default model ({PROMPTS} prompts x {TOKENS} tokens)", rows(figures))
     return figures

@@ -19,13 +19,13 @@ its band at the read layer while it writes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import first_replies, print_clear_counts, print_lowered_counts, print_source_rows, pushed_rows
+from report import (first_replies, print_clear_counts, print_lowered_counts, print_source_rows, pushed_rows,
+                    script_parser)
 
 from eqz.bands import PRIMARIES
 from eqz.bank import Bank, require_bank
@@ -104,7 +104,7 @@ def hold_chosen(bank_dir: Path, screen: Path, bands: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model", help="GGUF file [default: $EQZ_MODEL, else the default model]")
     parser.add_argument("--bank", type=Path, help="bank directory [default: the model's bank]")
     parser.add_argument("--levels", default="2,3,5", help="clamp levels tried on every band")

@@ -11,19 +11,19 @@ band). It screens on calibration's prompts by default (a seed of its own); `--pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import layer_cosine, print_clear_counts, print_source_rows, pushed_rows, pushed_settings, training_sources
+from report import (layer_cosine, print_clear_counts, print_source_rows, pushed_rows, pushed_settings, script_parser,
+                    training_sources)
 
 from eqz.bands import PRIMARIES
 from eqz.directions import unit
 from eqz.engine import Model
 from eqz.eval import ReplyBench, prompt_sets
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 from eqz.train import layer_rows
 
 
@@ -31,7 +31,7 @@ SOURCES = ("stimulus", "voice", "combined")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--strengths", default="0.35,0.5")
     parser.add_argument("--prompts", choices=("eval", "calibration"), default="calibration")
     parser.add_argument("--seed", type=int, default=777)
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     strengths = [float(s) for s in args.strengths.split(",")]
     started = time.perf_counter()
-    with Model(default_model_path()) as file_model, file_model.unpacked() as model:
+    with Model(resolve_model_path(None)) as file_model, file_model.unpacked() as model:
         extraction, found, voice = training_sources(model)
         steered = found.steered
         shape = (model.info.n_layer, model.info.n_embd)

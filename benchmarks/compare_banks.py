@@ -9,13 +9,12 @@ the unsteered model as judge, perplexity under the model asked for the band). Ma
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import first_replies, print_clear_counts, print_source_rows, pushed_rows
+from report import first_replies, print_clear_counts, print_source_rows, pushed_rows, script_parser
 
 from eqz.bands import PRIMARIES
 from eqz.bank import Bank
@@ -25,7 +24,7 @@ from eqz.models import resolve_model_path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model", help="GGUF file [default: $EQZ_MODEL, else the default model]")
     parser.add_argument("--bank", type=Path, action="append", required=True, help="a bank directory (repeat: 2 or more)")
     parser.add_argument("--prompts", choices=("eval", "calibration", "test"), default="eval")

@@ -11,7 +11,6 @@ Figures go to stdout and benchmarks/gpu_results.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import subprocess
@@ -19,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import EQZ, print_figures  # benchmarks/ is on sys.path: it holds the script being run
+from report import EQZ, print_figures, script_parser  # benchmarks/ is on sys.path: it holds the script being run
 
 from eqz.api import llama_build
 
@@ -65,7 +64,7 @@ def largest_meter_gap(a: dict, b: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--no-train", action="store_true", help="skip the two quick trainings")
     parser.add_argument("--dry-run", action="store_true", help="run on a CPU build too (checks this script)")
     args = parser.parse_args()

@@ -13,11 +13,13 @@ measured alone, so a mix takes each band's row from the way it names).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from clamp_steering import chosen_rows  # benchmarks/ is on sys.path: it holds the script being run
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.bands import PRIMARIES
 
@@ -27,7 +29,7 @@ def expected_clear(row: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--screen", type=Path, required=True, help="clamp levels on the calibration prompts")
     parser.add_argument("--slider", type=Path, required=True, help="the slider at +1 on the same prompts and seed")
     parser.add_argument("--hand", default="", help="a hand-chosen set of held bands to compare with")

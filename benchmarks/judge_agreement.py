@@ -16,12 +16,14 @@ held-out set, tests/data/fresh_sentences.yaml): how often it ranks the true prim
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.bands import NEUTRAL_PERSONA, PRIMARIES, primary_personas
 from eqz.bank import find_bank
@@ -77,7 +79,7 @@ def names_sentences(model: Model) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model")
     parser.add_argument("--out", help="also write the figures as JSON")
     parser.add_argument("--only-sentences", action="store_true", help="only check the label judge on the sentences")

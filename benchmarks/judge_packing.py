@@ -11,11 +11,13 @@ rounded to 8 bits.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.engine import Model
 from eqz.judge import LabelJudge
@@ -42,7 +44,7 @@ def packings(model: Model, texts: list[list[int]]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model")
     parser.add_argument("--page", default="docs/eval-smollm2-135m-instruct/eval.json",
                         help="a steering page's eval.json, whose example replies are judged")

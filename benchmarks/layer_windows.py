@@ -14,18 +14,18 @@ on held-out prompts. Writes every setting's row, as `eqz eval` records one, to a
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-from report import print_clear_counts, pushed_rows  # benchmarks/ is on sys.path: it holds the script being run
+# benchmarks/ is on sys.path: it holds the script being run
+from report import print_clear_counts, pushed_rows, script_parser
 
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
 from eqz.eval import EVAL_SEED, ReplyBench, Setting, bank_persona, prompt_sets
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 from eqz.train import TrainSettings, extract, find_directions, strength_matrix
 
 
@@ -35,7 +35,7 @@ def window(text: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--windows", default="3-8,6-13,10-19", help="layer ranges, first-last")
     parser.add_argument("--strengths", default="0.35,0.5,0.7")
     parser.add_argument("--prompts", choices=("eval", "calibration"), default="eval")
@@ -47,7 +47,7 @@ def main() -> None:
     windows = {text: window(text) for text in args.windows.split(",")}
     strengths = [float(s) for s in args.strengths.split(",")]
     started = time.perf_counter()
-    with Model(default_model_path()) as file_model, file_model.unpacked() as model:
+    with Model(resolve_model_path(None)) as file_model, file_model.unpacked() as model:
         training = TrainSettings()
         extraction = extract(model, training)
         units = find_directions(extraction, training).units

@@ -14,14 +14,16 @@ words per hundred. An explanation of the acceptance figures, not a replacement f
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
 from eqz.engine import Model
 from eqz.eval import EVAL_SEED, ReplyBench, ReplySet, Setting, prompt_sets, slider_setting
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 from eqz.scoring import nrc_categories, nrc_lexicon, words
 
 
@@ -59,7 +61,7 @@ def rival(lifts: dict[str, float], band: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", choices=("eval", "test"), default="eval")
@@ -69,7 +71,7 @@ def main() -> None:
     if nrc_lexicon() is None:
         parser.error("this measures the NRC lexicon: install it with  pip install 'eqz[lexicon]'")
     print("\n".join(shared_tags()) + "\n")
-    with Model(default_model_path()) as model:
+    with Model(resolve_model_path(None)) as model:
         bank = require_bank(model.info)
         bench = ReplyBench(model, prompt_sets()[args.prompts], args.max_tokens, EVAL_SEED, bank.steered_layers,
                            samples=args.samples)

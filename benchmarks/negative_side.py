@@ -14,7 +14,9 @@ the fluency measures, and the band's words that -1 adds most. Files are named <t
     eqz vectors hold sadness off && eqz batch $common --set sadness=-1 -o s_sadness_vector.jsonl
     python benchmarks/negative_side.py s_base.jsonl s_*_*.jsonl --out docs/negative-side/smollm2-135m-instruct.json
 
-(Gemma: the same with `-m gemma-3-270m-q4_k_m.gguf` and its bank copied from docs/banks into your data dir.)
+(Gemma: the same with `-m gemma-3-270m-q4_k_m.gguf` and its bank copied from docs/banks into your data dir:
+`vectors hold` changes the bank it holds in, so it needs a copy of its own, where rival_pull.py reads
+EQZ_VECTORS=docs/banks as it is.)
 """
 
 from __future__ import annotations

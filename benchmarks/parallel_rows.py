@@ -10,13 +10,15 @@ kernels: where a weight type is multiplied row by row the answer is "all", where
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.engine import Model
 from eqz.eval import prompt_sets
 from eqz.generation import Job, generate_parallel
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 from eqz.sampling import Sampling
 from eqz.voice import persona_tokens
 
@@ -35,14 +37,14 @@ def replies(model: Model, parallel: int, count: int, max_tokens: int) -> list[li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("models", nargs="*", type=Path)
     parser.add_argument("--replies", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     print(f"| model | {' | '.join(f'--parallel {width}' for width in WIDTHS[1:])} |")
     print(f"|---|{'---|' * (len(WIDTHS) - 1)}")
-    for path in args.models or [default_model_path()]:
+    for path in args.models or [resolve_model_path(None)]:
         with Model(path) as model:
             alone = replies(model, 1, args.replies, args.max_tokens)
             cells = []

@@ -17,9 +17,14 @@ EQZ = str(Path(sys.executable).with_name("eqz"))  # the console script of the ve
 QUIET = lambda _stage, _total: lambda _n: None  # noqa: E731  (a Progress that shows nothing)
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's command line, described by its docstring's first paragraph (its first line stops mid-sentence)."""
+    return argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
+
+
 def batch_files_args(doc: str, steered_help: str) -> argparse.Namespace:
     """The command line of a script that scores `eqz batch` files: the unsteered file, the steered ones, --out."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = script_parser(doc)
     parser.add_argument("unsteered", type=Path, help="`eqz batch` file with no slider moved")
     parser.add_argument("steered", type=Path, nargs="+", help=steered_help)
     parser.add_argument("--out", type=Path)
@@ -35,8 +40,9 @@ def first_replies(settings: list, results: dict, samples: int) -> dict[str, list
 def print_figures(title: str, rows: list[tuple[str, str, str]]) -> None:
     """rows: (what, figure with its unit, note such as the ratio to the baseline)."""
     print(title)
+    width = max((len(what) for what, _, _ in rows), default=0)
     for what, figure, note in rows:
-        print(f"  {what:<28} {figure:>12}   {note}".rstrip())
+        print(f"  {what:<{width}} {figure:>12}   {note}".rstrip())
 
 
 def pushed_rows(settings: list, results: dict, samples: int, label: str) -> list[dict]:

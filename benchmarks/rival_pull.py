@@ -10,7 +10,7 @@ unsteered file's rows, smoothed by LIFT_PRIOR), with the fluency measures calibr
     eqz batch $common -o base.jsonl
     eqz batch $common --set joy=1 --sweep surprise=-1:0:3 -o joy.jsonl
     eqz batch $common --set fear=1 --sweep sadness=-1:0:3 -o fear.jsonl
-    python benchmarks/rival_pull.py base.jsonl joy.jsonl fear.jsonl --out docs/rival-pull/smollm2.json
+    python benchmarks/rival_pull.py base.jsonl joy.jsonl fear.jsonl --out docs/rival-pull/smollm2-135m-instruct.json
 
 (Gemma: the same with `-m gemma-3-270m-q4_k_m.gguf` and EQZ_VECTORS=docs/banks.)
 """

@@ -17,10 +17,12 @@ for one made by `eqz train --out DIR` set it to the folder above DIR).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.bands import PRIMARIES
 from eqz.bank import require_bank
@@ -48,7 +50,7 @@ def replica_counts(results: dict, samples: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model", help="GGUF file [default: $EQZ_MODEL, else the default model]")
     parser.add_argument("--samples", type=int, default=6, help=f"a multiple of {REPLICA_SAMPLES}")
     parser.add_argument("--max-tokens", type=int, default=64)

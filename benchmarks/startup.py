@@ -14,7 +14,7 @@ import time
 
 from report import EQZ, print_figures  # benchmarks/ is on sys.path: it holds the script being run
 
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 
 ROUNDS = 5
 PROMPT = "Say hello."
@@ -34,14 +34,14 @@ def first_output_seconds(command: list[str]) -> float:
     first = process.stdout.read(1)
     seconds = time.perf_counter() - started
     process.stdout.read()
-    if not first or process.wait() != 0:
+    if process.wait() != 0 or not first:
         raise RuntimeError(f"{command[0]} failed (exit {process.returncode}); run it by hand to see why")
     return seconds
 
 
 def measure(rounds: int = ROUNDS) -> dict:
-    model = str(default_model_path())
-    eqz = [EQZ, "generate", PROMPT, "--max-tokens", "8", "--seed", "1"]
+    model = str(resolve_model_path(None))
+    eqz = [EQZ, "generate", PROMPT, "--model", model, "--max-tokens", "8", "--seed", "1"]  # the baseline's model
     baseline = [sys.executable, "-c", BASELINE, model, PROMPT]
     first_output_seconds(eqz)  # warm the page cache
     times: dict[str, list[float]] = {"eqz": [], "baseline": []}

@@ -14,11 +14,13 @@ set, docs/steering-<bank>-eval.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz.bands import BANDS, PRIMARIES
 from eqz.bank import Bank, require_bank
@@ -285,7 +287,7 @@ def judge_table(figures: dict, primaries: list[str], prompts: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model")
     parser.add_argument("--bank", help="bank directory [default: the model's bank]")
     parser.add_argument("--samples", type=int, default=2)

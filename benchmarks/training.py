@@ -22,7 +22,7 @@ from report import EQZ, print_figures  # benchmarks/ is on sys.path: it holds th
 
 from eqz.engine import Model
 from eqz.reading import read_texts
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 from eqz.train import TrainSettings, capture_context, capture_layers, stimulus_groups
 
 ROUNDS = 3
@@ -84,7 +84,7 @@ def rows(figures: dict) -> list[tuple[str, str, str]]:
 
 
 def main() -> dict:
-    with Model(default_model_path()) as model:
+    with Model(resolve_model_path(None)) as model:
         figures = capture_rates(model)
     figures.update(full_bank_seconds())
     print_figures(f"training on the default model ({figures['stimulus_tokens']} stimulus tokens, median of {ROUNDS})",

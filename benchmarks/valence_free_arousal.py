@@ -13,9 +13,11 @@ docs/steering-limits.md section 19 has the figures.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+
+# benchmarks/ is on sys.path: it holds the script being run
+from report import script_parser
 
 from eqz import directions as D
 from eqz.bank import Bank
@@ -55,7 +57,7 @@ def print_stage(stage: str, total: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--bank", type=Path, required=True)
     parser.add_argument("--model")
     parser.add_argument("-o", "--out", type=Path, help="where to save the bank (default: over --bank)")

@@ -12,7 +12,6 @@ band) on the eval prompts by default (the development split; never the test spli
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -20,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 # benchmarks/ is on sys.path: it holds the script being run
-from report import (QUIET, first_replies, layer_cosine, print_clear_counts, print_source_rows, pushed_rows, pushed_settings,
-                    training_sources)
+from report import (QUIET, first_replies, layer_cosine, print_clear_counts, print_source_rows, pushed_rows,
+                    pushed_settings, script_parser, training_sources)
 
 from eqz.bands import PRIMARIES
 from eqz.directions import unit
 from eqz.engine import Model
 from eqz.eval import ReplyBench, prompt_sets
-from eqz.models import default_model_path
+from eqz.models import resolve_model_path
 from eqz.train import TrainSettings, layer_rows, voice_differences, voice_directions
 
 
@@ -43,7 +42,7 @@ def split_half_cosines(states: dict[str, np.ndarray], prompts: int) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--voice-tokens", type=int, default=24)
     parser.add_argument("--strengths", default="0.35,0.5")
@@ -55,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     strengths = [float(s) for s in args.strengths.split(",")]
     started = time.perf_counter()
-    with Model(default_model_path()) as file_model, file_model.unpacked() as model:
+    with Model(resolve_model_path(None)) as file_model, file_model.unpacked() as model:
         extraction, found, small = training_sources(model)
         steered = found.steered
         large_settings = TrainSettings(voice_prompts=len(prompt_sets()["train"]), voice_tokens=args.voice_tokens,
