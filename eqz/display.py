@@ -266,7 +266,8 @@ def print_analysis(analysis) -> None:
             table.add_row(Text(segment.text, style="dim"), *[Text("   ·", style="dim")] * len(analysis.bands))
             continue
         cells = [Text(_four_chars(segment.readouts[b]), style=_strip_style(segment.readouts[b])) for b in analysis.bands]
-        table.add_row(Text(segment.text), *cells)
+        # a token holding the first bytes of a character shows nothing (the character is the next one's)
+        table.add_row(Text(segment.text) if segment.text else Text("(part of the next)", style="dim"), *cells)
     table.add_section()
     overall = [Text(_four_chars(analysis.overall[b]), style="bold " + _strip_style(analysis.overall[b]))
                for b in analysis.bands]

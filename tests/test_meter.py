@@ -82,6 +82,7 @@ def test_analyze_by_sentence_and_token_and_json():
     shown = run_eqz("analyze", "I am happy today.", "--by", "token").stdout
     rows = [line.split() for line in shown.splitlines() if line.strip()]  # header, rule, then the tokens
     assert rows[2] == ["I"] + ["·"] * 10 and "· = not read" in shown
+    assert "(part of the next)" in run_eqz("analyze", "On time 🚌.", "--by", "token").stdout  # was a "\ufffd" row
     bad = run_eqz("analyze", text, "--by", "word")
     assert bad.returncode != 0 and "--by (by in the library) must be" in bad.stderr
     too_long = run_eqz("analyze", "I am glad. " * 2100)  # 8,401 tokens, past the 8,192 the model was trained on
