@@ -65,7 +65,10 @@ def update_readme(results: dict) -> None:
 
 def commit() -> str | None:
     """The checkout measured (``-dirty`` with uncommitted changes), so a table can be traced to its code."""
-    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True)
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True)
+    except OSError:  # no git here
+        return None
     return described.stdout.strip() or None
 
 

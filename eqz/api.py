@@ -126,6 +126,13 @@ class EqzModel:
         n_ctx: int = 4096,
     ) -> ChatSession:
         """A conversation set up from a preset, then the explicit settings on top of it (they win)."""
+        return self._session_maker(preset=preset, sliders=sliders, vectors=vectors, system=system, sampling=sampling,
+                                   clamp=clamp, ablate=ablate, meter=meter, n_ctx=n_ctx)()
+
+    def _session_maker(self, preset=None, sliders=None, vectors=(), system=None, sampling=None, clamp=None, ablate=(),
+                       meter=False, n_ctx=4096) -> Callable[[], ChatSession]:
+        """``session``'s settings checked and merged now (bad ones raise, warnings are given); the session, with its
+        context (a KV cache of ``n_ctx`` tokens), is made when the returned function is called."""
         sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
         if preset is not None and not isinstance(preset, (str, Path, Preset)):
@@ -143,10 +150,14 @@ class EqzModel:
             steering = steering.plus_vector(path, scale)
         for line in bank.doubtful(dict(steering.gains)) if bank else []:
             self.on_warning(line)
-        session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering, n_ctx=n_ctx,
-                              bank=bank, meter=meter, filters=resolved.filters)
-        session.preset = resolved.preset
-        return session
+
+        def make() -> ChatSession:
+            session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering,
+                                  n_ctx=n_ctx, bank=bank, meter=meter, filters=resolved.filters)
+            session.preset = resolved.preset
+            return session
+
+        return make
 
     # -- what users call
 
@@ -155,10 +166,10 @@ class EqzModel:
         ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``
         (-1: the whole context)."""
         _text(prompt, "prompt")
-        chat = self.chat(**settings)  # bad settings raise here, not at the first piece
+        make = self._session_maker(**_split_sampling(settings))  # bad settings raise here, not at the first piece
 
-        def pieces() -> Iterator[str]:
-            with chat:
+        def pieces() -> Iterator[str]:  # the context is made when the first piece is asked for
+            with Chat(make(), lambda message: self.on_warning(message)) as chat:
                 yield from chat.send(prompt)
 
         return pieces()
@@ -169,7 +180,7 @@ class EqzModel:
 
     def chat(self, **settings) -> "Chat":
         """A conversation whose sliders can change at any time (see ``stream`` for the settings)."""
-        return Chat(self.session(**_split_sampling(settings)), self.on_warning)
+        return Chat(self.session(**_split_sampling(settings)), lambda message: self.on_warning(message))
 
     def batch(self, prompts, output, *, preset: str | None = None, presets: Iterable[str] = (),
               sliders: dict[str, float] | None = None, sweeps: Iterable[tuple[str, list[float]]] = (),
@@ -200,14 +211,14 @@ class EqzModel:
                               ablate)
             count, longest = plan(source, self.model, grid)
             sink.check_compatible(self.model_record, grid)
+            _warn_of_gains(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()})
+            moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
+            for line in bank.doubtful(moved) if bank else []:
+                self.on_warning(line)  # inside: a warning turned into an error closes the output too
         except BaseException:
             if sink is not output:  # made here from a path: closed again (and removed if still empty)
                 sink.close()
             raise
-        _warn_of_gains(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()})  # checked
-        moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
-        for line in bank.doubtful(moved) if bank else []:
-            self.on_warning(line)
         return BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
                          parallel, meter, self.on_warning, closes_output=sink is not output)
 

@@ -393,7 +393,8 @@ def plan(prompts: PromptFile, model: Model, settings: Iterable[Resolved] = ()) -
         size = len(model.tokenize(row.prompt)) + 64 + system
         if size >= model.info.n_ctx_train:  # each sequence's context stops at the trained length (Model.sequence_room)
             prompts.bad(row.line, f"{prompts.where(row.line)}: the prompt is about {size} tokens with its chat "
-                                  f"template, and {model.info.name} reads {model.info.n_ctx_train} at most")
+                                  f"template and system prompt, and {model.info.name} reads {model.info.n_ctx_train} "
+                                  "at most")
             continue
         count += 1
         longest = max(longest, size)
@@ -561,6 +562,9 @@ class BatchPlan:
 
     @contextmanager
     def _closing(self) -> Iterator[None]:
+        if self.output.handle.closed:
+            raise EqzError("this plan ran already and closed its output; to go on, make it again with "
+                           "model.batch(..., resume=True)")
         try:
             yield
         finally:

@@ -219,6 +219,8 @@ class ChatSession:
         unfinished = self._turn() if self._turn else None
         if unfinished is not None:  # a reply left half-read: it ends here, before this one decodes
             unfinished.close()
+        else:  # one dropped unread is gone (nothing held it): its message goes too
+            self.forget_unanswered()
         pending = self._take_pending()  # a slider moved after the last token of the previous reply
         if pending is not None:
             self._steer(*pending)
@@ -321,7 +323,8 @@ class Turn:
 
     def close(self) -> None:
         """End the reply where it is (the session's next reply does this to one left unfinished): recorded as
-        interrupted with its text so far, or, not started, with its message forgotten, as if never sent."""
+        interrupted with its text so far, or, not started, with its message forgotten, as if never sent. From the
+        thread that iterates it (another thread asks it to end with ``stop``)."""
         if self._finished:
             return
         if self._started:
@@ -363,9 +366,9 @@ class Turn:
                 meter = self.session.instruments.mean(self)
                 self.record.meter = meter if self.session.meter_on else None
                 self.record.filters = self.session.filters.describe() if self.session.filters else None
-            self.session.history.append(
-                {"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()}
-            )
+            history = self.session.history
+            if history and history[-1] is self._asked:  # not after its question was forgotten (reset, Ctrl-C)
+                history.append({"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()})
             self._finished = True
             self._sampler.close()
             self._release_instruments()

@@ -161,7 +161,8 @@ class ControlVector:
         if not isinstance(other, ControlVector):
             raise EqzError(f"a control vector adds up only with another control vector, not {type(other).__name__}; "
                            "scale it with * instead")
-        if other.matrix.shape[1] != self.matrix.shape[1]:
+        if other.matrix.shape[1] != self.matrix.shape[1] or (
+                len(other.matrix) != len(self.matrix) and other.model_hint != self.model_hint):
             raise EqzError(f"control vectors of shapes {self.matrix.shape} and {other.matrix.shape} do not add up; "
                            "they were made for different models")
         # fewer rows: the layers past them are not steered (a file read without the model's n_layer ends at its

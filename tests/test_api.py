@@ -144,6 +144,8 @@ def test_a_library_batch_resumes_closes_its_file_and_counts_its_rows(library, tm
     plan = library.batch(prompts, out, sampling={"max_tokens": 4})
     stats = plan.run()
     assert plan.output.handle.closed and stats.total == stats.written == 2  # total was 0
+    with pytest.raises(eqz.EqzError, match="ran already"):  # not a ValueError on the closed file
+        plan.run()
     with pytest.raises(eqz.EqzError, match="resume=True in the library"):
         library.batch(prompts, out, sampling={"max_tokens": 4})
     again = library.batch(prompts, out, sampling={"max_tokens": 4}, resume=True)

@@ -299,3 +299,19 @@ def test_a_slider_key_pressed_after_a_reply_and_a_set_command_both_count(model, 
     "".join(session.reply(NEUTRAL_PROMPT))
     assert dict(session.steering.gains) == {"joy": 1.0, "fear": 0.5}
     session.close()
+
+
+def test_without_a_bank_a_reply_dropped_unread_takes_its_message_and_a_reset_keeps_a_half_read_one_out(model):
+    """Without a meter nothing holds a reply the caller dropped, so the next one found none to end and two
+    questions followed each other; a half-read reply ended after a reset was added to the new conversation."""
+    session = ChatSession(model, Sampling(seed=1, max_tokens=4))
+    session.reply("First question?")  # dropped unread
+    "".join(session.reply("Second question?"))
+    assert [(m["role"], m["content"]) for m in session.history][0] == ("user", "Second question?")
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    half = session.reply("Tell me a story.")
+    next(iter(half))
+    session.reset()
+    "".join(session.reply("Hi"))
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    session.close()
