@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
-from .bands import check_described, check_gain, gain_warning
+from .bands import check_described, check_gain, gain_warnings
 from .bank import MANIFEST, SHIPPED_DIR, Bank, find_bank, own_bank_directory, require_bank, resolve_bank
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
@@ -34,7 +34,7 @@ from .generation import template_head
 from .models import ModelInfo, resolve_model_path
 from .presets import Preset, get_preset, resolve
 from .reading import common_prefix_length
-from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, as_number, check_setting, is_whole
+from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, SETTING_NAMES, as_number, check_setting, is_whole
 from .session import ChatSession, Turn, model_record
 from .steering import Steering
 from .vector_files import ControlVector
@@ -144,12 +144,10 @@ class EqzModel:
         valid = bank.names if bank else ()
         chosen = get_preset(str(preset), valid) if isinstance(preset, (str, Path)) else preset
         resolved = resolve(chosen, valid, sliders, sampling, system, clamp, ablate)
-        _warn_of_gains(self.on_warning, {band: resolved.gains[band] for band in sliders or {}})
         steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:
             steering = steering.plus_vector(path, scale)
-        for line in bank.doubtful(dict(steering.gains)) if bank else []:
-            self.on_warning(line)
+        _warn_of(self.on_warning, {band: resolved.gains[band] for band in sliders or {}}, bank, dict(steering.gains))
 
         def make() -> ChatSession:
             session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering,
@@ -158,6 +156,10 @@ class EqzModel:
             return session
 
         return make
+
+    def _warn(self, message: str) -> None:
+        """``on_warning`` as it is when a warning comes (a chat made before it was changed follows it too)."""
+        self.on_warning(message)
 
     # -- what users call
 
@@ -169,7 +171,7 @@ class EqzModel:
         make = self._session_maker(**_split_sampling(settings))  # bad settings raise here, not at the first piece
 
         def pieces() -> Iterator[str]:  # the context is made when the first piece is asked for
-            with Chat(make(), lambda message: self.on_warning(message)) as chat:
+            with Chat(make(), self._warn) as chat:
                 yield from chat.send(prompt)
 
         return pieces()
@@ -180,7 +182,7 @@ class EqzModel:
 
     def chat(self, **settings) -> "Chat":
         """A conversation whose sliders can change at any time (see ``stream`` for the settings)."""
-        return Chat(self.session(**_split_sampling(settings)), lambda message: self.on_warning(message))
+        return Chat(self.session(**_split_sampling(settings)), self._warn)
 
     def batch(self, prompts, output, *, preset: str | None = None, presets: Iterable[str] = (),
               sliders: dict[str, float] | None = None, sweeps: Iterable[tuple[str, list[float]]] = (),
@@ -211,10 +213,9 @@ class EqzModel:
                               ablate)
             count, longest = plan(source, self.model, grid)
             sink.check_compatible(self.model_record, grid)
-            _warn_of_gains(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()})
             moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
-            for line in bank.doubtful(moved) if bank else []:
-                self.on_warning(line)  # inside: a warning turned into an error closes the output too
+            # inside: a warning turned into an error closes the output too
+            _warn_of(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()}, bank, moved)
         except BaseException:
             if sink is not output:  # made here from a path: closed again (and removed if still empty)
                 sink.close()
@@ -418,23 +419,24 @@ def _described(value) -> dict[str, str]:
     return dict(described)
 
 
-_SAMPLING_KEYS = ("seed", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
+# the Sampling fields, the two most often given first; then what else generate, stream and chat take (session's)
+_SAMPLING_KEYS = ("seed", "max_tokens", *(name for name in SETTING_NAMES if name not in ("seed", "max_tokens")))
+_SETTINGS = (*_SAMPLING_KEYS, *(name for name in inspect.signature(EqzModel.session).parameters if name != "self"))
 
 
-def _warn_of_gains(on_warning: Callable[[str], None], gains: dict[str, float]) -> None:
-    """A gain past the calibrated range is allowed, and said."""
-    for band, gain in gains.items():
-        warning = gain_warning(band, gain)
-        if warning:
-            on_warning(f"{band}={gain:g}{warning}")
+def _warn_of(on_warning: Callable[[str], None], gains: dict[str, float], bank: Bank | None,
+             moved: dict[str, float]) -> None:
+    """What moving sliders warns of: ``gains`` past the calibrated range, and each band ``moved`` that may not steer
+    as named in ``bank``."""
+    for line in [*gain_warnings(gains.items()), *(bank.doubtful(moved) if bank else [])]:
+        on_warning(line)
 
 
 def _split_sampling(settings: dict) -> dict:
     """Sampling settings given by name, gathered into the ``sampling`` dict ``session`` takes."""
-    known = (*_SAMPLING_KEYS, *(name for name in inspect.signature(EqzModel.session).parameters if name != "self"))
     for name in settings:
-        if name not in known:
-            raise EqzError(f"unknown setting {name!r}; the settings are: {', '.join(known)}")
+        if name not in _SETTINGS:
+            raise EqzError(f"unknown setting {name!r}; the settings are: {', '.join(_SETTINGS)}")
     _mapping(settings.get("sampling"), "sampling", "{'temperature': 0.7}")
     sampling = {key: settings.pop(key) for key in _SAMPLING_KEYS if key in settings}
     if sampling:
@@ -457,9 +459,7 @@ class Chat:
         bank = self.session.steerer.bank
         valid = bank.names if bank else ()
         checked = {band: check_gain(band, gain, valid) for band, gain in gains.items()}
-        _warn_of_gains(self.on_warning, checked)
-        for line in bank.doubtful(checked) if bank else []:
-            self.on_warning(line)
+        _warn_of(self.on_warning, checked, bank, checked)
         self.session.request_steering(self.session.pending_or_current_steering().with_gains(checked))
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 
 from .errors import EqzError
 from .sampling import as_number
@@ -105,6 +106,11 @@ def gain_warning(band: str, gain: float) -> str:
     if abs(gain) > SAFE_GAIN:
         return f" (beyond the calibrated ±{SAFE_GAIN:g} for {band}: expect less fluent text)"
     return ""
+
+
+def gain_warnings(gains: Iterable[tuple[str, float]]) -> list[str]:
+    """A line for each (band, gain) past the calibrated range: allowed, and said (the CLI's and the library's)."""
+    return [f"{band}={gain:g}{gain_warning(band, gain)}" for band, gain in gains if gain_warning(band, gain)]
 
 
 _BAND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # whole names only: fullmatch

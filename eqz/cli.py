@@ -70,26 +70,31 @@ AblateOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="print the result as machine-readable JSON")]
 
 
-def _gains(sets: list[str] | None, valid: tuple[str, ...] | None) -> dict[str, float]:
-    from .bands import gain_warning, parse_set
+def _sets(sets: list[str] | None, valid: tuple[str, ...] | None = None) -> list[tuple[str, float]]:
+    """``--set BAND=GAIN`` flags as (band, gain) pairs, in order (a band given twice: the last wins in a dict)."""
+    from .bands import parse_set
 
-    gains = {}
-    for spec in sets or []:
-        band, gain = parse_set(spec, valid)
-        gains[band] = gain
-        if gain_warning(band, gain):
-            _warn(f"{band}={gain:g}{gain_warning(band, gain)}")
-    return gains
+    return [parse_set(spec, valid) for spec in sets or []]
+
+
+def _gains(sets: list[str] | None, valid: tuple[str, ...] | None) -> dict[str, float]:
+    """``--set`` flags as gains, with a warning for each past the calibrated range (where no library call gives
+    it: vectors export, presets save)."""
+    from .bands import gain_warnings
+
+    pairs = _sets(sets, valid)
+    for line in gain_warnings(pairs):
+        _warn(line)
+    return dict(pairs)
 
 
 def _open_session(library, *, preset, sets, vectors, system, sampling: dict, ctx: int, meter: bool = False,
                   clamp=None, ablate=None):
     """A ChatSession from the command line's flags, through the library: the preset first, then the flags."""
-    from .bands import parse_set
     from .vector_files import parse_scaled_path
 
     clamps, ablates = _clamp_ablate(clamp, ablate)
-    return library.session(preset=preset, sliders=dict(parse_set(spec, None) for spec in sets or []),
+    return library.session(preset=preset, sliders=dict(_sets(sets)),
                            vectors=[parse_scaled_path(spec) for spec in vectors or []], system=system,
                            sampling=sampling, clamp=clamps, ablate=ablates, meter=meter, n_ctx=ctx)
 
@@ -315,7 +320,6 @@ def batch(
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each \\[default: the cluster's CPUs / threads]")] = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
-    from .bands import parse_set
     from .batch import Output, PromptFile, parse_sweep
     from .display import batch_progress
 
@@ -337,7 +341,7 @@ def batch(
             clamps, ablates = _clamp_ablate(clamp, ablate)
             batch = loaded.batch(source, sink, preset=preset,
                                  presets=preset_names,
-                                 sliders=dict(parse_set(s, None) for s in set_ or []), sweeps=[parse_sweep(s, None) for s in sweep or []],
+                                 sliders=dict(_sets(set_)), sweeps=[parse_sweep(s, None) for s in sweep or []],
                                  sampling=sampling, system=system, clamp=clamps, ablate=ablates, samples=samples,
                                  seed=seed, parallel=parallel, meter=meter)
             for skipped in source.skipped:
