@@ -58,6 +58,9 @@ class Request:
     shared: int = 0  # leading prompt tokens other requests share (chat template, system prompt, earlier turns)
     changes: list[dict] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # its steering's control vector and filters, made when it is submitted or re-steered while waiting (a refusal
+    # reaches the caller, and the decode thread only takes them)
+    prepared: tuple[np.ndarray | None, Filters | None] | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Stop after the current token and free the slot (a client that went away)."""
@@ -72,8 +75,7 @@ class _Row(Decoding):
         super().__init__(server.model, seq, len(request.prompt), request.sampling, request.seed, request.stops)
         self.request = request
         self.head = head
-        self.vector = server.steerer.matrix(request.steering)
-        self.filters = server.steerer.filters(request.steering, request.filters)
+        self.vector, self.filters = request.prepared
         self.meter_sum: np.ndarray | None = None
         self.meter_count = 0
         # new sliders (their vector, held sliders' filters and steering), applied at the next decode
@@ -162,7 +164,7 @@ class BatchServer:
         if len(request.prompt) + reserve > self.per_sequence:
             raise PromptTooLong(f"the prompt has {len(request.prompt)} tokens and its reply needs room for {reserve}; "
                                 f"each reply has {self.per_sequence} tokens in all (prompt and reply)")
-        self.steerer.filters(request.steering, request.filters)  # refused here (an unmetered band), not in the loop
+        request.prepared = self._prepare(request.steering, request.filters)  # refused here, not in the decode loop
         with self._wake:
             if self.error is not None:
                 raise DecodeLoopStopped(f"the server's decode loop stopped ({self.error}); it needs a restart")
@@ -187,12 +189,17 @@ class BatchServer:
                 if waiting is None:
                     raise KeyError(request_id)
                 steering = waiting.steering.with_gains(gains)
-                self.steerer.filters(steering, waiting.filters)  # refused now, as for a running one
-                waiting.steering = steering  # it starts under these sliders: no change to log
+                # it starts under these sliders: no change to log
+                waiting.prepared, waiting.steering = self._prepare(steering, waiting.filters), steering
                 return steering
             steering = (row.pending[2] if row.pending else row.request.steering).with_gains(gains)
-            row.pending = (self.steerer.matrix(steering), self.steerer.filters(steering, row.request.filters), steering)
+            row.pending = (*self._prepare(steering, row.request.filters), steering)
         return steering
+
+    def _prepare(self, steering: Steering, filters: dict) -> tuple[np.ndarray | None, Filters | None]:
+        """The control vector and filters a row under ``steering`` is decoded with; an EqzError where a filter
+        names a band the meter cannot read."""
+        return self.steerer.matrix(steering), self.steerer.filters(steering, filters)
 
     @property
     def load(self) -> tuple[int, int]:
