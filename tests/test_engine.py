@@ -63,6 +63,17 @@ def test_all_zero_vector_is_the_unsteered_graph(model, context):
     assert reply_tokens(context, model) == plain
 
 
+@pytest.mark.parametrize("layer", ["first", "last"])
+def test_a_vector_on_one_layer_steers_the_first_and_the_last_steerable_layer(model, context, layer):
+    """Row N of a control vector is added after layer N (llama.cpp's buffer starts at layer 1): both ends steer."""
+    plain = reply_tokens(context, model)
+    context.clear()
+    row = 1 if layer == "first" else model.info.n_layer - 1
+    context.set_control_vector(random_direction_matrix(model.info.n_layer, model.info.n_embd, range(row, row + 1),
+                                                       norm=40.0))
+    assert reply_tokens(context, model) != plain
+
+
 def test_vector_changed_mid_reply_steers_only_what_follows(model, context, steer_matrix):
     plain = reply_tokens(context, model)
     context.clear()
