@@ -85,8 +85,11 @@ class _Row(Decoding):
         """Take new sliders between two decodes (never in the middle of one), and log the change."""
         if self.pending is None:
             return
+        before = self.request.steering
         self.vector, self.filters, self.request.steering = self.pending
         self.pending = None
+        if self.request.steering.same_as(before):  # a reset with every slider at 0 already: nothing changed
+            return
         self.request.changes.append({"at_token": len(self.reply.tokens), "text_offset": len(self.reply.assembler.text),
                                      **self.request.steering.to_dict(bands)})
 
@@ -171,8 +174,9 @@ class BatchServer:
             if self._closed:
                 raise DecodeLoopStopped("the server was closed; start another (EqzModel.server)")
             if len(self._waiting) + len(self._running) >= self.parallel + self.max_waiting:
-                raise ServerBusy(f"all {self.parallel} slots are busy and {self.max_waiting} requests wait; "
-                                 "retry in a moment")
+                slots = "the one slot is" if self.parallel == 1 else f"all {self.parallel} slots are"
+                waiting = "1 request waits" if self.max_waiting == 1 else f"{self.max_waiting} requests wait"
+                raise ServerBusy(f"{slots} busy and {waiting}; retry in a moment")
             request.id = request.id or f"eqz-{next(self._ids)}-{random.randrange(16**8):08x}"
             self._waiting.append(request)
             self._wake.notify()
