@@ -317,7 +317,7 @@ def batch(
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs; with --ray, 1 per worker]", min=1)] = None,
     gpu_layers: GpuLayersOpt = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="auto|ADDRESS", help="generate on a Ray cluster: auto ($RAY_ADDRESS, one running here, else a new local one) or its address")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each \\[default: the cluster's CPUs / threads]")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each \\[default: the cluster's free CPUs / threads]")] = None,
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
     from .batch import Output, PromptFile, parse_sweep
@@ -328,9 +328,10 @@ def batch(
     if workers and not ray:
         raise EqzError("--workers is for --ray; without it, --parallel sets how many replies decode together")
     if ray:
-        from .ray_batch import require_ray
+        from .ray_batch import check_address, require_ray
 
         require_ray()
+        check_address(ray)  # before the model loads
     preset_names = _listed(presets, "--presets") or []
     source = PromptFile(prompts, skip_bad=skip_bad)
     sink = Output(output, resume)  # a bad -o fails here, before the model loads

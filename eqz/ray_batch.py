@@ -13,6 +13,7 @@ import itertools
 import os
 import socket
 from collections import deque
+from pathlib import Path
 from typing import Callable, Iterator
 
 from .batch import BatchPlan, BatchStats, RowTask, generate_rows, missing_rows
@@ -20,6 +21,10 @@ from .errors import EqzError
 
 CHUNKS_PER_WORKER = 2  # chunks queued on each worker: one decoding, one waiting, so no worker idles between them
 REPLACEMENTS_PER_WORKER = 3  # workers started in place of dead ones, per worker asked for, before giving up
+READY_SECONDS = 300  # for the workers to load the model: past it, the cluster cannot place them or a node hangs
+# rows generated ahead of the first unwritten one, in chunks per worker: the file is written in order, so rows back
+# early wait in memory (and are lost to Ctrl-C) while a slow or replaced worker holds an earlier chunk
+LOOKAHEAD_CHUNKS = 2 * CHUNKS_PER_WORKER
 
 
 def require_ray():
@@ -46,13 +51,18 @@ class BatchWorker:
                 raise EqzError(f"no model file at {model_path}")
             self.model = Model(model_path, threads=threads, gpu_layers=gpu_layers)
             self.steerer = Steerer(self.model.info, bank)
-        except EqzError as error:
-            self.error = f"worker on node {self.node}: {error}"
+        except Exception as error:  # said by the driver in one line, not as Ray's remote traceback
+            said = str(error) if isinstance(error, EqzError) else f"{type(error).__name__}: {error}"
+            self.error = f"worker on node {self.node}: {said}"
         self.plan = (settings, parallel, longest, meter)
 
-    def ready(self) -> tuple[str | None, str | None]:
-        """(error, the model's fingerprint): the driver checks every worker before it sends rows."""
-        return (self.error, None) if self.error else (None, _fingerprint(self.model))
+    def ready(self) -> tuple[str | None, tuple | None]:
+        """(error, what the driver compares with its own: the model's fingerprint, the file's size, eqz's version)."""
+        if self.error:
+            return self.error, None
+        from . import __version__
+
+        return None, _identity(self.model, __version__)
 
     def run(self, tasks: list[RowTask]) -> list[dict]:
         settings, parallel, longest, meter = self.plan
@@ -67,19 +77,43 @@ def _node_address() -> str:
     return next((entry["NodeManagerAddress"] for entry in ray.nodes() if entry["NodeID"] == node), "unknown address")
 
 
+def check_address(address: str) -> None:
+    """One line, before the model loads, for an address that is not HOST:PORT or where nothing answers (Ray would
+    retry for ever)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise EqzError(f"--ray takes auto or a cluster's HOST:PORT (as `ray start --head` prints it), got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as error:
+        raise EqzError(f"nothing answers at {address} ({error.strerror or error}); start the cluster's head there "
+                       "with `ray start --head --port PORT`, or use --ray auto") from None
+
+
 def _connect(ray, address: str) -> None:
     """Join the cluster at ``address``; "auto": $RAY_ADDRESS or one running here, else start one of our own, which
     listens on loopback only (Ray's default would be every interface, with no authentication)."""
+    check_address(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # eqz reaches no network on its own
     options = dict(logging_level="ERROR", log_to_driver=False)
-    if address != "auto" or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=None if address == "auto" else address, **options)
-        return
     try:
-        ray.init(address="auto", **options)
-    except ConnectionError:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for a one-machine cluster
-        ray.init(**options)
+        if address != "auto" or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=None if address == "auto" else address, **options)
+            return
+        try:
+            ray.init(address="auto", **options)
+        except ConnectionError:
+            # Ray's switch for a one-machine cluster, read when ray is imported: in the environment for the processes
+            # the cluster starts, and set in the module for this one, which imported ray already
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            ray.init(**options)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise EqzError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}", exit_code=1) from None
 
 
 def _chunks(tasks: Iterator[RowTask], size: int) -> Iterator[list[RowTask]]:
@@ -94,33 +128,50 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
     """Generate the plan's missing rows on Ray and write them through ``plan.output``; returns the counts.
 
     ``address``: "auto" (the cluster in $RAY_ADDRESS or one already running on this machine, else a new local
-    one) or a cluster address. ``workers``: models loaded at once (default: the cluster's CPUs / threads).
+    one) or a cluster address. ``workers``: models loaded at once (default: the cluster's free CPUs / threads).
     """
     ray = require_ray()
     stats = stats or BatchStats()
-    fingerprint = _fingerprint(plan.model)
     started_here = not ray.is_initialized()
     if started_here:
         _connect(ray, address)
     try:
         cpus_each = threads or 1
-        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_each)
+        free = int(ray.available_resources().get("CPU", 0))
+        count = workers or max(1, free // cpus_each)
+        if count * cpus_each > free:  # Ray would wait for the CPUs for ever, saying nothing
+            raise EqzError(f"{count} worker{'s' if count > 1 else ''} of {cpus_each} thread{'s' if cpus_each > 1 else ''} "
+                           f"need {count * cpus_each} CPUs and the cluster has {free} free; ask for fewer --workers "
+                           "or --threads, or add nodes")
         remote_worker = ray.remote(num_cpus=cpus_each)(BatchWorker)
         bank = ray.put(plan.steerer.bank)
+        model_path = str(Path(plan.model.path).resolve())  # a relative path would be taken from each worker's folder
 
         def start_worker():
-            return remote_worker.remote(str(plan.model.path), cpus_each, plan.model.gpu_layers, bank, plan.settings,
+            return remote_worker.remote(model_path, cpus_each, plan.model.gpu_layers, bank, plan.settings,
                                         plan.parallel, plan.longest, plan.meter)
 
         def check(started: list) -> list:
-            for error, theirs in ray.get([worker.ready.remote() for worker in started]):
+            try:
+                answers = ray.get([worker.ready.remote() for worker in started], timeout=READY_SECONDS)
+            except ray.exceptions.GetTimeoutError:
+                raise EqzError(f"the Ray workers did not load the model within {READY_SECONDS} s (the cluster could "
+                               "not place them, or a node hangs)", exit_code=1) from None
+            except ray.exceptions.RayActorError as error:  # killed while loading: out of memory, most often
+                raise EqzError(f"a Ray worker died while loading the model: {str(error).splitlines()[0]}",
+                               exit_code=1) from None
+            for error, theirs in answers:
                 if error:
                     raise EqzError(f"{error}; every node needs the model at the same path")
-                if theirs != fingerprint:
-                    raise EqzError(f"a worker loaded another model ({theirs}, here {fingerprint}); every node needs "
-                                   "the same file at the same path")
+                if theirs != identity:
+                    raise EqzError(f"a worker has another model file or eqz ({_described(theirs)}, here "
+                                   f"{_described(identity)}); every node needs the same file at the same path and "
+                                   "the same eqz")
             return started
 
+        from . import __version__
+
+        identity = _identity(plan.model, __version__)
         live = check([start_worker() for _ in range(count)])
         replacements = REPLACEMENTS_PER_WORKER * count
         chunks = _chunks(missing_rows(plan.prompts, plan.settings, plan.samples, plan.seed, plan.output, stats),
@@ -129,14 +180,18 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
         in_flight: dict = {}  # result ref -> (worker, chunk)
         finished: dict[int, dict] = {}  # rows back early, waiting for an earlier one
         next_number = 0
-        exhausted = False
+        upcoming: list[RowTask] | None = None  # the next new chunk, held while it would run too far ahead
         while True:
             for worker in live:
                 while sum(1 for owner, _ in in_flight.values() if owner is worker) < CHUNKS_PER_WORKER:
-                    chunk = retry.popleft() if retry else (None if exhausted else next(chunks, None))
-                    if chunk is None:
-                        exhausted = True
-                        break
+                    if retry:
+                        chunk = retry.popleft()
+                    else:
+                        upcoming = upcoming or next(chunks, None)
+                        ahead = upcoming is not None and upcoming[0].number - next_number
+                        if upcoming is None or ahead >= LOOKAHEAD_CHUNKS * len(live) * plan.parallel:
+                            break
+                        chunk, upcoming = upcoming, None
                     in_flight[worker.run.remote(chunk)] = (worker, chunk)
             if not in_flight:
                 break
@@ -148,15 +203,20 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
                 retry.append(chunk)
                 if worker in live:
                     live.remove(worker)
-                    on_warning(f"a Ray worker stopped; its unfinished rows go to {'a new worker' if replacements else 'the others'}")
-                    if replacements == 0:
-                        if not live:
-                            raise EqzError("every Ray worker died; the rows written so far are kept (--resume "
-                                           "finishes the rest)") from None
-                        continue
-                    replacements -= 1
-                    live.append(check([start_worker()])[0])
+                    if replacements == 0 and not live:
+                        raise EqzError("every Ray worker died; the rows written so far are kept (--resume "
+                                       "finishes the rest)", exit_code=1) from None
+                    on_warning(f"a Ray worker stopped; its unfinished rows go to "
+                               f"{'a new worker' if replacements else 'the others'}")
+                    if replacements:
+                        replacements -= 1
+                        live.append(check([start_worker()])[0])
                 continue
+            except ray.exceptions.RayTaskError as error:  # raised inside the worker: one line, not its traceback
+                cause = error.cause
+                if isinstance(cause, EqzError):
+                    raise EqzError(f"a Ray worker: {cause}", cause.exit_code) from None
+                raise EqzError(f"a Ray worker failed: {type(cause).__name__}: {cause}", exit_code=1) from None
             for task, record in zip(chunk, records):
                 finished[task.number] = record
             while next_number in finished:
@@ -171,7 +231,14 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
             ray.shutdown()
 
 
-def _fingerprint(model) -> str:
+def _identity(model, version: str) -> tuple[str, int, str]:
+    """What a worker must share with the driver: the model's fingerprint (its shape and vocabulary), its weights'
+    type (another quantization of it has the same fingerprint) and eqz's version (rows record the worker's)."""
     from .session import model_record
 
-    return model_record(model)["fingerprint"]
+    return model_record(model)["fingerprint"], model.file_type, version
+
+
+def _described(identity: tuple[str, int, str]) -> str:
+    fingerprint, file_type, version = identity
+    return f"model {fingerprint}, weights of llama.cpp type {file_type}, eqz {version}"

@@ -82,6 +82,41 @@ def wait_for_rows(path: Path, count: int, process: subprocess.Popen, seconds: fl
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def test_a_cluster_eqz_starts_listens_on_loopback_only(prompts, tmp_path):
+    """Runs before the module's cluster exists, so --ray auto starts one. The switch that keeps it on loopback is
+    read when ray is imported, and the CLI had imported ray before setting it: every Ray process listened on all
+    interfaces, with no authentication. The environment here leaves the switch out, as a user's does."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    process = subprocess.Popen([EQZ, "batch", str(prompts), "-o", str(tmp_path / "out.jsonl"), "-n", "24",
+                                "--ray", "auto", "--workers", "1"], stderr=subprocess.PIPE, text=True, env=env)
+    listening: list[str] = []
+    deadline = time.time() + 120
+    while process.poll() is None and time.time() < deadline and not any("raylet" in line for line in listening):
+        time.sleep(0.2)
+        listening = [line for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+                     .splitlines() if any(name in line for name in ('"raylet"', '"gcs_server"', '"ray::'))]
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert any("raylet" in line for line in listening), listening
+    addresses = [line.split()[3] for line in listening]
+    assert all(address.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for address in addresses), listening
+
+
+def test_a_bad_or_silent_address_and_too_many_workers_are_one_line(cluster, prompts, tmp_path):
+    for address, said in (("nonsense", "--ray takes auto or a cluster's HOST:PORT"),
+                          ("127.0.0.1:1", "nothing answers at 127.0.0.1:1")):
+        result = run_eqz("batch", str(prompts), "-o", str(tmp_path / "x.jsonl"), "--ray", address)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "x.jsonl").exists()  # said before the model loads, no file left behind
+    # the cluster has 2 CPUs: Ray would wait for a third for ever
+    result = run_eqz("batch", str(prompts), "-o", str(tmp_path / "y.jsonl"), "--ray", cluster, "--workers", "3")
+    assert result.returncode == 2 and "need 3 CPUs and the cluster has 2 free" in result.stderr, result.stderr[-2000:]
+    plan = eqz.load().batch(prompts, tmp_path / "z.jsonl")
+    with pytest.raises(EqzError, match="workers must be a whole number of at least 1"):
+        plan.run_on_ray(cluster, workers=-1)  # reported success with no row written
+
+
 def test_a_sweep_on_ray_writes_the_local_file(cluster, prompts, local_file, tmp_path):
     out = tmp_path / "ray.jsonl"
     result = subprocess.run(ray_command(prompts, out, cluster), capture_output=True, text=True, timeout=300)
@@ -99,7 +134,7 @@ def test_a_worker_killed_mid_run_loses_and_repeats_nothing(cluster, prompts, loc
     subprocess.run(["kill", "-9", workers[0]], check=True)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
-    assert "a Ray worker stopped" in stderr
+    assert "a Ray worker stopped; its unfinished rows go to a new worker" in stderr
     assert out.read_text() == local_file
 
 
