@@ -68,23 +68,30 @@ def test_a_server_skips_a_kept_prompt_head_only_under_the_same_settings(library)
     prompt = "Describe your evening."
     alone = library.generate(prompt, sliders={"joy": 1}, seed=4, max_tokens=24)
     loop = library.server(parallel=1)
+    prompt_tokens: list[int] = []  # decoded for each request's prompt (a head kept or restored is not decoded)
+    decode_prompt = loop.context.decode_prompt
+    loop.context.decode_prompt = lambda tokens, *args, **kw: (prompt_tokens.append(len(tokens)),
+                                                              decode_prompt(tokens, *args, **kw))[1]
 
-    def reply(sliders: dict) -> str:
+    def reply(sliders: dict) -> tuple[str, int]:
         finished: dict = {}
         done = threading.Event()
         request = library.request([{"role": "user", "content": prompt}], sliders=sliders,
                                   sampling={"seed": 4, "max_tokens": 24})
         request.on_event = lambda kind, data: kind == "done" and (finished.update(data), done.set())
+        before = sum(prompt_tokens)
         loop.submit(request)
         assert done.wait(120)
-        return finished["output"]
+        return finished["output"], sum(prompt_tokens) - before
 
     try:
-        texts = [reply(sliders) for sliders in ({}, {"joy": 1}, {"joy": 1}, {})]
+        texts, decoded = zip(*[reply(sliders) for sliders in ({}, {"joy": 1}, {"joy": 1}, {})])
     finally:
         loop.close()
     assert texts[1] == texts[2] == alone
     assert texts[0] == texts[3] != alone
+    # the second joy request finds its head kept; the last finds the unsteered one saved: neither decodes it again
+    assert decoded[0] == decoded[1] > decoded[2] == decoded[3] > 0, decoded
 
 
 def test_a_server_closed_answers_every_request_and_takes_no_more(library):

@@ -209,13 +209,18 @@ def test_bad_prompt_line_stops_before_any_generation(tmp_path, content, where, w
 
 
 def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
-    out = tmp_path / "out.jsonl"
-    lines = [json.dumps({"id": "a", "prompt": "Say hi."}), json.dumps({"id": "b", "prompt": "Say bye.", "system": "Be terse."})]
-    result = subprocess.run([EQZ, "batch", "-", "-o", str(out), "-n", "8"], input="\n".join(lines) + "\n",
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    table = rows(out)
-    assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Be terse."
+    def run(system_of_b: dict) -> list[dict]:
+        out = tmp_path / f"out{len(system_of_b)}.jsonl"
+        lines = [json.dumps({"id": "a", "prompt": "Say hi."}), json.dumps({"id": "b", "prompt": "Say bye.", **system_of_b})]
+        result = subprocess.run([EQZ, "batch", "-", "-o", str(out), "-n", "8"], input="\n".join(lines) + "\n",
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return rows(out)
+
+    table = run({"system": "Answer only in French."})
+    assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Answer only in French."
+    plain = run({})  # the row's own system reaches the model: b's reply changes, a's does not (seeds go by id)
+    assert plain[0]["output"] == table[0]["output"] and plain[1]["output"] != table[1]["output"]
 
 
 def test_a_long_system_prompt_is_counted_in_each_sequences_room(tmp_path):

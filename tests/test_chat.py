@@ -19,7 +19,9 @@ PROMPT = "you> "
 
 def spawn_chat(*args: str, rows: int = 24, cols: int = 80) -> pexpect.spawn:
     """Plain mode (no panel): what a chat looks like in a pipe or with --no-panel."""
-    child = pexpect.spawn(EQZ, ["chat", "--no-panel", *args], encoding="utf-8", timeout=60, dimensions=(rows, cols))
+    sized_by_terminal = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    child = pexpect.spawn(EQZ, ["chat", "--no-panel", *args], encoding="utf-8", timeout=60, dimensions=(rows, cols),
+                          env=sized_by_terminal)  # pytest's COLUMNS=80 would win over the terminal's size
     child.expect_exact(PROMPT)
     return child
 
@@ -91,10 +93,11 @@ def test_ctrl_c_at_the_prompt_does_not_quit():
 @pytest.mark.parametrize("command,fragment", [("/vector /no/such.gguf 1", "not found"), ("/vector x.gguf abc", "invalid scale"),
                                               ("/save", "usage"), ("/preset [/b]", "[/b]: cannot read")])  # not markup
 def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
-    child = spawn_chat()
+    child = spawn_chat(cols=200)  # wide enough that no message wraps
     child.sendline(command)
-    child.expect_exact(fragment)
     child.expect_exact(PROMPT)
+    said = [line for line in child.before.splitlines() if line.strip()][1:]  # after the echoed command
+    assert len(said) == 1 and fragment in said[0] and "Traceback" not in child.before, said
     child.sendline("/quit")
     child.expect(pexpect.EOF)
 

@@ -206,6 +206,7 @@ def test_preset_filters_apply(tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["preset"] == "numb" and record["filters"]["ablate"] == ["sadness"]
+    assert abs(record["meter"]["sadness"]) <= 0.2  # ablated, not only named
 
 
 def test_a_held_slider_clamps_its_band_where_it_would_add_its_vector(tmp_path):

@@ -131,7 +131,8 @@ def test_eight_concurrent_moods_each_get_the_reply_they_get_alone(client):
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, range(8)))
     assert together == alone
-    assert len(set(alone)) == 8
+    moved = [i for i in range(8) if MOODS[i]]  # each mood steered its own reply
+    assert all(alone[i] != chat(client, f"Write about {TOPICS[i]}.", {}, seed=11 + i) for i in moved)
 
 
 def test_a_reply_keeps_its_own_sliders_when_a_request_in_between_is_done(client):
@@ -151,11 +152,13 @@ def test_a_reply_keeps_its_own_sliders_when_a_request_in_between_is_done(client)
     assert together[2] == ask(2) != chat(client, "Write about snow.", {}, seed=3, max_tokens=64)
 
 
-def resteered_stream(server: Served, max_tokens: int, *moves: dict, start: dict | None = None) -> tuple[dict, str]:
+def resteered_stream(server: Served, max_tokens: int, *moves: dict, start: dict | None = None,
+                     meter: bool = False) -> tuple[dict, str, list[dict]]:
     """Stream a lighthouse story (unsteered, or under ``start``), make each move of the sliders after six more pieces
-    and check the running record shows it at once; the stream's record and the text that came after the last move."""
+    and check the running record shows it at once; the stream's record, the text that came after the last move and
+    (``meter``) the meter's readings that came with it, token by token."""
     body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "seed": 4,
-            "max_tokens": max_tokens, "stream": True, **({"eqz": {"sliders": start}} if start else {})}
+            "max_tokens": max_tokens, "stream": True, "eqz": {"sliders": start or {}, "meter": meter}}
     request = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -171,15 +174,16 @@ def resteered_stream(server: Served, max_tokens: int, *moves: dict, start: dict 
             while running["finish_reason"] is None and len(running["changes"]) < made and time.time() < deadline:
                 running = server.get(f"/v1/eqz/streams/{stream_id}")[1]
             assert running["finish_reason"] is not None or running["changes"][-1]["sliders"] == changed["sliders"]
-        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
-                       for line in response.read().decode().splitlines() if line.startswith("data: {"))
+        chunks = [json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: {")]
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
     status, record = server.get(f"/v1/eqz/streams/{stream_id}")
     assert status == 200
-    return record, text
+    return record, text, [chunk["eqz"]["meter"] for chunk in chunks  # the last chunk's is the reply's mean
+                          if "meter" in chunk.get("eqz", {}) and not chunk["choices"][0].get("finish_reason")]
 
 
 def test_a_stream_is_resteered_from_its_next_token(server, client):
-    record, text = resteered_stream(server, 80, {"joy": 1.5})
+    record, text, _ = resteered_stream(server, 80, {"joy": 1.5})
     assert record["finish_reason"] == "length"
     (change,) = record["changes"]
     assert 0 < change["at_token"] < record["n_tokens"] and change["sliders"]["joy"] == 1.5
@@ -189,7 +193,7 @@ def test_a_stream_is_resteered_from_its_next_token(server, client):
 
 
 def test_moves_of_one_slider_at_a_time_add_up(server):
-    record, _ = resteered_stream(server, 80, {"joy": 1}, {"fear": 0.5}, start={"trust": 0.3})
+    record, _, _ = resteered_stream(server, 80, {"joy": 1}, {"fear": 0.5}, start={"trust": 0.3})
     moved = [{band: gain for band, gain in state["sliders"].items() if gain} for state in (*record["changes"], record)]
     both = {"trust": 0.3, "joy": 1, "fear": 0.5}
     assert moved == [{"trust": 0.3, "joy": 1}, both, both]  # the two changes, then the record of the whole reply
@@ -219,10 +223,12 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
     try:
         client = OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert chat(client, "Describe your morning.", {"joy": 1}) == clamped["output"]
-        record, _ = resteered_stream(served, 60, {"joy": 1})
+        record, _, meters = resteered_stream(served, 60, {"joy": 1}, meter=True)
         plain = chat(client, "Write a long story about a lighthouse.", {}, seed=4, max_tokens=60)
         (change,) = record["changes"]
         assert record["output"][:change["text_offset"]] == plain[:change["text_offset"]] and record["output"] != plain
+        # held, not added: from the change on, the meter reads joy at its level 3 on every token
+        assert len(meters) >= 10 and all(reading["joy"] == pytest.approx(3.0, abs=0.01) for reading in meters[-10:])
     finally:
         served.close()
 

@@ -35,6 +35,7 @@ def test_up_key_during_a_reply_steers_the_next_tokens_and_is_recorded(tmp_path):
     screen = expect_on_screen(child, r"set\s+\+0\.1\s+\+0\.0")  # the panel shows the new gain at once
     marker = r"⟨joy\s+\+0\.1⟩"  # and the reply marks where the change took effect
     assert re.search(marker, screen) or expect_on_screen(child, marker)
+    child.send("\x1b[A" * 7)  # on to +0.8: enough to change what is written
     child.expect_exact(PROMPT, timeout=120)
     reply = save_and_leave(child, tmp_path / "chat.json", "saved 2 messages", leave="ctrl-d")["messages"][1]
     record = reply["reply"]
@@ -42,8 +43,16 @@ def test_up_key_during_a_reply_steers_the_next_tokens_and_is_recorded(tmp_path):
     change = record["changes"][0]
     assert 0 < change["at_token"] < record["n_tokens"]
     assert change["sliders"]["joy"] == pytest.approx(0.1)  # ...and tokens after the key press were not
+    assert record["changes"][-1]["sliders"]["joy"] == pytest.approx(0.8)
     assert "⟨joy +0.1⟩" not in reply["content"]  # markers are display only, the transcript keeps clean text
     assert set(record["meter"]) >= {"joy", "sadness", "valence"}  # the meter was on
+    # the same chat with no key pressed: the same text up to the first change, another one after it
+    plain = spawn("--seed", "3", "-n", "400")
+    plain.sendline(STORY)
+    plain.expect_exact(PROMPT, timeout=120)
+    unsteered = save_and_leave(plain, tmp_path / "plain.json", "saved 2 messages", leave="ctrl-d")["messages"][1]
+    offset = change["text_offset"]
+    assert unsteered["content"][:offset] == reply["content"][:offset] and unsteered["content"] != reply["content"]
 
 
 def test_hotkeys_select_zero_and_reset(tmp_path):
@@ -54,10 +63,13 @@ def test_hotkeys_select_zero_and_reset(tmp_path):
     child.send("z")  # zero it
     child.send("\x1b[C")  # Right: surprise
     child.send("\x1b[A\x1b[A")  # +0.2
+    expect_on_screen(child, r"⟨[^⟩]*surprise\s+\+0\.2")  # taken by the reply
+    child.send("r")  # reset: every slider to 0
     child.expect_exact(PROMPT, timeout=120)
     changes = save_and_leave(child, tmp_path / "chat.json", "saved")["messages"][1]["reply"]["changes"]
-    final = changes[-1]["sliders"]
-    assert final["fear"] == 0.0 and final["surprise"] == pytest.approx(0.2) and final["anger"] == 0.3
+    before_reset = changes[-2]["sliders"]
+    assert before_reset["fear"] == 0.0 and before_reset["surprise"] == pytest.approx(0.2)
+    assert before_reset["anger"] == 0.3 and not any(changes[-1]["sliders"].values())
 
 
 @contextmanager
@@ -84,9 +96,10 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
     then = f"stty -a > {modes_file}.part; mv {modes_file}.part {modes_file}; "
     with chat_in_tmux("eqz-tui-test", 80, 24, then=then) as session:
         screen = wait_for(session, r"\b[1-9]\d* tok/s")  # streaming (the start-up panel shows 0 tok/s)
-        lines = screen.splitlines()
-        assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
-        assert re.search(r"joy\s+trust\s+fear\s+surpr\s+sad", screen)
+        panel = live_panel(screen)
+        assert all(len(line) == 80 for line in panel), panel  # tmux cuts wider lines: a whole frame is 80 wide
+        assert any("tok/s" in line for line in panel) and any(line.lstrip("│ ").startswith("set") for line in panel)
+        assert re.search(r"joy\s+trust\s+fear\s+surpr\s+sad", "\n".join(panel))
         tmux(session, "send-keys", "C-c")
         screen = wait_for(session, r"\[stopped\][\s\S]* tokens · ")
         assert screen.index("[stopped]") < screen.rindex(" tokens · ")  # how it ended, then the summary
@@ -113,9 +126,20 @@ def test_resizing_mid_reply_leaves_one_clean_panel():
         tmux(session, "resize-window", "-x", "60", "-y", "20")
         time.sleep(1.5)  # a few frames at the new size, the reply still streaming
         lines = wait_for(session, r"\b[1-9]\d* tok/s").splitlines()
-        assert all(len(line) <= 60 for line in lines)
+        assert all(len(line) == 60 for line in live_panel("\n".join(lines)))  # redrawn whole at the new width
         assert sum(line.startswith("╭") for line in lines) == 1  # no second, broken panel from before
         assert sum("tok/s" in line for line in lines) == 1
+
+
+def live_panel(screen: str) -> list[str]:
+    """The panel at the bottom of a captured screen, from its top border to its bottom one, both whole."""
+    lines = screen.splitlines()
+    top = max(i for i, line in enumerate(lines) if line.startswith("╭"))
+    bottom = next(i for i in range(top, len(lines)) if lines[i].startswith("╰"))
+    panel = lines[top:bottom + 1]
+    assert panel[0].endswith("╮") and panel[-1].endswith("╯"), panel
+    assert all(line.startswith("│") and line.endswith("│") for line in panel[1:-1]), panel
+    return panel
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
