@@ -210,7 +210,14 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
                                f"{'a new worker' if replacements else 'the others'}")
                     if replacements:
                         replacements -= 1
-                        live.append(check([start_worker()])[0])
+                        new = start_worker()
+                        try:
+                            live.append(check([new])[0])
+                        except EqzError as error:  # placed on a node that cannot run it: the others go on
+                            ray.kill(new)
+                            if not live:
+                                raise
+                            on_warning(f"no new Ray worker ({error}); the {len(live)} left go on")
                 continue
             except ray.exceptions.RayTaskError as error:  # raised inside the worker: one line, not its traceback
                 cause = error.cause

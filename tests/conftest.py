@@ -83,6 +83,10 @@ def save_and_leave(child, path: Path, saved: str, leave: str = "/quit") -> dict:
     return json.loads(path.read_text())
 
 
+# a refusal "before training" comes in seconds; one after it started would take minutes and time out
+BEFORE_TRAINING = 60
+
+
 def run_eqz(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
     """Run the installed ``eqz`` command as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

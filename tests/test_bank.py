@@ -17,7 +17,7 @@ from eqz.bank import SHIPPED_DIR, Bank, find_bank, model_fingerprint
 from eqz.train import HOLD_LEVELS
 from eqz.vector_files import read_control_vector
 
-from .conftest import run_eqz
+from .conftest import BEFORE_TRAINING, run_eqz
 
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
@@ -275,7 +275,7 @@ def test_a_stored_voice_centre_spares_the_primaries_replies_and_gives_the_same_d
     ("joy=very happy", "built-in band"), ("nostalgia", 'NAME="what the feeling is"'), ("Old Days=x", "band name"),
 ])
 def test_bad_described_bands_are_refused_before_training(spec, fragment):
-    refused = run_eqz("train", "--band", spec)
+    refused = run_eqz("train", "--band", spec, timeout=BEFORE_TRAINING)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("eqz: error:")]
     assert refused.returncode != 0 and len(errors) == 1 and fragment in errors[0]
 

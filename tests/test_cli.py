@@ -19,7 +19,7 @@ import yaml
 from eqz import cli
 from eqz.vector_files import write_control_vector
 
-from .conftest import EQZ, run_eqz
+from .conftest import BEFORE_TRAINING, EQZ, run_eqz
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,8 @@ def test_bad_sampling_values(flag, value, fragment):
 
 
 def test_a_bad_training_seed_is_refused_before_training(tmp_path):
-    assert_one_line_error(run_eqz("train", "--seed", "-3", "-o", str(tmp_path / "bank")), "seed must be in [0, ")
+    assert_one_line_error(run_eqz("train", "--seed", "-3", "-o", str(tmp_path / "bank"), timeout=BEFORE_TRAINING),
+                          "seed must be in [0, ")
     assert not (tmp_path / "bank").exists()
 
 
@@ -305,12 +306,15 @@ def test_a_training_that_could_not_be_saved_is_refused_before_it_starts(tmp_path
     of the user's own (imported ones, the ones --bands leaves out) were overwritten without a word."""
     env = {"XDG_DATA_HOME": str(tmp_path / "data")}
     (tmp_path / "afile").write_text("")
-    assert_one_line_error(run_eqz("train", "-o", str(tmp_path / "afile"), env=env), "is a file")
+    assert_one_line_error(run_eqz("train", "-o", str(tmp_path / "afile"), env=env, timeout=BEFORE_TRAINING),
+                          "is a file")
     shutil.copytree(ROOT / "docs" / "banks" / "gemma-3-270m", tmp_path / "gemma")
-    assert_one_line_error(run_eqz("train", "-o", str(tmp_path / "gemma"), env=env), "holds the bank of Gemma 3")
+    assert_one_line_error(run_eqz("train", "-o", str(tmp_path / "gemma"), env=env, timeout=BEFORE_TRAINING),
+                          "holds the bank of Gemma 3")
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
     for args in ((), ("--bands", "joy")):
-        assert_one_line_error(run_eqz("train", *args, env=env), "holds this model's bank with", "extra", "--out")
+        assert_one_line_error(run_eqz("train", *args, env=env, timeout=BEFORE_TRAINING), "holds this model's bank with",
+                              "extra", "--out")
 
 
 def test_eval_records_into_the_users_copy_of_the_bank_and_only_every_band_at_once(tmp_path):
