@@ -86,7 +86,15 @@ class Filters:
         for layer in self.layers:
             shape = geometry(bank, layer, self.bands)
             wanted = shape.levels(np.array([targets[b] for b in self.bands], dtype=np.float32))
-            gram_inverse = np.linalg.pinv(shape.directions @ shape.directions.T)
+            gram = shape.directions @ shape.directions.T
+            # the directions need not be independent: the eight primaries span 7 (LDA over 8 classes), and valence
+            # and arousal are made of them. Only the real ones are inverted (the default cut-off inverted ~1e-8
+            # noise: readouts of +-40 and broken text), and levels the tied directions cannot all reach are refused
+            gram_inverse = np.linalg.pinv(gram, rcond=1e-4)
+            if np.abs(wanted - gram @ gram_inverse @ wanted).max() > 1e-3 * (1 + np.abs(wanted).max()):
+                raise EqzError(f"too many bands filtered at once to hold them all ({', '.join(self.bands)}): in this "
+                               "bank the eight primaries' directions span only 7 dimensions (and valence and "
+                               "arousal are made of them); clamp, notch or hold fewer (a moved held slider counts)")
             self._solve[layer] = (shape.directions, wanted, gram_inverse)
 
     def __bool__(self) -> bool:

@@ -133,10 +133,17 @@ class ChatSession:
         """Apply ``steering`` now (between replies). Raises EqzError if a vector does not fit the model. A move
         requested but not yet applied is dropped (it would undo this one at the next reply); build on
         ``pending_or_current_steering`` to keep it."""
-        matrix = self.steerer.matrix(steering)
+        matrix = self._checked_matrix(steering)
         with self._pending_lock:
             self._pending = None
         self._steer(steering, matrix)
+
+    def _checked_matrix(self, steering: Steering) -> np.ndarray | None:
+        """``steering``'s added vector, once its held sliders are known to filter (raises EqzError before anything
+        changes, not halfway through applying it, or between two tokens of a reply)."""
+        if self.steerer.held(steering) != self.steerer.held(self.steering) and self.context.has_taps:
+            self.steerer.filters(steering, self._asked_filters)
+        return self.steerer.matrix(steering)
 
     def _steer(self, steering: Steering, matrix: np.ndarray | None) -> None:
         """Apply ``steering`` (whose added vector is ``matrix``) from the next decode on: the control vector, and
@@ -171,7 +178,7 @@ class ChatSession:
 
     def request_steering(self, steering: Steering) -> None:
         """Ask for ``steering`` from any thread; a streaming reply applies it before its next token."""
-        matrix = self.steerer.matrix(steering)
+        matrix = self._checked_matrix(steering)
         with self._pending_lock:
             self._pending = (steering, matrix)
 

@@ -43,6 +43,7 @@ class Equalizer:
         self.selected = 0
         self.tokens_per_second = 0.0
         self.levels: dict[str, float] | None = {} if session.meter_on else None  # smoothed meter readouts
+        self.refused: str | None = None  # why the last key's move was refused, shown until the next key
         self.lock = threading.Lock()
 
     def update_meter(self, smoothing: float = 0.3) -> None:
@@ -60,28 +61,36 @@ class Equalizer:
         return self.session.steerer.bands
 
     def press(self, key: str) -> None:
-        """Apply a hotkey; a gain change is handed to the session for the next token."""
+        """Apply a hotkey; a gain change is handed to the session for the next token (one the filters cannot hold
+        is not made, and the panel says why until the next key)."""
         if not self.bands:
             return
         with self.lock:
-            band = self.bands[self.selected]
-            steering = self.session.pending_or_current_steering()
-            gain = steering.gain(band)
-            if key == "left":
-                self.selected = (self.selected - 1) % len(self.bands)
-            elif key == "right":
-                self.selected = (self.selected + 1) % len(self.bands)
-            elif key.isdigit():
-                index = (int(key) - 1) % 10
-                if index < len(self.bands):
-                    self.selected = index
-            elif key in ("up", "down"):
-                step = STEP if key == "up" else -STEP
-                self.session.request_steering(steering.with_gain(band, round(max(-LIMIT, min(LIMIT, gain + step)), 2)))
-            elif key == "z":
-                self.session.request_steering(steering.with_gain(band, 0.0))
-            elif key == "r":
-                self.session.request_steering(steering.with_gains({b: 0.0 for b in self.bands}))
+            self.refused = None
+            try:
+                self._apply(key)
+            except EqzError as error:
+                self.refused = str(error)
+
+    def _apply(self, key: str) -> None:
+        band = self.bands[self.selected]
+        steering = self.session.pending_or_current_steering()
+        gain = steering.gain(band)
+        if key == "left":
+            self.selected = (self.selected - 1) % len(self.bands)
+        elif key == "right":
+            self.selected = (self.selected + 1) % len(self.bands)
+        elif key.isdigit():
+            index = (int(key) - 1) % 10
+            if index < len(self.bands):
+                self.selected = index
+        elif key in ("up", "down"):
+            step = STEP if key == "up" else -STEP
+            self.session.request_steering(steering.with_gain(band, round(max(-LIMIT, min(LIMIT, gain + step)), 2)))
+        elif key == "z":
+            self.session.request_steering(steering.with_gain(band, 0.0))
+        elif key == "r":
+            self.session.request_steering(steering.with_gains({b: 0.0 for b in self.bands}))
 
 
 # -------------------------------------------------------------------------------------------------- drawing
@@ -160,6 +169,8 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
     if filters and (filters["clamp"] or filters["ablate"]):
         described = [f"clamp {b} {v:+.1f}" for b, v in filters["clamp"].items()] + [f"ablate {b}" for b in filters["ablate"]]
         lines.append(Text("filters: " + ", ".join(described), style="yellow"))
+    if equalizer.refused:
+        lines.append(Text(f"not moved: {equalizer.refused}", style="red", overflow="ellipsis", no_wrap=True))
     if not compact:
         lines.append(Text(KEY_HELP, style="dim"))
     title = f"eqz · {session.model.info.name}" + (f" · preset {session.preset}" if session.preset else "")

@@ -15,7 +15,7 @@ from eqz.bands import PRIMARIES
 from eqz.bank import find_bank
 from eqz.errors import EqzError
 from eqz.generation import Job, generate_parallel
-from eqz.meter import Filters, Instruments
+from eqz.meter import Filters, Instruments, geometry, metered_bands
 from eqz.reading import TextGroup, read_texts
 from eqz.sampling import Sampling
 from eqz.session import ChatSession
@@ -193,6 +193,27 @@ def test_a_jobs_filters_clamp_its_own_rows_as_a_chat_does(model, bank):
     assert [finished.text for finished in done] == [plain.text, clamped.text]
     with model.parallel_context(jobs, parallel=2) as ctx, pytest.raises(ValueError, match="row_steering"):
         list(generate_parallel(ctx, jobs))  # without the row tap the clamp would be dropped silently
+
+
+def test_every_band_notched_at_once_reads_neutral_and_levels_that_conflict_are_refused(bank):
+    """The bank's ten directions span 7 dimensions (LDA over 8 primaries; valence and arousal are made of them).
+    Inverting their near-zero singular values made ten notches read up to +-2, and five held sliders beside three
+    notches read +-40 and broke the text; the notches now hold, and levels the tied directions cannot all reach are
+    one line."""
+    bands = metered_bands(bank)
+    every = Filters(bank, {}, list(bands))
+    hidden = np.random.default_rng(0).standard_normal((4, bank.model.n_embd)).astype(np.float32) * 20
+    for layer in every.layers:
+        filtered = hidden.copy()
+        assert every.apply(layer, filtered)
+        assert np.abs(geometry(bank, layer, bands).readouts(filtered)).max() < 0.01, layer
+    with pytest.raises(EqzError, match="too many bands filtered at once"):
+        Filters(bank, {band: 1.0 for band in PRIMARIES}, [])
+    refused = run_eqz("generate", "Describe a chair.", "-n", "8", "--set", "joy=1", "--set", "surprise=1",
+                      "--set", "sadness=1", "--set", "disgust=1", "--set", "anticipation=1", "--ablate", "trust",
+                      "--ablate", "fear", "--ablate", "anger")  # five held sliders and three notches
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("eqz: error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "too many bands filtered" in errors[0]
 
 
 def test_preset_filters_apply(tmp_path):

@@ -72,6 +72,21 @@ def test_hotkeys_select_zero_and_reset(tmp_path):
     assert before_reset["anger"] == 0.3 and not any(changes[-1]["sliders"].values())
 
 
+def test_a_key_move_the_filters_cannot_hold_is_refused_on_the_panel(tmp_path):
+    """Four held sliders and three notches filter seven primaries; holding an eighth cannot be met. The key is not
+    applied (it broke the reply's text before) and the panel says why."""
+    child = spawn("--seed", "3", "-n", "400", "--set", "joy=1", "--set", "surprise=1", "--set", "sadness=1",
+                  "--set", "disgust=1", "--ablate", "trust", "--ablate", "fear", "--ablate", "anger")
+    child.sendline(STORY)
+    child.expect_exact("tok/s")
+    child.send("8")  # anticipation, a held slider
+    child.send("\x1b[A")
+    expect_on_screen(child, r"not moved: too many bands filtered")
+    child.expect_exact(PROMPT, timeout=120)
+    record = save_and_leave(child, tmp_path / "chat.json", "saved")["messages"][1]["reply"]
+    assert record["changes"] == [] and record["sliders"]["anticipation"] == 0.0
+
+
 @contextmanager
 def chat_in_tmux(session: str, cols: int, rows: int, tokens: int = 400, then: str = ""):
     """`eqz chat` in a detached tmux session of ``cols`` x ``rows``, the long story asked for; ``then`` runs after
