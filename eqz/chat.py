@@ -169,7 +169,7 @@ COMMANDS: dict[str, Command] = {
     "vector": Command("/vector FILE SCALE", "steer with a llama.cpp control vector (0 removes it)", ChatCommands.vector),
     "set": Command("/set BAND GAIN", "move a slider (gain -2..2; 1 = calibrated strength)", ChatCommands.set),
     "sliders": Command("/sliders", "show every band's gain", ChatCommands.sliders),
-    "preset": Command("/preset NAME", "apply a preset mood (sliders, sampling, system prompt, filters)", ChatCommands.preset),
+    "preset": Command("/preset NAME", "switch to a preset mood: its sliders, sampling, system prompt, filters", ChatCommands.preset),
     **{
         alias: Command(f"/{alias} VALUE", f"set {setting}", partial(ChatCommands.sampling, setting=setting))
         for alias, setting in SAMPLING_COMMANDS.items()

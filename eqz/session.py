@@ -193,13 +193,13 @@ class ChatSession:
         return pending
 
     def apply_preset(self, preset: Preset) -> None:
-        """The preset's sliders replace every gain; its sampling, system prompt and filters are applied."""
+        """The preset's sliders, sampling, system prompt and filters replace the session's, as if the chat had
+        started with it (the seed is kept unless the preset names one): a previous preset's settings do not linger."""
         self.set_steering(Steering(vectors=self.pending_or_current_steering().vectors).with_gains(preset.sliders))
         if preset.filters or self.filters:
             self.set_filters(**preset.filters)
-        self.sampling = make_sampling(self.sampling, **preset.sampling)
-        if preset.system:
-            self.system = preset.system
+        self.sampling = make_sampling(Sampling(seed=self.sampling.seed), **preset.sampling)
+        self.system = preset.system
         self.preset = preset.name
 
     def steering_record(self, steering: Steering | None = None) -> dict:

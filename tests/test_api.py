@@ -283,3 +283,17 @@ def test_importing_eqz_and_its_numpy_modules_does_not_start_llama_cpp():
     code = ("import sys, eqz, eqz.bank, eqz.meter, eqz.directions, eqz.presets, eqz.steering, eqz.scoring; "
             "print('llama_cpp' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_second_preset_replaces_the_first_ones_sampling_and_system(library):
+    """`/preset melancholy` after `/preset serene` kept serene's system prompt and top-p (and the reply's record
+    said melancholy); a preset now replaces what a preset sets, as if the chat had started with it."""
+    from eqz.presets import get_preset
+    from eqz.sampling import Sampling
+
+    with library.chat(preset="serene", seed=5) as chat:
+        session = chat.session
+        assert session.system and session.sampling.top_p == 0.9
+        session.apply_preset(get_preset("melancholy", session.steerer.bands))
+        assert session.system is None and session.preset == "melancholy"
+        assert (session.sampling.temperature, session.sampling.top_p, session.sampling.seed) == (0.7, Sampling().top_p, 5)
