@@ -13,7 +13,7 @@ import itertools
 import os
 import socket
 from collections import deque
-from pathlib import Path
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 from .batch import BatchPlan, BatchStats, RowTask, generate_rows, missing_rows
@@ -25,6 +25,7 @@ READY_SECONDS = 300  # for the workers to load the model: past it, the cluster c
 # rows generated ahead of the first unwritten one, in chunks per worker: the file is written in order, so rows back
 # early wait in memory (and are lost to Ctrl-C) while a slow or replaced worker holds an earlier chunk
 LOOKAHEAD_CHUNKS = 2 * CHUNKS_PER_WORKER
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's name: off, a cluster runs on this machine alone
 
 
 def require_ray():
@@ -57,7 +58,7 @@ class BatchWorker:
         self.plan = (settings, parallel, longest, meter)
 
     def ready(self) -> tuple[str | None, tuple | None]:
-        """(error, what the driver compares with its own: the model's fingerprint, the file's size, eqz's version)."""
+        """(error, what the driver compares with its own: the model's fingerprint, its weights' type, eqz's version)."""
         if self.error:
             return self.error, None
         from . import __version__
@@ -92,28 +93,44 @@ def check_address(address: str) -> None:
                        "with `ray start --head --port PORT`, or use --ray auto") from None
 
 
-def _connect(ray, address: str) -> None:
-    """Join the cluster at ``address``; "auto": $RAY_ADDRESS or one running here, else start one of our own, which
-    listens on loopback only (Ray's default would be every interface, with no authentication)."""
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+@contextmanager
+def _connected(ray, address: str) -> Iterator[None]:
+    """Joined to the cluster at ``address`` while inside; "auto": $RAY_ADDRESS or one running here, else one of our
+    own, which listens on loopback only (Ray's default would be every interface, with no authentication)."""
     check_address(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # eqz reaches no network on its own
     options = dict(logging_level="ERROR", log_to_driver=False)
+    from ray._private import ray_constants
+
+    switch = os.environ.get(LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
     try:
         if address != "auto" or os.environ.get("RAY_ADDRESS"):
             ray.init(address=None if address == "auto" else address, **options)
-            return
-        try:
-            ray.init(address="auto", **options)
-        except ConnectionError:
-            # Ray's switch for a one-machine cluster, read when ray is imported: in the environment for the processes
-            # the cluster starts, and set in the module for this one, which imported ray already
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-            from ray._private import ray_constants
-
-            ray_constants.ENABLE_RAY_CLUSTER = False
-            ray.init(**options)
+        else:
+            try:
+                ray.init(address="auto", **options)
+            except ConnectionError:
+                # Ray's switch for a one-machine cluster is read when ray is imported: in the environment for the
+                # processes the cluster starts, and in the module for this one, which imported ray already
+                os.environ[LOOPBACK_SWITCH] = "0"
+                ray_constants.ENABLE_RAY_CLUSTER = False
+                ray.init(**options)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        raise EqzError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}", exit_code=1) from None
+        raise EqzError(f"cannot join the Ray cluster at {address}: {_first_line(error)}", exit_code=1) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        # back as they were: a later ray.init in this process (a notebook) may join a cluster on the network
+        if switch[0] is None:
+            os.environ.pop(LOOPBACK_SWITCH, None)
+        else:
+            os.environ[LOOPBACK_SWITCH] = switch[0]
+        ray_constants.ENABLE_RAY_CLUSTER = switch[1]
 
 
 def _chunks(tasks: Iterator[RowTask], size: int) -> Iterator[list[RowTask]]:
@@ -132,20 +149,20 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
     """
     ray = require_ray()
     stats = stats or BatchStats()
-    started_here = not ray.is_initialized()
-    if started_here:
-        _connect(ray, address)
-    try:
+    with _connected(ray, address) if not ray.is_initialized() else nullcontext():
         cpus_each = threads or 1
         free = int(ray.available_resources().get("CPU", 0))
         count = workers or max(1, free // cpus_each)
         if count * cpus_each > free:  # Ray would wait for the CPUs for ever, saying nothing
-            raise EqzError(f"{count} worker{'s' if count > 1 else ''} of {cpus_each} thread{'s' if cpus_each > 1 else ''} "
-                           f"need {count * cpus_each} CPUs and the cluster has {free} free; ask for fewer --workers "
-                           "or --threads, or add nodes")
+            each = f"{cpus_each} thread{'s' if cpus_each > 1 else ''}"
+            asked = (f"{count} workers of {each} need {count * cpus_each} CPUs" if count > 1
+                     else f"a worker of {each} needs {cpus_each} CPU{'s' if cpus_each > 1 else ''}")
+            raise EqzError(f"{asked} and the cluster has {free} free; ask for fewer "
+                           f"{'--workers or --threads' if workers else '--threads'}, or add nodes")
         remote_worker = ray.remote(num_cpus=cpus_each)(BatchWorker)
         bank = ray.put(plan.steerer.bank)
-        model_path = str(Path(plan.model.path).resolve())  # a relative path would be taken from each worker's folder
+        # absolute (a relative path would be taken from each worker's folder), links kept (the nodes have the path)
+        model_path = os.path.abspath(plan.model.path)
 
         def start_worker():
             return remote_worker.remote(model_path, cpus_each, plan.model.gpu_layers, bank, plan.settings,
@@ -158,7 +175,7 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
                 raise EqzError(f"the Ray workers did not load the model within {READY_SECONDS} s (the cluster could "
                                "not place them, or a node hangs)", exit_code=1) from None
             except ray.exceptions.RayActorError as error:  # killed while loading: out of memory, most often
-                raise EqzError(f"a Ray worker died while loading the model: {str(error).splitlines()[0]}",
+                raise EqzError(f"a Ray worker died while loading the model: {_first_line(error)}",
                                exit_code=1) from None
             for error, theirs in answers:
                 if error:
@@ -216,7 +233,8 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
                         except EqzError as error:  # placed on a node that cannot run it: the others go on
                             ray.kill(new)
                             if not live:
-                                raise
+                                raise EqzError(f"{error}; no Ray worker is left. The rows written so far are kept "
+                                               "(--resume finishes the rest)", exit_code=1) from None
                             on_warning(f"no new Ray worker ({error}); the {len(live)} left go on")
                 continue
             except ray.exceptions.RayTaskError as error:  # raised inside the worker: one line, not its traceback
@@ -233,9 +251,6 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
                 on_row(record, stats)
                 next_number += 1
         return stats
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _identity(model, version: str) -> tuple[str, int, str]:

@@ -44,7 +44,7 @@ def test_version_and_help_with_examples():
 
 
 def test_every_command_says_what_it_does():
-    """Each command's --help and the top-level list open with the first sentence of its docstring."""
+    """Each command's --help says the first sentence of its docstring."""
     from eqz.cli import app
 
     for command in app.registered_commands:

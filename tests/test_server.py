@@ -201,7 +201,7 @@ def test_moves_of_one_slider_at_a_time_add_up(server):
 
 def test_sliders_posted_as_they_already_are_log_no_change(server):
     """The web page's reset with every slider at 0 wrote a change ('all 0') into the reply's record and its text."""
-    body = {"prompt": "Once upon a time", "max_tokens": 40, "stream": True, "eqz": {"sliders": {"joy": 0.5}}}
+    body = {"prompt": "Once upon a time", "max_tokens": 120, "stream": True, "eqz": {"sliders": {"joy": 0.5}}}
     request = urllib.request.Request(server.url + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -397,7 +397,8 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
         assert flag.rect["x"] + flag.rect["width"] <= label.rect["x"] + label.rect["width"] + 1
         # a slider moved in the moment between Send and the server's answer steers that reply (there was no stream
         # to re-steer yet, and the move was lost while the slider showed it)
-        browser.execute_script("$('text').value = 'Hi there'; $('ask').requestSubmit(); setSlider('joy', 0.5, true)")
+        browser.execute_script("$('text').value = 'Write a long story about a lighthouse.'; $('ask').requestSubmit(); "
+                               "setSlider('joy', 0.5, true)")  # a long reply: still running when the move lands
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
         early_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-stream")
         browser.set_window_size(390, 430)  # a phone's keyboard up: the conversation keeps room to be read (0 px
