@@ -6,6 +6,7 @@ import inspect
 import json
 import re
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -410,8 +411,6 @@ def analyze(
     gpu_layers: GpuLayersOpt = None,
 ) -> None:
     """Show how the model itself reads a text, band by band, per sentence or per token."""
-    from pathlib import Path
-
     from .display import print_analysis
 
     if text is None and file is None:
@@ -447,8 +446,6 @@ def eval_command(
 ) -> None:
     """Measure what each slider does against asking for the emotion in the system prompt: lexicon effect, the
     unsteered model's judgement of the replies' emotion, readout, crosstalk and fluency on held-out neutral prompts."""
-    from pathlib import Path
-
     from .bank import writable_directory
     from .display import print_eval, progress_bars
     from .eval import non_fluent_gains, write_outputs
@@ -584,11 +581,14 @@ def vectors_export(
     set_: SetOpt = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help="start from this preset's sliders (--set wins)")] = None,
     model: ModelOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", metavar="", help="overwrite FILE if it exists")] = False,
 ) -> None:
     """Write one llama.cpp control vector for a slider mix or a preset's sliders (use with llama-cli
     --control-vector). A preset's filters and sampling do not travel: a control vector holds only the mix."""
     from .presets import get_preset, resolve
 
+    if Path(output).expanduser().is_file() and not replace:  # it may be anything: notes, a preset, a bank's band
+        raise EqzError(f"{output} exists; add --replace to overwrite it, or choose another file")
     with _load_model(model, None) as loaded:
         valid = loaded.bank.names
         gains = resolve(get_preset(preset, valid) if preset else None, valid, _gains(set_, valid)).gains

@@ -222,16 +222,25 @@ def resolve(preset: Preset | None, valid: tuple[str, ...], sliders: dict[str, fl
     gains.update({band: check_gain(band, gain, valid) for band, gain in (sliders or {}).items()})
     base = make_sampling(None, **preset.sampling) if preset else None
     return Resolved(preset.name if preset else None, gains, make_sampling(base, **(sampling or {})),
-                    system or (preset.system if preset else None),
+                    (preset.system if preset else None) if system is None else (system or None),  # "" clears it
                     merge_filters(preset.filters if preset else {}, clamp or {}, ablate, valid))
 
 
 def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterable[str], valid: tuple[str, ...]) -> dict:
-    """A preset's filters with explicit clamps and notches on top."""
-    clamps = {**preset_filters.get("clamp", {}), **{band: check_gain(band, level, valid, "level") for band, level in clamp.items()}}
-    ablates = list(preset_filters.get("ablate", []))
-    for band in ablate:
+    """A preset's filters with explicit clamps and notches on top: an explicit one replaces the preset's on its band,
+    and a band cannot be both clamped and notched. Every band and level is checked, the preset's too (one made in
+    Python skips the file's checks)."""
+    notched = list(dict.fromkeys(ablate))
+    for band in notched:
         if band not in valid:
             raise unknown_band(band, valid, " to ablate")
-        ablates.append(band)
+    clamped = {band: check_gain(band, level, valid, "level") for band, level in clamp.items()}
+    clamps = {**{band: check_gain(band, level, valid, "level") for band, level in preset_filters.get("clamp", {}).items()
+                 if band not in notched}, **clamped}
+    ablates = list(dict.fromkeys([band for band in preset_filters.get("ablate", []) if band not in clamped] + notched))
+    for band in ablates:
+        if band not in valid:
+            raise unknown_band(band, valid, " to ablate")
+        if band in clamps:
+            raise EqzError(f"{band} is both clamped and notched; a filter holds a band at one level, so choose one")
     return {"clamp": clamps, "ablate": ablates} if clamps or ablates else {}

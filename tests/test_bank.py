@@ -136,7 +136,10 @@ def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):
     plain = json.loads(run_eqz(*common).stdout)["output"]
     assert raw == sliders
     assert raw != plain
-    from_preset = run_eqz("vectors", "export", "--preset", "melancholy", "--set", "joy=0", "-o", str(mix))
+    before = mix.read_bytes()
+    kept = run_eqz("vectors", "export", "--preset", "melancholy", "-o", str(mix))  # the file exists: asked first
+    assert kept.returncode == 2 and "add --replace" in kept.stderr and mix.read_bytes() == before
+    from_preset = run_eqz("vectors", "export", "--preset", "melancholy", "--set", "joy=0", "-o", str(mix), "--replace")
     assert from_preset.returncode == 0 and "sadness=0.8, arousal=-0.3" in from_preset.stdout, from_preset.stderr
     assert "sadness holds a level in eqz" in from_preset.stderr and "Traceback" not in from_preset.stderr
     shipped = Bank.load(SHIPPED)

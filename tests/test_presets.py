@@ -147,3 +147,18 @@ def test_a_band_of_the_users_own_is_saved_validated_listed_and_shown_in_presets(
     broken.mkdir()
     (broken / "bank.yaml").write_text("format: [")  # a bank no command can read: presets need none
     assert run_eqz("presets", "show", "serene", env=env).returncode == 0
+
+
+def test_filters_and_system_on_top_of_a_preset_say_what_they_do(tmp_path):
+    """A band both clamped and notched lost its notch without a word; `--system ""` could not clear a preset's
+    system prompt; a preset made in Python skipped the level check of its clamps (50 gave broken text)."""
+    both = run_eqz("generate", "Describe a chair.", "-n", "8", "--clamp", "joy=1", "--ablate", "joy")
+    assert both.returncode == 2 and "joy is both clamped and notched" in both.stderr and "Traceback" not in both.stderr
+    cleared = run_eqz("generate", "Hi", "-p", "serene", "--system", "", "-n", "4", "--json")
+    assert cleared.returncode == 0 and json.loads(cleared.stdout)["system"] is None
+    from eqz.presets import Preset, resolve
+
+    with pytest.raises(EqzError, match=r"level for joy must be a finite number in \[-6, 6\], got 50"):
+        resolve(Preset("x", "", {}, {}, filters={"clamp": {"joy": 50}}), BANDS)
+    twice = resolve(Preset("x", "", {}, {}, filters={"ablate": ["anger", "anger"]}), BANDS)
+    assert twice.filters == {"clamp": {}, "ablate": ["anger"]}
