@@ -116,10 +116,28 @@ def _parse_filters(filters, where: str, bands: tuple[str, ...]) -> dict:
     return result
 
 
+class _OneOfEachKey(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of a repeated key: `sliders: {joy: 0.5, joy: -0.5}` was read as -0.5."""
+
+
+def _mapping_once(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(problem=f"the key {key!r} comes twice in one mapping",
+                                                    problem_mark=key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_OneOfEachKey.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
 def load_preset_file(path: Path, bands: tuple[str, ...] = BANDS) -> Preset:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_OneOfEachKey)
     except OSError as error:
         raise EqzError(f"{path}: cannot read ({error.strerror})") from None
     except UnicodeDecodeError as error:
@@ -149,9 +167,14 @@ def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
     """Every preset by name, user ones overriding bundled ones; broken files are listed with their error."""
     entries: dict[str, PresetEntry] = {}
     for source, directory in (("bundled", BUNDLED_DIR), ("user", user_dir())):
-        for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+        paths = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]) if directory.is_dir() else []
+        for path in paths:
             try:
                 preset = load_preset_file(path, bands)
+                first = entries.get(preset.name)
+                if first is not None and first.source == source:  # two files of one folder, one name: say so
+                    raise EqzError(f"{path} names itself '{preset.name}', as {first.path.name} does; give each "
+                                   "preset a name of its own")
                 entries[preset.name] = PresetEntry(preset.name, path, source, preset, None)
             except EqzError as error:
                 entries[path.stem] = PresetEntry(path.stem, path, source, None, str(error))

@@ -81,6 +81,9 @@ def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
     (presets / "serene.yaml").write_text(yaml.safe_dump({**GOOD, "name": "serene", "description": "mine"}))
     (presets / "broken.yaml").write_text(yaml.safe_dump({**GOOD, "name": "broken", "sliders": {"zest": 1}}))
     (presets / "latin.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))  # broke every preset command
+    (presets / "mood.yml").write_text(yaml.safe_dump({**GOOD, "name": "mood"}))  # was not looked for
+    for stem in ("a", "b"):  # the second one hid the first without a word
+        (presets / f"{stem}.yaml").write_text(yaml.safe_dump({**GOOD, "name": "twin", "description": stem}))
     env = {"XDG_CONFIG_HOME": str(config)}
     listing = run_eqz("presets", "list", "--json", env=env)
     entries = {e["name"]: e for e in __import__("json").loads(listing.stdout)}
@@ -88,6 +91,8 @@ def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
     assert entries["broken"]["error"] and "zest" in entries["broken"]["error"]
     assert "not UTF-8" in entries["latin"]["error"]
     assert entries["melancholy"]["error"] is None  # the others still load
+    assert entries["mood"]["error"] is None and entries["twin"]["path"].endswith("a.yaml")
+    assert "names itself 'twin', as a.yaml does" in entries["b"]["error"]
     table = run_eqz("presets", "list", env=env)
     assert "invalid" in table.stdout and "mine" in table.stdout
 
@@ -162,3 +167,11 @@ def test_filters_and_system_on_top_of_a_preset_say_what_they_do(tmp_path):
         resolve(Preset("x", "", {}, {}, filters={"clamp": {"joy": 50}}), BANDS)
     twice = resolve(Preset("x", "", {}, {}, filters={"ablate": ["anger", "anger"]}), BANDS)
     assert twice.filters == {"clamp": {}, "ablate": ["anger"]}
+
+
+def test_a_key_written_twice_in_a_preset_is_one_line(tmp_path):
+    """YAML keeps the last of a repeated key: joy: 0.5 then joy: -0.5 ran at -0.5, and `presets validate` said ok."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: twice\ndescription: x\nsliders: {joy: 0.5, joy: -0.5}\n")
+    checked = run_eqz("presets", "validate", str(twice))
+    assert checked.returncode == 2 and "line 3: the key 'joy' comes twice" in checked.stderr, checked.stderr
