@@ -618,7 +618,7 @@ def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Ba
     check_band_name(name)
     vector_file = read_control_vector(path)
     matrix = vector_file.matrix(info.n_layer, info.n_embd, info.name)
-    band = Band(name, matrix, source=os.path.abspath(Path(path).expanduser()))  # found again from any folder
+    band = Band(name, matrix, source=os.path.abspath(Path(path).expanduser()))  # which file, whatever the folder
     bank.bands[name] = band
     bank.forget_recorded(name)  # figures of a band it replaces measured another vector
     if bank.layers.read is None:

@@ -587,7 +587,8 @@ def vectors_export(
     --control-vector). A preset's filters and sampling do not travel: a control vector holds only the mix."""
     from .presets import get_preset, resolve
 
-    if Path(output).expanduser().is_file() and not replace:  # it may be anything: notes, a preset, a bank's band
+    target = Path(output).expanduser()
+    if target.exists() and not target.is_dir() and not replace:  # it may be anything: notes, a preset, a band
         raise EqzError(f"{output} exists; add --replace to overwrite it, or choose another file")
     with _load_model(model, None) as loaded:
         valid = loaded.bank.names

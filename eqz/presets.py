@@ -111,8 +111,11 @@ def _parse_filters(filters, where: str, bands: tuple[str, ...]) -> dict:
     ablate = filters.get("ablate") or []
     if not isinstance(ablate, list) or any(band not in bands for band in ablate):
         raise EqzError(f"{where}: filters.ablate must list bands among: {', '.join(bands)}")
+    both = [band for band in ablate if band in clamp]
+    if both:
+        raise EqzError(f"{where}: filters clamp and ablate {both[0]}; a filter holds a band at one level, choose one")
     if ablate:
-        result["ablate"] = list(ablate)
+        result["ablate"] = list(dict.fromkeys(ablate))
     return result
 
 
@@ -123,7 +126,14 @@ class _OneOfEachKey(yaml.SafeLoader):
 def _mapping_once(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *base, whose keys this mapping may write again
+            continue
         key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(problem="found unhashable key",
+                                                    problem_mark=key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(problem=f"the key {key!r} comes twice in one mapping",
                                                     problem_mark=key_node.start_mark)
@@ -176,8 +186,9 @@ def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
                     raise EqzError(f"{path} names itself '{preset.name}', as {first.path.name} does; give each "
                                    "preset a name of its own")
                 entries[preset.name] = PresetEntry(preset.name, path, source, preset, None)
-            except EqzError as error:
-                entries[path.stem] = PresetEntry(path.stem, path, source, None, str(error))
+            except EqzError as error:  # listed under its file's stem, or its name where a loaded preset has that
+                key = path.stem if entries.get(path.stem) is None or entries[path.stem].preset is None else path.name
+                entries[key] = PresetEntry(key, path, source, None, str(error))
     return entries
 
 

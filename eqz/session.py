@@ -195,7 +195,13 @@ class ChatSession:
     def apply_preset(self, preset: Preset) -> None:
         """The preset's sliders, sampling, system prompt and filters replace the session's, as if the chat had
         started with it (the seed is kept unless the preset names one): a previous preset's settings do not linger."""
-        self.set_steering(Steering(vectors=self.pending_or_current_steering().vectors).with_gains(preset.sliders))
+        steering = Steering(vectors=self.pending_or_current_steering().vectors).with_gains(preset.sliders)
+        if preset.filters or self.filters:  # refused before anything changes, not after the sliders moved
+            if self.context.has_taps and self.steerer.bank is not None:
+                self.steerer.filters(steering, preset.filters)
+            else:
+                self._refilter()  # says what filters need
+        self.set_steering(steering)
         if preset.filters or self.filters:
             self.set_filters(**preset.filters)
         self.sampling = make_sampling(Sampling(seed=self.sampling.seed), **preset.sampling)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +101,7 @@ NOT_FINITE = "the control vector is not finite (a scale too large for float32, o
 
 
 def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) -> Path:
-    """Write the non-zero rows of ``matrix`` (n_layer, n_embd) as ``direction.N`` tensors; through a temporary file
-    beside it, so a file already there is replaced whole or not at all."""
+    """Write the non-zero rows of ``matrix`` (n_layer, n_embd) as ``direction.N`` tensors."""
     if str(path) == "-":
         raise EqzError("a control vector is a binary .gguf file, not text for stdout; give a file name, such as "
                        "mix.gguf")
@@ -119,10 +117,9 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
     if np.any(matrix[0]):
         raise EqzError("layer 0 cannot be steered; a control vector starts at layer 1")
     writer = None
-    partial = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(partial), ARCHITECTURE)
+        writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
         writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
         writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(layers))
         for layer in layers:
@@ -131,11 +128,10 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(partial, path)
     except OSError as error:
         if writer is not None:  # no half-written vector left behind for --vector to trip on
             writer.close()
-            partial.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         raise EqzError(f"cannot write {path}: {error.strerror or error}; choose another file") from None
     return path
 

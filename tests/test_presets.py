@@ -175,3 +175,28 @@ def test_a_key_written_twice_in_a_preset_is_one_line(tmp_path):
     twice.write_text("name: twice\ndescription: x\nsliders: {joy: 0.5, joy: -0.5}\n")
     checked = run_eqz("presets", "validate", str(twice))
     assert checked.returncode == 2 and "line 3: the key 'joy' comes twice" in checked.stderr, checked.stderr
+    merged = tmp_path / "merged.yaml"  # a merge key's keys may be written again after it, as YAML allows
+    merged.write_text("name: merged\ndescription: x\nsliders: {joy: 0.5}\n"
+                      "filters:\n  clamp:\n    <<: {anger: 0, fear: 0}\n    fear: 0.2\n")
+    assert load_preset_file(merged).filters == {"clamp": {"anger": 0.0, "fear": 0.2}}
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("name: odd\ndescription: x\nsliders: {[joy]: 0.5}\n")
+    checked = run_eqz("presets", "validate", str(odd))
+    assert checked.returncode == 2 and "found unhashable key" in checked.stderr, checked.stderr
+    both = tmp_path / "both.yaml"  # refused by validate, not only when used
+    both.write_text("name: both\ndescription: x\nfilters: {clamp: {fear: 0}, ablate: [fear]}\n")
+    checked = run_eqz("presets", "validate", str(both))
+    assert checked.returncode == 2 and "filters clamp and ablate fear" in checked.stderr, checked.stderr
+
+
+def test_a_broken_second_file_of_a_presets_name_does_not_hide_the_first(tmp_path):
+    """The error entry of mood.yml (a second 'mood') was listed under its stem, replacing the good mood.yaml."""
+    presets = tmp_path / "eqz" / "presets"
+    presets.mkdir(parents=True)
+    for suffix in ("yaml", "yml"):
+        (presets / f"mood.{suffix}").write_text(yaml.safe_dump({**GOOD, "name": "mood"}))
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    entries = {e["name"]: e for e in json.loads(run_eqz("presets", "list", "--json", env=env).stdout)}
+    assert entries["mood"]["error"] is None and entries["mood"]["path"].endswith("mood.yaml")
+    assert "as mood.yaml does" in entries["mood.yml"]["error"]
+    assert run_eqz("presets", "show", "mood", env=env).returncode == 0
