@@ -110,7 +110,7 @@ def gain_warning(band: str, gain: float) -> str:
 
 def gain_warnings(gains: Iterable[tuple[str, float]]) -> list[str]:
     """A line for each (band, gain) past the calibrated range: allowed, and said (the CLI's and the library's)."""
-    return [f"{band}={gain:g}{gain_warning(band, gain)}" for band, gain in gains if gain_warning(band, gain)]
+    return [f"{band}={gain:g}{warning}" for band, gain in gains if (warning := gain_warning(band, gain))]
 
 
 _BAND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # whole names only: fullmatch

@@ -265,9 +265,6 @@ def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterabl
     and a band cannot be both clamped and notched. Every band and level is checked, the preset's too (one made in
     Python skips the file's checks)."""
     notched = list(dict.fromkeys(ablate))
-    for band in notched:
-        if band not in valid:
-            raise unknown_band(band, valid, " to ablate")
     clamped = {band: check_gain(band, level, valid, "level") for band, level in clamp.items()}
     clamps = {**{band: check_gain(band, level, valid, "level") for band, level in preset_filters.get("clamp", {}).items()
                  if band not in notched}, **clamped}

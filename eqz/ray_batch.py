@@ -16,6 +16,7 @@ from collections import deque
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
+from . import __version__
 from .batch import BatchPlan, BatchStats, RowTask, generate_rows, missing_rows
 from .errors import EqzError
 
@@ -59,11 +60,7 @@ class BatchWorker:
 
     def ready(self) -> tuple[str | None, tuple | None]:
         """(error, what the driver compares with its own: the model's fingerprint, its weights' type, eqz's version)."""
-        if self.error:
-            return self.error, None
-        from . import __version__
-
-        return None, _identity(self.model, __version__)
+        return (self.error, None) if self.error else (None, _identity(self.model))
 
     def run(self, tasks: list[RowTask]) -> list[dict]:
         settings, parallel, longest, meter = self.plan
@@ -186,9 +183,7 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
                                    "the same eqz")
             return started
 
-        from . import __version__
-
-        identity = _identity(plan.model, __version__)
+        identity = _identity(plan.model)
         live = check([start_worker() for _ in range(count)])
         replacements = REPLACEMENTS_PER_WORKER * count
         chunks = _chunks(missing_rows(plan.prompts, plan.settings, plan.samples, plan.seed, plan.output, stats),
@@ -253,12 +248,12 @@ def run_on_ray(plan: BatchPlan, address: str, workers: int | None, threads: int 
         return stats
 
 
-def _identity(model, version: str) -> tuple[str, int, str]:
+def _identity(model) -> tuple[str, int, str]:
     """What a worker must share with the driver: the model's fingerprint (its shape and vocabulary), its weights'
     type (another quantization of it has the same fingerprint) and eqz's version (rows record the worker's)."""
     from .session import model_record
 
-    return model_record(model)["fingerprint"], model.file_type, version
+    return model_record(model)["fingerprint"], model.file_type, __version__
 
 
 def _described(identity: tuple[str, int, str]) -> str:

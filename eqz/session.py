@@ -140,9 +140,10 @@ class ChatSession:
 
     def _checked_matrix(self, steering: Steering) -> np.ndarray | None:
         """``steering``'s added vector, once its held sliders are known to filter (raises EqzError before anything
-        changes, not halfway through applying it, or between two tokens of a reply)."""
-        if self.steerer.held(steering) != self.steerer.held(self.steering) and self.context.has_taps:
-            self.steerer.filters(steering, self._asked_filters)
+        changes, not halfway through applying it, or between two tokens of a reply; ``_steer`` makes the filters
+        again then, with the user's filters of that moment)."""
+        if self.steerer.held(steering) != self.steerer.held(self.steering):
+            self._filters_for(steering, self._asked_filters)
         return self.steerer.matrix(steering)
 
     def _steer(self, steering: Steering, matrix: np.ndarray | None) -> None:
@@ -164,14 +165,18 @@ class ChatSession:
             self._asked_filters = kept
             raise
 
+    def _filters_for(self, steering: Steering, asked: dict) -> Filters:
+        """The filters for ``steering``'s held sliders and the user's ``asked`` clamps and notches; EqzError where
+        they cannot be made."""
+        if not self.context.has_taps or self.steerer.bank is None:
+            raise EqzError("filters need the model's bank and the meter: start eqz chat with a bank and --meter")
+        return self.steerer.filters(steering, asked)
+
     def _refilter(self) -> None:
         """Filter with the user's filters and the levels of the held sliders moved now."""
-        bank = self.steerer.bank
-        if not self.context.has_taps or bank is None:
-            raise EqzError("filters need the model's bank and the meter: start eqz chat with a bank and --meter")
-        self.filters = self.steerer.filters(self.steering, self._asked_filters)
+        self.filters = self._filters_for(self.steering, self._asked_filters)
         if self.instruments is None:
-            self.instruments = Instruments(bank, meter=self.meter_on, filters=self.filters)
+            self.instruments = Instruments(self.steerer.bank, meter=self.meter_on, filters=self.filters)
         else:
             self.instruments.set_filters(self.filters)
         self.context.set_tap(self.instruments if self.instruments.layers else None)
@@ -197,10 +202,7 @@ class ChatSession:
         started with it (the seed is kept unless the preset names one): a previous preset's settings do not linger."""
         steering = Steering(vectors=self.pending_or_current_steering().vectors).with_gains(preset.sliders)
         if preset.filters or self.filters:  # refused before anything changes, not after the sliders moved
-            if self.context.has_taps and self.steerer.bank is not None:
-                self.steerer.filters(steering, preset.filters)
-            else:
-                self._refilter()  # says what filters need
+            self._filters_for(steering, preset.filters)
         self.set_steering(steering)
         if preset.filters or self.filters:
             self.set_filters(**preset.filters)

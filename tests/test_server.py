@@ -37,10 +37,10 @@ class Served:
         self.process = subprocess.Popen([EQZ, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, **(env or {})})
         said = []
-        while not (found := re.search(r"http://127\.0\.0\.1:(\d+)/", said[-1] if said else "")) and len(said) < 5:
-            said.append(self.process.stderr.readline())  # warnings may come first (a model without a chat template)
-            if not said[-1]:
-                break  # it stopped
+        for _ in range(5):  # warnings may come first (a model without a chat template)
+            said.append(self.process.stderr.readline())
+            if (found := re.search(r"http://127\.0\.0\.1:(\d+)/", said[-1])) or not said[-1]:  # or it stopped
+                break
         assert found, "".join(said)
         self.url = f"http://127.0.0.1:{found.group(1)}"
         threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
