@@ -78,6 +78,23 @@ def unknown_band(band: str, valid: tuple[str, ...], what: str = "") -> EqzError:
     return EqzError(f"unknown band '{band}'{what}; valid bands: {', '.join(valid)}")
 
 
+def band_key(band) -> str:
+    """A band name as eqz keys it, wherever it comes from (flags, the library, preset files, the server): any case,
+    spaces around it ignored."""
+    return str(band).strip().lower()
+
+
+def keyed_by_band(mapping: dict, what: str) -> dict:
+    """``mapping`` (band -> value) keyed by ``band_key``; one line where two of its keys name one band."""
+    keyed: dict = {}
+    for band, value in mapping.items():
+        key = band_key(band)
+        if key in keyed:
+            raise EqzError(f"{what} names the band {key} twice; give each band once")
+        keyed[key] = value
+    return keyed
+
+
 def check_gain(band: str, value, valid: tuple[str, ...] | None = BANDS, what: str = "gain") -> float:
     """A gain (or, ``what`` "level", a clamp level) for ``band`` as a float, or a one-line EqzError naming the valid
     bands / range. ``valid`` None: any band name (the bank checks it later)."""
@@ -97,8 +114,8 @@ def parse_set(spec: str, valid: tuple[str, ...] | None = BANDS, option: str = "-
     band, sep, value = spec.partition("=")
     if not sep:
         raise EqzError(f"{option} takes BAND=VALUE, got '{spec}'" + (f"; valid bands: {', '.join(valid)}" if valid else ""))
-    return band.strip().lower(), check_gain(band.strip().lower(), value.strip(), valid,
-                                            "level" if option in ("--clamp", "/clamp") else "gain")
+    return band_key(band), check_gain(band_key(band), value.strip(), valid,
+                                      "level" if option in ("--clamp", "/clamp") else "gain")
 
 
 def gain_warning(band: str, gain: float) -> str:
@@ -125,7 +142,7 @@ def check_band_name(name: str) -> None:
 def parse_described(spec: str) -> tuple[str, str]:
     """``NAME=DESCRIPTION`` (as given to ``eqz train --band``) -> (name, description)."""
     name, sep, description = spec.partition("=")
-    name, description = name.strip().lower(), description.strip()
+    name, description = band_key(name), description.strip()
     if not sep or not description:
         raise EqzError(f"--band takes NAME=\"what the feeling is\", e.g. nostalgia=\"wistful longing for the past\"; "
                        f"got '{spec}'")

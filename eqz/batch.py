@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .bands import check_gain
+from .bands import band_key, check_gain
 from .engine import Model, utf8
 from .generation import Job, generate_parallel, template_head
 from .reading import common_prefix_length
@@ -176,7 +176,7 @@ def parse_sweep(spec: str, bands: tuple[str, ...] | None) -> tuple[str, list[flo
         count = int(parts[2])
     except ValueError:
         raise EqzError(f"--sweep {spec}: N must be a whole number") from None
-    band = band.strip().lower()
+    band = band_key(band)
     start = check_gain(band, parts[0], bands)
     stop = check_gain(band, parts[1], bands)
     if count < 1 or (count == 1 and start != stop):

@@ -9,7 +9,7 @@ from pathlib import Path
 from functools import partial
 from typing import Callable
 
-from .bands import BANDS, gain_warning, parse_set
+from .bands import BANDS, band_key, gain_warning, parse_set
 from .errors import EqzError
 from .presets import get_preset
 from .sampling import make_sampling
@@ -113,7 +113,7 @@ class ChatCommands:
     def ablate(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 1:
             raise EqzError(f"usage: {COMMANDS['ablate'].usage}")
-        band = args[0].lower()
+        band = band_key(args[0])
         current = self._filters()
         current["clamp"].pop(band, None)
         current["ablate"] = [b for b in current["ablate"] if b != band] + [band]

@@ -28,7 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .api import EqzModel
-from .bands import check_gain
+from .bands import check_gain, keyed_by_band
 from .engine import utf8
 from .errors import EqzError
 from .meter import metered_bands
@@ -209,8 +209,7 @@ class EqzServer:
             preset = self.preset  # the server's own preset, a file perhaps
         return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
                                   sampling=sampling, stop=stop,
-                                  clamp={str(band).lower(): level for band, level in clamp.items()},
-                                  ablate=[str(band).lower() for band in ablate], meter=bool(settings.get("meter")))
+                                  clamp=clamp, ablate=ablate, meter=bool(settings.get("meter")))
 
     async def _respond(self, body: dict, job, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
@@ -377,7 +376,7 @@ def _sliders(sliders, valid: tuple[str, ...] | None) -> dict[str, float]:
         return {}
     if not isinstance(sliders, dict):
         raise BadRequest("eqz 'sliders' must be an object {band: gain}")
-    return {str(band).lower(): check_gain(str(band).lower(), gain, valid) for band, gain in sliders.items()}
+    return {band: check_gain(band, gain, valid) for band, gain in keyed_by_band(sliders, "sliders").items()}
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
