@@ -6,7 +6,8 @@ light: llama.cpp starts when a model is loaded.
 
 __version__ = "0.1.0"
 
-__all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "load", "__version__"]
+__all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "list_banks", "list_presets", "load",
+           "read_bank", "read_preset", "save_preset", "__version__"]
 
 
 def __dir__() -> list[str]:

@@ -26,13 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
-from .bands import check_described, check_gain, gain_warnings
-from .bank import MANIFEST, SHIPPED_DIR, Bank, find_bank, own_bank_directory, require_bank, resolve_bank
+from .bands import band_key, check_described, check_gain, gain_warnings, keyed_by_band
+from .bank import (MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, find_bank, known_band_names,
+                   own_bank_directory, require_bank, reset_user_bank, resolve_bank, writable_bank)
+from .bank import list_banks as found_banks
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
 from .generation import template_head
 from .models import ModelInfo, resolve_model_path
-from .presets import Preset, get_preset, resolve
+from .presets import Preset, PresetEntry, check_name, discover, get_preset, load_preset_file, resolve
+from .presets import save_preset as write_preset
 from .reading import common_prefix_length
 from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, SETTING_NAMES, as_number, check_setting, is_whole
 from .session import ChatSession, Turn, model_record
@@ -133,17 +136,14 @@ class EqzModel:
                        meter=False, n_ctx=4096) -> Callable[[], ChatSession]:
         """``session``'s settings checked and merged now (bad ones raise, warnings are given); the session, with its
         context (a KV cache of ``n_ctx`` tokens), is made when the returned function is called."""
-        sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
-        if preset is not None and not isinstance(preset, (str, Path, Preset)):
-            raise EqzError(f"preset must be a preset's name or file (or an eqz.presets.Preset), got {preset!r}")
         if system is not None:
             _text(system, "system")
         sampling, vectors = _mapping(sampling, "sampling", "{'temperature': 0.7}"), _vector_pairs(vectors)
         bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate))
         valid = bank.names if bank else ()
-        chosen = get_preset(str(preset), valid) if isinstance(preset, (str, Path)) else preset
-        resolved = resolve(chosen, valid, sliders, sampling, system, clamp, ablate)
+        resolved = resolve(_preset_of(preset, valid), valid, sliders, sampling, system, clamp, ablate)
         steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:
             steering = steering.plus_vector(path, scale)
@@ -156,6 +156,71 @@ class EqzModel:
             return session
 
         return make
+
+    # -- the user's own copy of the model's bank, as `eqz vectors` changes it
+
+    def slider_mix(self, sliders: dict[str, float] | None = None,
+                   preset: str | Path | Preset | None = None) -> dict[str, float]:
+        """What a preset's sliders with ``sliders`` on top come to, band by band (``sliders`` win)."""
+        sliders = _band_settings(sliders, None, ())[0]
+        valid = self.bank.names
+        return resolve(_preset_of(preset, valid), valid, sliders).gains
+
+    def control_vector(self, sliders: dict[str, float] | None = None,
+                       preset: str | Path | Preset | None = None) -> ControlVector:
+        """One llama.cpp control vector for a slider mix, on top of a preset's sliders (``sliders`` win);
+        ``.save(path)`` writes it for ``llama-cli --control-vector``. A preset's filters and sampling do not travel,
+        and a held band goes in as its vector (warned): a control vector can only add."""
+        bank, gains = self.bank, self.slider_mix(sliders, preset)
+        if not any(gains.values()):
+            raise EqzError("nothing to export: the mix moves no slider; give a non-zero slider or a preset that "
+                           "moves one")
+        if held := bank.held(gains):
+            one = len(held) == 1
+            self._warn(f"{', '.join(held)} {'holds' if one else 'hold'} a level in eqz, which a control vector cannot "
+                       f"do: the file adds {'its vector' if one else 'their vectors'} instead, which steer"
+                       f"{'s' if one else ''} less clearly (docs/steering-limits.md section 10)")
+        return bank.vector(gains)
+
+    def import_vector(self, path: str | Path, band: str, replace: bool = False) -> Path:
+        """Adopt a repeng or llama.cpp control-vector file as slider ``band`` (gain 1 = the file as it is; unmetered:
+        the meter, analyze and filters do not read it). Returns the bank's directory."""
+        name = band_key(_text(band, "band"))
+        bank = writable_bank(self.info)
+        if name in bank.bands and not replace:
+            raise EqzError(f"the bank already has a band '{name}'; pass --replace (replace=True in the library) to "
+                           "replace it (`eqz vectors reset` restores the shipped bank), or choose another band name")
+        adopt_vector(bank, path, name, self.info)
+        return self._keep(bank)
+
+    def hold(self, band: str, level: float | None) -> Path:
+        """Make slider ``band`` hold its band at ``level`` (meter units, up to 6) instead of adding its vector: gain g
+        holds g x level at every steered layer. None: add the vector again. Returns the bank's directory."""
+        bank = writable_bank(self.info)
+        bank.hold(band_key(_text(band, "band")), level)
+        return self._keep(bank)
+
+    def remove_bands(self, *bands: str) -> Path:
+        """Remove bands (imported or described ones, say); returns the bank's directory."""
+        names = list(dict.fromkeys(_names(bands, "bands")))
+        if not names:
+            raise EqzError("name at least one band to remove, such as remove_bands('nostalgia')")
+        bank = writable_bank(self.info)
+        bank.remove(*names)
+        return self._keep(bank)
+
+    def reset_bank(self) -> Path | None:
+        """Delete the user's own copy of this model's bank, so the shipped one is used again; returns what was
+        deleted (None: there was none)."""
+        removed = reset_user_bank(self.info)
+        self._bank = None  # found again when next used
+        return removed
+
+    def _keep(self, bank: Bank) -> Path:
+        """Save the user's own copy of the bank and steer with it from now on."""
+        directory = bank.save()
+        self._bank = bank
+        return directory
 
     def _warn(self, message: str) -> None:
         """``on_warning`` as it is when a warning comes (a chat made before it was changed follows it too)."""
@@ -197,7 +262,7 @@ class EqzModel:
         from .batch import BatchPlan, Output, PromptFile, build_grid, plan
         from .steering import Steerer
 
-        sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}")
         presets = _listed(presets, "presets", "preset names", ["calm"])
         sweeps = _sweeps(sweeps)
@@ -232,7 +297,7 @@ class EqzModel:
         as in ``session`` (the preset first, then the explicit ones)."""
         from .serving import Request
 
-        sliders, clamp, ablate = _mapping(sliders, "sliders"), _mapping(clamp, "clamp"), _names(ablate, "ablate")
+        sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}")
         stop = [stop] if isinstance(stop, str) else _listed(stop, "stop", "strings", ["END"])  # OpenAI's one string too
         if any(not isinstance(text, str) for text in stop):
@@ -326,7 +391,7 @@ class EqzModel:
         nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
         one machine the same seed gives the same bank byte for byte, at any thread count."""
         from .bands import BANDS, unknown_band
-        from .bank import bank_to_extend, writable_bank
+        from .bank import bank_to_extend
         from .train import TrainSettings, add_described_bands, train_bank
 
         bands = list(dict.fromkeys(_names(bands, "bands"))) if bands is not None else []  # each band once
@@ -373,7 +438,24 @@ def _listed(value, name: str, what: str, example: list) -> list:
 
 
 def _names(value, name: str) -> list[str]:
-    return _listed(value, name, "band names", ["joy"])
+    """Band names, keyed as everywhere in eqz (any case)."""
+    return [band_key(band) for band in _listed(value, name, "band names", ["joy"])]
+
+
+def _band_settings(sliders, clamp, ablate) -> tuple[dict | None, dict | None, list[str]]:
+    """``sliders``, ``clamp`` and ``ablate`` checked for their shape, with band names keyed as everywhere in eqz."""
+    sliders, clamp = _mapping(sliders, "sliders"), _mapping(clamp, "clamp")
+    return (None if sliders is None else keyed_by_band(sliders, "sliders"),
+            None if clamp is None else keyed_by_band(clamp, "clamp"), _names(ablate, "ablate"))
+
+
+def _preset_of(preset: str | Path | Preset | None, valid: tuple[str, ...]) -> Preset | None:
+    """``preset`` as a ``Preset``: by name or file, or as given."""
+    if isinstance(preset, (str, Path)):
+        return get_preset(str(preset), valid)
+    if preset is not None and not isinstance(preset, Preset):
+        raise EqzError(f"preset must be a preset's name or file (or an eqz.presets.Preset), got {preset!r}")
+    return preset
 
 
 def _sweeps(value) -> list[tuple[str, list[float]]]:
@@ -383,7 +465,7 @@ def _sweeps(value) -> list[tuple[str, list[float]]]:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
                 and isinstance(pair[1], Iterable) and not isinstance(pair[1], str)):
             raise EqzError(f"sweeps takes (band, gains) pairs, such as [('joy', [-1, 0, 1])]; got {pair!r}")
-    return [(band, list(gains)) for band, gains in pairs]
+    return [(band_key(band), list(gains)) for band, gains in pairs]
 
 
 def _whole(value, name: str, least: int, note: str = "") -> int:
@@ -415,8 +497,9 @@ def _described(value) -> dict[str, str]:
     work: a name that is no file name (such as '../x') or is a built-in band's, an empty description."""
     described = _mapping(value, "described", "{'nostalgia': 'wistful longing for the past'}") or {}
     for name, description in described.items():
-        check_described(_text(name, "a described band's name"), _text(description, f"the description of {name}"))
-    return dict(described)
+        check_described(band_key(_text(name, "a described band's name")),
+                        _text(description, f"the description of {name}"))
+    return keyed_by_band(described, "described")
 
 
 # the Sampling fields, the two most often given first; then what else generate, stream and chat take (session's)
@@ -458,7 +541,7 @@ class Chat:
     def set(self, **gains: float) -> None:
         bank = self.session.steerer.bank
         valid = bank.names if bank else ()
-        checked = {band: check_gain(band, gain, valid) for band, gain in gains.items()}
+        checked = {band: check_gain(band, gain, valid) for band, gain in keyed_by_band(gains, "set").items()}
         _warn_of(self.on_warning, checked, bank, checked)
         self.session.request_steering(self.session.pending_or_current_steering().with_gains(checked))
 
@@ -474,6 +557,57 @@ class Chat:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- banks and presets, without a model loaded
+
+
+def list_banks() -> list[FoundBank]:
+    """Every bank eqz finds (shipped, the user's, $EQZ_VECTORS), read as far as listing needs (``.load()`` reads
+    one's vectors)."""
+    return found_banks()
+
+
+def read_bank(name: str | Path) -> Bank:
+    """A bank by its directory or its folder's name (as ``list_banks()`` lists them), to inspect without its model."""
+    return resolve_bank(str(name), None)
+
+
+# -- presets: moods by band names, for every model with a bank
+
+
+def list_presets() -> list[PresetEntry]:
+    """Every preset eqz finds (bundled, and the user's, which stand in for bundled ones of the same name); a file
+    that does not load is listed with its ``error`` instead of its ``preset``."""
+    return list(discover(known_band_names()).values())
+
+
+def read_preset(name: str | Path) -> Preset:
+    """A preset by name, or a preset file (a ``Path``, or a string ending in .yaml/.yml or holding a /), checked
+    against the bands eqz knows; an EqzError says what is wrong with it."""
+    if isinstance(name, Path):
+        return load_preset_file(name.expanduser(), known_band_names())
+    return get_preset(_text(name, "name"), known_band_names())
+
+
+def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on: str | Path | Preset | None = None,
+                description: str | None = None, system: str | None = None, sampling: dict | None = None,
+                clamp: dict[str, float] | None = None, ablate: Iterable[str] = (), replace: bool = False) -> Path:
+    """Save a user preset (in the user config dir, where it stands in for a bundled one of its name): ``based_on``
+    a preset, with the sliders, system prompt, sampling and filters given on top. Only the sampling asked for is
+    kept, not every default. A saved one of that name is replaced only with ``replace``."""
+    sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
+    sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}") or {}
+    known = known_band_names()
+    base = read_preset(based_on) if isinstance(based_on, (str, Path)) else based_on
+    resolved = resolve(base, known, sliders, None, None if system is None else _text(system, "system"), clamp, ablate)
+    kept = {**(base.sampling if base else {}), **{key: check_setting(key, value) for key, value in sampling.items()}}
+    saved = Preset(check_name(_text(name, "name")),
+                   (_text(description, "description") if description is not None
+                    else f"based on {base.name}" if base else ""),
+                   {band: gain for band, gain in resolved.gains.items() if gain != 0}, kept, resolved.system,
+                   resolved.filters)
+    return write_preset(saved, replace)
 
 
 def show_backend_log(on: bool = True) -> None:
@@ -503,4 +637,5 @@ def load(model: str | Path | None = None, *, bank: str | Path | None = None, thr
         raise
 
 
-__all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "load"]
+__all__ = ["Chat", "ControlVector", "EqzError", "EqzModel", "EqzWarning", "list_banks", "list_presets", "load",
+           "read_bank", "read_preset", "save_preset"]

@@ -102,9 +102,9 @@ def _open_session(library, *, preset, sets, vectors, system, sampling: dict, ctx
 
 def _clamp_ablate(clamp: list[str] | None, ablate: list[str] | None) -> tuple[dict[str, float], list[str]]:
     """--clamp BAND=LEVEL and --ablate BAND flags as the library takes them (it checks the bands)."""
-    from .bands import parse_set
+    from .bands import band_key, parse_set
 
-    return dict(parse_set(spec, None, "--clamp") for spec in clamp or []), [b.strip().lower() for b in ablate or []]
+    return dict(parse_set(spec, None, "--clamp") for spec in clamp or []), [band_key(b) for b in ablate or []]
 
 
 def _listed(text: str | None, option: str) -> list[str] | None:
@@ -462,7 +462,7 @@ def eval_command(
             raise EqzError(f"cannot read {prompts}: {error}") from None
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
-    chosen = [band.lower() for band in _listed(bands, "--bands") or []] or None
+    chosen = _listed(bands, "--bands")
     writable_directory(Path(output).expanduser(), "--output")  # before minutes of replies, not after
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         with progress_bars() as progress:
@@ -508,11 +508,11 @@ def train(
     With only --band, the described bands are added to the model's existing bank (a few minutes)."""
     from pathlib import Path
 
-    from .bands import BANDS, parse_described, unknown_band
+    from .bands import BANDS, band_key, parse_described, unknown_band
     from .bank import check_training_target, slug, user_data_dir
     from .display import progress_bars, print_bank
 
-    chosen = tuple(dict.fromkeys(band.lower() for band in _listed(bands, "--bands") or [])) or BANDS
+    chosen = tuple(dict.fromkeys(band_key(band) for band in _listed(bands, "--bands") or [])) or BANDS
     unknown = [b for b in chosen if b not in BANDS]
     if unknown:
         raise unknown_band(unknown[0], BANDS)  # as the library's train says, before the model loads
@@ -540,7 +540,7 @@ def vectors_list(json_output: JsonOpt = False) -> None:
     """List the banks eqz can find (shipped, user-trained, $EQZ_VECTORS)."""
     from dataclasses import asdict
 
-    from .bank import list_banks
+    from .api import list_banks
     from .display import print_bank_list
 
     banks = list_banks()
@@ -558,14 +558,14 @@ def vectors_show(
     json_output: JsonOpt = False,
 ) -> None:
     """Show a bank's bands, layers, calibration and quality figures."""
-    from .bank import resolve_bank
+    from .api import read_bank
     from .display import print_bank
 
     if bank is None:
         with _load_model(model, None) as loaded:
-            found = resolve_bank(None, loaded.info)
+            found = loaded.bank
     else:
-        found = resolve_bank(bank, None)
+        found = read_bank(bank)
     if json_output:  # bank.yaml, and per band the problems the check column shows and moving it warns of
         shown = found.manifest()
         for name, entry in shown["bands"].items():
@@ -585,24 +585,19 @@ def vectors_export(
 ) -> None:
     """Write one llama.cpp control vector for a slider mix or a preset's sliders (use with llama-cli
     --control-vector). A preset's filters and sampling do not travel: a control vector holds only the mix."""
-    from .presets import get_preset, resolve
-
     target = Path(output).expanduser()
     if target.exists() and not target.is_dir() and not replace:  # it may be anything: notes, a preset, a band
         raise EqzError(f"{output} exists; add --replace to overwrite it, or choose another file")
     with _load_model(model, None) as loaded:
-        valid = loaded.bank.names
-        gains = resolve(get_preset(preset, valid) if preset else None, valid, _gains(set_, valid)).gains
+        gains = loaded.slider_mix(_gains(set_, loaded.bank.names), preset)
         if not any(gains.values()):
             raise EqzError("nothing to export: give at least one non-zero --set BAND=GAIN, or --preset NAME")
-        path = loaded.bank.vector(gains).save(output)
-        held = loaded.bank.held(gains)
+        said: list[str] = []
+        loaded.on_warning = said.append  # said once the file is written, not before a refusal
+        path = loaded.control_vector(gains).save(output)
+    for line in said:
+        _warn(line)
     mix = ", ".join(f"{b}={g:g}" for b, g in gains.items() if g)
-    if held:
-        one = len(held) == 1
-        _warn(f"{', '.join(held)} {'holds' if one else 'hold'} a level in eqz, which a control vector cannot do: the "
-              f"file adds {'its vector' if one else 'their vectors'} instead, which steer{'s' if one else ''} less "
-              "clearly (docs/steering-limits.md section 10)")
     typer.echo(f"wrote {path} ({mix}); apply with: llama-cli -m MODEL --control-vector {path}")
 
 
@@ -615,17 +610,12 @@ def vectors_import(
 ) -> None:
     """Adopt a repeng or llama.cpp control vector as a band of this model's bank (gain 1 = the file as is). The
     band is unmetered: the meter, analyze and filters do not read it."""
-    from .bank import adopt_vector, writable_bank
+    from .bands import band_key
 
-    name = band.strip().lower()
     with _load_model(model, None) as loaded:
-        bank = writable_bank(loaded.info)
-        if name in bank.bands and not replace:
-            raise EqzError(f"the bank already has a band '{name}'; pass --replace to replace it "
-                           "(`eqz vectors reset` restores the shipped bank), or choose another --band name")
-        adopt_vector(bank, file, name, loaded.info)
-        directory = bank.save()
-    typer.echo(f"band '{name}' added to the bank in {directory} (unmetered); try: eqz chat --set {name}=0.5")
+        directory = loaded.import_vector(file, band, replace)
+    typer.echo(f"band '{band_key(band)}' added to the bank in {directory} (unmetered); try: eqz chat --set "
+               f"{band_key(band)}=0.5")
 
 
 @vectors_app.command("hold")
@@ -638,14 +628,12 @@ def vectors_hold(
     layer, like --clamp: on held-out prompts this steered more clearly than adding the vector (docs/steering-limits.md
     section 10), and five of the default model's primaries ship held. 'off' makes it add its vector again. A new level
     set here is unmeasured, and moving the slider says so. Changes your own copy of the bank."""
-    from .bank import writable_bank
+    from .bands import band_key
 
-    name = band.strip().lower()
+    name = band_key(band)
     with _load_model(model, None) as loaded:
-        bank = writable_bank(loaded.info)
-        bank.hold(name, None if level.strip().lower() == "off" else level)
-        directory = bank.save()
-    held = bank.bands[name].hold
+        directory = loaded.hold(name, None if level.strip().lower() == "off" else level)
+        held = loaded.bank.bands[name].hold
     typer.echo(f"{name} +1 now holds level {held:g} (bank in {directory}); try: eqz chat --set {name}=1"
                if held is not None else f"{name} adds its vector again (bank in {directory})")
 
@@ -656,14 +644,11 @@ def vectors_remove(
     model: ModelOpt = None,
 ) -> None:
     """Remove bands (imported or described ones, say) from your own copy of the model's bank."""
-    from .bands import BANDS
-    from .bank import writable_bank
+    from .bands import BANDS, band_key
 
+    names = list(dict.fromkeys(band_key(band) for band in bands))
     with _load_model(model, None) as loaded:
-        bank = writable_bank(loaded.info)
-        names = list(dict.fromkeys(band.strip().lower() for band in bands))
-        bank.remove(*names)
-        directory = bank.save()
+        directory = loaded.remove_bands(*names)
     typer.echo(f"removed {', '.join(names)} from the bank in {directory}")
     built_in = [band for band in names if band in BANDS]
     if built_in:
@@ -675,10 +660,8 @@ def vectors_remove(
 def vectors_reset(model: ModelOpt = None) -> None:
     """Delete your own copy of the model's bank (imports, described bands, retraining), so the shipped bank is
     used again."""
-    from .bank import reset_user_bank
-
     with _load_model(model, None) as loaded:
-        removed = reset_user_bank(loaded.info)
+        removed = loaded.reset_bank()
     typer.echo(f"deleted {removed}; the shipped bank is in use again" if removed else "no bank of your own for this model")
 
 
@@ -689,26 +672,24 @@ app.add_typer(presets_app, name="presets")
 @presets_app.command("list")
 def presets_list(json_output: JsonOpt = False) -> None:
     """List preset moods (bundled and user) with a small bar chart of each; broken files show their error."""
-    from .bank import known_band_names
+    from .api import list_presets
     from .display import print_preset_list
-    from .presets import discover
 
-    entries = discover(known_band_names())
+    entries = list_presets()
     if json_output:
         typer.echo(json.dumps([{"name": e.name, "path": str(e.path), "source": e.source, "error": e.error,
-                                "sliders": e.preset.sliders if e.preset else None} for e in entries.values()], indent=2))
+                                "sliders": e.preset.sliders if e.preset else None} for e in entries], indent=2))
         return
-    print_preset_list(list(entries.values()))
+    print_preset_list(entries)
 
 
 @presets_app.command("show")
 def presets_show(name: Annotated[str, typer.Argument(metavar="NAME|FILE", help="preset name or a preset .yaml file")]) -> None:
     """Show one preset: description, sliders, sampling, system prompt, filters, file."""
-    from .bank import known_band_names
+    from .api import read_preset
     from .display import print_preset
-    from .presets import get_preset
 
-    print_preset(get_preset(name, known_band_names()))
+    print_preset(read_preset(name))
 
 
 @presets_app.command("save")
@@ -731,39 +712,27 @@ def presets_save(
 ) -> None:
     """Save a user preset from --set gains, sampling and filters (on top of an optional --from preset) to the user
     config dir: everything a preset file can hold."""
+    from .api import save_preset
     from .bank import known_band_names
-    from .presets import BUNDLED_DIR, Preset, check_name, get_preset, resolve, save_preset
-    from .sampling import check_setting
+    from .presets import BUNDLED_DIR
 
-    known = known_band_names()
-    base = get_preset(from_, known) if from_ else None
-    resolved = resolve(base, known, _gains(set_, known), None, system, *_clamp_ablate(clamp, ablate))
-    sampling = dict(base.sampling) if base else {}  # only the settings asked for, not every default
     flags = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                  repeat_penalty=repeat_penalty)
-    sampling.update({k: check_setting(k, v) for k, v in flags.items() if v is not None})
-    preset = Preset(
-        check_name(name),
-        description or (f"based on {base.name}" if base else ""),
-        {band: gain for band, gain in resolved.gains.items() if gain != 0},
-        sampling,
-        resolved.system,
-        resolved.filters,
-    )
-    typer.echo(f"saved {save_preset(preset, replace)}")
-    if (BUNDLED_DIR / f"{preset.name}.yaml").exists():
-        typer.echo(f"it stands in for the bundled '{preset.name}'; delete that file to have the bundled one back")
+    clamps, notches = _clamp_ablate(clamp, ablate)
+    path = save_preset(name, sliders=_gains(set_, known_band_names()), based_on=from_, description=description,
+                       system=system, sampling={k: v for k, v in flags.items() if v is not None}, clamp=clamps,
+                       ablate=notches, replace=replace)
+    typer.echo(f"saved {path}")
+    if (BUNDLED_DIR / path.name).exists():
+        typer.echo(f"it stands in for the bundled '{path.stem}'; delete that file to have the bundled one back")
 
 
 @presets_app.command("validate")
 def presets_validate(file: Annotated[str, typer.Argument(metavar="FILE", help="a preset YAML file")]) -> None:
     """Check a preset file: prints 'ok' or the one problem found (and exits non-zero)."""
-    from pathlib import Path
+    from .api import read_preset
 
-    from .bank import known_band_names
-    from .presets import load_preset_file
-
-    preset = load_preset_file(Path(file), known_band_names())
+    preset = read_preset(Path(file))
     sliders, settings = len(preset.sliders), len(preset.sampling)
     typer.echo(f"ok: {preset.name} ({sliders} slider{'s' * (sliders != 1)}, "
                f"{settings} sampling setting{'s' * (settings != 1)})")

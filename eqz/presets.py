@@ -15,7 +15,7 @@ from typing import Iterable
 
 import yaml
 
-from .bands import BANDS, check_gain, unknown_band
+from .bands import BANDS, band_key, check_gain, keyed_by_band, unknown_band
 from .errors import EqzError
 from .sampling import SETTING_NAMES, Sampling, check_setting, make_sampling
 from .shipped import shipped_dir
@@ -68,9 +68,9 @@ def parse_preset(data, where: str, bands: tuple[str, ...] = BANDS) -> Preset:
     if not isinstance(sliders, dict):
         raise EqzError(f"{where}: sliders must map band names to gains, e.g. joy: 0.5")
     checked_sliders = {}
-    for band, gain in sliders.items():
+    for band, gain in _keyed(sliders, where, "sliders").items():
         try:
-            checked_sliders[str(band)] = check_gain(str(band), gain, bands)
+            checked_sliders[band] = check_gain(band, gain, bands)
         except EqzError as error:
             raise EqzError(f"{where}: sliders.{band}: {error}") from None
     sampling = data.get("sampling") or {}
@@ -91,6 +91,13 @@ def parse_preset(data, where: str, bands: tuple[str, ...] = BANDS) -> Preset:
     return Preset(name, description, checked_sliders, checked_sampling, system, filters)
 
 
+def _keyed(mapping: dict, where: str, what: str) -> dict:
+    try:
+        return keyed_by_band(mapping, what)
+    except EqzError as error:
+        raise EqzError(f"{where}: {error}") from None
+
+
 def _parse_filters(filters, where: str, bands: tuple[str, ...]) -> dict:
     if not isinstance(filters, dict):
         raise EqzError(f"{where}: filters must be a mapping with keys {', '.join(FILTER_KEYS)}")
@@ -103,15 +110,16 @@ def _parse_filters(filters, where: str, bands: tuple[str, ...]) -> dict:
         raise EqzError(f"{where}: filters.clamp must map bands to levels, e.g. fear: 0")
     if clamp:
         result["clamp"] = {}
-        for band, level in clamp.items():
+        for band, level in _keyed(clamp, where, "filters.clamp").items():
             try:
-                result["clamp"][str(band)] = check_gain(str(band), level, bands, "level")
+                result["clamp"][band] = check_gain(band, level, bands, "level")
             except EqzError as error:
                 raise EqzError(f"{where}: filters.clamp.{band}: {error}") from None
     ablate = filters.get("ablate") or []
-    if not isinstance(ablate, list) or any(band not in bands for band in ablate):
+    if not isinstance(ablate, list) or any(band_key(band) not in bands for band in ablate):
         raise EqzError(f"{where}: filters.ablate must list bands among: {', '.join(bands)}")
-    both = [band for band in ablate if band in clamp]
+    ablate = [band_key(band) for band in ablate]
+    both = [band for band in ablate if band in result.get("clamp", {})]
     if both:
         raise EqzError(f"{where}: filters clamp and ablate {both[0]}; a filter holds a band at one level, choose one")
     if ablate:
@@ -215,8 +223,8 @@ def save_preset(preset: Preset, replace: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{preset.name}.yaml"
     if path.exists() and not replace:
-        raise EqzError(f"a preset '{preset.name}' is already saved ({path}); pass --replace to overwrite it, or "
-                       "choose another name")
+        raise EqzError(f"a preset '{preset.name}' is already saved ({path}); pass --replace (replace=True in the "
+                       "library) to overwrite it, or choose another name")
     path.write_text(preset.to_yaml(), encoding="utf-8")
     return path
 
@@ -252,7 +260,7 @@ def resolve(preset: Preset | None, valid: tuple[str, ...], sliders: dict[str, fl
             ablate: Iterable[str] = ()) -> Resolved:
     """The one merge of a preset and explicit sliders, sampling, system prompt and filters: generate, chat and
     batch all go through it. Bands are checked against ``valid``."""
-    gains = dict(preset.sliders) if preset else {}
+    gains = keyed_by_band(preset.sliders, "the preset's sliders") if preset else {}
     gains.update({band: check_gain(band, gain, valid) for band, gain in (sliders or {}).items()})
     base = make_sampling(None, **preset.sampling) if preset else None
     return Resolved(preset.name if preset else None, gains, make_sampling(base, **(sampling or {})),
@@ -266,9 +274,11 @@ def merge_filters(preset_filters: dict, clamp: dict[str, float], ablate: Iterabl
     Python skips the file's checks)."""
     notched = list(dict.fromkeys(ablate))
     clamped = {band: check_gain(band, level, valid, "level") for band, level in clamp.items()}
-    clamps = {**{band: check_gain(band, level, valid, "level") for band, level in preset_filters.get("clamp", {}).items()
+    preset_clamps = keyed_by_band(preset_filters.get("clamp", {}), "the preset's clamps")
+    clamps = {**{band: check_gain(band, level, valid, "level") for band, level in preset_clamps.items()
                  if band not in notched}, **clamped}
-    ablates = list(dict.fromkeys([band for band in preset_filters.get("ablate", []) if band not in clamped] + notched))
+    preset_notches = [band_key(band) for band in preset_filters.get("ablate", [])]
+    ablates = list(dict.fromkeys([band for band in preset_notches if band not in clamped] + notched))
     for band in ablates:
         if band not in valid:
             raise unknown_band(band, valid, " to ablate")

@@ -297,3 +297,57 @@ def test_a_second_preset_replaces_the_first_ones_sampling_and_system(library):
         session.apply_preset(get_preset("melancholy", session.steerer.bands))
         assert session.system is None and session.preset == "melancholy"
         assert (session.sampling.temperature, session.sampling.top_p, session.sampling.seed) == (0.7, Sampling().top_p, 5)
+
+
+def test_band_names_take_any_case_in_the_library_as_on_the_command_line(library):
+    """The CLI, chat and server always took `Joy`; the library's sliders, filters and `set` took only `joy`."""
+    steered = library.generate("Hi", sliders={"disgust": 1}, ablate=["anger"], seed=4, max_tokens=12)
+    assert library.generate("Hi", sliders={" Disgust": 1}, ablate=["ANGER"], seed=4, max_tokens=12) == steered
+    with pytest.raises(eqz.EqzError, match="names the band joy twice"):
+        library.generate("Hi", sliders={"joy": 1, "JOY": 0.5})
+    with library.chat(clamp={"Fear": 0}) as chat:
+        assert chat.session.filters.describe()["clamp"] == {"fear": 0.0}
+        chat.set(Trust=0.5)
+        assert dict(chat.session.pending_or_current_steering().gains)["trust"] == 0.5
+
+
+def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, monkeypatch, random_vector_file):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    with eqz.load() as model:
+        shipped_fear = model.bank.bands["fear"].hold
+        assert np.array_equal(model.control_vector({"Trust": 0.8}).matrix, model.bank.vector(trust=0.8).matrix)
+        with pytest.warns(eqz.EqzWarning, match="joy, anticipation hold a level in eqz"):
+            model.control_vector(preset="euphoric")
+        with pytest.raises(eqz.EqzError, match="nothing to export"):
+            model.control_vector({"trust": 0})
+        own = model.hold("Fear", 3)
+        assert own.is_relative_to(tmp_path) and model.bank.bands["fear"].hold == 3  # steers with it at once
+        assert eqz.read_bank(own).bands["fear"].hold == 3 and own in [found.directory for found in eqz.list_banks()]
+        model.import_vector(random_vector_file, "Mine")
+        assert model.bank.bands["mine"].source == str(random_vector_file)
+        with pytest.raises(eqz.EqzError, match=r"replace=True in the library"):
+            model.import_vector(random_vector_file, "mine")
+        model.remove_bands("MINE")
+        assert "mine" not in eqz.read_bank(own).bands
+        assert model.reset_bank() == own and not own.exists()
+        assert model.bank.bands["fear"].hold == shipped_fear  # the shipped bank again
+        assert model.reset_bank() is None
+
+
+def test_presets_are_listed_read_and_saved_by_the_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    path = eqz.save_preset("sunny", based_on="melancholy", sliders={"Joy": 0.5}, sampling={"top_p": 0.8},
+                           clamp={"Fear": 0}, ablate=["Anger"])
+    saved = eqz.read_preset("sunny")
+    assert saved.path == path and saved.description == "based on melancholy"
+    assert saved.sliders == {**eqz.read_preset("melancholy").sliders, "joy": 0.5}
+    assert saved.sampling == {"temperature": 0.7, "top_p": 0.8}  # only what was asked for, not every default
+    assert saved.filters == {"clamp": {"fear": 0.0}, "ablate": ["anger"]}
+    assert eqz.read_preset(path) == saved and "sunny" in [entry.name for entry in eqz.list_presets()]
+    with pytest.raises(eqz.EqzError, match="already saved"):
+        eqz.save_preset("sunny", sliders={"joy": 0.1})
+    eqz.save_preset("sunny", sliders={"joy": 0.1}, replace=True)
+    assert eqz.read_preset("sunny").sliders == {"joy": 0.1}
+    written = tmp_path / "Mood.yaml"
+    written.write_text("name: mood\nsliders: {Joy: 0.5}\nfilters: {ablate: [Anger]}\n")
+    assert eqz.read_preset(written).sliders == {"joy": 0.5} and eqz.read_preset(written).filters == {"ablate": ["anger"]}
