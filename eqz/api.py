@@ -255,10 +255,12 @@ class EqzModel:
               ablate: Iterable[str] = (), samples: int = 1, seed: int = 0, parallel: int = 4,
               meter: bool = False, resume: bool = False, skip_bad: bool = False) -> "BatchPlan":
         """Rows for every prompt x setting x sample, checked and ready: ``.run(on_row)`` writes them into
-        ``output``. ``prompts``: a ``batch.PromptFile`` or a path (bad lines stop the batch before any reply, or
-        with ``skip_bad`` are left out); ``output``: a ``batch.Output`` or a path (a file with rows needs ``resume``,
-        which writes only the missing ones; one opened here is closed when the run ends). Settings are (``presets``,
-        or the one ``preset``) x every combination of ``sweeps`` (band, gains)."""
+        ``output``. ``prompts``: a list (strings, or dicts as a .jsonl line holds them, ``{"prompt", "id",
+        "system"}``; a string's id is its place from 1), a prompt file's path or a ``batch.PromptFile`` (bad
+        prompts stop the batch before any reply, or with ``skip_bad`` are left out); ``output``: a ``batch.Output``
+        or a path (a file with rows needs ``resume``, which writes only the missing ones; one opened here is closed
+        when the run ends). Settings are (``presets``, or the one ``preset``) x every combination of ``sweeps``
+        (band, gains)."""
         from .batch import BatchPlan, Output, PromptFile, build_grid, plan
         from .steering import Steerer
 
@@ -269,7 +271,10 @@ class EqzModel:
         samples, parallel = _whole(samples, "samples", 1), _whole(parallel, "parallel", 1)  # 0 spun for ever
         if not is_whole(seed, -2**63):  # any whole number: each row's seed is hashed from it
             raise EqzError(f"seed must be a whole number, got {seed!r}")
-        source = prompts if isinstance(prompts, PromptFile) else PromptFile(str(prompts), skip_bad=bool(skip_bad))
+        if isinstance(prompts, tuple):
+            prompts = list(prompts)
+        source = prompts if isinstance(prompts, PromptFile) else PromptFile(
+            prompts if isinstance(prompts, list) else str(prompts), skip_bad=bool(skip_bad))
         sink = output if isinstance(output, Output) else Output(str(output), resume=bool(resume))
         try:
             bank = self.bank_if_any(required=bool(sliders or sweeps or preset or presets or meter or clamp or ablate))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -53,12 +54,18 @@ class PromptRow:
 
 
 class PromptFile:
-    """A .txt (one prompt per non-empty line) or .jsonl ({"prompt", "id"?, "system"?}) file, or '-' (stdin)."""
+    """A .txt (one prompt per non-empty line) or .jsonl ({"prompt", "id"?, "system"?}) file, '-' (stdin), or (from
+    the library) a list of prompts: strings, or dicts as a .jsonl line holds them, read as that file's lines would be
+    (every check, and ids: a string's is its place in the list from 1)."""
 
-    def __init__(self, spec: str, skip_bad: bool = False):
+    def __init__(self, spec: str | list, skip_bad: bool = False):
         self.skip_bad = skip_bad
         self._spool: Path | None = None
-        if spec == "-":
+        self._listed: bytes | None = None
+        if isinstance(spec, list):
+            self._listed = "".join(_jsonl_line(item) for item in spec).encode()
+            self.path, self.jsonl = Path("prompts.jsonl"), True
+        elif spec == "-":
             handle, name = tempfile.mkstemp(prefix="eqz-stdin-", suffix=".txt")
             with os.fdopen(handle, "wb") as spool:
                 shutil.copyfileobj(sys.stdin.buffer, spool)
@@ -82,7 +89,7 @@ class PromptFile:
     def rows(self) -> Iterator[PromptRow]:
         """Valid rows in file order (bad lines raise, or are skipped with --skip-bad)."""
         seen: set[str] = set()
-        with self.path.open("rb") as handle:
+        with self._lines() as handle:
             for number, raw in enumerate(handle, start=1):
                 try:
                     row = self._parse(number, raw)
@@ -104,7 +111,12 @@ class PromptFile:
         self.unfit.add(number)
 
     def where(self, number: int) -> str:
+        if self._listed is not None:
+            return f"prompts item {number}"
         return f"{self.path.name if not self._spool else 'stdin'} line {number}"
+
+    def _lines(self):
+        return io.BytesIO(self._listed) if self._listed is not None else self.path.open("rb")
 
     def _parse(self, number: int, raw: bytes) -> PromptRow | None:
         where = self.where(number)
@@ -140,7 +152,7 @@ class PromptFile:
     def own_system(self, prompt_id: str) -> str | None:
         """The system prompt of the row with ``prompt_id`` when it sets one itself (bad lines are passed over, as
         ``rows`` has already reported them)."""
-        with self.path.open("rb") as handle:
+        with self._lines() as handle:
             for number, raw in enumerate(handle, start=1):
                 try:
                     row = self._parse(number, raw)
@@ -149,6 +161,16 @@ class PromptFile:
                 if row is not None and row.id == prompt_id:
                     return row.system
         return None
+
+
+def _jsonl_line(item) -> str:
+    """A list's prompt as a .jsonl line: a string is the prompt, a dict the line's fields."""
+    if not isinstance(item, (str, dict)):
+        raise EqzError(f"prompts takes strings, or dicts such as {{'prompt': 'Hi', 'id': 'a'}}; got {item!r}")
+    try:
+        return json.dumps({"prompt": item} if isinstance(item, str) else item) + "\n"
+    except (TypeError, ValueError) as error:
+        raise EqzError(f"prompts: {item!r} is not JSON ({error})") from None
 
 
 def _looks_like_jsonl(path: Path) -> bool:

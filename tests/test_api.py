@@ -351,3 +351,21 @@ def test_presets_are_listed_read_and_saved_by_the_library(tmp_path, monkeypatch)
     written = tmp_path / "Mood.yaml"
     written.write_text("name: mood\nsliders: {Joy: 0.5}\nfilters: {ablate: [Anger]}\n")
     assert eqz.read_preset(written).sliders == {"joy": 0.5} and eqz.read_preset(written).filters == {"ablate": ["anger"]}
+
+
+def test_a_library_batch_takes_its_prompts_as_a_list_checked_as_a_files_lines(library, tmp_path):
+    """A notebook had to write its prompts to a file first."""
+    listed, from_file = tmp_path / "listed.jsonl", tmp_path / "file.jsonl"
+    (tmp_path / "p.txt").write_text("Say hi.\nName a colour.\n")
+    library.batch(tmp_path / "p.txt", from_file, sampling={"max_tokens": 4}, seed=3).run()
+    library.batch(("Say hi.", "Name a colour."), listed, sampling={"max_tokens": 4}, seed=3).run()
+    assert listed.read_text() == from_file.read_text()  # the same ids, replies and records
+    rows = [{"prompt": "Say hi.", "id": "a", "system": "Answer in French."}, "Name a colour."]
+    assert library.batch(rows, tmp_path / "rows.jsonl", sampling={"max_tokens": 4}).run().written == 2
+    assert [json.loads(line)["id"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == ["a", "2"]
+    with pytest.raises(eqz.EqzError, match="prompts item 2: missing \"prompt\""):
+        library.batch(["Say hi.", ""], tmp_path / "bad.jsonl")
+    with pytest.raises(eqz.EqzError, match="prompts takes strings, or dicts"):
+        library.batch(["Say hi.", 3], tmp_path / "bad.jsonl")
+    skipped = library.batch(["Say hi.", ""], tmp_path / "skip.jsonl", sampling={"max_tokens": 4}, skip_bad=True)
+    assert skipped.run().written == 1
