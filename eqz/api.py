@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from .analyze import Analysis, analyze
 from .bands import band_key, check_described, check_gain, gain_warnings, keyed_by_band
 from .bank import (MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, find_bank, known_band_names,
-                   own_bank_directory, require_bank, reset_user_bank, resolve_bank, writable_bank)
+                   own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed, writable_bank)
 from .bank import list_banks as found_banks
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
@@ -220,6 +220,8 @@ class EqzModel:
         """Save the user's own copy of the bank and steer with it from now on."""
         directory = bank.save()
         self._bank = bank
+        if warning := shadowed(directory, self.info):
+            self._warn(warning)
         return directory
 
     def _warn(self, message: str) -> None:
@@ -344,10 +346,13 @@ class EqzModel:
         from .eval import evaluate, record as record_figures
 
         bank = self.bank
-        chosen = tuple(_names(bands, "bands") if bands is not None else ()) or bank.names
-        bank.check_gains({band: 0.0 for band in chosen})
+        given = _names(bands, "bands") if bands is not None else []
+        bank.check_gains({band: 0.0 for band in given})
+        # in the bank's order, each once: replies are read back in batches, whose mix moves a log-probability by
+        # llama.cpp's rounding (~0.02 nats a token), so one set of bands gives one set of figures
+        chosen = tuple(band for band in bank.names if band in given) or bank.names
         gains = _listed(gains, "gains", "numbers", [-1, 0, 1, 2])
-        gain_list = tuple(check_gain(chosen[0], gain, bank.names) for gain in gains)
+        gain_list = tuple(sorted({check_gain(chosen[0], gain, bank.names) + 0.0 for gain in gains}))  # -0 is 0
         if prompts is not None:
             prompts = _listed(prompts, "prompts", "strings", ["Describe your morning."])
             prompts = [_text(prompt, "each prompt") for prompt in prompts]

@@ -130,13 +130,16 @@ def gain_warnings(gains: Iterable[tuple[str, float]]) -> list[str]:
     return [f"{band}={gain:g}{warning}" for band, gain in gains if (warning := gain_warning(band, gain))]
 
 
+MAX_DESCRIPTION = 200  # characters of a described band's description: a phrase, not a text
+
 _BAND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # whole names only: fullmatch
 
 
 def check_band_name(name: str) -> None:
     """A new band's name must work as a --set key, a YAML key and a file name."""
     if not _BAND_NAME.fullmatch(name):
-        raise EqzError(f"band name {name!r} must be lowercase letters, digits or _, starting with a letter")
+        raise EqzError(f"band name {name!r} must be lowercase letters, digits or _, starting with a letter, at most "
+                       "32 characters")
 
 
 def parse_described(spec: str) -> tuple[str, str]:
@@ -159,3 +162,6 @@ def check_described(name: str, description: str) -> None:
     if not description.strip():
         raise EqzError(f"the description of {name} is empty; say what the feeling is, such as 'wistful longing for "
                        "the past'")
+    if len(description) > MAX_DESCRIPTION:  # it is read into every persona prompt: past a batch, training stopped
+        raise EqzError(f"the description of {name} has {len(description)} characters; say what the feeling is in at "
+                       f"most {MAX_DESCRIPTION}, such as 'wistful longing for the past'")

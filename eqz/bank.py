@@ -276,8 +276,8 @@ class Bank:
             raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
         if level is not None:
             if not band.readout:
-                raise EqzError(f"'{name}' is unmetered (imported), so it has no level to hold; it can only add its "
-                               "vector")
+                raise EqzError(f"'{name}' is unmetered ({'described' if band.description else 'imported'}), so it "
+                               "has no level to hold; it can only add its vector")
             level = check_gain(name, level, None, "level")
             if level <= 0:
                 raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
@@ -460,8 +460,9 @@ class FoundBank:
 def list_banks() -> list[FoundBank]:
     """Every bank in the search dirs (shadowed ones included)."""
     found = []
-    for root in search_dirs():
-        for manifest_path in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
+    for root in search_dirs():  # $EQZ_VECTORS may name a bank itself (`train -o DIR`'s DIR) rather than its folder
+        manifests = [root / MANIFEST] if (root / MANIFEST).is_file() else sorted(root.glob(f"*/{MANIFEST}"))
+        for manifest_path in manifests if root.is_dir() else []:
             manifest = _read_manifest(manifest_path)
             _require_manifest(manifest_path, manifest)
             with _broken_manifest(manifest_path):
@@ -591,6 +592,17 @@ def _bank_fingerprint(directory: Path) -> str | None:
         return _read_manifest(directory / MANIFEST)["model"]["fingerprint"]
     except (EqzError, KeyError, TypeError):
         return None
+
+
+def shadowed(directory: Path, info: ModelInfo) -> str | None:
+    """Why a bank just saved in ``directory`` will not be used (a bank for the model that eqz finds first, in
+    $EQZ_VECTORS), else None: without it, a change seems to do nothing."""
+    first = next((found.directory for found in list_banks() if found.model.fingerprint == model_fingerprint(info)),
+                 None)
+    if first is None or first.resolve() == Path(directory).resolve():
+        return None
+    return (f"saved in {directory}, but eqz finds the bank in {first} first ($EQZ_VECTORS): unset EQZ_VECTORS to "
+            "use the saved one")
 
 
 def own_bank_directory(info: ModelInfo) -> Path:

@@ -6,6 +6,7 @@ import inspect
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -448,7 +449,7 @@ def eval_command(
     unsteered model's judgement of the replies' emotion, readout, crosstalk and fluency on held-out neutral prompts."""
     from .bank import writable_directory
     from .display import print_eval, progress_bars
-    from .eval import non_fluent_gains, write_outputs
+    from .eval import OUTPUT_NAMES, non_fluent_gains, write_outputs
 
     try:
         gain_list = tuple(float(g) for g in gains.split(","))
@@ -465,24 +466,33 @@ def eval_command(
     chosen = _listed(bands, "--bands")
     writable_directory(Path(output).expanduser(), "--output")  # before minutes of replies, not after
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
-        with progress_bars() as progress:
-            result = loaded.evaluate(chosen, gain_list, prompt_list, tokens, samples, progress, record)
+        try:
+            with progress_bars() as progress:
+                result = loaded.evaluate(chosen, gain_list, prompt_list, tokens, samples, progress, record)
+        except KeyboardInterrupt:
+            sys.stderr.write("eqz eval: interrupted; no figures were written or recorded\n")
+            raise typer.Exit(130) from None
     print_eval(result, non_fluent_gains(result))
-    for path in write_outputs(result, Path(output).expanduser(), plot):
-        typer.echo(f"wrote {path}")
+    directory = Path(output).expanduser()
+    earlier = {path.name for path in directory.glob("*") if path.name in OUTPUT_NAMES}
+    for path in write_outputs(result, directory, plot):
+        typer.echo(f"wrote {path}" + (" (replacing an earlier run's)" if path.name in earlier else ""))
 
 
 @app.command()
 def train(
     model: ModelOpt = None,
     bands: Annotated[
-        Optional[str], typer.Option("--bands", metavar="A,B", help="comma-separated bands to make \\[default: all ten]")
+        Optional[str], typer.Option("--bands", metavar="A,B", help="comma-separated built-in bands to make \\[default: "
+                                    "all ten, or none with only --band]")
     ] = None,
     described: Annotated[
         Optional[list[str]],
         typer.Option("--band", metavar="NAME=TEXT", help='a band of your own from a description: NAME="what the feeling is" (repeatable); '
-                     "added to the model's bank, or trained with a new one"),
+                     "added to the model's bank, or trained with a new one. TEXT reads as 'You are TEXT.', so an "
+                     "adjective phrase works best"),
     ] = None,
+    replace: Annotated[bool, typer.Option("--replace", metavar="", help="retrain a --band the bank already has")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR", help="bank directory \\[default: user data dir]")] = None,
     quick: Annotated[bool, typer.Option("--quick", metavar="", help="fewer stimuli, persona and calibration replies, and "
                                         "no held-level screen unless --hold (~2x faster, noisier gains)")] = False,
@@ -509,26 +519,60 @@ def train(
     from pathlib import Path
 
     from .bands import BANDS, band_key, parse_described, unknown_band
-    from .bank import check_training_target, slug, user_data_dir
+    from .bank import bank_to_extend, check_training_target, shadowed, slug, user_data_dir
     from .display import progress_bars, print_bank
 
     chosen = tuple(dict.fromkeys(band_key(band) for band in _listed(bands, "--bands") or [])) or BANDS
     unknown = [b for b in chosen if b not in BANDS]
-    if unknown:
-        raise unknown_band(unknown[0], BANDS)  # as the library's train says, before the model loads
-    descriptions = dict(parse_described(spec) for spec in described or [])
+    if unknown:  # as the library's train says, before the model loads
+        raise EqzError(f"{unknown_band(unknown[0], BANDS)}; a band of your own is trained with --band "
+                       f"{unknown[0]}=\"what the feeling is\"")
+    pairs = [parse_described(spec) for spec in described or []]
+    names = [name for name, _ in pairs]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        raise EqzError(f"--band {twice} is given twice; give each band once")
+    descriptions = dict(pairs)
     target = Path(out).expanduser() if out else None
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
         # described bands added to the model's bank (see EqzModel.train); with no bank, a whole one is trained
-        extending = bool(descriptions) and not bands and (target is not None or loaded.bank_if_any() is not None)
-        if target is not None or not extending:
+        extended = (bank_to_extend(target, loaded.info) if target is not None else loaded.bank_if_any()) \
+            if descriptions and not bands else None
+        if extended is not None:
+            _check_extending(extended, descriptions, replace, hold, orthogonalize)
+        if target is not None or extended is None:
             check_training_target(target or user_data_dir() / slug(loaded.info.name), loaded.info,
-                                  None if extending else (*chosen, *descriptions))
-        with progress_bars() as progress:
-            bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
-                                progress=progress, hold=hold, seed=seed)
-        bank.save(target or bank.directory or user_data_dir() / slug(loaded.info.name))
+                                  None if extended is not None else (*chosen, *descriptions))
+        started = time.monotonic()
+        try:
+            with progress_bars() as progress:
+                bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
+                                    progress=progress, hold=hold, seed=seed)
+        except KeyboardInterrupt:
+            sys.stderr.write("eqz train: interrupted; nothing of this run was saved (the bank is as it was)\n")
+            raise typer.Exit(130) from None
+        directory = bank.save(target or bank.directory or user_data_dir() / slug(loaded.info.name))
+        seconds = time.monotonic() - started
+        shadow = shadowed(directory, loaded.info) if target is None else None
     print_bank(bank)
+    if extended is not None:
+        added = ", ".join(f"{name} ({', '.join(problems)})" if (problems := bank.open_problems(name)) else name
+                          for name in descriptions)
+        typer.echo(f"added {added} to the bank in {directory} in {seconds:.0f} s; try: eqz chat --set "
+                   f"{next(iter(descriptions))}=0.5")
+    if target is not None:
+        typer.echo(f"to use this bank: EQZ_VECTORS={directory} eqz chat" + (f" -m {model}" if model else ""))
+    if shadow:
+        _warn(shadow)
+
+
+def _check_extending(bank, descriptions: dict[str, str], replace: bool, hold: bool | None, orthogonalize: bool) -> None:
+    """`train --band` adds bands to ``bank``: what would be lost or ignored is one line, before any work."""
+    if hold or orthogonalize:
+        raise EqzError("--hold and --orthogonalize shape a whole bank's training; with only --band the described "
+                       "bands are added to the bank as it is (add --bands to retrain built-in bands too)")
+    kept = [name for name in descriptions if name in bank.bands]
+    if kept and not replace:
+        raise EqzError(f"the bank already has a band '{kept[0]}'; pass --replace to retrain it, or choose another name")
 
 
 vectors_app = typer.Typer(help="List, inspect, export and import emotion vector banks; hold, remove or reset your own bank's bands.", no_args_is_help=True)

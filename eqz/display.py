@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from .bands import BANDS, SHORT_NAMES
-from .bank import PROBLEMS, SHIPPED_DIR, Bank, FoundBank
+from .bank import PROBLEMS, SHIPPED_DIR, Bank, FoundBank, user_data_dir
 from .presets import Preset, PresetEntry
 
 console = Console(highlight=False)
@@ -47,7 +47,9 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
 
 
 def _where(directory: Path) -> str:
-    return "shipped" if SHIPPED_DIR in directory.parents else "user"
+    if SHIPPED_DIR in directory.parents:
+        return "shipped"
+    return "user" if user_data_dir() in (directory, *directory.parents) else "$EQZ_VECTORS"
 
 
 def print_models(infos: list[dict]) -> None:

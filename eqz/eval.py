@@ -640,9 +640,15 @@ def non_fluent_gains(result: EvalResult) -> dict[str, list[float]]:
     return {band: [row["gain"] for row in result.table(band) if not row["fluent"]] for band in result.bands}
 
 
+OUTPUT_NAMES = ("eval.json", "eval.csv", "dose_response.png")
+
+
 def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> list[Path]:
+    """The figures as JSON and CSV (and the plot) in ``directory``, replacing an earlier run's: a plot left from one
+    is removed, so what is there is one run's."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = [directory / "eval.json", directory / "eval.csv"]
+    (directory / OUTPUT_NAMES[2]).unlink(missing_ok=True)
+    written = [directory / OUTPUT_NAMES[0], directory / OUTPUT_NAMES[1]]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with written[1].open("w", newline="") as handle:
         columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share",
@@ -652,7 +658,7 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
         writer.writeheader()
         writer.writerows(result.rows)
     if plot:
-        written.append(plot_dose_response(result, directory / "dose_response.png"))
+        written.append(plot_dose_response(result, directory / OUTPUT_NAMES[2]))
     return written
 
 
@@ -675,15 +681,19 @@ def plot_dose_response(result: EvalResult, path: Path) -> Path:
         axis = axes[index // columns][index % columns]
         table = result.table(band)
         gains = [row["gain"] for row in table]
-        axis.plot(gains, [row["effect"] for row in table], "s-", color="tab:green", label="lexicon effect")
-        axis.plot(gains, [row.get("readout", math.nan) for row in table], "o--", color="tab:blue", label="readout")
+        judged = any("preference" in row for row in table)  # a described band: the judge's effect, no readout
+        axis.plot(gains, [row["effect"] for row in table], "s-", color="tab:green",
+                  label="judge effect" if judged else "lexicon effect")
+        readouts = [row.get("readout", math.nan) for row in table]
+        if any(math.isfinite(value) for value in readouts):
+            axis.plot(gains, readouts, "o--", color="tab:blue", label="readout")
         prompted = result.prompting(band)
         if prompted:
             axis.axhline(prompted["effect"], color="tab:green", linewidth=0.8, linestyle=":", label="prompt only")
         both = result.asked_and_steered(band)
         if both:
             axis.plot([both["gain"]], [both["effect"]], "^", color="tab:olive", label="prompt and +1")
-        axis.set_title(band)
+        axis.set_title(f"{band} (judge, nats/token)" if judged else band)
         axis.axhline(0, color="grey", linewidth=0.5)
         fluency = axis.twinx()
         ratios = [row.get("ppl_ratio", math.nan) for row in table]

@@ -76,7 +76,8 @@ class Filters:
         valid = metered_bands(bank)
         unknown = [band for band in targets if band not in valid]
         if unknown:
-            raise EqzError(f"cannot filter '{unknown[0]}': filters work on calibrated bands: {', '.join(valid)}")
+            raise EqzError(f"cannot filter '{unknown[0]}': filters work on metered bands (not imported or described "
+                           f"ones): {', '.join(valid)}")
         self.clamp = dict(clamp)
         self.ablate = tuple(band for band in ablate if band not in clamp)
         self.targets = targets

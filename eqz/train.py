@@ -649,6 +649,7 @@ def store_bands(bank: Bank, calibration: Calibration, readouts: dict[str, tuple[
         problems = (["weak"] if weak else []) + direction_problems(band, up, down, baseline) + \
             ([] if up.fluent(baseline) else ["fluency"])  # keys of bank.PROBLEMS
         readout, read_directions = readouts.get(band, (None, None))
+        bank.forget_recorded(band)  # figures `eval --record` stored for a band of this name measured another vector
         bank.bands[band] = Band(
             band, calibration.vector(candidate, candidate.pinned), ratio, readout, read_directions,
             source=candidate.source, description=descriptions.get(band), strength=candidate.pinned,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -369,3 +370,21 @@ def test_a_library_batch_takes_its_prompts_as_a_list_checked_as_a_files_lines(li
         library.batch(["Say hi.", 3], tmp_path / "bad.jsonl")
     skipped = library.batch(["Say hi.", ""], tmp_path / "skip.jsonl", sampling={"max_tokens": 4}, skip_bad=True)
     assert skipped.run().written == 1
+
+
+def test_a_bank_change_that_eqz_will_not_find_first_says_so(tmp_path, monkeypatch):
+    """With $EQZ_VECTORS holding the model's bank, `vectors hold/import/remove` and `train --band` saved the user's
+    copy where it is never found, and the change seemed to do nothing. $EQZ_VECTORS may also name one bank (the
+    DIR of `train -o DIR`), where it was silently passed over."""
+    team = tmp_path / "team-bank"
+    shutil.copytree(SHIPPED_BANK, team)
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "EQZ_VECTORS": str(team)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert eqz.list_banks()[0].directory == team
+    listed = run_eqz("vectors", "list", env=env)
+    assert "team-bank ($EQZ_VECTORS, in use)" in listed.stdout.replace("\n", " "), listed.stdout  # was "user"
+    with eqz.load() as model:
+        assert model.bank.directory == team
+        with pytest.warns(eqz.EqzWarning, match="eqz finds the bank in .*team-bank first"):
+            model.hold("fear", 3)

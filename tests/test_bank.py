@@ -224,6 +224,10 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     trained = run_eqz("train", "--quick", "--band", NOSTALGIA, env=env, timeout=600)
     assert trained.returncode == 0, trained.stderr
     bank_dir = next((data / "eqz" / "vectors").iterdir())
+    assert "added nostalgia" in trained.stdout and f"to the bank in {bank_dir}" in trained.stdout.replace("\n", "")
+    for extra, refusal in (((), "pass --replace to retrain it"), (("--replace", "--hold"), "--hold and --orthogonalize")):
+        again = run_eqz("train", "--quick", "--band", NOSTALGIA, *extra, env=env, timeout=BEFORE_TRAINING)
+        assert again.returncode == 2 and refusal in again.stderr  # the band trained above is not silently replaced
     manifest = yaml.safe_load((bank_dir / "bank.yaml").read_text())
     entry = manifest["bands"]["nostalgia"]
     assert entry["description"].startswith("wistful") and entry["source"] == "voice"
@@ -244,9 +248,12 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     preset = json.loads(run_eqz(*args, "--preset", "wistful", env=env).stdout)
     assert {band: gain for band, gain in preset["sliders"].items() if gain} == {"nostalgia": 0.8}
     (tmp_path / "prompts.txt").write_text("Describe your morning.\nPlan a short walk.\n")
-    evaluated = run_eqz("eval", "--bands", "nostalgia", "--gains", "0,1", "-n", "12", "--prompts",
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "dose_response.png").write_text("an earlier run's plot")
+    evaluated = run_eqz("eval", "--bands", "nostalgia,Nostalgia", "--gains", "0,1,1.0,-0", "-n", "12", "--prompts",
                         str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"), env=env)
     assert evaluated.returncode == 0, evaluated.stderr
+    assert not (tmp_path / "eval" / "dose_response.png").exists()  # what is there is one run's
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
     # the slider beside asking for the description, alone and with the slider at +1
     assert [(row["gain"], row.get("asked", False)) for row in rows] == [(0.0, False), (1.0, False), (None, False),
@@ -274,11 +281,14 @@ def test_a_stored_voice_centre_spares_the_primaries_replies_and_gives_the_same_d
     assert np.array_equal(voice_directions(model, quick, layers, quiet, centre=centre)[2], centre)
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("joy=very happy", "built-in band"), ("nostalgia", 'NAME="what the feeling is"'), ("Old Days=x", "band name"),
+@pytest.mark.parametrize("args, fragment", [
+    (("--band", "joy=very happy"), "built-in band"), (("--band", "nostalgia"), 'NAME="what the feeling is"'),
+    (("--band", "Old Days=x"), "band name"), (("--band", "awe=" + "vast " * 41), "in at most 200"),
+    (("--band", "awe=vast", "--band", "Awe=small"), "--band awe is given twice"),  # the first was dropped
+    (("--bands", "awe"), 'trained with --band awe="what the feeling is"'),
 ])
-def test_bad_described_bands_are_refused_before_training(spec, fragment):
-    refused = run_eqz("train", "--band", spec, timeout=BEFORE_TRAINING)
+def test_bad_described_bands_are_refused_before_training(args, fragment):
+    refused = run_eqz("train", *args, timeout=BEFORE_TRAINING)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("eqz: error:")]
     assert refused.returncode != 0 and len(errors) == 1 and fragment in errors[0]
 

@@ -416,3 +416,20 @@ def test_a_training_killed_leaves_no_copy_of_the_weights_behind(tmp_path, number
     training.send_signal(number)
     assert training.wait(timeout=60) == -number
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_ctrl_c_in_a_training_says_nothing_was_saved(tmp_path):
+    """Ctrl-C ended `train` (and `eval`) with exit 130 and not a word about what was kept."""
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    (tmp_path / "tmp").mkdir()
+    training = subprocess.Popen([EQZ, "train", "--quick", "--bands", "joy"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "tmp").glob("eqz-unpacked-*/f16.gguf")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # training has begun
+    training.send_signal(signal.SIGINT)
+    assert training.wait(timeout=60) == 130
+    said = training.stderr.read()
+    assert "eqz train: interrupted; nothing of this run was saved" in said and "Traceback" not in said
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("bank.yaml"))

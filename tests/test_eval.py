@@ -334,8 +334,10 @@ def test_the_direction_check_of_a_primary_follows_the_judge_where_the_replies_we
     store_bands(bank, calibration, {}, {})
     assert bank.bands["trust"].problems == []  # clear (judge holds, lexicon 2.5x) and rising by the judge
     down.labels[:, PRIMARIES.index("trust")] += 1.5  # the judge now names trust more at -1 than unsteered
+    bank.quality["dose_response"] = {"trust": {"1.0": {"clear": True, "fluent": False}}}  # the last vector's record
     store_bands(bank, calibration, {}, {})
     assert bank.bands["trust"].problems == ["judge"]
+    assert "trust" not in bank.quality["dose_response"]  # it measured the vector retraining replaced
 
 
 def test_the_direction_check_of_an_axis_follows_the_judges_names_on_the_circumplex():
