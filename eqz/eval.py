@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import __version__
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt, primary_personas
 from .bank import Bank, record_date
 from .engine import Model
@@ -479,6 +480,9 @@ class EvalResult:
     scorer: str
     model: str = ""  # the fingerprint of the model the bank was trained for ("": a run from before it was kept)
     prompt_set: str = ""  # which of prompt_sets() the replies answer ("": not recorded, the eval split or given prompts)
+    # how the replies were made, to repeat or cite the run: eqz's version, date, bank, seed, sampling, the prompts,
+    # and the personas the slider was compared with ({}: a run from before it was kept)
+    run: dict = field(default_factory=dict)
 
     def table(self, band: str) -> list[dict]:
         """The band's slider rows, by gain."""
@@ -514,13 +518,14 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {"bands": list(self.bands), "gains": list(self.gains), "prompts": self.prompts,
                 "reply_tokens": self.reply_tokens, "samples": self.samples, "scorer": self.scorer, "model": self.model,
-                "prompt_set": self.prompt_set, "rows": self.rows}
+                "prompt_set": self.prompt_set, "run": self.run, "rows": self.rows}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalResult":
         """A result written by ``write_outputs`` (eval.json), to report again without generating again."""
         return cls(tuple(data["bands"]), tuple(data["gains"]), data["rows"], data["prompts"], data["reply_tokens"],
-                   data["samples"], data["scorer"], data.get("model", ""), data.get("prompt_set", ""))
+                   data["samples"], data["scorer"], data.get("model", ""), data.get("prompt_set", ""),
+                   data.get("run", {}))
 
     def dose_response(self) -> dict:
         """Compact per-band figures for bank.yaml."""
@@ -604,8 +609,11 @@ def evaluate(
         if personas[band]:
             rows.append(result_row(band, None, results[(band, None)], baseline, samples))
             rows.append(result_row(band, 1.0, results[(band, "asked")], baseline, samples, asked=True))
+    run = {"eqz": __version__, "date": record_date(), "model": model.info.name, "bank": str(bank.directory),
+           "seed": seed, "sampling": {"temperature": bench.sampling.temperature, "top_p": bench.sampling.top_p},
+           "prompts": list(prompts), "personas": {band: persona for band, persona in personas.items() if persona}}
     return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name,
-                      bank.model.fingerprint)
+                      bank.model.fingerprint, run=run)
 
 
 def preference_personas(described: dict[str, str]) -> dict[str, str]:

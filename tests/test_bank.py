@@ -254,7 +254,10 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
                         str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"), env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert not (tmp_path / "eval" / "dose_response.png").exists()  # what is there is one run's
-    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
+    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    rows, run = written["rows"], written["run"]  # how the replies were made, beside the figures
+    assert run["prompts"] == ["Describe your morning.", "Plan a short walk."] and run["seed"] == 4321
+    assert run["personas"]["nostalgia"].startswith("You are wistful") and run["bank"] == str(bank_dir)
     # the slider beside asking for the description, alone and with the slider at +1
     assert [(row["gain"], row.get("asked", False)) for row in rows] == [(0.0, False), (1.0, False), (None, False),
                                                                        (1.0, True)]
