@@ -193,12 +193,14 @@ class EqzModel:
         adopt_vector(bank, path, name, self.info)
         return self._keep(bank)
 
-    def hold(self, band: str, level: float | None) -> Path:
+    def hold(self, band: str, level: float | None) -> Path | None:
         """Make slider ``band`` hold its band at ``level`` (meter units, up to 6) instead of adding its vector: gain g
-        holds g x level at every steered layer. None: add the vector again. Returns the bank's directory."""
-        bank = writable_bank(self.info)
-        bank.hold(band_key(_text(band, "band")), level)
-        return self._keep(bank)
+        holds g x level at every steered layer. None: add the vector again. Returns the bank's directory, or None
+        where the band was so already (nothing is saved: a copy of the shipped bank would hide its updates)."""
+        bank, name = writable_bank(self.info), band_key(_text(band, "band"))
+        before = bank.bands[name].hold if name in bank.bands else None
+        bank.hold(name, level)
+        return self._keep(bank) if bank.bands[name].hold != before else None
 
     def remove_bands(self, *bands: str) -> Path:
         """Remove bands (imported or described ones, say); returns the bank's directory."""

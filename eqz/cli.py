@@ -678,8 +678,12 @@ def vectors_hold(
     with _load_model(model, None) as loaded:
         directory = loaded.hold(name, None if level.strip().lower() == "off" else level)
         held = loaded.bank.bands[name].hold
-    typer.echo(f"{name} +1 now holds level {held:g} (bank in {directory}); try: eqz chat --set {name}=1"
-               if held is not None else f"{name} adds its vector again (bank in {directory})")
+    doing = f"holds level {held:g}" if held is not None else "adds its vector"
+    if directory is None:
+        typer.echo(f"{name} already {doing}; nothing changed")
+    else:
+        typer.echo(f"{name} +1 now {doing} (bank in {directory}); try: eqz chat --set {name}=1" if held is not None
+                   else f"{name} {doing} again (bank in {directory})")
 
 
 @vectors_app.command("remove")
