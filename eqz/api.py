@@ -200,13 +200,17 @@ class EqzModel:
         bank, name = writable_bank(self.info), band_key(_text(band, "band"))
         before = bank.bands[name].hold if name in bank.bands else None
         bank.hold(name, level)
-        return self._keep(bank) if bank.bands[name].hold != before else None
+        if bank.bands[name].hold != before:
+            return self._keep(bank)
+        if (Path(bank.directory) / MANIFEST).exists() and (warning := shadowed(bank.directory, self.info)):
+            self._warn(warning)  # as it is in the user's own copy, which eqz does not use
+        return None
 
     def remove_bands(self, *bands: str) -> Path:
         """Remove bands (imported or described ones, say); returns the bank's directory."""
+        if not bands or not all(isinstance(band, str) for band in bands):
+            raise EqzError("remove_bands takes band names, such as remove_bands('nostalgia', 'awe')")
         names = list(dict.fromkeys(_names(bands, "bands")))
-        if not names:
-            raise EqzError("name at least one band to remove, such as remove_bands('nostalgia')")
         bank = writable_bank(self.info)
         bank.remove(*names)
         return self._keep(bank)
@@ -215,7 +219,8 @@ class EqzModel:
         """Delete the user's own copy of this model's bank, so the shipped one is used again; returns what was
         deleted (None: there was none)."""
         removed = reset_user_bank(self.info)
-        self._bank = None  # found again when next used
+        if removed is not None:
+            self._bank = None  # found again when next used
         return removed
 
     def _keep(self, bank: Bank) -> Path:
@@ -393,7 +398,7 @@ class EqzModel:
 
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
               orthogonalize: bool = False, into: Path | None = None, progress=None, hold: bool | None = None,
-              seed: int | None = None) -> Bank:
+              seed: int | None = None, replace: bool = False) -> Bank:
         """A new bank for this model, unsaved (``bank.save(directory)``). With only ``described`` bands (name ->
         description) and a bank to add them to, they are added: with ``into`` (the directory the bank will be saved
         to, `eqz train -o DIR`), to the bank already there, else the model's; without it, to the user's own copy of
@@ -401,7 +406,8 @@ class EqzModel:
         hold those that steer better held (train.screen_holds; ~140 s of a 430 s SmolLM2 training on 2 cores, as
         long with ``quick``); by default unless ``quick``. Described bands are unmetered, so adding them screens
         nothing. ``seed``: the sampling seed of every reply training makes (default TrainSettings.seed); on
-        one machine the same seed gives the same bank byte for byte, at any thread count."""
+        one machine the same seed gives the same bank byte for byte, at any thread count. A described band the
+        bank already has is retrained only with ``replace``."""
         from .bands import BANDS, unknown_band
         from .bank import bank_to_extend
         from .train import TrainSettings, add_described_bands, train_bank
@@ -421,10 +427,24 @@ class EqzModel:
                 base = bank_to_extend(Path(into), self.info)
             elif self.bank_if_any() is not None:
                 base = writable_bank(self.info)
+        if base is not None:
+            _check_extending(base, described, replace, hold, orthogonalize)
         with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1
             if base is not None:
                 return add_described_bands(model, base, settings, **extra)
             return train_bank(model, settings, **extra)
+
+
+def _check_extending(bank: Bank, described: dict[str, str], replace: bool, hold: bool | None,
+                     orthogonalize: bool) -> None:
+    """Described bands added to ``bank``: what would be lost or ignored is one line, before any work."""
+    if hold or orthogonalize:
+        raise EqzError("--hold and --orthogonalize (hold=True, orthogonalize=True in the library) shape a whole "
+                       "bank's training; described bands alone are added to the bank as it is (name built-in bands "
+                       "to train too)")
+    if kept := [name for name in described if name in bank.bands and not replace]:
+        raise EqzError(f"the bank already has a band '{kept[0]}'; pass --replace (replace=True in the library) to "
+                       "retrain it, or choose another name")
 
 
 def _text(value, name: str) -> str:

@@ -64,8 +64,8 @@ def search_dirs() -> list[Path]:
     """Where banks are looked for, first match wins: $EQZ_VECTORS, the user data dir, the shipped vectors/."""
     extra = [Path(os.environ["EQZ_VECTORS"]).expanduser()] if os.environ.get("EQZ_VECTORS") else []
     if extra and not extra[0].is_dir():  # a typo would silently fall back to another bank
-        raise EqzError(f"EQZ_VECTORS={os.environ['EQZ_VECTORS']} is not a folder; point it at a folder of banks or "
-                       "unset it")
+        raise EqzError(f"EQZ_VECTORS={os.environ['EQZ_VECTORS']} is not a folder; point it at a folder of banks (or "
+                       "one bank) or unset it")
     return extra + [user_data_dir(), SHIPPED_DIR]
 
 
@@ -459,10 +459,13 @@ class FoundBank:
 
 def list_banks() -> list[FoundBank]:
     """Every bank in the search dirs (shadowed ones included)."""
-    found = []
+    found, seen = [], set()
     for root in search_dirs():  # $EQZ_VECTORS may name a bank itself (`train -o DIR`'s DIR) rather than its folder
         manifests = [root / MANIFEST] if (root / MANIFEST).is_file() else sorted(root.glob(f"*/{MANIFEST}"))
         for manifest_path in manifests if root.is_dir() else []:
+            if manifest_path.resolve() in seen:  # $EQZ_VECTORS naming a bank in another search dir
+                continue
+            seen.add(manifest_path.resolve())
             manifest = _read_manifest(manifest_path)
             _require_manifest(manifest_path, manifest)
             with _broken_manifest(manifest_path):
@@ -601,8 +604,10 @@ def shadowed(directory: Path, info: ModelInfo) -> str | None:
                  None)
     if first is None or first.resolve() == Path(directory).resolve():
         return None
-    return (f"saved in {directory}, but eqz finds the bank in {first} first ($EQZ_VECTORS): unset EQZ_VECTORS to "
-            "use the saved one")
+    extra = os.environ.get("EQZ_VECTORS")
+    if extra and Path(extra).expanduser().resolve() in (first.resolve(), *first.resolve().parents):
+        return f"saved in {directory}, but eqz finds the bank in {first} first ($EQZ_VECTORS): unset it to use this one"
+    return f"saved in {directory}, but eqz finds the bank in {first} first: move that one away to use this one"
 
 
 def own_bank_directory(info: ModelInfo) -> Path:

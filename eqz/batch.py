@@ -64,7 +64,7 @@ class PromptFile:
         self._listed: bytes | None = None
         if isinstance(spec, list):
             self._listed = "".join(_jsonl_line(item) for item in spec).encode()
-            self.path, self.jsonl = Path("prompts.jsonl"), True
+            self.path, self.jsonl = Path("prompts.jsonl"), True  # never opened: the lines are _listed
         elif spec == "-":
             handle, name = tempfile.mkstemp(prefix="eqz-stdin-", suffix=".txt")
             with os.fdopen(handle, "wb") as spool:
@@ -109,6 +109,11 @@ class PromptFile:
             raise EqzError(f"{error}; fix the line or pass --skip-bad (skip_bad=True in the library)")
         self.skipped.append(error)
         self.unfit.add(number)
+
+    @property
+    def name(self) -> str:
+        """The prompts as messages name them."""
+        return "the prompts list" if self._listed is not None else "stdin" if self._spool else str(self.path)
 
     def where(self, number: int) -> str:
         if self._listed is not None:
@@ -422,7 +427,7 @@ def plan(prompts: PromptFile, model: Model, settings: Iterable[Resolved] = ()) -
         count += 1
         longest = max(longest, size)
     if count == 0:
-        raise EqzError(f"{prompts.path}: no prompts found")
+        raise EqzError(f"{prompts.name}: no prompts found")
     return count, longest
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -477,6 +478,8 @@ def eval_command(
     earlier = {path.name for path in directory.glob("*") if path.name in OUTPUT_NAMES}
     for path in write_outputs(result, directory, plot):
         typer.echo(f"wrote {path}" + (" (replacing an earlier run's)" if path.name in earlier else ""))
+    if not plot and OUTPUT_NAMES[2] in earlier:
+        typer.echo(f"removed {directory / OUTPUT_NAMES[2]} (an earlier run's plot; --plot draws this run's)")
 
 
 @app.command()
@@ -519,7 +522,7 @@ def train(
     from pathlib import Path
 
     from .bands import BANDS, band_key, parse_described, unknown_band
-    from .bank import bank_to_extend, check_training_target, shadowed, slug, user_data_dir
+    from .bank import check_training_target, shadowed, slug, user_data_dir
     from .display import progress_bars, print_bank
 
     chosen = tuple(dict.fromkeys(band_key(band) for band in _listed(bands, "--bands") or [])) or BANDS
@@ -535,18 +538,15 @@ def train(
     target = Path(out).expanduser() if out else None
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
         # described bands added to the model's bank (see EqzModel.train); with no bank, a whole one is trained
-        extended = (bank_to_extend(target, loaded.info) if target is not None else loaded.bank_if_any()) \
-            if descriptions and not bands else None
-        if extended is not None:
-            _check_extending(extended, descriptions, replace, hold, orthogonalize)
-        if target is not None or extended is None:
+        extending = bool(descriptions) and not bands and (target is not None or loaded.bank_if_any() is not None)
+        if target is not None or not extending:
             check_training_target(target or user_data_dir() / slug(loaded.info.name), loaded.info,
-                                  None if extended is not None else (*chosen, *descriptions))
+                                  None if extending else (*chosen, *descriptions))
         started = time.monotonic()
         try:
             with progress_bars() as progress:
                 bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
-                                    progress=progress, hold=hold, seed=seed)
+                                    progress=progress, hold=hold, seed=seed, replace=replace)
         except KeyboardInterrupt:
             sys.stderr.write("eqz train: interrupted; nothing of this run was saved (the bank is as it was)\n")
             raise typer.Exit(130) from None
@@ -554,25 +554,17 @@ def train(
         seconds = time.monotonic() - started
         shadow = shadowed(directory, loaded.info) if target is None else None
     print_bank(bank)
-    if extended is not None:
+    use = f"{'EQZ_VECTORS=' + shlex.quote(str(directory.resolve())) + ' ' if target is not None else ''}eqz chat" + \
+        (f" -m {shlex.quote(model)}" if model else "")
+    if descriptions and not bands:
         added = ", ".join(f"{name} ({', '.join(problems)})" if (problems := bank.open_problems(name)) else name
                           for name in descriptions)
-        typer.echo(f"added {added} to the bank in {directory} in {seconds:.0f} s; try: eqz chat --set "
+        typer.echo(f"added {added} to the bank in {directory} in {seconds:.0f} s; try: {use} --set "
                    f"{next(iter(descriptions))}=0.5")
-    if target is not None:
-        typer.echo(f"to use this bank: EQZ_VECTORS={directory} eqz chat" + (f" -m {model}" if model else ""))
+    elif target is not None:
+        typer.echo(f"to use this bank: {use}")
     if shadow:
         _warn(shadow)
-
-
-def _check_extending(bank, descriptions: dict[str, str], replace: bool, hold: bool | None, orthogonalize: bool) -> None:
-    """`train --band` adds bands to ``bank``: what would be lost or ignored is one line, before any work."""
-    if hold or orthogonalize:
-        raise EqzError("--hold and --orthogonalize shape a whole bank's training; with only --band the described "
-                       "bands are added to the bank as it is (add --bands to retrain built-in bands too)")
-    kept = [name for name in descriptions if name in bank.bands]
-    if kept and not replace:
-        raise EqzError(f"the bank already has a band '{kept[0]}'; pass --replace to retrain it, or choose another name")
 
 
 vectors_app = typer.Typer(help="List, inspect, export and import emotion vector banks; hold, remove or reset your own bank's bands.", no_args_is_help=True)
@@ -673,12 +665,12 @@ def vectors_hold(
     section 10), and five of the default model's primaries ship held. 'off' makes it add its vector again. A new level
     set here is unmeasured, and moving the slider says so. Changes your own copy of the bank."""
     from .bands import band_key
+    from .sampling import as_number
 
-    name = band_key(band)
+    name, held = band_key(band), None if level.strip().lower() == "off" else level
     with _load_model(model, None) as loaded:
-        directory = loaded.hold(name, None if level.strip().lower() == "off" else level)
-        held = loaded.bank.bands[name].hold
-    doing = f"holds level {held:g}" if held is not None else "adds its vector"
+        directory = loaded.hold(name, held)
+    doing = f"holds level {as_number(held):g}" if held is not None else "adds its vector"
     if directory is None:
         typer.echo(f"{name} already {doing}; nothing changed")
     else:
@@ -767,7 +759,7 @@ def presets_save(
     flags = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                  repeat_penalty=repeat_penalty)
     clamps, notches = _clamp_ablate(clamp, ablate)
-    path = save_preset(name, sliders=_gains(set_, known_band_names()), based_on=from_, description=description,
+    path = save_preset(name, sliders=_gains(set_, known_band_names()), based_on=from_, description=description or None,
                        system=system, sampling={k: v for k, v in flags.items() if v is not None}, clamp=clamps,
                        ablate=notches, replace=replace)
     typer.echo(f"saved {path}")

@@ -609,8 +609,8 @@ def evaluate(
         if personas[band]:
             rows.append(result_row(band, None, results[(band, None)], baseline, samples))
             rows.append(result_row(band, 1.0, results[(band, "asked")], baseline, samples, asked=True))
-    run = {"eqz": __version__, "date": record_date(), "model": model.info.name, "bank": str(bank.directory),
-           "seed": seed, "sampling": {"temperature": bench.sampling.temperature, "top_p": bench.sampling.top_p},
+    run = {"eqz": __version__, "date": record_date(), "model": model.info.name,
+           "bank": str(bank.directory) if bank.directory else None, "seed": seed, "sampling": bench.sampling.to_dict(),
            "prompts": list(prompts), "personas": {band: persona for band, persona in personas.items() if persona}}
     return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name,
                       bank.model.fingerprint, run=run)

@@ -329,6 +329,12 @@ def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, mon
         assert model.bank.bands["mine"].source == str(random_vector_file)
         with pytest.raises(eqz.EqzError, match=r"replace=True in the library"):
             model.import_vector(random_vector_file, "mine")
+        with pytest.raises(eqz.EqzError, match="replace=True in the library"):  # before any work
+            model.train(described={"Mine": "wistful, longing for the past"})
+        with pytest.raises(eqz.EqzError, match="hold=True, orthogonalize=True in the library"):
+            model.train(described={"calm": "calm and at ease"}, hold=True)
+        with pytest.raises(eqz.EqzError, match="remove_bands takes band names"):
+            model.remove_bands(["mine"])
         model.remove_bands("MINE")
         assert "mine" not in eqz.read_bank(own).bands
         assert model.reset_bank() == own and not own.exists()
@@ -387,5 +393,21 @@ def test_a_bank_change_that_eqz_will_not_find_first_says_so(tmp_path, monkeypatc
     assert "team-bank ($EQZ_VECTORS, in use)" in listed.stdout.replace("\n", " "), listed.stdout  # was "user"
     with eqz.load() as model:
         assert model.bank.directory == team
-        with pytest.warns(eqz.EqzWarning, match="eqz finds the bank in .*team-bank first"):
+        with pytest.warns(eqz.EqzWarning, match=r"eqz finds the bank in .*team-bank first \(\$EQZ_VECTORS\)"):
             model.hold("fear", 3)
+    again = run_eqz("vectors", "hold", "fear", "3", env=env)  # the user's copy holds it: said, and why unused
+    assert "fear already holds level 3; nothing changed" in again.stdout and "team-bank first" in again.stderr
+    assert "deleted" in run_eqz("vectors", "reset", env=env).stdout
+    monkeypatch.delenv("EQZ_VECTORS")
+    with eqz.load(bank=team) as model:
+        assert model.reset_bank() is None and model.bank.directory == team  # deleted nothing: kept what it was given
+    monkeypatch.setenv("EQZ_VECTORS", str(SHIPPED_BANK))  # a bank that is also in another search dir: listed once
+    directories = [found.directory.resolve() for found in eqz.list_banks()]
+    assert len(directories) == len(set(directories))
+
+
+def test_eval_reads_bands_in_the_banks_order_and_each_gain_once(library):
+    """The judge's and the perplexity's figures move with the batch mix, so `--bands fear,trust` and `trust,fear`
+    gave different verdicts for the same replies (fear's +1 perplexity ratio 4.05 and 4.11, either side of 4)."""
+    result = library.evaluate(["fear", "Trust"], [1, -1, 1.0], prompts=["Describe your morning."], max_tokens=16)
+    assert result.bands == ("trust", "fear") and result.gains == (-1.0, 1.0)

@@ -225,7 +225,7 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     assert trained.returncode == 0, trained.stderr
     bank_dir = next((data / "eqz" / "vectors").iterdir())
     assert "added nostalgia" in trained.stdout and f"to the bank in {bank_dir}" in trained.stdout.replace("\n", "")
-    for extra, refusal in (((), "pass --replace to retrain it"), (("--replace", "--hold"), "--hold and --orthogonalize")):
+    for extra, refusal in (((), "pass --replace"), (("--replace", "--hold"), "--hold and --orthogonalize")):
         again = run_eqz("train", "--quick", "--band", NOSTALGIA, *extra, env=env, timeout=BEFORE_TRAINING)
         assert again.returncode == 2 and refusal in again.stderr  # the band trained above is not silently replaced
     manifest = yaml.safe_load((bank_dir / "bank.yaml").read_text())
