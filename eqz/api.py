@@ -591,7 +591,7 @@ class Chat:
         self.close()
 
 
-# -- banks and presets, without a model loaded
+# -- banks and presets, without a model loaded (presets name bands, so one fits every model with a bank)
 
 
 def list_banks() -> list[FoundBank]:
@@ -603,9 +603,6 @@ def list_banks() -> list[FoundBank]:
 def read_bank(name: str | Path) -> Bank:
     """A bank by its directory or its folder's name (as ``list_banks()`` lists them), to inspect without its model."""
     return resolve_bank(str(name), None)
-
-
-# -- presets: moods by band names, for every model with a bank
 
 
 def list_presets() -> list[PresetEntry]:
@@ -631,7 +628,7 @@ def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on:
     sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
     sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}") or {}
     known = known_band_names()
-    base = read_preset(based_on) if isinstance(based_on, (str, Path)) else based_on
+    base = read_preset(based_on) if isinstance(based_on, (str, Path)) else _preset_of(based_on, known)
     resolved = resolve(base, known, sliders, None, None if system is None else _text(system, "system"), clamp, ablate)
     kept = {**(base.sampling if base else {}), **{key: check_setting(key, value) for key, value in sampling.items()}}
     saved = Preset(check_name(_text(name, "name")),
