@@ -173,8 +173,8 @@ class EqzModel:
         and a held band goes in as its vector (warned): a control vector can only add."""
         bank, gains = self.bank, self.slider_mix(sliders, preset)
         if not any(gains.values()):
-            raise EqzError("nothing to export: the mix moves no slider; give a non-zero slider or a preset that "
-                           "moves one")
+            raise EqzError("nothing to export: the mix moves no slider; give at least one non-zero --set BAND=GAIN "
+                           "(sliders in the library), or a --preset NAME (preset) that moves one")
         if held := bank.held(gains):
             one = len(held) == 1
             self._warn(f"{', '.join(held)} {'holds' if one else 'hold'} a level in eqz, which a control vector cannot "
@@ -197,10 +197,8 @@ class EqzModel:
         """Make slider ``band`` hold its band at ``level`` (meter units, up to 6) instead of adding its vector: gain g
         holds g x level at every steered layer. None: add the vector again. Returns the bank's directory, or None
         where the band was so already (nothing is saved: a copy of the shipped bank would hide its updates)."""
-        bank, name = writable_bank(self.info), band_key(_text(band, "band"))
-        before = bank.bands[name].hold if name in bank.bands else None
-        bank.hold(name, level)
-        if bank.bands[name].hold != before:
+        bank = writable_bank(self.info)
+        if bank.hold(band_key(_text(band, "band")), level):
             return self._keep(bank)
         if (Path(bank.directory) / MANIFEST).exists() and (warning := shadowed(bank.directory, self.info)):
             self._warn(warning)  # as it is in the user's own copy, which eqz does not use

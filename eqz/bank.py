@@ -267,10 +267,11 @@ class Bank:
             mix = np.zeros((self.model.n_layer, self.model.n_embd), dtype=np.float32)
         return ControlVector(mix, self.model.architecture)
 
-    def hold(self, name: str, level: float | None, check: dict | None = None) -> None:
+    def hold(self, name: str, level: float | None, check: dict | None = None) -> bool:
         """Make band ``name``'s +1 hold its component at ``level`` (meter units) instead of adding its vector;
         None: add the vector again. ``check``: the level's figures on the calibration prompts, if measured. The
-        level it already holds keeps its recorded figures, and its check unless given a new one."""
+        level it already holds keeps its recorded figures, and its check unless given a new one. Returns whether
+        the level changed."""
         band = self.bands.get(name)
         if band is None:
             raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
@@ -281,11 +282,13 @@ class Bank:
             level = check_gain(name, level, None, "level")
             if level <= 0:
                 raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
-        if level != band.hold:
+        changed = level != band.hold
+        if changed:
             self.forget_recorded(name)
             band.hold, band.hold_check = level, {}
         if level is not None and check is not None:
             band.hold_check = dict(check)
+        return changed
 
     def forget_recorded(self, name: str) -> None:
         """Drop the figures `eqz eval --record` stored for band ``name``: it now steers another way (a new held

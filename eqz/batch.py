@@ -62,9 +62,10 @@ class PromptFile:
         self.skip_bad = skip_bad
         self._spool: Path | None = None
         self._listed: bytes | None = None
+        self.path: Path | None = None  # a list's lines are _listed
         if isinstance(spec, list):
             self._listed = "".join(_jsonl_line(item) for item in spec).encode()
-            self.path, self.jsonl = Path("prompts.jsonl"), True  # never opened: the lines are _listed
+            self.jsonl = True
         elif spec == "-":
             handle, name = tempfile.mkstemp(prefix="eqz-stdin-", suffix=".txt")
             with os.fdopen(handle, "wb") as spool:

@@ -626,8 +626,6 @@ def vectors_export(
         raise EqzError(f"{output} exists; add --replace to overwrite it, or choose another file")
     with _load_model(model, None) as loaded:
         gains = loaded.slider_mix(_gains(set_, loaded.bank.names), preset)
-        if not any(gains.values()):
-            raise EqzError("nothing to export: give at least one non-zero --set BAND=GAIN, or --preset NAME")
         said: list[str] = []
         loaded.on_warning = said.append  # said once the file is written, not before a refusal
         path = loaded.control_vector(gains).save(output)
