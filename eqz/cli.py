@@ -519,8 +519,6 @@ def train(
     slider on the text it produces, scored by an emotion lexicon and by the unsteered model naming its emotion.
     About 7-12 minutes for a 135M model on 2 cores (--quick: 3-5).
     With only --band, the described bands are added to the model's existing bank (a few minutes)."""
-    from pathlib import Path
-
     from .bands import BANDS, band_key, parse_described, unknown_band
     from .bank import check_training_target, shadowed, slug, user_data_dir
     from .display import progress_bars, print_bank
