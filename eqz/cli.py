@@ -438,7 +438,7 @@ def eval_command(
     bands: Annotated[Optional[str], typer.Option("--bands", metavar="A,B", help="comma-separated bands \\[default: all in the bank]")] = None,
     gains: Annotated[str, typer.Option("--gains", metavar="G,G,G", help="comma-separated gains")] = "-1,0,1,2",
     prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="FILE", help="prompt file, one per line \\[default: built-in held-out set]")] = None,
-    output: Annotated[str, typer.Option("--output", "-o", metavar="DIR", help="directory for eval.json, eval.csv (and the plot)")] = "eval",
+    output: Annotated[str, typer.Option("--output", "-o", metavar="DIR", help="directory for eval.json, eval.csv, replies.jsonl (every reply; and the plot)")] = "eval",
     tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", metavar="N", help="tokens per reply", min=EVAL_MIN_TOKENS)] = 64,
     samples: Annotated[int, typer.Option("--samples", metavar="N", help="replies per prompt and setting", min=1)] = 1,
     plot: Annotated[bool, typer.Option("--plot", metavar="", help="also draw dose_response.png (needs matplotlib)")] = False,

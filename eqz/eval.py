@@ -483,6 +483,10 @@ class EvalResult:
     # how the replies were made, to repeat or cite the run: eqz's version, date, bank, seed, sampling, the prompts,
     # and the personas the slider was compared with ({}: a run from before it was kept)
     run: dict = field(default_factory=dict)
+    # every reply in full, one record each: band (None for the unsteered replies), gain, "asked" as in rows, the
+    # prompt, the sample and the text (replies.jsonl; eval.json keeps three excerpts a row). [] when read back
+    # from eval.json
+    replies: list[dict] = field(default_factory=list, repr=False)
 
     def table(self, band: str) -> list[dict]:
         """The band's slider rows, by gain."""
@@ -609,11 +613,26 @@ def evaluate(
         if personas[band]:
             rows.append(result_row(band, None, results[(band, None)], baseline, samples))
             rows.append(result_row(band, 1.0, results[(band, "asked")], baseline, samples, asked=True))
+    replies = _reply_records(results, bands, gains, [band for band in bands if personas[band]], prompts, samples)
     run = {"eqz": __version__, "date": record_date(), "model": model.info.name,
            "bank": str(bank.directory) if bank.directory else None, "seed": seed, "sampling": bench.sampling.to_dict(),
            "prompts": list(prompts), "personas": {band: persona for band, persona in personas.items() if persona}}
     return EvalResult(bands, gains, rows, len(prompts), reply_tokens, samples, emotion_scorer().name,
-                      bank.model.fingerprint, run=run)
+                      bank.model.fingerprint, run=run, replies=replies)
+
+
+def _reply_records(results: dict, bands: tuple[str, ...], gains: tuple[float, ...], asked: list[str],
+                   prompts: list[str], samples: int) -> list[dict]:
+    """Every reply of an eval run in full, keyed as its row is: the unsteered ones once (band None), then each band's
+    by gain, asked alone and asked at +1."""
+    keyed = [(None, 0.0, False, results["baseline"])]
+    for band in bands:
+        keyed += [(band, gain, False, results[(band, gain)]) for gain in gains if gain != 0]
+        if band in asked:
+            keyed += [(band, None, False, results[(band, None)]), (band, 1.0, True, results[(band, "asked")])]
+    return [{"band": band, "gain": gain, **({"asked": True} if is_asked else {}), "prompt": prompts[index // samples],
+             "sample": index % samples, "text": text}
+            for band, gain, is_asked, replies in keyed for index, text in enumerate(replies.texts)]
 
 
 def preference_personas(described: dict[str, str]) -> dict[str, str]:
@@ -648,16 +667,21 @@ def non_fluent_gains(result: EvalResult) -> dict[str, list[float]]:
     return {band: [row["gain"] for row in result.table(band) if not row["fluent"]] for band in result.bands}
 
 
-OUTPUT_NAMES = ("eval.json", "eval.csv", "dose_response.png")
+OUTPUT_NAMES = ("eval.json", "eval.csv", "dose_response.png", "replies.jsonl")
 
 
 def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> list[Path]:
-    """The figures as JSON and CSV (and the plot) in ``directory``, replacing an earlier run's: a plot left from one
-    is removed, so what is there is one run's."""
+    """The figures as JSON and CSV, every reply as JSONL (and the plot) in ``directory``, replacing an earlier run's:
+    a plot or replies file left from one is removed, so what is there is one run's."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / OUTPUT_NAMES[2]).unlink(missing_ok=True)
+    for name in OUTPUT_NAMES[2:]:
+        (directory / name).unlink(missing_ok=True)
     written = [directory / OUTPUT_NAMES[0], directory / OUTPUT_NAMES[1]]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if result.replies:
+        written.append(directory / OUTPUT_NAMES[3])
+        with written[-1].open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(reply, ensure_ascii=False) + "\n" for reply in result.replies)
     with written[1].open("w", newline="") as handle:
         columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share",
                    "judged_effect", "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",

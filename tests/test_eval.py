@@ -451,6 +451,15 @@ def test_tiny_eval_end_to_end(tmp_path):
     assert set(rows[("joy", 1.0)]["crosstalk"]) == set(BANDS) - {"joy"}
     with (out / "eval.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 10
+    # every reply in full: the unsteered ones once, then per band its two steered gains, asked alone and asked at +1
+    replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert len(replies) == 3 + 2 * 4 * 3 and [reply["prompt"] for reply in replies[:3]] == prompts.read_text().splitlines()
+    for (band, gain), row in rows.items():
+        keyed = (None, 0.0, False) if gain == 0 else (band, gain, False)
+        texts = [reply["text"] for reply in replies if (reply["band"], reply["gain"], "asked" in reply) == keyed]
+        assert [text[:240] for text in texts] == row["examples"] and all(texts)
+    assert [reply["text"][:240] for reply in replies if reply.get("asked") and reply["band"] == "joy"] == \
+        asked["joy"]["examples"]
     assert (out / "dose_response.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "prompt only" in result.stdout and "prompt +1 " in result.stdout and "judge" in result.stdout
     # a pipe is 80 columns: every figure is printed in full, none cut to "0.…"
