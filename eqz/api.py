@@ -22,13 +22,14 @@ import random
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
 from .bands import band_key, check_described, check_gain, gain_warnings, keyed_by_band
 from .bank import (MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, find_bank, known_band_names,
-                   own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed, writable_bank)
+                   editing, own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed, writable_bank)
 from .bank import list_banks as found_banks
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
@@ -186,20 +187,23 @@ class EqzModel:
         """Adopt a repeng or llama.cpp control-vector file as slider ``band`` (gain 1 = the file as it is; unmetered:
         the meter, analyze and filters do not read it). Returns the bank's directory."""
         name = band_key(_text(band, "band"))
-        bank = writable_bank(self.info)
-        if name in bank.bands and not replace:
-            raise EqzError(f"the bank already has a band '{name}'; pass --replace (replace=True in the library) to "
-                           "replace it (`eqz vectors reset` restores the shipped bank), or choose another band name")
-        adopt_vector(bank, path, name, self.info)
-        return self._keep(bank)
+        with self._editing("importing a vector"):
+            bank = writable_bank(self.info)
+            if name in bank.bands and not replace:
+                raise EqzError(f"the bank already has a band '{name}'; pass --replace (replace=True in the library) "
+                               "to replace it (`eqz vectors reset` restores the shipped bank), or choose another band "
+                               "name")
+            adopt_vector(bank, path, name, self.info)
+            return self._keep(bank)
 
     def hold(self, band: str, level: float | None) -> Path | None:
         """Make slider ``band`` hold its band at ``level`` (meter units, up to 6) instead of adding its vector: gain g
         holds g x level at every steered layer. None: add the vector again. Returns the bank's directory, or None
         where the band was so already (nothing is saved: a copy of the shipped bank would hide its updates)."""
-        bank = writable_bank(self.info)
-        if bank.hold(band_key(_text(band, "band")), level):
-            return self._keep(bank)
+        with self._editing("holding a level"):
+            bank = writable_bank(self.info)
+            if bank.hold(band_key(_text(band, "band")), level):
+                return self._keep(bank)
         if (Path(bank.directory) / MANIFEST).exists() and (warning := shadowed(bank.directory, self.info)):
             self._warn(warning)  # as it is in the user's own copy, which eqz does not use
         return None
@@ -209,17 +213,23 @@ class EqzModel:
         if not bands or not all(isinstance(band, str) for band in bands):
             raise EqzError("remove_bands takes band names, such as remove_bands('nostalgia', 'awe')")
         names = list(dict.fromkeys(_names(bands, "bands")))
-        bank = writable_bank(self.info)
-        bank.remove(*names)
-        return self._keep(bank)
+        with self._editing("removing bands"):
+            bank = writable_bank(self.info)
+            bank.remove(*names)
+            return self._keep(bank)
 
     def reset_bank(self) -> Path | None:
         """Delete the user's own copy of this model's bank, so the shipped one is used again; returns what was
         deleted (None: there was none)."""
-        removed = reset_user_bank(self.info)
+        with self._editing("resetting it"):
+            removed = reset_user_bank(self.info)
         if removed is not None:
             self._bank = None  # found again when next used
         return removed
+
+    def _editing(self, what: str):
+        """The edit lock of the user's own copy of this model's bank (bank.editing)."""
+        return editing(own_bank_directory(self.info), what)
 
     def _keep(self, bank: Bank) -> Path:
         """Save the user's own copy of the bank and steer with it from now on."""
@@ -365,10 +375,14 @@ class EqzModel:
         samples = _whole(samples, "samples", 1)
         into = self._record_into(bank, chosen) if record else None
         extra = {"progress": progress} if progress else {}
-        result = evaluate(self.model, bank, chosen, gain_list, prompts, max_tokens, samples, **extra)
-        if record:
-            bank.directory = into
-            record_figures(result, bank)
+        with editing(into, "recording eval figures") if record and into else nullcontext():
+            if record and bank.changed_on_disk():
+                raise EqzError(f"the bank in {bank.seen[0].parent} was changed by another eqz after this one loaded "
+                               "it, and recording would undo that change; load the model again to record")
+            result = evaluate(self.model, bank, chosen, gain_list, prompts, max_tokens, samples, **extra)
+            if record:
+                bank.directory = into
+                record_figures(result, bank)
         return result
 
     def _record_into(self, bank: Bank, bands: tuple[str, ...]) -> Path:

@@ -13,6 +13,7 @@ fingerprint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from .bands import BANDS, check_band_name, check_gain
 from .errors import EqzError
 from .models import ModelInfo, fingerprint
 from .shipped import shipped_dir
-from .vector_files import ControlVector, read_control_vector, write_control_vector
+from .vector_files import ControlVector, read_control_vector, replacing, write_control_vector
 
 MANIFEST = "bank.yaml"
 METER_FILE = "meter.npz"
@@ -58,6 +59,51 @@ def record_date() -> str:
 
 def user_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "eqz" / "vectors"
+
+
+_EDITING: set[str] = set()  # the banks this process holds the edit lock of: an edit inside another is not refused
+
+
+@contextmanager
+def editing(directory: Path, what: str) -> Iterator[None]:
+    """Hold the edit lock of the bank in ``directory`` (``what``: the change, as another eqz is told) while it is
+    read, changed and saved. Each change loads the bank, edits it and saves it whole, so two at once (a
+    `vectors remove` during a `train --band`) would have the later save undo the other's change. A bank another eqz
+    is changing is one line, before anything is done. An advisory lock (flock): released when its process ends,
+    however it ends; where the system has none (Windows) or the lock file cannot be made, edits go unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    key = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:24]
+    path = user_data_dir().parent / "locks" / f"{key}.lock"  # eqz's own folder: none left in the user's -o DIR
+    handle = None
+    if fcntl is not None and str(path) not in _EDITING:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError:
+            handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another eqz"
+            raise EqzError(f"the bank in {directory} is being changed by {holder}; try again when that has "
+                           "finished") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"another eqz ({what}, process {os.getpid()})")
+        handle.flush()
+        _EDITING.add(str(path))
+        try:
+            yield
+        finally:
+            _EDITING.discard(str(path))
 
 
 def search_dirs() -> list[Path]:
@@ -169,6 +215,8 @@ class Bank:
     trained: dict = field(default_factory=dict)
     voice_centre: np.ndarray | None = None  # (len(steered), n_embd); see VOICE_CENTRE_FILE
     dropped: set[str] = field(default_factory=set, repr=False)  # removed bands whose files save() deletes
+    # the bank.yaml this bank was read from or last saved as: (its path, its stat stamp), for changed_on_disk
+    seen: tuple[Path, tuple] | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         """Short, for a notebook: the full dataclass repr runs to tens of thousands of characters of arrays."""
@@ -337,6 +385,7 @@ class Bank:
                        method=manifest.get("method", {}), quality=manifest.get("quality", {}),
                        trained=manifest.get("trained", {}))
             bands = manifest["bands"].items()
+        bank.seen = _seen(directory)
         bank.voice_centre = _voice_centre(directory / VOICE_CENTRE_FILE, (len(bank.steered_layers), model.n_embd))
         read_directions = _meter_directions(directory / METER_FILE)
         for name, entry in bands:
@@ -349,8 +398,9 @@ class Bank:
         return bank
 
     def save(self, directory: Path | None = None) -> Path:
-        """Write the band GGUFs, the meter's directions, the voice centre and bank.yaml (the manifest replaced
-        atomically)."""
+        """Write the band GGUFs, the meter's directions, the voice centre and, last, bank.yaml, each file replaced
+        whole (a save stopped midway leaves every file readable; a retrained band's vector may then sit beside its
+        old figures until the next save)."""
         directory = Path(directory or self.directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, band in self.bands.items():
@@ -358,20 +408,36 @@ class Bank:
         read_directions = {name: band.read_directions for name, band in self.bands.items()
                            if band.read_directions is not None}
         if read_directions:
-            with open(directory / METER_FILE, "wb") as handle:
+            with replacing(directory / METER_FILE) as temporary, open(temporary, "wb") as handle:
                 np.savez(handle, **{name: rows.astype(np.float32) for name, rows in read_directions.items()})
         if self.voice_centre is not None:
-            np.save(directory / VOICE_CENTRE_FILE, self.voice_centre.astype(np.float32))
+            with replacing(directory / VOICE_CENTRE_FILE) as temporary, open(temporary, "wb") as handle:
+                np.save(handle, self.voice_centre.astype(np.float32))
         else:
             (directory / VOICE_CENTRE_FILE).unlink(missing_ok=True)
-        temporary = directory / f".{MANIFEST}.tmp"
-        temporary.write_text(yaml.safe_dump(self.manifest(), sort_keys=False, width=120))
-        temporary.replace(directory / MANIFEST)
+        with replacing(directory / MANIFEST) as temporary:  # last: it names what the bank is
+            temporary.write_text(yaml.safe_dump(self.manifest(), sort_keys=False, width=120))
         for name in self.dropped - set(self.bands):  # removed bands' vectors, once bank.yaml no longer names them
             (directory / f"{name}.gguf").unlink(missing_ok=True)
         self.dropped.clear()
         self.directory = directory
+        self.seen = _seen(directory)
         return directory
+
+    def changed_on_disk(self) -> bool:
+        """Whether the bank.yaml this bank was read from (or last saved) has changed since: another eqz saved that
+        bank, and saving this one there would undo its change."""
+        return self.seen is not None and _seen(self.seen[0].parent) != self.seen
+
+
+def _seen(directory: Path) -> tuple[Path, tuple]:
+    """Bank.seen for the bank.yaml in ``directory`` now (a save replaces the file: a new inode)."""
+    path = (Path(directory) / MANIFEST).resolve()
+    try:
+        status = path.stat()
+    except OSError:
+        return path, ()
+    return path, (status.st_ino, status.st_mtime_ns, status.st_size)
 
 
 def _meter_directions(path: Path) -> dict[str, np.ndarray]:

@@ -520,7 +520,7 @@ def train(
     About 7-12 minutes for a 135M model on 2 cores (--quick: 3-5).
     With only --band, the described bands are added to the model's existing bank (a few minutes)."""
     from .bands import BANDS, band_key, parse_described, unknown_band
-    from .bank import check_training_target, shadowed, slug, user_data_dir
+    from .bank import check_training_target, editing, own_bank_directory, shadowed, slug, user_data_dir
     from .display import progress_bars, print_bank
 
     chosen = tuple(dict.fromkeys(band_key(band) for band in _listed(bands, "--bands") or [])) or BANDS
@@ -540,15 +540,18 @@ def train(
         if target is not None or not extending:
             check_training_target(target or user_data_dir() / slug(loaded.info.name), loaded.info,
                                   None if extending else (*chosen, *descriptions))
+        destination = target or (own_bank_directory(loaded.info) if extending else
+                                 user_data_dir() / slug(loaded.info.name))
         started = time.monotonic()
-        try:
-            with progress_bars() as progress:
-                bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
-                                    progress=progress, hold=hold, seed=seed, replace=replace)
-        except KeyboardInterrupt:
-            sys.stderr.write("eqz train: interrupted; nothing of this run was saved (the bank is as it was)\n")
-            raise typer.Exit(130) from None
-        directory = bank.save(target or bank.directory or user_data_dir() / slug(loaded.info.name))
+        with editing(destination, "eqz train"):  # from reading the bank it extends to saving what it made
+            try:
+                with progress_bars() as progress:
+                    bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
+                                        progress=progress, hold=hold, seed=seed, replace=replace)
+            except KeyboardInterrupt:
+                sys.stderr.write("eqz train: interrupted; nothing of this run was saved (the bank is as it was)\n")
+                raise typer.Exit(130) from None
+            directory = bank.save(destination)
         seconds = time.monotonic() - started
         shadow = shadowed(directory, loaded.info) if target is None else None
     print_bank(bank)

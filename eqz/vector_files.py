@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,18 @@ from .errors import EqzError
 from .sampling import is_whole
 
 ARCHITECTURE = "controlvector"
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it once written whole: a run stopped while writing (an error,
+    Ctrl-C, a kill) leaves the earlier file or none, never half of one for a bank or ``--vector`` to trip on."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @dataclass
@@ -119,19 +134,19 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
     writer = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
-        writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
-        writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(layers))
-        for layer in layers:
-            writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(matrix[layer], dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except OSError as error:
-        if writer is not None:  # no half-written vector left behind for --vector to trip on
+        with replacing(path) as temporary:
+            writer = gguf.GGUFWriter(str(temporary), ARCHITECTURE)
+            writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
+            writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(layers))
+            for layer in layers:
+                writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(matrix[layer], dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
             writer.close()
-            path.unlink(missing_ok=True)
+    except OSError as error:
+        if writer is not None:
+            writer.close()
         raise EqzError(f"cannot write {path}: {error.strerror or error}; choose another file") from None
     return path
 

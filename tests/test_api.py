@@ -321,7 +321,7 @@ def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, mon
             model.control_vector(preset="euphoric")
         with pytest.raises(eqz.EqzError, match="nothing to export"):
             model.control_vector({"trust": 0})
-        assert model.hold("fear", None) is None and not (tmp_path / "eqz").exists()  # no copy made for nothing
+        assert model.hold("fear", None) is None and not (tmp_path / "eqz" / "vectors").exists()  # no copy for nothing
         own = model.hold("Fear", 3)
         assert own.is_relative_to(tmp_path) and model.bank.bands["fear"].hold == 3  # steers with it at once
         assert eqz.read_bank(own).bands["fear"].hold == 3 and own in [found.directory for found in eqz.list_banks()]

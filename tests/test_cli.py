@@ -418,8 +418,10 @@ def test_a_training_killed_leaves_no_copy_of_the_weights_behind(tmp_path, number
     assert not list((tmp_path / "tmp").iterdir())
 
 
-def test_ctrl_c_in_a_training_says_nothing_was_saved(tmp_path):
-    """Ctrl-C ended `train` (and `eval`) with exit 130 and not a word about what was kept."""
+def test_a_bank_in_training_refuses_other_changes_and_ctrl_c_says_nothing_was_saved(tmp_path):
+    """A change to a bank while `train` makes it was undone by the training's save (it saves the bank it read, whole);
+    it is now refused in one line until the training ends. Ctrl-C ended `train` (and `eval`) with exit 130 and not a
+    word about what was kept."""
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "XDG_DATA_HOME": str(tmp_path / "data")}
     (tmp_path / "tmp").mkdir()
     training = subprocess.Popen([EQZ, "train", "--quick", "--bands", "joy"], env=env, stdout=subprocess.DEVNULL,
@@ -428,8 +430,12 @@ def test_ctrl_c_in_a_training_says_nothing_was_saved(tmp_path):
     while not list((tmp_path / "tmp").glob("eqz-unpacked-*/f16.gguf")) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(3)  # training has begun
+    meanwhile = run_eqz("vectors", "hold", "joy", "5", env=env)
+    assert_one_line_error(meanwhile, "being changed by another eqz (eqz train, process", "try again when")
     training.send_signal(signal.SIGINT)
     assert training.wait(timeout=60) == 130
     said = training.stderr.read()
     assert "eqz train: interrupted; nothing of this run was saved" in said and "Traceback" not in said
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("bank.yaml"))
+    afterwards = run_eqz("vectors", "hold", "joy", "5", env=env)  # the lock ends with the process that held it
+    assert afterwards.returncode == 0, afterwards.stderr

@@ -377,3 +377,78 @@ def test_described_bands_written_to_a_bank_directory_extend_the_bank_there(tmp_p
     other = ModelInfo("y.gguf", "other", "llama", LAYERS + 1, EMBD, 100, 512, True)
     with pytest.raises(EqzError, match="holds the bank of tiny, not of other"):
         bank_to_extend(tmp_path / "mine", other)
+
+
+def test_a_write_stopped_midway_leaves_the_earlier_vector_and_bank_whole(tmp_path, monkeypatch):
+    """A vector file was written in place, and a failed write deleted it; a Ctrl-C or kill during a save left half a
+    file that the bank could not load. Every file of a bank is now written beside it and moved over it whole."""
+    import gguf
+    import yaml
+
+    from eqz.bank import MANIFEST
+    from eqz.errors import EqzError
+    from eqz.vector_files import read_control_vector, write_control_vector
+
+    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD)), "fear": D.unit(RNG.normal(size=EMBD))})
+    bank.save(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+        with pytest.raises(EqzError, match="cannot write .*joy.gguf: No space left on device"):
+            write_control_vector(tmp_path / "joy.gguf", bank.bands["fear"].matrix * 3, "tiny")
+    assert read_control_vector(tmp_path / "joy.gguf").directions[1].tolist() == bank.bands["joy"].matrix[1].tolist()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    bank.bands["joy"].matrix *= 2
+    for stop in ((gguf.GGUFWriter, "write_tensors_to_file"), (yaml, "safe_dump")):  # the first file, the last
+        with monkeypatch.context() as patched:
+            patched.setattr(*stop, interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                bank.save()
+        assert (tmp_path / MANIFEST).read_bytes() == before[MANIFEST]
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(before)  # no temporary file left
+        assert set(Bank.load(tmp_path).bands) == {"joy", "fear"}
+    assert (tmp_path / "fear.gguf").read_bytes() == before["fear.gguf"]
+
+
+def test_a_bank_changed_by_another_eqz_is_seen_and_its_edit_lock_is_held_by_one_process(tmp_path):
+    """Two eqz processes changing one bank: the later save undid the other's change. Edits hold a lock (one
+    line to the second one), and a bank read before another process saved it knows it changed."""
+    import os
+    import subprocess
+    import sys
+
+    from eqz.bank import editing
+    from eqz.errors import EqzError
+
+    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD))})
+    bank.save(tmp_path / "bank")
+    mine = Bank.load(tmp_path / "bank")
+    assert not mine.changed_on_disk()
+    other = Bank.load(tmp_path / "bank")
+    other.remove("joy")
+    other.save()
+    assert mine.changed_on_disk() and not other.changed_on_disk()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from eqz.bank import editing\n"
+         f"with editing(Path({str(tmp_path / 'bank')!r}), 'eqz train'):\n"
+         "    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(EqzError, match=rf"being changed by another eqz \(eqz train, process {holder.pid}\)"):
+            with editing(tmp_path / "bank", "holding a level"):
+                pass
+        with editing(tmp_path / "elsewhere", "holding a level"):  # another bank is free
+            pass
+    finally:
+        holder.communicate("", timeout=30)
+    with editing(tmp_path / "bank", "holding a level"):
+        with editing(tmp_path / "bank", "recording eval figures"):  # within one process an edit may nest
+            pass
