@@ -288,8 +288,12 @@ class EqzModel:
         samples, parallel = _whole(samples, "samples", 1), _whole(parallel, "parallel", 1)  # 0 spun for ever
         if not is_whole(seed, -2**63):  # any whole number: each row's seed is hashed from it
             raise EqzError(f"seed must be a whole number, got {seed!r}")
-        if isinstance(prompts, tuple):
-            prompts = list(prompts)
+        if preset is not None and presets:
+            raise EqzError("give either preset= (one mood for every row) or presets= (a setting per mood), not both")
+        if isinstance(prompts, dict):
+            raise EqzError(f"prompts takes a list of prompts; one given as a dict goes in a list: [{prompts!r}]")
+        if not isinstance(prompts, (str, Path, PromptFile)):  # a tuple, a generator: the prompts themselves
+            prompts = _listed(prompts, "prompts", "prompts", ["Describe your morning."])
         source = prompts if isinstance(prompts, PromptFile) else PromptFile(
             prompts if isinstance(prompts, list) else str(prompts), skip_bad=bool(skip_bad))
         sink = output if isinstance(output, Output) else Output(str(output), resume=bool(resume))

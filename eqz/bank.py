@@ -14,11 +14,12 @@ fingerprint.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -354,6 +355,19 @@ class Bank:
             del self.bands[name]
             self.forget_recorded(name)
         self.dropped.update(names)
+
+    def digest(self, names: Iterable[str]) -> str:
+        """A short digest of how bands ``names`` steer and are read (vectors, -1 ratio, held level, meter directions and
+        units, layers): rows made before and after one of them changed (a retraining, `vectors hold`) tell apart."""
+        digest = hashlib.sha256(json.dumps([self.layers.read, self.layers.steered,
+                                            sorted(self.layers.token_norm.items())]).encode())
+        for name in sorted(names):
+            band = self.bands[name]
+            digest.update(json.dumps([name, band.negative_ratio, band.hold, band.readout], sort_keys=True).encode())
+            for rows in (band.matrix, band.read_directions):
+                if rows is not None:
+                    digest.update(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+        return digest.hexdigest()[:16]
 
     # -- files
 

@@ -74,8 +74,12 @@ class PromptFile:
             self.jsonl = _looks_like_jsonl(self.path)
         else:
             self.path = Path(spec).expanduser()
+            if self.path.is_dir():
+                raise EqzError(f"{self.path} is a folder; give a prompt file (.txt, one per line, or .jsonl)")
             if not self.path.is_file():
-                raise EqzError(f"prompt file not found: {self.path}")
+                hint = "" if self.path.suffix.lower() in (".txt", ".jsonl") else \
+                    " (prompts themselves go in a list, such as ['Describe your morning.'], in the library)"
+                raise EqzError(f"prompt file not found: {self.path}{hint}")
             suffix = self.path.suffix.lower()  # PROMPTS.TXT as well
             if suffix not in (".txt", ".jsonl"):
                 raise EqzError(f"{self.path}: prompt files are .txt (one per line) or .jsonl ({{\"prompt\": ...}})")
@@ -155,19 +159,6 @@ class PromptFile:
                     raise EqzError(f"{where}: \"{key}\": {error}") from None
         return PromptRow(number, str(row_id), data["prompt"], system)
 
-    def own_system(self, prompt_id: str) -> str | None:
-        """The system prompt of the row with ``prompt_id`` when it sets one itself (bad lines are passed over, as
-        ``rows`` has already reported them)."""
-        with self._lines() as handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    row = self._parse(number, raw)
-                except EqzError:
-                    continue
-                if row is not None and row.id == prompt_id:
-                    return row.system
-        return None
-
 
 def _jsonl_line(item) -> str:
     """A list's prompt as a .jsonl line: a string is the prompt, a dict the line's fields."""
@@ -180,10 +171,15 @@ def _jsonl_line(item) -> str:
 
 
 def _looks_like_jsonl(path: Path) -> bool:
+    """Whether stdin holds .jsonl: its first line with text is a JSON object (a prompt such as "{Write} a haiku"
+    starts with a brace too, and is text)."""
     with path.open(encoding="utf-8-sig", errors="replace") as handle:
         for line in handle:
             if line.strip():
-                return line.lstrip().startswith("{")
+                try:
+                    return isinstance(json.loads(line), dict)
+                except ValueError:
+                    return False
     return False
 
 
@@ -228,6 +224,10 @@ def build_grid(
 ) -> list[Resolved]:
     """Settings = (presets, or the one --preset) x the cartesian product of sweeps; --set and sweeps win, and
     --clamp/--ablate add to each preset's filters (presets.resolve, as for generate and chat)."""
+    swept = [band for band, _ in sweeps]
+    if twice := next((band for band in swept if swept.count(band) > 1), None):
+        raise EqzError(f"--sweep {twice} (sweeps in the library) is given twice, and the later would override the "
+                       "earlier; sweep each band once")
     chosen: list[Preset | None] = [get_preset(name, bands) for name in presets] if presets else (
         [get_preset(base_preset, bands)] if base_preset else [None]
     )
@@ -235,14 +235,14 @@ def build_grid(
     if size > MAX_SETTINGS:
         raise EqzError(f"the grid has {size} settings (presets x sweeps); at most {MAX_SETTINGS}: sweep fewer gains or "
                        "split the run")
-    settings = []
+    settings = {}  # by what keys its rows (row_key): a setting repeated (joy=0:0:3, two sweeps of one band) once
     for preset in chosen:
         for combo in itertools.product(*[[(band, g) for g in gains] for band, gains in sweeps]):
             resolved = resolve(preset, bands, {**sets, **dict(combo)}, sampling_flags, system, clamp, ablate)
             gains = {band: 0.0 for band in bands}
             gains.update(resolved.gains)
-            settings.append(replace(resolved, gains=gains))
-    return settings
+            settings.setdefault(row_key("", resolved.preset, gains, 0, 0), replace(resolved, gains=gains))
+    return list(settings.values())
 
 
 def row_seed(seed: int, prompt_id: str, sample: int) -> int:
@@ -261,22 +261,44 @@ class Output:
     """The JSONL file: rows are appended and flushed one by one; resume reads what is already there."""
 
     def __init__(self, path: str, resume: bool):
-        self.path = Path("/dev/stdout" if path == "-" else path).expanduser()  # "-": stdout, as input "-" is stdin
-        self.done: set[str] = set()
+        self.stdout = path == "-"  # as input "-" is stdin: a stream, never resumed (it may be a pipe, or >> a file)
+        self.path = Path("/dev/stdout" if self.stdout else path).expanduser()
+        self.done: dict[str, dict] = {}  # row_key -> what the row was made with (made_with)
         self.first: dict | None = None
+        if self.stdout and resume:
+            raise EqzError("--resume (resume=True in the library) continues a file; give -o a file name, not -")
         if self.path.is_dir():
             raise EqzError(f"{self.path} is a folder; -o takes a file name, such as {self.path / 'out.jsonl'}")
-        self.created = not self.path.exists()  # removed again if the run stops before its first row
-        if self.path.exists() and self.path.stat().st_size > 0:
-            if not resume:
-                raise EqzError(f"{self.path} already has rows; pass --resume (resume=True in the library) to continue it "
-                               "or choose another -o")
-            self._load_existing()
+        self.created = not self.stdout and not self.path.exists()  # removed again if the run stops before its first row
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = self.path.open("a", encoding="utf-8")
         except OSError as error:
             raise EqzError(f"cannot write {self.path}: {error.strerror or error}; choose another -o") from None
+        if not self.stdout:
+            self._lock()
+            if self.path.stat().st_size > 0:
+                if not resume:
+                    self.handle.close()
+                    raise EqzError(f"{self.path} already has rows; pass --resume (resume=True in the library) to "
+                                   "continue it or choose another -o")
+                self._load_existing()
+
+    def _lock(self) -> None:
+        """One batch writes a file at a time: two resuming one file would each write the rows it lacks, twice over.
+        An advisory lock (flock), dropped when the process ends; none where the system has none."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise EqzError(f"{self.path} is being written by another eqz batch; let it finish (or stop it) and "
+                           "resume then, or choose another -o") from None
+        except OSError:  # a file system without locks
+            pass
 
     def _load_existing(self) -> None:
         """Remember the rows already there. Only a last line that starts a row but is not JSON is taken for one cut
@@ -300,7 +322,8 @@ class Output:
                     raise EqzError(f"{self.path} line {number} is not a row eqz batch wrote, so --resume will not add "
                                    "to it; choose another -o")
                 self.first = self.first or row
-                self.done.add(row_key(row["id"], row["preset"], row["sliders"], row["sample"], row["seed"]))
+                self.done[row_key(row["id"], row["preset"], row["sliders"], row["sample"], row["seed"])] = \
+                    made_with(row)
                 keep += len(raw)
         if keep < self.path.stat().st_size:
             with self.path.open("r+b") as handle:
@@ -315,39 +338,40 @@ class Output:
         if self.first["model"]["fingerprint"] != model["fingerprint"]:
             raise EqzError(f"{self.path} was written by another model ({self.first['model']['name']}); "
                            "resume with that model or choose another -o")
-
-        def unseeded(sampling: dict) -> dict:  # a row's sampling carries that row's own seed
-            return {key: value for key, value in sampling.items() if key != "seed"}
-
-        ours = [unseeded(setting.sampling.to_dict()) for setting in settings]
-        theirs = unseeded(self.first["sampling"])
+        if self.first["model"].get("file_type", model["file_type"]) != model["file_type"]:  # none: before eqz kept it
+            raise EqzError(f"{self.path} was written by another quantization of {model['name']} (llama.cpp file type "
+                           f"{self.first['model']['file_type']} there, {model['file_type']} now); resume with that file "
+                           "or choose another -o")
+        ours = [_unseeded(setting.sampling.to_dict()) for setting in settings]
+        theirs = _unseeded(self.first["sampling"])
         if theirs not in ours:
             differ = [f"{key} {theirs.get(key)} there, {ours[0].get(key)} now" for key in sorted(set(theirs) | set(ours[0]))
                       if theirs.get(key) != ours[0].get(key)]
             raise EqzError(f"{self.path} was written with other sampling settings ({'; '.join(differ)}); "
                            "resume with the same flags or choose another -o")
 
-    def check_same_rows(self, prompts: PromptFile, settings: list[Resolved], seed: int) -> None:
-        """Refuse to resume with another --seed, --system, --clamp or --ablate, which would leave one file mixing two
-        runs (rows are matched by id, preset, sliders, sample and seed alone). The first row tells: its seed comes
-        from --seed, its id and sample; its system is its prompt's own, else --system's or the preset's (so when its
-        prompt sets one, --system goes unchecked); its "filters" are the clamps and notches asked for."""
+    def check_same_rows(self, planned: Iterator[tuple[RowTask, str | None, dict]], seed: int) -> None:
+        """Refuse to resume where a row already written differs from the one this run would write in its place
+        (rows are matched by id, preset, sliders, sample and seed alone), which would leave one file mixing two runs:
+        another --seed (no row would match), or for any row another prompt under its id (a line added above it in a
+        .txt), system prompt, sampling (a preset's changed), filters, --meter, bank (a band it moves retrained or
+        held at another level) or quantization. ``planned``: every row of this run with what it is made with."""
         first = self.first
         if first is None:
             return
         if first["seed"] != row_seed(seed, first["id"], first["sample"]):
             raise EqzError(f"{self.path} was written with another --seed (its rows' seeds do not come from --seed "
                            f"{seed}); resume with the same --seed or choose another -o")
-        own = prompts.own_system(first["id"])
-        if first["system"] not in [own if own is not None else setting.system for setting in settings]:
-            raise EqzError(f"{self.path} was written with another system prompt (--system, or the preset's); resume "
-                           "with the same one or choose another -o")
-        theirs = _filter_bands(first.get("filters") or {})
-        if theirs not in [_filter_bands(setting.filters) for setting in settings]:
-            ours = _filter_bands(settings[0].filters)
-            raise EqzError(f"{self.path} was written with other filters ({_describe_filters(*theirs)} there, "
-                           f"{_describe_filters(*ours)} now); resume with the same --clamp and --ablate or choose "
-                           "another -o")
+        for task, preset, ours in planned:
+            theirs = self.done.get(task.key)
+            if theirs is None:
+                continue
+            differ = [what for what in ours if theirs[what] != ours[what] and theirs[what] != UNRECORDED]
+            if differ:
+                what = differ[0]
+                row = f"{self.path}: row id {task.row.id} (sample {task.sample}{f', preset {preset}' if preset else ''})"
+                raise EqzError(f"{row} was made with {_DIFFERENT[what](theirs[what], ours[what])}; --resume adds "
+                               "only rows made as the others were: resume as the file was begun, or choose another -o")
 
     def write(self, row: dict) -> None:
         self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -365,6 +389,44 @@ class Output:
         self.handle.close()
         if self.created and self.path.stat().st_size == 0:  # a run that stopped on bad input leaves no empty file
             self.path.unlink()
+
+
+UNRECORDED = "unrecorded"  # made_with's value for what a row of an earlier eqz does not say: not compared
+
+
+def made_with(row: dict) -> dict:
+    """What a written row was made with, beyond what its key (row_key) says: what --resume compares with the row this
+    run would write in its place."""
+    return {"prompt": row["prompt"], "system": row["system"], "sampling": _unseeded(row["sampling"]),
+            "filters": _filter_bands(row.get("filters") or {}), "meter": "meter" in row,
+            "bank": row.get("bank", UNRECORDED), "file_type": row["model"].get("file_type", UNRECORDED)}
+
+
+def _unseeded(sampling: dict) -> dict:
+    """A row's sampling without the row's own seed."""
+    return {key: value for key, value in sampling.items() if key != "seed"}
+
+
+# how a row's check_same_rows field differs, in words: (there, now) -> "..."
+_DIFFERENT = {
+    "prompt": lambda there, now: f"another prompt under its id ({_quoted(there)} there, {_quoted(now)} now: a .txt's ids "
+                                 "are line numbers, so a line added or removed above moves them)",
+    "system": lambda there, now: f"another system prompt ({_quoted(there)} there, {_quoted(now)} now: --system, the "
+                                 "preset's or the line's own)",
+    "sampling": lambda there, now: "other sampling (" + "; ".join(
+        f"{key} {there.get(key)} there, {now.get(key)} now" for key in sorted(set(there) | set(now))
+        if there.get(key) != now.get(key)) + ")",
+    "filters": lambda there, now: f"other filters ({_describe_filters(*there)} there, {_describe_filters(*now)} now)",
+    "meter": lambda there, now: f"{'--meter' if there else 'no --meter'} ({'--meter' if now else 'none'} now)",
+    "bank": lambda there, now: "another version of the bank (a band it moves was retrained, held at another level "
+                               "or replaced since)",
+    "file_type": lambda there, now: f"another quantization of the model (llama.cpp file type {there} there, {now} "
+                                    "now)",
+}
+
+
+def _quoted(text: str | None) -> str:
+    return "none" if text is None else repr(text[:60])
 
 
 ROW_TYPES = {"id": str, "prompt": str, "output": str, "sliders": dict, "sampling": dict, "seed": int, "sample": int,
@@ -442,21 +504,50 @@ class RowTask:
     row: PromptRow
     sample: int
     seed: int
+    key: str = ""  # row_key: how --resume finds the row in a file
 
 
-def missing_rows(prompts: PromptFile, settings: list[Resolved], samples: int, seed: int, output: Output,
-                 stats: BatchStats) -> Iterator[RowTask]:
-    """The rows not yet in ``output``, in the batch's fixed order (setting, prompt, sample); counts the others."""
-    number = 0
+def every_row(prompts: PromptFile, settings: list[Resolved], samples: int, seed: int) -> Iterator[RowTask]:
+    """Every row of the batch, in its fixed order (setting, prompt, sample); ``number`` is left 0."""
     for index, setting in enumerate(settings):
         for row in prompts.rows():
             for sample in range(samples):
                 row_seed_value = row_seed(seed, row.id, sample)
-                if row_key(row.id, setting.preset, setting.gains, sample, row_seed_value) in output.done:
-                    stats.skipped_existing += 1
-                    continue
-                yield RowTask(number, index, row, sample, row_seed_value)
-                number += 1
+                yield RowTask(0, index, row, sample, row_seed_value,
+                              row_key(row.id, setting.preset, setting.gains, sample, row_seed_value))
+
+
+def missing_rows(prompts: PromptFile, settings: list[Resolved], samples: int, seed: int, output: Output,
+                 stats: BatchStats) -> Iterator[RowTask]:
+    """The rows not yet in ``output``, numbered in the order they are written; counts the others."""
+    number = 0
+    for task in every_row(prompts, settings, samples, seed):
+        if task.key in output.done:
+            stats.skipped_existing += 1
+            continue
+        yield replace(task, number=number)
+        number += 1
+
+
+def bank_used(steerer: Steerer, setting: Resolved) -> str | None:
+    """The digest (Bank.digest) of the bands a setting moves or filters, as its rows record it ("bank"); None where
+    it uses none."""
+    bands = {band for band, gain in setting.gains.items() if gain} | set(setting.filters.get("clamp", {})) | \
+        set(setting.filters.get("ablate", []))
+    return steerer.bank.digest(bands) if bands and steerer.bank is not None else None
+
+
+def planned_rows(prompts: PromptFile, settings: list[Resolved], samples: int, seed: int, steerer: Steerer,
+                 meter: bool, file_type: int) -> Iterator[tuple[RowTask, str | None, dict]]:
+    """Every row of the batch with its preset and what it is made with (made_with's fields), for --resume's check."""
+    banks = [bank_used(steerer, setting) for setting in settings]
+    metered = meter and steerer.bank is not None
+    for task in every_row(prompts, settings, samples, seed):
+        setting = settings[task.setting]
+        yield task, setting.preset, {
+            "prompt": task.row.prompt, "system": task.row.system if task.row.system is not None else setting.system,
+            "sampling": _unseeded(setting.sampling.to_dict()), "filters": _filter_bands(setting.filters),
+            "meter": metered, "bank": banks[task.setting], "file_type": file_type}
 
 
 def _chat_messages(system: str | None, prompt: str) -> list[dict]:
@@ -480,6 +571,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
             setting = settings[index]
             steering = Steering().with_gains(setting.gains)
             matrix = steerer.matrix(steering)
+            bank = bank_used(steerer, setting)
             instruments = None
             if taps:
                 instruments = Instruments(steerer.bank, meter=meter, filters=steerer.filters(steering, setting.filters))
@@ -506,6 +598,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
                     "seed": finished.job.seed,
                     "n_tokens": len(finished.tokens),
                     "finish_reason": finished.finish_reason,
+                    "bank": bank,
                 }), "sample": task.sample}
                 if instruments is not None:
                     if instruments.filters and instruments.filters.asked:
@@ -560,7 +653,9 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         try:
-            self.output.check_same_rows(self.prompts, self.settings, self.seed)  # check_compatible has neither
+            planned = planned_rows(self.prompts, self.settings, self.samples, self.seed, self.steerer, self.meter,
+                                   self.model.file_type)
+            self.output.check_same_rows(planned, self.seed)
         except BaseException:
             if self.closes_output:
                 self.output.close()

@@ -361,8 +361,9 @@ def batch(
                         batch.run(on_row, stats)
             except KeyboardInterrupt:
                 sink.close()
-                sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. "
-                                 "Run the same command with --resume to finish.\n")
+                sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. " + (
+                    "Run the same command with --resume to finish.\n" if output != "-" else
+                    "--resume goes on from a file: give -o FILE next time.\n"))
                 raise typer.Exit(130)
     finally:
         source.close()

@@ -31,12 +31,14 @@ from .steering import Steerer, Steering
 
 
 def model_record(model: Model) -> dict:
-    """How records and transcripts name the model: path, name and fingerprint."""
+    """How records and transcripts name the model: path, name, fingerprint (the same for every quantization of it,
+    so that one bank serves them all) and llama.cpp's file type (which quantization made the reply)."""
     info = model.info
     return {
         "name": info.name,
         "path": info.path,
         "fingerprint": fingerprint(info.architecture, info.n_layer, info.n_embd, info.n_vocab, info.name),
+        "file_type": model.file_type,
     }
 
 

@@ -109,6 +109,70 @@ def test_resume_refuses_other_settings(tmp_path, prompt_file):
         assert out.read_text() == before
 
 
+def test_resume_checks_each_row_against_the_one_it_would_write(tmp_path, prompt_file):
+    """--resume matched rows by id, preset, sliders, sample and seed, and checked the rest on the first row only: a
+    line added above the others in a .txt, a preset's changed temperature, --meter, a changed bank or another
+    quantization all passed, and the file mixed two runs."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    out = tmp_path / "out.jsonl"
+    assert run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "4", "--set", "joy=1", env=env).returncode == 0
+    before = out.read_text()
+    moved = tmp_path / "moved.txt"
+    moved.write_text("A brand new first prompt.\n" + prompt_file.read_text())
+    for args, named in [((str(moved),), "another prompt under its id ('Describe your walk"),
+                        ((str(prompt_file), "--meter"), "no --meter (--meter now)")]:
+        refused = run_eqz("batch", *args, "-o", str(out), "-n", "4", "--set", "joy=1", "--resume", env=env)
+        (error,) = [line for line in refused.stderr.splitlines() if line.startswith("eqz: error: ")]  # joy warns too
+        assert refused.returncode == 2 and named in error and "row id 1 (sample 0)" in error, refused.stderr
+        assert out.read_text() == before
+    assert run_eqz("vectors", "hold", "joy", "6", env=env).returncode == 0  # the slider now steers otherwise
+    refused = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "4", "--set", "joy=1", "--resume", env=env)
+    assert refused.returncode == 2 and "another version of the bank" in refused.stderr and out.read_text() == before
+    written = rows(out)
+    assert len({row["bank"] for row in written}) == 1 and written[0]["model"]["file_type"] == 3  # Q4_1
+    unsteered = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "plain.jsonl"), "-n", "4", env=env)
+    assert unsteered.returncode == 0 and rows(tmp_path / "plain.jsonl")[0]["bank"] is None  # it uses no band
+    (tmp_path / "config" / "eqz" / "presets").mkdir(parents=True)
+    for name, temperature in (("cool", 0.5), ("hot", 0.9)):
+        (tmp_path / "config" / "eqz" / "presets" / f"{name}.yaml").write_text(
+            f"name: {name}\nsliders:\n  trust: 0.5\nsampling:\n  temperature: {temperature}\n")
+    grid = tmp_path / "grid.jsonl"
+    assert run_eqz("batch", str(prompt_file), "-o", str(grid), "-n", "4", "--presets", "cool,hot", env=env).returncode == 0
+    (tmp_path / "config" / "eqz" / "presets" / "hot.yaml").write_text(
+        "name: hot\nsliders:\n  trust: 0.5\nsampling:\n  temperature: 1.5\n")
+    refused = run_eqz("batch", str(prompt_file), "-o", str(grid), "-n", "4", "--presets", "cool,hot", "--resume",
+                      env=env)
+    assert refused.returncode == 2 and "(sample 0, preset hot) was made with other sampling (temperature 0.9 there, " \
+        "1.5 now)" in refused.stderr, refused.stderr
+    other = [{**row, "model": {**row["model"], "file_type": 7}} for row in rows(grid)]  # as a Q8_0 file writes them
+    grid.write_text("".join(json.dumps(row) + "\n" for row in other))
+    refused = run_eqz("batch", str(prompt_file), "-o", str(grid), "-n", "4", "--presets", "cool,hot", "--resume",
+                      env=env)
+    assert refused.returncode == 2 and "another quantization" in refused.stderr and "type 7 there, 3 now" in refused.stderr
+
+
+def test_one_batch_writes_a_file_at_a_time_and_a_grid_has_each_setting_once(tmp_path, prompt_file):
+    """Two batches resuming one file would each write the rows it lacks; a sweep of one value N times wrote N
+    identical rows per prompt, and two sweeps of one band kept only the later."""
+    out = tmp_path / "out.jsonl"
+    first = subprocess.Popen([EQZ, "batch", str(prompt_file), "-o", str(out), "-n", "64", "-j", "1", "--samples", "8"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "64", "-j", "1", "--samples", "8", "--resume")
+        assert second.returncode == 2 and "being written by another eqz batch" in second.stderr, second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+    repeated = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "r.jsonl"), "-n", "4", "--sweep", "joy=0.5:0.5:3")
+    assert repeated.returncode == 0 and "x 1 settings" in repeated.stderr and len(rows(tmp_path / "r.jsonl")) == 4
+    twice = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "t.jsonl"), "-n", "4", "--sweep", "joy=-1:1:3",
+                    "--sweep", "JOY=0:1:2")
+    assert twice.returncode == 2 and "--sweep joy (sweeps in the library) is given twice" in twice.stderr
+
+
 ROW = {"id": "1", "prompt": "hi", "system": None, "preset": None, "output": "Hello", "sliders": {}, "vectors": [],
        "sampling": {}, "seed": 1, "n_tokens": 1, "finish_reason": "stop", "eqz_version": "0.1.0", "sample": 0,
        "model": {"name": "m", "path": "m.gguf", "fingerprint": "llama-1x1-0"}}
@@ -155,6 +219,13 @@ def test_output_to_a_pipe(prompt_file, output, tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["1", "2", "3", "4"]
     assert not (tmp_path / "-").exists()
+    if output == "-":  # stdout is a stream, never resumed: `>> rows.jsonl` twice adds to the file
+        (tmp_path / "rows.jsonl").write_text(result.stdout)
+        with open(tmp_path / "rows.jsonl", "a") as rows_file:  # as the shell's >> opens it
+            appended = subprocess.run([EQZ, "batch", str(source), "-o", "-", "-n", "4"], stdout=rows_file,
+                                      stderr=subprocess.PIPE, text=True, timeout=300)
+        assert appended.returncode == 0, appended.stderr
+        assert len(rows(tmp_path / "rows.jsonl")) == 8
 
 
 def test_a_prompt_past_the_trained_context_is_one_line_naming_it(tmp_path):
@@ -217,6 +288,9 @@ def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
         assert result.returncode == 0, result.stderr
         return rows(out)
 
+    braced = subprocess.run([EQZ, "batch", "-", "-o", "-", "-n", "4"], input="{Write} a haiku.\nWhat is JSON?\n",
+                            capture_output=True, text=True, timeout=300)  # text, though its first line has a brace
+    assert braced.returncode == 0 and json.loads(braced.stdout.splitlines()[0])["prompt"] == "{Write} a haiku."
     table = run({"system": "Answer only in French."})
     assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Answer only in French."
     plain = run({})  # the row's own system reaches the model: b's reply changes, a's does not (seeds go by id)
