@@ -7,7 +7,8 @@ that OpenAI clients pass through (``extra_body={"eqz": {...}}`` in the ``openai`
     {"sliders": {"joy": 0.8}, "preset": "curious", "clamp": {"fear": 0}, "ablate": ["anger"], "meter": true}
 
 Errors are in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, one line each: HTTP 4xx for what
-a request got wrong, 503 once the decode loop has stopped.
+a request got wrong (an OpenAI field asking for what eqz cannot do included), 503 once the decode loop has stopped
+or the server is stopping.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -40,10 +42,40 @@ SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top
                    "seed": "seed", "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
                    "repeat_penalty": "repeat_penalty"}
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+# JSON integers among them, and their top where sampling sets none (llama.cpp keeps them in 32 bits)
+WHOLE_FIELDS = {"top_k": 2**31 - 1, "seed": 2**32 - 1, "max_tokens": 2**31 - 1, "max_completion_tokens": 2**31 - 1}
+# A slot's 2048 tokens of text are ~10 KB, ~60 KB spelt out in JSON escapes: a bigger body is never a prompt that
+# fits, and reading and tokenizing it would only keep the server busy.
+MAX_BODY = 2**20
+# OpenAI fields eqz cannot honour: (the values that ask for nothing, which client libraries send as defaults, why not)
+UNSUPPORTED = {
+    "logprobs": ((None, False), "eqz returns no log-probabilities"),
+    "top_logprobs": ((None, 0), "eqz returns no log-probabilities"),
+    "response_format": ((None, {"type": "text"}), "eqz cannot hold a reply to a format"),
+    "tools": ((None, []), "eqz calls no tools"),
+    "tool_choice": ((None, "none", "auto"), "eqz calls no tools"),
+    "functions": ((None, []), "eqz calls no functions"),
+    "function_call": ((None, "none", "auto"), "eqz calls no functions"),
+    "presence_penalty": ((None, 0), "eqz has repeat_penalty instead"),
+    "frequency_penalty": ((None, 0), "eqz has repeat_penalty instead"),
+    "logit_bias": ((None, {}), "eqz biases no tokens"),
+}
+UNSUPPORTED_IN_COMPLETIONS = {
+    "echo": ((None, False), "eqz returns only the completion"),
+    "suffix": ((None, ""), "eqz completes only after the prompt"),
+    "best_of": ((None, 1), "eqz makes one candidate per request"),
+}
 
 
 class BadRequest(EqzError):
     """What was wrong with a request body, in one line."""
+
+
+class BodyTooLarge(EqzError):
+    """A body over MAX_BODY: HTTP 413, refused before it is read whole."""
+
+    def __init__(self):
+        super().__init__(f"the body is over {MAX_BODY // 2**20} MiB, far more than a reply's context can hold")
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None,
@@ -100,6 +132,7 @@ class EqzServer:
         self.app = Starlette(routes=[
             Route("/", self.page),
             Route("/v1/models", self.models),
+            Route("/v1/models/{id:path}", self.model_info),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/eqz/config", self.config),
@@ -108,6 +141,7 @@ class EqzServer:
             404: lambda request, exc: _error(404, f"no such path: {request.url.path}", "not_found"),
             405: lambda request, exc: _error(405, f"{request.method} is not allowed on {request.url.path}",
                                              "invalid_request_error"),
+            BodyTooLarge: lambda request, exc: _error(413, str(exc)),
             ServerBusy: lambda request, exc: _error(429, str(exc), "rate_limit_error", {"Retry-After": "1"}),
             DecodeLoopStopped: lambda request, exc: _error(503, str(exc), "server_error"),
             # OpenAI's code for it: a chat client (the web page too) drops its oldest turns and asks again
@@ -120,14 +154,28 @@ class EqzServer:
     def close(self) -> None:
         self.loop.close()
 
+    async def stop(self) -> None:
+        """End every reply while the event loop still runs (as uvicorn begins to exit): each stream gets its last
+        chunk and [DONE], each plain request a 503, and no decode-thread event is left for a closed loop."""
+        await run_in_threadpool(self.close)
+
     # -- routes
 
     async def page(self, request: HttpRequest) -> Response:
         return HTMLResponse(resources.files("eqz.data").joinpath("web.html").read_text(encoding="utf-8"))
 
     async def models(self, request: HttpRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
-                                                         "owned_by": "eqz"}]})
+        return JSONResponse({"object": "list", "data": [self._model_entry()]})
+
+    async def model_info(self, request: HttpRequest) -> Response:
+        """One model (``client.models.retrieve``): this server's only one."""
+        if request.path_params["id"] != self.name:
+            return _error(404, f"no model '{request.path_params['id']}'; this server has '{self.name}'",
+                          code="model_not_found")
+        return JSONResponse(self._model_entry())
+
+    def _model_entry(self) -> dict:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "eqz"}
 
     async def config(self, request: HttpRequest) -> Response:
         """What the web page needs: the bands and their warnings, the presets' sliders, whether the meter can run."""
@@ -145,7 +193,7 @@ class EqzServer:
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
         messages = [_message(index, message) for index, message in enumerate(messages)]
-        return await self._respond(body, self._prepare(body, messages=messages), chat=True)
+        return await self._respond(request, body, chat=True, messages=messages)
 
     async def completions(self, request: HttpRequest) -> Response:
         body = await _json_body(request)
@@ -154,7 +202,7 @@ class EqzServer:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string")
-        return await self._respond(body, self._prepare(body, prompt=_text(prompt, "'prompt'")), chat=False)
+        return await self._respond(request, body, chat=False, prompt=_text(prompt, "'prompt'"))
 
     async def stream_state(self, request: HttpRequest) -> Response:
         """GET: a reply's record (running or recently finished); POST {"sliders": {...}}: re-steer a running one
@@ -182,17 +230,24 @@ class EqzServer:
 
     # -- the work
 
-    def _prepare(self, body: dict, **text):
-        if body.get("n") not in (None, 1):
+    def _prepare(self, body: dict, chat: bool, **text):
+        """The request to submit, or one line saying what is wrong with ``body``. Run in a worker thread: it
+        tokenizes the prompt, which takes a while for a long one and would stall every other client."""
+        n = body.get("n")
+        if n is not None and (type(n) is not int or n != 1):  # true would pass as 1
             raise BadRequest("'n' must be 1: eqz returns one choice per request (send more requests, or use "
                              "eqz batch --samples N)")
-        settings = body.get("eqz", {"preset": self.preset} if self.preset else {}) or {}
+        for field, (harmless, why) in (UNSUPPORTED | ({} if chat else UNSUPPORTED_IN_COMPLETIONS)).items():
+            if body.get(field) not in harmless:
+                raise BadRequest(f"'{field}' is not supported as sent ({why}); leave it out")
+        settings = body.get("eqz") or {}
         if not isinstance(settings, dict):
             raise BadRequest("'eqz' must be an object: {\"sliders\", \"preset\", \"clamp\", \"ablate\", \"meter\"}")
         unknown = set(settings) - {"sliders", "preset", "clamp", "ablate", "meter"}
         if unknown:
             raise BadRequest(f"unknown eqz field '{sorted(unknown)[0]}'; known: sliders, preset, clamp, ablate, meter")
-        sampling = {name: body[field] for field, name in SAMPLING_FIELDS.items() if body.get(field) is not None}
+        sampling = {name: _number(field, body[field]) for field, name in SAMPLING_FIELDS.items()
+                    if body.get(field) is not None}
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -201,29 +256,38 @@ class EqzServer:
         ablate = settings.get("ablate") or []
         if not isinstance(clamp, dict) or not isinstance(ablate, list):
             raise BadRequest("eqz 'clamp' is {band: level} and 'ablate' a list of bands")
+        for band, level in clamp.items():
+            _number(f"level for {band}", level)
+        meter = _flag("eqz 'meter'", settings.get("meter"))
         preset = settings.get("preset")
-        if "eqz" in body and preset is not None and not (isinstance(preset, str) and is_preset_name(preset)):
+        if preset is not None and not (isinstance(preset, str) and is_preset_name(preset)):
             # a client names a preset, never a file: a path would read the server's files
             raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)")
-        if self.default is not None and isinstance(preset, str) and preset.strip().lower() == self.default.name:
+        if preset is None and settings.get("sliders") is None:
+            preset = self.preset  # the request chose no mood (meter or filters alone are no choice): the server's
+        elif self.default is not None and preset is not None and preset.strip().lower() == self.default.name:
             preset = self.preset  # the server's own preset, a file perhaps
         return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
-                                  sampling=sampling, stop=stop,
-                                  clamp=clamp, ablate=ablate, meter=bool(settings.get("meter")))
+                                  sampling=sampling, stop=stop, clamp=clamp, ablate=ablate, meter=meter)
 
-    async def _respond(self, body: dict, job, chat: bool) -> Response:
+    async def _respond(self, request: HttpRequest, body: dict, chat: bool, **text) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        streaming = body.get("stream")
-        if streaming not in (None, True, False):  # "false" would stream
-            raise BadRequest(f"'stream' must be true or false, got {json.dumps(streaming)}")
-        streaming = bool(streaming)
+        streaming = _flag("'stream'", body.get("stream"))  # "false" would stream
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("'stream_options' must be an object {\"include_usage\": true}")
+        usage = _flag("stream_options 'include_usage'", options.get("include_usage"))
+        job = await run_in_threadpool(self._prepare, body, chat, **text)
 
         def on_event(kind: str, data) -> None:
             """From the decode thread. A reply that is not streamed needs only its end, so it wakes this loop once,
             not once per token and row."""
             if streaming or kind in ("done", "error"):
-                loop.call_soon_threadsafe(self._deliver, job, events, kind, data)
+                try:
+                    loop.call_soon_threadsafe(self._deliver, job, events, kind, data)
+                except RuntimeError:  # the event loop has closed (the server stopped): no one is left to tell
+                    pass
 
         job.on_event = on_event
         self.loop.submit(job)
@@ -232,28 +296,41 @@ class EqzServer:
         self._remember(job.id, {"id": job.id, **job.steering.to_dict(self.bands), "changes": job.changes,
                                 "finish_reason": None})
         if streaming:
-            return StreamingResponse(self._chunks(job, events, created, chat), media_type="text/event-stream",
+            return StreamingResponse(self._chunks(job, events, created, chat, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Eqz-Stream": job.id})
+        answer = asyncio.ensure_future(events.get())
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            kind, data = await events.get()
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            job.cancel()  # a no-op once done; frees the slot if this handler is cancelled (client gone)
+            gone.cancel()
+            answer.cancel()  # no-op once done
+            self.loop.cancel(job)  # no-op once done; frees the slot or queue place of a client that left
+        if not answer.done():  # the client has gone: no one reads an answer (499: nginx's "client closed request")
+            return Response(status_code=499)
+        kind, data = answer.result()
         if kind == "error":
-            return _error(500, f"generation failed: {data}", "server_error")
+            return _error(503, f"the server's decode loop stopped ({data}); it needs a restart", "server_error")
+        if data["finish_reason"] == "cancelled":  # only the server's stop cancels a reply whose client is there
+            return _error(503, "the server is stopping; send the request again once it is back", "server_error")
         choice = {"index": 0, "finish_reason": FINISH_REASONS[data["finish_reason"]]}
         text = data["output"]
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
         return JSONResponse({
             "id": job.id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": self.name, "choices": [choice],
-            "usage": {"prompt_tokens": data["n_prompt_tokens"], "completion_tokens": data["n_tokens"],
-                      "total_tokens": data["n_prompt_tokens"] + data["n_tokens"]},
-            "eqz": _without_output(data),
+            "usage": _usage(data), "eqz": _without_output(data),
         })
 
-    async def _chunks(self, job, events: asyncio.Queue, created: int, chat: bool):
-        """Server-sent events in OpenAI's chunk shape; the last chunk carries eqz's record of the reply."""
+    async def _chunks(self, job, events: asyncio.Queue, created: int, chat: bool, usage: bool):
+        """Server-sent events in OpenAI's chunk shape; the last chunk carries eqz's record of the reply, and
+        (``usage``: stream_options include_usage) one more with no choices the token counts, as OpenAI sends."""
         kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list, **fields) -> str:
+            payload = {"id": job.id, "object": kind_name, "created": created, "model": self.name, "choices": choices,
+                       **fields}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         def chunk(delta: str | None, finish: str | None = None, extra: dict | None = None, role: bool = False) -> str:
             if chat:
@@ -261,10 +338,7 @@ class EqzServer:
                 choice = {"index": 0, "delta": content, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            payload = {"id": job.id, "object": kind_name, "created": created, "model": self.name, "choices": [choice]}
-            if extra:
-                payload["eqz"] = extra
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            return event([choice], **({"eqz": extra} if extra else {}), **({"usage": None} if usage else {}))
 
         finished = False
         try:
@@ -283,11 +357,13 @@ class EqzServer:
                 elif kind == "done":
                     finished = True
                     yield chunk(None, FINISH_REASONS[data["finish_reason"]], _without_output(data))
+                    if usage:
+                        yield event([], usage=_usage(data))
                     break
             yield "data: [DONE]\n\n"
         finally:
             if not finished:
-                job.cancel()
+                self.loop.cancel(job)
 
     def _deliver(self, job, events: asyncio.Queue, kind: str, data) -> None:
         """On the event loop: pass a decode-thread event to the response; a finished reply's record is kept for
@@ -306,19 +382,26 @@ class EqzServer:
 
 
 class _KeyCheck:
-    """ASGI middleware: every /v1/ path needs ``Authorization: Bearer KEY`` (the page itself is public)."""
+    """ASGI middleware: every /v1/ path needs ``Authorization: Bearer KEY`` (the page itself is public; the scheme's
+    case is free, as HTTP has it)."""
 
     def __init__(self, app, key: str):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            sent = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(sent, self.expected):
+            scheme, _, sent = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if not (scheme.lower() == b"bearer" and secrets.compare_digest(sent.strip(), self.expected)):
                 response = _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _usage(record: dict) -> dict:
+    """OpenAI's token counts of a reply."""
+    return {"prompt_tokens": record["n_prompt_tokens"], "completion_tokens": record["n_tokens"],
+            "total_tokens": record["n_prompt_tokens"] + record["n_tokens"]}
 
 
 def _without_output(record: dict) -> dict:
@@ -326,9 +409,23 @@ def _without_output(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "output"}
 
 
+async def _disconnected(request: HttpRequest) -> None:
+    """Returns once the client has gone (its body read, the next message ASGI has for a request is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _json_body(request: HttpRequest) -> dict:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise BodyTooLarge()
+    data = bytearray()
+    async for piece in request.stream():  # a body sent without its length is counted as it comes
+        data += piece
+        if len(data) > MAX_BODY:
+            raise BodyTooLarge()
     try:
-        body = json.loads(await request.body())
+        body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadRequest(f"the body is not valid JSON ({error})") from None
     except RecursionError:
@@ -358,6 +455,24 @@ def _message(index: int, message) -> dict:
                                              if isinstance(part, dict) and part.get("type") == "text")}
 
 
+def _number(field: str, value) -> int | float:
+    """``value`` if JSON gave it as a number (a whole one within WHOLE_FIELDS' top for those), else one line naming
+    ``field``: sampling would read "0.5" as a command line's text, and ctypes would cut 1e20 to 32 bits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{field} must be a number, got {json.dumps(value)}")
+    top = WHOLE_FIELDS.get(field)
+    if top is not None and (isinstance(value, float) and not value.is_integer() or value > top):
+        raise BadRequest(f"{field} must be a whole number up to {top}, got {json.dumps(value)}")
+    return value
+
+
+def _flag(field: str, value) -> bool:
+    """``value`` if JSON gave a boolean (or null: false), else one line naming ``field``: "false" is true in Python."""
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{field} must be true or false, got {json.dumps(value)}")
+    return bool(value)
+
+
 def _text(value, field: str) -> str:
     """``value`` if it is text the model can read (a string that has a UTF-8 form: JSON can spell out a lone
     surrogate, which has none), else one line naming ``field``."""
@@ -376,6 +491,8 @@ def _sliders(sliders, valid: tuple[str, ...] | None) -> dict[str, float]:
         return {}
     if not isinstance(sliders, dict):
         raise BadRequest("eqz 'sliders' must be an object {band: gain}")
+    for band, gain in sliders.items():
+        _number(f"gain for {band}", gain)
     return {band: check_gain(band, gain, valid) for band, gain in keyed_by_band(sliders, "sliders").items()}
 
 
@@ -416,6 +533,13 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
         raise
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     runner = uvicorn.Server(config)
+    stop_connections = runner.shutdown
+
+    async def shutdown(sockets=None):
+        await server.stop()  # first: uvicorn's graceful wait would otherwise end running replies by cancelling them
+        await stop_connections(sockets)
+
+    runner.shutdown = shutdown
     if on_ready:
         original = runner.startup
 

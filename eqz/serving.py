@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import threading
 from collections import deque
@@ -25,6 +26,8 @@ from .generation import Decoding, PromptHeads, RowSteering, decode_step
 from .meter import Filters, geometry, metered_bands
 from .sampling import Sampling
 from .steering import Steerer, Steering
+
+log = logging.getLogger(__name__)
 
 
 class ServerBusy(EqzError):
@@ -135,7 +138,8 @@ class _RowTap:
 class BatchServer:
     """Runs requests ``parallel`` at a time on one context, in a thread of its own. ``submit`` queues a request
     (at most ``max_waiting`` wait for a slot, then ServerBusy); ``resteer`` changes a running request's sliders
-    from its next token on; ``close`` cancels everything and stops the thread."""
+    from its next token on; ``cancel`` ends one (a client that left); ``close`` cancels everything and stops the
+    thread."""
 
     def __init__(self, model: Model, bank: Bank | None, parallel: int = 4, per_sequence: int = 2048,
                  max_waiting: int = 64):
@@ -200,6 +204,16 @@ class BatchServer:
             row.pending = (*self._prepare(steering, row.request.filters), steering)
         return steering
 
+    def cancel(self, request: Request) -> None:
+        """End a request: a running one after its current token, a waiting one at once, so that its place in the
+        line is free for the next client (it gets its "done" now). A no-op once it is done."""
+        request.cancel()
+        with self._wake:
+            if request not in self._waiting:
+                return
+            self._waiting.remove(request)
+        request.on_event("done", self._record(None, request, "cancelled"))
+
     def _prepare(self, steering: Steering, filters: dict) -> tuple[np.ndarray | None, Filters | None]:
         """The control vector and filters a row under ``steering`` is decoded with; an EqzError where a filter
         names a band the meter cannot read."""
@@ -251,6 +265,8 @@ class BatchServer:
                     self._start(row)
                 self._step()
         except BaseException as error:  # a failure here must reach every waiting client, not vanish
+            # and the log: it is the server's fault, and every request from now on gets only its one line
+            log.error("the decode loop stopped; no request can run until a restart", exc_info=error)
             with self._wake:
                 self.error = error
                 rows = list(self._running.values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+import eqz
 from eqz.errors import EqzError
 from eqz.server import listen_socket
 
@@ -43,14 +45,17 @@ class Served:
                 break
         assert found, "".join(said)
         self.url = f"http://127.0.0.1:{found.group(1)}"
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
+        self.log = said  # what it says on stderr, read as it comes (which keeps the pipe drained)
+        self.reading = threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True)
+        self.reading.start()
 
-    def post(self, path: str, body, key: str | None = None) -> tuple[int, dict]:
+    def post(self, path: str, body, key: str | None = None, timeout: float = 120,
+             scheme: str = "Bearer") -> tuple[int, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        headers = {"Content-Type": "application/json", **({"Authorization": f"{scheme} {key}"} if key else {})}
         request = urllib.request.Request(self.url + path, data, headers)
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, {**json.loads(error.read()), "headers": {k.lower(): v for k, v in error.headers.items()}}
@@ -62,6 +67,12 @@ class Served:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
+
+    def stream(self, path: str, body: dict):
+        """A streamed request's response, open: read its events as they come, close it to leave."""
+        request = urllib.request.Request(self.url + path, json.dumps({**body, "stream": True}).encode(),
+                                         {"Content-Type": "application/json"})
+        return urllib.request.urlopen(request, timeout=60)
 
     def close(self) -> None:
         self.process.terminate()
@@ -255,12 +266,69 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": False}, "temperature must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"joy": True}}}, "gain for joy must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "/etc/hostname"}}, "must be a preset's name"),
+    # loose types were taken: "false" turned the meter on, numbers in strings passed, true was 1, 1e20 cut to 32 bits
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"meter": "false"}}, "eqz 'meter' must be true or false"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": " 3 "}, "max_tokens must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"joy": "1"}}}, "gain for joy must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"clamp": {"fear": "0"}}}, "level for fear must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": True}, "'n' must be 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": 1}, "'stream' must be true or false"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 1e20}, "top_k must be a whole number up to"),
+    # OpenAI fields asking for what eqz cannot do were ignored in silence
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2}, "'logprobs' is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     "'response_format' is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "'tools' is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "'frequency_penalty' is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}}, "'logit_bias' is not supported"),
 ])
 def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, fragment):
     status, answer = server.post("/v1/chat/completions", body)
     assert status == 400 and fragment in answer["error"]["message"] and "\n" not in answer["error"]["message"]
     assert answer["error"]["type"] == "invalid_request_error"
     assert server.get("/v1/models")[0] == 200
+
+
+def test_openai_defaults_pass_what_eqz_cannot_do_is_refused_and_a_stream_can_end_with_its_usage(server, client):
+    """Fields asking for what eqz cannot do were ignored in silence, include_usage too; a 2 MB body was tokenized
+    (on the event loop, stalling every client) before its length was checked."""
+    defaults = {"prompt": "Hi", "max_tokens": 2, "logprobs": False, "top_logprobs": 0, "tools": [], "logit_bias": {},
+                "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"},
+                "echo": False, "best_of": 1, "suffix": None}  # as client libraries send them
+    assert server.post("/v1/completions", defaults)[0] == 200
+    for field, value in (("echo", True), ("suffix", "!"), ("best_of", 2)):
+        status, answer = server.post("/v1/completions", {"prompt": "Hi", field: value})
+        assert status == 400 and f"'{field}' is not supported" in answer["error"]["message"]
+    status, answer = server.post("/v1/completions", b'{"prompt": "' + b"a" * 2**21 + b'"}')
+    assert status == 413 and answer["error"]["type"] == "invalid_request_error", answer
+    chunks = list(client.completions.create(model="eqz", prompt="Hi", max_tokens=3, seed=1, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 3 and chunks[-1].usage.prompt_tokens > 0
+
+
+def test_a_decode_loop_that_dies_says_why_in_the_log(caplog):
+    """It kept its error in silence: every request then got a 503 whose cause no log held."""
+    with eqz.load() as model:
+        loop = model.server(parallel=1)
+        try:
+            request = model.request(prompt="Hi", sampling={"max_tokens": 4})
+            failed = threading.Event()
+
+            def on_event(kind: str, data) -> None:  # a library user's callback with a bug
+                if kind == "piece":
+                    raise ValueError("a bug in on_event")
+                failed.set()  # the "error" every request gets
+
+            request.on_event = on_event
+            loop.submit(request)
+            assert failed.wait(60)
+        finally:
+            loop.close()
+    (logged,) = [record for record in caplog.records if record.name == "eqz.serving"]
+    assert "decode loop stopped" in logged.getMessage() and "a bug in on_event" in str(logged.exc_info[1])
 
 
 def test_band_names_take_any_case_in_sliders_clamp_and_ablate(server):
@@ -294,27 +362,60 @@ def test_a_port_is_held_from_the_moment_eqz_serve_checks_it():
         first.close()
 
 
-def test_a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_429():
-    served = Served("--parallel", "1", "--queue", "0")
+def test_a_client_that_leaves_frees_its_slot_or_its_place_and_a_full_queue_answers_429():
+    """A plain (not streamed) request whose client left kept its slot until max_tokens (a 4-token request after it
+    took 57 s), and one that left while waiting kept its place in the line."""
+    served = Served("--parallel", "1", "--queue", "1")
+    counting = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0}  # runs to max_tokens
+    short = {"prompt": "Hello", "max_tokens": 4}
     try:
-        body = {"prompt": "Once upon a time", "max_tokens": 2000, "stream": True}
-        request = urllib.request.Request(served.url + "/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        response = urllib.request.urlopen(request, timeout=60)
-        stream_id = response.headers["X-Eqz-Stream"]
-        response.readline()
-        status, busy = served.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+        with pytest.raises(OSError):  # a client that gives up (timed out) while its reply runs
+            served.post("/v1/completions", counting, timeout=1)
+        status, reply = served.post("/v1/completions", short, timeout=20)  # the slot was freed within a token
+        assert status == 200 and reply["choices"][0]["text"]
+        running = served.stream("/v1/completions", counting)
+        stream_id = running.headers["X-Eqz-Stream"]
+        running.readline()  # it holds the only slot
+        with pytest.raises(OSError):  # a client that gives up while it waits for the slot
+            served.post("/v1/completions", short, timeout=1)
+        waiting = served.stream("/v1/completions", short)  # the place it left is free
+        status, busy = served.post("/v1/completions", short)
         assert status == 429 and busy["headers"]["retry-after"] == "1" and "retry" in busy["error"]["message"]
-        response.close()  # the client goes away mid-stream
+        waiting.close()
+        running.close()  # the client goes away mid-stream
         deadline = time.time() + 30
         while time.time() < deadline and served.get(f"/v1/eqz/streams/{stream_id}")[1].get("finish_reason") is None:
             time.sleep(0.05)
         record = served.get(f"/v1/eqz/streams/{stream_id}")[1]
         assert record["finish_reason"] == "cancelled" and record["n_tokens"] < 2000
-        status, reply = served.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+        status, reply = served.post("/v1/completions", short)
         assert status == 200 and reply["choices"][0]["text"]
     finally:
         served.close()
+
+
+def test_ctrl_c_ends_running_replies_with_their_last_chunk_or_a_503_and_no_traceback():
+    """uvicorn's graceful wait cancelled running replies after 2 s: a plain client got a text/plain 500, a stream
+    ended without its last chunk or [DONE], and the log held tracebacks (the decode thread's "Event loop is closed"
+    too)."""
+    served = Served("--parallel", "2")
+    counting = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        stream = served.stream("/v1/completions", {**counting, "stream_options": {"include_usage": True}})
+        stream.readline()
+        plain = pool.submit(served.post, "/v1/completions", counting)
+        time.sleep(1)  # the plain request reaches the other slot
+        served.process.send_signal(signal.SIGINT)
+        rest = stream.read().decode()
+        status, answer = plain.result(timeout=30)
+    assert served.process.wait(timeout=30) == 130
+    served.reading.join(timeout=10)
+    events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-2]["eqz"]["finish_reason"] == "cancelled"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == events[-2]["eqz"]["n_tokens"]
+    assert rest.endswith("data: [DONE]\n\n")
+    assert status == 503 and "stopping" in answer["error"]["message"] and answer["error"]["type"] == "server_error"
+    assert "Traceback" not in "".join(served.log) and "Error" not in "".join(served.log), "".join(served.log)
 
 
 def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_plain_clients():
@@ -331,10 +432,16 @@ def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_p
         status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, key="sesame")
         assert status == 200 and reply["object"] == "text_completion"
         assert reply["eqz"]["sliders"]["sadness"] == 0.8  # no "eqz" field: the server's preset
-        status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "eqz": {}}, key="sesame")
-        assert not any(reply["eqz"]["sliders"].values())  # an explicit (empty) field wins
+        # the server's preset holds unless a request chooses a preset or sliders (it was dropped by any "eqz" field)
+        for settings, sadness in (({}, 0.8), (None, 0.8), ({"meter": True, "clamp": {"fear": 0}}, 0.8),
+                                  ({"sliders": {}}, 0), ({"sliders": {"joy": 1}}, 0), ({"preset": "serene"}, 0)):
+            status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "eqz": settings},
+                                        key="sesame", scheme="bearer")  # the scheme's case is free
+            assert status == 200 and reply["eqz"]["sliders"]["sadness"] == sadness, (settings, reply)
         status, config = served.get("/v1/eqz/config", key="sesame")
         assert status == 200 and config["preset"] == "melancholy"  # the web page starts from it
+        client = OpenAI(base_url=served.url + "/v1", api_key="sesame", max_retries=0, timeout=60)
+        assert client.models.retrieve("SmolLM2-135M-Instruct.Q4_1").owned_by == "eqz"  # was a 404
     finally:
         served.close()
 
