@@ -382,7 +382,7 @@ def serve(
     parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="replies decoded together, each with its own sliders", min=1, max=64)] = 4,
     api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="EQZ_API_KEY", help="require Authorization: Bearer KEY on /v1/ (also $EQZ_API_KEY)")] = None,
     queue: Annotated[int, typer.Option("--queue", metavar="N", help="requests that may wait for a slot before HTTP 429", min=0)] = 64,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help='the mood of requests without an "eqz" field')] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help="the mood of requests that choose no preset or sliders of their own")] = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:
