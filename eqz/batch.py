@@ -51,6 +51,10 @@ class PromptRow:
     id: str
     prompt: str
     system: str | None
+    meta: dict | None = None  # a .jsonl line's other fields (labels, conditions), carried into its rows as "meta"
+
+
+LINE_KEYS = ("prompt", "id", "system")
 
 
 class PromptFile:
@@ -151,13 +155,22 @@ class PromptFile:
         row_id = data.get("id", number)
         if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
             raise EqzError(f"{where}: \"id\" must be a string or a whole number")
+        meta = {key: value for key, value in data.items() if key not in LINE_KEYS}
+        if misspelt := next((key for key in meta if key.strip().lower() in LINE_KEYS), None):
+            raise EqzError(f"{where}: \"{misspelt}\" is not a key eqz reads (did you mean "
+                           f"\"{misspelt.strip().lower()}\"?); other keys are carried into the rows as \"meta\"")
+        try:  # a lone surrogate spelt out in JSON would stop the run when its row is written
+            json.dumps(meta, ensure_ascii=False).encode()
+        except UnicodeEncodeError as error:
+            raise EqzError(f"{where}: a field other than prompt, id and system holds text with no UTF-8 form "
+                           f"({error.reason})") from None
         for key in ("prompt", "system", "id"):  # JSON can spell out a lone surrogate, which no file or model takes
             if isinstance(data.get(key), str):
                 try:
                     utf8(data[key])
                 except EqzError as error:
                     raise EqzError(f"{where}: \"{key}\": {error}") from None
-        return PromptRow(number, str(row_id), data["prompt"], system)
+        return PromptRow(number, str(row_id), data["prompt"], system, meta or None)
 
 
 def _jsonl_line(item) -> str:
@@ -599,7 +612,7 @@ def generate_rows(model: Model, steerer: Steerer, settings: list[Resolved], task
                     "n_tokens": len(finished.tokens),
                     "finish_reason": finished.finish_reason,
                     "bank": bank,
-                }), "sample": task.sample}
+                }), "sample": task.sample, **({"meta": task.row.meta} if task.row.meta else {})}
                 if instruments is not None:
                     if instruments.filters and instruments.filters.asked:
                         record["filters"] = instruments.filters.describe()

@@ -260,11 +260,14 @@ BAD_LINES = [
     (b'{"prompt": "fine"}\n{"prompt": "yo", "id": "\\ud800"}\n', "line 2", "lone surrogate"),
     (b'{"prompt": "fine"}\n{"prompt": "yo", "id": null}\n', "line 2", "must be a string or a whole number"),
     (b'{"prompt": "fine"}\n{"prompt": "yo", "id": {"a": 1}}\n', "line 2", "must be a string or a whole number"),
+    (b'{"prompt": "fine"}\n{"prompt": "yo", "ID": 3}\n', "line 2", '"ID" is not a key eqz reads (did you mean "id"?)'),
+    (b'{"prompt": "fine"}\n{"prompt": "yo", "note": "\\ud800"}\n', "line 2", "holds text with no UTF-8 form"),
 ]
 
 
 @pytest.mark.parametrize("content,where,what", BAD_LINES,
-                         ids=["json", "prompt", "utf8", "surrogate", "surrogate-id", "null-id", "object-id"])
+                         ids=["json", "prompt", "utf8", "surrogate", "surrogate-id", "null-id", "object-id", "ID",
+                              "surrogate-meta"])
 def test_bad_prompt_line_stops_before_any_generation(tmp_path, content, where, what):
     prompts = tmp_path / "p.jsonl"
     prompts.write_bytes(content)
@@ -282,7 +285,8 @@ def test_bad_prompt_line_stops_before_any_generation(tmp_path, content, where, w
 def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
     def run(system_of_b: dict) -> list[dict]:
         out = tmp_path / f"out{len(system_of_b)}.jsonl"
-        lines = [json.dumps({"id": "a", "prompt": "Say hi."}), json.dumps({"id": "b", "prompt": "Say bye.", **system_of_b})]
+        lines = [json.dumps({"id": "a", "prompt": "Say hi.", "label": "greeting", "arm": {"n": 1}}),
+                 json.dumps({"id": "b", "prompt": "Say bye.", **system_of_b})]
         result = subprocess.run([EQZ, "batch", "-", "-o", str(out), "-n", "8"], input="\n".join(lines) + "\n",
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
@@ -293,6 +297,8 @@ def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
     assert braced.returncode == 0 and json.loads(braced.stdout.splitlines()[0])["prompt"] == "{Write} a haiku."
     table = run({"system": "Answer only in French."})
     assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Answer only in French."
+    # a line's other fields come with its rows (they were dropped: the id was the only link to a study's labels)
+    assert table[0]["meta"] == {"label": "greeting", "arm": {"n": 1}} and "meta" not in table[1]
     plain = run({})  # the row's own system reaches the model: b's reply changes, a's does not (seeds go by id)
     assert plain[0]["output"] == table[0]["output"] and plain[1]["output"] != table[1]["output"]
 

@@ -97,7 +97,8 @@ def test_generate_json_and_batch_rows_share_one_record_schema(tmp_path):
     run_eqz("batch", str(prompts), "-o", str(tmp_path / "rows.jsonl"), "--set", "joy=0.5", "-n", "8")
     row = json.loads((tmp_path / "rows.jsonl").read_text())
     assert RECORD_KEYS <= set(record) and RECORD_KEYS <= set(row)
-    assert set(row) - RECORD_KEYS == {"id", "sample"}
+    assert set(row) - RECORD_KEYS == {"id", "sample", "bank"}  # bank: what --resume checks a row's sliders by
+    assert record["model"] == row["model"] and set(row["model"]) == {"name", "path", "fingerprint", "file_type"}
     assert set(record) - RECORD_KEYS == {"changes", "seconds", "tokens_per_second", "dropped_messages", "meter"}
     assert record["sliders"] == row["sliders"] and record["vectors"] == row["vectors"] == []
 
