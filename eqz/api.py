@@ -292,6 +292,9 @@ class EqzModel:
             raise EqzError("give either preset= (one mood for every row) or presets= (a setting per mood), not both")
         if isinstance(prompts, dict):
             raise EqzError(f"prompts takes a list of prompts; one given as a dict goes in a list: [{prompts!r}]")
+        if isinstance(prompts, str) and Path(prompts).suffix.lower() not in (".txt", ".jsonl") and \
+                not Path(prompts).expanduser().exists():
+            raise EqzError(f"no prompt file {prompts!r}; prompts themselves go in a list, such as [{prompts!r}]")
         if not isinstance(prompts, (str, Path, PromptFile)):  # a tuple, a generator: the prompts themselves
             prompts = _listed(prompts, "prompts", "prompts", ["Describe your morning."])
         source = prompts if isinstance(prompts, PromptFile) else PromptFile(
@@ -303,7 +306,7 @@ class EqzModel:
             grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp,
                               ablate)
             count, longest = plan(source, self.model, grid)
-            sink.check_compatible(self.model_record, grid)
+            sink.check_model(self.model_record)
             moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
             # inside: a warning turned into an error closes the output too
             _warn_of(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()}, bank, moved)

@@ -96,6 +96,9 @@ def editing(directory: Path, what: str) -> Iterator[None]:
             holder = handle.read().strip() or "another eqz"
             raise EqzError(f"the bank in {directory} is being changed by {holder}; try again when that has "
                            "finished") from None
+        except OSError:  # a file system without locks (some NFS homes): unlocked, as where there is no flock
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"another eqz ({what}, process {os.getpid()})")
@@ -387,6 +390,7 @@ class Bank:
     def load(cls, directory: Path, manifest: dict | None = None) -> "Bank":
         """The bank in ``directory``; pass its ``manifest`` if it was already read."""
         directory = Path(directory)
+        seen = _seen(directory)  # before reading: a save between the two then shows as a change
         if manifest is None:
             manifest = _read_manifest(directory / MANIFEST)
         _require_manifest(directory / MANIFEST, manifest)
@@ -399,7 +403,7 @@ class Bank:
                        method=manifest.get("method", {}), quality=manifest.get("quality", {}),
                        trained=manifest.get("trained", {}))
             bands = manifest["bands"].items()
-        bank.seen = _seen(directory)
+        bank.seen = seen
         bank.voice_centre = _voice_centre(directory / VOICE_CENTRE_FILE, (len(bank.steered_layers), model.n_embd))
         read_directions = _meter_directions(directory / METER_FILE)
         for name, entry in bands:

@@ -19,7 +19,9 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -81,9 +83,7 @@ class PromptFile:
             if self.path.is_dir():
                 raise EqzError(f"{self.path} is a folder; give a prompt file (.txt, one per line, or .jsonl)")
             if not self.path.is_file():
-                hint = "" if self.path.suffix.lower() in (".txt", ".jsonl") else \
-                    " (prompts themselves go in a list, such as ['Describe your morning.'], in the library)"
-                raise EqzError(f"prompt file not found: {self.path}{hint}")
+                raise EqzError(f"prompt file not found: {self.path}")
             suffix = self.path.suffix.lower()  # PROMPTS.TXT as well
             if suffix not in (".txt", ".jsonl"):
                 raise EqzError(f"{self.path}: prompt files are .txt (one per line) or .jsonl ({{\"prompt\": ...}})")
@@ -184,15 +184,12 @@ def _jsonl_line(item) -> str:
 
 
 def _looks_like_jsonl(path: Path) -> bool:
-    """Whether stdin holds .jsonl: its first line with text is a JSON object (a prompt such as "{Write} a haiku"
-    starts with a brace too, and is text)."""
+    """Whether stdin holds .jsonl: its first line with text opens a JSON object ('{"' or '{}'). A prompt such as
+    "{Write} a haiku" starts with a brace and is text; a JSON line with a typo is .jsonl, and its error is told."""
     with path.open(encoding="utf-8-sig", errors="replace") as handle:
         for line in handle:
             if line.strip():
-                try:
-                    return isinstance(json.loads(line), dict)
-                except ValueError:
-                    return False
+                return re.match(r'\s*\{\s*["}]', line) is not None
     return False
 
 
@@ -264,7 +261,8 @@ def row_seed(seed: int, prompt_id: str, sample: int) -> int:
 
 
 def row_key(prompt_id: str, preset: str | None, gains: dict, sample: int, seed: int) -> str:
-    return json.dumps([prompt_id, preset, sorted(gains.items()), sample, seed])
+    """How --resume finds a row: a gain of -0 is 0, as the row's sliders write it."""
+    return json.dumps([prompt_id, preset, sorted((band, gain + 0.0) for band, gain in gains.items()), sample, seed])
 
 
 # -------------------------------------------------------------------------------------------------- output
@@ -288,7 +286,7 @@ class Output:
             self.handle = self.path.open("a", encoding="utf-8")
         except OSError as error:
             raise EqzError(f"cannot write {self.path}: {error.strerror or error}; choose another -o") from None
-        if not self.stdout:
+        if stat.S_ISREG(os.fstat(self.handle.fileno()).st_mode):  # not /dev/null, a terminal or a pipe: streams
             self._lock()
             if self.path.stat().st_size > 0:
                 if not resume:
@@ -345,23 +343,13 @@ class Output:
             with self.path.open("ab") as handle:
                 handle.write(b"\n")
 
-    def check_compatible(self, model: dict, settings: list[Resolved]) -> None:
+    def check_model(self, model: dict) -> None:
+        """Refuse to resume a file another model wrote (another quantization of this one: check_same_rows)."""
         if self.first is None:
             return
         if self.first["model"]["fingerprint"] != model["fingerprint"]:
             raise EqzError(f"{self.path} was written by another model ({self.first['model']['name']}); "
                            "resume with that model or choose another -o")
-        if self.first["model"].get("file_type", model["file_type"]) != model["file_type"]:  # none: before eqz kept it
-            raise EqzError(f"{self.path} was written by another quantization of {model['name']} (llama.cpp file type "
-                           f"{self.first['model']['file_type']} there, {model['file_type']} now); resume with that file "
-                           "or choose another -o")
-        ours = [_unseeded(setting.sampling.to_dict()) for setting in settings]
-        theirs = _unseeded(self.first["sampling"])
-        if theirs not in ours:
-            differ = [f"{key} {theirs.get(key)} there, {ours[0].get(key)} now" for key in sorted(set(theirs) | set(ours[0]))
-                      if theirs.get(key) != ours[0].get(key)]
-            raise EqzError(f"{self.path} was written with other sampling settings ({'; '.join(differ)}); "
-                           "resume with the same flags or choose another -o")
 
     def check_same_rows(self, planned: Iterator[tuple[RowTask, str | None, dict]], seed: int) -> None:
         """Refuse to resume where a row already written differs from the one this run would write in its place

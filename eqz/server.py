@@ -35,7 +35,7 @@ from .engine import utf8
 from .errors import EqzError
 from .meter import metered_bands
 from .presets import discover, get_preset, is_preset_name
-from .serving import DecodeLoopStopped, PromptTooLong, ServerBusy
+from .serving import DecodeLoopStopped, PromptTooLong, ServerBusy, loop_stopped
 
 KEPT_RECORDS = 256  # finished replies kept for GET /v1/eqz/streams/{id}
 SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -128,6 +128,7 @@ class EqzServer:
         self.doubts = {band: lines[0] for band in self.bands if (lines := bank.doubtful({band: 1.0}))}
         self.metered = bool(bank and metered_bands(bank))
         self.loop = model.server(parallel, per_sequence, max_waiting)
+        self.stopping = False  # set as uvicorn begins to exit: a request that comes then is told so
         self.records: OrderedDict[str, dict] = OrderedDict()
         self.app = Starlette(routes=[
             Route("/", self.page),
@@ -157,6 +158,7 @@ class EqzServer:
     async def stop(self) -> None:
         """End every reply while the event loop still runs (as uvicorn begins to exit): each stream gets its last
         chunk and [DONE], each plain request a 503, and no decode-thread event is left for a closed loop."""
+        self.stopping = True
         await run_in_threadpool(self.close)
 
     # -- routes
@@ -290,6 +292,8 @@ class EqzServer:
                     pass
 
         job.on_event = on_event
+        if self.stopping:  # the decode loop is closing: "start another (EqzModel.server)" is for the library
+            return _error(503, STOPPING, "server_error")
         self.loop.submit(job)
         created = int(time.time())
         # a running reply's record: its changes are those a token has taken so far (the decode thread adds them)
@@ -310,9 +314,9 @@ class EqzServer:
             return Response(status_code=499)
         kind, data = answer.result()
         if kind == "error":
-            return _error(503, f"the server's decode loop stopped ({data}); it needs a restart", "server_error")
+            return _error(503, loop_stopped(data), "server_error")
         if data["finish_reason"] == "cancelled":  # only the server's stop cancels a reply whose client is there
-            return _error(503, "the server is stopping; send the request again once it is back", "server_error")
+            return _error(503, STOPPING, "server_error")
         choice = {"index": 0, "finish_reason": FINISH_REASONS[data["finish_reason"]]}
         text = data["output"]
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
@@ -352,7 +356,7 @@ class EqzServer:
                 elif kind == "piece":
                     yield chunk(data, extra={"meter": {b: round(v, 3) for b, v in meter.items()}} if meter else None)
                 elif kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': f'generation failed: {data}', 'type': 'server_error'}})}\n\n"
+                    yield f"data: {json.dumps({'error': {'message': loop_stopped(data), 'type': 'server_error'}})}\n\n"
                     break
                 elif kind == "done":
                     finished = True
@@ -396,6 +400,9 @@ class _KeyCheck:
                 response = _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+STOPPING = "the server is stopping; send the request again once it is back"
 
 
 def _usage(record: dict) -> dict:

@@ -43,6 +43,11 @@ class DecodeLoopStopped(EqzError):
     restart."""
 
 
+def loop_stopped(error) -> str:
+    """What a request caught by the decode loop's failure is told (the log has the traceback)."""
+    return f"the server's decode loop stopped ({error}); it needs a restart"
+
+
 @dataclass(eq=False)
 class Request:
     """One reply to generate. ``on_event(kind, data)`` is called from the decode thread: ("piece", text) as
@@ -174,7 +179,7 @@ class BatchServer:
         request.prepared = self._prepare(request.steering, request.filters)  # refused here, not in the decode loop
         with self._wake:
             if self.error is not None:
-                raise DecodeLoopStopped(f"the server's decode loop stopped ({self.error}); it needs a restart")
+                raise DecodeLoopStopped(loop_stopped(self.error))
             if self._closed:
                 raise DecodeLoopStopped("the server was closed; start another (EqzModel.server)")
             if len(self._waiting) + len(self._running) >= self.parallel + self.max_waiting:

@@ -98,8 +98,8 @@ def test_resume_refuses_other_settings(tmp_path, prompt_file):
     assert run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "8").returncode == 0
     before = out.read_text()
     result = run_eqz("batch", str(prompt_file), "-o", str(out), "-n", "8", "--temperature", "0.2", "--resume")
-    assert result.returncode != 0 and "other sampling settings" in result.stderr
-    assert "temperature" in result.stderr and "0.2 now" in result.stderr and "{" not in result.stderr
+    assert result.returncode != 0 and "was made with other sampling (temperature 0.7 there, 0.2 now)" in result.stderr
+    assert "{" not in result.stderr
     assert out.read_text() == before
     others = [("--seed", "2", "--seed"), ("--system", "Be terse.", "system prompt"),
               ("--clamp", "joy=0.5", "--clamp joy=0.5 now"), ("--ablate", "anger", "--ablate anger now")]
@@ -171,6 +171,20 @@ def test_one_batch_writes_a_file_at_a_time_and_a_grid_has_each_setting_once(tmp_
     twice = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "t.jsonl"), "-n", "4", "--sweep", "joy=-1:1:3",
                     "--sweep", "JOY=0:1:2")
     assert twice.returncode == 2 and "--sweep joy (sweeps in the library) is given twice" in twice.stderr
+    for _ in range(2):  # a gain of -0 is 0: the rows (sliders 0.0) were not found again, and written twice
+        zero = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "z.jsonl"), "-n", "4", "--set", "joy=-0",
+                       "--resume")
+        assert zero.returncode == 0, zero.stderr
+    assert "(4 already there)" in zero.stderr and len(rows(tmp_path / "z.jsonl")) == 4
+
+
+def test_only_a_regular_file_is_locked_or_read_back():
+    """Two batches writing to /dev/null (or one terminal's /dev/stdout) at once were refused as if one file."""
+    from eqz.batch import Output
+
+    first, second = Output("/dev/null", False), Output("/dev/null", False)
+    first.close()
+    second.close()
 
 
 ROW = {"id": "1", "prompt": "hi", "system": None, "preset": None, "output": "Hello", "sliders": {}, "vectors": [],
@@ -295,6 +309,9 @@ def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
     braced = subprocess.run([EQZ, "batch", "-", "-o", "-", "-n", "4"], input="{Write} a haiku.\nWhat is JSON?\n",
                             capture_output=True, text=True, timeout=300)  # text, though its first line has a brace
     assert braced.returncode == 0 and json.loads(braced.stdout.splitlines()[0])["prompt"] == "{Write} a haiku."
+    typo = subprocess.run([EQZ, "batch", "-", "-o", "-", "-n", "4"], input='{"prompt": "Say hi.",}\n',
+                          capture_output=True, text=True, timeout=300)  # .jsonl with a typo: its error, not text
+    assert typo.returncode == 2 and "stdin line 1: invalid JSON" in typo.stderr and not typo.stdout
     table = run({"system": "Answer only in French."})
     assert [r["id"] for r in table] == ["a", "b"] and table[1]["system"] == "Answer only in French."
     # a line's other fields come with its rows (they were dropped: the id was the only link to a study's labels)

@@ -452,3 +452,18 @@ def test_a_bank_changed_by_another_eqz_is_seen_and_its_edit_lock_is_held_by_one_
     with editing(tmp_path / "bank", "holding a level"):
         with editing(tmp_path / "bank", "recording eval figures"):  # within one process an edit may nest
             pass
+
+
+def test_where_the_file_system_has_no_locks_a_bank_is_edited_unlocked(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on some NFS homes: that stopped every edit with a raw OSError."""
+    import errno
+    import fcntl
+
+    from eqz.bank import editing
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with editing(tmp_path / "bank", "holding a level"):
+        pass
