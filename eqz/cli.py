@@ -383,14 +383,16 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="EQZ_API_KEY", help="require Authorization: Bearer KEY on /v1/ (also $EQZ_API_KEY)")] = None,
     queue: Annotated[int, typer.Option("--queue", metavar="N", help="requests that may wait for a slot before HTTP 429", min=0)] = 64,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help="the mood of requests that choose no preset or sliders of their own")] = None,
+    cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="let web pages from ORIGIN (http://localhost:3000, or *) call the API from a browser (repeatable; none by default)")] = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:
     """Serve the OpenAI API (chat and completions, with sliders per request and live re-steering) and the web
     equalizer at http://HOST:PORT/."""
-    from .server import check_exposure, listen_socket, serve as run_server
+    from .server import check_exposure, check_origins, listen_socket, serve as run_server
 
     check_exposure(host, api_key)
+    check_origins(cors)
     listening = listen_socket(host, port)  # a busy --port fails now, before the model loads
     try:
         with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
@@ -398,7 +400,8 @@ def serve(
                 sys.stderr.write(f"eqz serve: {loaded.info.name} on http://{host}:{bound}/ (web equalizer), OpenAI "
                                  f"API at http://{host}:{bound}/v1; Ctrl-C stops\n")
 
-            run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready, listening=listening)
+            run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready, listening=listening,
+                       cors=cors or ())
     finally:
         listening.close()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import secrets
 import socket
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -101,6 +103,16 @@ def check_api_key(key: str | None) -> None:
                        "choose another, such as the output of `openssl rand -hex 16`")
 
 
+def check_origins(origins) -> list[str]:
+    """``--cors``'s origins as the browser sends them (scheme://host[:port], no path), or "*"; one line otherwise."""
+    origins = [origins] if isinstance(origins, str) else list(origins or ())
+    for origin in origins:
+        if not isinstance(origin, str) or (origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin)):
+            raise EqzError(f"--cors takes a web page's origin, such as http://localhost:3000 (scheme, host and "
+                           f"port, no path), or *; got {origin!r}")
+    return origins
+
+
 def check_exposure(host: str, key: str | None) -> None:
     """A key clients can send, and one at all wherever others than this machine can connect."""
     check_api_key(key)
@@ -113,8 +125,9 @@ class EqzServer:
     """The app's state: the model, its decode loop, and the replies running or recently finished."""
 
     def __init__(self, model: EqzModel, parallel: int = 4, per_sequence: int = 2048, max_waiting: int = 64,
-                 api_key: str | None = None, preset: str | None = None):
+                 api_key: str | None = None, preset: str | None = None, cors=()):
         check_api_key(api_key)
+        origins = check_origins(cors)
         self.model = model
         self.preset = preset  # for requests without an "eqz" field (front-ends that cannot send one)
         self.name = Path(model.info.path).stem
@@ -151,6 +164,9 @@ class EqzServer:
         })
         if api_key:
             self.app.add_middleware(_KeyCheck, key=api_key)
+        if origins:  # added last, so outermost: a browser's preflight carries no key, and is answered before the check
+            self.app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                                    allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Eqz-Stream"])
 
     def close(self) -> None:
         self.loop.close()
@@ -526,15 +542,17 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: int = 4,
           api_key: str | None = None, max_waiting: int = 64, preset: str | None = None, on_ready=None,
-          listening: socket.socket | None = None) -> None:
+          listening: socket.socket | None = None, cors=()) -> None:
     """Run the server until interrupted. A host other than loopback needs ``api_key``. ``listening``: a socket
-    from ``listen_socket(host, port)`` already bound."""
+    from ``listen_socket(host, port)`` already bound. ``cors``: the web origins whose pages may call the API (none by
+    default: a page elsewhere could otherwise read replies from a server that needs no key)."""
     import uvicorn
 
     check_exposure(host, api_key)
     listening = listening or listen_socket(host, port)
     try:
-        server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset)
+        server = EqzServer(model, parallel=parallel, api_key=api_key, max_waiting=max_waiting, preset=preset,
+                           cors=cors)
     except BaseException:
         listening.close()
         raise

@@ -426,7 +426,9 @@ def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_p
         assert blank.returncode == 2 and "printable ASCII without spaces" in blank.stderr
     misspelt = run_eqz("serve", "--preset", "gloomy", "--port", "0")
     assert misspelt.returncode == 2 and "gloomy" in misspelt.stderr
-    served = Served("--api-key", "sesame", "--preset", "melancholy")
+    pathed = run_eqz("serve", "--cors", "http://localhost:3000/app", "--port", "0")
+    assert pathed.returncode == 2 and "--cors takes a web page's origin" in pathed.stderr
+    served = Served("--api-key", "sesame", "--preset", "melancholy", "--cors", "http://localhost:3000")
     try:
         assert served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 401
         status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, key="sesame")
@@ -442,6 +444,17 @@ def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_p
         assert status == 200 and config["preset"] == "melancholy"  # the web page starts from it
         client = OpenAI(base_url=served.url + "/v1", api_key="sesame", max_retries=0, timeout=60)
         assert client.models.retrieve("SmolLM2-135M-Instruct.Q4_1").owned_by == "eqz"  # was a 404
+        # a page of the --cors origin may call the API from a browser: its preflight (no key) is answered
+        for origin, allowed in (("http://localhost:3000", True), ("http://elsewhere.example", False)):
+            preflight = urllib.request.Request(served.url + "/v1/chat/completions", method="OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})
+            try:
+                with urllib.request.urlopen(preflight, timeout=30) as response:
+                    status, headers = response.status, response.headers
+            except urllib.error.HTTPError as error:
+                status, headers = error.code, error.headers
+            assert (status == 200) == allowed and (headers.get("Access-Control-Allow-Origin") == origin) == allowed
     finally:
         served.close()
 
