@@ -245,7 +245,7 @@ def build_grid(
     if size > MAX_SETTINGS:
         raise EqzError(f"the grid has {size} settings (presets x sweeps); at most {MAX_SETTINGS}: sweep fewer gains or "
                        "split the run")
-    settings = {}  # by what keys its rows (row_key): a setting repeated (joy=0:0:3, two sweeps of one band) once
+    settings = {}  # keyed as their rows are (row_key): a setting the grid repeats (joy=0.5:0.5:3) runs once
     for preset in chosen:
         for combo in itertools.product(*[[(band, g) for g in gains] for band, gains in sweeps]):
             resolved = resolve(preset, bands, {**sets, **dict(combo)}, sampling_flags, system, clamp, ablate)
@@ -286,14 +286,18 @@ class Output:
             self.handle = self.path.open("a", encoding="utf-8")
         except OSError as error:
             raise EqzError(f"cannot write {self.path}: {error.strerror or error}; choose another -o") from None
-        if stat.S_ISREG(os.fstat(self.handle.fileno()).st_mode):  # not /dev/null, a terminal or a pipe: streams
+        if not stat.S_ISREG(os.fstat(self.handle.fileno()).st_mode):  # /dev/null, a terminal, a pipe: streams
+            return
+        try:  # a refusal closes the file (and drops its lock) at once, not when a kept traceback lets it go
             self._lock()
             if self.path.stat().st_size > 0:
                 if not resume:
-                    self.handle.close()
                     raise EqzError(f"{self.path} already has rows; pass --resume (resume=True in the library) to "
                                    "continue it or choose another -o")
                 self._load_existing()
+        except BaseException:
+            self.handle.close()
+            raise
 
     def _lock(self) -> None:
         """One batch writes a file at a time: two resuming one file would each write the rows it lacks, twice over.
@@ -305,7 +309,6 @@ class Output:
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.handle.close()
             raise EqzError(f"{self.path} is being written by another eqz batch; let it finish (or stop it) and "
                            "resume then, or choose another -o") from None
         except OSError:  # a file system without locks

@@ -178,13 +178,23 @@ def test_one_batch_writes_a_file_at_a_time_and_a_grid_has_each_setting_once(tmp_
     assert "(4 already there)" in zero.stderr and len(rows(tmp_path / "z.jsonl")) == 4
 
 
-def test_only_a_regular_file_is_locked_or_read_back():
-    """Two batches writing to /dev/null (or one terminal's /dev/stdout) at once were refused as if one file."""
+def test_only_a_regular_file_is_locked_or_read_back_and_a_refusal_lets_go_of_it(tmp_path):
+    """Two batches writing to /dev/null (or one terminal's /dev/stdout) at once were refused as if one file. A file
+    refused for resuming stayed open and locked while its traceback was kept (a notebook keeps the last one), so the
+    next try said another batch was writing it."""
     from eqz.batch import Output
+    from eqz.errors import EqzError
 
     first, second = Output("/dev/null", False), Output("/dev/null", False)
     first.close()
     second.close()
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my notes\n")
+    with pytest.raises(EqzError, match="not a row eqz batch wrote") as refused:
+        Output(str(notes), True)
+    notes.write_text("")  # the user empties it and tries again, the exception still at hand
+    Output(str(notes), True).close()
+    assert refused.value is not None
 
 
 ROW = {"id": "1", "prompt": "hi", "system": None, "preset": None, "output": "Hello", "sliders": {}, "vectors": [],
