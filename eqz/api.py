@@ -273,11 +273,11 @@ class EqzModel:
               meter: bool = False, resume: bool = False, skip_bad: bool = False) -> "BatchPlan":
         """Rows for every prompt x setting x sample, checked and ready: ``.run(on_row)`` writes them into
         ``output``. ``prompts``: a list (strings, or dicts as a .jsonl line holds them, ``{"prompt", "id",
-        "system"}``, other keys coming back in the rows as ``meta``; a string's id is its place from 1), a prompt file's path or a ``batch.PromptFile`` (bad
-        prompts stop the batch before any reply, or with ``skip_bad`` are left out); ``output``: a ``batch.Output``
-        or a path (a file with rows needs ``resume``, which writes only the missing ones; one opened here is closed
-        when the run ends). Settings are (``presets``, or the one ``preset``) x every combination of ``sweeps``
-        (band, gains)."""
+        "system"}``, other keys coming back in the rows as ``meta``; a string's id is its place from 1), a prompt
+        file's path or a ``batch.PromptFile`` (bad prompts stop the batch before any reply, or with ``skip_bad`` are
+        left out); ``output``: a ``batch.Output`` or a path (a file with rows needs ``resume``, which writes only the
+        missing ones, each checked to be made as the rows there were; one opened here is closed when the run ends).
+        Settings are (``presets``, or the one ``preset``) x every combination of ``sweeps`` (band, gains)."""
         from .batch import BatchPlan, Output, PromptFile, build_grid, plan
         from .steering import Steerer
 

@@ -413,8 +413,8 @@ def _unseeded(sampling: dict) -> dict:
 
 # how a row's check_same_rows field differs, in words: (there, now) -> "..."
 _DIFFERENT = {
-    "prompt": lambda there, now: f"another prompt under its id ({_quoted(there)} there, {_quoted(now)} now: a .txt's ids "
-                                 "are line numbers, so a line added or removed above moves them)",
+    "prompt": lambda there, now: f"another prompt under its id ({_quoted(there)} there, {_quoted(now)} now: a "
+                                 ".txt's ids are line numbers, so a line added or removed above moves them)",
     "system": lambda there, now: f"another system prompt ({_quoted(there)} there, {_quoted(now)} now: --system, the "
                                  "preset's or the line's own)",
     "sampling": lambda there, now: "other sampling (" + "; ".join(
