@@ -286,8 +286,8 @@ class Output:
             self.handle = self.path.open("a", encoding="utf-8")
         except OSError as error:
             raise EqzError(f"cannot write {self.path}: {error.strerror or error}; choose another -o") from None
-        if not stat.S_ISREG(os.fstat(self.handle.fileno()).st_mode):  # /dev/null, a terminal, a pipe: streams
-            return
+        if self.stdout or not stat.S_ISREG(os.fstat(self.handle.fileno()).st_mode):  # streams: -, /dev/null, a pipe
+            return  # (stdout redirected with >> is a regular file, and still a stream)
         try:  # a refusal closes the file (and drops its lock) at once, not when a kept traceback lets it go
             self._lock()
             if self.path.stat().st_size > 0:
