@@ -32,7 +32,8 @@ from .bands import BANDS, check_band_name, check_gain
 from .errors import EqzError
 from .models import ModelInfo, fingerprint
 from .shipped import shipped_dir
-from .vector_files import ControlVector, read_control_vector, replacing, write_control_vector
+from .files import replacing, try_lock
+from .vector_files import ControlVector, read_control_vector, write_control_vector
 
 MANIFEST = "bank.yaml"
 METER_FILE = "meter.npz"
@@ -72,33 +73,22 @@ def editing(directory: Path, what: str) -> Iterator[None]:
     `vectors remove` during a `train --band`) would have the later save undo the other's change. A bank another eqz
     is changing is one line, before anything is done. An advisory lock (flock): released when its process ends,
     however it ends; where the system has none (Windows) or the lock file cannot be made, edits go unlocked."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
     key = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:24]
     path = user_data_dir().parent / "locks" / f"{key}.lock"  # eqz's own folder: none left in the user's -o DIR
-    handle = None
-    if fcntl is not None and str(path) not in _EDITING:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+", encoding="utf-8")
-        except OSError:
-            handle = None
-    if handle is None:
+    if str(path) in _EDITING:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError:
         yield
         return
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(handle):
             handle.seek(0)
             holder = handle.read().strip() or "another eqz"
-            raise EqzError(f"the bank in {directory} is being changed by {holder}; try again when that has "
-                           "finished") from None
-        except OSError:  # a file system without locks (some NFS homes): unlocked, as where there is no flock
-            yield
-            return
+            raise EqzError(f"the bank in {directory} is being changed by {holder}; try again when that has finished")
         handle.seek(0)
         handle.truncate()
         handle.write(f"another eqz ({what}, process {os.getpid()})")

@@ -38,6 +38,7 @@ from .generation import Job, generate_parallel, template_head
 from .reading import common_prefix_length
 from .meter import Instruments
 from .errors import EqzError
+from .files import try_lock
 from .presets import Preset, Resolved, get_preset, resolve
 from .session import model_record, reply_record
 from .sampling import is_whole
@@ -300,19 +301,10 @@ class Output:
             raise
 
     def _lock(self) -> None:
-        """One batch writes a file at a time: two resuming one file would each write the rows it lacks, twice over.
-        An advisory lock (flock), dropped when the process ends; none where the system has none."""
-        try:
-            import fcntl
-        except ImportError:
-            return
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        """One batch writes a file at a time: two resuming one file would each write the rows it lacks, twice over."""
+        if not try_lock(self.handle):
             raise EqzError(f"{self.path} is being written by another eqz batch; let it finish (or stop it) and "
-                           "resume then, or choose another -o") from None
-        except OSError:  # a file system without locks
-            pass
+                           "resume then, or choose another -o")
 
     def _load_existing(self) -> None:
         """Remember the rows already there. Only a last line that starts a row but is not JSON is taken for one cut

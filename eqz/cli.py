@@ -541,11 +541,10 @@ def train(
     with _load_model(model, threads, gpu_layers=gpu_layers) as loaded:
         # described bands added to the model's bank (see EqzModel.train); with no bank, a whole one is trained
         extending = bool(descriptions) and not bands and (target is not None or loaded.bank_if_any() is not None)
-        if target is not None or not extending:
-            check_training_target(target or user_data_dir() / slug(loaded.info.name), loaded.info,
-                                  None if extending else (*chosen, *descriptions))
         destination = target or (own_bank_directory(loaded.info) if extending else
                                  user_data_dir() / slug(loaded.info.name))
+        if target is not None or not extending:
+            check_training_target(destination, loaded.info, None if extending else (*chosen, *descriptions))
         started = time.monotonic()
         with editing(destination, "eqz train"):  # from reading the bank it extends to saving what it made
             try:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,21 +16,10 @@ import gguf
 import numpy as np
 
 from .errors import EqzError
+from .files import replacing
 from .sampling import is_whole
 
 ARCHITECTURE = "controlvector"
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it once written whole: a run stopped while writing (an error,
-    Ctrl-C, a kill) leaves the earlier file or none, never half of one for a bank or ``--vector`` to trip on."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""Files written whole and locked: what a bank, an exported vector and a batch's output share."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it once written whole: a run stopped while writing (an error,
+    Ctrl-C, a kill) leaves the earlier file or none, never half of one for a bank or ``--vector`` to trip on."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def try_lock(handle) -> bool:
+    """Take an advisory exclusive lock (flock) on an open file, dropped when it is closed or its process ends; False
+    where another holds it. Where the system (Windows) or the file system (some NFS) has no locks: True, and the
+    caller goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
