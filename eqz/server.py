@@ -49,6 +49,7 @@ WHOLE_FIELDS = {"top_k": 2**31 - 1, "seed": 2**32 - 1, "max_tokens": 2**31 - 1, 
 # A slot's 2048 tokens of text are ~10 KB, ~60 KB spelt out in JSON escapes: a bigger body is never a prompt that
 # fits, and reading and tokenizing it would only keep the server busy.
 MAX_BODY = 2**20
+DRAINED_AT_MOST = 64 * MAX_BODY  # read and dropped before a 413, so that a client still sending sees the answer
 # OpenAI fields eqz cannot honour: (the values that ask for nothing, which client libraries send as defaults, why not)
 UNSUPPORTED = {
     "logprobs": ((None, False), "eqz returns no log-probabilities"),
@@ -74,7 +75,7 @@ class BadRequest(EqzError):
 
 
 class BodyTooLarge(EqzError):
-    """A body over MAX_BODY: HTTP 413, refused before it is read whole."""
+    """A body over MAX_BODY: HTTP 413, refused without keeping it."""
 
     def __init__(self):
         super().__init__(f"the body is over {MAX_BODY // 2**20} MiB, far more than a reply's context can hold")
@@ -438,15 +439,25 @@ async def _disconnected(request: HttpRequest) -> None:
         pass
 
 
+async def _drain(request: HttpRequest, read: int = 0) -> None:
+    """Refuses a body over MAX_BODY once the client has sent it, dropping it as it comes: answered while it was still
+    sending, a client met a broken pipe instead of the 413. One beyond DRAINED_AT_MOST is cut off."""
+    async for piece in request.stream():
+        read += len(piece)
+        if read > DRAINED_AT_MOST:
+            break
+    raise BodyTooLarge()
+
+
 async def _json_body(request: HttpRequest) -> dict:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
-        raise BodyTooLarge()
+        await _drain(request)
     data = bytearray()
     async for piece in request.stream():  # a body sent without its length is counted as it comes
         data += piece
         if len(data) > MAX_BODY:
-            raise BodyTooLarge()
+            await _drain(request, len(data))
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
