@@ -44,7 +44,9 @@ class _TextAssembler:
         return emit, stopped
 
     def flush(self) -> str:
-        tail = self.held + self.decoder.decode(b"", final=True)
+        """The text held back; a character cut off by the reply's end is dropped, not shown as U+FFFD."""
+        tail = self.held
+        self.decoder.reset()
         self.held = ""
         self.text += tail
         return tail

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eqz.engine import Model, Sampler
-from eqz.generation import Job, Stream, generate_parallel
+from eqz.generation import Job, Stream, _TextAssembler, generate_parallel
 from eqz.reading import PrefixCache, TextGroup, read_texts
 from eqz.errors import EqzError
 from eqz.sampling import Sampling
@@ -238,6 +238,16 @@ def test_stop_strings_end_a_fallback_reply(gemma_path):
         session.close()
     assert "User:" not in text and "Assistant:" not in text
     assert text == turn.text
+
+
+def test_a_character_cut_by_the_replys_end_is_dropped_not_shown_as_a_replacement_mark(model):
+    """A reply ending at max_tokens between an emoji's first bytes and its last ended in U+FFFD in every record."""
+    tokens = model.tokenize("Hi \N{GRINNING FACE} there", add_special=False)
+    assert len(model.piece(tokens[1])) < len(" \N{GRINNING FACE}".encode())  # the emoji takes two tokens here
+    cut = _TextAssembler(model, ())
+    assert "".join(cut.push(token)[0] for token in tokens[:2]) + cut.flush() == "Hi "
+    whole = _TextAssembler(model, ())
+    assert "".join(whole.push(token)[0] for token in tokens) + whole.flush() == "Hi \N{GRINNING FACE} there"
 
 
 def test_prompt_longer_than_context_is_refused(model):
