@@ -501,9 +501,11 @@ def _band_settings(sliders, clamp, ablate) -> tuple[dict | None, dict | None, li
 
 
 def _preset_of(preset: str | Path | Preset | None, valid: tuple[str, ...]) -> Preset | None:
-    """``preset`` as a ``Preset``: by name or file, or as given."""
-    if isinstance(preset, (str, Path)):
-        return get_preset(str(preset), valid)
+    """``preset`` as a ``Preset``: by name or file (a ``Path`` is always a file), or as given."""
+    if isinstance(preset, Path):
+        return load_preset_file(preset.expanduser(), valid)
+    if isinstance(preset, str):
+        return get_preset(preset, valid)
     if preset is not None and not isinstance(preset, Preset):
         raise EqzError(f"preset must be a preset's name or file (or an eqz.presets.Preset), got {preset!r}")
     return preset
@@ -633,9 +635,7 @@ def list_presets() -> list[PresetEntry]:
 def read_preset(name: str | Path) -> Preset:
     """A preset by name, or a preset file (a ``Path``, or a string ending in .yaml/.yml or holding a /), checked
     against the bands eqz knows; an EqzError says what is wrong with it."""
-    if isinstance(name, Path):
-        return load_preset_file(name.expanduser(), known_band_names())
-    return get_preset(_text(name, "name"), known_band_names())
+    return _preset_of(name if isinstance(name, Path) else _text(name, "name"), known_band_names())
 
 
 def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on: str | Path | Preset | None = None,
@@ -647,7 +647,7 @@ def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on:
     sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
     sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}") or {}
     known = known_band_names()
-    base = read_preset(based_on) if isinstance(based_on, (str, Path)) else _preset_of(based_on, known)
+    base = _preset_of(based_on, known)
     resolved = resolve(base, known, sliders, None, None if system is None else _text(system, "system"), clamp, ablate)
     kept = {**(base.sampling if base else {}), **{key: check_setting(key, value) for key, value in sampling.items()}}
     saved = Preset(check_name(_text(name, "name")),
