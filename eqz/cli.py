@@ -384,6 +384,7 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", metavar="N", help="requests that may wait for a slot before HTTP 429", min=0)] = 64,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME|FILE", help="the mood of requests that choose no preset or sliders of their own")] = None,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="let web pages from ORIGIN (http://localhost:3000, or *) call the API from a browser (repeatable; none by default)")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="a line per request on stderr: client, request, status")] = True,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:
@@ -401,7 +402,7 @@ def serve(
                                  f"API at http://{host}:{bound}/v1; Ctrl-C stops\n")
 
             run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready, listening=listening,
-                       cors=cors or ())
+                       cors=cors or (), access_log=access_log)
     finally:
         listening.close()
 

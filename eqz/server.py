@@ -14,6 +14,7 @@ or the server is stopping.
 from __future__ import annotations
 
 import asyncio
+import copy
 import ipaddress
 import json
 import re
@@ -553,11 +554,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: int = 4,
           api_key: str | None = None, max_waiting: int = 64, preset: str | None = None, on_ready=None,
-          listening: socket.socket | None = None, cors=()) -> None:
+          listening: socket.socket | None = None, cors=(), access_log: bool = True) -> None:
     """Run the server until interrupted. A host other than loopback needs ``api_key``. ``listening``: a socket
     from ``listen_socket(host, port)`` already bound. ``cors``: the web origins whose pages may call the API (none by
-    default: a page elsewhere could otherwise read replies from a server that needs no key)."""
+    default: a page elsewhere could otherwise read replies from a server that needs no key). ``access_log``: a line
+    per request on stderr, as uvicorn writes them."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     check_exposure(host, api_key)
     listening = listening or listen_socket(host, port)
@@ -567,7 +570,11 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
     except BaseException:
         listening.close()
         raise
-    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    logging_setup = copy.deepcopy(LOGGING_CONFIG)
+    logging_setup["loggers"]["uvicorn.error"]["level"] = "WARNING"  # eqz says where it listens, in its own words
+    logging_setup["handlers"]["access"]["stream"] = "ext://sys.stderr"  # with eqz's lines, out of a piped stdout
+    config = uvicorn.Config(server.app, host=host, port=port, log_config=logging_setup, access_log=access_log,
+                            timeout_graceful_shutdown=2)
     runner = uvicorn.Server(config)
     stop_connections = runner.shutdown
 

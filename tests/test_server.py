@@ -60,6 +60,13 @@ class Served:
         except urllib.error.HTTPError as error:
             return error.code, {**json.loads(error.read()), "headers": {k.lower(): v for k, v in error.headers.items()}}
 
+    def logged(self, text: str, timeout: float = 10) -> bool:
+        """Whether a line holding ``text`` reaches stderr within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return any(text in line for line in self.log)
+
     def get(self, path: str, key: str | None = None) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
         try:
@@ -294,7 +301,7 @@ def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, f
 def test_openai_defaults_pass_what_eqz_cannot_do_is_refused_and_a_stream_can_end_with_its_usage(server, client):
     """Fields asking for what eqz cannot do were ignored in silence, include_usage too; a large body was
     tokenized (on the event loop, stalling every client) before its length was checked, and then answered while the
-    client was still sending it, which met a broken pipe instead of the 413 (CI, stop 59)."""
+    client was still sending it, which met a broken pipe instead of the 413 (CI, stop 59). No request was logged."""
     defaults = {"prompt": "Hi", "max_tokens": 2, "logprobs": False, "top_logprobs": 0, "tools": [], "logit_bias": {},
                 "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"},
                 "echo": False, "best_of": 1, "suffix": None}  # as client libraries send them
@@ -304,6 +311,8 @@ def test_openai_defaults_pass_what_eqz_cannot_do_is_refused_and_a_stream_can_end
         assert status == 400 and f"'{field}' is not supported" in answer["error"]["message"]
     status, answer = server.post("/v1/completions", b'{"prompt": "' + b"a" * 2**23 + b'"}')
     assert status == 413 and answer["error"]["type"] == "invalid_request_error", answer
+    for status in (200, 400, 413):  # the access log: a line per request, as uvicorn writes it
+        assert server.logged(f'"POST /v1/completions HTTP/1.1" {status}'), "".join(server.log)
     chunks = list(client.completions.create(model="eqz", prompt="Hi", max_tokens=3, seed=1, stream=True,
                                             stream_options={"include_usage": True}))
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].choices == []
@@ -399,7 +408,7 @@ def test_ctrl_c_ends_running_replies_with_their_last_chunk_or_a_503_and_no_trace
     """uvicorn's graceful wait cancelled running replies after 2 s: a plain client got a text/plain 500, a stream
     ended without its last chunk or [DONE], and the log held tracebacks (the decode thread's "Event loop is closed"
     too)."""
-    served = Served("--parallel", "2")
+    served = Served("--parallel", "2", "--no-access-log")
     counting = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0}
     with ThreadPoolExecutor(1) as pool:
         stream = served.stream("/v1/completions", {**counting, "stream_options": {"include_usage": True}})
@@ -417,6 +426,7 @@ def test_ctrl_c_ends_running_replies_with_their_last_chunk_or_a_503_and_no_trace
     assert rest.endswith("data: [DONE]\n\n")
     assert status == 503 and "stopping" in answer["error"]["message"] and answer["error"]["type"] == "server_error"
     assert "Traceback" not in "".join(served.log) and "Error" not in "".join(served.log), "".join(served.log)
+    assert "POST" not in "".join(served.log)  # --no-access-log
 
 
 def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_plain_clients():
