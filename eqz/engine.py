@@ -7,6 +7,7 @@ package, so the math on vectors can be tested without a model and the CLI stays 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import os
 import shutil
@@ -236,6 +237,10 @@ def _removed_if_killed(folder: str) -> Iterator[None]:
             signal.signal(number, signal.SIG_DFL)
 
 
+MODEL_CLOSED = "this model was closed; load it again (eqz.load) to use it"
+CONTEXT_CLOSED = "this chat or reply was closed; start another to go on"
+
+
 class Model:
     """A GGUF model loaded by llama.cpp (weights and vocabulary), shared by the contexts made from it."""
 
@@ -255,6 +260,7 @@ class Model:
         # frees everything anyway
         self._release = weakref.finalize(self, L.llama_model_free, self._model)
         self._release.atexit = False
+        self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()  # closed before the model is freed
         self._vocab = L.llama_model_get_vocab(self._model)
         template = L.llama_model_chat_template(self._model, None)
         self._template = template.decode("utf-8") if template else None
@@ -275,14 +281,18 @@ class Model:
         )
 
     def close(self) -> None:
+        """Free the model, and first every context made from it (a reply still being read from one ends with an
+        EqzError, not a crash on freed memory)."""
         if self._model:
+            for context in list(self._contexts):
+                context.close(MODEL_CLOSED)
             self._release()
             self._model = self._vocab = None
 
     def _require_open(self) -> None:
         """Every use of the model goes through tokens or a context; after close() both would read freed memory."""
         if not self._model:
-            raise EqzError("this model was closed; load it again (eqz.load) to use it")
+            raise EqzError(MODEL_CLOSED)
 
     def __enter__(self) -> "Model":
         return self
@@ -295,6 +305,7 @@ class Model:
         """This model with its weights unpacked to f16 in a temporary file, where that reads and decodes batches
         about twice as fast (see ``_SLOW_BATCH_FILE_TYPES``); else this model. f16 holds every Q4_1 weight to 11
         bits, so what training learns on the copy fits the model; the copy keeps this model's ``info``."""
+        self._require_open()
         unpacked_bytes = 2 * L.llama_model_n_params(self._model)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if (self.gpu_layers or self.file_type not in _SLOW_BATCH_FILE_TYPES or unpacked_bytes > memory // 4
@@ -329,16 +340,19 @@ class Model:
         return {"weights": self.path.stat().st_size, "kv_cache": kv, "context": n_ctx}
 
     def meta(self, key: str) -> str | None:
+        self._require_open()
         buffer = ctypes.create_string_buffer(4096)
         size = L.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
         return buffer.value.decode("utf-8", "replace") if size >= 0 else None
 
     @property
     def bos(self) -> int:
+        self._require_open()
         return L.llama_vocab_bos(self._vocab)
 
     @property
     def eos(self) -> int:
+        self._require_open()
         return L.llama_vocab_eos(self._vocab)
 
     def _token_text(self, token: int) -> str:
@@ -347,6 +361,7 @@ class Model:
         return L.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
+        self._require_open()
         return bool(L.llama_vocab_is_eog(self._vocab, token))
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -454,7 +469,7 @@ class Sampler:
 
     def sample(self, context: "Context", row: int) -> int:
         """Draw a token from the logits of batch row ``row`` (-1: the last row) and remember it."""
-        return L.llama_sampler_sample(self._chain, context._ctx, row)
+        return context.sample(self._chain, row)
 
     def close(self) -> None:
         if self._chain:
@@ -507,6 +522,18 @@ def _one_micro_batch(seqs: Sequence) -> bool:
     return len(set(seqs)) <= 1 or len(consecutive_runs(seqs)) == 1
 
 
+def _while_open(method):
+    """``method`` of a Context, run holding its lock once the context is known to be open: a close() from another
+    thread waits for it, and a use after close() is an EqzError instead of a crash on freed memory."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self._lock:
+            if not self._ctx:
+                raise EqzError(self._closed_because)
+            return method(self, *args, **kwargs)
+    return guarded
+
+
 def _free_context(ctx, batch, _model: Model) -> None:
     L.llama_batch_free(batch)
     L.llama_free(ctx)
@@ -552,6 +579,9 @@ class Context:
         self._release = weakref.finalize(self, _free_context, self._ctx, self._batch, model)
         self._release.atexit = False
         self._memory = L.llama_get_memory(self._ctx)
+        self._lock = threading.RLock()  # held by every use of the context, and by close()
+        self._closed_because = ""
+        model._contexts.add(self)
         self.session_tokens: list[int] = []  # what the KV cache holds for sequence 0
         self.control_vector: np.ndarray | None = None
 
@@ -559,10 +589,14 @@ class Context:
     def has_taps(self) -> bool:
         return self._filter is not None
 
-    def close(self) -> None:
-        if self._ctx:
-            self._release()
-            self._ctx = None
+    def close(self, because: str = CONTEXT_CLOSED) -> None:
+        """Free the context; ``because`` is what a later use of it is told. A decode running in another thread (a
+        server's) finishes first."""
+        with self._lock:
+            if self._ctx:
+                self._release()
+                self._ctx = self._memory = None
+                self._closed_because = because
 
     def __enter__(self) -> "Context":
         return self
@@ -572,6 +606,7 @@ class Context:
 
     # -- control vectors
 
+    @_while_open
     def set_control_vector(self, vector: np.ndarray | None) -> None:
         """Steer every token decoded from now on by ``vector`` (n_layer, n_embd): row N is added after layer N.
 
@@ -632,6 +667,7 @@ class Context:
 
     # -- decoding
 
+    @_while_open
     def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence, logits: Sequence[bool]):
         """One llama_decode of up to ``n_batch`` tokens; ``seqs[i]`` is token i's sequence, or a tuple of
         sequences that share it (a common prefix computed once)."""
@@ -684,23 +720,33 @@ class Context:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    @_while_open
+    def sample(self, chain, row: int) -> int:
+        """A token drawn by sampler ``chain`` from batch row ``row``'s logits (see ``Sampler``)."""
+        return L.llama_sampler_sample(chain, self._ctx, row)
+
+    @_while_open
     def logits(self, row: int) -> np.ndarray:
         """The logits of batch row ``row`` of the last decode (a copy)."""
         pointer = L.llama_get_logits_ith(self._ctx, row)
         return np.ctypeslib.as_array(pointer, shape=(self.model.info.n_vocab,)).copy()
 
+    @_while_open
     def clear(self) -> None:
         L.llama_memory_clear(self._memory, True)
         self.session_tokens = []
 
+    @_while_open
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop sequence ``seq`` from position ``start`` on."""
         L.llama_memory_seq_rm(self._memory, seq, start, -1)
 
+    @_while_open
     def share(self, source: int, target: int) -> None:
         """Let sequence ``target`` reuse every cached token of ``source`` (a shared prompt prefix, no compute)."""
         L.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
+    @_while_open
     def save_sequence(self, seq: int) -> bytes:
         """The KV cache of sequence ``seq`` as bytes, for restore_sequence in this or another context of the model."""
         size = L.llama_state_seq_get_size(self._ctx, seq)
@@ -709,6 +755,7 @@ class Context:
             raise EqzError(f"llama.cpp could not copy sequence {seq} out of the KV cache", exit_code=1)
         return bytes(buffer)
 
+    @_while_open
     def restore_sequence(self, state: bytes, seq: int) -> None:
         """Make sequence ``seq`` hold a saved KV cache (save_sequence), exactly as the decode that made it left it."""
         buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
