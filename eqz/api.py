@@ -250,6 +250,9 @@ class EqzModel:
         ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``
         (-1: the whole context)."""
         _text(prompt, "prompt")
+        if settings.get("meter"):  # it was taken, and its readings could not be reached
+            raise EqzError("generate and stream give the text alone; a reply's meter readings come with a chat: "
+                           "reply = model.chat(meter=True).send(prompt), then reply.record['meter'] once read")
         make = self._session_maker(**_split_sampling(settings))  # bad settings raise here, not at the first piece
 
         def pieces() -> Iterator[str]:  # the context is made when the first piece is asked for
@@ -266,7 +269,8 @@ class EqzModel:
         """A conversation whose sliders can change at any time (see ``stream`` for the settings)."""
         return Chat(self.session(**_split_sampling(settings)), self._warn)
 
-    def batch(self, prompts, output, *, preset: str | None = None, presets: Iterable[str] = (),
+    def batch(self, prompts, output, *, preset: str | Path | Preset | None = None,
+              presets: Iterable[str | Path | Preset] = (),
               sliders: dict[str, float] | None = None, sweeps: Iterable[tuple[str, list[float]]] = (),
               sampling: dict | None = None, system: str | None = None, clamp: dict[str, float] | None = None,
               ablate: Iterable[str] = (), samples: int = 1, seed: int = 0, parallel: int = 4,
@@ -290,6 +294,11 @@ class EqzModel:
             raise EqzError(f"seed must be a whole number, got {seed!r}")
         if preset is not None and presets:
             raise EqzError("give either preset= (one mood for every row) or presets= (a setting per mood), not both")
+        if "seed" in (sampling or {}):  # it would be dropped: each row's seed is hashed from seed=, id and sample
+            raise EqzError("a batch seeds each row from seed= (with the prompt's id and the sample); give "
+                           f"seed={sampling['seed']!r}, not sampling={{'seed': ...}}")
+        if not isinstance(output, (str, Path, Output)):  # None became a file named "None"
+            raise EqzError(f"output takes a file's path (or '-' for stdout), got {output!r}")
         if isinstance(prompts, dict):
             raise EqzError(f"prompts takes a list of prompts; one given as a dict goes in a list: [{prompts!r}]")
         if isinstance(prompts, str) and Path(prompts).suffix.lower() not in (".txt", ".jsonl") and \
@@ -303,8 +312,8 @@ class EqzModel:
         try:
             bank = self.bank_if_any(required=bool(sliders or sweeps or preset or presets or meter or clamp or ablate))
             valid = bank.names if bank else ()
-            grid = build_grid(valid, preset, list(presets), sliders or {}, sweeps, sampling or {}, system, clamp,
-                              ablate)
+            grid = build_grid(valid, _preset_of(preset, valid), [_preset_of(each, valid) for each in presets],
+                              sliders or {}, sweeps, sampling or {}, system, clamp, ablate)
             count, longest = plan(source, self.model, grid)
             sink.check_model(self.model_record)
             moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
@@ -318,8 +327,8 @@ class EqzModel:
                          parallel, meter, self.on_warning, closes_output=sink is not output)
 
     def request(self, messages: list[dict] | None = None, *, prompt: str | None = None,
-                preset: str | None = None, sliders: dict[str, float] | None = None, sampling: dict | None = None,
-                stop: Iterable[str] = (), clamp: dict[str, float] | None = None, ablate: Iterable[str] = (),
+                preset: str | Path | Preset | None = None, sliders: dict[str, float] | None = None,
+                sampling: dict | None = None, stop: Iterable[str] = (), clamp: dict[str, float] | None = None, ablate: Iterable[str] = (),
                 meter: bool = False) -> "Request":
         """A reply to generate on a ``server()``: to chat ``messages`` (OpenAI-style roles; a preset's system
         prompt is used when they have none) or, with ``prompt``, a plain completion of that text. Settings merge
@@ -337,7 +346,7 @@ class EqzModel:
             raise EqzError("messages must be a list of dicts, such as [{'role': 'user', 'content': 'Hi'}]")
         bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate or meter))
         valid = bank.names if bank else ()
-        resolved = resolve(get_preset(preset, valid) if preset else None, valid, sliders, sampling, None, clamp, ablate)
+        resolved = resolve(_preset_of(preset, valid), valid, sliders, sampling, None, clamp, ablate)
         if prompt is not None:
             tokens, stops, shared = self.model.tokenize(prompt), (), 0
         else:
@@ -518,7 +527,10 @@ def _sweeps(value) -> list[tuple[str, list[float]]]:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
                 and isinstance(pair[1], Iterable) and not isinstance(pair[1], str)):
             raise EqzError(f"sweeps takes (band, gains) pairs, such as [('joy', [-1, 0, 1])]; got {pair!r}")
-    return [(band_key(band), list(gains)) for band, gains in pairs]
+    swept = [(band_key(band), list(gains)) for band, gains in pairs]
+    if (empty := next((band for band, gains in swept if not gains), None)) is not None:  # 0 settings, failing at run
+        raise EqzError(f"sweeps: {empty} has no gains; give at least one, such as ('joy', [-1, 0, 1])")
+    return swept
 
 
 def _whole(value, name: str, least: int, note: str = "") -> int:
@@ -592,7 +604,8 @@ class Chat:
         return self.session.reply(_text(text, "text"))
 
     def set(self, **gains: float) -> None:
-        bank = self.session.steerer.bank
+        # a model without a bank: how to train one, as generate says (it was told a band had been removed)
+        bank = self.session.steerer.bank or (require_bank(self.session.model.info) if gains else None)
         valid = bank.names if bank else ()
         checked = {band: check_gain(band, gain, valid) for band, gain in keyed_by_band(gains, "set").items()}
         _warn_of(self.on_warning, checked, bank, checked)

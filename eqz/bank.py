@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .bands import BANDS, check_band_name, check_gain
+from .bands import BANDS, check_band_name, check_gain, keyed_by_band
 from .errors import EqzError
 from .models import ModelInfo, fingerprint
 from .shipped import shipped_dir
@@ -304,7 +304,7 @@ class Bank:
     def vector(self, gains: dict[str, float] | None = None, **named: float) -> ControlVector:
         """The control vector for these slider gains as a value (``bank.vector(joy=0.8)``). A control vector can
         only add, so a held band (``held``) gives its vector: it steers as that slider did before it was held."""
-        mix = self.mix({**(gains or {}), **named})
+        mix = self.mix(keyed_by_band({**(gains or {}), **named}, "gains"))  # JOY=0.8 as everywhere in eqz
         if mix is None:
             mix = np.zeros((self.model.n_layer, self.model.n_embd), dtype=np.float32)
         return ControlVector(mix, self.model.architecture)

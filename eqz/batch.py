@@ -25,6 +25,7 @@ import stat
 import sys
 import tempfile
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from .reading import common_prefix_length
 from .meter import Instruments
 from .errors import EqzError
 from .files import try_lock
-from .presets import Preset, Resolved, get_preset, resolve
+from .presets import Preset, Resolved, resolve
 from .session import model_record, reply_record
 from .sampling import is_whole
 from .steering import Steerer, Steering
@@ -224,8 +225,8 @@ def parse_sweep(spec: str, bands: tuple[str, ...] | None) -> tuple[str, list[flo
 
 def build_grid(
     bands: tuple[str, ...],
-    base_preset: str | None,
-    presets: list[str],
+    base_preset: Preset | None,
+    presets: list[Preset],
     sets: dict[str, float],
     sweeps: list[tuple[str, list[float]]],
     sampling_flags: dict,
@@ -239,9 +240,7 @@ def build_grid(
     if twice := next((band for band in swept if swept.count(band) > 1), None):
         raise EqzError(f"--sweep {twice} (sweeps in the library) is given twice, and the later would override the "
                        "earlier; sweep each band once")
-    chosen: list[Preset | None] = [get_preset(name, bands) for name in presets] if presets else (
-        [get_preset(base_preset, bands)] if base_preset else [None]
-    )
+    chosen: list[Preset | None] = presets or [base_preset]
     size = len(chosen) * math.prod(len(gains) for _, gains in sweeps)
     if size > MAX_SETTINGS:
         raise EqzError(f"the grid has {size} settings (presets x sweeps); at most {MAX_SETTINGS}: sweep fewer gains or "
@@ -269,6 +268,9 @@ def row_key(prompt_id: str, preset: str | None, gains: dict, sample: int, seed: 
 # -------------------------------------------------------------------------------------------------- output
 
 
+_OUTPUTS: dict[tuple[int, int], weakref.ref] = {}  # this process's outputs, by file: a plan made again takes over
+
+
 class Output:
     """The JSONL file: rows are appended and flushed one by one; resume reads what is already there."""
 
@@ -277,6 +279,8 @@ class Output:
         self.path = Path("/dev/stdout" if self.stdout else path).expanduser()
         self.done: dict[str, dict] = {}  # row_key -> what the row was made with (made_with)
         self.first: dict | None = None
+        self.writing = False  # a run is using it (BatchPlan), so a later plan of this process may not take it over
+        self.taken_over = False
         if self.stdout and resume:
             raise EqzError("--resume (resume=True in the library) continues a file; give -o a file name, not -")
         if self.path.is_dir():
@@ -301,10 +305,20 @@ class Output:
             raise
 
     def _lock(self) -> None:
-        """One batch writes a file at a time: two resuming one file would each write the rows it lacks, twice over."""
+        """One batch writes a file at a time: two resuming one file would each write the rows it lacks, twice over.
+        A plan of this process that has not run gives its file up to a later one (a notebook cell run again makes
+        its plan before the name holding the first lets go of it)."""
+        file = os.fstat(self.handle.fileno())
+        key = (file.st_dev, file.st_ino)
+        earlier = _OUTPUTS[key]() if key in _OUTPUTS else None
+        if earlier is not None and not earlier.writing and not earlier.handle.closed:
+            self.created, earlier.created = self.created or earlier.created, False  # removed if left empty: by us
+            earlier.close()
+            earlier.taken_over = True
         if not try_lock(self.handle):
             raise EqzError(f"{self.path} is being written by another eqz batch; let it finish (or stop it) and "
                            "resume then, or choose another -o")
+        _OUTPUTS[key] = weakref.ref(self)
 
     def _load_existing(self) -> None:
         """Remember the rows already there. Only a last line that starts a row but is not JSON is taken for one cut
@@ -689,11 +703,15 @@ class BatchPlan:
 
     @contextmanager
     def _closing(self) -> Iterator[None]:
+        if self.output.taken_over:
+            raise EqzError(f"a later plan writes {self.output.path} now (this one was made again); run that one")
         if self.output.handle.closed:
             raise EqzError("this plan ran already and closed its output; to go on, make it again with "
                            "model.batch(..., resume=True)")
+        self.output.writing = True
         try:
             yield
         finally:
+            self.output.writing = False
             if self.closes_output:
                 self.output.close()

@@ -145,6 +145,47 @@ def test_a_notebooks_habits_leave_the_model_and_its_chats_sound(library):
     assert library.generate("Hi", sampling=None, seed=3, max_tokens=2) == library.generate("Hi", seed=3, max_tokens=2)
 
 
+USED_AFTER_CLOSE = """
+import eqz
+def said(use):
+    try:
+        use()
+    except eqz.EqzError as error:
+        print(error)
+model = eqz.load()
+stream = model.stream("Hello", max_tokens=8, seed=1)
+next(stream)
+model.close()
+said(lambda: "".join(stream))
+said(lambda: model.model_record)
+model = eqz.load()
+chat = model.chat(max_tokens=30, seed=1)
+reply = chat.send("Hello")
+next(iter(reply))
+chat.close()
+said(lambda: "".join(reply))
+said(lambda: chat.send("Again"))
+"""
+
+
+def test_a_model_or_chat_used_after_close_says_so_instead_of_crashing_python():
+    """Python died of a segmentation fault: a stream or a half-read reply read on after its model or chat was closed,
+    a closed chat sent to, a closed model's record read. Run apart, so that a crash fails this test alone."""
+    done = subprocess.run([sys.executable, "-c", USED_AFTER_CLOSE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["this model was closed; load it again (eqz.load) to use it"] * 2 + [
+        "this chat or reply was closed; start another to go on"] * 2
+
+
+def test_a_model_without_a_bank_says_how_to_make_one_when_a_chat_moves_a_slider(gemma_path):
+    """It was told to restore a removed band with `vectors reset`, and listed the bands it has: none."""
+    with eqz.load(gemma_path) as plain, plain.chat(max_tokens=4) as chat:
+        with pytest.raises(eqz.EqzError, match="no emotion bank fits Gemma.*run `eqz train"):
+            chat.set(joy=1)
+        chat.set()  # moving nothing needs no bank
+        "".join(chat.send("Hi"))  # and the chat goes on
+
+
 def test_a_library_batch_resumes_closes_its_file_and_counts_its_rows(library, tmp_path):
     """A notebook cell run again met "pass --resume", which the library did not take; the file stayed open."""
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
@@ -158,6 +199,15 @@ def test_a_library_batch_resumes_closes_its_file_and_counts_its_rows(library, tm
         library.batch(prompts, out, sampling={"max_tokens": 4})
     again = library.batch(prompts, out, sampling={"max_tokens": 4}, resume=True)
     assert again.run().written == 0 and len(out.read_text().splitlines()) == 2
+    # a cell run again makes its plan while the first, never run, still holds the file: it was "being written by
+    # another eqz batch"; and a Preset, as generate takes one, was an AttributeError
+    fresh = tmp_path / "fresh.jsonl"
+    first = library.batch(prompts, fresh, preset=eqz.read_preset("serene"), sampling={"max_tokens": 4})
+    second = library.batch(prompts, fresh, preset=eqz.read_preset("serene"), sampling={"max_tokens": 4})
+    with pytest.raises(eqz.EqzError, match="a later plan writes"):
+        first.run()
+    assert second.run().written == 2 and {json.loads(row)["preset"] for row in fresh.read_text().splitlines()} == {
+        "serene"}
 
 
 def test_repeat_last_n_of_minus_one_is_the_whole_context_as_in_llama_cpp(library):
@@ -225,6 +275,11 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "the description of nost is empty": lambda: library.train(described={"nost": " "}),
                # each was a raw TypeError, ValueError or AttributeError, or iterated a string letter by letter
                "presets takes a list of preset names": lambda: library.batch(duplicated, out, presets="melancholy"),
+               # sampling's seed was dropped in silence, None wrote a file named "None", no gains failed at run()
+               "give seed=5, not sampling": lambda: library.batch(duplicated, out, sampling={"seed": 5}),
+               "output takes a file's path": lambda: library.batch(duplicated, None),
+               "generate and stream give the text alone": lambda: library.generate("Hi", meter=True),  # unreachable
+               "sweeps: joy has no gains": lambda: library.batch(duplicated, out, sweeps=[("joy", [])]),
                "sweeps takes \\(band, gains\\) pairs": lambda: library.batch(duplicated, out, sweeps={"joy": [-1, 1]}),
                "sampling must be a dict, such as {.temperature.: 0.7}; got list": lambda: library.batch(
                    duplicated, out, sampling=[1]),
@@ -310,6 +365,7 @@ def test_band_names_take_any_case_in_the_library_as_on_the_command_line(library)
         assert chat.session.filters.describe()["clamp"] == {"fear": 0.0}
         chat.set(Trust=0.5)
         assert dict(chat.session.pending_or_current_steering().gains)["trust"] == 0.5
+    assert np.array_equal(library.bank.vector(JOY=0.8).matrix, library.bank.vector(joy=0.8).matrix)  # was unknown
 
 
 def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, monkeypatch, random_vector_file):
