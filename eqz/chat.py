@@ -11,6 +11,7 @@ from typing import Callable
 
 from .bands import BANDS, band_key, gain_warning, parse_set
 from .errors import EqzError
+from .files import replacing
 from .presets import get_preset
 from .sampling import make_sampling
 from .session import ChatSession
@@ -39,6 +40,7 @@ class ChatCommands:
 
     def __init__(self, session: ChatSession):
         self.session = session
+        self.saved_to: set[Path] = set()  # files this conversation was saved to, which /save may write again
 
     def handle(self, line: str) -> CommandResult:
         """Run one slash command line; raises EqzError with a one-line message for bad input."""
@@ -57,7 +59,8 @@ class ChatCommands:
     def help(self, _args: list[str], _rest: str) -> CommandResult:
         width = max(len(command.usage) for command in COMMANDS.values())
         lines = [f"  {command.usage:<{width}}  {command.summary}" for command in COMMANDS.values()]
-        return CommandResult("\n".join([*lines, f"keys while a reply streams under the panel: {KEY_HELP}"]))
+        return CommandResult("\n".join([*lines, f"keys while a reply streams under the panel: {KEY_HELP}; other "
+                                             "text starts your next message, which waits at the prompt"]))
 
     def system(self, _args: list[str], rest: str) -> CommandResult:
         self.session.system = rest or None
@@ -137,16 +140,29 @@ class ChatCommands:
 
     def reset(self, _args: list[str], _rest: str) -> CommandResult:
         self.session.reset()
+        self.saved_to.clear()  # another conversation now: saving it over the last one's file needs --replace
         return CommandResult("history cleared")
 
     def save(self, args: list[str], _rest: str) -> CommandResult:
-        if len(args) != 1:
+        replace = "--replace" in args
+        names = [arg for arg in args if arg != "--replace"]
+        if len(names) != 1:
             raise EqzError(f"usage: {COMMANDS['save'].usage}")
-        path = Path(args[0]).expanduser()
+        path = Path(names[0]).expanduser()
+        if path.is_dir():
+            raise EqzError(f"{path} is a folder; give a file name, such as {path / 'chat.json'}")
+        if path.is_file() and not replace and path.resolve() not in self.saved_to:  # another conversation's, maybe
+            raise EqzError(f"{path} exists; /save {names[0]} --replace writes over it, or choose another name")
+        text = json.dumps(self.session.transcript(), indent=2, ensure_ascii=False) + "\n"
         try:
-            path.write_text(json.dumps(self.session.transcript(), indent=2, ensure_ascii=False) + "\n")
+            if path.exists() and not path.is_file():  # /dev/stdout, a pipe: a stream, written to as it is
+                path.write_text(text)
+            else:
+                with replacing(path) as temporary:  # whole or not at all: a full disk kept half a transcript
+                    temporary.write_text(text)
         except OSError as error:
             raise EqzError(f"could not write {path}: {error.strerror}") from None
+        self.saved_to.add(path.resolve())
         return CommandResult(f"saved {len(self.session.history)} messages to {path}")
 
     def quit(self, _args: list[str], _rest: str) -> CommandResult:
@@ -178,6 +194,7 @@ COMMANDS: dict[str, Command] = {
     "ablate": Command("/ablate BAND", "notch a band to the model's neutral level", ChatCommands.ablate),
     "filters": Command("/filters [off]", "show the filters, or turn them all off", ChatCommands.filters),
     "reset": Command("/reset", "forget the conversation", ChatCommands.reset),
-    "save": Command("/save FILE", "write the transcript with every setting as JSON", ChatCommands.save),
+    "save": Command("/save FILE [--replace]", "write the transcript with every setting as JSON (--replace: over a "
+                    "file this chat did not save)", ChatCommands.save),
     "quit": Command("/quit", "leave (Ctrl-D works too)", ChatCommands.quit),
 }

@@ -8,6 +8,7 @@ decode loop before the very next token. The terminal is restored on exit, Ctrl-C
 from __future__ import annotations
 
 import os
+import re
 import select
 import sys
 import termios
@@ -44,6 +45,7 @@ class Equalizer:
         self.tokens_per_second = 0.0
         self.levels: dict[str, float] | None = {} if session.meter_on else None  # smoothed meter readouts
         self.refused: str | None = None  # why the last key's move was refused, shown until the next key
+        self.typed = ""  # the next message, typed while a reply streams: it waits at the prompt
         self.lock = threading.Lock()
 
     def update_meter(self, smoothing: float = 0.3) -> None:
@@ -62,7 +64,15 @@ class Equalizer:
 
     def press(self, key: str) -> None:
         """Apply a hotkey; a gain change is handed to the session for the next token (one the filters cannot hold
-        is not made, and the panel says why until the next key)."""
+        is not made, and the panel says why until the next key). Text that is not a hotkey starts the next message,
+        and from then on letters and digits are its text ("tell me more" reset every slider at its "r")."""
+        with self.lock:
+            if key == "backspace":
+                self.typed = self.typed[:-1]
+                return
+            if len(key) == 1 and (self.typed or key not in HOTKEYS or not self.bands):
+                self.typed += key
+                return
         if not self.bands:
             return
         with self.lock:
@@ -171,7 +181,9 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
         lines.append(Text("filters: " + ", ".join(described), style="yellow"))
     if equalizer.refused:
         lines.append(Text(f"not moved: {equalizer.refused}", style="red", overflow="ellipsis", no_wrap=True))
-    if not compact:
+    if equalizer.typed:  # what is typed while the reply streams: the next message, at the prompt after it
+        lines.append(Text(f"you> {equalizer.typed[-max(8, width - 12):]}▏", style="bold", no_wrap=True))
+    elif not compact:
         lines.append(Text(KEY_HELP, style="dim"))
     title = f"eqz · {session.model.info.name}" + (f" · preset {session.preset}" if session.preset else "")
     return Panel(Group(*lines), title=Text(title), title_align="left", border_style="blue", width=width)
@@ -204,8 +216,12 @@ KEY_SEQUENCES = {
 }
 
 
+HOTKEYS = "1234567890zr"
+
+
 def parse_keys(buffer: bytes) -> tuple[list[str], bytes]:
-    """Key names found in ``buffer`` and the bytes of an unfinished escape sequence to keep for later."""
+    """Key names (arrows, "backspace") and typed characters found in ``buffer``, and the bytes of an unfinished
+    escape sequence or UTF-8 character to keep for later."""
     keys = []
     while buffer:
         if buffer.startswith(b"\x1b"):
@@ -216,13 +232,31 @@ def parse_keys(buffer: bytes) -> tuple[list[str], bytes]:
                 continue
             if len(buffer) < 3 and any(seq.startswith(buffer) for seq in KEY_SEQUENCES):
                 break  # wait for the rest of the sequence
+            other = re.match(rb"\x1b[\[O][0-9;]*[\x40-\x7e]", buffer)  # another key's sequence (Home, F5): no text
+            if other is None and re.fullmatch(rb"\x1b[\[O][0-9;]*", buffer):
+                break
+            buffer = buffer[other.end() if other else 1:]
+            continue
+        size = next((n for n in range(1, 5) if _decodes(buffer[:n])), None)
+        if size is None:
+            if len(buffer) < 4 and buffer[0] >= 0xC0:
+                break  # the rest of a character typed in UTF-8
             buffer = buffer[1:]
             continue
-        char = chr(buffer[0])
-        buffer = buffer[1:]
-        if char.isdigit() or char in "zr":
+        char, buffer = buffer[:size].decode(), buffer[size:]
+        if char in ("\x7f", "\b"):
+            keys.append("backspace")
+        elif char.isprintable():  # Enter, Tab and other controls are not text of the message
             keys.append(char)
     return keys, buffer
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 class KeyReader:
@@ -237,7 +271,9 @@ class KeyReader:
 
     def __enter__(self) -> "KeyReader":
         self.saved = termios.tcgetattr(self.fd)
-        tty.setcbreak(self.fd)  # keys arrive at once, no echo; Ctrl-C still raises SIGINT
+        # keys arrive at once, no echo; Ctrl-C still raises SIGINT. TCSANOW keeps keys pressed since Enter, which
+        # the default (TCSAFLUSH) threw away: Up pressed at once after a message did not move its slider
+        tty.setcbreak(self.fd, termios.TCSANOW)
         self.thread.start()
         return self
 
@@ -264,15 +300,22 @@ class KeyReader:
 # -------------------------------------------------------------------------------------------------- the loop
 
 
-def _read_line(console: Console) -> str | None:
-    """One line of input; None on Ctrl-D. Ctrl-C at the prompt only clears the line."""
+def _read_line(console: Console, typed: str = "") -> str | None:
+    """One line of input, begun with ``typed`` (typed while the last reply streamed); None on Ctrl-D. Ctrl-C at the
+    prompt only clears the line."""
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # line editing and history for input()
     except ImportError:
-        pass
+        readline = None
+    if readline and typed:
+        readline.set_startup_hook(lambda: readline.insert_text(typed))
     while True:
         try:
-            line = input("you> ")
+            try:
+                line = input("you> ")
+            finally:  # once: Ctrl-C at the prompt clears the typed text too
+                if readline:
+                    readline.set_startup_hook(None)
             if not sys.stdin.isatty():  # piped: the terminal never showed the line, so a transcript would lack it
                 console.print(line, markup=False, highlight=False)
             return line
@@ -295,7 +338,9 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
     if panel and equalizer.bands:
         console.print(_panel(equalizer, console))
     while True:
-        line = _read_line(console)
+        with equalizer.lock:
+            typed, equalizer.typed = equalizer.typed, ""
+        line = _read_line(console, typed)
         if line is None:
             return
         if not line.strip():

@@ -118,3 +118,16 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tmp_path):
     assert ran.returncode == 0, ran.stderr
     assert b"not valid UTF-8 (byte 0xe9)" in ran.stdout
     assert [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"] == ["Hello", "Hi again"]
+
+
+def test_save_writes_over_only_its_own_conversations_file(tmp_path):
+    """/save wrote over any file: /reset, then /save to the same name, lost the first conversation."""
+    saved = tmp_path / "chat.json"
+    lines = f"Hello\n/save {saved}\nHi again\n/save {saved}\n/reset\n/save {saved}\n/quit\n"
+    ran = run_eqz("chat", "--seed", "1", "-n", "6", input=lines, env={"COLUMNS": "300"})  # a message on one line
+    assert ran.returncode == 0, ran.stderr
+    assert "saved 2 messages" in ran.stdout and "saved 4 messages" in ran.stdout  # the same conversation, grown
+    assert f"{saved} exists; /save {saved} --replace writes over it" in ran.stdout
+    assert len(json.loads(saved.read_text())["messages"]) == 4
+    again = run_eqz("chat", "-n", "6", input=f"/save {saved} --replace\n/quit\n")
+    assert "saved 0 messages" in again.stdout and json.loads(saved.read_text())["messages"] == []

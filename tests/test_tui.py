@@ -72,6 +72,26 @@ def test_hotkeys_select_zero_and_reset(tmp_path):
     assert before_reset["anger"] == 0.3 and not any(changes[-1]["sliders"].values())
 
 
+def test_text_typed_while_a_reply_streams_waits_at_the_prompt_and_moves_no_slider(tmp_path):
+    """"tell me more" typed mid-reply set every slider to 0 at its "r" and was lost; an Up pressed at once after
+    Enter was thrown away with the rest of what the terminal held when the keys began to be read."""
+    child = spawn("--seed", "3", "-n", "400")
+    child.sendline(STORY)
+    child.send("\x1b[A")  # before the panel is up
+    child.expect_exact("tok/s")
+    child.send("tell me more")
+    expect_on_screen(child, r"you> tell me more▏")  # on the panel, as it is typed
+    child.expect(r"\d+ tokens · \d+ tok/s", timeout=120)  # the reply's summary: the panel is gone
+    child.expect_exact(PROMPT + "tell me more")  # waiting at the prompt
+    child.send(" and more\r")
+    child.expect_exact(PROMPT, timeout=120)
+    messages = save_and_leave(child, tmp_path / "chat.json", "saved 4 messages")["messages"]
+    record = messages[1]["reply"]
+    steered = record["changes"][-1]["sliders"] if record["changes"] else record["sliders"]
+    assert {band: gain for band, gain in steered.items() if gain} == {"joy": pytest.approx(0.1)}
+    assert messages[2]["content"] == "tell me more and more"
+
+
 def test_a_key_move_the_filters_cannot_hold_is_refused_on_the_panel(tmp_path):
     """Four held sliders and three notches filter seven primaries; holding an eighth cannot be met. The key is not
     applied (it broke the reply's text before) and the panel says why."""
