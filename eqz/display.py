@@ -22,7 +22,7 @@ from rich.text import Text
 
 from .bands import BANDS, SHORT_NAMES
 from .bank import PROBLEMS, SHIPPED_DIR, Bank, FoundBank, user_data_dir
-from .presets import Preset, PresetEntry
+from .presets import Preset, PresetEntry, describe_filters
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -208,7 +208,7 @@ def print_preset(preset: Preset) -> None:
     if preset.system:
         console.print(f"  system: {escape(preset.system)}")
     if preset.filters:
-        console.print(f"  filters: {escape(str(preset.filters))}")
+        console.print(f"  filters: {describe_filters(preset.filters)}")
     console.print(f"[dim]  {escape(str(preset.path))}[/dim]")
 
 

@@ -51,6 +51,12 @@ class Preset:
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
 
 
+def describe_filters(filters: dict) -> str:
+    """``{"clamp": {band: level}, "ablate": [band]}`` in words: "clamp fear +0.0, ablate anger"."""
+    return ", ".join([f"clamp {band} {level:+.1f}" for band, level in (filters.get("clamp") or {}).items()]
+                     + [f"ablate {band}" for band in filters.get("ablate") or []])
+
+
 def parse_preset(data, where: str, bands: tuple[str, ...] = BANDS) -> Preset:
     """Validate a loaded YAML mapping; ``where`` names the file in error messages."""
     if not isinstance(data, dict):
@@ -166,6 +172,8 @@ def load_preset_file(path: Path, bands: tuple[str, ...] = BANDS) -> Preset:
         at = f" at line {mark.line + 1}" if mark else ""
         problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, as every error is
         raise EqzError(f"{path}: not valid YAML{at}: {problem}") from None
+    if isinstance(data, dict) and "name" not in data:  # a file names its preset: mood.yaml holds "mood"
+        data = {"name": path.stem, **data}
     preset = parse_preset(data, str(path), bands)
     return Preset(**{**preset.__dict__, "path": path})
 

@@ -26,6 +26,7 @@ from rich.text import Text
 from .bands import SHORT_NAMES
 from .chat import KEY_HELP, ChatCommands
 from .errors import EqzError
+from .presets import describe_filters
 from .threads import crowding_hint
 from .session import ChatSession, Turn
 
@@ -177,8 +178,7 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
         status = f"temp {s.temperature:.2f} · {equalizer.tokens_per_second:.0f} tok/s · /help for keys"
     lines.append(Text(status, style="dim"))
     if filters and (filters["clamp"] or filters["ablate"]):
-        described = [f"clamp {b} {v:+.1f}" for b, v in filters["clamp"].items()] + [f"ablate {b}" for b in filters["ablate"]]
-        lines.append(Text("filters: " + ", ".join(described), style="yellow"))
+        lines.append(Text("filters: " + describe_filters(filters), style="yellow"))
     if equalizer.refused:
         lines.append(Text(f"not moved: {equalizer.refused}", style="red", overflow="ellipsis", no_wrap=True))
     if equalizer.typed:  # what is typed while the reply streams: the next message, at the prompt after it

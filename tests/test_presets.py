@@ -129,6 +129,9 @@ def test_a_preset_file_is_used_by_its_path_without_saving_it(tmp_path):
     shared.write_text("name: wistful\ndescription: shared\nsliders:\n  sadness: 0.6\n")
     record = json.loads(run_eqz("generate", "Hi", "-p", str(shared), "-n", "4", "--json").stdout)
     assert record["preset"] == "wistful" and record["sliders"]["sadness"] == 0.6
+    shared.write_text("sliders:\n  sadness: 0.6\nfilters: {clamp: {fear: 0}, ablate: [anger]}\n")
+    assert load_preset_file(shared).name == "from-a-friend"  # no name: the file's (was "name must be ... (got None)")
+    assert "filters: clamp fear +0.0, ablate anger" in run_eqz("presets", "show", str(shared)).stdout  # not a dict
     missing = run_eqz("generate", "Hi", "-p", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "nope.yaml: cannot read" in missing.stderr
 
