@@ -447,6 +447,7 @@ def eval_command(
     tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", metavar="N", help="tokens per reply", min=EVAL_MIN_TOKENS)] = 64,
     samples: Annotated[int, typer.Option("--samples", metavar="N", help="replies per prompt and setting", min=1)] = 1,
     plot: Annotated[bool, typer.Option("--plot", metavar="", help="also draw dose_response.png (needs matplotlib)")] = False,
+    replace: Annotated[bool, typer.Option("--replace", metavar="", help="write over an earlier run's files in --output")] = False,
     record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml (the shipped bank's go into your own copy of it, used from then on; every band with recorded figures must be measured)")] = False,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
@@ -470,7 +471,12 @@ def eval_command(
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
     chosen = _listed(bands, "--bands")
-    writable_directory(Path(output).expanduser(), "--output")  # before minutes of replies, not after
+    directory = Path(output).expanduser()
+    writable_directory(directory, "--output")  # before minutes of replies, not after
+    earlier = {path.name for path in directory.glob("*") if path.name in OUTPUT_NAMES}
+    if earlier and not replace:  # a second plain run threw the first's figures and replies away
+        raise EqzError(f"{directory} holds an earlier run ({', '.join(sorted(earlier))}); pass --replace to write "
+                       "over it, or choose another --output")
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         try:
             with progress_bars() as progress:
@@ -479,8 +485,6 @@ def eval_command(
             sys.stderr.write("eqz eval: interrupted; no figures were written or recorded\n")
             raise typer.Exit(130) from None
     print_eval(result, non_fluent_gains(result))
-    directory = Path(output).expanduser()
-    earlier = {path.name for path in directory.glob("*") if path.name in OUTPUT_NAMES}
     for path in write_outputs(result, directory, plot):
         typer.echo(f"wrote {path}" + (" (replacing an earlier run's)" if path.name in earlier else ""))
     if not plot and OUTPUT_NAMES[2] in earlier:

@@ -250,8 +250,11 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     (tmp_path / "prompts.txt").write_text("Describe your morning.\nPlan a short walk.\n")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "dose_response.png").write_text("an earlier run's plot")
-    evaluated = run_eqz("eval", "--bands", "nostalgia,Nostalgia", "--gains", "0,1,1.0,-0", "-n", "12", "--prompts",
-                        str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"), env=env)
+    evaluating = ("eval", "--bands", "nostalgia,Nostalgia", "--gains", "0,1,1.0,-0", "-n", "12", "--prompts",
+                  str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "eval"))
+    kept = run_eqz(*evaluating, env=env)  # an earlier run's files were replaced in silence
+    assert kept.returncode == 2 and "holds an earlier run (dose_response.png); pass --replace" in kept.stderr
+    evaluated = run_eqz(*evaluating, "--replace", env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert not (tmp_path / "eval" / "dose_response.png").exists()  # what is there is one run's
     written = json.loads((tmp_path / "eval" / "eval.json").read_text())
