@@ -657,8 +657,8 @@ def vectors_import(
 
     with _load_model(model, None) as loaded:
         directory = loaded.import_vector(file, band, replace)
-    typer.echo(f"band '{band_key(band)}' added to the bank in {directory} (unmetered); try: eqz chat --set "
-               f"{band_key(band)}=0.5")
+    typer.echo(f"band '{band_key(band)}' added to the bank in {directory} (unmetered); try: "
+               f"{_chat_with(model)} --set {band_key(band)}=0.5")
 
 
 @vectors_app.command("hold")
@@ -681,7 +681,8 @@ def vectors_hold(
     if directory is None:
         typer.echo(f"{name} already {doing}; nothing changed")
     else:
-        typer.echo(f"{name} +1 now {doing} (bank in {directory}); try: eqz chat --set {name}=1" if held is not None
+        typer.echo(f"{name} +1 now {doing} (bank in {directory}); try: {_chat_with(model)} --set {name}=1"
+                   if held is not None
                    else f"{name} {doing} again (bank in {directory})")
 
 
@@ -709,7 +710,22 @@ def vectors_reset(model: ModelOpt = None) -> None:
     used again."""
     with _load_model(model, None) as loaded:
         removed = loaded.reset_bank()
-    typer.echo(f"deleted {removed}; the shipped bank is in use again" if removed else "no bank of your own for this model")
+        now = loaded.bank_if_any()
+    if removed is None:
+        typer.echo("no bank of your own for this model")
+    else:  # Gemma has no shipped bank: it was told "the shipped bank is in use again"
+        typer.echo(f"deleted {removed}; " + (f"the bank in {now.directory} is in use again" if now else
+                                             f"the model has no bank now (`eqz train{_model_flag(model)}` makes one)"))
+
+
+def _model_flag(model: str | None) -> str:
+    """`` -m MODEL`` as the user gave it, for a command to try next (empty for the default model)."""
+    return f" -m {shlex.quote(model)}" if model else ""
+
+
+def _chat_with(model: str | None) -> str:
+    """The chat command for the model a bank command was given, so the hint steers that model's bank."""
+    return f"eqz chat{_model_flag(model)}"
 
 
 presets_app = typer.Typer(help="List, show, save and validate preset moods.", no_args_is_help=True)

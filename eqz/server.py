@@ -20,6 +20,7 @@ import json
 import re
 import secrets
 import socket
+import sys
 import time
 from collections import OrderedDict
 from importlib import resources
@@ -440,10 +441,11 @@ async def _disconnected(request: HttpRequest) -> None:
         pass
 
 
-async def _drain(request: HttpRequest, read: int = 0) -> None:
-    """Refuses a body over MAX_BODY once the client has sent it, dropping it as it comes: answered while it was still
-    sending, a client met a broken pipe instead of the 413. One beyond DRAINED_AT_MOST is cut off."""
-    async for piece in request.stream():
+async def _drain(chunks, read: int = 0) -> None:
+    """Refuses a body over MAX_BODY once the client has sent it, dropping the rest of ``chunks`` (the request's one
+    stream) as it comes: answered while it was still sending, a client met a broken pipe instead of the 413. One
+    beyond DRAINED_AT_MOST is cut off."""
+    async for piece in chunks:
         read += len(piece)
         if read > DRAINED_AT_MOST:
             break
@@ -452,13 +454,14 @@ async def _drain(request: HttpRequest, read: int = 0) -> None:
 
 async def _json_body(request: HttpRequest) -> dict:
     declared = request.headers.get("content-length", "")
+    chunks = request.stream()  # once: asked again after its last piece, Starlette raises "Stream consumed"
     if declared.isdigit() and int(declared) > MAX_BODY:
-        await _drain(request)
+        await _drain(chunks)
     data = bytearray()
-    async for piece in request.stream():  # a body sent without its length is counted as it comes
+    async for piece in chunks:  # a body sent without its length is counted as it comes
         data += piece
         if len(data) > MAX_BODY:
-            await _drain(request, len(data))
+            await _drain(chunks, len(data))
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -573,6 +576,8 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
     logging_setup = copy.deepcopy(LOGGING_CONFIG)
     logging_setup["loggers"]["uvicorn.error"]["level"] = "WARNING"  # eqz says where it listens, in its own words
     logging_setup["handlers"]["access"]["stream"] = "ext://sys.stderr"  # with eqz's lines, out of a piped stdout
+    for formatter in logging_setup["formatters"].values():  # uvicorn would colour them by whether stdout is a tty
+        formatter["use_colors"] = sys.stderr.isatty()
     config = uvicorn.Config(server.app, host=host, port=port, log_config=logging_setup, access_log=access_log,
                             timeout_graceful_shutdown=2)
     runner = uvicorn.Server(config)

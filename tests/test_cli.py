@@ -297,7 +297,7 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     without = run_eqz("generate", "hi", "-p", "melancholy", "-n", "2", env=env)  # melancholy moves joy
     assert_one_line_error(without, "this bank has no band 'joy'", "`vectors reset` restores the shipped bank")
     reset = run_eqz("vectors", "reset", env=env)
-    assert reset.returncode == 0 and "shipped bank is in use again" in reset.stdout
+    assert reset.returncode == 0 and "vectors/smollm2-135m-instruct is in use again" in reset.stdout
     shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
     assert shown["bands"]["joy"]["source"] in ("stimulus", "voice")  # the trained joy is back
 

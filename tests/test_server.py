@@ -3,6 +3,7 @@ clients get wrong, and Debian's chromium driving the web page. Request counts an
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -311,6 +312,10 @@ def test_openai_defaults_pass_what_eqz_cannot_do_is_refused_and_a_stream_can_end
         assert status == 400 and f"'{field}' is not supported" in answer["error"]["message"]
     status, answer = server.post("/v1/completions", b'{"prompt": "' + b"a" * 2**23 + b'"}')
     assert status == 413 and answer["error"]["type"] == "invalid_request_error", answer
+    just_over = http.client.HTTPConnection(*server.url[len("http://"):].split(":"), timeout=60)
+    just_over.request("POST", "/v1/completions", iter([b'{"prompt": "' + b"a" * (2**20 + 1000) + b'"}']),
+                      {"Content-Type": "application/json"}, encode_chunked=True)  # no length: counted as it comes
+    assert just_over.getresponse().status == 413  # was a 500: the stream was asked for twice
     for status in (200, 400, 413):  # the access log: a line per request, as uvicorn writes it
         assert server.logged(f'"POST /v1/completions HTTP/1.1" {status}'), "".join(server.log)
     chunks = list(client.completions.create(model="eqz", prompt="Hi", max_tokens=3, seed=1, stream=True,
