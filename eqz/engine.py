@@ -241,6 +241,17 @@ MODEL_CLOSED = "this model was closed; load it again (eqz.load) to use it"
 CONTEXT_CLOSED = "this chat or reply was closed; start another to go on"
 
 
+def _while_open(method):
+    """``method`` of a Model or a Context, run holding its lock once it is known to be open: a close() from another
+    thread waits for it, and a use after close() is an EqzError instead of a crash on freed memory."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self._lock:
+            self._require_open()
+            return method(self, *args, **kwargs)
+    return guarded
+
+
 class Model:
     """A GGUF model loaded by llama.cpp (weights and vocabulary), shared by the contexts made from it."""
 
@@ -261,6 +272,7 @@ class Model:
         self._release = weakref.finalize(self, L.llama_model_free, self._model)
         self._release.atexit = False
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()  # closed before the model is freed
+        self._lock = threading.RLock()  # held by every use of the model (_while_open), and by close()
         self._vocab = L.llama_model_get_vocab(self._model)
         template = L.llama_model_chat_template(self._model, None)
         self._template = template.decode("utf-8") if template else None
@@ -283,11 +295,12 @@ class Model:
     def close(self) -> None:
         """Free the model, and first every context made from it (a reply still being read from one ends with an
         EqzError, not a crash on freed memory)."""
-        if self._model:
-            for context in list(self._contexts):
-                context.close(MODEL_CLOSED)
-            self._release()
-            self._model = self._vocab = None
+        with self._lock:
+            if self._model:
+                for context in list(self._contexts):
+                    context.close(MODEL_CLOSED)
+                self._release()
+                self._model = self._vocab = None
 
     def _require_open(self) -> None:
         """Every use of the model goes through tokens or a context; after close() both would read freed memory."""
@@ -339,20 +352,20 @@ class Model:
         kv = self.info.n_layer * n_ctx * kv_heads * (key + value) * 2
         return {"weights": self.path.stat().st_size, "kv_cache": kv, "context": n_ctx}
 
+    @_while_open
     def meta(self, key: str) -> str | None:
-        self._require_open()
         buffer = ctypes.create_string_buffer(4096)
         size = L.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
         return buffer.value.decode("utf-8", "replace") if size >= 0 else None
 
     @property
+    @_while_open
     def bos(self) -> int:
-        self._require_open()
         return L.llama_vocab_bos(self._vocab)
 
     @property
+    @_while_open
     def eos(self) -> int:
-        self._require_open()
         return L.llama_vocab_eos(self._vocab)
 
     def _token_text(self, token: int) -> str:
@@ -360,13 +373,13 @@ class Model:
             return ""
         return L.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
 
+    @_while_open
     def is_eog(self, token: int) -> bool:
-        self._require_open()
         return bool(L.llama_vocab_is_eog(self._vocab, token))
 
+    @_while_open
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Tokens of ``text``; ``add_special`` adds BOS where the model wants one (never twice)."""
-        self._require_open()
         if add_special and self.bos >= 0 and text.startswith(self._token_text(self.bos)):
             add_special = False
         data = utf8(text)
@@ -379,9 +392,9 @@ class Model:
             count = L.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
         return list(buffer[:count])
 
+    @_while_open
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens render as empty)."""
-        self._require_open()
         buffer = ctypes.create_string_buffer(64)
         size = L.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
         if size < 0:
@@ -431,13 +444,13 @@ class Model:
         parallel = max(1, min(parallel, len(jobs)))
         return self.context(n_ctx=per_sequence * parallel, n_seq=parallel, unified=False, taps=taps)
 
+    @_while_open
     def context(
         self, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = 512, taps: bool = False, unified: bool = True
     ) -> "Context":
         """A new context. ``unified`` shares one KV cache among sequences, keeping batch rows in order for
         taps and allowing shared prefixes; non-unified gives each sequence its own cache of n_ctx / n_seq
         cells laid out exactly as if it ran alone (what makes parallel generation reproducible)."""
-        self._require_open()
         return Context(self, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch, taps=taps, unified=unified)
 
 
@@ -522,16 +535,6 @@ def _one_micro_batch(seqs: Sequence) -> bool:
     return len(set(seqs)) <= 1 or len(consecutive_runs(seqs)) == 1
 
 
-def _while_open(method):
-    """``method`` of a Context, run holding its lock once the context is known to be open: a close() from another
-    thread waits for it, and a use after close() is an EqzError instead of a crash on freed memory."""
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        with self._lock:
-            if not self._ctx:
-                raise EqzError(self._closed_because)
-            return method(self, *args, **kwargs)
-    return guarded
 
 
 def _free_context(ctx, batch, _model: Model) -> None:
@@ -588,6 +591,10 @@ class Context:
     @property
     def has_taps(self) -> bool:
         return self._filter is not None
+
+    def _require_open(self) -> None:
+        if not self._ctx:
+            raise EqzError(self._closed_because)
 
     def close(self, because: str = CONTEXT_CLOSED) -> None:
         """Free the context; ``because`` is what a later use of it is told. A decode running in another thread (a
