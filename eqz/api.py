@@ -323,8 +323,10 @@ class EqzModel:
             if sink is not output:  # made here from a path: closed again (and removed if still empty)
                 sink.close()
             raise
-        return BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
+        made = BatchPlan(self.model, Steerer(self.info, bank), source, grid, sink, count, longest, samples, seed,
                          parallel, meter, self.on_warning, closes_output=sink is not output)
+        sink.take_over()  # an earlier plan of this file that never ran ends only now that this one is made
+        return made
 
     def request(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                 preset: str | Path | Preset | None = None, sliders: dict[str, float] | None = None,

@@ -251,7 +251,10 @@ def build_grid(
             resolved = resolve(preset, bands, {**sets, **dict(combo)}, sampling_flags, system, clamp, ablate)
             gains = {band: 0.0 for band in bands}
             gains.update(resolved.gains)
-            settings.setdefault(row_key("", resolved.preset, gains, 0, 0), replace(resolved, gains=gains))
+            setting = replace(resolved, gains=gains)
+            if settings.setdefault(row_key("", resolved.preset, gains, 0, 0), setting) != setting:
+                raise EqzError(f"two presets named {resolved.preset} differ, and rows name a preset by its name; "
+                               "give each its own name")
     return list(settings.values())
 
 
@@ -281,6 +284,7 @@ class Output:
         self.first: dict | None = None
         self.writing = False  # a run is using it (BatchPlan), so a later plan of this process may not take it over
         self.taken_over = False
+        self.predecessor: Output | None = None  # an earlier plan's output whose lock this one shares (take_over)
         if self.stdout and resume:
             raise EqzError("--resume (resume=True in the library) continues a file; give -o a file name, not -")
         if self.path.is_dir():
@@ -306,19 +310,31 @@ class Output:
 
     def _lock(self) -> None:
         """One batch writes a file at a time: two resuming one file would each write the rows it lacks, twice over.
-        A plan of this process that has not run gives its file up to a later one (a notebook cell run again makes
-        its plan before the name holding the first lets go of it)."""
+        A plan of this process that has not run shares its lock with a later one for the file (a notebook cell run
+        again makes its plan before the name holding the first lets go of it), which ends it once made (take_over):
+        a later plan refused on its own settings leaves the earlier one as it was."""
         file = os.fstat(self.handle.fileno())
-        key = (file.st_dev, file.st_ino)
-        earlier = _OUTPUTS[key]() if key in _OUTPUTS else None
+        self.key = (file.st_dev, file.st_ino)
+        earlier = _OUTPUTS[self.key]() if self.key in _OUTPUTS else None
         if earlier is not None and not earlier.writing and not earlier.handle.closed:
-            self.created, earlier.created = self.created or earlier.created, False  # removed if left empty: by us
-            earlier.close()
-            earlier.taken_over = True
+            self.handle.close()  # the same open file as the earlier plan's instead: a flock belongs to it
+            self.handle = os.fdopen(os.dup(earlier.handle.fileno()), "a", encoding="utf-8")
+            self.predecessor = earlier
+            return
         if not try_lock(self.handle):
             raise EqzError(f"{self.path} is being written by another eqz batch; let it finish (or stop it) and "
                            "resume then, or choose another -o")
-        _OUTPUTS[key] = weakref.ref(self)
+        _OUTPUTS[self.key] = weakref.ref(self)
+
+    def take_over(self) -> None:
+        """End the earlier plan whose lock this one shares (see ``_lock``), now that this one is made."""
+        earlier, self.predecessor = self.predecessor, None
+        if earlier is None:
+            return
+        self.created, earlier.created = self.created or earlier.created, False  # removed if left empty: by this one
+        earlier.close()  # the lock stays: this handle holds the same open file
+        earlier.taken_over = True
+        _OUTPUTS[self.key] = weakref.ref(self)
 
     def _load_existing(self) -> None:
         """Remember the rows already there. Only a last line that starts a row but is not JSON is taken for one cut
