@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +13,12 @@ from pathlib import Path
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it once written whole: a run stopped while writing (an error,
     Ctrl-C, a kill) leaves the earlier file or none, never half of one for a bank or ``--vector`` to trip on."""
+    path = path.resolve()  # a link's file is the one replaced, not the link
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
+        if path.exists():
+            shutil.copymode(path, temporary)  # a transcript kept private stays so
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

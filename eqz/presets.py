@@ -173,6 +173,9 @@ def load_preset_file(path: Path, bands: tuple[str, ...] = BANDS) -> Preset:
         problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, as every error is
         raise EqzError(f"{path}: not valid YAML{at}: {problem}") from None
     if isinstance(data, dict) and "name" not in data:  # a file names its preset: mood.yaml holds "mood"
+        if not _NAME.fullmatch(path.stem):
+            raise EqzError(f"{path}: no name: given, and the file's name '{path.stem}' is not a preset name "
+                           "(lowercase letters, digits, - or _); add name: to the file")
         data = {"name": path.stem, **data}
     preset = parse_preset(data, str(path), bands)
     return Preset(**{**preset.__dict__, "path": path})

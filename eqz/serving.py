@@ -238,7 +238,7 @@ class BatchServer:
                 request.cancel()
             self._wake.notify()
         self._thread.join(timeout=30)
-        if not self._thread.is_alive():  # still inside a decode: freeing its context would crash it
+        if not self._thread.is_alive():  # still inside a decode: closing its context would wait for it
             self.context.close()
 
     # -- the decode thread
@@ -270,8 +270,10 @@ class BatchServer:
                     self._start(row)
                 self._step()
         except BaseException as error:  # a failure here must reach every waiting client, not vanish
-            # and the log: it is the server's fault, and every request from now on gets only its one line
-            log.error("the decode loop stopped; no request can run until a restart", exc_info=error)
+            # and the log: it is the server's fault, and every request from now on gets only its one line (unless
+            # the server was closing: the model's close() then ends a decode that outlived close()'s wait)
+            if not self._closed:
+                log.error("the decode loop stopped; no request can run until a restart", exc_info=error)
             with self._wake:
                 self.error = error
                 rows = list(self._running.values())
