@@ -7,6 +7,7 @@ decode loop before the very next token. The terminal is restored on exit, Ctrl-C
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import select
@@ -232,16 +233,16 @@ def parse_keys(buffer: bytes) -> tuple[list[str], bytes]:
                 continue
             if len(buffer) < 3 and any(seq.startswith(buffer) for seq in KEY_SEQUENCES):
                 break  # wait for the rest of the sequence
-            other = re.match(rb"\x1b[\[O][0-9;]*[\x40-\x7e]", buffer)  # another key's sequence (Home, F5): no text
-            if other is None and re.fullmatch(rb"\x1b[\[O][0-9;]*", buffer):
+            other = _OTHER_KEY.match(buffer)  # another key (Home, F5, a mouse report) or Alt+key: no text, no hotkey
+            if other is None and _OTHER_KEY_BEGUN.fullmatch(buffer):
                 break
             buffer = buffer[other.end() if other else 1:]
             continue
         size = next((n for n in range(1, 5) if _decodes(buffer[:n])), None)
         if size is None:
-            if len(buffer) < 4 and buffer[0] >= 0xC0:
+            if len(buffer) < 4 and _begins_a_character(buffer):
                 break  # the rest of a character typed in UTF-8
-            buffer = buffer[1:]
+            buffer = buffer[1:]  # not UTF-8: dropped
             continue
         char, buffer = buffer[:size].decode(), buffer[size:]
         if char in ("\x7f", "\b"):
@@ -251,9 +252,23 @@ def parse_keys(buffer: bytes) -> tuple[list[str], bytes]:
     return keys, buffer
 
 
+# CSI and SS3 sequences (parameters, intermediates, a final byte), or ESC and one more key (Alt+key)
+_OTHER_KEY = re.compile(rb"\x1b(?:[\[O][\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]|[^\[O\x1b])")
+_OTHER_KEY_BEGUN = re.compile(rb"\x1b[\[O][\x30-\x3f]*[\x20-\x2f]*")
+
+
 def _decodes(data: bytes) -> bool:
     try:
         data.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _begins_a_character(data: bytes) -> bool:
+    """Whether ``data`` is the start of a UTF-8 character still to be completed."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data)
         return True
     except UnicodeDecodeError:
         return False

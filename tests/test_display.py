@@ -9,7 +9,7 @@ from rich.console import Console
 from eqz import display
 from eqz.analyze import Analysis, Segment
 from eqz.presets import Preset, PresetEntry
-from eqz.tui import reply_text
+from eqz.tui import parse_keys, reply_text
 
 
 def test_change_markers_name_only_the_bands_that_moved():
@@ -39,3 +39,12 @@ def test_a_preset_without_a_description_shows_just_its_name(tmp_path, monkeypatc
     display.print_preset(Preset(name="plain", description="", sliders={}, sampling={}, system=None, filters={},
                                 path=tmp_path / "plain.yaml"))
     assert written.getvalue().splitlines()[0] == "plain"
+
+
+def test_keys_read_while_a_reply_streams_are_arrows_text_or_nothing():
+    """Only digits, z and r were read, and other keys' sequences fired them: F5 (ESC [ 1 5 ~) picked band 1, then 5."""
+    assert parse_keys(b"\x1b[A1z\x1bOB") == (["up", "1", "z", "down"], b"")
+    assert parse_keys(b"\x1b[15~\x1b[?1;2c\x1b[<0;10;5M\x1brx") == (["x"], b"")  # F5, a report, a mouse click, Alt+r
+    assert parse_keys("café".encode()[:-1]) == (["c", "a", "f"], b"\xc3")  # é's last byte comes with the next read
+    assert parse_keys(b"\xffa\x7f\r") == (["a", "backspace"], b"")  # not UTF-8, Enter: dropped
+    assert parse_keys(b"\x1b[") == ([], b"\x1b[")  # the rest of an arrow key comes with the next read
