@@ -204,7 +204,7 @@ def models(
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="the user message")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="the user message ('-': read from stdin)")],
     model: ModelOpt = None,
     system: SystemOpt = None,
     preset: PresetOpt = None,
@@ -228,6 +228,8 @@ def generate(
     from .session import reply_record
     from .threads import crowding_hint
 
+    if prompt == "-":
+        prompt = _stdin_text("PROMPT").strip()
     sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
                     min_p=min_p, repeat_penalty=repeat_penalty)
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
@@ -410,7 +412,7 @@ def serve(
 @app.command()
 def analyze(
     text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="the text to read (or use --file)")] = None,
-    file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE", help="read the text from this file")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE", help="read the text from this file ('-': stdin)")] = None,
     by: Annotated[str, typer.Option("--by", metavar="sentence|token", help="sentence or token")] = "sentence",
     model: ModelOpt = None,
     json_output: JsonOpt = False,
@@ -424,7 +426,9 @@ def analyze(
         raise EqzError('nothing to analyze: give the text, e.g. eqz analyze "What a day!", or --file FILE')
     if text is not None and file is not None:
         raise EqzError("give the text as an argument or with --file, not both")
-    if file is not None:
+    if file == "-":
+        text = _stdin_text("--file -")
+    elif file is not None:
         try:
             text = Path(file).expanduser().read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
@@ -716,6 +720,20 @@ def vectors_reset(model: ModelOpt = None) -> None:
     else:  # Gemma has no shipped bank: it was told "the shipped bank is in use again"
         typer.echo(f"deleted {removed}; " + (f"the bank in {now.directory} is in use again" if now else
                                              f"the model has no bank now (`eqz train{_model_flag(model)}` makes one)"))
+
+
+def _stdin_text(what: str) -> str:
+    """Standard input, for a ``-`` where a text goes (as ``eqz batch -`` reads its prompts)."""
+    if sys.stdin.isatty():
+        sys.stderr.write(f"eqz: reading {what} from the terminal; end it with Ctrl-D\n")
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EqzError(f"standard input is not UTF-8 text (byte 0x{error.object[error.start]:02x}); give UTF-8") \
+            from None
+    if not text.strip():
+        raise EqzError(f"{what}: standard input was empty")
+    return text
 
 
 def _model_flag(model: str | None) -> str:

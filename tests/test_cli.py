@@ -440,3 +440,12 @@ def test_a_bank_in_training_refuses_other_changes_and_ctrl_c_says_nothing_was_sa
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("bank.yaml"))
     afterwards = run_eqz("vectors", "hold", "joy", "5", env=env)  # the lock ends with the process that held it
     assert afterwards.returncode == 0, afterwards.stderr
+
+
+def test_a_dash_reads_the_prompt_or_the_text_from_stdin():
+    """`echo ... | eqz generate -` took "-" itself for the prompt, and `analyze -f -` looked for a file named "-"."""
+    piped = run_eqz("generate", "-", "-n", "4", "--seed", "1", "--json", input="Say hello.\n")
+    assert json.loads(piped.stdout)["prompt"] == "Say hello.", piped.stderr
+    read = run_eqz("analyze", "-f", "-", "--json", input="What a day!")
+    assert json.loads(read.stdout) == json.loads(run_eqz("analyze", "What a day!", "--json").stdout)
+    assert_one_line_error(run_eqz("generate", "-", input=""), "standard input was empty")
