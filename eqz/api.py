@@ -330,7 +330,8 @@ class EqzModel:
 
     def request(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                 preset: str | Path | Preset | None = None, sliders: dict[str, float] | None = None,
-                sampling: dict | None = None, stop: Iterable[str] = (), clamp: dict[str, float] | None = None, ablate: Iterable[str] = (),
+                sampling: dict | None = None, stop: Iterable[str] = (), clamp: dict[str, float] | None = None,
+                ablate: Iterable[str] = (),
                 meter: bool = False) -> "Request":
         """A reply to generate on a ``server()``: to chat ``messages`` (OpenAI-style roles; a preset's system
         prompt is used when they have none) or, with ``prompt``, a plain completion of that text. Settings merge

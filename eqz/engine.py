@@ -535,8 +535,6 @@ def _one_micro_batch(seqs: Sequence) -> bool:
     return len(set(seqs)) <= 1 or len(consecutive_runs(seqs)) == 1
 
 
-
-
 def _free_context(ctx, batch, _model: Model) -> None:
     L.llama_batch_free(batch)
     L.llama_free(ctx)
