@@ -302,7 +302,7 @@ def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, f
 def test_openai_defaults_pass_what_eqz_cannot_do_is_refused_and_a_stream_can_end_with_its_usage(server, client):
     """Fields asking for what eqz cannot do were ignored in silence, include_usage too; a large body was
     tokenized (on the event loop, stalling every client) before its length was checked, and then answered while the
-    client was still sending it, which met a broken pipe instead of the 413 (CI, stop 59). No request was logged."""
+    client was still sending it, which met a broken pipe instead of the 413 (CI, stop 59). There was no access log."""
     defaults = {"prompt": "Hi", "max_tokens": 2, "logprobs": False, "top_logprobs": 0, "tools": [], "logit_bias": {},
                 "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"},
                 "echo": False, "best_of": 1, "suffix": None}  # as client libraries send them
