@@ -18,13 +18,14 @@ from .errors import EqzError
 from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT
 
 EXAMPLES = """
+
 Examples:
 
-  eqz chat                                   chat with the default model
+  eqz chat                               chat with the default model
   eqz generate "Describe your morning." --seed 1
   eqz generate "Hi" --vector joy.gguf:0.8 --json
-  eqz models                                 what model eqz loads, its shape and template
-"""
+  eqz models                             the model eqz loads: shape, template
+"""  # a paragraph of its own, each line within 80 columns (it ran into the line above, and wrapped)
 
 app = typer.Typer(
     help="eqz: an emotional equalizer for local LLM chat. Steer any GGUF model with llama.cpp control vectors."
