@@ -287,7 +287,7 @@ class Output:
         self.predecessor: Output | None = None  # an earlier plan's output whose lock this one shares (take_over)
         if self.stdout and resume:
             raise EqzError("--resume (resume=True in the library) continues a file; give -o a file name, not -")
-        if self.path.is_dir():
+        if self.path.is_dir() or path.endswith(("/", os.sep)):  # "new/" wrote a file named new
             raise EqzError(f"{self.path} is a folder; -o takes a file name, such as {self.path / 'out.jsonl'}")
         self.created = not self.stdout and not self.path.exists()  # removed again if the run stops before its first row
         try:

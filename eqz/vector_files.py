@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,9 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
     if str(path) == "-":
         raise EqzError("a control vector is a binary .gguf file, not text for stdout; give a file name, such as "
                        "mix.gguf")
+    named = str(path)
     path = Path(path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or named.endswith(("/", os.sep)):  # "out/" wrote a file named out
         raise EqzError(f"{path} is a folder; give a file name, such as {path / 'mix.gguf'}")
     if not np.isfinite(matrix).all():
         raise EqzError(NOT_FINITE)

@@ -380,3 +380,6 @@ def test_an_output_that_is_a_folder_is_one_line(tmp_path):
                                                      f"such as {tmp_path / 'out.jsonl'}\n"
     export = run_eqz("vectors", "export", "--set", "joy=0.5", "-o", str(tmp_path))
     assert export.returncode == 2 and export.stderr.startswith(f"eqz: error: {tmp_path} is a folder")
+    for command in (("batch", str(prompts)), ("vectors", "export", "--set", "joy=0.5")):  # one still to make
+        named = run_eqz(*command, "-o", f"{tmp_path / 'new'}/")  # wrote a file named "new"
+        assert named.returncode == 2 and "new is a folder" in named.stderr and not (tmp_path / "new").exists()
