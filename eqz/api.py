@@ -139,6 +139,9 @@ class EqzModel:
         context (a KV cache of ``n_ctx`` tokens), is made when the returned function is called."""
         sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
+        if n_ctx > self.info.n_ctx_train:  # it was cut to that in silence
+            self._warn(f"a context of {n_ctx} tokens is more than {self.info.name} was trained on; it holds "
+                       f"{self.info.n_ctx_train}")
         if system is not None:
             _text(system, "system")
         sampling, vectors = _mapping(sampling, "sampling", "{'temperature': 0.7}"), _vector_pairs(vectors)

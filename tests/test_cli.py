@@ -207,8 +207,10 @@ def test_odd_lists_and_outputs_are_refused_in_one_line(tmp_path, args, fragment)
     assert ran.stderr.startswith("eqz: error: ") and not (tmp_path / "out").exists()
 
 
-def test_prompt_longer_than_the_context():
+def test_prompt_longer_than_the_context_and_a_context_longer_than_the_model_knows():
     assert_one_line_error(run_eqz("generate", "word " * 600, "--ctx", "256"), "context holds 256", "--ctx")
+    capped = run_eqz("generate", "Hi", "-n", "2", "--ctx", "100000")  # was cut to 8192 without a word
+    assert capped.returncode == 0 and "100000 tokens is more than" in capped.stderr and "it holds 8192" in capped.stderr
 
 
 def test_model_given_as_a_control_vector(random_vector_file):
