@@ -75,9 +75,8 @@ class Equalizer:
             if len(key) == 1 and (self.typed or key not in HOTKEYS or not self.bands):
                 self.typed += key
                 return
-        if not self.bands:
-            return
-        with self.lock:
+            if not self.bands:
+                return
             self.refused = None
             try:
                 self._apply(key)
