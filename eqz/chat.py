@@ -98,9 +98,13 @@ class ChatCommands:
         return CommandResult(f"preset {preset.name}{described}", show_panel=True)
 
     def sampling(self, args: list[str], _rest: str, setting: str = "") -> CommandResult:
+        command = next(name for name, each in SAMPLING_COMMANDS.items() if each == setting)
         if len(args) != 1:
-            raise EqzError(f"usage: /{setting.replace('_', '-')} VALUE")
-        self.session.sampling = make_sampling(self.session.sampling, **{setting: args[0]})
+            raise EqzError(f"usage: /{command} VALUE")  # was /temperature for /temp
+        try:
+            self.session.sampling = make_sampling(self.session.sampling, **{setting: args[0]})
+        except EqzError as error:  # named as typed: "/max-tokens must be >= 1", not max_tokens
+            raise EqzError(f"/{command} {str(error).removeprefix(f'{setting} ')}") from None
         return CommandResult(f"{setting} = {getattr(self.session.sampling, setting)}")
 
     def clamp(self, args: list[str], _rest: str) -> CommandResult:

@@ -21,6 +21,8 @@ _LIMITS: dict[str, tuple[float | None, float | None, bool]] = {
     "repeat_last_n": (-1, None, True),
     "max_tokens": (1, None, True),
 }
+# Settings whose low bound is itself refused: llama.cpp divides a repeated token's logit by repeat_penalty.
+_ABOVE_LOW = {"repeat_penalty"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,10 @@ def check_setting(name: str, value) -> float | int:
     number = as_number(value)
     if number is None:
         raise EqzError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
-        raise EqzError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    above_low = name in _ABOVE_LOW
+    if not math.isfinite(number) or (low is not None and (number <= low if above_low else number < low)) \
+            or (high is not None and number > high):
+        raise EqzError(f"{name} must be a finite number in {'(' if above_low else '['}{low}, {high}], got {value!r}")
     return number
 
 

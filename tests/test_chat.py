@@ -91,7 +91,9 @@ def test_ctrl_c_at_the_prompt_does_not_quit():
 
 
 @pytest.mark.parametrize("command,fragment", [("/vector /no/such.gguf 1", "not found"), ("/vector x.gguf abc", "invalid scale"),
-                                              ("/save", "usage"), ("/preset [/b]", "[/b]: cannot read")])  # not markup
+                                              ("/save", "usage"), ("/preset [/b]", "[/b]: cannot read"),  # not markup
+                                              ("/temp", "usage: /temp VALUE"),  # was /temperature, no command
+                                              ("/max-tokens 0", "/max-tokens must be >= 1")])  # was max_tokens
 def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
     child = spawn_chat(cols=200)  # wide enough that no message wraps
     child.sendline(command)

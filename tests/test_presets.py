@@ -50,6 +50,7 @@ BROKEN = [
     ({**GOOD, "sliders": {"joy": float("nan")}}, "sliders.joy", "finite"),
     ({**GOOD, "sampling": {"temperature": "hot"}}, "sampling.temperature", "number"),
     ({**GOOD, "sampling": {"top_p": 1.5}}, "sampling.top_p", "[0.0, 1.0]"),
+    ({**GOOD, "sampling": {"repeat_penalty": 0}}, "sampling.repeat_penalty", "(0.0, 5.0]"),  # logits / 0
     ({**GOOD, "sampling": {"warmth": 1}}, "sampling.warmth", "allowed: temperature"),
     ({**GOOD, "name": "Bad Name"}, "name must be", "lowercase"),
     ({**GOOD, "filters": {"clamp": {"fear": 9}}}, "filters.clamp.fear", "[-6, 6]"),
