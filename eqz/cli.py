@@ -15,7 +15,7 @@ import typer
 
 from . import __version__
 from .errors import EqzError
-from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT
+from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, check_setting
 
 EXAMPLES = """
 
@@ -40,6 +40,20 @@ _state = {"debug": False}
 
 # -- options shared by several commands ----------------------------------------------------------------------
 
+
+def _sampling_flag(setting: str):
+    """Check a sampling flag by the library's own limits, so that a bad value's error names the flag the user typed
+    (`-n 0` was refused as "max_tokens must be >= 1", a name no flag has)."""
+    def check(value):
+        if value is None:
+            return None
+        try:
+            return check_setting(setting, value)
+        except EqzError as error:
+            raise typer.BadParameter(str(error).removeprefix(f"{setting} ")) from None
+    return check
+
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", metavar="GGUF", help="GGUF model file \\[default: $EQZ_MODEL, else SmolLM2-135M-Instruct]"),
@@ -57,13 +71,13 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", metavar="BAND=GAIN", help="slider BAND=GAIN, repeatable (gain -2..2; 1 = calibrated strength)"),
 ]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="most tokens per reply \\[default: 256]")]
-SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="random seed \\[default: random]")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="X", help="0 = greedy, up to 5 \\[default: 0.7]")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", metavar="X", help="nucleus sampling, 0-1 \\[default: 0.95]")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", metavar="N", help="0 = off \\[default: 40]")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", metavar="X", help="0-1 \\[default: 0.05]")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", metavar="X", help="1 = off, up to 5 \\[default: 1.1]")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="most tokens per reply \\[default: 256]", callback=_sampling_flag("max_tokens"))]
+SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="random seed \\[default: random]", callback=_sampling_flag("seed"))]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="X", help="0 = greedy, up to 5 \\[default: 0.7]", callback=_sampling_flag("temperature"))]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", metavar="X", help="nucleus sampling, 0-1 \\[default: 0.95]", callback=_sampling_flag("top_p"))]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", metavar="N", help="0 = off \\[default: 40]", callback=_sampling_flag("top_k"))]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", metavar="X", help="0-1 \\[default: 0.05]", callback=_sampling_flag("min_p"))]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", metavar="X", help="1 = off, up to 5 \\[default: 1.1]", callback=_sampling_flag("repeat_penalty"))]
 ClampOpt = Annotated[
     Optional[list[str]],
     typer.Option("--clamp", metavar="BAND=LEVEL", help="hold BAND=LEVEL inside the model (calibrated units, -6..6), repeatable"),

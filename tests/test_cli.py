@@ -180,11 +180,13 @@ def test_a_vector_scale_past_float32_is_named_as_such(random_vector_file):
     assert "RuntimeWarning" not in ran.stderr
 
 
-@pytest.mark.parametrize(
-    "flag,value,fragment",
-    [("--temperature", "warm", "--temperature"), ("--temperature", "nan", "temperature"), ("--top-p", "2", "top_p")],
-)
-def test_bad_sampling_values(flag, value, fragment):
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--temperature", "warm", "'--temperature' / '-t'"), ("--temperature", "nan", "'--temperature' / '-t': must be a"),
+    ("--top-p", "2", "'--top-p': must be a finite number in [0.0, 1.0], got 2.0"),
+    ("-n", "0", "'--max-tokens' / '-n': must be >= 1, got 0"),  # was "max_tokens must be", a name no flag has
+    ("--repeat-penalty", "0", "'--repeat-penalty': must be a finite number in (0.0, 5.0]"),  # was run: logits / 0
+])
+def test_bad_sampling_values_name_the_flag(flag, value, fragment):
     assert_one_line_error(run_eqz("generate", "hi", flag, value), fragment)
 
 
