@@ -426,7 +426,7 @@ def serve(
 
 @app.command()
 def analyze(
-    text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="the text to read (or use --file)")] = None,
+    text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="the text to read ('-': stdin; or use --file)")] = None,
     file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE", help="read the text from this file ('-': stdin)")] = None,
     by: Annotated[str, typer.Option("--by", metavar="sentence|token", help="sentence or token")] = "sentence",
     model: ModelOpt = None,
@@ -441,8 +441,8 @@ def analyze(
         raise EqzError('nothing to analyze: give the text, e.g. eqz analyze "What a day!", or --file FILE')
     if text is not None and file is not None:
         raise EqzError("give the text as an argument or with --file, not both")
-    if file == "-":
-        text = _stdin_text("--file -")
+    if text == "-" or file == "-":
+        text = _stdin_text("TEXT" if text == "-" else "--file -")
     elif file is not None:
         try:
             text = Path(file).expanduser().read_text(encoding="utf-8")

@@ -449,9 +449,11 @@ def test_a_bank_in_training_refuses_other_changes_and_ctrl_c_says_nothing_was_sa
 
 
 def test_a_dash_reads_the_prompt_or_the_text_from_stdin():
-    """`echo ... | eqz generate -` took "-" itself for the prompt, and `analyze -f -` looked for a file named "-"."""
+    """`echo ... | eqz generate -` took "-" itself for the prompt, `analyze -f -` looked for a file named "-", and
+    `analyze -` read the text "-"."""
     piped = run_eqz("generate", "-", "-n", "4", "--seed", "1", "--json", input="Say hello.\n")
     assert json.loads(piped.stdout)["prompt"] == "Say hello.", piped.stderr
-    read = run_eqz("analyze", "-f", "-", "--json", input="What a day!")
-    assert json.loads(read.stdout) == json.loads(run_eqz("analyze", "What a day!", "--json").stdout)
+    direct = json.loads(run_eqz("analyze", "What a day!", "--json").stdout)
+    assert json.loads(run_eqz("analyze", "-f", "-", "--json", input="What a day!").stdout) == direct
+    assert json.loads(run_eqz("analyze", "-", "--json", input="What a day!").stdout) == direct
     assert_one_line_error(run_eqz("generate", "-", input=""), "standard input was empty")
