@@ -240,6 +240,7 @@ def generate(
     ctx: CtxOpt = 4096,
 ) -> None:
     """Generate one reply to PROMPT, streamed to stdout."""
+    from .display import reading
     from .session import reply_record
     from .threads import crowding_hint
 
@@ -250,7 +251,8 @@ def generate(
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
                                 sampling=sampling, ctx=ctx, meter=json_output, clamp=clamp, ablate=ablate)
-        turn = session.reply(prompt)
+        with reading(prompt):
+            turn = session.reply(prompt)
         with turn.ctrl_c_stops():  # the text so far is printed (or recorded) either way
             for piece in turn:
                 if not json_output:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,6 +26,16 @@ from .presets import Preset, PresetEntry, describe_filters
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+LONG_MESSAGE_CHARS = 600  # about 150 tokens: a second or more of reading on two cores
+
+
+def reading(text: str, shown_on: Console = err_console):
+    """A spinner while a long message is read in: seconds on a CPU with nothing on the screen, which looked like a
+    hang. Nothing for a short message, or off a terminal."""
+    if len(text) < LONG_MESSAGE_CHARS or not shown_on.is_terminal:
+        return nullcontext()
+    return shown_on.status(f"[dim]reading {len(text):,} characters…[/dim]", spinner="dots")
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from .bands import SHORT_NAMES
 from .chat import KEY_HELP, ChatCommands
+from .display import reading
 from .errors import EqzError
 from .presets import describe_filters
 from .threads import crowding_hint
@@ -396,7 +397,8 @@ def _panel(equalizer: Equalizer, console: Console) -> Panel:
 
 def _start_reply(session: ChatSession, text: str, console: Console) -> Turn | None:
     try:
-        turn = session.reply(text)
+        with reading(text, console):
+            turn = session.reply(text)
     except KeyboardInterrupt:  # Ctrl-C while the prompt was being read in: nothing was said yet
         console.print("\n[dim]\\[stopped][/dim]")
         return None

@@ -146,6 +146,20 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
         assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
 
 
+def test_a_long_message_says_it_is_being_read():
+    """A long paste was read in for seconds with nothing on the screen, which looked like a hang."""
+    child = spawn("-n", "4")
+    message = ("Tell me what you think of this sentence. " * 20).strip()
+    child.sendline(message)
+    child.expect_exact(f"reading {len(message):,} characters")
+    child.expect_exact(PROMPT)
+    child.sendline("Hi")  # a short one reads in under a second: no spinner flickers
+    child.expect_exact(PROMPT)
+    assert "reading" not in child.before
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+
+
 def test_a_small_terminal_gets_the_compact_panel_and_most_rows_for_the_reply():
     with chat_in_tmux("eqz-tui-small", 60, 20) as session:
         screen = wait_for(session, r"\A(?:[^\n]*\n){12,}╭[\s\S]*\b[1-9]\d* tok/s")  # 12+ rows of reply above it
