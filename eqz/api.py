@@ -322,6 +322,10 @@ class EqzModel:
             moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
             # inside: a warning turned into an error closes the output too
             _warn_of(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()}, bank, moved)
+            for name, ignored in {setting.preset: setting.sampling.seed for setting in grid
+                                  if setting.sampling.seed is not None}.items():  # it did nothing, without a word
+                self.on_warning(f"preset {name} sets seed {ignored}, which a batch does not use: each row's seed comes "
+                                "from --seed (seed=), the prompt's id and the sample")
         except BaseException:
             if sink is not output:  # made here from a path: closed again (and removed if still empty)
                 sink.close()

@@ -133,11 +133,13 @@ def test_resume_checks_each_row_against_the_one_it_would_write(tmp_path, prompt_
     unsteered = run_eqz("batch", str(prompt_file), "-o", str(tmp_path / "plain.jsonl"), "-n", "4", env=env)
     assert unsteered.returncode == 0 and rows(tmp_path / "plain.jsonl")[0]["bank"] is None  # it uses no band
     (tmp_path / "config" / "eqz" / "presets").mkdir(parents=True)
-    for name, temperature in (("cool", 0.5), ("hot", 0.9)):
+    for name, sampling in (("cool", "temperature: 0.5, seed: 7"), ("hot", "temperature: 0.9")):
         (tmp_path / "config" / "eqz" / "presets" / f"{name}.yaml").write_text(
-            f"name: {name}\nsliders:\n  trust: 0.5\nsampling:\n  temperature: {temperature}\n")
+            f"name: {name}\nsliders:\n  trust: 0.5\nsampling: {{{sampling}}}\n")
     grid = tmp_path / "grid.jsonl"
-    assert run_eqz("batch", str(prompt_file), "-o", str(grid), "-n", "4", "--presets", "cool,hot", env=env).returncode == 0
+    ran = run_eqz("batch", str(prompt_file), "-o", str(grid), "-n", "4", "--presets", "cool,hot", env=env)
+    assert ran.returncode == 0 and "preset cool sets seed 7, which a batch does not use" in ran.stderr, ran.stderr
+    assert "preset hot" not in ran.stderr
     (tmp_path / "config" / "eqz" / "presets" / "hot.yaml").write_text(
         "name: hot\nsliders:\n  trust: 0.5\nsampling:\n  temperature: 1.5\n")
     refused = run_eqz("batch", str(prompt_file), "-o", str(grid), "-n", "4", "--presets", "cool,hot", "--resume",
