@@ -120,6 +120,19 @@ def _bar_cells(gain: float) -> tuple[str, str, str, str]:
 COMPACT_BELOW_ROWS = 24  # shorter terminals get the panel without bars (6 rows instead of 12)
 
 
+MIN_COLUMN = 5  # a band's column at its narrowest: a value such as +0.4, and a space
+
+
+def _bands_in_view(count: int, selected: int, width: int) -> tuple[int, range]:
+    """The bands a panel ``width`` wide has columns for, as (first, indices), the selected one among them: below 60
+    columns ten bands did not fit, and the rows of values wrapped into two."""
+    fit = max(1, (width - 10) // MIN_COLUMN)  # 10: the borders, the padding and the row names
+    if fit >= count:
+        return 0, range(count)
+    first = min(max(0, selected - fit // 2), count - fit)
+    return first, range(first, first + fit)
+
+
 def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Panel:
     """The equalizer: per band the gain set (green/red bar) and, with the meter on, the level the model is at
     (cyan/magenta bar), side by side; then the sampling settings, tokens/s and the key map. ``compact``: the
@@ -131,15 +144,21 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
     lines: list[Text] = []
     if bands:
         bar = 2 if levels is None else 1
-        column = max(4, min(7, (width - 10) // len(bands)))
-        label = Text("      ")
-        for index, band in enumerate(bands):
+        first, in_view = _bands_in_view(len(bands), equalizer.selected, width)
+        column = max(MIN_COLUMN, min(7, (width - 10) // len(in_view)))
+        label = Text()  # a narrow panel names the bands it shows by their keys, with arrows where more are
+        if len(in_view) < len(bands):
+            keys = f"{'‹' if first else ' '}{first + 1}-{first + len(in_view)}"
+            label.append((keys + ("›" if first + len(in_view) < len(bands) else "")).ljust(5)[:5] + " ", style="dim")
+        else:
+            label.append("      ")
+        for index in in_view:
             style = "reverse bold" if index == equalizer.selected else "bold"
-            label.append(SHORT_NAMES.get(band, band[:5]).center(column - 1)[: column - 1], style=style)
+            label.append(SHORT_NAMES.get(bands[index], bands[index][:5]).center(column - 1)[: column - 1], style=style)
             label.append(" ")
         lines.append(label)
-        gains = [steering.gain(band) for band in bands]
-        metered = [levels.get(band) if levels else None for band in bands]
+        gains = [steering.gain(bands[index]) for index in in_view]
+        metered = [levels.get(bands[index]) if levels else None for index in in_view]
         for row, axis in enumerate(() if compact else ("  +2 ", "  +1 ", "  -1 ", "  -2 ")):
             line = Text(axis + " ", style="dim")
             for gain, level in zip(gains, metered):
@@ -154,7 +173,7 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
                 line.append(" " * (pad - pad // 2 + 1))
             lines.append(line)
             if row == 1:
-                lines.append(Text("   0 " + "─" * (column * len(bands) + 1), style="dim"))
+                lines.append(Text("   0 " + "─" * (column * len(in_view) + 1), style="dim"))
         values = Text(" set  ", style="green")  # the row names in their bars' colours: the legend
         for gain in gains:
             values.append(f"{gain:+.1f}".center(column - 1), style="green" if gain > 0 else "red" if gain < 0 else "dim")

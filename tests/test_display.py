@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from eqz import display
 from eqz.analyze import Analysis, Segment
 from eqz.presets import Preset, PresetEntry
-from eqz.tui import parse_keys, reply_text
+from eqz.tui import MIN_COLUMN, _bands_in_view, parse_keys, reply_text
 
 
 def test_change_markers_name_only_the_bands_that_moved():
@@ -48,3 +49,12 @@ def test_keys_read_while_a_reply_streams_are_arrows_text_or_nothing():
     assert parse_keys("café".encode()[:-1]) == (["c", "a", "f"], b"\xc3")  # é's last byte comes with the next read
     assert parse_keys(b"\xffa\x7f\r") == (["a", "backspace"], b"")  # not UTF-8, Enter: dropped
     assert parse_keys(b"\x1b[") == ([], b"\x1b[")  # the rest of an arrow key comes with the next read
+
+
+@pytest.mark.parametrize("width", [100, 60, 59, 46, 40, 24, 12])
+def test_a_narrow_panel_shows_the_bands_it_has_room_for_around_the_selected_one(width):
+    """Below 60 columns ten bands did not fit, and the panel's rows of values wrapped into two."""
+    for selected in range(10):
+        first, shown = _bands_in_view(10, selected, width)
+        assert selected in shown and shown == range(first, first + len(shown)) and 0 <= first <= 10 - len(shown)
+        assert len(shown) == 10 if width >= 60 else (6 + MIN_COLUMN * len(shown) <= width - 4 or len(shown) == 1)

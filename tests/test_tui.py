@@ -18,6 +18,9 @@ pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m '
 PROMPT = "you> "
 # tmux hands its sessions COLUMNS=80 LINES=24 when started from pytest, and rich obeys those over the real size
 SIZED_BY_TERMINAL = "env -u COLUMNS -u LINES"
+# a server of the tests' own, without the user's tmux.conf: a running one (a user's, another job's) lends new sessions
+# its environment and settings, and its status bar, if the user has one, takes a row
+TMUX = ["tmux", "-L", "eqz-tests", "-f", "/dev/null"]
 STORY = "Write a very long story about a lighthouse keeper and his many adventures at sea."
 
 
@@ -111,19 +114,19 @@ def test_a_key_move_the_filters_cannot_hold_is_refused_on_the_panel(tmp_path):
 def chat_in_tmux(session: str, cols: int, rows: int, tokens: int = 400, then: str = ""):
     """`eqz chat` in a detached tmux session of ``cols`` x ``rows``, the long story asked for; ``then`` runs after
     the chat exits. The session is killed afterwards."""
-    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(cols), "-y", str(rows),
+    subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
+    subprocess.run([*TMUX, "new-session", "-d", "-s", session, "-x", str(cols), "-y", str(rows),
                     f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n {tokens}; {then}sleep 30"], check=True)
     try:
         wait_for(session, "you>")  # capture-pane drops trailing spaces
         tmux(session, "send-keys", STORY, "Enter")
         yield session
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
 
 
 def tmux(session: str, command: str, *args: str) -> None:
-    subprocess.run(["tmux", command, "-t", session, *args], check=True)
+    subprocess.run([*TMUX, command, "-t", session, *args], check=True)
 
 
 def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
@@ -178,6 +181,11 @@ def test_resizing_mid_reply_leaves_one_clean_panel():
         assert all(len(line) == 60 for line in live_panel("\n".join(lines)))  # redrawn whole at the new width
         assert sum(line.startswith("╭") for line in lines) == 1  # no second, broken panel from before
         assert sum("tok/s" in line for line in lines) == 1
+        tmux(session, "resize-window", "-x", "40", "-y", "20")  # too narrow for ten bands: it shows those it can
+        time.sleep(1.5)
+        panel = live_panel(wait_for(session, r"\b[1-9]\d* tok/s"))
+        assert all(len(line) == 40 for line in panel)
+        assert panel[1].startswith("│  1-6› ") and panel[1].split()[2:4] == ["joy", "trus"], panel
 
 
 def live_panel(screen: str) -> list[str]:
@@ -213,7 +221,7 @@ def wait_for(session: str, pattern: str, timeout: float = 90) -> str:
     deadline = time.time() + timeout
     screen = ""
     while time.time() < deadline:
-        screen = subprocess.run(["tmux", "capture-pane", "-t", session, "-p"], capture_output=True, text=True).stdout
+        screen = subprocess.run([*TMUX, "capture-pane", "-t", session, "-p"], capture_output=True, text=True).stdout
         if re.search(pattern, screen):
             return screen
         time.sleep(0.1)
