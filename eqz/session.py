@@ -283,6 +283,7 @@ class Turn:
     def __init__(self, session: ChatSession, user_text: str):
         self.session = session
         self._asked = {"role": "user", "content": user_text}
+        before = list(session.history)
         session.history.append(self._asked)
         instruments = session.instruments
         try:
@@ -291,8 +292,8 @@ class Turn:
                 instruments.owners(None)  # the prompt is not part of the reply's readout
             session.context.prefill(tokens)
         except BaseException:  # including Ctrl-C during a long prefill: the message was not answered
-            self._forget_asked()
-            raise
+            session.history[:] = before  # and the turns dropped for it come back (a message too long for the
+            raise  # context emptied the conversation)
         sampling = session.sampling
         seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
         self.record = ReplyRecord(

@@ -250,11 +250,15 @@ def test_a_character_cut_by_the_replys_end_is_dropped_not_shown_as_a_replacement
     assert "".join(whole.push(token)[0] for token in tokens) + whole.flush() == "Hi \N{GRINNING FACE} there"
 
 
-def test_prompt_longer_than_context_is_refused(model):
-    session = ChatSession(model, SAMPLING, n_ctx=256)
+def test_prompt_longer_than_context_is_refused_and_the_conversation_stays(model):
+    """The turns dropped to make room for a message that could never fit were lost with it: the chat emptied."""
+    session = ChatSession(model, Sampling(seed=1, max_tokens=8), n_ctx=256)
+    "".join(session.reply("Hi!"))
+    kept = list(session.history)
     with pytest.raises(EqzError, match=r"prompt is \d+ tokens but the context holds 256"):
         session.reply("word " * 400)
-    assert session.history == []
+    assert session.history == kept and len(kept) == 2
+    assert "".join(session.reply("And you?")) and len(session.history) == 4
     session.close()
 
 
