@@ -390,7 +390,8 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
                     return
                 continue
             turn = _start_reply(session, line, console)
-            if turn is None:
+            if turn is None:  # stopped while it was read in: the message waits at the prompt again
+                equalizer.typed = line
                 continue
             if panel:
                 _stream_with_panel(turn, equalizer, console)
@@ -419,7 +420,7 @@ def _start_reply(session: ChatSession, text: str, console: Console) -> Turn | No
         with reading(text, console):
             turn = session.reply(text)
     except KeyboardInterrupt:  # Ctrl-C while the prompt was being read in: nothing was said yet
-        console.print("\n[dim]\\[stopped][/dim]")
+        console.print("\n[dim]\\[stopped before the reply: your message is back at the prompt][/dim]")
         return None
     if turn.record.dropped_messages:
         console.print(f"[dim](dropped the {turn.record.dropped_messages} oldest messages to fit the context)[/dim]")

@@ -150,10 +150,16 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
 
 
 def test_a_long_message_says_it_is_being_read():
-    """A long paste was read in for seconds with nothing on the screen, which looked like a hang."""
+    """A long paste was read in for seconds with nothing on the screen, which looked like a hang; Ctrl-C while it was
+    read lost the message."""
     child = spawn("-n", "4")
-    message = ("Tell me what you think of this sentence. " * 20).strip()
+    message = ("Tell me what you think of this sentence. " * 40).strip()  # ~400 tokens: seconds to read in
     child.sendline(message)
+    child.expect_exact(f"reading {len(message):,} characters")
+    child.sendintr()
+    child.expect_exact("your message is back at the prompt")
+    child.expect_exact(PROMPT)
+    child.sendline("")  # Enter sends it as it stands
     child.expect_exact(f"reading {len(message):,} characters")
     child.expect_exact(PROMPT)
     child.sendline("Hi")  # a short one reads in under a second: no spinner flickers
