@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,8 @@ from .bands import BANDS, band_key, gain_warning, parse_set
 from .errors import EqzError
 from .files import replacing
 from .presets import get_preset
-from .sampling import make_sampling
+from .sampling import as_number, make_sampling
 from .session import ChatSession
-from .vector_files import parse_scaled_path
 
 KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"  # while a reply streams under the panel
 
@@ -69,8 +69,14 @@ class ChatCommands:
     def vector(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 2:
             raise EqzError(f"usage: {COMMANDS['vector'].usage}")
-        path, scale = parse_scaled_path(f"{args[0]}:{args[1]}", "/vector")
-        self.session.set_steering(self.session.pending_or_current_steering().with_vector(path, scale))
+        path, scale = Path(args[0]).expanduser(), as_number(args[1])
+        if scale is None or not math.isfinite(scale):  # said as /vector takes it, not as --vector FILE:SCALE does
+            raise EqzError(f"invalid scale '{args[1]}': {COMMANDS['vector'].usage} takes a finite number, e.g. "
+                           "/vector joy.gguf 0.8")
+        steering = self.session.pending_or_current_steering()
+        if scale == 0 and str(path) not in dict(steering.vectors):
+            return CommandResult(f"vector {path} was not in use: nothing to remove")
+        self.session.set_steering(steering.with_vector(path, scale))
         return CommandResult(f"vector {path} {'removed' if scale == 0 else f'at scale {scale:g}'}")
 
     def set(self, args: list[str], _rest: str) -> CommandResult:

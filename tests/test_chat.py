@@ -90,7 +90,8 @@ def test_ctrl_c_at_the_prompt_does_not_quit():
     assert child.exitstatus == 0
 
 
-@pytest.mark.parametrize("command,fragment", [("/vector /no/such.gguf 1", "not found"), ("/vector x.gguf abc", "invalid scale"),
+@pytest.mark.parametrize("command,fragment", [("/vector /no/such.gguf 1", "not found"), ("/vector x.gguf abc", "invalid scale 'abc': /vector FILE SCALE takes"),  # it taught FILE:SCALE
+                                              ("/vector x.gguf 0", "x.gguf was not in use"),  # was "removed"
                                               ("/save", "usage"), ("/preset [/b]", "[/b]: cannot read"),  # not markup
                                               ("/temp", "usage: /temp VALUE"),  # was /temperature, no command
                                               ("/max-tokens 0", "/max-tokens must be >= 1")])  # was max_tokens
