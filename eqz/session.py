@@ -201,14 +201,16 @@ class ChatSession:
 
     def apply_preset(self, preset: Preset) -> None:
         """The preset's sliders, sampling, system prompt and filters replace the session's, as if the chat had
-        started with it (the seed is kept unless the preset names one): a previous preset's settings do not linger."""
+        started with it (the seed and the reply length are kept unless the preset names them: they are the user's
+        choices, not a mood's): a previous preset's settings do not linger."""
         steering = Steering(vectors=self.pending_or_current_steering().vectors).with_gains(preset.sliders)
         if preset.filters or self.filters:  # refused before anything changes, not after the sliders moved
             self._filters_for(steering, preset.filters)
         self.set_steering(steering)
         if preset.filters or self.filters:
             self.set_filters(**preset.filters)
-        self.sampling = make_sampling(Sampling(seed=self.sampling.seed), **preset.sampling)
+        self.sampling = make_sampling(Sampling(seed=self.sampling.seed, max_tokens=self.sampling.max_tokens),
+                                      **preset.sampling)
         self.system = preset.system
         self.preset = preset.name
 

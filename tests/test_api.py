@@ -343,16 +343,18 @@ def test_importing_eqz_and_its_numpy_modules_does_not_start_llama_cpp():
 
 def test_a_second_preset_replaces_the_first_ones_sampling_and_system(library):
     """`/preset melancholy` after `/preset serene` kept serene's system prompt and top-p (and the reply's record
-    said melancholy); a preset now replaces what a preset sets, as if the chat had started with it."""
+    said melancholy); a preset now replaces what a preset sets, as if the chat had started with it. The seed and
+    the reply length stay (`-n 60` went back to 256 at every /preset)."""
     from eqz.presets import get_preset
     from eqz.sampling import Sampling
 
-    with library.chat(preset="serene", seed=5) as chat:
+    with library.chat(preset="serene", seed=5, max_tokens=60) as chat:
         session = chat.session
         assert session.system and session.sampling.top_p == 0.9
         session.apply_preset(get_preset("melancholy", session.steerer.bands))
         assert session.system is None and session.preset == "melancholy"
-        assert (session.sampling.temperature, session.sampling.top_p, session.sampling.seed) == (0.7, Sampling().top_p, 5)
+        assert (session.sampling.temperature, session.sampling.top_p, session.sampling.seed,
+                session.sampling.max_tokens) == (0.7, Sampling().top_p, 5, 60)
 
 
 def test_band_names_take_any_case_in_the_library_as_on_the_command_line(library):
