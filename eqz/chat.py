@@ -16,6 +16,7 @@ from .files import replacing
 from .presets import get_preset
 from .sampling import as_number, make_sampling
 from .session import ChatSession
+from .steering import Steering
 
 KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"  # while a reply streams under the panel
 
@@ -85,7 +86,8 @@ class ChatCommands:
         band, gain = parse_set(f"{args[0]}={args[1]}", self.session.steerer.bands or BANDS)
         self.session.set_steering(self.session.pending_or_current_steering().with_gain(band, gain))
         doubts = self.session.steerer.bank.doubtful({band: gain}) if self.session.steerer.bank else []
-        return CommandResult("\n".join([f"{band} = {gain:+.2f}{gain_warning(band, gain)}"] + doubts))
+        return CommandResult("\n".join([f"{band} = {gain:+.2f}{gain_warning(band, gain)}"] + doubts +
+                                       self._overridden(band)))
 
     def sliders(self, _args: list[str], _rest: str) -> CommandResult:
         bands = self.session.steerer.bands
@@ -101,7 +103,8 @@ class ChatCommands:
         preset = get_preset(args[0], self.session.steerer.bands or BANDS)
         self.session.apply_preset(preset)
         described = f": {preset.description}" if preset.description else ""
-        return CommandResult(f"preset {preset.name}{described}", show_panel=True)
+        overridden = self.session.pending_or_current_steering().overridden_by(self._filters())
+        return CommandResult("\n".join([f"preset {preset.name}{described}"] + overridden), show_panel=True)
 
     def sampling(self, args: list[str], _rest: str, setting: str = "") -> CommandResult:
         command = next(name for name, each in SAMPLING_COMMANDS.items() if each == setting)
@@ -119,19 +122,22 @@ class ChatCommands:
         band, level = parse_set(f"{args[0]}={args[1]}", self.session.steerer.bands or BANDS, "/clamp")
         current = self._filters()
         current["clamp"][band] = level
+        notched = band in current["ablate"]
         current["ablate"] = [b for b in current["ablate"] if b != band]
         self.session.set_filters(**current)
-        return CommandResult(f"{band} clamped at {level:+.2f}")
+        return CommandResult("\n".join([f"{band} clamped at {level:+.2f}" + (" (no longer notched)" if notched else "")]
+                                       + self._overridden(band)))
 
     def ablate(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 1:
             raise EqzError(f"usage: {COMMANDS['ablate'].usage}")
         band = band_key(args[0])
         current = self._filters()
-        current["clamp"].pop(band, None)
+        clamped = current["clamp"].pop(band, None)
         current["ablate"] = [b for b in current["ablate"] if b != band] + [band]
         self.session.set_filters(**current)
-        return CommandResult(f"{band} notched to the neutral level")
+        unclamped = f" (its clamp at {clamped:+.2f} is off)" if clamped is not None else ""
+        return CommandResult("\n".join([f"{band} notched to the neutral level{unclamped}"] + self._overridden(band)))
 
     def filters(self, args: list[str], _rest: str) -> CommandResult:
         if args == ["off"]:
@@ -143,6 +149,11 @@ class ChatCommands:
         parts = [f"clamp {b} {level:+.2f}" for b, level in current["clamp"].items()]
         parts += [f"ablate {b}" for b in current["ablate"]]
         return CommandResult(", ".join(parts) or "no filters")
+
+    def _overridden(self, band: str) -> list[str]:
+        """Whether ``band``'s slider now does nothing, a filter holding the band (said, as the panel shows its gain)."""
+        steering = self.session.pending_or_current_steering()
+        return Steering().with_gains({band: steering.gain(band)}).overridden_by(self._filters())
 
     def _filters(self) -> dict:
         filters = self.session.filters

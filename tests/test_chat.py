@@ -105,6 +105,23 @@ def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
     child.expect(pexpect.EOF)
 
 
+def test_a_slider_a_filter_overrides_is_said_to_do_nothing():
+    """A clamp or a notch sets its band's level whatever the slider adds: the slider went on showing its gain, and
+    /ablate dropped a clamp on the band without a word."""
+    child = spawn_chat("--set", "joy=1", cols=200)
+    child.sendline("/clamp joy 2")
+    child.expect_exact("the joy slider (+1.0) does nothing while a clamp holds joy at +2.0")
+    child.sendline("/ablate joy")
+    child.expect_exact("joy notched to the neutral level (its clamp at +2.00 is off)")
+    child.expect_exact("the joy slider (+1.0) does nothing while joy is notched")
+    child.sendline("/set joy 0")
+    child.expect_exact("joy = +0.00")
+    child.expect_exact(PROMPT)
+    assert "does nothing" not in child.before
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+
+
 def test_piped_chat_echoes_what_the_user_said():
     ran = run_eqz("chat", "--seed", "1", "-n", "8", input="Hello there\n/quit\n")
     assert ran.returncode == 0, ran.stderr

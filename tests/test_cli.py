@@ -190,6 +190,11 @@ def test_bad_sampling_values_name_the_flag(flag, value, fragment):
     assert_one_line_error(run_eqz("generate", "hi", flag, value), fragment)
 
 
+def test_a_slider_on_a_filtered_band_warns_that_it_does_nothing():
+    ran = run_eqz("generate", "Hi", "--set", "joy=1", "--clamp", "joy=2", "-n", "2")
+    assert ran.returncode == 0 and "the joy slider (+1.0) does nothing while a clamp holds joy at +2.0" in ran.stderr
+
+
 def test_a_bad_training_seed_is_refused_before_training(tmp_path):
     assert_one_line_error(run_eqz("train", "--seed", "-3", "-o", str(tmp_path / "bank"), timeout=BEFORE_TRAINING),
                           "seed must be in [0, ")
