@@ -299,7 +299,10 @@ class ReplySet:
         judged = self.labels is not None and baseline.labels is not None
         return {
             **({"words_per_100": round(self.rates[band], 3)} if band in self.rates else {}),
-            **({"preference": round(self.specific_preference(band), 4)} if band in self.preference else {}),
+            # only a band judged by preference: the primaries have preferences too, as its contrast, and every row
+            # of theirs carried one, so a plot took their lexicon effect for the judge's (in a run with a custom band)
+            **({"preference": round(self.specific_preference(band), 4)}
+               if band in self.preference and band not in PRIMARIES else {}),
             "effect": round(self.effect(band, baseline), 3),
             "most_lifted": self.most_lifted(band, baseline),
             "clear": self.clear(band, baseline),

@@ -385,6 +385,17 @@ def test_a_described_band_is_clear_when_the_judge_prefers_its_persona_specifical
     assert not small.clear("nostalgia", base)
 
 
+def test_only_a_band_judged_by_preference_has_a_preference_in_its_rows():
+    """In a run with a custom band the primaries have preferences too (its contrast): their rows carried one, and
+    the plot labelled their lexicon effect as the judge's."""
+    preference = {band: 0.0 for band in (*PRIMARIES, "nostalgia")}
+    rates = {band: 1.0 for band in PRIMARIES}
+    base = ReplySet(texts=["a b c d"], rates=rates, preference=preference)
+    steered = ReplySet(texts=["a b c d"], rates={**rates, "joy": 3.0}, preference={**preference, "nostalgia": 0.2})
+    assert "preference" not in steered.summary("joy", base) and "words_per_100" in steered.summary("joy", base)
+    assert steered.summary("nostalgia", base)["preference"] == pytest.approx(0.2)
+
+
 def test_repeated_trigrams_and_distinct_bigrams():
     assert repeated_trigrams("a b c a b c") == pytest.approx(0.25)  # abc bca cab abc: one of four repeats
     assert repeated_trigrams("one two three four") == 0
