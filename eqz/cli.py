@@ -486,7 +486,8 @@ def eval_command(
     prompt_list = None
     if prompts:
         try:
-            prompt_list = [line.strip() for line in Path(prompts).expanduser().read_text().splitlines() if line.strip()]
+            text = Path(prompts).expanduser().read_text(encoding="utf-8-sig")  # a byte-order mark went into the
+            prompt_list = [line.strip() for line in text.splitlines() if line.strip()]  # first prompt; batch drops it
         except (OSError, UnicodeDecodeError) as error:
             raise EqzError(f"cannot read {prompts}: {error}") from None
         if not prompt_list:

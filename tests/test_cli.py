@@ -195,6 +195,15 @@ def test_a_slider_on_a_filtered_band_warns_that_it_does_nothing():
     assert ran.returncode == 0 and "the joy slider (+1.0) does nothing while a clamp holds joy at +2.0" in ran.stderr
 
 
+def test_eval_prompts_drop_a_byte_order_mark(tmp_path):
+    """A file saved with a byte-order mark sent it to the model in the first prompt (batch dropped it)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffDescribe your morning.\n".encode())
+    ran = run_eqz("eval", "--bands", "joy", "--gains", "0", "-n", "8", "--prompts", str(prompts), "-o", str(tmp_path / "e"))
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["run"]["prompts"] == ["Describe your morning."]
+
+
 def test_a_bad_training_seed_is_refused_before_training(tmp_path):
     assert_one_line_error(run_eqz("train", "--seed", "-3", "-o", str(tmp_path / "bank"), timeout=BEFORE_TRAINING),
                           "seed must be in [0, ")
