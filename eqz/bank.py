@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .bands import BANDS, check_band_name, check_gain, keyed_by_band
+from .bands import BANDS, MAX_LEVEL, check_band_name, check_gain, keyed_by_band
 from .errors import EqzError
 from .models import ModelInfo, fingerprint
+from .sampling import as_number
 from .shipped import shipped_dir
 from .files import replacing, try_lock
 from .vector_files import ControlVector, read_control_vector, write_control_vector
@@ -321,9 +323,11 @@ class Bank:
             if not band.readout:
                 raise EqzError(f"'{name}' is unmetered ({'described' if band.description else 'imported'}), so it "
                                "has no level to hold; it can only add its vector")
-            level = check_gain(name, level, None, "level")
-            if level <= 0:
-                raise EqzError(f"hold level for {name} must be above 0 (its +1); -1 holds minus the level")
+            number = as_number(level)
+            if number is None or not math.isfinite(number) or not 0 < number <= MAX_LEVEL:  # one range, said once
+                raise EqzError(f"hold level for {name} must be a number above 0 and at most {MAX_LEVEL:g} (its +1; "
+                               f"-1 holds minus the level), got {level!r}")
+            level = number
         changed = level != band.hold
         if changed:
             self.forget_recorded(name)
@@ -646,9 +650,11 @@ def check_training_target(directory: Path, info: ModelInfo, bands: tuple[str, ..
     if (directory / MANIFEST).exists():
         kept = _this_models_bank(directory, info).names
         dropped = [name for name in kept if name not in bands] if bands is not None else []
-        if dropped:
+        if dropped:  # reset empties only the user's own copy: no help for a folder given with --out
+            own = directory.resolve() in {path.resolve() for path in _own_bank_dirs(info)}
             raise EqzError(f"{directory} holds this model's bank with {', '.join(dropped)}, which the new bank would "
-                           "drop; give --out a directory of its own (or `eqz vectors reset` first, for your own copy)")
+                           "drop; give --out a directory of its own" +
+                           (" (or `eqz vectors reset` first, which deletes them)" if own else ""))
 
 
 def _own_bank_dirs(info: ModelInfo) -> list[Path]:

@@ -719,11 +719,13 @@ def vectors_remove(
     names = list(dict.fromkeys(band_key(band) for band in bands))
     with _load_model(model, None) as loaded:
         directory = loaded.remove_bands(*names)
+        added = [band for band in loaded.bank_if_any().names if band not in BANDS]
     typer.echo(f"removed {', '.join(names)} from the bank in {directory}")
     built_in = [band for band in names if band in BANDS]
-    if built_in:
+    if built_in:  # reset is the one way back, and it takes the bands of the user's own with it
+        lost = f", and drops {', '.join(added)}, which you added" if added else ""
         typer.echo(f"presets that move {', '.join(built_in)} will not load until the band is back (`eqz vectors "
-                   "reset` brings the shipped bank back)")
+                   f"reset{_model_flag(model)}` brings the shipped bank back{lost})")
 
 
 @vectors_app.command("reset")

@@ -301,6 +301,8 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     refused = run_eqz("vectors", "import", str(random_vector_file), "--band", "joy", env=env)
     assert_one_line_error(refused, "already has a band 'joy'", "--replace")
     assert_one_line_error(run_eqz("vectors", "hold", "nosuch", "5", env=env), "no band 'nosuch'")
+    for level in ("7", "0"):  # 7 was told [-6, 6], and 0 then "above 0"
+        assert_one_line_error(run_eqz("vectors", "hold", "fear", level, env=env), "must be a number above 0 and at most 6")
     assert not list((tmp_path / "data").glob("eqz/vectors/*"))  # no copy of the bank left to shadow the shipped one
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
     assert "extra" in json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]
@@ -312,10 +314,12 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert not list((tmp_path / "data").glob("eqz/vectors/*/extra.gguf"))
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "joy", "--replace", env=env).returncode == 0
     assert json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)["bands"]["joy"]["source"] == str(random_vector_file)
+    assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
     removed = run_eqz("vectors", "remove", "Joy", env=env)
     assert removed.returncode == 0 and "presets that move joy will not load" in removed.stdout
+    assert "`eqz vectors reset` brings the shipped bank back, and drops extra, which you added" in removed.stdout
     without = run_eqz("generate", "hi", "-p", "melancholy", "-n", "2", env=env)  # melancholy moves joy
-    assert_one_line_error(without, "this bank has no band 'joy'", "`vectors reset` restores the shipped bank")
+    assert_one_line_error(without, "this bank has no band 'joy'", "`eqz vectors reset` restores the shipped bank")
     reset = run_eqz("vectors", "reset", env=env)
     assert reset.returncode == 0 and "vectors/smollm2-135m-instruct is in use again" in reset.stdout
     shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
@@ -335,7 +339,12 @@ def test_a_training_that_could_not_be_saved_is_refused_before_it_starts(tmp_path
     assert run_eqz("vectors", "import", str(random_vector_file), "--band", "extra", env=env).returncode == 0
     for args in ((), ("--bands", "joy")):
         assert_one_line_error(run_eqz("train", *args, env=env, timeout=BEFORE_TRAINING), "holds this model's bank with",
-                              "extra", "--out")
+                              "extra", "--out", "`eqz vectors reset` first, which deletes them")
+    own = next((tmp_path / "data" / "eqz" / "vectors").iterdir())
+    shutil.copytree(own, tmp_path / "mine")  # a folder given with -o: reset would not empty it, so it is not offered
+    refused = run_eqz("train", "--bands", "joy", "-o", str(tmp_path / "mine"), env=env, timeout=BEFORE_TRAINING)
+    assert_one_line_error(refused, "which the new bank would drop; give --out a directory of its own")
+    assert "vectors reset" not in refused.stderr
 
 
 def test_eval_records_into_the_users_copy_of_the_bank_and_only_every_band_at_once(tmp_path):
