@@ -73,6 +73,10 @@ class Equalizer:
             if key == "backspace":
                 self.typed = self.typed[:-1]
                 return
+            if key == "enter":  # does not send (the reply is not over); a pasted line break joins the lines with a space
+                if self.typed and not self.typed.endswith(" "):
+                    self.typed += " "
+                return
             if len(key) == 1 and (self.typed or key not in HOTKEYS or not self.bands):
                 self.typed += key
                 return
@@ -266,6 +270,8 @@ def parse_keys(buffer: bytes) -> tuple[list[str], bytes]:
         char, buffer = buffer[:size].decode(), buffer[size:]
         if char in ("\x7f", "\b"):
             keys.append("backspace")
+        elif char in ("\r", "\n"):
+            keys.append("enter")
         elif char.isprintable():  # Enter, Tab and other controls are not text of the message
             keys.append(char)
     return keys, buffer
@@ -341,6 +347,8 @@ def _read_line(console: Console, typed: str = "") -> str | None:
         import readline  # line editing and history for input()
     except ImportError:
         readline = None
+    if readline:  # a pasted text of several lines is one message (CPython turns bracketed paste off: each line was
+        readline.parse_and_bind("set enable-bracketed-paste on")  # sent alone, the rest left as typed-ahead text)
     if readline and typed:
         readline.set_startup_hook(lambda: readline.insert_text(typed))
     while True:

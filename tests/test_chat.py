@@ -122,6 +122,18 @@ def test_a_slider_a_filter_overrides_is_said_to_do_nothing():
     child.expect(pexpect.EOF)
 
 
+def test_a_pasted_text_of_several_lines_is_one_message(tmp_path):
+    """Each pasted line was sent as a message of its own: CPython turns readline's bracketed paste off, so the
+    terminal was never asked to mark a paste as one."""
+    child = spawn_chat("--seed", "1", "-n", "4")
+    assert "\x1b[?2004h" in child.before  # the terminal is asked to bracket pastes at the prompt
+    child.send("\x1b[200~Summarize this:\rThe cat sat on the mat.\x1b[201~")  # and sends one so
+    child.send("\r")
+    child.expect_exact(PROMPT)
+    messages = save_and_leave(child, tmp_path / "chat.json", "saved 2 messages")["messages"]
+    assert messages[0]["content"] == "Summarize this:\nThe cat sat on the mat."
+
+
 def test_piped_chat_echoes_what_the_user_said():
     ran = run_eqz("chat", "--seed", "1", "-n", "8", input="Hello there\n/quit\n")
     assert ran.returncode == 0, ran.stderr

@@ -47,7 +47,7 @@ def test_keys_read_while_a_reply_streams_are_arrows_text_or_nothing():
     assert parse_keys(b"\x1b[A1z\x1bOB") == (["up", "1", "z", "down"], b"")
     assert parse_keys(b"\x1b[15~\x1b[?1;2c\x1b[<0;10;5M\x1brx") == (["x"], b"")  # F5, a report, a mouse click, Alt+r
     assert parse_keys("café".encode()[:-1]) == (["c", "a", "f"], b"\xc3")  # é's last byte comes with the next read
-    assert parse_keys(b"\xffa\x7f\r") == (["a", "backspace"], b"")  # not UTF-8, Enter: dropped
+    assert parse_keys(b"\xffa\x7f\r\n") == (["a", "backspace", "enter", "enter"], b"")  # not UTF-8: dropped
     assert parse_keys(b"\x1b[") == ([], b"\x1b[")  # the rest of an arrow key comes with the next read
 
 

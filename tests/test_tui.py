@@ -82,7 +82,7 @@ def test_text_typed_while_a_reply_streams_waits_at_the_prompt_and_moves_no_slide
     child.sendline(STORY)
     child.send("\x1b[A")  # before the panel is up
     child.expect_exact("tok/s")
-    child.send("tell me more")
+    child.send("tell me\rmore")  # a line break pasted mid-reply joins the lines with a space (they ran together)
     expect_on_screen(child, r"you> tell me more▏")  # on the panel, as it is typed
     child.expect(r"\d+ tokens · \d+ tok/s", timeout=120)  # the reply's summary: the panel is gone
     child.expect_exact(PROMPT + "tell me more")  # waiting at the prompt
