@@ -16,6 +16,7 @@ import termios
 import threading
 import time
 import tty
+from contextlib import nullcontext
 from typing import Callable
 
 from rich.console import Console, Group
@@ -70,15 +71,8 @@ class Equalizer:
         is not made, and the panel says why until the next key). Text that is not a hotkey starts the next message,
         and from then on letters and digits are its text ("tell me more" reset every slider at its "r")."""
         with self.lock:
-            if key == "backspace":
-                self.typed = self.typed[:-1]
-                return
-            if key == "enter":  # does not send (the reply is not over); a pasted line break joins the lines with a space
-                if self.typed and not self.typed.endswith(" "):
-                    self.typed += " "
-                return
-            if len(key) == 1 and (self.typed or key not in HOTKEYS or not self.bands):
-                self.typed += key
+            if key in ("backspace", "enter") or (len(key) == 1 and (self.typed or key not in HOTKEYS or not self.bands)):
+                self._type(key)
                 return
             if not self.bands:
                 return
@@ -87,6 +81,22 @@ class Equalizer:
                 self._apply(key)
             except EqzError as error:
                 self.refused = str(error)
+
+    def type_only(self, key: str) -> None:
+        """A key pressed while a reply streams without the panel (no hotkeys there): text of the next message, as
+        under the panel. It was echoed into the reply's text, and readline took arrows for history."""
+        if key in ("backspace", "enter") or len(key) == 1:
+            with self.lock:
+                self._type(key)
+
+    def _type(self, key: str) -> None:
+        if key == "backspace":
+            self.typed = self.typed[:-1]
+        elif key == "enter":  # does not send (the reply is not over); a pasted line break joins the lines with a space
+            if self.typed and not self.typed.endswith(" "):
+                self.typed += " "
+        else:
+            self.typed += key
 
     def _apply(self, key: str) -> None:
         band = self.bands[self.selected]
@@ -404,7 +414,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
             if panel:
                 _stream_with_panel(turn, equalizer, console)
             else:
-                _stream_plain(turn)
+                _stream_plain(turn, equalizer)
                 _report_end(turn, console)
         except EqzError as error:
             console.print(f"[red]error:[/red] {escape(str(error))}")
@@ -435,9 +445,9 @@ def _start_reply(session: ChatSession, text: str, console: Console) -> Turn | No
     return turn
 
 
-def _stream_plain(turn: Turn) -> None:
+def _stream_plain(turn: Turn, equalizer: Equalizer) -> None:
     out = sys.stdout
-    with turn.ctrl_c_stops():
+    with turn.ctrl_c_stops(), KeyReader(equalizer.type_only) if sys.stdin.isatty() else nullcontext():
         for piece in turn:
             out.write(piece)
             out.flush()

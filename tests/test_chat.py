@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import time
 
 import pexpect
 import pytest
@@ -15,6 +17,7 @@ from .conftest import EQZ, run_eqz, save_and_leave
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
 PROMPT = "you> "
+PASTE_MODE = re.compile(r"\x1b\[\?2004[hl]")  # readline asks the terminal to bracket pastes at each prompt
 
 
 def spawn_chat(*args: str, rows: int = 24, cols: int = 80) -> pexpect.spawn:
@@ -64,6 +67,24 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(tmp_path):
     assert 0 < reply["reply"]["n_tokens"] < 2000
 
 
+def test_keys_pressed_while_a_plain_reply_streams_wait_at_the_prompt_unechoed():
+    """Without the panel, keys were echoed into the reply (^[[A) and readline took Up for history afterwards."""
+    child = spawn_chat("--seed", "1", "-n", "2000", "--ctx", "4096")
+    child.sendline("Write a very long story about a lighthouse keeper and his many adventures at sea.")
+    child.expect_exact("at sea.\r\n")
+    child.expect(r"\w+ \w+ \w+")  # the reply is streaming
+    child.send("\x1b[Aok")
+    time.sleep(0.5)  # read before the reply stops
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(PROMPT + "ok")
+    assert "^[" not in child.before
+    child.sendline(" then")
+    child.expect_exact(PROMPT)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+
+
 def test_ctrl_c_outside_a_reply_and_the_prompt_keeps_the_chat(tmp_path):
     """A Ctrl-C between the two (a second tap just after a reply stopped, one while a command runs) ended the chat
     with exit 130 and the conversation unsaved. A /save into a FIFO waits for a reader: the Ctrl-C lands there."""
@@ -99,7 +120,7 @@ def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
     child = spawn_chat(cols=200)  # wide enough that no message wraps
     child.sendline(command)
     child.expect_exact(PROMPT)
-    said = [line for line in child.before.splitlines() if line.strip()][1:]  # after the echoed command
+    said = [line for line in PASTE_MODE.sub("", child.before).splitlines() if line.strip()][1:]  # after the echo
     assert len(said) == 1 and fragment in said[0] and "Traceback" not in child.before, said
     child.sendline("/quit")
     child.expect(pexpect.EOF)
