@@ -282,7 +282,7 @@ def parse_keys(buffer: bytes) -> tuple[list[str], bytes]:
             keys.append("backspace")
         elif char in ("\r", "\n"):
             keys.append("enter")
-        elif char.isprintable():  # Enter, Tab and other controls are not text of the message
+        elif char.isprintable():  # Tab and other controls are not text of the message
             keys.append(char)
     return keys, buffer
 
