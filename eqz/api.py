@@ -152,7 +152,7 @@ class EqzModel:
         for path, scale in vectors:
             steering = steering.plus_vector(path, scale)
         _warn_of(self.on_warning, {band: resolved.gains[band] for band in sliders or {}}, bank, dict(steering.gains))
-        for line in steering.overridden_by(resolved.filters):
+        for line in bank.overridden(dict(steering.gains), resolved.filters) if bank else []:
             self.on_warning(line)
 
         def make() -> ChatSession:
@@ -324,8 +324,8 @@ class EqzModel:
             moved = {band: 1.0 for setting in grid for band, gain in setting.gains.items() if gain}
             # inside: a warning turned into an error closes the output too
             _warn_of(self.on_warning, {band: as_number(gain) for band, gain in (sliders or {}).items()}, bank, moved)
-            for line in dict.fromkeys(line for setting in grid  # a sweep repeats a setting's filters
-                                      for line in Steering().with_gains(setting.gains).overridden_by(setting.filters)):
+            for line in dict.fromkeys(line for setting in grid if bank  # a sweep repeats a setting's filters
+                                      for line in bank.overridden(setting.gains, setting.filters)):
                 self.on_warning(line)
             for name, ignored in {setting.preset: setting.sampling.seed for setting in grid
                                   if setting.sampling.seed is not None}.items():  # it did nothing, without a word

@@ -284,6 +284,17 @@ class Bank:
         return {band: round(gain * self.bands[band].hold, 4) for band, gain in gains.items()
                 if gain != 0 and self.bands[band].hold is not None}
 
+    def overridden(self, gains: dict[str, float], filters: dict | None) -> list[str]:
+        """A line for each held slider among ``gains`` that a filter ({"clamp": {band: level}, "ablate": [band]})
+        overrides: a held slider is itself a clamp at its level and the user's filter on the band wins, so it does
+        nothing while the panel shows its gain. A slider that adds its vector is not named: a clamp fixes only the
+        band's meter direction, and the rest of the vector still steers."""
+        clamp, ablate = (filters or {}).get("clamp") or {}, (filters or {}).get("ablate") or []
+        return [f"the {band} slider ({gain:+.2f}) does nothing while " +
+                (f"a clamp holds {band} at {clamp[band]:+.2f}" if band in clamp else f"{band} is notched")
+                for band, gain in gains.items()
+                if gain and band in self.bands and self.bands[band].hold is not None and (band in clamp or band in ablate)]
+
     def added(self, gains: dict[str, float]) -> np.ndarray | None:
         """The control vector the sliders add: ``mix`` of the bands that are not held (see ``held``)."""
         self.check_gains(gains)

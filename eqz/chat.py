@@ -16,7 +16,6 @@ from .files import replacing
 from .presets import get_preset
 from .sampling import as_number, make_sampling
 from .session import ChatSession
-from .steering import Steering
 
 KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"  # while a reply streams under the panel
 
@@ -103,8 +102,7 @@ class ChatCommands:
         preset = get_preset(args[0], self.session.steerer.bands or BANDS)
         self.session.apply_preset(preset)
         described = f": {preset.description}" if preset.description else ""
-        overridden = self.session.pending_or_current_steering().overridden_by(self._filters())
-        return CommandResult("\n".join([f"preset {preset.name}{described}"] + overridden), show_panel=True)
+        return CommandResult("\n".join([f"preset {preset.name}{described}"] + self._overridden()), show_panel=True)
 
     def sampling(self, args: list[str], _rest: str, setting: str = "") -> CommandResult:
         command = next(name for name, each in SAMPLING_COMMANDS.items() if each == setting)
@@ -150,10 +148,12 @@ class ChatCommands:
         parts += [f"ablate {b}" for b in current["ablate"]]
         return CommandResult(", ".join(parts) or "no filters")
 
-    def _overridden(self, band: str) -> list[str]:
-        """Whether ``band``'s slider now does nothing, a filter holding the band (said, as the panel shows its gain)."""
-        steering = self.session.pending_or_current_steering()
-        return Steering().with_gains({band: steering.gain(band)}).overridden_by(self._filters())
+    def _overridden(self, band: str | None = None) -> list[str]:
+        """Whether ``band``'s slider (default: any) now does nothing, a filter overriding it (``Bank.overridden``):
+        said, as the panel goes on showing its gain."""
+        bank, steering = self.session.steerer.bank, self.session.pending_or_current_steering()
+        gains = dict(steering.gains) if band is None else {band: steering.gain(band)}
+        return bank.overridden(gains, self._filters()) if bank else []
 
     def _filters(self) -> dict:
         filters = self.session.filters

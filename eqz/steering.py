@@ -34,15 +34,6 @@ class Steering:
             steering = steering.with_gain(band, gain)
         return steering
 
-    def overridden_by(self, filters: dict | None) -> list[str]:
-        """A line for each slider that does nothing because a filter holds its band ({"clamp": {band: level},
-        "ablate": [band]}): a clamp or a notch sets the band's level at every steered layer, whatever the slider
-        adds, and the slider went on showing its gain."""
-        clamp, ablate = (filters or {}).get("clamp") or {}, (filters or {}).get("ablate") or []
-        return [f"the {band} slider ({gain:+.1f}) does nothing while " +
-                (f"a clamp holds {band} at {clamp[band]:+.1f}" if band in clamp else f"{band} is notched")
-                for band, gain in self.gains if gain and (band in clamp or band in ablate)]
-
     def with_vector(self, path: str | Path, scale: float) -> "Steering":
         """Set one file's scale (0 removes it), keeping the others."""
         path = str(Path(path).expanduser())

@@ -131,10 +131,10 @@ def test_a_slider_a_filter_overrides_is_said_to_do_nothing():
     /ablate dropped a clamp on the band without a word."""
     child = spawn_chat("--set", "joy=1", cols=200)
     child.sendline("/clamp joy 2")
-    child.expect_exact("the joy slider (+1.0) does nothing while a clamp holds joy at +2.0")
+    child.expect_exact("the joy slider (+1.00) does nothing while a clamp holds joy at +2.00")
     child.sendline("/ablate joy")
     child.expect_exact("joy notched to the neutral level (its clamp at +2.00 is off)")
-    child.expect_exact("the joy slider (+1.0) does nothing while joy is notched")
+    child.expect_exact("the joy slider (+1.00) does nothing while joy is notched")
     child.sendline("/set joy 0")
     child.expect_exact("joy = +0.00")
     child.expect_exact(PROMPT)

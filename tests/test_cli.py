@@ -192,7 +192,7 @@ def test_bad_sampling_values_name_the_flag(flag, value, fragment):
 
 def test_a_slider_on_a_filtered_band_warns_that_it_does_nothing():
     ran = run_eqz("generate", "Hi", "--set", "joy=1", "--clamp", "joy=2", "-n", "2")
-    assert ran.returncode == 0 and "the joy slider (+1.0) does nothing while a clamp holds joy at +2.0" in ran.stderr
+    assert ran.returncode == 0 and "the joy slider (+1.00) does nothing while a clamp holds joy at +2.00" in ran.stderr
 
 
 def test_eval_prompts_drop_a_byte_order_mark(tmp_path):

@@ -467,3 +467,20 @@ def test_where_the_file_system_has_no_locks_a_bank_is_edited_unlocked(tmp_path, 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with editing(tmp_path / "bank", "holding a level"):
         pass
+
+
+def test_only_a_held_slider_that_a_filter_overrides_is_said_to_do_nothing():
+    """A held slider is itself a clamp, and the user's filter on its band wins; a slider that adds its vector still
+    steers beyond the one direction a clamp fixes (trust +2 under a clamp at 0 still wrote of faith), so it is not
+    named."""
+    from eqz.bank import MANIFEST, SHIPPED_DIR
+
+    (shipped,) = [path.parent for path in SHIPPED_DIR.glob(f"*/{MANIFEST}")]
+    bank = Bank.load(shipped)
+    assert bank.bands["joy"].hold is not None and bank.bands["trust"].hold is None
+    gains = {"joy": 1.0, "trust": 2.0, "fear": 0.5}
+    assert bank.overridden(gains, {"clamp": {"joy": 2.0, "trust": 0.0}, "ablate": []}) == [
+        "the joy slider (+1.00) does nothing while a clamp holds joy at +2.00"]
+    assert bank.overridden(gains, {"clamp": {}, "ablate": ["joy", "sadness"]}) == [
+        "the joy slider (+1.00) does nothing while joy is notched"]
+    assert bank.overridden(gains, None) == [] and bank.overridden({"joy": 0.0}, {"ablate": ["joy"]}) == []
