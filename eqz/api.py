@@ -159,6 +159,8 @@ class EqzModel:
             session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering,
                                   n_ctx=n_ctx, bank=bank, meter=meter, filters=resolved.filters)
             session.preset = resolved.preset
+            session.own_sampling = {key: getattr(resolved.sampling, key) for key in ("seed", "max_tokens")
+                                    if (sampling or {}).get(key) is not None}
             return session
 
         return make

@@ -112,6 +112,8 @@ class ChatCommands:
             self.session.sampling = make_sampling(self.session.sampling, **{setting: args[0]})
         except EqzError as error:  # named as typed: "/max-tokens must be >= 1", not max_tokens
             raise EqzError(f"/{command} {str(error).removeprefix(f'{setting} ')}") from None
+        if setting in ("seed", "max_tokens"):  # the user's own: a /preset after it keeps it
+            self.session.own_sampling[setting] = getattr(self.session.sampling, setting)
         return CommandResult(f"{setting} = {getattr(self.session.sampling, setting)}")
 
     def clamp(self, args: list[str], _rest: str) -> CommandResult:

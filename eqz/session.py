@@ -118,6 +118,8 @@ class ChatSession:
         self.system = system
         self.history: list[dict] = []  # user and assistant messages; assistant ones carry a "reply" record
         self.preset: str | None = None
+        # the seed and reply length the user chose (flags, /seed, /max-tokens): a preset applied later keeps them
+        self.own_sampling: dict = {}
         self.steering = Steering()
         self._pending: tuple[Steering, np.ndarray | None] | None = None
         self._pending_lock = threading.Lock()
@@ -201,16 +203,15 @@ class ChatSession:
 
     def apply_preset(self, preset: Preset) -> None:
         """The preset's sliders, sampling, system prompt and filters replace the session's, as if the chat had
-        started with it (the seed and the reply length are kept unless the preset names them: they are the user's
-        choices, not a mood's): a previous preset's settings do not linger."""
+        started with it (the user's own seed and reply length, ``own_sampling``, are kept unless the preset names
+        them: they are not a mood's): a previous preset's settings do not linger."""
         steering = Steering(vectors=self.pending_or_current_steering().vectors).with_gains(preset.sliders)
         if preset.filters or self.filters:  # refused before anything changes, not after the sliders moved
             self._filters_for(steering, preset.filters)
         self.set_steering(steering)
         if preset.filters or self.filters:
             self.set_filters(**preset.filters)
-        self.sampling = make_sampling(Sampling(seed=self.sampling.seed, max_tokens=self.sampling.max_tokens),
-                                      **preset.sampling)
+        self.sampling = make_sampling(Sampling(**self.own_sampling), **preset.sampling)
         self.system = preset.system
         self.preset = preset.name
 

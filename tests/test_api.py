@@ -345,7 +345,7 @@ def test_a_second_preset_replaces_the_first_ones_sampling_and_system(library):
     """`/preset melancholy` after `/preset serene` kept serene's system prompt and top-p (and the reply's record
     said melancholy); a preset now replaces what a preset sets, as if the chat had started with it. The seed and
     the reply length stay (`-n 60` went back to 256 at every /preset)."""
-    from eqz.presets import get_preset
+    from eqz.presets import Preset, get_preset
     from eqz.sampling import Sampling
 
     with library.chat(preset="serene", seed=5, max_tokens=60) as chat:
@@ -355,6 +355,10 @@ def test_a_second_preset_replaces_the_first_ones_sampling_and_system(library):
         assert session.system is None and session.preset == "melancholy"
         assert (session.sampling.temperature, session.sampling.top_p, session.sampling.seed,
                 session.sampling.max_tokens) == (0.7, Sampling().top_p, 5, 60)
+    long_replies = Preset("long", "", {}, {"max_tokens": 500, "seed": 9})  # a preset's own length and seed
+    with library.chat(preset=long_replies) as chat:  # do not stay after another preset
+        chat.session.apply_preset(get_preset("melancholy", chat.session.steerer.bands))
+        assert chat.session.sampling.max_tokens == Sampling().max_tokens and chat.session.sampling.seed is None
 
 
 def test_band_names_take_any_case_in_the_library_as_on_the_command_line(library):
