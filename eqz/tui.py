@@ -162,8 +162,10 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
         column = max(MIN_COLUMN, min(7, (width - 10) // len(in_view)))
         label = Text()  # a narrow panel names the bands it shows by their keys, with arrows where more are
         if len(in_view) < len(bands):
-            keys = f"{'‹' if first else ' '}{first + 1}-{first + len(in_view)}"
-            label.append((keys + ("›" if first + len(in_view) < len(bands) else "")).ljust(5)[:5] + " ", style="dim")
+            before, after = "‹" if first else " ", "›" if first + len(in_view) < len(bands) else ""
+            heading = f"{before}{first + 1}-{first + len(in_view)}{after}"
+            heading = heading if len(heading) <= 5 else f"{before}   {after or ' '}"  # bands 11 on: the arrows only
+            label.append(heading.ljust(5) + " ", style="dim")
         else:
             label.append("      ")
         for index in in_view:

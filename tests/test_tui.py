@@ -3,6 +3,7 @@ record of every change, and the terminal restored afterwards."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m '
 PROMPT = "you> "
 # tmux hands its sessions COLUMNS=80 LINES=24 when started from pytest, and rich obeys those over the real size
 SIZED_BY_TERMINAL = "env -u COLUMNS -u LINES"
-# a server of the tests' own, without the user's tmux.conf: a running one (a user's, another job's) lends new sessions
-# its environment and settings, and its status bar, if the user has one, takes a row
-TMUX = ["tmux", "-L", "eqz-tests", "-f", "/dev/null"]
+# a server of this run's own, without the user's tmux.conf: a running one (a user's, another run's) lends new sessions
+# its environment and settings (and another run's tests would kill these sessions), and a user's status bar takes a row
+TMUX = ["tmux", "-L", f"eqz-tests-{os.getpid()}", "-f", "/dev/null"]
 STORY = "Write a very long story about a lighthouse keeper and his many adventures at sea."
 
 
