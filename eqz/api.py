@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from .analyze import Analysis, analyze
 from .bands import band_key, check_described, check_gain, gain_warnings, keyed_by_band
 from .bank import (MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, find_bank, known_band_names,
-                   editing, own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed, writable_bank)
+                   editing, own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed, shipped_bank,
+                   writable_bank)
 from .bank import list_banks as found_banks
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
@@ -208,8 +209,10 @@ class EqzModel:
         holds g x level at every steered layer. None: add the vector again. Returns the bank's directory, or None
         where the band was so already (nothing is saved: a copy of the shipped bank would hide its updates)."""
         with self._editing("holding a level"):
-            bank = writable_bank(self.info)
-            if bank.hold(band_key(_text(band, "band")), level):
+            bank, name = writable_bank(self.info), band_key(_text(band, "band"))
+            if bank.hold(name, level):
+                if (shipped := shipped_bank(self.info)) is not None:  # set back to its level: measured there
+                    bank.measured_as_in(name, shipped)
                 return self._keep(bank)
         if (Path(bank.directory) / MANIFEST).exists() and (warning := shadowed(bank.directory, self.info)):
             self._warn(warning)  # as it is in the user's own copy, which eqz does not use

@@ -347,6 +347,18 @@ class Bank:
             band.hold_check = dict(check)
         return changed
 
+    def measured_as_in(self, name: str, other: "Bank") -> bool:
+        """Take ``other``'s figures for band ``name`` where the band steers exactly as there (the same digest: vector,
+        held level, meter): a level set back by hand to the shipped one read "uncalibrated" until `vectors reset`,
+        which also deletes the user's own bands. Returns whether it did."""
+        if name not in other.bands or other.digest([name]) != self.digest([name]):
+            return False
+        self.bands[name].hold_check = dict(other.bands[name].hold_check)
+        for figures in ("dose_response", "steering"):
+            if name in other.quality.get(figures, {}):
+                self.quality.setdefault(figures, {})[name] = other.quality[figures][name]
+        return True
+
     def forget_recorded(self, name: str) -> None:
         """Drop the figures `eqz eval --record` stored for band ``name``: it now steers another way (a new held
         level, a remade vector), which they did not measure."""
@@ -584,6 +596,13 @@ def find_bank(info: ModelInfo) -> Bank | None:
         if found.model.fingerprint == wanted:
             return found.load()
     return None
+
+
+def shipped_bank(info: ModelInfo) -> Bank | None:
+    """The bank eqz ships for this model (by fingerprint), or None, whatever bank of the user's own is in use."""
+    wanted = model_fingerprint(info)
+    return next((found.load() for found in list_banks()
+                 if SHIPPED_DIR in found.directory.parents and found.model.fingerprint == wanted), None)
 
 
 def require_bank(info: ModelInfo) -> Bank:

@@ -387,6 +387,11 @@ def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, mon
         own = model.hold("Fear", 3)
         assert own.is_relative_to(tmp_path) and model.bank.bands["fear"].hold == 3  # steers with it at once
         assert eqz.read_bank(own).bands["fear"].hold == 3 and own in [found.directory for found in eqz.list_banks()]
+        shipped_joy = model.bank.bands["joy"]
+        model.hold("joy", shipped_joy.hold + 1)
+        assert not model.bank.bands["joy"].hold_check  # a level nothing measured
+        model.hold("joy", shipped_joy.hold)  # set back: the shipped figures come back (it read "uncalibrated")
+        assert model.bank.bands["joy"].hold_check == shipped_joy.hold_check and shipped_joy.hold_check
         model.import_vector(random_vector_file, "Mine")
         assert model.bank.bands["mine"].source == str(random_vector_file)
         with pytest.raises(eqz.EqzError, match=r"replace=True in the library"):
