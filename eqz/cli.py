@@ -551,7 +551,7 @@ def train(
     About 7-12 minutes for a 135M model on 2 cores (--quick: 3-5).
     With only --band, the described bands are added to the model's existing bank (a few minutes)."""
     from .bands import BANDS, band_key, parse_described, unknown_band
-    from .bank import check_training_target, editing, own_bank_directory, shadowed, slug, user_data_dir
+    from .bank import MANIFEST, Bank, check_training_target, editing, own_bank_directory, shadowed, slug, user_data_dir
     from .display import progress_bars, print_bank
 
     chosen = tuple(dict.fromkeys(band_key(band) for band in _listed(bands, "--bands") or [])) or BANDS
@@ -574,6 +574,7 @@ def train(
             check_training_target(destination, loaded.info, None if extending else (*chosen, *descriptions))
         started = time.monotonic()
         with editing(destination, "eqz train"):  # from reading the bank it extends to saving what it made
+            had = Bank.load(destination).names if (destination / MANIFEST).exists() else ()  # --replace: retrained
             try:
                 with progress_bars() as progress:
                     bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
@@ -588,9 +589,11 @@ def train(
     use = f"{'EQZ_VECTORS=' + shlex.quote(str(directory.resolve())) + ' ' if target is not None else ''}eqz chat" + \
         (f" -m {shlex.quote(model)}" if model else "")
     if descriptions and not bands:
-        added = ", ".join(f"{name} ({', '.join(problems)})" if (problems := bank.open_problems(name)) else name
-                          for name in descriptions)
-        typer.echo(f"added {added} to the bank in {directory} in {seconds:.0f} s; try: {use} --set "
+        made = {verb: ", ".join(f"{name} ({', '.join(problems)})" if (problems := bank.open_problems(name)) else name
+                                for name in descriptions if (name in had) == (verb == "retrained"))
+                for verb in ("added", "retrained")}
+        said = " and ".join(f"{verb} {names}" for verb, names in made.items() if names)
+        typer.echo(f"{said} {'in' if made['retrained'] else 'to'} the bank in {directory} in {seconds:.0f} s; try: {use} --set "
                    f"{next(iter(descriptions))}=0.5")
     elif target is not None:
         typer.echo(f"to use this bank: {use}")
