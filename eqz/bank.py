@@ -1,6 +1,6 @@
 """A bank of band vectors for one model: one llama.cpp control-vector GGUF per band plus ``bank.yaml``.
 
-Each band's GGUF holds exactly what gain +1 applies, so ``llama-cli --control-vector-scaled joy.gguf:1.0``
+Each band's GGUF holds exactly what gain +1 applies, so ``llama-cli --control-vector-scaled joy.gguf 1.0``
 steers like ``eqz --set joy=1``. ``bank.yaml`` holds the model fingerprint, the read layer and steered layers,
 each band's negative-side ratio and meter calibration, how the bank was made and how well it works.
 ``meter.npz`` holds the directions the meter and the filters read along (format 2): the best separating
