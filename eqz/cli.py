@@ -246,6 +246,8 @@ def generate(
 
     if prompt == "-":
         prompt = _stdin_text("PROMPT").strip()
+    elif not prompt.strip():  # `eqz generate "$PROMPT"` with the variable unset replied to nothing
+        raise EqzError("PROMPT is empty; give the message to reply to (or '-' to read it from stdin)")
     sampling = dict(max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
                     min_p=min_p, repeat_penalty=repeat_penalty)
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:

@@ -480,3 +480,4 @@ def test_a_dash_reads_the_prompt_or_the_text_from_stdin():
     assert json.loads(run_eqz("analyze", "-f", "-", "--json", input="What a day!").stdout) == direct
     assert json.loads(run_eqz("analyze", "-", "--json", input="What a day!").stdout) == direct
     assert_one_line_error(run_eqz("generate", "-", input=""), "standard input was empty")
+    assert_one_line_error(run_eqz("generate", " "), "PROMPT is empty")  # replied to nothing
