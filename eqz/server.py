@@ -34,7 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .api import EqzModel
-from .bands import check_gain, keyed_by_band
+from .bands import MAX_GAIN, SAFE_GAIN, check_gain, keyed_by_band
 from .engine import utf8
 from .errors import EqzError
 from .meter import metered_bands
@@ -205,8 +205,8 @@ class EqzServer:
             shown[self.default.name] = self.default
         presets = {name: {"description": preset.description, "sliders": preset.sliders} for name, preset in shown.items()}
         return JSONResponse({"model": self.name, "bands": list(self.bands), "doubts": self.doubts, "presets": presets,
-                             "preset": self.default.name if self.default else None, "gain_limit": 2.0,
-                             "metered": self.metered})
+                             "preset": self.default.name if self.default else None, "gain_limit": MAX_GAIN,
+                             "calibrated_gain": SAFE_GAIN, "metered": self.metered})
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         body = await _json_body(request)

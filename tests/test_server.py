@@ -511,6 +511,10 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
         joy = browser.find_element(By.ID, "s-joy")
         joy.send_keys(Keys.ARROW_UP * 8)  # the user moves the slider while the reply streams
         assert browser.find_element(By.ID, "doubts").text == "warning: " + config["doubts"]["joy"]  # while moved
+        joy.send_keys(Keys.ARROW_UP * 4)  # past the calibrated +1: said, as the CLI and the chat say it
+        assert browser.find_element(By.ID, "doubts").text.startswith(
+            "warning: joy at +1.2 is beyond the calibrated ±1: expect less fluent text\nwarning: ")
+        joy.send_keys(Keys.ARROW_DOWN * 4)
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
         stream_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-stream")
         if os.environ.get("EQZ_RECORD_SCREENSHOT"):
@@ -593,6 +597,9 @@ def test_the_web_page_goes_on_after_a_refused_message_drops_old_turns_and_sends_
             time.sleep(0.05)
             status, record = server.get(f"/v1/eqz/streams/{stream}")
         assert status == 200 and record["sampling"]["temperature"] == 0.6 and record["sliders"]["trust"] == 0.5
+        say("word " * 2100)  # too long even with the earlier exchange dropped: nothing was dropped in the end
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.error")) == 2
+        assert "dropped" not in browser.find_element(By.ID, "log").text  # the note stayed, though nothing was
         # an earlier long exchange, as the page keeps one (set directly: the model's reply to "word word ..." is
         # sometimes empty, and the page keeps no exchange without a reply), then a message that fits only alone:
         # the oldest turns go, as in the terminal chat
@@ -600,7 +607,17 @@ def test_the_web_page_goes_on_after_a_refused_message_drops_old_turns_and_sends_
                                "{role: 'assistant', content: 'Noted.'})", "word " * 1200)
         say("word " * 1200)
         assert "dropped" in browser.find_element(By.ID, "log").text
-        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")[1:]  # the refused message was the only one
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")[2:]  # the refused messages were the only ones
+        browser.find_element(By.ID, "clear").click()  # a new conversation: "word word ..." may get no reply at all
+        box = browser.find_element(By.ID, "text")
+        browser.execute_script("arguments[0].value = arguments[1]", box, "Write a very long story about the sea.")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1
+                   and len(b.find_element(By.CSS_SELECTOR, ".msg.assistant").text) > 20)
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text.endswith("⟨stopped⟩")  # read as done
+        assert browser.execute_script("return document.activeElement.id") == "text"  # it fell to nothing after Stop
     finally:
         browser.quit()
 
