@@ -292,8 +292,8 @@ class Bank:
         clamp, ablate = (filters or {}).get("clamp") or {}, (filters or {}).get("ablate") or []
         return [f"the {band} slider ({gain:+.2f}) does nothing while " +
                 (f"a clamp holds {band} at {clamp[band]:+.2f}" if band in clamp else f"{band} is notched")
-                for band, gain in gains.items()
-                if gain and band in self.bands and self.bands[band].hold is not None and (band in clamp or band in ablate)]
+                for band, gain in gains.items() if gain and (band in clamp or band in ablate)
+                and band in self.bands and self.bands[band].hold is not None]
 
     def added(self, gains: dict[str, float]) -> np.ndarray | None:
         """The control vector the sliders add: ``mix`` of the bands that are not held (see ``held``)."""
@@ -347,17 +347,16 @@ class Bank:
             band.hold_check = dict(check)
         return changed
 
-    def measured_as_in(self, name: str, other: "Bank") -> bool:
+    def measured_as_in(self, name: str, other: "Bank") -> None:
         """Take ``other``'s figures for band ``name`` where the band steers exactly as there (the same digest: vector,
         held level, meter): a level set back by hand to the shipped one read "uncalibrated" until `vectors reset`,
-        which also deletes the user's own bands. Returns whether it did."""
+        which also deletes the user's own bands."""
         if name not in other.bands or other.digest([name]) != self.digest([name]):
-            return False
+            return
         self.bands[name].hold_check = dict(other.bands[name].hold_check)
         for figures in ("dose_response", "steering"):
             if name in other.quality.get(figures, {}):
                 self.quality.setdefault(figures, {})[name] = other.quality[figures][name]
-        return True
 
     def forget_recorded(self, name: str) -> None:
         """Drop the figures `eqz eval --record` stored for band ``name``: it now steers another way (a new held

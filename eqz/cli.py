@@ -595,8 +595,8 @@ def train(
                                 for name in descriptions if (name in had) == (verb == "retrained"))
                 for verb in ("added", "retrained")}
         said = " and ".join(f"{verb} {names}" for verb, names in made.items() if names)
-        typer.echo(f"{said} {'in' if made['retrained'] else 'to'} the bank in {directory} in {seconds:.0f} s; try: {use} --set "
-                   f"{next(iter(descriptions))}=0.5")
+        typer.echo(f"{said} {'in' if made['retrained'] else 'to'} the bank in {directory} in {seconds:.0f} s; try: "
+                   f"{use} --set {next(iter(descriptions))}=0.5")
     elif target is not None:
         typer.echo(f"to use this bank: {use}")
     if shadow:
