@@ -522,6 +522,11 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
         browser.set_window_size(390, 844)  # a phone: everything reachable without sideways scrolling
         browser.get(server.url + "/")
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        # the reload kept this tab's conversation and sliders (a reload lost them)
+        assert browser.find_element(By.ID, "v-joy").text == "+0.8"
+        shown = browser.find_elements(By.CSS_SELECTOR, "#log .msg")
+        assert [m.get_attribute("class") for m in shown] == ["msg user", "msg assistant"] and shown[1].text
+        assert browser.execute_script("return state.history.length") == 2
         width = browser.execute_script("return window.innerWidth")
         assert width <= 400 and browser.execute_script("return document.documentElement.scrollWidth") <= width
         sliders = browser.find_elements(By.CSS_SELECTOR, "input[type=range]")
