@@ -588,20 +588,20 @@ def known_band_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys([*BANDS, *(name for found in banks for name in found.band_names)]))
 
 
+def _banks_for(info: ModelInfo) -> list[FoundBank]:
+    """Every bank trained for this model (by fingerprint), in the order eqz looks: the first is the one it uses."""
+    wanted = model_fingerprint(info)
+    return [found for found in list_banks() if found.model.fingerprint == wanted]
+
+
 def find_bank(info: ModelInfo) -> Bank | None:
     """The bank trained for this model (by fingerprint), or None."""
-    wanted = model_fingerprint(info)
-    for found in list_banks():
-        if found.model.fingerprint == wanted:
-            return found.load()
-    return None
+    return next((found.load() for found in _banks_for(info)), None)
 
 
 def shipped_bank(info: ModelInfo) -> Bank | None:
     """The bank eqz ships for this model (by fingerprint), or None, whatever bank of the user's own is in use."""
-    wanted = model_fingerprint(info)
-    return next((found.load() for found in list_banks()
-                 if SHIPPED_DIR in found.directory.parents and found.model.fingerprint == wanted), None)
+    return next((found.load() for found in _banks_for(info) if SHIPPED_DIR in found.directory.parents), None)
 
 
 def require_bank(info: ModelInfo) -> Bank:
@@ -712,8 +712,7 @@ def _bank_fingerprint(directory: Path) -> str | None:
 def shadowed(directory: Path, info: ModelInfo) -> str | None:
     """Why a bank just saved in ``directory`` will not be used (a bank for the model that eqz finds first, in
     $EQZ_VECTORS), else None: without it, a change seems to do nothing."""
-    first = next((found.directory for found in list_banks() if found.model.fingerprint == model_fingerprint(info)),
-                 None)
+    first = next((found.directory for found in _banks_for(info)), None)
     if first is None or first.resolve() == Path(directory).resolve():
         return None
     extra = os.environ.get("EQZ_VECTORS")
