@@ -591,12 +591,19 @@ def train(
     use = f"{'EQZ_VECTORS=' + shlex.quote(str(directory.resolve())) + ' ' if target is not None else ''}eqz chat" + \
         (f" -m {shlex.quote(model)}" if model else "")
     if descriptions and not bands:
-        made = {verb: ", ".join(f"{name} ({', '.join(problems)})" if (problems := bank.open_problems(name)) else name
-                                for name in descriptions if (name in had) == (verb == "retrained"))
-                for verb in ("added", "retrained")}
-        said = " and ".join(f"{verb} {names}" for verb, names in made.items() if names)
-        typer.echo(f"{said} {'in' if made['retrained'] else 'to'} the bank in {directory} in {seconds:.0f} s; try: "
-                   f"{use} --set {next(iter(descriptions))}=0.5")
+        def named(names: list[str]) -> str:
+            return ", ".join(f"{name} ({', '.join(problems)})" if (problems := bank.open_problems(name)) else name
+                             for name in names)
+
+        added = [name for name in descriptions if name not in had]
+        retrained = [name for name in descriptions if name in had]
+        said = []
+        if added:
+            said.append(f"added {named(added)}")
+        if retrained:
+            said.append(f"retrained {named(retrained)}")
+        typer.echo(f"{' and '.join(said)} {'in' if retrained else 'to'} the bank in {directory} in {seconds:.0f} s; "
+                   f"try: {use} --set {next(iter(descriptions))}=0.5")
     elif target is not None:
         typer.echo(f"to use this bank: {use}")
     if shadow:
