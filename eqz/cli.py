@@ -58,7 +58,7 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", metavar="GGUF", help="GGUF model file \\[default: $EQZ_MODEL, else SmolLM2-135M-Instruct]"),
 ]
-ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs]", min=1)]
+ThreadsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: $EQZ_THREADS, else the idle cores]", min=1)]
 GpuLayersOpt = Annotated[Optional[str], typer.Option("--gpu-layers", "-ngl", metavar="N|all", envvar="EQZ_GPU_LAYERS", help="layers offloaded to the GPU (also $EQZ_GPU_LAYERS) \\[default: all when llama.cpp was built for a GPU, else 0]")]
 CtxOpt = Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="context window in tokens (at most the model's trained context)", min=MIN_CONTEXT)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="system prompt")]
@@ -338,7 +338,7 @@ def batch(
     top_k: TopKOpt = None,
     min_p: MinPOpt = None,
     repeat_penalty: RepeatPenaltyOpt = None,
-    threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: physical cores not busy with other jobs; with --ray, 1 per worker]", min=1)] = None,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads \\[default: $EQZ_THREADS, else the idle cores; with --ray, 1 per worker]", min=1)] = None,
     gpu_layers: GpuLayersOpt = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="auto|ADDRESS", help="generate on a Ray cluster: auto ($RAY_ADDRESS, one running here, else a new local one) or its address")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=1, help="with --ray: models loaded at once, --threads each \\[default: the cluster's free CPUs / threads]")] = None,

@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from .errors import EqzError
+
 
 def physical_cores() -> int:
     """Physical cores this process may use: llama.cpp decodes fastest with one thread per core."""
@@ -38,9 +40,15 @@ def others_running(samples: int = 5, interval: float = 0.004) -> int:
 
 
 def default_threads() -> int:
-    """llama.cpp threads when none are asked for: one per physical core that no other job is busy on. Its
-    threads meet at a barrier many times per token, so one thread sharing a core with another job stalls all of
-    them (benchmarks/under_load.py, 2 cores both busy: 2 threads took 83.5 s for 32 tokens, the default 3.0 s)."""
+    """llama.cpp threads when none are asked for: $EQZ_THREADS, else one per physical core that no other job is
+    busy on. Its threads meet at a barrier many times per token, so one thread sharing a core with another job
+    stalls all of them (benchmarks/under_load.py, 2 cores both busy: 2 threads took 83.5 s for 32 tokens, the
+    default 3.0 s). The variable is for jobs started side by side, which would each see the others idle at load."""
+    fixed = os.environ.get("EQZ_THREADS", "").strip()
+    if fixed:
+        if not fixed.isdigit() or int(fixed) < 1:
+            raise EqzError(f"EQZ_THREADS={fixed} is not a thread count; set it to a whole number >= 1, or unset it")
+        return int(fixed)
     return max(1, physical_cores() - others_running())
 
 

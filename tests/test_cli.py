@@ -388,7 +388,7 @@ def test_help_pages_show_value_names_and_every_default(command):
     options = [line for line in page.splitlines() if "--" in line]  # -h/--help too (eqz.cli._bare_help_flag)
     assert not [line for line in options if "<list[" in line or "<bool>" in line or "<int" in line], page
     if command in ("generate", "chat"):
-        assert "[default: 256]" in page and "[default: physical cores not busy with other jobs]" in page
+        assert "[default: 256]" in page and "[default: $EQZ_THREADS, else the idle cores]" in page
 
 
 def test_ctrl_c_ends_a_held_reply_at_once_and_keeps_the_text():
