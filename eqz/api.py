@@ -629,6 +629,8 @@ class Chat:
         valid = bank.names if bank else ()
         checked = {band: check_gain(band, gain, valid) for band, gain in keyed_by_band(gains, "set").items()}
         _warn_of(self.on_warning, checked, bank, checked)
+        for line in self.session.overridden(checked):  # a held slider under the user's clamp or notch
+            self.on_warning(line)
         self.session.request_steering(self.session.pending_or_current_steering().with_gains(checked))
 
     @property

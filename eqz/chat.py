@@ -153,9 +153,8 @@ class ChatCommands:
     def _overridden(self, band: str | None = None) -> list[str]:
         """Whether ``band``'s slider (default: any) now does nothing, a filter overriding it (``Bank.overridden``):
         said, as the panel goes on showing its gain."""
-        bank, steering = self.session.steerer.bank, self.session.pending_or_current_steering()
-        gains = dict(steering.gains) if band is None else {band: steering.gain(band)}
-        return bank.overridden(gains, self._filters()) if bank else []
+        steering = self.session.pending_or_current_steering()
+        return self.session.overridden(dict(steering.gains) if band is None else {band: steering.gain(band)})
 
     def _filters(self) -> dict:
         filters = self.session.filters

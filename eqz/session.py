@@ -169,6 +169,12 @@ class ChatSession:
             self._asked_filters = kept
             raise
 
+    def overridden(self, gains: dict[str, float]) -> list[str]:
+        """A line for each held slider among ``gains`` that the user's clamp or notch overrides (``Bank.overridden``):
+        said where sliders move, as the panel and the record go on showing the gain."""
+        bank = self.steerer.bank
+        return bank.overridden(gains, self._asked_filters) if bank else []
+
     def _filters_for(self, steering: Steering, asked: dict) -> Filters:
         """The filters for ``steering``'s held sliders and the user's ``asked`` clamps and notches; EqzError where
         they cannot be made."""

@@ -374,6 +374,18 @@ def test_band_names_take_any_case_in_the_library_as_on_the_command_line(library)
     assert np.array_equal(library.bank.vector(JOY=0.8).matrix, library.bank.vector(joy=0.8).matrix)  # was unknown
 
 
+def test_moving_a_held_slider_under_a_clamp_says_it_does_nothing(library, monkeypatch):
+    """A held slider is itself a clamp and the user's clamp on the band wins: chat's /set said so, the library's
+    ``Chat.set`` moved it in silence. A slider that adds its vector still steers under a clamp and is not named."""
+    assert library.bank.bands["joy"].hold is not None and library.bank.bands["trust"].hold is None  # the shipped bank
+    said = []
+    monkeypatch.setattr(library, "on_warning", said.append)
+    with library.chat(clamp={"joy": 2, "trust": 0}) as chat:
+        chat.set(joy=1, trust=1)
+    assert "the joy slider (+1.00) does nothing while a clamp holds joy at +2.00" in said
+    assert not any("trust slider" in line for line in said), said
+
+
 def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, monkeypatch, random_vector_file):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     with eqz.load() as model:
