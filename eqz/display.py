@@ -158,12 +158,18 @@ def print_bank(bank: Bank) -> None:
         when = f", recorded {setup['date'][:10]}" if "date" in setup else ""  # recordings before stop 52: undated
         console.print(f"dose-response (eqz eval --record, {len(dose)} bands{when}): see `eqz vectors show --json` or "
                       "the README table")
-    trained = bank.trained
-    if trained:
-        through = " (through an f16 copy of the weights)" if trained.get("weights") == "f16 copy" else ""
-        seed = f", seed {trained['seed']}" if "seed" in trained else ""  # banks before stop 48 used 1234 unrecorded
-        console.print(f"trained in {trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}"
-                      f"{seed}{through}")
+    if bank.trained:
+        console.print(f"trained in {_training(bank.trained)}")
+    for name, band in bank.bands.items():  # added or retrained since (`train --band`): the line above is not theirs
+        if band.trained:
+            console.print(f"{name} trained in {_training(band.trained)}")
+
+
+def _training(trained: dict) -> str:
+    """bank.yaml's ``trained`` as `vectors show` says it: how long, with which eqz, when, the seed, the weights."""
+    through = " (through an f16 copy of the weights)" if trained.get("weights") == "f16 copy" else ""
+    seed = f", seed {trained['seed']}" if "seed" in trained else ""  # banks before stop 48 used 1234 unrecorded
+    return f"{trained['seconds']} s with eqz {trained['eqz_version']} on {trained['date']}{seed}{through}"
 
 
 _LEVELS = "▁▂▃▄▅▆▇█"

@@ -239,6 +239,8 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     assert np.allclose(bank.bands["joy"].matrix, read_control_vector(SHIPPED / "joy.gguf").matrix(30, 576))
     assert np.array_equal(bank.voice_centre, np.load(SHIPPED / "voice-centre.npy"))  # used, and not replaced by quick
     assert set(np.flatnonzero(np.abs(bank.bands["nostalgia"].matrix).sum(axis=1))) == set(bank.steered_layers)
+    shown = run_eqz("vectors", "show", env={**env, "COLUMNS": "160"}).stdout  # its training, beside the bank's
+    assert f"nostalgia trained in {entry['trained']['seconds']} s" in shown
     args = ("generate", "Tell me about your weekend.", "--seed", "3", "-n", "24", "--json")
     plain = json.loads(run_eqz(*args, env=env).stdout)
     steered = json.loads(run_eqz(*args, "--set", "nostalgia=1", env=env).stdout)
