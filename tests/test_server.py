@@ -524,6 +524,8 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
         # the reload kept this tab's conversation and sliders (a reload lost them)
         assert browser.find_element(By.ID, "v-joy").text == "+0.8"
+        # a screen reader says the band and its signed gain, not a bare "0.8"
+        assert browser.find_element(By.ID, "s-joy").get_attribute("aria-valuetext") == "joy +0.8"
         shown = browser.find_elements(By.CSS_SELECTOR, "#log .msg")
         assert [m.get_attribute("class") for m in shown] == ["msg user", "msg assistant"] and shown[1].text
         assert browser.execute_script("return state.history.length") == 2
