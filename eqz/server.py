@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -90,7 +91,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host == "localhost" or host.endswith(".localhost"):  # *.localhost is loopback by RFC 6761, in browsers too
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -167,6 +168,8 @@ class EqzServer:
         })
         if api_key:
             self.app.add_middleware(_KeyCheck, key=api_key)
+        else:  # only this machine can connect (check_exposure): so only its own requests, not a web page's
+            self.app.add_middleware(_ThisMachineOnly, origins=origins)
         if origins:  # added last, so outermost: a browser's preflight carries no key, and is answered before the check
             self.app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                     allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Eqz-Stream"])
@@ -419,6 +422,46 @@ class _KeyCheck:
                 response = _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class _ThisMachineOnly:
+    """ASGI middleware of a server without a key, which listens on loopback only: a web page elsewhere could still
+    use it. Its script may send requests with no CORS preflight (a text/plain POST starts a reply), and a site whose
+    name it points at 127.0.0.1 (DNS rebinding) is the page's own origin and reads the replies. So a request must name
+    this machine as its Host, and one a page sent (Origin) must come from this server's own page or a --cors origin.
+    Clients outside a browser send no Origin; the key is the way to serve other names."""
+
+    def __init__(self, app, origins: list[str]):
+        self.app = app
+        self.origins = origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
+            host, origin = headers.get(b"host", ""), headers.get(b"origin")
+            name = _host_name(host)
+            if name is None or not is_loopback(name):
+                port = (scope.get("server") or ("", "PORT"))[1]
+                response = _error(403, f"Host {host!r} is not this machine: a server without --api-key answers only "
+                                  "to localhost and loopback addresses, as a page on another site could otherwise "
+                                  f"reach it under its own name; use http://127.0.0.1:{port}/ or give the server a "
+                                  "key", "permission_error")
+                return await response(scope, receive, send)
+            if origin is not None and urlsplit(origin).netloc != host and "*" not in self.origins \
+                    and origin not in self.origins:
+                response = _error(403, f"a web page from {origin} may not use this server, or any site's page "
+                                  f"could; start eqz serve with --cors {origin} to let that origin's pages call it",
+                                  "permission_error")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str | None:
+    """A Host header's name without its port (``[::1]:8000`` -> ``::1``); None where it is no host at all."""
+    try:
+        return urlsplit(f"//{host}").hostname
+    except ValueError:
+        return None
 
 
 STOPPING = "the server is stopping; send the request again once it is back"

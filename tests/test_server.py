@@ -434,6 +434,35 @@ def test_ctrl_c_ends_running_replies_with_their_last_chunk_or_a_503_and_no_trace
     assert "POST" not in "".join(served.log)  # --no-access-log
 
 
+def test_a_server_without_a_key_answers_only_requests_from_this_machine(server):
+    """A web page on another site could use a keyless local server: its script may POST text/plain with no CORS
+    preflight (a reply starts), and a name of its own pointed at 127.0.0.1 (DNS rebinding) reads the replies."""
+    address, port = server.url.removeprefix("http://").split(":")
+
+    def ask(headers: dict, body: dict | None = None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection(address, int(port), timeout=60)
+        try:  # http.client sends the Host given here instead of its own
+            connection.request("GET" if body is None else "POST", "/v1/models" if body is None else "/v1/completions",
+                               None if body is None else json.dumps(body), headers)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    status, refused = ask({"Host": f"rebound.example:{port}"})
+    assert status == 403 and refused["error"]["message"].startswith(f"Host 'rebound.example:{port}' is not this machine")
+    assert f"use http://127.0.0.1:{port}/" in refused["error"]["message"]
+    for own in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}"):
+        assert ask({"Host": own})[0] == 200, own
+    completion = {"prompt": "Hi", "max_tokens": 2}
+    status, refused = ask({"Host": f"127.0.0.1:{port}", "Origin": "http://elsewhere.example",
+                           "Content-Type": "text/plain"}, completion)
+    assert status == 403 and "start eqz serve with --cors http://elsewhere.example" in refused["error"]["message"]
+    status, reply = ask({"Host": f"127.0.0.1:{port}", "Origin": server.url, "Content-Type": "application/json"},
+                        completion)  # the server's own page
+    assert status == 200 and reply["object"] == "text_completion"
+
+
 def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_plain_clients():
     refused = run_eqz("serve", "--host", "0.0.0.0", "--port", "0")
     assert refused.returncode == 2 and "--api-key" in refused.stderr and "Traceback" not in refused.stderr
