@@ -46,11 +46,12 @@ $(STAMP): pyproject.toml requirements.lock eqz/_tapfilter.c
 chat: setup
 	$(BIN)/eqz chat
 
-# one worker per core (up to four), one llama.cpp thread each: on 2 cores ~30% faster than one worker at two
-# threads (the CLI's startup, the browser and the Python between decodes run beside the other worker's decode).
-# EQZ_THREADS, since a worker loading a model would see the other idle and take every core.
+# one worker per core (up to four), one llama.cpp thread each (tests/conftest.py): on 2 cores ~30% faster than one
+# worker at two threads (the CLI's startup, the browser and the Python between decodes run beside the other
+# worker's decode). Tests marked serial crowd every core on purpose and run after, alone.
 test: setup browser
-	EQZ_THREADS=1 $(BIN)/pytest --numprocesses auto --maxprocesses 4 --durations=10
+	$(BIN)/pytest --numprocesses auto --maxprocesses 4 --dist loadgroup -m 'not serial' --durations=10
+	$(BIN)/pytest -m serial
 
 # Debian's chromium and its driver, for the web page's test (a real headless browser); tests only, not `make chat`
 browser:

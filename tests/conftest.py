@@ -25,6 +25,10 @@ os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="eqz-test-data-")
 # becomes the default disposition in the children.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# Under pytest-xdist (make test) each worker, and every eqz it starts, runs llama.cpp on one thread: a worker would
+# otherwise see the other idle when it loads a model and take every core, and both would stall (eqz.threads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("EQZ_THREADS", "1")
 
 GEMMA_PATH = Path(sys.prefix) / "share" / "eqz" / "models" / "gemma-3-270m-q4_k_m.gguf"
 EQZ = str(Path(sys.executable).parent / "eqz")

@@ -23,7 +23,9 @@ from eqz.errors import EqzError
 from .conftest import EQZ, run_eqz
 from .test_batch import PROMPTS
 
-pytestmark = pytest.mark.slow
+# one worker of `make test` runs them all: `ray stop --force` and `pgrep ray::` see every Ray process on the
+# machine, and `--ray auto` joins any cluster it finds
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray's switch for a one-machine cluster: every Ray process here (head, workers, drivers) listens and talks on

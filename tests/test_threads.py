@@ -53,6 +53,7 @@ def test_a_hint_names_the_thread_count_that_fits_when_other_jobs_crowd_the_cores
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it stalls llama.cpp on crowded cores for seconds: alone, not beside another worker's tests
 def test_generate_names_the_thread_count_that_fits_when_the_cores_are_crowded():
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, physical_cores() - 1))]
     try:
