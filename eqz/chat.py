@@ -177,11 +177,8 @@ class ChatCommands:
             raise EqzError(f"{path} exists; /save {names[0]} --replace writes over it, or choose another name")
         text = json.dumps(self.session.transcript(), indent=2, ensure_ascii=False) + "\n"
         try:
-            if path.exists() and not path.is_file():  # /dev/stdout, a pipe: a stream, written to as it is
-                path.write_text(text)
-            else:
-                with replacing(path) as temporary:  # whole or not at all: a full disk kept half a transcript
-                    temporary.write_text(text)
+            with replacing(path) as temporary:  # whole or not at all: a full disk kept half a transcript
+                temporary.write_text(text)
         except OSError as error:
             raise EqzError(f"could not write {path}: {error.strerror}") from None
         self.saved_to.add(path.resolve())

@@ -12,7 +12,12 @@ from pathlib import Path
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it once written whole: a run stopped while writing (an error,
-    Ctrl-C, a kill) leaves the earlier file or none, never half of one for a bank or ``--vector`` to trip on."""
+    Ctrl-C, a kill) leaves the earlier file or none, never half of one for a bank or ``--vector`` to trip on. A
+    device or a pipe (/dev/null, /dev/stdout, a FIFO) is written to as it is: replacing it would put a plain file in
+    its place (as root, in place of /dev/null)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        yield path
+        return
     path = path.resolve()  # a link's file is the one replaced, not the link
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

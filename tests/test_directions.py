@@ -417,6 +417,26 @@ def test_a_write_stopped_midway_leaves_the_earlier_vector_and_bank_whole(tmp_pat
     assert (tmp_path / "fear.gguf").read_bytes() == before["fear.gguf"]
 
 
+def test_a_vector_written_to_a_pipe_leaves_the_pipe_a_pipe(tmp_path):
+    """Writing whole meant writing beside the file and moving over it: a FIFO (or /dev/null, as root) became a plain
+    file. It is written to as it is; a GGUF file needs seeking, which a pipe refuses in one line."""
+    import os
+    import stat
+    import threading
+
+    from eqz.errors import EqzError
+    from eqz.vector_files import write_control_vector
+
+    fifo = tmp_path / "vector.gguf"
+    os.mkfifo(fifo)
+    threading.Thread(target=fifo.read_bytes, daemon=True).start()  # a reader, so that opening it for writing returns
+    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD))})
+    with pytest.raises(EqzError, match="cannot write .*vector.gguf: .*; choose another file"):
+        write_control_vector(fifo, bank.bands["joy"].matrix, "tiny")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["vector.gguf"]  # no temporary file left
+
+
 def test_a_bank_changed_by_another_eqz_is_seen_and_its_edit_lock_is_held_by_one_process(tmp_path):
     """Two eqz processes changing one bank: the later save undid the other's change. Edits hold a lock (one
     line to the second one), and a bank read before another process saved it knows it changed."""
