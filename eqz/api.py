@@ -78,6 +78,7 @@ class EqzModel:
 
     @property
     def info(self) -> ModelInfo:
+        """What the GGUF file says of the model: name, architecture, layers, width, trained context, chat template."""
         return self.model.info
 
     @property
@@ -107,6 +108,7 @@ class EqzModel:
         return self._bank
 
     def close(self) -> None:
+        """Free the weights now (``with eqz.load() as model:`` does it at the block's end)."""
         self.model.close()
 
     def __enter__(self) -> "EqzModel":
@@ -258,7 +260,7 @@ class EqzModel:
     def stream(self, prompt: str, **settings) -> Iterator[str]:
         """One reply to ``prompt``, piece by piece. ``settings``: those of ``session``, plus ``seed``,
         ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``
-        (-1: the whole context)."""
+        (-1: the whole context); not ``meter`` (a reply's readings come with ``chat(meter=True)``)."""
         _text(prompt, "prompt")
         if settings.get("meter"):  # it was taken, and its readings could not be reached
             raise EqzError("generate and stream give the text alone; a reply's meter readings come with a chat: "
@@ -624,6 +626,9 @@ class Chat:
         return self.session.reply(_text(text, "text"))
 
     def set(self, **gains: float) -> None:
+        """Move sliders (``joy=0.8``, any case) from the next token on, mid-reply too; the others keep their gains.
+        Warns past the calibrated ±1, of a band that may not move the text, and where a clamp or notch overrides a
+        held slider."""
         # a model without a bank: how to train one, as generate says (it was told a band had been removed)
         bank = self.session.steerer.bank or (require_bank(self.session.model.info) if gains else None)
         valid = bank.names if bank else ()
@@ -635,9 +640,12 @@ class Chat:
 
     @property
     def history(self) -> list[dict]:
+        """The conversation so far: user and assistant messages ({"role": ..., "content": ...}), each assistant
+        message with its reply's record under "reply"; the system prompt is not among them."""
         return self.session.history
 
     def close(self) -> None:
+        """Free the conversation's context (its KV cache); the model stays loaded."""
         self.session.close()
 
     def __enter__(self) -> "Chat":
