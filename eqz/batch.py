@@ -381,7 +381,7 @@ class Output:
         (rows are matched by id, preset, sliders, sample and seed alone), which would leave one file mixing two runs:
         another --seed (no row would match), or for any row another prompt under its id (a line added above it in a
         .txt), system prompt, sampling (a preset's changed), filters, --meter, bank (a band it moves retrained or
-        held at another level) or quantization. ``planned``: every row of this run with what it is made with."""
+        held at another level), quantization or other fields on its .jsonl line (``meta``). ``planned``: every row of this run with what it is made with."""
         first = self.first
         if first is None:
             return
@@ -425,7 +425,8 @@ def made_with(row: dict) -> dict:
     run would write in its place."""
     return {"prompt": row["prompt"], "system": row["system"], "sampling": _unseeded(row["sampling"]),
             "filters": _filter_bands(row.get("filters") or {}), "meter": "meter" in row,
-            "bank": row.get("bank", UNRECORDED), "file_type": row["model"].get("file_type", UNRECORDED)}
+            "bank": row.get("bank", UNRECORDED), "file_type": row["model"].get("file_type", UNRECORDED),
+            "meta": row.get("meta")}
 
 
 def _unseeded(sampling: dict) -> dict:
@@ -448,7 +449,13 @@ _DIFFERENT = {
                                "or replaced since)",
     "file_type": lambda there, now: f"another quantization of the model (llama.cpp file type {there} there, {now} "
                                     "now)",
+    "meta": lambda there, now: f"other fields on its line ({_fields(there)} there, {_fields(now)} now: a .jsonl "
+                               "line's other fields are carried into its rows as \"meta\")",
 }
+
+
+def _fields(meta: dict | None) -> str:
+    return _quoted(json.dumps(meta, ensure_ascii=False)) if meta else "none"
 
 
 def _quoted(text: str | None) -> str:
@@ -573,7 +580,7 @@ def planned_rows(prompts: PromptFile, settings: list[Resolved], samples: int, se
         yield task, setting.preset, {
             "prompt": task.row.prompt, "system": task.row.system if task.row.system is not None else setting.system,
             "sampling": _unseeded(setting.sampling.to_dict()), "filters": _filter_bands(setting.filters),
-            "meter": metered, "bank": banks[task.setting], "file_type": file_type}
+            "meter": metered, "bank": banks[task.setting], "file_type": file_type, "meta": task.row.meta}
 
 
 def _chat_messages(system: str | None, prompt: str) -> list[dict]:

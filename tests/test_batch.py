@@ -330,6 +330,14 @@ def test_prompts_from_stdin_and_jsonl_ids_and_system(tmp_path):
     assert table[0]["meta"] == {"label": "greeting", "arm": {"n": 1}} and "meta" not in table[1]
     plain = run({})  # the row's own system reaches the model: b's reply changes, a's does not (seeds go by id)
     assert plain[0]["output"] == table[0]["output"] and plain[1]["output"] != table[1]["output"]
+    # --resume with a row's labels changed would mix two studies' labels in one file (meta was not compared)
+    relabelled = tmp_path / "relabelled.jsonl"
+    relabelled.write_text(json.dumps({"id": "a", "prompt": "Say hi.", "label": "farewell", "arm": {"n": 1}}) + "\n")
+    before = (tmp_path / "out0.jsonl").read_text()
+    refused = run_eqz("batch", str(relabelled), "-o", str(tmp_path / "out0.jsonl"), "-n", "8", "--resume")
+    assert refused.returncode == 2 and "row id a (sample 0) was made with other fields on its line" in refused.stderr
+    assert "'{\"label\": \"greeting\", \"arm\": {\"n\": 1}}' there" in refused.stderr, refused.stderr
+    assert (tmp_path / "out0.jsonl").read_text() == before
 
 
 def test_a_long_system_prompt_is_counted_in_each_sequences_room(tmp_path):
