@@ -164,7 +164,21 @@ def _gpu_layers(value: str | None) -> int | None:
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(f"eqz: warning: {message}\n")
+    sys.stderr.write(_for_stderr("eqz: warning: ", message))
+
+
+def _for_stderr(prefix: str, message: str) -> str:
+    """``prefix + message`` as one line, for scripts and logs; on a terminal, broken between words to its width and
+    indented under the message's start (the terminal broke it mid-word)."""
+    line = prefix + message
+    if not sys.stderr.isatty():
+        return line + "\n"
+    import shutil
+    import textwrap
+
+    width = max(40, shutil.get_terminal_size().columns)
+    return textwrap.fill(line, width, subsequent_indent=" " * len(prefix), break_long_words=False,
+                         break_on_hyphens=False) + "\n"
 
 
 # -- commands ------------------------------------------------------------------------------------------------
@@ -855,7 +869,7 @@ def presets_validate(file: Annotated[str, typer.Argument(metavar="FILE", help="a
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"eqz: error: {message}\n")
+    sys.stderr.write(_for_stderr("eqz: error: ", message))
     sys.exit(code)
 
 

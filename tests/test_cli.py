@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -389,6 +390,23 @@ def test_help_pages_show_value_names_and_every_default(command):
     assert not [line for line in options if "<list[" in line or "<bool>" in line or "<int" in line], page
     if command in ("generate", "chat"):
         assert "[default: 256]" in page and "[default: $EQZ_THREADS, else the idle cores]" in page
+
+
+def test_a_warning_on_a_narrow_terminal_breaks_between_words():
+    """A warning is one line (scripts, logs); a 60-column terminal broke it mid-word ("redr/aws")."""
+    import pexpect
+
+    args = ["generate", "Hi", "--set", "joy=1", "-n", "2", "--threads", "1"]
+    terminal = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}  # its own size
+    child = pexpect.spawn(EQZ, args, encoding="utf-8", timeout=60, dimensions=(24, 60), env=terminal)
+    child.expect(pexpect.EOF)
+    lines = child.before.replace("\r\n", "\n").split("\n")
+    start = next(index for index, line in enumerate(lines) if line.startswith("eqz: warning: joy may not move"))
+    wrapped = [lines[start]] + list(itertools.takewhile(lambda line: line.startswith(" " * 14), lines[start + 1:]))
+    assert len(wrapped) > 1 and all(len(line) <= 60 for line in wrapped), wrapped
+    piped = run_eqz(*args).stderr  # off a terminal: one line, as before
+    (whole,) = [line for line in piped.splitlines() if line.startswith("eqz: warning: joy may not move")]
+    assert " ".join(line.strip() for line in wrapped) == whole
 
 
 def test_ctrl_c_ends_a_held_reply_at_once_and_keeps_the_text():
