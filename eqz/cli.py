@@ -425,7 +425,7 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (chat and completions, with sliders per request and live re-steering) and the web
     equalizer at http://HOST:PORT/."""
-    from .server import check_exposure, check_origins, listen_socket, serve as run_server
+    from .server import check_exposure, check_origins, listen_socket, serve as run_server, url_host
 
     check_exposure(host, api_key)
     check_origins(cors)
@@ -433,8 +433,9 @@ def serve(
     try:
         with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
             def ready(bound: int) -> None:
-                sys.stderr.write(f"eqz serve: {loaded.info.name} on http://{host}:{bound}/ (web equalizer), OpenAI "
-                                 f"API at http://{host}:{bound}/v1; Ctrl-C stops\n")
+                address = f"http://{url_host(host)}:{bound}"
+                sys.stderr.write(f"eqz serve: {loaded.info.name} on {address}/ (web equalizer), OpenAI API at "
+                                 f"{address}/v1; Ctrl-C stops\n")
 
             run_server(loaded, host, port, parallel, api_key, queue, preset, on_ready=ready, listening=listening,
                        cors=cors or (), access_log=access_log)

@@ -91,12 +91,18 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):  # *.localhost is loopback by RFC 6761, in browsers too
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def check_api_key(key: str | None) -> None:
@@ -108,10 +114,12 @@ def check_api_key(key: str | None) -> None:
 
 
 def check_origins(origins) -> list[str]:
-    """``--cors``'s origins as the browser sends them (scheme://host[:port], no path), or "*"; one line otherwise."""
+    """``--cors``'s origins as the browser sends them (scheme://host[:port], no path; an extension's
+    chrome-extension://ID; null, a local file's page), or "*"; one line otherwise."""
     origins = [origins] if isinstance(origins, str) else list(origins or ())
     for origin in origins:
-        if not isinstance(origin, str) or (origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin)):
+        if not isinstance(origin, str) or (origin not in ("*", "null")
+                                           and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin)):
             raise EqzError(f"--cors takes a web page's origin, such as http://localhost:3000 (scheme, host and "
                            f"port, no path), or *; got {origin!r}")
     return origins
@@ -439,27 +447,37 @@ class _ThisMachineOnly:
         if scope["type"] == "http":
             headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
             host, origin = headers.get(b"host", ""), headers.get(b"origin")
-            name = _host_name(host)
-            if name is None or not is_loopback(name):
-                port = (scope.get("server") or ("", "PORT"))[1]
+            here = _host_and_port(host, "http")
+            if host and (here is None or not _names_this_machine(here[0])):  # no Host at all: HTTP/1.0, no browser
+                address, port = scope.get("server") or ("127.0.0.1", "PORT")
                 response = _error(403, f"Host {host!r} is not this machine: a server without --api-key answers only "
                                   "to localhost and loopback addresses, as a page on another site could otherwise "
-                                  f"reach it under its own name; use http://127.0.0.1:{port}/ or give the server a "
-                                  "key", "permission_error")
+                                  f"reach it under its own name; use http://{url_host(address)}:{port}/ or give the "
+                                  "server a key", "permission_error")
                 return await response(scope, receive, send)
-            if origin is not None and urlsplit(origin).netloc != host and "*" not in self.origins \
-                    and origin not in self.origins:
+            scheme, _, named = (origin or "").partition("://")
+            if origin is not None and "*" not in self.origins and origin not in self.origins \
+                    and (here is None or _host_and_port(named, scheme) != here):  # not the server's own page
                 response = _error(403, f"a web page from {origin} may not use this server, or any site's page "
-                                  f"could; start eqz serve with --cors {origin} to let that origin's pages call it",
-                                  "permission_error")
+                                  f"could; start eqz serve with --cors {origin} to let that origin's pages call it "
+                                  "(or with --api-key KEY, which its requests must then send)", "permission_error")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def _host_name(host: str) -> str | None:
-    """A Host header's name without its port (``[::1]:8000`` -> ``::1``); None where it is no host at all."""
+def _names_this_machine(name: str) -> bool:
+    """A Host name that is this machine: localhost and *.localhost (loopback by RFC 6761, in browsers too) and
+    loopback addresses; a trailing dot is the same name."""
+    name = name.rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
+
+
+def _host_and_port(host: str, scheme: str) -> tuple[str, int] | None:
+    """A Host header's (or an origin's) name and port, the scheme's default port where none is written; None where
+    it names no host (``[::1`` ...)."""
     try:
-        return urlsplit(f"//{host}").hostname
+        parts = urlsplit(f"//{host}")
+        return (parts.hostname, parts.port or {"https": 443}.get(scheme, 80)) if parts.hostname else None
     except ValueError:
         return None
 

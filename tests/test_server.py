@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -452,12 +453,18 @@ def test_a_server_without_a_key_answers_only_requests_from_this_machine(server):
     status, refused = ask({"Host": f"rebound.example:{port}"})
     assert status == 403 and refused["error"]["message"].startswith(f"Host 'rebound.example:{port}' is not this machine")
     assert f"use http://127.0.0.1:{port}/" in refused["error"]["message"]
-    for own in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}"):
+    for own in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}", f"LocalHost.:{port}",
+                f"[::ffff:127.0.0.1]:{port}", f"app.localhost:{port}"):
         assert ask({"Host": own})[0] == 200, own
+    with socket.create_connection((address, int(port)), timeout=30) as bare:  # HTTP/1.0 needs no Host; no browser
+        bare.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
+        assert bare.makefile("rb").readline().split()[1] == b"200"
     completion = {"prompt": "Hi", "max_tokens": 2}
     status, refused = ask({"Host": f"127.0.0.1:{port}", "Origin": "http://elsewhere.example",
                            "Content-Type": "text/plain"}, completion)
     assert status == 403 and "start eqz serve with --cors http://elsewhere.example" in refused["error"]["message"]
+    status, refused = ask({"Host": f"127.0.0.1:{port}", "Origin": "null"}, completion)  # a page opened from a file
+    assert status == 403 and "--cors null" in refused["error"]["message"]
     status, reply = ask({"Host": f"127.0.0.1:{port}", "Origin": server.url, "Content-Type": "application/json"},
                         completion)  # the server's own page
     assert status == 200 and reply["object"] == "text_completion"
@@ -473,7 +480,8 @@ def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_p
     assert misspelt.returncode == 2 and "gloomy" in misspelt.stderr
     pathed = run_eqz("serve", "--cors", "http://localhost:3000/app", "--port", "0")
     assert pathed.returncode == 2 and "--cors takes a web page's origin" in pathed.stderr
-    served = Served("--api-key", "sesame", "--preset", "melancholy", "--cors", "http://localhost:3000")
+    served = Served("--api-key", "sesame", "--preset", "melancholy", "--cors", "http://localhost:3000",
+                    "--cors", "null", "--cors", "chrome-extension://abcdefgh")  # what the 403s tell, taken
     try:
         assert served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 401
         status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, key="sesame")
