@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,12 +15,22 @@ from pathlib import Path
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it once written whole: a run stopped while writing (an error,
     Ctrl-C, a kill) leaves the earlier file or none, never half of one for a bank or ``--vector`` to trip on. A
-    device or a pipe (/dev/null, /dev/stdout, a FIFO) is written to as it is: replacing it would put a plain file in
-    its place (as root, in place of /dev/null)."""
-    if path.exists() and not path.is_file() and not path.is_dir():
-        yield path
+    device or a pipe (/dev/null, /dev/stdout, a FIFO) gets the whole file written into it once it is made: replacing
+    it would put a plain file in its place (as root, in place of /dev/null; /dev/stdout's file when redirected)."""
+    if _a_stream(path):
+        handle, made = tempfile.mkstemp(prefix="eqz-")
+        os.close(handle)
+        try:
+            yield Path(made)
+            with open(made, "rb") as written, open(path, "wb") as stream:
+                shutil.copyfileobj(written, stream)  # seekable or not, as any other program writes to it
+        finally:
+            os.unlink(made)
         return
-    path = path.resolve()  # a link's file is the one replaced, not the link
+    try:
+        path = path.resolve()  # a link's file is the one replaced, not the link
+    except RuntimeError:  # a loop of links (Python 3.11; later ones raise OSError themselves)
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
@@ -27,6 +39,13 @@ def replacing(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _a_stream(path: Path) -> bool:
+    """A device or a pipe, or a name for one: /dev/stdout is a plain file where stdout is redirected to one."""
+    if not path.exists() or path.is_dir():
+        return False
+    return not path.is_file() or path.absolute().parts[1:2] in (("dev",), ("proc",))
 
 
 def try_lock(handle) -> bool:

@@ -46,7 +46,7 @@ def default_threads() -> int:
     default 3.0 s). The variable is for jobs started side by side, which would each see the others idle at load."""
     fixed = os.environ.get("EQZ_THREADS", "").strip()
     if fixed:
-        if not fixed.isdigit() or int(fixed) < 1:
+        if not (fixed.isascii() and fixed.isdigit()) or int(fixed) < 1:
             raise EqzError(f"EQZ_THREADS={fixed} is not a thread count; set it to a whole number >= 1, or unset it")
         return int(fixed)
     return max(1, physical_cores() - others_running())

@@ -417,9 +417,9 @@ def test_a_write_stopped_midway_leaves_the_earlier_vector_and_bank_whole(tmp_pat
     assert (tmp_path / "fear.gguf").read_bytes() == before["fear.gguf"]
 
 
-def test_a_vector_written_to_a_pipe_leaves_the_pipe_a_pipe(tmp_path):
+def test_a_vector_written_to_a_pipe_goes_through_it_whole_and_leaves_the_pipe(tmp_path):
     """Writing whole meant writing beside the file and moving over it: a FIFO (or /dev/null, as root) became a plain
-    file. It is written to as it is; a GGUF file needs seeking, which a pipe refuses in one line."""
+    file. The file is made first and then written into the pipe, whole (a GGUF writer seeks, which a pipe cannot)."""
     import os
     import stat
     import threading
@@ -429,12 +429,18 @@ def test_a_vector_written_to_a_pipe_leaves_the_pipe_a_pipe(tmp_path):
 
     fifo = tmp_path / "vector.gguf"
     os.mkfifo(fifo)
-    threading.Thread(target=fifo.read_bytes, daemon=True).start()  # a reader, so that opening it for writing returns
-    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD))})
-    with pytest.raises(EqzError, match="cannot write .*vector.gguf: .*; choose another file"):
-        write_control_vector(fifo, bank.bands["joy"].matrix, "tiny")
-    assert stat.S_ISFIFO(fifo.stat().st_mode)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["vector.gguf"]  # no temporary file left
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    matrix = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD))}).bands["joy"].matrix
+    write_control_vector(fifo, matrix, "tiny")
+    reader.join(timeout=30)
+    write_control_vector(tmp_path / "file.gguf", matrix, "tiny")
+    assert got == [(tmp_path / "file.gguf").read_bytes()] and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file.gguf", "vector.gguf"]  # no temporary file left
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a traceback (RuntimeError) on Python 3.11
+    with pytest.raises(EqzError, match="cannot write .*loop: Too many levels of symbolic links; choose another file"):
+        write_control_vector(tmp_path / "loop", matrix, "tiny")
 
 
 def test_a_bank_changed_by_another_eqz_is_seen_and_its_edit_lock_is_held_by_one_process(tmp_path):

@@ -14,6 +14,7 @@ from eqz.threads import default_threads, physical_cores
 from .conftest import run_eqz
 
 
+@pytest.mark.serial  # it keeps every core busy
 def test_default_threads_leave_out_cores_that_other_jobs_keep_busy(monkeypatch):
     monkeypatch.delenv("EQZ_THREADS", raising=False)  # the suite may fix it (make test runs two workers)
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(physical_cores())]
@@ -29,7 +30,7 @@ def test_eqz_threads_fixes_the_count_for_jobs_started_side_by_side(monkeypatch):
     """Jobs started together each see the others idle when they load, and would all take every core."""
     monkeypatch.setenv("EQZ_THREADS", "3")
     assert default_threads() == 3
-    for wrong in ("0", "two", "-1"):
+    for wrong in ("0", "two", "-1", "²"):  # "²" is a digit to str.isdigit, and int() raised
         monkeypatch.setenv("EQZ_THREADS", wrong)
         with pytest.raises(EqzError, match=f"EQZ_THREADS={wrong} is not a thread count"):
             default_threads()
@@ -37,6 +38,7 @@ def test_eqz_threads_fixes_the_count_for_jobs_started_side_by_side(monkeypatch):
     assert ran.returncode == 2 and ran.stderr.startswith("eqz: error: EQZ_THREADS=0 is not a thread count"), ran.stderr
 
 
+@pytest.mark.serial  # it keeps every core busy
 def test_a_hint_names_the_thread_count_that_fits_when_other_jobs_crowd_the_cores():
     from eqz.threads import crowding_hint
 
