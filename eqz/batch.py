@@ -381,7 +381,8 @@ class Output:
         (rows are matched by id, preset, sliders, sample and seed alone), which would leave one file mixing two runs:
         another --seed (no row would match), or for any row another prompt under its id (a line added above it in a
         .txt), system prompt, sampling (a preset's changed), filters, --meter, bank (a band it moves retrained or
-        held at another level), quantization or other fields on its .jsonl line (``meta``). ``planned``: every row of this run with what it is made with."""
+        held at another level), quantization or other fields on its .jsonl line (``meta``). ``planned``: every row
+        of this run with what it is made with."""
         first = self.first
         if first is None:
             return
