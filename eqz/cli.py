@@ -173,11 +173,15 @@ def _for_stderr(prefix: str, message: str) -> str:
     line = prefix + message
     if not sys.stderr.isatty():
         return line + "\n"
-    import shutil
+    import os
     import textwrap
 
-    width = max(40, shutil.get_terminal_size().columns)
-    return textwrap.fill(line, width, subsequent_indent=" " * len(prefix), break_long_words=False,
+    columns = os.environ.get("COLUMNS", "")
+    try:  # stderr's own terminal: stdout may be a file (`eqz generate ... > reply.txt`)
+        width = int(columns) if columns.isdigit() else os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        width = 80
+    return textwrap.fill(line, max(40, width), subsequent_indent=" " * len(prefix), break_long_words=False,
                          break_on_hyphens=False) + "\n"
 
 
