@@ -48,10 +48,11 @@ chat: setup
 
 # one worker per physical core (up to four), one llama.cpp thread each (tests/conftest.py): on 2 cores ~30% faster
 # than one worker at two threads (the CLI's startup, the browser and the Python between decodes run beside the
-# other worker's decode). Tests marked serial crowd every core on purpose and run after, alone, whatever came first.
+# other worker's decode). Tests marked serial (the Ray cluster, the ones that crowd every core on purpose) run
+# after, alone, whatever came first.
 WORKERS = $$($(BIN)/python -c 'from eqz.threads import physical_cores; print(min(4, physical_cores()))')
 test: setup browser
-	$(BIN)/pytest --numprocesses $(WORKERS) --dist loadgroup -m 'not serial' --durations=10; status=$$?; \
+	$(BIN)/pytest --numprocesses $(WORKERS) -m 'not serial' --durations=10; status=$$?; \
 		$(BIN)/pytest -m serial && exit $$status
 
 # Debian's chromium and its driver, for the web page's test (a real headless browser); tests only, not `make chat`
