@@ -158,7 +158,7 @@ def _gpu_layers(value: str | None) -> int | None:
     text = value.strip().lower()
     if text in ("all", "-1"):
         return -1
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²" is a digit to isdigit, and int() refuses it
         raise EqzError(f"--gpu-layers takes a number of layers or 'all', got '{value}'")
     return int(text)
 
@@ -178,11 +178,14 @@ def _for_stderr(prefix: str, message: str) -> str:
 
     columns = os.environ.get("COLUMNS", "")
     try:  # stderr's own terminal: stdout may be a file (`eqz generate ... > reply.txt`)
-        width = int(columns) if columns.isdigit() else os.get_terminal_size(sys.stderr.fileno()).columns
-    except OSError:
+        width = int(columns) if columns.isascii() and columns.isdigit() else \
+            os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
         width = 80
-    return textwrap.fill(line, max(40, width), subsequent_indent=" " * len(prefix), break_long_words=False,
-                         break_on_hyphens=False) + "\n"
+    indent = " " * len(prefix)
+    return "\n".join(textwrap.fill(part, max(40, width), initial_indent=indent if number else "",
+                                   subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+                     for number, part in enumerate(line.split("\n"))) + "\n"
 
 
 # -- commands ------------------------------------------------------------------------------------------------

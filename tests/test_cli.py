@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -407,6 +408,14 @@ def test_a_warning_on_a_narrow_terminal_breaks_between_words():
     piped = run_eqz(*args).stderr  # off a terminal: one line, as before
     (whole,) = [line for line in piped.splitlines() if line.startswith("eqz: warning: joy may not move")]
     assert " ".join(line.strip() for line in wrapped) == whole
+
+
+def test_a_terminal_width_that_int_refuses_breaks_nothing(monkeypatch):
+    """COLUMNS="²" is a digit to str.isdigit, and int() raised inside the error printer itself."""
+    monkeypatch.setenv("COLUMNS", "²")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    said = cli._for_stderr("eqz: error: ", "word " * 40 + "\nsecond line")
+    assert said.endswith("second line\n") and max(map(len, said.splitlines())) <= 80, said
 
 
 def test_ctrl_c_ends_a_held_reply_at_once_and_keeps_the_text():
