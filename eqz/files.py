@@ -22,7 +22,7 @@ def replacing(path: Path) -> Iterator[Path]:
         os.close(handle)
         try:
             yield Path(made)
-            with open(made, "rb") as written, open(path, "wb") as stream:
+            with open(made, "rb") as written, open(path, "ab") as stream:  # at the end of /dev/stdout's file
                 shutil.copyfileobj(written, stream)  # seekable or not, as any other program writes to it
         finally:
             os.unlink(made)
@@ -42,10 +42,11 @@ def replacing(path: Path) -> Iterator[Path]:
 
 
 def _a_stream(path: Path) -> bool:
-    """A device or a pipe, or a name for one: /dev/stdout is a plain file where stdout is redirected to one."""
+    """A device or a pipe, or a link in /dev or /proc to one's file: /dev/stdout where stdout is redirected to a
+    file (not a plain file in /dev/shm)."""
     if not path.exists() or path.is_dir():
         return False
-    return not path.is_file() or path.absolute().parts[1:2] in (("dev",), ("proc",))
+    return not path.is_file() or (path.is_symlink() and path.absolute().parts[1:2] in (("dev",), ("proc",)))
 
 
 def try_lock(handle) -> bool:

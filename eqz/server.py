@@ -475,6 +475,8 @@ def _names_this_machine(name: str) -> bool:
 def _host_and_port(host: str, scheme: str) -> tuple[str, int] | None:
     """A Host header's (or an origin's) name and port, the scheme's default port where none is written; None where
     it names no host (``[::1`` ...)."""
+    if any(character in host for character in "@/?#\\ "):  # a URL's other parts: no browser's Host has them
+        return None
     try:
         parts = urlsplit(f"//{host}")
         return (parts.hostname, parts.port or {"https": 443}.get(scheme, 80)) if parts.hostname else None

@@ -422,6 +422,8 @@ def test_a_vector_written_to_a_pipe_goes_through_it_whole_and_leaves_the_pipe(tm
     file. The file is made first and then written into the pipe, whole (a GGUF writer seeks, which a pipe cannot)."""
     import os
     import stat
+    import subprocess
+    import sys
     import threading
 
     from eqz.errors import EqzError
@@ -438,6 +440,13 @@ def test_a_vector_written_to_a_pipe_goes_through_it_whole_and_leaves_the_pipe(tm
     write_control_vector(tmp_path / "file.gguf", matrix, "tiny")
     assert got == [(tmp_path / "file.gguf").read_bytes()] and stat.S_ISFIFO(fifo.stat().st_mode)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file.gguf", "vector.gguf"]  # no temporary file left
+    appended = tmp_path / "appended.txt"  # /dev/stdout where stdout is `>> FILE`: written after what is there
+    appended.write_text("header\n")
+    with open(appended, "a") as stdout:
+        subprocess.run([sys.executable, "-c", "from pathlib import Path; from eqz.files import replacing\n"
+                        "with replacing(Path('/dev/stdout')) as made: made.write_text('NEW')"], stdout=stdout,
+                       check=True)
+    assert appended.read_text() == "header\nNEW" and stat.S_ISREG(appended.stat().st_mode)
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a traceback (RuntimeError) on Python 3.11
     with pytest.raises(EqzError, match="cannot write .*loop: Too many levels of symbolic links; choose another file"):
         write_control_vector(tmp_path / "loop", matrix, "tiny")

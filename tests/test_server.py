@@ -453,6 +453,7 @@ def test_a_server_without_a_key_answers_only_requests_from_this_machine(server):
     status, refused = ask({"Host": f"rebound.example:{port}"})
     assert status == 403 and refused["error"]["message"].startswith(f"Host 'rebound.example:{port}' is not this machine")
     assert f"use http://127.0.0.1:{port}/" in refused["error"]["message"]
+    assert ask({"Host": f"rebound.example@localhost:{port}"})[0] == 403  # a URL's user part, not a Host's
     for own in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}", f"LocalHost.:{port}",
                 f"[::ffff:127.0.0.1]:{port}", f"app.localhost:{port}"):
         assert ask({"Host": own})[0] == 200, own
