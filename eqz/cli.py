@@ -15,7 +15,7 @@ import typer
 
 from . import __version__
 from .errors import EqzError
-from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, check_setting
+from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, check_setting, whole_number
 
 EXAMPLES = """
 
@@ -158,9 +158,10 @@ def _gpu_layers(value: str | None) -> int | None:
     text = value.strip().lower()
     if text in ("all", "-1"):
         return -1
-    if not (text.isascii() and text.isdigit()):  # "²" is a digit to isdigit, and int() refuses it
+    layers = whole_number(text)
+    if layers is None:
         raise EqzError(f"--gpu-layers takes a number of layers or 'all', got '{value}'")
-    return int(text)
+    return layers
 
 
 def _warn(message: str) -> None:
@@ -176,12 +177,12 @@ def _for_stderr(prefix: str, message: str) -> str:
     import os
     import textwrap
 
-    columns = os.environ.get("COLUMNS", "")
-    try:  # stderr's own terminal: stdout may be a file (`eqz generate ... > reply.txt`)
-        width = int(columns) if columns.isascii() and columns.isdigit() else \
-            os.get_terminal_size(sys.stderr.fileno()).columns
-    except (OSError, ValueError):
-        width = 80
+    width = whole_number(os.environ.get("COLUMNS", ""))
+    if width is None:
+        try:  # stderr's own terminal: stdout may be a file (`eqz generate ... > reply.txt`)
+            width = os.get_terminal_size(sys.stderr.fileno()).columns
+        except OSError:
+            width = 80
     indent = " " * len(prefix)
     return "\n".join(textwrap.fill(part, max(40, width), initial_indent=indent if number else "",
                                    subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 from . import __version__
 from .batch import BatchPlan, BatchStats, RowTask, generate_rows, missing_rows
 from .errors import EqzError
+from .sampling import whole_number
 
 CHUNKS_PER_WORKER = 2  # chunks queued on each worker: one decoding, one waiting, so no worker idles between them
 REPLACEMENTS_PER_WORKER = 3  # workers started in place of dead ones, per worker asked for, before giving up
@@ -80,11 +81,12 @@ def check_address(address: str) -> None:
     retry for ever)."""
     if address == "auto":
         return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    host, _, written = address.removeprefix("ray://").rpartition(":")
+    port = whole_number(written)
+    if not host or port is None:
         raise EqzError(f"--ray takes auto or a cluster's HOST:PORT (as `ray start --head` prints it), got {address!r}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        socket.create_connection((host.strip("[]"), port), timeout=10).close()
     except OSError as error:
         raise EqzError(f"nothing answers at {address} ({error.strerror or error}); start the cluster's head there "
                        "with `ray start --head --port PORT`, or use --ray auto") from None

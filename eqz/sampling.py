@@ -80,6 +80,11 @@ def as_number(value) -> float | None:
         return None
 
 
+def whole_number(text: str) -> int | None:
+    """``text`` of ASCII digits as an int, else None: str.isdigit also takes "²", which int() refuses."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def is_whole(value, least: int) -> bool:
     """Whether a library argument such as a count is an int (a numpy one too) of at least ``least``; a bool, a float or
     a string is not."""

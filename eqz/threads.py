@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import EqzError
+from .sampling import whole_number
 
 
 def physical_cores() -> int:
@@ -46,9 +47,10 @@ def default_threads() -> int:
     default 3.0 s). The variable is for jobs started side by side, which would each see the others idle at load."""
     fixed = os.environ.get("EQZ_THREADS", "").strip()
     if fixed:
-        if not (fixed.isascii() and fixed.isdigit()) or int(fixed) < 1:
+        count = whole_number(fixed)
+        if count is None or count < 1:
             raise EqzError(f"EQZ_THREADS={fixed} is not a thread count; set it to a whole number >= 1, or unset it")
-        return int(fixed)
+        return count
     return max(1, physical_cores() - others_running())
 
 

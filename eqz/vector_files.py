@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import EqzError
 from .files import replacing
-from .sampling import is_whole
+from .sampling import is_whole, whole_number
 
 ARCHITECTURE = "controlvector"
 
@@ -70,9 +70,9 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     directions: dict[int, np.ndarray] = {}
     for tensor in reader.tensors:
         prefix, _, index = tensor.name.partition(".")
-        if prefix != "direction" or not index.isdigit():
+        layer = whole_number(index)
+        if prefix != "direction" or layer is None:
             continue
-        layer = int(index)
         if layer == 0:
             raise EqzError(f"{path}: direction.0 is invalid (llama.cpp control vectors start at layer 1)")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
