@@ -74,7 +74,12 @@ UNSUPPORTED_IN_COMPLETIONS = {
 
 
 class BadRequest(EqzError):
-    """What was wrong with a request body, in one line."""
+    """What was wrong with a request body, in one line, and where: ``param`` is the field as OpenAI's errors name
+    it (``messages[1].role``, ``temperature``, ``eqz.sliders.joy``), which client libraries show as ``error.param``."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class BodyTooLarge(EqzError):
@@ -85,8 +90,8 @@ class BodyTooLarge(EqzError):
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None,
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status,
+           code: str | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
                         headers=headers)
 
 
@@ -171,7 +176,9 @@ class EqzServer:
             ServerBusy: lambda request, exc: _error(429, str(exc), "rate_limit_error", {"Retry-After": "1"}),
             DecodeLoopStopped: lambda request, exc: _error(503, str(exc), "server_error"),
             # OpenAI's code for it: a chat client (the web page too) drops its oldest turns and asks again
-            PromptTooLong: lambda request, exc: _error(400, str(exc), code="context_length_exceeded"),
+            PromptTooLong: lambda request, exc: _error(400, str(exc), code="context_length_exceeded",
+                                                       param="messages" if "chat" in request.url.path else "prompt"),
+            BadRequest: lambda request, exc: _error(400, str(exc), param=exc.param),
             EqzError: lambda request, exc: _error(400, str(exc)),  # one line; the server never dies of a request
         })
         if api_key:
@@ -223,7 +230,7 @@ class EqzServer:
         body = await _json_body(request)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+            raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
         messages = [_message(index, message) for index, message in enumerate(messages)]
         return await self._respond(request, body, chat=True, messages=messages)
 
@@ -233,8 +240,8 @@ class EqzServer:
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
-            raise BadRequest("'prompt' must be a non-empty string")
-        return await self._respond(request, body, chat=False, prompt=_text(prompt, "'prompt'"))
+            raise BadRequest("'prompt' must be a non-empty string", "prompt")
+        return await self._respond(request, body, chat=False, prompt=_text(prompt, "prompt"))
 
     async def stream_state(self, request: HttpRequest) -> Response:
         """GET: a reply's record (running or recently finished); POST {"sliders": {...}}: re-steer a running one
@@ -248,7 +255,7 @@ class EqzServer:
                               "not_found")
             return JSONResponse(record)
         body = await _json_body(request)
-        sliders = _sliders(body.get("sliders"), self.bands)
+        sliders = _sliders(body.get("sliders"), self.bands, "sliders")
         record = self.records.get(stream_id)
         if record is None or record.get("finish_reason"):
             return _error(404, f"no running stream '{stream_id}'", "not_found")
@@ -268,48 +275,51 @@ class EqzServer:
         n = body.get("n")
         if n is not None and (type(n) is not int or n != 1):  # true would pass as 1
             raise BadRequest("'n' must be 1: eqz returns one choice per request (send more requests, or use "
-                             "eqz batch --samples N)")
+                             "eqz batch --samples N)", "n")
         for field, (harmless, why) in (UNSUPPORTED | ({} if chat else UNSUPPORTED_IN_COMPLETIONS)).items():
             if body.get(field) not in harmless:
-                raise BadRequest(f"'{field}' is not supported as sent ({why}); leave it out")
+                raise BadRequest(f"'{field}' is not supported as sent ({why}); leave it out", field)
         settings = body.get("eqz") or {}
         if not isinstance(settings, dict):
-            raise BadRequest("'eqz' must be an object: {\"sliders\", \"preset\", \"clamp\", \"ablate\", \"meter\"}")
+            raise BadRequest("'eqz' must be an object: {\"sliders\", \"preset\", \"clamp\", \"ablate\", \"meter\"}", "eqz")
         unknown = set(settings) - {"sliders", "preset", "clamp", "ablate", "meter"}
         if unknown:
-            raise BadRequest(f"unknown eqz field '{sorted(unknown)[0]}'; known: sliders, preset, clamp, ablate, meter")
-        sampling = {name: _number(field, body[field]) for field, name in SAMPLING_FIELDS.items()
+            raise BadRequest(f"unknown eqz field '{sorted(unknown)[0]}'; known: sliders, preset, clamp, ablate, meter",
+                             f"eqz.{sorted(unknown)[0]}")
+        sampling = {name: _number(field, body[field], field) for field, name in SAMPLING_FIELDS.items()
                     if body.get(field) is not None}
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise BadRequest("'stop' must be a string or a list of strings")
+            raise BadRequest("'stop' must be a string or a list of strings", "stop")
         clamp = settings.get("clamp") or {}
         ablate = settings.get("ablate") or []
         if not isinstance(clamp, dict) or not isinstance(ablate, list):
-            raise BadRequest("eqz 'clamp' is {band: level} and 'ablate' a list of bands")
+            raise BadRequest("eqz 'clamp' is {band: level} and 'ablate' a list of bands",
+                             "eqz.clamp" if not isinstance(clamp, dict) else "eqz.ablate")
         for band, level in clamp.items():
-            _number(f"level for {band}", level)
-        meter = _flag("eqz 'meter'", settings.get("meter"))
+            _number(f"level for {band}", level, f"eqz.clamp.{band}")
+        meter = _flag("eqz 'meter'", settings.get("meter"), "eqz.meter")
         preset = settings.get("preset")
         if preset is not None and not (isinstance(preset, str) and is_preset_name(preset)):
             # a client names a preset, never a file: a path would read the server's files
-            raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)")
+            raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)", "eqz.preset")
         if preset is None and settings.get("sliders") is None:
             preset = self.preset  # the request chose no mood (meter or filters alone are no choice): the server's
         elif self.default is not None and preset is not None and preset.strip().lower() == self.default.name:
             preset = self.preset  # the server's own preset, a file perhaps
-        return self.model.request(**text, preset=preset, sliders=_sliders(settings.get("sliders"), None),
+        sliders = _sliders(settings.get("sliders"), self.bands or None, "eqz.sliders")  # no bank: the library says so
+        return self.model.request(**text, preset=preset, sliders=sliders,
                                   sampling=sampling, stop=stop, clamp=clamp, ablate=ablate, meter=meter)
 
     async def _respond(self, request: HttpRequest, body: dict, chat: bool, **text) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        streaming = _flag("'stream'", body.get("stream"))  # "false" would stream
+        streaming = _flag("'stream'", body.get("stream"), "stream")  # "false" would stream
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
-            raise BadRequest("'stream_options' must be an object {\"include_usage\": true}")
-        usage = _flag("stream_options 'include_usage'", options.get("include_usage"))
+            raise BadRequest("'stream_options' must be an object {\"include_usage\": true}", "stream_options")
+        usage = _flag("stream_options 'include_usage'", options.get("include_usage"), "stream_options.include_usage")
         job = await run_in_threadpool(self._prepare, body, chat, **text)
 
         def on_event(kind: str, data) -> None:
@@ -543,58 +553,70 @@ def _message(index: int, message) -> dict:
     """The message as the chat template takes it, {"role", "content": its text (a string, or the text parts of a
     list of content parts)}; or one line naming the message, or its part, and what is wrong with it."""
     if not isinstance(message, dict):
-        raise BadRequest(f"messages[{index}] must be an object {{\"role\", \"content\"}}")
+        raise BadRequest(f"messages[{index}] must be an object {{\"role\", \"content\"}}", f"messages[{index}]")
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
-        raise BadRequest(f"messages[{index}]: role {json.dumps(role)} is not one of {', '.join(ROLES)}")
+        raise BadRequest(f"messages[{index}]: role {json.dumps(role)} is not one of {', '.join(ROLES)}",
+                         f"messages[{index}].role")
     if isinstance(content, str):
         return {"role": role, "content": _text(content, f"messages[{index}].content")}
     if not isinstance(content, list):
-        raise BadRequest(f"messages[{index}]: 'content' must be a string or a list of text parts")
+        raise BadRequest(f"messages[{index}]: 'content' must be a string or a list of text parts",
+                         f"messages[{index}].content")
     return {"role": role, "content": "".join(_text(part.get("text"), f"messages[{index}].content[{number}].text")
                                              for number, part in enumerate(content)
                                              if isinstance(part, dict) and part.get("type") == "text")}
 
 
-def _number(field: str, value) -> int | float:
+def _number(field: str, value, param: str) -> int | float:
     """``value`` if JSON gave it as a number (a whole one within WHOLE_FIELDS' top for those), else one line naming
     ``field``: sampling would read "0.5" as a command line's text, and ctypes would cut 1e20 to 32 bits."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{field} must be a number, got {json.dumps(value)}")
+        raise BadRequest(f"{field} must be a number, got {json.dumps(value)}", param)
     top = WHOLE_FIELDS.get(field)
     if top is not None and (isinstance(value, float) and not value.is_integer() or value > top):
-        raise BadRequest(f"{field} must be a whole number up to {top}, got {json.dumps(value)}")
+        raise BadRequest(f"{field} must be a whole number up to {top}, got {json.dumps(value)}", param)
     return value
 
 
-def _flag(field: str, value) -> bool:
+def _flag(field: str, value, param: str) -> bool:
     """``value`` if JSON gave a boolean (or null: false), else one line naming ``field``: "false" is true in Python."""
     if value is not None and not isinstance(value, bool):
-        raise BadRequest(f"{field} must be true or false, got {json.dumps(value)}")
+        raise BadRequest(f"{field} must be true or false, got {json.dumps(value)}", param)
     return bool(value)
 
 
-def _text(value, field: str) -> str:
+def _text(value, param: str) -> str:
     """``value`` if it is text the model can read (a string that has a UTF-8 form: JSON can spell out a lone
-    surrogate, which has none), else one line naming ``field``."""
+    surrogate, which has none), else one line naming the field."""
     if not isinstance(value, str):
-        raise BadRequest(f"{field} must be text")
+        raise BadRequest(f"{param} must be text", param)
     try:
         utf8(value)
     except EqzError as error:
-        raise BadRequest(f"{field}: {error}") from None
+        raise BadRequest(f"{param}: {error}", param) from None
     return value
 
 
-def _sliders(sliders, valid: tuple[str, ...] | None) -> dict[str, float]:
+def _sliders(sliders, valid: tuple[str, ...] | None, param: str) -> dict[str, float]:
     """{band: gain} checked for shape and range, and the bands against ``valid`` (None: the bank checks later)."""
     if sliders is None:
         return {}
     if not isinstance(sliders, dict):
-        raise BadRequest("eqz 'sliders' must be an object {band: gain}")
+        raise BadRequest("eqz 'sliders' must be an object {band: gain}", param)
     for band, gain in sliders.items():
-        _number(f"gain for {band}", gain)
-    return {band: check_gain(band, gain, valid) for band, gain in keyed_by_band(sliders, "sliders").items()}
+        _number(f"gain for {band}", gain, f"{param}.{band}")
+    try:
+        keyed = keyed_by_band(sliders, "sliders")
+    except EqzError as error:  # one band named twice
+        raise BadRequest(str(error), param) from None
+    checked = {}
+    for band, gain in keyed.items():
+        try:
+            checked[band] = check_gain(band, gain, valid)
+        except EqzError as error:  # an unknown band, or a gain out of range
+            raise BadRequest(str(error), f"{param}.{band}") from None
+    return checked
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

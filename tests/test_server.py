@@ -253,50 +253,56 @@ def test_a_held_slider_clamps_per_request_and_when_a_stream_is_resteered(tmp_pat
         served.close()
 
 
-@pytest.mark.parametrize("body,fragment", [
-    (b"{bad", "not valid JSON"),
-    ({"messages": []}, "'messages' must be a non-empty list"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"glee": 1}}}, "unknown band 'glee'"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"joy": 9}}}, "gain for joy"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"volume": 1}}, "unknown eqz field 'volume'"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature must be a number"),
-    ({"messages": [{"role": "user", "content": "word " * 3000}]}, "the prompt has"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "gloomy"}}, "gloomy"),
+HI = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("body,fragment,param", [
+    (b"{bad", "not valid JSON", None),
+    ({"messages": []}, "'messages' must be a non-empty list", "messages"),
+    ({**HI, "eqz": {"sliders": {"glee": 1}}}, "unknown band 'glee'", "eqz.sliders.glee"),
+    ({**HI, "eqz": {"sliders": {"joy": 9}}}, "gain for joy", "eqz.sliders.joy"),
+    ({**HI, "eqz": {"volume": 1}}, "unknown eqz field 'volume'", "eqz.volume"),
+    ({**HI, "temperature": "hot"}, "temperature must be a number", "temperature"),
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, "the prompt has", "messages"),
+    ({**HI, "eqz": {"preset": "gloomy"}}, "gloomy", None),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}]},
-     "messages[1]: role \"wizard\" is not one of"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0]: 'content' must be"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text must be text"),
+     "messages[1]: role \"wizard\" is not one of", "messages[1].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0]: 'content' must be", "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0].text must be text", "messages[0].content[0].text"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": None}]}]},
-     "messages[0].content[1].text must be text"),
-    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content: the text is not valid UTF-8"),
-    (b"[" * 100000, "nested too deeply"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be 1"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stream": "false"}, "'stream' must be true or false"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": False}, "temperature must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"joy": True}}}, "gain for joy must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"preset": "/etc/hostname"}}, "must be a preset's name"),
+     "messages[0].content[1].text must be text", "messages[0].content[1].text"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content: the text is not valid UTF-8",
+     "messages[0].content"),
+    (b"[" * 100000, "nested too deeply", None),
+    ({**HI, "n": 2}, "'n' must be 1", "n"),
+    ({**HI, "stream": "false"}, "'stream' must be true or false", "stream"),
+    ({**HI, "temperature": False}, "temperature must be a number", "temperature"),
+    ({**HI, "eqz": {"sliders": {"joy": True}}}, "gain for joy must be a number", "eqz.sliders.joy"),
+    ({**HI, "eqz": {"preset": "/etc/hostname"}}, "must be a preset's name", "eqz.preset"),
     # loose types were taken: "false" turned the meter on, numbers in strings passed, true was 1, 1e20 cut to 32 bits
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"meter": "false"}}, "eqz 'meter' must be true or false"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": " 3 "}, "max_tokens must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"sliders": {"joy": "1"}}}, "gain for joy must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "eqz": {"clamp": {"fear": "0"}}}, "level for fear must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": True}, "'n' must be 1"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stream": 1}, "'stream' must be true or false"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 1e20}, "top_k must be a whole number up to"),
+    ({**HI, "eqz": {"meter": "false"}}, "eqz 'meter' must be true or false", "eqz.meter"),
+    ({**HI, "max_tokens": " 3 "}, "max_tokens must be a number", "max_tokens"),
+    ({**HI, "temperature": "0.5"}, "temperature must be a number", "temperature"),
+    ({**HI, "eqz": {"sliders": {"joy": "1"}}}, "gain for joy must be a number", "eqz.sliders.joy"),
+    ({**HI, "eqz": {"clamp": {"fear": "0"}}}, "level for fear must be a number", "eqz.clamp.fear"),
+    ({**HI, "n": True}, "'n' must be 1", "n"),
+    ({**HI, "stream": 1}, "'stream' must be true or false", "stream"),
+    ({**HI, "top_k": 1e20}, "top_k must be a whole number up to", "top_k"),
     # OpenAI fields asking for what eqz cannot do were ignored in silence
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2}, "'logprobs' is not supported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     "'response_format' is not supported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "'tools' is not supported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "'frequency_penalty' is not supported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}}, "'logit_bias' is not supported"),
+    ({**HI, "logprobs": True, "top_logprobs": 2}, "'logprobs' is not supported", "logprobs"),
+    ({**HI, "response_format": {"type": "json_object"}},
+     "'response_format' is not supported", "response_format"),
+    ({**HI, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "'tools' is not supported", "tools"),
+    ({**HI, "frequency_penalty": 0.5}, "'frequency_penalty' is not supported", "frequency_penalty"),
+    ({**HI, "logit_bias": {"50256": -100}}, "'logit_bias' is not supported", "logit_bias"),
 ])
-def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, fragment):
+def test_bad_requests_get_a_one_line_400_and_the_server_lives_on(server, body, fragment, param):
+    """``param`` names the field as OpenAI's errors do (client libraries show it as error.param); it was always null."""
     status, answer = server.post("/v1/chat/completions", body)
     assert status == 400 and fragment in answer["error"]["message"] and "\n" not in answer["error"]["message"]
-    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
     assert server.get("/v1/models")[0] == 200
 
 
@@ -311,6 +317,11 @@ def test_openai_defaults_pass_what_eqz_cannot_do_is_refused_and_a_stream_can_end
     for field, value in (("echo", True), ("suffix", "!"), ("best_of", 2)):
         status, answer = server.post("/v1/completions", {"prompt": "Hi", field: value})
         assert status == 400 and f"'{field}' is not supported" in answer["error"]["message"]
+        assert answer["error"]["param"] == field
+    status, answer = server.post("/v1/completions", {"prompt": "word " * 3000})
+    assert (status, answer["error"]["code"], answer["error"]["param"]) == (400, "context_length_exceeded", "prompt")
+    status, answer = server.post("/v1/eqz/streams/none", {"sliders": {"glee": 1}})
+    assert (status, answer["error"]["param"]) == (400, "sliders.glee")
     status, answer = server.post("/v1/completions", b'{"prompt": "' + b"a" * 2**23 + b'"}')
     assert status == 413 and answer["error"]["type"] == "invalid_request_error", answer
     just_over = http.client.HTTPConnection(*server.url[len("http://"):].split(":"), timeout=60)
