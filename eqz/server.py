@@ -425,54 +425,66 @@ class EqzServer:
             del self.records[key]
 
 
-class _KeyCheck:
-    """ASGI middleware: every /v1/ path needs ``Authorization: Bearer KEY`` (the page itself is public; the scheme's
-    case is free, as HTTP has it)."""
+class _Gate:
+    """ASGI middleware that answers an HTTP request itself where ``refusal`` gives a response, else passes it on."""
 
-    def __init__(self, app, key: str):
+    def __init__(self, app):
         self.app = app
-        self.expected = key.encode()
+
+    def refusal(self, scope) -> Response | None:
+        raise NotImplementedError
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            scheme, _, sent = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            if not (scheme.lower() == b"bearer" and secrets.compare_digest(sent.strip(), self.expected)):
-                response = _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
-                return await response(scope, receive, send)
+        response = self.refusal(scope) if scope["type"] == "http" else None
+        if response is not None:
+            return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-class _ThisMachineOnly:
-    """ASGI middleware of a server without a key, which listens on loopback only: a web page elsewhere could still
+class _KeyCheck(_Gate):
+    """Every /v1/ path needs ``Authorization: Bearer KEY`` (the page itself is public; the scheme's case is free, as
+    HTTP has it)."""
+
+    def __init__(self, app, key: str):
+        super().__init__(app)
+        self.expected = key.encode()
+
+    def refusal(self, scope) -> Response | None:
+        if scope["path"].startswith("/v1/"):
+            scheme, _, sent = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if not (scheme.lower() == b"bearer" and secrets.compare_digest(sent.strip(), self.expected)):
+                return _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+        return None
+
+
+class _ThisMachineOnly(_Gate):
+    """The gate of a server without a key, which listens on loopback only: a web page elsewhere could still
     use it. Its script may send requests with no CORS preflight (a text/plain POST starts a reply), and a site whose
     name it points at 127.0.0.1 (DNS rebinding) is the page's own origin and reads the replies. So a request must name
     this machine as its Host, and one a page sent (Origin) must come from this server's own page or a --cors origin.
     Clients outside a browser send no Origin; the key is the way to serve other names."""
 
     def __init__(self, app, origins: list[str]):
-        self.app = app
+        super().__init__(app)
         self.origins = origins
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
-            host, origin = headers.get(b"host", ""), headers.get(b"origin")
-            here = _host_and_port(host, "http")
-            if host and (here is None or not _names_this_machine(here[0])):  # no Host at all: HTTP/1.0, no browser
-                address, port = scope.get("server") or ("127.0.0.1", "PORT")
-                response = _error(403, f"Host {host!r} is not this machine: a server without --api-key answers only "
-                                  "to localhost and loopback addresses, as a page on another site could otherwise "
-                                  f"reach it under its own name; use http://{url_host(address)}:{port}/ or give the "
-                                  "server a key", "permission_error")
-                return await response(scope, receive, send)
-            scheme, _, named = (origin or "").partition("://")
-            if origin is not None and "*" not in self.origins and origin not in self.origins \
-                    and (here is None or _host_and_port(named, scheme) != here):  # not the server's own page
-                response = _error(403, f"a web page from {origin} may not use this server, or any site's page "
-                                  f"could; start eqz serve with --cors {origin} to let that origin's pages call it "
-                                  "(or with --api-key KEY, which its requests must then send)", "permission_error")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+    def refusal(self, scope) -> Response | None:
+        headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
+        host, origin = headers.get(b"host", ""), headers.get(b"origin")
+        here = _host_and_port(host, "http")
+        if host and (here is None or not _names_this_machine(here[0])):  # no Host at all: HTTP/1.0, no browser
+            address, port = scope.get("server") or ("127.0.0.1", "PORT")
+            return _error(403, f"Host {host!r} is not this machine: a server without --api-key answers only to "
+                          "localhost and loopback addresses, as a page on another site could otherwise reach it "
+                          f"under its own name; use http://{url_host(address)}:{port}/ or give the server a key",
+                          "permission_error")
+        scheme, _, named = (origin or "").partition("://")
+        if origin is not None and "*" not in self.origins and origin not in self.origins \
+                and (here is None or _host_and_port(named, scheme) != here):  # not the server's own page
+            return _error(403, f"a web page from {origin} may not use this server, or any site's page could; start "
+                          f"eqz serve with --cors {origin} to let that origin's pages call it (or with --api-key KEY, "
+                          "which its requests must then send)", "permission_error")
+        return None
 
 
 def _names_this_machine(name: str) -> bool:
