@@ -417,6 +417,15 @@ class Output:
         if self.created and self.path.stat().st_size == 0:  # a run that stopped on bad input leaves no empty file
             self.path.unlink()
 
+    def __del__(self) -> None:
+        """A plan dropped without running (a notebook's name rebound) closes its output, leaving no empty file."""
+        if not getattr(self, "handle", None) or self.handle.closed:  # refused in __init__, or closed already
+            return
+        try:
+            self.close()
+        except OSError:  # the file gone or its disk full: nothing is left to keep
+            pass
+
 
 UNRECORDED = "unrecorded"  # made_with's value for what a row of an earlier eqz does not say: not compared
 

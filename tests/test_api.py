@@ -208,6 +208,9 @@ def test_a_library_batch_resumes_closes_its_file_and_counts_its_rows(library, tm
         first.run()
     assert second.run().written == 2 and {json.loads(row)["preset"] for row in fresh.read_text().splitlines()} == {
         "serene"}
+    unrun = library.batch(prompts, tmp_path / "unrun.jsonl")
+    del unrun  # a plan dropped without running: its empty file stayed on disk for good
+    assert not (tmp_path / "unrun.jsonl").exists()
 
 
 def test_repeat_last_n_of_minus_one_is_the_whole_context_as_in_llama_cpp(library):
