@@ -395,8 +395,9 @@ class EqzModel:
                  record: bool = False) -> "EvalResult":
         """What each slider does to held-out replies against asking for the emotion in the system prompt (lexicon
         or judge effect, readout, fluency). ``record`` stores the figures in the bank's bank.yaml (the shipped bank's
-        in the user's own copy of it, used from then on; every band with recorded figures must be measured)."""
-        from .eval import evaluate, record as record_figures
+        in the user's own copy of it, used from then on; bands not measured keep their recorded figures only where
+        they were measured alike: eval.recorded_alike)."""
+        from .eval import evaluate, prompt_sets, record as record_figures, recording_setup
 
         bank = self.bank
         given = _names(bands, "bands") if bands is not None else []
@@ -411,7 +412,8 @@ class EqzModel:
             prompts = [_text(prompt, "each prompt") for prompt in prompts]
         max_tokens = _whole(max_tokens, "max_tokens", EVAL_MIN_TOKENS)
         samples = _whole(samples, "samples", 1)
-        into = self._record_into(bank, chosen) if record else None
+        setup = recording_setup(prompts or prompt_sets()["eval"], max_tokens, samples, gain_list)
+        into = self._record_into(bank, chosen, setup) if record else None
         extra = {"progress": progress} if progress else {}
         with editing(into, "recording eval figures") if record and into else nullcontext():
             if record and bank.changed_on_disk():
@@ -423,15 +425,19 @@ class EqzModel:
                 record_figures(result, bank)
         return result
 
-    def _record_into(self, bank: Bank, bands: tuple[str, ...]) -> Path:
+    def _record_into(self, bank: Bank, bands: tuple[str, ...], setup: dict) -> Path:
         """Where ``evaluate(record=True)`` saves ``bank`` with its figures, checked before any reply: the user's own
-        copy of a shipped bank (eqz's files stay as shipped), and only with every band measured (one record holds
-        all the bands' figures, measured alike)."""
+        copy of a shipped bank (eqz's files stay as shipped), and only where the bands not measured again were
+        measured as this run measures (one record holds figures measured alike: eval.recorded_alike)."""
+        from .eval import describe_setup, recorded_alike
+
         recorded = bank.quality.get("dose_response", {})
         unmeasured = [band for band in recorded if band in bank.bands and band not in bands]
-        if unmeasured:
-            raise EqzError(f"recording replaces the recorded figures of every band, and {', '.join(unmeasured)} would "
-                           "lose theirs; measure every band to record, or do not record")
+        if unmeasured and not recorded_alike(bank, setup):
+            raise EqzError(f"{', '.join(unmeasured)} would lose their recorded figures, which a record keeps only "
+                           f"where measured alike: they were measured with "
+                           f"{describe_setup(bank.quality.get('dose_response_setup', {}))}, this run with "
+                           f"{describe_setup(setup)}; measure every band, or as they were, or do not record")
         if bank.directory is None or Path(bank.directory).parent != SHIPPED_DIR:
             return bank.directory
         own = own_bank_directory(self.info)

@@ -494,7 +494,7 @@ def eval_command(
     samples: Annotated[int, typer.Option("--samples", metavar="N", help="replies per prompt and setting", min=1)] = 1,
     plot: Annotated[bool, typer.Option("--plot", metavar="", help="also draw dose_response.png (needs matplotlib)")] = False,
     replace: Annotated[bool, typer.Option("--replace", metavar="", help="write over an earlier run's files in --output")] = False,
-    record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml (the shipped bank's go into your own copy of it, used from then on; every band with recorded figures must be measured)")] = False,
+    record: Annotated[bool, typer.Option("--record", metavar="", help="store the dose-response figures in the bank's bank.yaml (the shipped bank's go into your own copy of it, used from then on; bands not measured again keep their figures only where measured with the same prompts, samples, tokens and gains)")] = False,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
 ) -> None:

@@ -12,6 +12,7 @@ of the replies at the bank's read layer.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -653,14 +654,44 @@ def bank_persona(bank: Bank, band: str) -> str | None:
     return persona_prompt(description) if description else None
 
 
+def recording_setup(prompts: list[str], reply_tokens: int, samples: int, gains: tuple[float, ...]) -> dict:
+    """How recorded figures were measured. Bands measured alike can share one record: a band measured again (a
+    custom band added, say) replaces its own figures and keeps the others'."""
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+    return {"prompts": len(prompts), "prompts_sha256": digest, "reply_tokens": reply_tokens, "samples": samples,
+            "scorer": emotion_scorer().name, "gains": [float(gain) for gain in gains]}
+
+
+def recorded_alike(bank: Bank, setup: dict) -> bool:
+    """Whether the figures recorded in ``bank`` were measured as ``setup`` measures (its date aside). Records
+    from before stop 62 keep no prompt digest or gains, so they match no run."""
+    recorded = dict(bank.quality.get("dose_response_setup", {}))
+    recorded.pop("date", None)
+    return recorded == setup
+
+
+def describe_setup(setup: dict) -> str:
+    """A recording's setup in a phrase, as a refusal to mix two names them."""
+    if not setup:
+        return "unrecorded"
+    gains = ", ".join("0" if gain == 0 else f"{gain:+g}" for gain in setup["gains"]) if "gains" in setup else "unrecorded gains"
+    which = "" if "prompts_sha256" in setup else ", which ones unrecorded"
+    prompts, samples = (f"{count} {name}{'s' if count != 1 else ''}"
+                        for count, name in ((setup["prompts"], "prompt"), (setup["samples"], "sample")))
+    return f"{prompts}{which} x {samples} x {setup['reply_tokens']} tokens at {gains}"
+
+
 def record(result: EvalResult, bank: Bank, **extra) -> None:
     """Store the dose-response figures (and ``extra`` quality entries) in the bank's bank.yaml, dated: a band
-    remade later (its ``trained`` date after this one) has figures that measured another vector."""
+    remade later (its ``trained`` date after this one) has figures that measured another vector. The other bands'
+    figures stay where they were measured alike (``recorded_alike``), else they go: one record, one setup."""
     quality = bank.quality
-    quality["dose_response"] = result.dose_response()
-    quality["dose_response_setup"] = {"prompts": result.prompts, "reply_tokens": result.reply_tokens,
-                                      "samples": result.samples, "scorer": result.scorer,
-                                      "date": record_date()}
+    setup = recording_setup(result.run.get("prompts", []), result.reply_tokens, result.samples, result.gains)
+    measured = result.dose_response()
+    kept = quality.get("dose_response", {}) if recorded_alike(bank, setup) else {}
+    quality["dose_response"] = {band: measured.get(band, kept.get(band)) for band in bank.names
+                                if band in measured or band in kept}
+    quality["dose_response_setup"] = {**setup, "date": record_date()}
     quality.update(extra)
     bank.save()
 

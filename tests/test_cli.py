@@ -349,21 +349,32 @@ def test_a_training_that_could_not_be_saved_is_refused_before_it_starts(tmp_path
     assert "vectors reset" not in refused.stderr
 
 
-def test_eval_records_into_the_users_copy_of_the_bank_and_only_every_band_at_once(tmp_path):
+def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measured_alike(tmp_path):
     """--record wrote into eqz's own shipped files; recording some bands wiped the others' figures; an -o naming a file
-    failed after the whole eval, its tables unwritten."""
+    failed after the whole eval, its tables unwritten. Then recording a band again (one added, say) meant measuring
+    every band again: now a band measured as the others were replaces only its own figures."""
     env = {"XDG_DATA_HOME": str(tmp_path / "data")}
     (tmp_path / "afile").write_text("")
     assert_one_line_error(run_eqz("eval", "-o", str(tmp_path / "afile"), env=env), "is a file; --output takes")
-    assert_one_line_error(run_eqz("eval", "--bands", "joy", "--record", env=env), "trust, fear", "would lose theirs")
+    assert_one_line_error(run_eqz("eval", "--bands", "joy", "--record", env=env), "trust, fear",
+                          "would lose their recorded figures", "measured with 16 prompts x 2 samples x 64 tokens at "
+                          "-1, 0, +1, +2, this run with 16 prompts x 1 sample")
     shipped = (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes()
     (tmp_path / "one.txt").write_text("Describe your morning.\n")
-    ran = run_eqz("eval", "--prompts", str(tmp_path / "one.txt"), "-n", "8", "--gains", "1", "--record", "-o",
-                  str(tmp_path / "eval"), env=env)
+    alike = ("--prompts", str(tmp_path / "one.txt"), "-n", "8", "--gains", "1", "--record")
+    ran = run_eqz("eval", *alike, "-o", str(tmp_path / "eval"), env=env)
     assert ran.returncode == 0, ran.stderr
     assert (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes() == shipped
     (own,) = (tmp_path / "data").glob("eqz/vectors/*/bank.yaml")
-    assert yaml.safe_load(own.read_text())["quality"]["dose_response_setup"]["prompts"] == 1
+    data = yaml.safe_load(own.read_text())
+    assert data["quality"]["dose_response_setup"]["prompts"] == 1 and len(data["quality"]["dose_response"]) == 10
+    data["quality"]["dose_response"]["joy"] = data["quality"]["dose_response"]["trust"] = {"marked": True}
+    own.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert run_eqz("eval", "--bands", "joy", *alike, "-o", str(tmp_path / "joy"), env=env).returncode == 0
+    recorded = yaml.safe_load(own.read_text())["quality"]["dose_response"]
+    assert "1.0" in recorded["joy"] and recorded["trust"] == {"marked": True} and len(recorded) == 10
+    assert_one_line_error(run_eqz("eval", "--bands", "joy", *alike, "--samples", "2", env=env),
+                          "measured with 1 prompt x 1 sample x 8 tokens at +1, this run with 1 prompt x 2 samples")
 
 
 def _written_defaults() -> list[tuple[tuple[str, ...], list[str]]]:
