@@ -691,17 +691,23 @@ def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on:
                 description: str | None = None, system: str | None = None, sampling: dict | None = None,
                 clamp: dict[str, float] | None = None, ablate: Iterable[str] = (), replace: bool = False) -> Path:
     """Save a user preset (in the user config dir, where it stands in for a bundled one of its name): ``based_on``
-    a preset, with the sliders, system prompt, sampling and filters given on top. Only the sampling asked for is
-    kept, not every default. A saved one of that name is replaced only with ``replace``."""
+    a preset, with the sliders, system prompt, sampling and filters given on top (its description where none is
+    given and the name is its own, else "based on BASE"). Only the sampling asked for is kept, not every default. A saved
+    one of that name is replaced only with ``replace``."""
     sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
     sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}") or {}
     known = known_band_names()
     base = _preset_of(based_on, known)
     resolved = resolve(base, known, sliders, None, None if system is None else _text(system, "system"), clamp, ablate)
     kept = {**(base.sampling if base else {}), **{key: check_setting(key, value) for key, value in sampling.items()}}
-    saved = Preset(check_name(_text(name, "name")),
-                   (_text(description, "description") if description is not None
-                    else f"based on {base.name}" if base else ""),
+    name = check_name(_text(name, "name"))
+    if description is not None:
+        description = _text(description, "description")
+    elif base is None or base.name == name:  # a preset tweaked in place keeps its description, as every other field
+        description = base.description if base else ""
+    else:  # not the base's words about itself, which may no longer hold
+        description = f"based on {base.name}"
+    saved = Preset(name, description,
                    {band: gain for band, gain in resolved.gains.items() if gain != 0}, kept, resolved.system,
                    resolved.filters)
     return write_preset(saved, replace)

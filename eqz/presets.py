@@ -24,6 +24,7 @@ BUNDLED_DIR = shipped_dir("presets")
 KEYS = ("name", "description", "sliders", "sampling", "system", "filters")
 FILTER_KEYS = ("clamp", "ablate")
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")  # whole names only: fullmatch
+_NAME_RULE = "a lowercase letter, then lowercase letters, digits, - or _, 40 at most"
 
 
 def user_dir() -> Path:
@@ -66,8 +67,9 @@ def parse_preset(data, where: str, bands: tuple[str, ...] = BANDS) -> Preset:
         raise EqzError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(KEYS)}")
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise EqzError(f"{where}: name must be lowercase letters, digits, - or _ (got {name!r})")
-    description = data.get("description", "")
+        raise EqzError(f"{where}: name must be {_NAME_RULE} (got {name!r})")
+    description = data.get("description")
+    description = "" if description is None else description  # "description:" left empty, as system: may be
     if not isinstance(description, str):
         raise EqzError(f"{where}: description must be text")
     sliders = data.get("sliders") or {}
@@ -175,7 +177,7 @@ def load_preset_file(path: Path, bands: tuple[str, ...] = BANDS) -> Preset:
     if isinstance(data, dict) and "name" not in data:  # a file names its preset: mood.yaml holds "mood"
         if not _NAME.fullmatch(path.stem):
             raise EqzError(f"{path}: no name: given, and the file's name '{path.stem}' is not a preset name "
-                           "(lowercase letters, digits, - or _); add name: to the file")
+                           f"({_NAME_RULE}); add name: to the file")
         data = {"name": path.stem, **data}
     preset = parse_preset(data, str(path), bands)
     return Preset(**{**preset.__dict__, "path": path})
@@ -193,21 +195,30 @@ class PresetEntry:
 
 
 def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
-    """Every preset by name, user ones overriding bundled ones; broken files are listed with their error."""
+    """Every preset by name, user ones overriding bundled ones; broken files are listed with their error. A user
+    file that does not load still stands in for the bundled preset of its name, so using that name says what is wrong
+    with the user's file instead of quietly taking eqz's. Where two files of one folder name one preset, the file
+    named for it wins (a copy kept as glow.bak.yaml does not hide the glow.yaml being edited); the other is listed
+    as broken."""
     entries: dict[str, PresetEntry] = {}
     for source, directory in (("bundled", BUNDLED_DIR), ("user", user_dir())):
         paths = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]) if directory.is_dir() else []
+        loaded: list[tuple[Path, Preset | None, str | None]] = []
         for path in paths:
             try:
-                preset = load_preset_file(path, bands)
-                first = entries.get(preset.name)
-                if first is not None and first.source == source:  # two files of one folder, one name: say so
-                    raise EqzError(f"{path} names itself '{preset.name}', as {first.path.name} does; give each "
-                                   "preset a name of its own")
-                entries[preset.name] = PresetEntry(preset.name, path, source, preset, None)
-            except EqzError as error:  # listed under its file's stem, or its name where a loaded preset has that
-                key = path.stem if entries.get(path.stem) is None or entries[path.stem].preset is None else path.name
-                entries[key] = PresetEntry(key, path, source, None, str(error))
+                loaded.append((path, load_preset_file(path, bands), None))
+            except EqzError as error:
+                loaded.append((path, None, str(error)))
+        # loaded presets first, those in a file named for them first of all; then the broken files
+        loaded.sort(key=lambda item: (item[1] is None, item[1] is None or item[1].name != item[0].stem, item[0]))
+        here: dict[str, PresetEntry] = {}
+        for path, preset, error in loaded:
+            if preset is not None and preset.name in here:  # two files of one folder, one name: say so
+                error = (f"{path} names itself '{preset.name}', as {here[preset.name].path.name} does; give each "
+                         "preset a name of its own")
+                preset = None
+            key = preset.name if preset is not None else path.stem if path.stem not in here else path.name
+            here[key] = entries[key] = PresetEntry(key, path, source, preset, error)
     return entries
 
 
@@ -229,14 +240,24 @@ def get_preset(name: str, bands: tuple[str, ...] = BANDS) -> Preset:
 
 def save_preset(preset: Preset, replace: bool = False) -> Path:
     """Write a user preset (standing in for a bundled one of the same name). A saved one of the same name is
-    replaced only when asked: it may hold a system prompt and sampling the new one does not."""
+    replaced only when asked: it may hold a system prompt and sampling the new one does not. It is replaced in its
+    own file where that is named for it (mood.yml); else mood.yaml is written, which wins the name (``discover``)."""
     directory = user_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{preset.name}.yaml"
-    if path.exists() and not replace:
-        raise EqzError(f"a preset '{preset.name}' is already saved ({path}); pass --replace (replace=True in the "
-                       "library) to overwrite it, or choose another name")
-    path.write_text(preset.to_yaml(), encoding="utf-8")
+    saved = discover().get(preset.name)
+    saved = saved if saved is not None and saved.source == "user" else None
+    path = saved.path if saved is not None and saved.path.stem == preset.name else directory / f"{preset.name}.yaml"
+    if not replace:
+        if saved is not None:
+            raise EqzError(f"a preset '{preset.name}' is already saved ({saved.path}); pass --replace (replace=True "
+                           "in the library) to overwrite it, or choose another name")
+        if path.exists():  # a file of that name holding another preset, or none
+            raise EqzError(f"{path} is there already, holding another preset or none; pass --replace (replace=True "
+                           "in the library) to overwrite it, or choose another name")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(preset.to_yaml(), encoding="utf-8")
+    except OSError as error:
+        raise EqzError(f"cannot save {path}: {error.strerror or error}; check the folder {directory}") from None
     return path
 
 
@@ -247,7 +268,7 @@ def is_preset_name(name: str) -> bool:
 
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise EqzError(f"preset name {name!r} must be lowercase letters, digits, - or _ (at most 40)")
+        raise EqzError(f"preset name {name!r} must be {_NAME_RULE}")
     return name
 
 

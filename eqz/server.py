@@ -146,13 +146,14 @@ class EqzServer:
         check_api_key(api_key)
         origins = check_origins(cors)
         self.model = model
-        self.preset = preset  # for requests without an "eqz" field (front-ends that cannot send one)
         self.name = Path(model.info.path).stem
         self.api_key = api_key
         bank = model.bank_if_any()
         self.bands = bank.names if bank else ()
-        # a misspelt preset fails here, not on every request; clients may name it (the web page starts from it),
-        # a file too, which they could not name themselves
+        # for requests that choose no mood (front-ends that cannot send an "eqz" field), read once: a misspelt
+        # preset fails here, not on every request, and an edit to its file does not change a running server (its
+        # config would show one mood while requests got another). Clients may name it (the web page starts from
+        # it), a file too, which they could not name themselves
         self.default = get_preset(preset, model.bank.names) if preset else None
         # the warning `eqz generate --set BAND=1` prints, per band that has one: the web page shows it too
         self.doubts = {band: lines[0] for band in self.bands if (lines := bank.doubtful({band: 1.0}))}
@@ -305,9 +306,9 @@ class EqzServer:
             # a client names a preset, never a file: a path would read the server's files
             raise BadRequest("eqz 'preset' must be a preset's name (see GET /v1/eqz/config)", "eqz.preset")
         if preset is None and settings.get("sliders") is None:
-            preset = self.preset  # the request chose no mood (meter or filters alone are no choice): the server's
+            preset = self.default  # the request chose no mood (meter or filters alone are no choice): the server's
         elif self.default is not None and preset is not None and preset.strip().lower() == self.default.name:
-            preset = self.preset  # the server's own preset, a file perhaps
+            preset = self.default  # the server's own preset, a file perhaps
         sliders = _sliders(settings.get("sliders"), self.bands or None, "eqz.sliders")  # no bank: the library says so
         return self.model.request(**text, preset=preset, sliders=sliders,
                                   sampling=sampling, stop=stop, clamp=clamp, ablate=ablate, meter=meter)

@@ -75,6 +75,18 @@ def test_each_validation_error_is_one_line_naming_file_field_and_allowed(tmp_pat
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in result.stderr
 
 
+def test_an_empty_description_is_none_as_an_empty_system_prompt_is(tmp_path):
+    """"description:" left empty was refused as "must be text", where "system:" left empty was taken."""
+    assert load_preset_file(write(tmp_path, "name: mood\ndescription:\nsystem:\nsliders: {joy: 0.5}\n")).description == ""
+    with pytest.raises(EqzError, match="description must be text"):
+        load_preset_file(write(tmp_path, "name: mood\ndescription: 0\n"))
+
+
+def entries_of(listing) -> dict:
+    """`eqz presets list --json` by name."""
+    return {entry["name"]: entry for entry in json.loads(listing.stdout)}
+
+
 def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
     config = tmp_path / "config"
     presets = config / "eqz" / "presets"
@@ -85,9 +97,19 @@ def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
     (presets / "mood.yml").write_text(yaml.safe_dump({**GOOD, "name": "mood"}))  # was not looked for
     for stem in ("a", "b"):  # the second one hid the first without a word
         (presets / f"{stem}.yaml").write_text(yaml.safe_dump({**GOOD, "name": "twin", "description": stem}))
+    # a typo in the user's own stoic.yaml ran the bundled stoic in silence
+    (presets / "stoic.yaml").write_text(yaml.safe_dump({**GOOD, "name": "stoic", "sliders": {"sadnes": 1}}))
+    # a copy kept beside the file being edited hid the edits: the file named for the preset wins the name
+    for stem, joy in (("glow", -1.0), ("glow.bak", 1.0)):
+        (presets / f"{stem}.yaml").write_text(yaml.safe_dump({**GOOD, "name": "glow", "sliders": {"joy": joy}}))
     env = {"XDG_CONFIG_HOME": str(config)}
+    typo = run_eqz("generate", "Hi", "-p", "stoic", "-n", "2", env=env)
+    assert typo.returncode == 2 and "stoic.yaml" in typo.stderr and "sadnes" in typo.stderr and not typo.stdout
+    assert entries_of(run_eqz("presets", "list", "--json", env=env))["glow"]["path"].endswith("/glow.yaml")
+    assert "names itself 'glow', as glow.yaml does" in entries_of(run_eqz("presets", "list", "--json", env=env))[
+        "glow.bak"]["error"]
     listing = run_eqz("presets", "list", "--json", env=env)
-    entries = {e["name"]: e for e in __import__("json").loads(listing.stdout)}
+    entries = entries_of(listing)
     assert entries["serene"]["source"] == "user"
     assert entries["broken"]["error"] and "zest" in entries["broken"]["error"]
     assert "not UTF-8" in entries["latin"]["error"]
@@ -118,6 +140,16 @@ def test_presets_save_writes_a_valid_user_preset(tmp_path):
     assert replaced.returncode == 0 and load_preset_file(path).sliders == {"joy": 0.1}
     shadow = run_eqz("presets", "save", "serene", "--set", "joy=0.2", env=env)
     assert shadow.returncode == 0 and "stands in for the bundled 'serene'" in shadow.stdout
+    # a preset in a .yml: saving its name wrote a .yaml beside it without --replace, which then won the name
+    (path.parent / "dusk.yml").write_text("name: dusk\ndescription: Evening light.\nsliders: {sadness: 0.4}\n")
+    refused = run_eqz("presets", "save", "dusk", "--set", "anger=1", env=env)  # wrote dusk.yaml beside dusk.yml
+    assert refused.returncode == 2 and "dusk.yml); pass --replace" in refused.stderr
+    # tweaked in place, a preset kept its sliders, system prompt and sampling but lost its description
+    assert run_eqz("presets", "save", "dusk", "--from", "dusk", "--set", "trust=0.5", "--replace",
+                   env=env).returncode == 0
+    dusk = load_preset_file(path.parent / "dusk.yml")
+    assert dusk.description == "Evening light." and dusk.sliders == {"sadness": 0.4, "trust": 0.5}
+    assert not (path.parent / "dusk.yaml").exists()
 
 
 def test_unknown_preset_lists_the_available_ones():

@@ -482,7 +482,7 @@ def test_a_server_without_a_key_answers_only_requests_from_this_machine(server):
     assert status == 200 and reply["object"] == "text_completion"
 
 
-def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_plain_clients():
+def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_plain_clients(tmp_path):
     refused = run_eqz("serve", "--host", "0.0.0.0", "--port", "0")
     assert refused.returncode == 2 and "--api-key" in refused.stderr and "Traceback" not in refused.stderr
     for unsendable in (" ", "café"):  # HTTP trims a header's spaces and carries ASCII: no client could get in
@@ -492,13 +492,16 @@ def test_other_hosts_need_a_key_the_key_is_checked_and_a_default_preset_serves_p
     assert misspelt.returncode == 2 and "gloomy" in misspelt.stderr
     pathed = run_eqz("serve", "--cors", "http://localhost:3000/app", "--port", "0")
     assert pathed.returncode == 2 and "--cors takes a web page's origin" in pathed.stderr
-    served = Served("--api-key", "sesame", "--preset", "melancholy", "--cors", "http://localhost:3000",
+    mood = tmp_path / "melancholy.yaml"  # a file, read once: edited later, it changed the replies, not the config
+    mood.write_bytes((DOCS.parent / "presets" / "melancholy.yaml").read_bytes())
+    served = Served("--api-key", "sesame", "--preset", str(mood), "--cors", "http://localhost:3000",
                     "--cors", "null", "--cors", "chrome-extension://abcdefgh")  # what the 403s tell, taken
     try:
         assert served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 401
         status, reply = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, key="sesame")
         assert status == 200 and reply["object"] == "text_completion"
         assert reply["eqz"]["sliders"]["sadness"] == 0.8  # no "eqz" field: the server's preset
+        mood.write_text("name: melancholy\nsliders: {joy: 1}\n")
         # the server's preset holds unless a request chooses a preset or sliders (it was dropped by any "eqz" field)
         for settings, sadness in (({}, 0.8), (None, 0.8), ({"meter": True, "clamp": {"fear": 0}}, 0.8),
                                   ({"sliders": {}}, 0), ({"sliders": {"joy": 1}}, 0), ({"preset": "serene"}, 0)):
