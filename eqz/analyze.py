@@ -60,6 +60,8 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
     bands = metered_bands(bank)
     if not bands:
         raise EqzError("this bank has no calibrated bands to read (imported vectors only)")
+    if not text.strip():  # blank text still reads as something (valence -2), which would mean nothing
+        raise EqzError("the text is blank: give some words to analyze")
     tokens = model.tokenize(text)
     if len(tokens) < 2:
         raise EqzError("the text is too short to analyze (it needs at least two tokens)")
@@ -80,9 +82,12 @@ def analyze(model: Model, bank: Bank, text: str, by: str = "sentence") -> Analys
     else:
         rendered = "".join(pieces)
         bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(rendered)] + [len(rendered)]
+        # a token belongs to the sentence its first letter is in: " I" of "Hi. I am sad." starts at the space
+        anchors = [start + len(piece) - len(piece.lstrip()) if piece.strip() else start
+                   for start, piece in zip(starts, pieces)]
         groups = []
         for left, right in zip(bounds, bounds[1:]):
-            members = [i for i in range(1, len(tokens)) if left <= starts[i] < right]
+            members = [i for i in range(1, len(tokens)) if left <= anchors[i] < right]
             if members and rendered[left:right].strip():
                 groups.append((rendered[left:right].strip(), members))
     segments = [Segment(pieces[0], None)] if by == "token" and tokens[0] != model.bos else []

@@ -264,7 +264,7 @@ class EqzModel:
         _text(prompt, "prompt")
         if settings.get("meter"):  # it was taken, and its readings could not be reached
             raise EqzError("generate and stream give the text alone; a reply's meter readings come with a chat: "
-                           "reply = model.chat(meter=True).send(prompt), then reply.record['meter'] once read")
+                           "reply = model.chat(meter=True).send(prompt), then reply.record.meter once read")
         make = self._session_maker(**_split_sampling(settings))  # bad settings raise here, not at the first piece
 
         def pieces() -> Iterator[str]:  # the context is made when the first piece is asked for

@@ -294,7 +294,7 @@ def print_analysis(analysis) -> None:
     first_unread = bool(analysis.segments) and analysis.segments[0].readouts is None
     unread = "; · = not read (the first token only sinks attention)" if first_unread else ""
     console.print("[dim]0 = the model's neutral level, 1 = its typical level on clearly emotional text of that band "
-                  f"(--json for full precision){unread}[/dim]")
+                  f"(--json for three decimals){unread}[/dim]")
 
 
 # what the judge column holds for valence and arousal (eval.ReplySet.judged_rise), in both tables' legends

@@ -151,11 +151,12 @@ class Instruments:
         """Name the owner of each row of the next decode; rows owned by None are not accumulated."""
         self._owners = rows
 
-    def mean(self, owner) -> dict[str, float]:
-        """Mean readout per band over the rows accumulated for ``owner`` (and forget them)."""
+    def mean(self, owner) -> dict[str, float] | None:
+        """Mean readout per band over the rows accumulated for ``owner`` (and forget them); None where none was read
+        (a one-token reply: a reply's last token is sampled, never read back), as the server's records have it."""
         total, count = self._sums.pop(owner, None), self._counts.pop(owner, 0)
         if total is None or count == 0:
-            return {}
+            return None
         return {band: round(float(value), 4) for band, value in zip(self.metered, total / count)}
 
     def __call__(self, layer: int, hidden: np.ndarray) -> bool:

@@ -281,7 +281,8 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                # sampling's seed was dropped in silence, None wrote a file named "None", no gains failed at run()
                "give seed=5, not sampling": lambda: library.batch(duplicated, out, sampling={"seed": 5}),
                "output takes a file's path": lambda: library.batch(duplicated, None),
-               "generate and stream give the text alone": lambda: library.generate("Hi", meter=True),  # unreachable
+               # unreachable; and its hint said reply.record['meter'], a TypeError on the record's dataclass
+               "give the text alone.*then reply.record.meter once": lambda: library.generate("Hi", meter=True),
                "sweeps: joy has no gains": lambda: library.batch(duplicated, out, sweeps=[("joy", [])]),
                "sweeps takes \\(band, gains\\) pairs": lambda: library.batch(duplicated, out, sweeps={"joy": [-1, 1]}),
                "sampling must be a dict, such as {.temperature.: 0.7}; got list": lambda: library.batch(

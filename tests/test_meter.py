@@ -83,10 +83,25 @@ def test_analyze_by_sentence_and_token_and_json():
     rows = [line.split() for line in shown.splitlines() if line.strip()]  # header, rule, then the tokens
     assert rows[2] == ["I"] + ["·"] * 10 and "· = not read" in shown
     assert "(part of the next)" in run_eqz("analyze", "On time 🚌.", "--by", "token").stdout  # was a "\ufffd" row
+    # a sentence's first token is its own, not the last sentence's: " I" of "Hi. I am sad." starts at the space
+    parts = json.loads(run_eqz("analyze", "Hi. I am sad.", "--json").stdout)["segments"]
+    pieces = json.loads(run_eqz("analyze", "Hi. I am sad.", "--by", "token", "--json").stdout)["segments"]
+    assert [piece["text"] for piece in pieces[:3]] == ["Hi", ".", " I"] and parts[0]["readouts"] == pieces[1]["readouts"]
+    blank = run_eqz("analyze", " \n\t \n")  # read as valence -2 from a file or argument; stdin said "empty"
+    assert blank.returncode == 2 and "the text is blank" in blank.stderr
     bad = run_eqz("analyze", text, "--by", "word")
     assert bad.returncode != 0 and "--by (by in the library) must be" in bad.stderr
     too_long = run_eqz("analyze", "I am glad. " * 2100)  # 8,401 tokens, past the 8,192 the model was trained on
     assert too_long.returncode == 2 and "more than the 8192" in too_long.stderr
+
+
+def test_a_reply_whose_tokens_were_never_read_back_has_no_meter_reading(model, bank):
+    """A one-token reply's meter was {} (its token is sampled, never read), which row["meter"]["joy"] met as a
+    KeyError; the server's records said null."""
+    turn, _ = reply_with(model, bank, "Hi", None, seed=1, tokens=1)
+    assert turn.record.n_tokens == 1 and turn.record.meter is None
+    turn, _ = reply_with(model, bank, "Hi", None, seed=1, tokens=2)
+    assert set(turn.record.meter) == set(metered_bands(bank))
 
 
 def reply_with(model, bank, prompt, filters, seed, tokens=100):
