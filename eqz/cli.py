@@ -859,7 +859,7 @@ def presets_save(
                        system=system, sampling={k: v for k, v in flags.items() if v is not None}, clamp=clamps,
                        ablate=notches, replace=replace)
     typer.echo(f"saved {path}")
-    if (BUNDLED_DIR / path.name).exists():
+    if (BUNDLED_DIR / f"{path.stem}.yaml").exists():  # a user's .yml stands in for it too
         typer.echo(f"it stands in for the bundled '{path.stem}'; delete that file to have the bundled one back")
 
 

@@ -654,12 +654,15 @@ def bank_persona(bank: Bank, band: str) -> str | None:
     return persona_prompt(description) if description else None
 
 
-def recording_setup(prompts: list[str], reply_tokens: int, samples: int, gains: tuple[float, ...]) -> dict:
+def recording_setup(prompts: list[str] | int, reply_tokens: int, samples: int, gains: tuple[float, ...],
+                    scorer: str | None = None) -> dict:
     """How recorded figures were measured. Bands measured alike can share one record: a band measured again (a
-    custom band added, say) replaces its own figures and keeps the others'."""
-    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
-    return {"prompts": len(prompts), "prompts_sha256": digest, "reply_tokens": reply_tokens, "samples": samples,
-            "scorer": emotion_scorer().name, "gains": [float(gain) for gain in gains]}
+    custom band added, say) replaces its own figures and keeps the others'. ``prompts``: their texts, or only their
+    count where the texts are unknown (an eval.json from before they were kept), which no run can match."""
+    digest = {} if isinstance(prompts, int) else {
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]}
+    return {"prompts": prompts if isinstance(prompts, int) else len(prompts), **digest, "reply_tokens": reply_tokens,
+            "samples": samples, "scorer": scorer or emotion_scorer().name, "gains": [float(gain) for gain in gains]}
 
 
 def recorded_alike(bank: Bank, setup: dict) -> bool:
@@ -671,14 +674,19 @@ def recorded_alike(bank: Bank, setup: dict) -> bool:
 
 
 def describe_setup(setup: dict) -> str:
-    """A recording's setup in a phrase, as a refusal to mix two names them."""
+    """A recording's setup in a phrase, as a refusal to mix two names them (what an old record left out, said so)."""
     if not setup:
-        return "unrecorded"
-    gains = ", ".join("0" if gain == 0 else f"{gain:+g}" for gain in setup["gains"]) if "gains" in setup else "unrecorded gains"
+        return "an unrecorded setup"
+
+    def counted(key: str, name: str) -> str:
+        count = setup.get(key)
+        return f"unrecorded {name}s" if count is None else f"{count} {name}{'s' if count != 1 else ''}"
+
+    gains = ", ".join("0" if gain == 0 else f"{gain:+g}" for gain in setup["gains"]) if "gains" in setup else \
+        "unrecorded gains"
     which = "" if "prompts_sha256" in setup else ", which ones unrecorded"
-    prompts, samples = (f"{count} {name}{'s' if count != 1 else ''}"
-                        for count, name in ((setup["prompts"], "prompt"), (setup["samples"], "sample")))
-    return f"{prompts}{which} x {samples} x {setup['reply_tokens']} tokens at {gains}"
+    return f"{counted('prompts', 'prompt')}{which} x {counted('samples', 'sample')} x " \
+           f"{counted('reply_tokens', 'token')} at {gains}"
 
 
 def record(result: EvalResult, bank: Bank, **extra) -> None:
@@ -686,7 +694,8 @@ def record(result: EvalResult, bank: Bank, **extra) -> None:
     remade later (its ``trained`` date after this one) has figures that measured another vector. The other bands'
     figures stay where they were measured alike (``recorded_alike``), else they go: one record, one setup."""
     quality = bank.quality
-    setup = recording_setup(result.run.get("prompts", []), result.reply_tokens, result.samples, result.gains)
+    setup = recording_setup(result.run.get("prompts") or result.prompts, result.reply_tokens, result.samples,
+                            result.gains, result.scorer)
     measured = result.dose_response()
     kept = quality.get("dose_response", {}) if recorded_alike(bank, setup) else {}
     quality["dose_response"] = {band: measured.get(band, kept.get(band)) for band in bank.names

@@ -209,15 +209,17 @@ def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
                 loaded.append((path, load_preset_file(path, bands), None))
             except EqzError as error:
                 loaded.append((path, None, str(error)))
-        # loaded presets first, those in a file named for them first of all; then the broken files
-        loaded.sort(key=lambda item: (item[1] is None, item[1] is None or item[1].name != item[0].stem, item[0]))
+        # files named for their preset first (a broken one is taken to be, as names are looked up: lower case), so
+        # they win the name even when broken; then those naming another preset
+        loaded.sort(key=lambda item: (item[1] is not None and item[1].name != item[0].stem.lower(), item[0]))
         here: dict[str, PresetEntry] = {}
         for path, preset, error in loaded:
             if preset is not None and preset.name in here:  # two files of one folder, one name: say so
                 error = (f"{path} names itself '{preset.name}', as {here[preset.name].path.name} does; give each "
                          "preset a name of its own")
                 preset = None
-            key = preset.name if preset is not None else path.stem if path.stem not in here else path.name
+            key = preset.name if preset is not None else path.stem.lower()
+            key = key if key not in here else path.name
             here[key] = entries[key] = PresetEntry(key, path, source, preset, error)
     return entries
 

@@ -35,7 +35,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .api import EqzModel
-from .bands import MAX_GAIN, SAFE_GAIN, check_gain, keyed_by_band
+from .bands import MAX_GAIN, SAFE_GAIN, band_key, check_gain, keyed_by_band
 from .engine import utf8
 from .errors import EqzError
 from .meter import metered_bands
@@ -620,15 +620,15 @@ def _sliders(sliders, valid: tuple[str, ...] | None, param: str) -> dict[str, fl
     for band, gain in sliders.items():
         _number(f"gain for {band}", gain, f"{param}.{band}")
     try:
-        keyed = keyed_by_band(sliders, "sliders")
+        keyed_by_band(sliders, "sliders")
     except EqzError as error:  # one band named twice
         raise BadRequest(str(error), param) from None
     checked = {}
-    for band, gain in keyed.items():
+    for sent, gain in sliders.items():  # the param names the key as the client sent it
         try:
-            checked[band] = check_gain(band, gain, valid)
+            checked[band_key(sent)] = check_gain(band_key(sent), gain, valid)
         except EqzError as error:  # an unknown band, or a gain out of range
-            raise BadRequest(str(error), f"{param}.{band}") from None
+            raise BadRequest(str(error), f"{param}.{sent}") from None
     return checked
 
 

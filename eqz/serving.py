@@ -341,6 +341,6 @@ class BatchServer:
             "n_tokens": len(row.reply.tokens) if row else 0,
             "finish_reason": reason,
             "output": row.reply.assembler.text if row else "",
-            **({"meter": meter} if meter is not None else {}),
+            **({"meter": meter} if request.meter else {}),  # null: no token was read back (a one-token reply)
             **({"filters": request.filters} if request.filters else {}),
         }

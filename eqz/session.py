@@ -67,7 +67,8 @@ class ReplyRecord:
     finish_reason: str | None = None
     seconds: float = 0.0
     dropped_messages: int = 0
-    meter: dict[str, float] | None = None  # mean readout per band over the reply
+    meter: dict[str, float] | None = None  # mean readout per band over the reply (None: no token was read back)
+    metered: bool = False  # the meter was on: the record says "meter", null where nothing was read
     filters: dict | None = None
 
     @property
@@ -85,7 +86,7 @@ class ReplyRecord:
             "seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 1),
             "dropped_messages": self.dropped_messages,
-            **({"meter": self.meter} if self.meter is not None else {}),
+            **({"meter": self.meter} if self.metered else {}),
             **({"filters": self.filters} if self.filters else {}),
         }
 
@@ -392,6 +393,7 @@ class Turn:
             if self.session.instruments is not None:  # on for the meter, or for filters alone (held sliders)
                 meter = self.session.instruments.mean(self)
                 self.record.meter = meter if self.session.meter_on else None
+                self.record.metered = self.session.meter_on
                 self.record.filters = self.session.filters.describe() if self.session.filters else None
             history = self.session.history
             if history and history[-1] is self._asked:  # not after its question was forgotten (reset, Ctrl-C)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,34 @@ def test_words_gained_counts_what_a_ratio_hides_and_a_result_reads_back_from_its
     described = {"band": "nostalgia", "gain": 0.0, "effect": 0.0}  # judged by preference: no words of its own
     with_described = EvalResult((*PRIMARIES, "nostalgia"), (0.0, 1.0), rows + [described], 16, 64, 2, "nrc")
     assert with_described.words_gained("joy") == gained and with_described.words_gained("nostalgia") is None
+
+
+def test_a_record_keeps_bands_measured_alike_and_one_that_cannot_say_how_matches_no_run(tmp_path):
+    """`eval --record` of some bands kept the others' figures only by refusing: now where measured alike. An
+    eval.json from before the prompts were kept (benchmarks/steering.py --report --record) recorded 0 prompts and
+    the digest of none."""
+    from eqz.eval import describe_setup, record, recorded_alike, recording_setup
+
+    shutil.copytree(SHIPPED_DIR / "smollm2-135m-instruct", tmp_path / "bank")
+    bank = Bank.load(tmp_path / "bank")
+    shipped = dict(bank.quality["dose_response"])
+    alike = recording_setup(prompt_sets()["eval"], 64, 2, (-1.0, 0.0, 1.0, 2.0))
+    assert recorded_alike(bank, alike) and not recorded_alike(bank, {**alike, "samples": 1})
+    rows = [{"band": "joy", "gain": 1.0, "effect": 9.0}]
+    result = EvalResult(("joy",), (1.0,), rows, 16, 64, 2, "nrc", run={"prompts": prompt_sets()["eval"]})
+    record(result, bank)  # same prompts, samples and length, other gains: the others go
+    assert list(bank.quality["dose_response"]) == ["joy"]
+    bank.quality["dose_response"] = dict(shipped)
+    bank.quality["dose_response_setup"] = {**alike, "date": "2026-12-06"}
+    record(EvalResult(("joy",), (-1.0, 0.0, 1.0, 2.0), rows, 16, 64, 2, "nrc", run={"prompts": prompt_sets()["eval"]}),
+           bank)
+    recorded = bank.quality["dose_response"]
+    assert recorded["joy"] == {"1.0": {"effect": 9.0}} and recorded["trust"] == shipped["trust"] and len(recorded) == 10
+    record(EvalResult(("joy",), (1.0,), rows, 16, 64, 2, "nrc"), bank)  # read back from an old eval.json: no texts
+    setup = bank.quality["dose_response_setup"]
+    assert setup["prompts"] == 16 and "prompts_sha256" not in setup and not recorded_alike(bank, alike)
+    assert describe_setup({"prompts": 16, "reply_tokens": 64}) == (  # the first eval's records: a KeyError
+        "16 prompts, which ones unrecorded x unrecorded samples x 64 tokens at unrecorded gains")
 
 
 def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_redrawn_prompts():

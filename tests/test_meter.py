@@ -99,7 +99,7 @@ def test_a_reply_whose_tokens_were_never_read_back_has_no_meter_reading(model, b
     """A one-token reply's meter was {} (its token is sampled, never read), which row["meter"]["joy"] met as a
     KeyError; the server's records said null."""
     turn, _ = reply_with(model, bank, "Hi", None, seed=1, tokens=1)
-    assert turn.record.n_tokens == 1 and turn.record.meter is None
+    assert turn.record.n_tokens == 1 and turn.record.meter is None and turn.record.to_dict()["meter"] is None
     turn, _ = reply_with(model, bank, "Hi", None, seed=1, tokens=2)
     assert set(turn.record.meter) == set(metered_bands(bank))
 

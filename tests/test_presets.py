@@ -102,7 +102,14 @@ def test_user_preset_overrides_bundled_and_broken_one_is_listed(tmp_path):
     # a copy kept beside the file being edited hid the edits: the file named for the preset wins the name
     for stem, joy in (("glow", -1.0), ("glow.bak", 1.0)):
         (presets / f"{stem}.yaml").write_text(yaml.safe_dump({**GOOD, "name": "glow", "sliders": {"joy": joy}}))
+    # ... and so it does when it is the broken one, whatever the case of its file name
+    (presets / "dim.yaml").write_text(yaml.safe_dump({**GOOD, "name": "dim", "sliders": {"sadnes": 1}}))
+    (presets / "dim.bak.yaml").write_text(yaml.safe_dump({**GOOD, "name": "dim"}))
+    (presets / "Tender.yaml").write_text(yaml.safe_dump({**GOOD, "name": "tender", "sliders": {"trusst": 1}}))
     env = {"XDG_CONFIG_HOME": str(config)}
+    for name, file in (("dim", "dim.yaml"), ("tender", "Tender.yaml")):
+        shown = run_eqz("presets", "show", name, env=env)
+        assert shown.returncode == 2 and file in shown.stderr, shown
     typo = run_eqz("generate", "Hi", "-p", "stoic", "-n", "2", env=env)
     assert typo.returncode == 2 and "stoic.yaml" in typo.stderr and "sadnes" in typo.stderr and not typo.stdout
     assert entries_of(run_eqz("presets", "list", "--json", env=env))["glow"]["path"].endswith("/glow.yaml")

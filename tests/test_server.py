@@ -260,7 +260,7 @@ HI = {"messages": [{"role": "user", "content": "hi"}]}
     (b"{bad", "not valid JSON", None),
     ({"messages": []}, "'messages' must be a non-empty list", "messages"),
     ({**HI, "eqz": {"sliders": {"glee": 1}}}, "unknown band 'glee'", "eqz.sliders.glee"),
-    ({**HI, "eqz": {"sliders": {"joy": 9}}}, "gain for joy", "eqz.sliders.joy"),
+    ({**HI, "eqz": {"sliders": {"JOY": 9}}}, "gain for joy", "eqz.sliders.JOY"),  # the key as sent
     ({**HI, "eqz": {"volume": 1}}, "unknown eqz field 'volume'", "eqz.volume"),
     ({**HI, "temperature": "hot"}, "temperature must be a number", "temperature"),
     ({"messages": [{"role": "user", "content": "word " * 3000}]}, "the prompt has", "messages"),
