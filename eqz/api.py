@@ -692,8 +692,8 @@ def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on:
                 clamp: dict[str, float] | None = None, ablate: Iterable[str] = (), replace: bool = False) -> Path:
     """Save a user preset (in the user config dir, where it stands in for a bundled one of its name): ``based_on``
     a preset, with the sliders, system prompt, sampling and filters given on top (its description where none is
-    given and the name is its own, else "based on BASE"). Only the sampling asked for is kept, not every default. A saved
-    one of that name is replaced only with ``replace``."""
+    given and the name is its own, else "based on BASE"). Only the sampling asked for is kept, not every default.
+    A saved one of that name is replaced only with ``replace``."""
     sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
     sampling = _mapping(sampling, "sampling", "{'temperature': 0.7}") or {}
     known = known_band_names()

@@ -282,7 +282,8 @@ class EqzServer:
                 raise BadRequest(f"'{field}' is not supported as sent ({why}); leave it out", field)
         settings = body.get("eqz") or {}
         if not isinstance(settings, dict):
-            raise BadRequest("'eqz' must be an object: {\"sliders\", \"preset\", \"clamp\", \"ablate\", \"meter\"}", "eqz")
+            raise BadRequest("'eqz' must be an object: {\"sliders\", \"preset\", \"clamp\", \"ablate\", \"meter\"}",
+                             "eqz")
         unknown = set(settings) - {"sliders", "preset", "clamp", "ablate", "meter"}
         if unknown:
             raise BadRequest(f"unknown eqz field '{sorted(unknown)[0]}'; known: sliders, preset, clamp, ablate, meter",

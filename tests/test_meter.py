@@ -86,7 +86,8 @@ def test_analyze_by_sentence_and_token_and_json():
     # a sentence's first token is its own, not the last sentence's: " I" of "Hi. I am sad." starts at the space
     parts = json.loads(run_eqz("analyze", "Hi. I am sad.", "--json").stdout)["segments"]
     pieces = json.loads(run_eqz("analyze", "Hi. I am sad.", "--by", "token", "--json").stdout)["segments"]
-    assert [piece["text"] for piece in pieces[:3]] == ["Hi", ".", " I"] and parts[0]["readouts"] == pieces[1]["readouts"]
+    assert [piece["text"] for piece in pieces[:3]] == ["Hi", ".", " I"]
+    assert parts[0]["readouts"] == pieces[1]["readouts"]
     blank = run_eqz("analyze", " \n\t \n")  # read as valence -2 from a file or argument; stdin said "empty"
     assert blank.returncode == 2 and "the text is blank" in blank.stderr
     bad = run_eqz("analyze", text, "--by", "word")

@@ -77,7 +77,8 @@ def test_each_validation_error_is_one_line_naming_file_field_and_allowed(tmp_pat
 
 def test_an_empty_description_is_none_as_an_empty_system_prompt_is(tmp_path):
     """"description:" left empty was refused as "must be text", where "system:" left empty was taken."""
-    assert load_preset_file(write(tmp_path, "name: mood\ndescription:\nsystem:\nsliders: {joy: 0.5}\n")).description == ""
+    empty = write(tmp_path, "name: mood\ndescription:\nsystem:\nsliders: {joy: 0.5}\n")
+    assert load_preset_file(empty).description == ""
     with pytest.raises(EqzError, match="description must be text"):
         load_preset_file(write(tmp_path, "name: mood\ndescription: 0\n"))
 

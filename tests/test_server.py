@@ -560,8 +560,8 @@ def test_the_web_page_streams_and_its_joy_slider_resteers_the_reply(server):
         assert flag.get_attribute("title") == config["doubts"]["joy"] and "may not move" in config["doubts"]["joy"]
         assert not browser.find_elements(By.CSS_SELECTOR, "label[for=s-sadness] .doubt")
         assert browser.find_element(By.ID, "doubts").text == ""  # no band moved yet
-        cut = browser.execute_script("return [...document.querySelectorAll('#eq .name')]"
-                                     ".filter(name => name.scrollWidth > name.clientWidth).map(name => name.textContent)")
+        cut = browser.execute_script("return [...document.querySelectorAll('#eq .name')].filter("
+                                     "name => name.scrollWidth > name.clientWidth).map(name => name.textContent)")
         assert cut == []  # a wide window shows every band's name whole ("anticipa…" was cut at 58 px)
         joy = browser.find_element(By.ID, "s-joy")
         joy.send_keys(Keys.ARROW_UP * 8)  # the user moves the slider while the reply streams
