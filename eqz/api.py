@@ -70,6 +70,7 @@ class EqzModel:
     def __init__(self, model: Model, bank: Bank | None = None):
         self.model = model
         self._bank = bank
+        self._chosen = bank  # load(bank=...): the bank edits, which change the user's own copy, leave it be
         self.on_warning: Callable[[str], None] = _python_warning
 
     def __repr__(self) -> str:
@@ -197,6 +198,8 @@ class EqzModel:
         """Adopt a repeng or llama.cpp control-vector file as slider ``band`` (gain 1 = the file as it is; unmetered:
         the meter, analyze and filters do not read it). Returns the bank's directory."""
         name = band_key(_text(band, "band"))
+        if not isinstance(path, (str, Path)):  # a number or bytes was a raw TypeError
+            raise EqzError(f"import_vector takes a control vector file's path, such as 'joy.gguf'; got {path!r}")
         with self._editing("importing a vector"):
             bank = writable_bank(self.info)
             if name in bank.bands and not replace:
@@ -216,8 +219,10 @@ class EqzModel:
                 if (shipped := shipped_bank(self.info)) is not None:  # set back to its level: measured there
                     bank.measured_as_in(name, shipped)
                 return self._keep(bank)
-        if (Path(bank.directory) / MANIFEST).exists() and (warning := shadowed(bank.directory, self.info)):
-            self._warn(warning)  # as it is in the user's own copy, which eqz does not use
+        if (Path(bank.directory) / MANIFEST).exists():
+            self._bank = bank  # as it is on disk: another eqz may have set the level this model had not yet read
+            if warning := shadowed(bank.directory, self.info):
+                self._warn(warning)  # as it is in the user's own copy, which eqz does not use
         return None
 
     def remove_bands(self, *bands: str) -> Path:
@@ -240,8 +245,16 @@ class EqzModel:
         return removed
 
     def _editing(self, what: str):
-        """The edit lock of the user's own copy of this model's bank (bank.editing)."""
-        return editing(own_bank_directory(self.info), what)
+        """The edit lock of the user's own copy of this model's bank (bank.editing). A model loaded with another bank
+        (load(bank=...)) is refused: the edit would go into that copy, and the model would steer with it from then on
+        without a word (it did)."""
+        own = own_bank_directory(self.info)
+        chosen = self._chosen.directory if self._chosen is not None else None
+        if chosen is not None and Path(chosen).resolve() != own.resolve():
+            raise EqzError(f"this model steers with the bank in {chosen} (load(bank=...)), and {what} would change "
+                           f"your own copy of its model's bank ({own}) instead; load the model without bank= to change "
+                           "that one, or change this one through eqz.read_bank(...) and its save()")
+        return editing(own, what)
 
     def _keep(self, bank: Bank) -> Path:
         """Save the user's own copy of the bank and steer with it from now on."""

@@ -74,7 +74,8 @@ def unknown_band(band: str, valid: tuple[str, ...], what: str = "") -> EqzError:
     (no flag: the library and the server give the same line)."""
     if band in BANDS:
         return EqzError(f"this bank has no band '{band}'{what} (removed from your copy of the bank, or never trained: "
-                        f"`eqz vectors reset` restores the shipped bank); it has {', '.join(valid)}")
+                        "`eqz vectors reset` restores a shipped bank, `eqz train --bands` trains one for other "
+                        f"models); it has {', '.join(valid)}")
     return EqzError(f"unknown band '{band}'{what}; valid bands: {', '.join(valid)}")
 
 

@@ -424,7 +424,11 @@ class Bank:
         read_directions = _meter_directions(directory / METER_FILE)
         for name, entry in bands:
             _check_entry(directory / MANIFEST, name, entry)
-            matrix = read_control_vector(directory / entry["file"]).matrix(model.n_layer, model.n_embd, model.name)
+            try:  # a band's file gone or broken stopped every command with no word on how to get going again
+                matrix = read_control_vector(directory / entry["file"]).matrix(model.n_layer, model.n_embd, model.name)
+            except EqzError as error:
+                raise EqzError(f"the bank {directory} cannot read its band '{name}': {error}; "
+                               f"{_mend(directory / MANIFEST)}") from None
             with _broken_manifest(directory / MANIFEST):  # a field of the wrong type, such as negative_ratio: abc
                 bank.bands[name] = Band(name, matrix, float(entry.get("negative_ratio", 1.0)), entry.get("readout"),
                                         read_directions.get(name),
@@ -746,6 +750,9 @@ def adopt_vector(bank: Bank, path: str | Path, name: str, info: ModelInfo) -> Ba
     check_band_name(name)
     vector_file = read_control_vector(path)
     matrix = vector_file.matrix(info.n_layer, info.n_embd, info.name)
+    if not np.any(matrix):  # refused before anything is written (its save failed, leaving a bank with no bank.yaml)
+        raise EqzError(f"{path} is zero on every layer: as a slider it would steer nothing; give a control vector "
+                       "that moves some layer")
     band = Band(name, matrix, source=os.path.abspath(Path(path).expanduser()))  # which file, whatever the folder
     bank.bands[name] = band
     bank.forget_recorded(name)  # figures of a band it replaces measured another vector

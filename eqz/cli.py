@@ -643,12 +643,12 @@ def vectors_list(json_output: JsonOpt = False) -> None:
     from dataclasses import asdict
 
     from .api import list_banks
-    from .display import print_bank_list
+    from .display import bank_listing, print_bank_list
 
     banks = list_banks()
     if json_output:
-        typer.echo(json.dumps([{"path": str(found.directory), **asdict(found.model), "bands": list(found.band_names)}
-                               for found in banks], indent=2))
+        typer.echo(json.dumps([{"path": str(found.directory), **asdict(found.model), "bands": list(found.band_names),
+                                **listed} for found, listed in zip(banks, bank_listing(banks))], indent=2))
         return
     print_bank_list(banks)
 
@@ -711,11 +711,13 @@ def vectors_import(
     """Adopt a repeng or llama.cpp control vector as a band of this model's bank (gain 1 = the file as is). The
     band is unmetered: the meter, analyze and filters do not read it."""
     from .bands import band_key
+    from .bank import shadowed
 
     with _load_model(model, None) as loaded:
         directory = loaded.import_vector(file, band, replace)
-    typer.echo(f"band '{band_key(band)}' added to the bank in {directory} (unmetered); try: "
-               f"{_chat_with(model)} --set {band_key(band)}=0.5")
+        unused = shadowed(directory, loaded.info)  # warned already: the hint's command would not know the band
+    hint = "" if unused else f"; try: {_chat_with(model)} --set {band_key(band)}=0.5"
+    typer.echo(f"band '{band_key(band)}' added to the bank in {directory} (unmetered){hint}")
 
 
 @vectors_app.command("hold")

@@ -83,20 +83,29 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:,.0f} MiB" if size < 2**30 else f"{size / 2**30:.1f} GiB"
 
 
+def bank_listing(banks: list[FoundBank]) -> list[dict]:
+    """Per bank, what `vectors list` says of it beside its model and bands: its folder's name (what `vectors show`
+    takes), where it comes from, and whether it is the one in use for its model (the first found with that
+    fingerprint) or which one shadows it."""
+    in_use: dict[str, FoundBank] = {}
+    for found in banks:
+        in_use.setdefault(found.model.fingerprint, found)
+    firsts = [in_use[found.model.fingerprint] for found in banks]
+    return [{"bank": found.directory.name, "where": _where(found.directory), "in_use": first is found,
+             "shadowed_by": None if first is found else str(first.directory)} for found, first in zip(banks, firsts)]
+
+
 def print_bank_list(banks: list[FoundBank]) -> None:
     """One block per bank: name, where it comes from, whether it is the one in use for its model (the first found
     with that fingerprint), then model and path on lines of their own so nothing is cut at 80 columns."""
     if not banks:
         console.print("no banks found; `eqz train` makes one for a model")
         return
-    in_use: dict[str, FoundBank] = {}
-    for found in banks:
-        in_use.setdefault(found.model.fingerprint, found)
-    for found in banks:
-        first = in_use[found.model.fingerprint]
-        status = "[green]in use[/green]" if first is found else f"[yellow]shadowed by {escape(str(first.directory))}[/yellow]"
+    for found, listed in zip(banks, bank_listing(banks)):
+        shadow = listed["shadowed_by"]
+        status = "[green]in use[/green]" if shadow is None else f"[yellow]shadowed by {escape(shadow)}[/yellow]"
         accuracy = f", held-out accuracy {found.heldout_accuracy:.0%}" if found.heldout_accuracy is not None else ""
-        console.print(f"[bold]{escape(found.directory.name)}[/bold] ({_where(found.directory)}, {status}): "
+        console.print(f"[bold]{escape(found.directory.name)}[/bold] ({listed['where']}, {status}): "
                       f"{len(found.band_names)} bands{accuracy}", soft_wrap=True)
         console.print(f"  model {escape(found.model.name)} ({found.model.fingerprint})", soft_wrap=True)
         console.print(f"  {escape(str(found.directory))}", soft_wrap=True)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from .bank import Bank, require_bank
 from .meter import Filters
 from .models import ModelInfo
 from .vector_files import ControlVectorFile, read_control_vector
+
+
+def _absolute(path: str | Path) -> str:
+    return os.path.abspath(Path(path).expanduser())
 
 
 @dataclass(frozen=True)
@@ -35,14 +40,15 @@ class Steering:
         return steering
 
     def with_vector(self, path: str | Path, scale: float) -> "Steering":
-        """Set one file's scale (0 removes it), keeping the others."""
-        path = str(Path(path).expanduser())
+        """Set one file's scale (0 removes it), keeping the others. Paths are absolute: a record names the file
+        whatever folder it is read in."""
+        path = _absolute(path)
         kept = tuple((p, s) for p, s in self.vectors if p != path)
         return replace(self, vectors=kept + (((path, scale),) if scale != 0 else ()))
 
     def plus_vector(self, path: str | Path, scale: float) -> "Steering":
         """Add ``scale`` to one file's scale: a file given twice adds up, as llama.cpp's --control-vector does."""
-        current = dict(self.vectors).get(str(Path(path).expanduser()), 0.0)
+        current = dict(self.vectors).get(_absolute(path), 0.0)
         return self.with_vector(path, round(current + float(scale), 6))  # 0.1 + 0.2 is recorded as 0.3
 
     def same_as(self, other: "Steering") -> bool:
@@ -70,19 +76,27 @@ class Steerer:
     def __init__(self, info: ModelInfo, bank: Bank | None = None):
         self.info = info
         self.bank = bank
-        self._files: dict[str, ControlVectorFile] = {}
+        self._files: dict[str, tuple[tuple | None, ControlVectorFile]] = {}  # path -> (its stat when read, file)
 
     @property
     def bands(self) -> tuple[str, ...]:
         return self.bank.names if self.bank else ()
 
     def load(self, path: str | Path) -> ControlVectorFile:
-        key = str(Path(path).expanduser())
-        if key not in self._files:
+        """The control vector in ``path``, read again where the file has changed since (a chat's `/vector` after
+        `eqz vectors export --replace` steered with the old one); one that has gone since is used as it was read."""
+        key = _absolute(path)
+        try:
+            found = os.stat(key)
+            stamp = (found.st_mtime_ns, found.st_size, found.st_ino)
+        except OSError:  # not there: read_control_vector says so, unless it was read before
+            stamp = None
+        cached = self._files.get(key)
+        if cached is None or (stamp is not None and cached[0] != stamp):
             vector_file = read_control_vector(key)
             vector_file.matrix(self.info.n_layer, self.info.n_embd, self.info.name)  # fits, or a clear error
-            self._files[key] = vector_file
-        return self._files[key]
+            self._files[key] = (stamp, vector_file)
+        return self._files[key][1]
 
     def _bank(self) -> Bank:
         """The bank, found for the model the first time sliders need it (an EqzError when it has none)."""

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -412,6 +413,8 @@ def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, mon
         assert model.bank.bands["mine"].source == str(random_vector_file)
         with pytest.raises(eqz.EqzError, match=r"replace=True in the library"):
             model.import_vector(random_vector_file, "mine")
+        with pytest.raises(eqz.EqzError, match="import_vector takes a control vector file's path"):
+            model.import_vector(123, "mine")
         with pytest.raises(eqz.EqzError, match="replace=True in the library"):  # before any work
             model.train(described={"Mine": "wistful, longing for the past"})
         with pytest.raises(eqz.EqzError, match="hold=True, orthogonalize=True in the library"):
@@ -423,6 +426,35 @@ def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, mon
         assert model.reset_bank() == own and not own.exists()
         assert model.bank.bands["fear"].hold == shipped_fear  # the shipped bank again
         assert model.reset_bank() is None
+    # a model loaded with a bank of the user's choosing: an edit went into the user's own copy of the model's bank,
+    # and the model steered with that copy from then on, without a word
+    chosen = tmp_path / "chosen"
+    shutil.copytree(ROOT / "vectors" / "smollm2-135m-instruct", chosen)
+    with eqz.load(bank=chosen) as model:
+        with pytest.raises(eqz.EqzError, match=r"steers with the bank in .*chosen \(load\(bank=...\)\)"):
+            model.hold("sadness", 5)
+        with pytest.raises(eqz.EqzError, match="load the model without bank="):
+            model.import_vector(random_vector_file, "mine")
+        assert model.bank.directory == chosen and not own.exists()
+    # a band's file gone: every command stopped on "control vector not found", with no word on how to go on
+    (chosen / "joy.gguf").unlink()
+    with pytest.raises(eqz.EqzError, match=r"cannot read its band 'joy': control vector not found.*delete the folder"):
+        eqz.read_bank(chosen)
+    # a vector zero on every layer: its save failed, naming the bank's own file, and left a bank with no bank.yaml
+    zeros = tmp_path / "zeros.gguf"  # as a tool other than eqz may write one (eqz refuses to)
+    writer = gguf.GGUFWriter(str(zeros), "controlvector")
+    writer.add_uint32("controlvector.layer_count", 1)
+    writer.add_tensor("direction.5", np.zeros(576, dtype=np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file,
+                  writer.close):
+        write()
+    with eqz.load() as model, pytest.raises(eqz.EqzError, match="zeros.gguf is zero on every layer"):
+        model.import_vector(zeros, "flat")
+    assert not own.exists()
+    with eqz.load() as first, eqz.load() as second:  # "already so" while this model steered with the old level
+        assert first.bank.bands["joy"].hold != 5
+        second.hold("joy", 5)
+        assert first.hold("joy", 5) is None and first.bank.bands["joy"].hold == 5
 
 
 def test_presets_are_listed_read_and_saved_by_the_library(tmp_path, monkeypatch):

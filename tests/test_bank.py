@@ -182,6 +182,9 @@ def test_gain_beyond_one_warns_but_runs():
 def test_vectors_list_and_show():
     listing = json.loads(run_eqz("vectors", "list", "--json").stdout)
     assert any(entry["fingerprint"].startswith("llama-30x576") and len(entry["bands"]) == 10 for entry in listing)
+    # what the text says of each bank, which --json left out: which is in use, and the name `vectors show` takes
+    shipped = next(entry for entry in listing if entry["where"] == "shipped")
+    assert shipped["in_use"] and shipped["shadowed_by"] is None and shipped["bank"] == "smollm2-135m-instruct"
     shown = run_eqz("vectors", "show", env={"COLUMNS": "160"})
     assert shown.returncode == 0 and "held-out 8-way classification" in shown.stdout and "joy" in shown.stdout
     assert "dose-response (eqz eval --record, 10 bands, recorded 20" in shown.stdout  # how many bands it measured

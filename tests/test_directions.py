@@ -226,7 +226,7 @@ def test_instruments_average_per_owner_and_read_what_the_filter_wrote():
     assert not metered(1, hidden.copy())
     assert metered.mean("a")["joy"] == pytest.approx(0.0, abs=1e-5)
     assert metered.mean("b")["joy"] == pytest.approx(2.0, abs=1e-5)
-    assert metered.mean("a") == {}  # forgotten once taken
+    assert metered.mean("a") is None  # forgotten once taken
     clamped = Instruments(bank, meter=True, filters=Filters(bank, {"joy": 1.0}, []))
     clamped.owners(["a", "b"])
     assert clamped(1, hidden)
@@ -519,3 +519,24 @@ def test_only_a_held_slider_that_a_filter_overrides_is_said_to_do_nothing():
     assert bank.overridden(gains, {"clamp": {}, "ablate": ["joy", "sadness"]}) == [
         "the joy slider (+1.00) does nothing while joy is notched"]
     assert bank.overridden(gains, None) == [] and bank.overridden({"joy": 0.0}, {"ablate": ["joy"]}) == []
+
+
+
+def test_a_vector_file_changed_since_it_was_read_is_read_again(tmp_path):
+    """A chat's `/vector v.gguf 1` after `eqz vectors export -o v.gguf --replace` steered with the old file: files
+    were kept by path for the session's life. One deleted since is used as it was read."""
+    import os
+
+    from eqz.steering import Steerer, Steering
+    from eqz.vector_files import write_control_vector
+
+    bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD)), "fear": D.unit(RNG.normal(size=EMBD))})
+    steerer = Steerer(ModelInfo("x.gguf", "tiny", "llama", LAYERS + 1, EMBD, 100, 512, True))
+    path = tmp_path / "v.gguf"
+    steering = Steering().plus_vector(path, 1.0)
+    write_control_vector(path, bank.bands["joy"].matrix, "tiny")
+    assert np.array_equal(steerer.matrix(steering), bank.bands["joy"].matrix)
+    write_control_vector(path, bank.bands["fear"].matrix, "tiny")  # replaced: written beside it and moved over
+    assert np.array_equal(steerer.matrix(steering), bank.bands["fear"].matrix)
+    os.unlink(path)
+    assert np.array_equal(steerer.matrix(steering), bank.bands["fear"].matrix)
