@@ -321,7 +321,7 @@ def test_importing_onto_a_band_refuses_without_replace_and_reset_restores_the_sh
     assert removed.returncode == 0 and "presets that move joy will not load" in removed.stdout
     assert "`eqz vectors reset` brings the shipped bank back, and drops extra, which you added" in removed.stdout
     without = run_eqz("generate", "hi", "-p", "melancholy", "-n", "2", env=env)  # melancholy moves joy
-    assert_one_line_error(without, "this bank has no band 'joy'", "`eqz vectors reset` restores the shipped bank")
+    assert_one_line_error(without, "this bank has no band 'joy'", "`eqz vectors reset` restores a shipped bank")
     reset = run_eqz("vectors", "reset", env=env)
     assert reset.returncode == 0 and "vectors/smollm2-135m-instruct is in use again" in reset.stdout
     shown = json.loads(run_eqz("vectors", "show", "--json", env=env).stdout)
