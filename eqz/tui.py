@@ -49,6 +49,7 @@ class Equalizer:
         self.tokens_per_second = 0.0
         self.levels: dict[str, float] | None = {} if session.meter_on else None  # smoothed meter readouts
         self.refused: str | None = None  # why the last key's move was refused, shown until the next key
+        self.noted: str | None = None  # a move made that does nothing (a filter overrides the held slider), as refused
         self.typed = ""  # the next message, typed while a reply streams: it waits at the prompt
         self.lock = threading.Lock()
 
@@ -76,7 +77,7 @@ class Equalizer:
                 return
             if not self.bands:
                 return
-            self.refused = None
+            self.refused = self.noted = None
             try:
                 self._apply(key)
             except EqzError as error:
@@ -112,7 +113,9 @@ class Equalizer:
                 self.selected = index
         elif key in ("up", "down"):
             step = STEP if key == "up" else -STEP
-            self.session.request_steering(steering.with_gain(band, round(max(-LIMIT, min(LIMIT, gain + step)), 2)))
+            moved = round(max(-LIMIT, min(LIMIT, gain + step)), 2)
+            self.session.request_steering(steering.with_gain(band, moved))
+            self.noted = next(iter(self.session.overridden({band: moved})), None)  # as /set says it
         elif key == "z":
             self.session.request_steering(steering.with_gain(band, 0.0))
         elif key == "r":
@@ -217,6 +220,8 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
         lines.append(Text("filters: " + describe_filters(filters), style="yellow"))
     if equalizer.refused:
         lines.append(Text(f"not moved: {equalizer.refused}", style="red", overflow="ellipsis", no_wrap=True))
+    elif equalizer.noted:
+        lines.append(Text(f"note: {equalizer.noted}", style="yellow", overflow="ellipsis", no_wrap=True))
     if equalizer.typed:  # what is typed while the reply streams: the next message, at the prompt after it
         lines.append(Text(f"you> {equalizer.typed[-max(8, width - 12):]}▏", style="bold", no_wrap=True))
     elif not compact:

@@ -98,17 +98,22 @@ def test_text_typed_while_a_reply_streams_waits_at_the_prompt_and_moves_no_slide
 
 def test_a_key_move_the_filters_cannot_hold_is_refused_on_the_panel(tmp_path):
     """Four held sliders and three notches filter seven primaries; holding an eighth cannot be met. The key is not
-    applied (it broke the reply's text before) and the panel says why."""
+    applied (it broke the reply's text before) and the panel says why. A held slider under a clamp moves, and the
+    panel says it does nothing."""
     child = spawn("--seed", "3", "-n", "400", "--set", "joy=1", "--set", "surprise=1", "--set", "sadness=1",
-                  "--set", "disgust=1", "--ablate", "trust", "--ablate", "fear", "--ablate", "anger")
+                  "--set", "disgust=1", "--ablate", "trust", "--ablate", "fear", "--ablate", "anger", "--clamp", "joy=0.5")
     child.sendline(STORY)
     child.expect_exact("tok/s")
     child.send("8")  # anticipation, a held slider
     child.send("\x1b[A")
     expect_on_screen(child, r"not moved: too many bands filtered")
+    child.send("1")  # joy, held under the user's clamp: moved, and said to do nothing (/set said so, the panel not)
+    child.send("\x1b[A")
+    expect_on_screen(child, r"note: the joy slider \(\+1\.10\) does nothing while a clamp holds joy at \+0\.50")
     child.expect_exact(PROMPT, timeout=120)
     record = save_and_leave(child, tmp_path / "chat.json", "saved")["messages"][1]["reply"]
-    assert record["changes"] == [] and record["sliders"]["anticipation"] == 0.0
+    (change,) = record["changes"]  # the joy move alone: anticipation's was not made
+    assert change["sliders"]["anticipation"] == 0.0 and change["sliders"]["joy"] == pytest.approx(1.1)
 
 
 @contextmanager
