@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from .analyze import Analysis, analyze
 from .bands import band_key, check_described, check_gain, gain_warnings, keyed_by_band
-from .bank import (MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, find_bank, known_band_names,
-                   editing, own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed, shipped_bank,
-                   writable_bank)
+from .bank import (MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, describe_setup, editing, find_bank,
+                   known_band_names, own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed,
+                   shipped_bank, writable_bank)
 from .bank import list_banks as found_banks
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
@@ -419,7 +419,8 @@ class EqzModel:
         # llama.cpp's rounding (~0.02 nats a token), so one set of bands gives one set of figures
         chosen = tuple(band for band in bank.names if band in given) or bank.names
         gains = _listed(gains, "gains", "numbers", [-1, 0, 1, 2])
-        gain_list = tuple(sorted({check_gain(chosen[0], gain, bank.names) + 0.0 for gain in gains}))  # -0 is 0
+        # every band takes the same gains ("gain for joy" named a band the caller may not have asked for); -0 is 0
+        gain_list = tuple(sorted({check_gain("every band", gain, None) + 0.0 for gain in gains}))
         if prompts is not None:
             prompts = _listed(prompts, "prompts", "strings", ["Describe your morning."])
             prompts = [_text(prompt, "each prompt") for prompt in prompts]
@@ -442,7 +443,7 @@ class EqzModel:
         """Where ``evaluate(record=True)`` saves ``bank`` with its figures, checked before any reply: the user's own
         copy of a shipped bank (eqz's files stay as shipped), and only where the bands not measured again were
         measured as this run measures (one record holds figures measured alike: eval.recorded_alike)."""
-        from .eval import describe_setup, recorded_alike
+        from .eval import recorded_alike
 
         recorded = bank.quality.get("dose_response", {})
         unmeasured = [band for band in recorded if band in bank.bands and band not in bands]
@@ -568,7 +569,10 @@ def _sweeps(value) -> list[tuple[str, list[float]]]:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
                 and isinstance(pair[1], Iterable) and not isinstance(pair[1], str)):
             raise EqzError(f"sweeps takes (band, gains) pairs, such as [('joy', [-1, 0, 1])]; got {pair!r}")
-    swept = [(band_key(band), list(gains)) for band, gains in pairs]
+    # rounded as the CLI's are: a row's key holds its gains, so np.linspace's -0.33333333333333337 beside the CLI's
+    # -0.333333 wrote each row again under --resume (a bad gain is left for the grid to name)
+    swept = [(band_key(band), [round(number, 6) if (number := as_number(gain)) is not None and math.isfinite(number)
+                               else gain for gain in gains]) for band, gains in pairs]
     if (empty := next((band for band, gains in swept if not gains), None)) is not None:  # 0 settings, failing at run
         raise EqzError(f"sweeps: {empty} has no gains; give at least one, such as ('joy', [-1, 0, 1])")
     return swept

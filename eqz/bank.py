@@ -259,8 +259,10 @@ class Bank:
 
     def open_problems(self, name: str) -> list[str]:
         """``trained_problems`` as the held-out figures recorded for this bank (`eqz eval --record`) revise them,
-        since they rest on several times calibration's replies: less "weak" where they found the band clear at +1,
-        plus "fluency (eval)" where its +1 replies left the fluency bounds there."""
+        where they rest on at least calibration's reply tokens (``weighs_as_calibration``): less "weak" where they
+        found the band clear at +1, plus "fluency (eval)" where its +1 replies left the fluency bounds there."""
+        if not weighs_as_calibration(self.quality.get("dose_response_setup", {})):
+            return self.trained_problems(name)
         held_out = self.quality.get("dose_response", {}).get(name, {}).get("1.0", {})
         problems = [p for p in self.trained_problems(name) if not (p == "weak" and held_out.get("clear"))]
         if held_out.get("fluent") is False and "fluency" not in problems:
@@ -466,6 +468,33 @@ class Bank:
         """Whether the bank.yaml this bank was read from (or last saved) has changed since: another eqz saved that
         bank, and saving this one there would undo its change."""
         return self.seen is not None and _seen(self.seen[0].parent) != self.seen
+
+
+# Reply tokens per setting calibration reads (TrainSettings: 10 prompts x 40 tokens, one sample): a record of
+# `eqz eval` revises calibration's verdicts only where it rests on at least as many (three prompts of 24 tokens,
+# say, erased a "weak" and changed the warnings).
+CALIBRATION_REPLY_TOKENS = 10 * 40
+
+
+def weighs_as_calibration(setup: dict) -> bool:
+    """Whether a recording's setup rests on at least calibration's reply tokens per setting."""
+    return setup.get("prompts", 0) * setup.get("samples", 1) * setup.get("reply_tokens", 0) >= CALIBRATION_REPLY_TOKENS
+
+
+def describe_setup(setup: dict) -> str:
+    """A recording's setup in a phrase, as a refusal to mix two names them (what an old record left out, said so)."""
+    if not setup:
+        return "an unrecorded setup"
+
+    def counted(key: str, name: str) -> str:
+        count = setup.get(key)
+        return f"unrecorded {name}s" if count is None else f"{count} {name}{'s' if count != 1 else ''}"
+
+    gains = ", ".join("0" if gain == 0 else f"{gain:+g}" for gain in setup["gains"]) if "gains" in setup else \
+        "unrecorded gains"
+    which = "" if "prompts_sha256" in setup else ", which ones unrecorded"
+    return f"{counted('prompts', 'prompt')}{which} x {counted('samples', 'sample')} x " \
+           f"{counted('reply_tokens', 'token')} at {gains}"
 
 
 def _seen(directory: Path) -> tuple[Path, tuple]:

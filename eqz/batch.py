@@ -66,8 +66,8 @@ class PromptFile:
     the library) a list of prompts: strings, or dicts as a .jsonl line holds them, read as that file's lines would be
     (every check, and ids: a string's is its place in the list from 1)."""
 
-    def __init__(self, spec: str | list, skip_bad: bool = False):
-        self.skip_bad = skip_bad
+    def __init__(self, spec: str | list, skip_bad: bool | None = False):
+        self.skip_bad = skip_bad  # None: no --skip-bad to offer (eval's prompts): a bad line is only to be fixed
         self._spool: Path | None = None
         self._listed: bytes | None = None
         self.path: Path | None = None  # a list's lines are _listed
@@ -116,6 +116,8 @@ class PromptFile:
 
     def bad(self, number: int, error: str) -> None:
         """Line ``number`` cannot be a row (``error`` says why): the run stops, or with --skip-bad it is left out."""
+        if self.skip_bad is None:
+            raise EqzError(f"{error}; fix the line")
         if not self.skip_bad:
             raise EqzError(f"{error}; fix the line or pass --skip-bad (skip_bad=True in the library)")
         self.skipped.append(error)

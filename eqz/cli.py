@@ -488,7 +488,7 @@ def eval_command(
     model: ModelOpt = None,
     bands: Annotated[Optional[str], typer.Option("--bands", metavar="A,B", help="comma-separated bands \\[default: all in the bank]")] = None,
     gains: Annotated[str, typer.Option("--gains", metavar="G,G,G", help="comma-separated gains")] = "-1,0,1,2",
-    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="FILE", help="prompt file, one per line \\[default: built-in held-out set]")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="FILE", help="prompt file: .txt, one per line, or .jsonl with a \"prompt\" per line, as batch reads them \\[default: built-in held-out set]")] = None,
     output: Annotated[str, typer.Option("--output", "-o", metavar="DIR", help="directory for eval.json, eval.csv, replies.jsonl (every reply; and the plot)")] = "eval",
     tokens: Annotated[int, typer.Option("--max-tokens", "-n", "--tokens", metavar="N", help="tokens per reply", min=EVAL_MIN_TOKENS)] = 64,
     samples: Annotated[int, typer.Option("--samples", metavar="N", help="replies per prompt and setting", min=1)] = 1,
@@ -500,7 +500,7 @@ def eval_command(
 ) -> None:
     """Measure what each slider does against asking for the emotion in the system prompt: lexicon effect, the
     unsteered model's judgement of the replies' emotion, readout, crosstalk and fluency on held-out neutral prompts."""
-    from .bank import writable_directory
+    from .bank import weighs_as_calibration, writable_directory
     from .display import print_eval, progress_bars
     from .eval import OUTPUT_NAMES, non_fluent_gains, write_outputs
 
@@ -509,12 +509,17 @@ def eval_command(
     except ValueError:
         raise EqzError(f"--gains takes numbers separated by commas, e.g. -1,0,1; got '{gains}'") from None
     prompt_list = None
-    if prompts:
+    if prompts:  # read as batch reads them: a study's .jsonl went to the model line by line, JSON and all
+        from .batch import PromptFile
+
+        source = PromptFile(prompts, skip_bad=None)
         try:
-            text = Path(prompts).expanduser().read_text(encoding="utf-8-sig")  # a byte-order mark went into the
-            prompt_list = [line.strip() for line in text.splitlines() if line.strip()]  # first prompt; batch drops it
-        except (OSError, UnicodeDecodeError) as error:
-            raise EqzError(f"cannot read {prompts}: {error}") from None
+            rows = list(source.rows())
+        finally:
+            source.close()
+        if any(row.system for row in rows):
+            _warn(f"{prompts}: eval asks for each band in the system prompt; the file's system prompts are not used")
+        prompt_list = [row.prompt.strip() for row in rows]
         if not prompt_list:
             raise EqzError(f"{prompts} has no prompts")
     chosen = _listed(bands, "--bands")
@@ -531,9 +536,15 @@ def eval_command(
         except KeyboardInterrupt:
             sys.stderr.write("eqz eval: interrupted; no figures were written or recorded\n")
             raise typer.Exit(130) from None
+        recorded = loaded.bank if record else None
     print_eval(result, non_fluent_gains(result))
     for path in write_outputs(result, directory, plot):
         typer.echo(f"wrote {path}" + (" (replacing an earlier run's)" if path.name in earlier else ""))
+    if recorded is not None:  # it may have made the user's own copy of a shipped bank, used from then on
+        light = "" if weighs_as_calibration(recorded.quality["dose_response_setup"]) else (
+            "; fewer reply tokens than calibration read, so its verdicts and warnings stand")
+        typer.echo(f"recorded the figures of {', '.join(result.bands)} in {Path(recorded.directory) / 'bank.yaml'}"
+                   f"{light}")
     if not plot and OUTPUT_NAMES[2] in earlier:
         typer.echo(f"removed {directory / OUTPUT_NAMES[2]} (an earlier run's plot; --plot draws this run's)")
 

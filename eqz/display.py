@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from .bands import BANDS, SHORT_NAMES
-from .bank import PROBLEMS, SHIPPED_DIR, Bank, FoundBank, user_data_dir
+from .bank import PROBLEMS, SHIPPED_DIR, Bank, FoundBank, describe_setup, user_data_dir, weighs_as_calibration
 from .presets import Preset, PresetEntry, describe_filters
 
 console = Console(highlight=False)
@@ -165,8 +165,10 @@ def print_bank(bank: Bank) -> None:
     if dose:
         setup = quality.get("dose_response_setup", {})
         when = f", recorded {setup['date'][:10]}" if "date" in setup else ""  # recordings before stop 52: undated
-        console.print(f"dose-response (eqz eval --record, {len(dose)} bands{when}): see `eqz vectors show --json` or "
-                      "the README table")
+        light = "" if weighs_as_calibration(setup) else (
+            "; fewer reply tokens than calibration read, so its verdicts stand")
+        console.print(f"dose-response (eqz eval --record, {len(dose)} band{'s' if len(dose) != 1 else ''}{when}; "
+                      f"{describe_setup(setup)}{light}): see `eqz vectors show --json` or the README table")
     if bank.trained:
         console.print(f"trained in {_training(bank.trained)}")
     for name, band in bank.bands.items():  # added or retrained since (`train --band`): the line above is not theirs

@@ -559,11 +559,14 @@ def result_row(band: str, gain: float | None, replies: ReplySet, baseline: Reply
     """One row of an EvalResult: the band's verdicts on ``replies`` against the unsteered ``baseline``."""
     share = replies.clear_share(band, baseline, samples) if gain != 0 else None
     judged = band in PRIMARIES and gain != 0 and replies.labels is not None and baseline.labels is not None
+    summary = replies.summary(band, baseline)
+    if gain == 0:  # the unsteered replies against themselves lift nothing: max() named whichever came first ("joy")
+        summary.update({key: None for key in ("most_lifted", "judged_most_lifted") if key in summary})
     return {
         "band": band,
         "gain": gain,
         **({"asked": True} if asked else {}),
-        **replies.summary(band, baseline),
+        **summary,
         **({"clear_share": round(share, 3)} if share is not None else {}),
         **({"judged_clear_share": round(replies.judged_clear_share(band, baseline, samples), 3)} if judged else {}),
         # how likely the judge names the band for the unsteered replies (geometric mean): its lift cannot pass 1 / this
@@ -671,22 +674,6 @@ def recorded_alike(bank: Bank, setup: dict) -> bool:
     recorded = dict(bank.quality.get("dose_response_setup", {}))
     recorded.pop("date", None)
     return recorded == setup
-
-
-def describe_setup(setup: dict) -> str:
-    """A recording's setup in a phrase, as a refusal to mix two names them (what an old record left out, said so)."""
-    if not setup:
-        return "an unrecorded setup"
-
-    def counted(key: str, name: str) -> str:
-        count = setup.get(key)
-        return f"unrecorded {name}s" if count is None else f"{count} {name}{'s' if count != 1 else ''}"
-
-    gains = ", ".join("0" if gain == 0 else f"{gain:+g}" for gain in setup["gains"]) if "gains" in setup else \
-        "unrecorded gains"
-    which = "" if "prompts_sha256" in setup else ", which ones unrecorded"
-    return f"{counted('prompts', 'prompt')}{which} x {counted('samples', 'sample')} x " \
-           f"{counted('reply_tokens', 'token')} at {gains}"
 
 
 def record(result: EvalResult, bank: Bank, **extra) -> None:

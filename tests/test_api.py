@@ -270,7 +270,7 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                "max_tokens must be a whole number of at least 8": lambda: library.evaluate(["joy"], [0], ["Hi"], 0),
                "samples must be a whole number": lambda: library.evaluate(["joy"], [0], ["Hi"], 8, samples=1.5),
                "gains takes a list of numbers": lambda: library.evaluate(["joy"], None),
-               "gain for joy must be a number, got True": lambda: library.evaluate(["joy"], [True], ["Hi"], 8),
+               "gain for every band must be a number, got True": lambda: library.evaluate(["joy"], [True], ["Hi"], 8),
                # train: refused before the f16 unpacking (and the CLI's checks on described bands)
                "unknown band 'nosuch'": lambda: library.train(["nosuch"]),
                "described must be a dict": lambda: library.train(described="nostalgia"),
@@ -492,6 +492,9 @@ def test_a_library_batch_takes_its_prompts_as_a_list_checked_as_a_files_lines(li
         library.batch(["Say hi.", 3], tmp_path / "bad.jsonl")
     skipped = library.batch(["Say hi.", ""], tmp_path / "skip.jsonl", sampling={"max_tokens": 4}, skip_bad=True)
     assert skipped.run().written == 1
+    # a sweep's gains as the CLI's BAND=-1:1:4 makes them: np.linspace's unrounded ones resumed a CLI file twice over
+    swept = library.batch(["Say hi."], tmp_path / "swept.jsonl", sweeps=[("trust", list(np.linspace(-1, 1, 4)))])
+    assert [setting.gains["trust"] for setting in swept.settings] == [-1.0, -0.333333, 0.333333, 1.0]
 
 
 def test_a_bank_change_that_eqz_will_not_find_first_says_so(tmp_path, monkeypatch):

@@ -356,6 +356,10 @@ def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measu
     env = {"XDG_DATA_HOME": str(tmp_path / "data")}
     (tmp_path / "afile").write_text("")
     assert_one_line_error(run_eqz("eval", "-o", str(tmp_path / "afile"), env=env), "is a file; --output takes")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "Hi"}\n{"text": "no prompt"}\n')
+    bad = run_eqz("eval", "--prompts", str(tmp_path / "bad.jsonl"), env=env)
+    assert_one_line_error(bad, "bad.jsonl line 2: missing \"prompt\"", "fix the line")
+    assert "--skip-bad" not in bad.stderr  # eval has no such flag
     assert_one_line_error(run_eqz("eval", "--bands", "joy", "--record", env=env), "trust, fear",
                           "would lose their recorded figures", "measured with 16 prompts x 2 samples x 64 tokens at "
                           "-1, 0, +1, +2, this run with 16 prompts x 1 sample")
@@ -364,13 +368,17 @@ def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measu
     alike = ("--prompts", str(tmp_path / "one.txt"), "-n", "8", "--gains", "1", "--record")
     ran = run_eqz("eval", *alike, "-o", str(tmp_path / "eval"), env=env)
     assert ran.returncode == 0, ran.stderr
+    assert "recorded the figures of joy, trust" in ran.stdout and "so its verdicts and warnings stand" in ran.stdout
     assert (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes() == shipped
     (own,) = (tmp_path / "data").glob("eqz/vectors/*/bank.yaml")
     data = yaml.safe_load(own.read_text())
     assert data["quality"]["dose_response_setup"]["prompts"] == 1 and len(data["quality"]["dose_response"]) == 10
     data["quality"]["dose_response"]["joy"] = data["quality"]["dose_response"]["trust"] = {"marked": True}
     own.write_text(yaml.safe_dump(data, sort_keys=False))
-    assert run_eqz("eval", "--bands", "joy", *alike, "-o", str(tmp_path / "joy"), env=env).returncode == 0
+    # the same prompt from a .jsonl, as batch reads it: its JSON went to the model as the prompt
+    (tmp_path / "one.jsonl").write_text('{"prompt": "Describe your morning.", "id": "m", "label": "routine"}\n')
+    by_jsonl = [alike[0], str(tmp_path / "one.jsonl"), *alike[2:]]
+    assert run_eqz("eval", "--bands", "joy", *by_jsonl, "-o", str(tmp_path / "joy"), env=env).returncode == 0
     recorded = yaml.safe_load(own.read_text())["quality"]["dose_response"]
     assert "1.0" in recorded["joy"] and recorded["trust"] == {"marked": True} and len(recorded) == 10
     assert_one_line_error(run_eqz("eval", "--bands", "joy", *alike, "--samples", "2", env=env),

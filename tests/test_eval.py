@@ -142,7 +142,8 @@ def test_a_record_keeps_bands_measured_alike_and_one_that_cannot_say_how_matches
     """`eval --record` of some bands kept the others' figures only by refusing: now where measured alike. An
     eval.json from before the prompts were kept (benchmarks/steering.py --report --record) recorded 0 prompts and
     the digest of none."""
-    from eqz.eval import describe_setup, record, recorded_alike, recording_setup
+    from eqz.bank import describe_setup
+    from eqz.eval import record, recorded_alike, recording_setup
 
     shutil.copytree(SHIPPED_DIR / "smollm2-135m-instruct", tmp_path / "bank")
     bank = Bank.load(tmp_path / "bank")
@@ -162,6 +163,13 @@ def test_a_record_keeps_bands_measured_alike_and_one_that_cannot_say_how_matches
     record(EvalResult(("joy",), (1.0,), rows, 16, 64, 2, "nrc"), bank)  # read back from an old eval.json: no texts
     setup = bank.quality["dose_response_setup"]
     assert setup["prompts"] == 16 and "prompts_sha256" not in setup and not recorded_alike(bank, alike)
+    # a record revises calibration's verdicts only where it rests on as many reply tokens: three prompts of 24
+    # tokens erased joy's "weak" and its warning
+    bank.quality["dose_response"]["joy"] = {"1.0": {"clear": True, "fluent": True}}
+    assert "weak" in bank.trained_problems("joy")
+    for prompts, tokens, weak in ((3, 24, True), (16, 64, False)):
+        bank.quality["dose_response_setup"] = {**alike, "prompts": prompts, "samples": 1, "reply_tokens": tokens}
+        assert ("weak" in bank.open_problems("joy")) == weak
     assert describe_setup({"prompts": 16, "reply_tokens": 64}) == (  # the first eval's records: a KeyError
         "16 prompts, which ones unrecorded x unrecorded samples x 64 tokens at unrecorded gains")
 
@@ -477,6 +485,8 @@ def test_tiny_eval_end_to_end(tmp_path):
     # gain 0 is the shared unsteered baseline: effect exactly 1, perplexity ratio exactly 1
     zero = rows[("joy", 0.0)]
     assert zero["effect"] == 1.0 and zero["ppl_ratio"] == 1.0 and zero["examples"] == rows[("sadness", 0.0)]["examples"]
+    # and lifts nothing: the first of eight equal lifts ("joy") was written down as the most lifted, every band's
+    assert zero["most_lifted"] is None and zero["judged_most_lifted"] is None
     # the slider moves the model's own readout of its reply the way it is named
     for band in ("joy", "sadness"):
         assert rows[(band, -1.0)]["readout"] < rows[(band, 0.0)]["readout"] < rows[(band, 1.0)]["readout"]
