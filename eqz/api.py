@@ -238,19 +238,24 @@ class EqzModel:
     def reset_bank(self) -> Path | None:
         """Delete the user's own copy of this model's bank, so the shipped one is used again; returns what was
         deleted (None: there was none)."""
-        with self._editing("resetting it"):
+        with self._editing("resetting it", steering=False):
             removed = reset_user_bank(self.info)
-        if removed is not None:
-            self._bank = None  # found again when next used
+        if removed is not None and not self._steers_with_another():  # a bank chosen at load stays
+            self._bank = self._chosen = None  # found again when next used
         return removed
 
-    def _editing(self, what: str):
-        """The edit lock of the user's own copy of this model's bank (bank.editing). A model loaded with another bank
-        (load(bank=...)) is refused: the edit would go into that copy, and the model would steer with it from then on
-        without a word (it did)."""
-        own = own_bank_directory(self.info)
+    def _steers_with_another(self) -> bool:
+        """Whether this model was loaded with a bank (load(bank=...)) other than the user's own copy."""
         chosen = self._chosen.directory if self._chosen is not None else None
-        if chosen is not None and Path(chosen).resolve() != own.resolve():
+        return chosen is not None and Path(chosen).resolve() != own_bank_directory(self.info).resolve()
+
+    def _editing(self, what: str, steering: bool = True):
+        """The edit lock of the user's own copy of this model's bank (bank.editing). An edit the model would then
+        ``steer`` with is refused where it was loaded with another bank (load(bank=...)): the edit would go into that
+        copy, and the model would steer with it from then on without a word (it did)."""
+        own = own_bank_directory(self.info)
+        if steering and self._steers_with_another():
+            chosen = self._chosen.directory
             raise EqzError(f"this model steers with the bank in {chosen} (load(bank=...)), and {what} would change "
                            f"your own copy of its model's bank ({own}) instead; load the model without bank= to change "
                            "that one, or change this one through eqz.read_bank(...) and its save()")

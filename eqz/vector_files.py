@@ -112,7 +112,7 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
     named = str(path)
     path = Path(path).expanduser()
     if path.is_dir() or named.endswith(("/", os.sep)):  # "out/" wrote a file named out
-        raise EqzError(f"{path} names a folder; give a file name, such as {path / 'mix.gguf'}")
+        raise EqzError(f"{path} is a folder; give a file name, such as {path / 'mix.gguf'}")
     if not np.isfinite(matrix).all():
         raise EqzError(NOT_FINITE)
     layers = [layer for layer in range(1, len(matrix)) if np.any(matrix[layer])]
