@@ -331,6 +331,7 @@ class Model:
                 yield self
                 return
             with Model(path, threads=self.threads, gpu_layers=0) as copy:
+                path.unlink()  # loaded (mapped): a kill -9 left a model-sized file in the temp folder for good
                 copy.info = self.info
                 yield copy
 

@@ -350,8 +350,9 @@ def test_training_reads_an_f16_copy_that_reads_as_the_model_does_and_is_removed_
         assert copy is not model and copy.file_type == 1  # LLAMA_FTYPE_MOSTLY_F16
         assert copy.info == model.info  # a bank trained on it is the model's bank
         copy_path = copy.path
+        assert not copy_path.exists()  # gone once loaded: a kill -9 mid-training left 259 MB in the temp folder
         original, unpacked = contrasts(model), contrasts(copy)
-    assert not copy_path.exists()
+    assert not copy_path.parent.exists()
     cosine = (original * unpacked).sum(-1) / np.linalg.norm(original, axis=-1) / np.linalg.norm(unpacked, axis=-1)
     assert cosine.min() > 0.99, cosine  # measured 0.997 or more on 95 stimulus texts at every capture layer
     with Model(gemma_path) as gemma, gemma.unpacked() as same:
