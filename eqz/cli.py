@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import re
@@ -918,6 +919,10 @@ def _one_line_summary(command) -> None:
         command.short_help = re.split(r"(?<=\.)\s", first_paragraph, maxsplit=1)[0]
 
 
+# a disk full, a quota reached, a file-size limit hit: errors of the machine's state that any write may meet
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main() -> None:
     """Run the CLI: bad input becomes one line on stderr and a non-zero exit (a traceback only with --debug)."""
     command = typer.main.get_command(app)
@@ -946,5 +951,9 @@ def main() -> None:
     except Exception as error:  # an eqz bug: still one line, unless --debug
         if _state["debug"]:
             raise
+        if isinstance(error, OSError) and error.errno in _FULL:  # the machine's state, not a bug: say what to do
+            where = f" writing {error.filename}" if error.filename else ""
+            _fail(f"{error.strerror}{where}: free some space (or raise the limit) and run it again; what was "
+                  "finished before is kept (a batch goes on with --resume)", 1)
         _fail(f"unexpected {type(error).__name__}: {error} (run with --debug for the traceback)", 1)
     sys.exit(code if isinstance(code, int) else 0)

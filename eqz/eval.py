@@ -25,6 +25,8 @@ from . import __version__
 from .bands import AXES, BANDS, DESCRIPTIONS, NEUTRAL_PERSONA, PRIMARIES, persona_prompt, primary_personas
 from .bank import Bank, record_date
 from .engine import Model
+from .errors import EqzError
+from .files import replacing
 from .generation import Job, generate_parallel
 from .judge import LabelJudge
 from .reading import PrefixCache, group_tails, read_texts, shared_head_length
@@ -702,23 +704,32 @@ OUTPUT_NAMES = ("eval.json", "eval.csv", "dose_response.png", "replies.jsonl")
 
 def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> list[Path]:
     """The figures as JSON and CSV, every reply as JSONL (and the plot) in ``directory``, replacing an earlier run's:
-    a plot or replies file left from one is removed, so what is there is one run's."""
+    a plot or replies file left from one is removed, so what is there is one run's. Each file replaces the earlier
+    one whole, and the earlier run's other files go only once this run's are written: a file cut short (a full disk)
+    had already destroyed the earlier run."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_NAMES[2:]:
-        (directory / name).unlink(missing_ok=True)
-    written = [directory / OUTPUT_NAMES[0], directory / OUTPUT_NAMES[1]]
-    written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    if result.replies:
-        written.append(directory / OUTPUT_NAMES[3])
-        with written[-1].open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(reply, ensure_ascii=False) + "\n" for reply in result.replies)
-    with written[1].open("w", newline="") as handle:
-        columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share",
-                   "judged_effect", "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",
-                   "repeated_3grams", "distinct_2", "latin", "words_per_token", "length", "fluent"]
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(result.rows)
+    columns = ["band", "gain", "asked", "effect", "words_per_100", "most_lifted", "clear", "clear_share",
+               "judged_effect", "judged_most_lifted", "judged_clear", "judged_clear_share", "readout", "ppl_ratio",
+               "repeated_3grams", "distinct_2", "latin", "words_per_token", "length", "fluent"]
+    written = []
+    try:
+        for name in OUTPUT_NAMES[:2] + (OUTPUT_NAMES[3:] if result.replies else ()):
+            written.append(directory / name)
+            with replacing(written[-1]) as temporary, temporary.open("w", encoding="utf-8", newline="") as handle:
+                if name == "eval.json":
+                    handle.write(json.dumps(result.to_dict(), indent=2) + "\n")
+                elif name == "eval.csv":
+                    table = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+                    table.writeheader()
+                    table.writerows(result.rows)
+                else:
+                    handle.writelines(json.dumps(reply, ensure_ascii=False) + "\n" for reply in result.replies)
+    except OSError as error:
+        raise EqzError(f"cannot write {written[-1]}: {error.strerror or error}; the table above has this run's "
+                       "figures, and files of an earlier run there are as they were") from None
+    for name in OUTPUT_NAMES[2:]:  # an earlier run's plot or replies: not this run's
+        if directory / name not in written:
+            (directory / name).unlink(missing_ok=True)
     if plot:
         written.append(plot_dose_response(result, directory / OUTPUT_NAMES[2]))
     return written
@@ -733,8 +744,6 @@ def plot_dose_response(result: EvalResult, path: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import EqzError
-
         raise EqzError("--plot needs matplotlib: pip install 'eqz[plot]' (or pip install matplotlib)") from None
     columns = 5
     rows = math.ceil(len(result.bands) / columns)

@@ -134,11 +134,24 @@ def write_control_vector(path: str | Path, matrix: np.ndarray, model_hint: str) 
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
+            _check_written(temporary, path, matrix)
     except OSError as error:
         if writer is not None:
             writer.close()
         raise EqzError(f"cannot write {path}: {error.strerror or error}; choose another file") from None
     return path
+
+
+def _check_written(temporary: Path, path: Path, matrix: np.ndarray) -> None:
+    """The file just written reads back as ``matrix``, before it replaces ``path``: on a full disk the GGUF writer's
+    numpy writes came out short without an error, and the cut-off file replaced a bank's good one."""
+    try:
+        written = read_control_vector(temporary).matrix(*matrix.shape)
+    except EqzError:
+        written = None
+    if written is None or not np.array_equal(written, matrix.astype(np.float32)):
+        raise EqzError(f"cannot write {path}: the file came out short or wrong (is the disk full?); "
+                       f"{'the earlier file is kept' if path.exists() else 'nothing was written'}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -91,9 +91,15 @@ def save_and_leave(child, path: Path, saved: str, leave: str = "/quit") -> dict:
 BEFORE_TRAINING = 60
 
 
-def run_eqz(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300):
-    """Run the installed ``eqz`` command as a user would; returns the CompletedProcess."""
+def run_eqz(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300,
+            file_size_limit: int | None = None):
+    """Run the installed ``eqz`` command as a user would; returns the CompletedProcess. ``file_size_limit``: bytes
+    any file it writes may grow to, which cuts writes short as a full disk does."""
+    import resource
+
     full_env = {**os.environ, **(env or {})}
+    limit = None if file_size_limit is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY)))
     return subprocess.run(
-        [EQZ, *args], input=input, capture_output=True, text=True, env=full_env, timeout=timeout
+        [EQZ, *args], input=input, capture_output=True, text=True, env=full_env, timeout=timeout, preexec_fn=limit
     )

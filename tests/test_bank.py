@@ -147,6 +147,24 @@ def test_exported_mix_as_a_raw_control_vector_gives_the_slider_tokens(tmp_path):
     assert np.allclose(read_control_vector(mix).matrix(30, 576), shipped.mix({"sadness": 0.8, "arousal": -0.3}))
 
 
+def test_a_vector_that_cannot_be_written_whole_replaces_nothing(tmp_path):
+    """On a full disk the GGUF writer's numpy writes came out short without an error: `vectors export` said "wrote"
+    and left a cut-off file, and a bank's save put a cut-off band file over a good one (every command then failed).
+    A file-size limit cuts writes short as a full disk does."""
+    mix = tmp_path / "mix.gguf"
+    assert run_eqz("vectors", "export", "--set", "trust=0.5", "-o", str(mix)).returncode == 0
+    good = mix.read_bytes()
+
+    def limited(*args):
+        return run_eqz(*args, file_size_limit=len(good) // 2)
+
+    replaced = limited("vectors", "export", "--set", "joy=0.5", "-o", str(mix), "--replace")
+    assert replaced.returncode == 2 and "the earlier file is kept" in replaced.stderr, replaced.stderr
+    assert "Traceback" not in replaced.stderr and mix.read_bytes() == good
+    fresh = limited("vectors", "export", "--set", "joy=0.5", "-o", str(tmp_path / "new.gguf"))
+    assert fresh.returncode == 2 and "nothing was written" in fresh.stderr and not (tmp_path / "new.gguf").exists()
+
+
 @pytest.mark.parametrize(
     "args,fragments",
     [

@@ -369,6 +369,13 @@ def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measu
     ran = run_eqz("eval", *alike, "-o", str(tmp_path / "eval"), env=env)
     assert ran.returncode == 0, ran.stderr
     assert "recorded the figures of joy, trust" in ran.stdout and "so its verdicts and warnings stand" in ran.stdout
+    first = {path.name: path.read_bytes() for path in (tmp_path / "eval").iterdir()}
+    cut = run_eqz("eval", "--bands", "joy", *alike[:-1], "-o", str(tmp_path / "eval"), "--replace", env=env,
+                  file_size_limit=1000)  # a full disk: the earlier run's replies were deleted first, its json cut
+    said = cut.stderr.strip().splitlines()[-1]  # after the progress bars
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr
+    assert said.startswith("eqz: error: cannot write ") and "eval.json: File too large" in said
+    assert {path.name: path.read_bytes() for path in (tmp_path / "eval").iterdir()} == first
     assert (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes() == shipped
     (own,) = (tmp_path / "data").glob("eqz/vectors/*/bank.yaml")
     data = yaml.safe_load(own.read_text())
