@@ -368,6 +368,7 @@ def batch(
 ) -> None:
     """Generate replies for many prompts under fixed sliders, sweeps or presets, into JSONL."""
     from .batch import Output, PromptFile, parse_sweep
+    from .signals import undone_if_killed
     from .display import batch_progress
 
     if preset and presets:
@@ -382,36 +383,37 @@ def batch(
     preset_names = _listed(presets, "--presets") or []
     source = PromptFile(prompts, skip_bad=skip_bad)
     sink = Output(output, resume)  # a bad -o fails here, before the model loads
-    try:
-        with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
-            sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            min_p=min_p, repeat_penalty=repeat_penalty)
-            clamps, ablates = _clamp_ablate(clamp, ablate)
-            batch = loaded.batch(source, sink, preset=preset,
-                                 presets=preset_names,
-                                 sliders=dict(_sets(set_)), sweeps=[parse_sweep(s, None) for s in sweep or []],
-                                 sampling=sampling, system=system, clamp=clamps, ablate=ablates, samples=samples,
-                                 seed=seed, parallel=parallel, meter=meter)
-            for skipped in source.skipped:
-                _warn(f"skipped {skipped}")
-            source.skipped.clear()
-            sys.stderr.write(f"eqz batch: {batch.prompt_count} prompts x {len(batch.settings)} settings x {samples} "
-                             f"samples = {batch.total} rows\n")
-            try:
-                with batch_progress(batch.total) as (on_row, stats):
-                    if ray:
-                        batch.run_on_ray(ray, workers, threads, on_row, stats)
-                    else:
-                        batch.run(on_row, stats)
-            except KeyboardInterrupt:
-                sink.close()
-                sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. " + (
-                    "Run the same command with --resume to finish.\n" if output != "-" else
-                    "--resume goes on from a file: give -o FILE next time.\n"))
-                raise typer.Exit(130)
-    finally:
-        source.close()
-        sink.close()
+    # `kill` or a closed terminal left an empty -o file before the first row, and stdin's prompts in the temp folder
+    with undone_if_killed(lambda: (source.close(), sink.close())):
+        try:
+            with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
+                sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                min_p=min_p, repeat_penalty=repeat_penalty)
+                clamps, ablates = _clamp_ablate(clamp, ablate)
+                batch = loaded.batch(source, sink, preset=preset, presets=preset_names, sliders=dict(_sets(set_)),
+                                     sweeps=[parse_sweep(s, None) for s in sweep or []], sampling=sampling,
+                                     system=system, clamp=clamps, ablate=ablates, samples=samples, seed=seed,
+                                     parallel=parallel, meter=meter)
+                for skipped in source.skipped:
+                    _warn(f"skipped {skipped}")
+                source.skipped.clear()
+                sys.stderr.write(f"eqz batch: {batch.prompt_count} prompts x {len(batch.settings)} settings x "
+                                 f"{samples} samples = {batch.total} rows\n")
+                try:
+                    with batch_progress(batch.total) as (on_row, stats):
+                        if ray:
+                            batch.run_on_ray(ray, workers, threads, on_row, stats)
+                        else:
+                            batch.run(on_row, stats)
+                except KeyboardInterrupt:
+                    sink.close()
+                    sys.stderr.write(f"eqz batch: interrupted; {stats.written} rows written to {output}. " + (
+                        "Run the same command with --resume to finish.\n" if output != "-" else
+                        "--resume goes on from a file: give -o FILE next time.\n"))
+                    raise typer.Exit(130)
+        finally:
+            source.close()
+            sink.close()
     sys.stderr.write(
         f"eqz batch: {stats.written} rows written ({stats.skipped_existing} already there), {stats.tokens} tokens "
         f"in {stats.seconds:.1f} s, {stats.tokens_per_second:.1f} tok/s -> {output}\n"

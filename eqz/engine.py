@@ -26,6 +26,7 @@ import llama_cpp as L
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import EqzError
+from .signals import undone_if_killed
 from .threads import default_threads
 from .models import ModelInfo
 from .sampling import Sampling
@@ -214,29 +215,6 @@ def utf8(text: str) -> bytes:
         raise EqzError(f"the text is not valid UTF-8 ({what}); give it in UTF-8") from None
 
 
-@contextmanager
-def _removed_if_killed(folder: str) -> Iterator[None]:
-    """Remove ``folder`` (a model-sized copy) if SIGTERM or SIGHUP ends the process meanwhile, then die of that
-    signal as before; Ctrl-C already unwinds through ``with``. Main thread only, and only over default handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = [number for number in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(number) == signal.SIG_DFL]
-
-    def remove_and_die(number: int, _frame) -> None:
-        shutil.rmtree(folder, ignore_errors=True)
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
-
-    for number in signals:
-        signal.signal(number, remove_and_die)
-    try:
-        yield
-    finally:
-        for number in signals:
-            signal.signal(number, signal.SIG_DFL)
-
-
 MODEL_CLOSED = "this model was closed; load it again (eqz.load) to use it"
 CONTEXT_CLOSED = "this chat or reply was closed; start another to go on"
 
@@ -325,7 +303,8 @@ class Model:
                 or unpacked_bytes > shutil.disk_usage(tempfile.gettempdir()).free // 2):
             yield self
             return
-        with tempfile.TemporaryDirectory(prefix="eqz-unpacked-") as folder, _removed_if_killed(folder):
+        with tempfile.TemporaryDirectory(prefix="eqz-unpacked-") as folder, \
+                undone_if_killed(lambda: shutil.rmtree(folder, ignore_errors=True)):  # a model-sized copy
             path = Path(folder) / "f16.gguf"
             if not _write_f16(self.path, path, self.threads):
                 yield self

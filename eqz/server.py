@@ -14,13 +14,16 @@ or the server is stopping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import ipaddress
 import json
 import re
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import OrderedDict
 from importlib import resources
@@ -687,6 +690,24 @@ def serve(model: EqzModel, host: str = "127.0.0.1", port: int = 8000, parallel: 
         await stop_connections(sockets)
 
     runner.shutdown = shutdown
+    capture_signals = runner.capture_signals
+
+    @contextlib.contextmanager
+    def with_hangup():
+        """SIGHUP (the terminal it runs in closed) ends it as Ctrl-C and SIGTERM do, each running reply with its last
+        chunk, then dies of it as before (it cut streams off mid-reply); not where it was ignored (nohup)."""
+        with capture_signals():
+            hangup = (threading.current_thread() is threading.main_thread()
+                      and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)
+            if hangup:
+                signal.signal(signal.SIGHUP, runner.handle_exit)
+            try:
+                yield
+            finally:
+                if hangup:
+                    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    runner.capture_signals = with_hangup
     if on_ready:
         original = runner.startup
 

@@ -32,6 +32,7 @@ from .errors import EqzError
 from .presets import describe_filters
 from .threads import crowding_hint
 from .session import ChatSession, Turn
+from .signals import undone_if_killed
 
 STEP = 0.1
 LIMIT = 2.0
@@ -325,19 +326,29 @@ class KeyReader:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.saved = None
+        self._guard = None  # restores the terminal if SIGTERM or SIGHUP ends the chat mid-reply
 
     def __enter__(self) -> "KeyReader":
         self.saved = termios.tcgetattr(self.fd)
         # keys arrive at once, no echo; Ctrl-C still raises SIGINT. TCSANOW keeps keys pressed since Enter, which
         # the default (TCSAFLUSH) threw away: Up pressed at once after a message did not move its slider
         tty.setcbreak(self.fd, termios.TCSANOW)
+        # `kill` or a closed window mid-reply left the terminal without echo, the cursor hidden by the live panel
+        self._guard = undone_if_killed(self._restore)
+        self._guard.__enter__()
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join(timeout=1)
+        self._guard.__exit__(None, None, None)
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def _restore(self) -> None:
+        termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+        sys.stdout.write("\x1b[?25h\n")  # the cursor back, below the last line
+        sys.stdout.flush()
 
     def _run(self) -> None:
         pending = b""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -83,6 +84,24 @@ def test_resume_after_sigint_gives_exactly_the_uninterrupted_rows(tmp_path, slid
     assert resumed.returncode == 0, resumed.stderr
     assert f"({len(partial)} already there)" in resumed.stderr
     assert cut.read_text() == whole.read_text()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_batch_killed_before_its_first_row_leaves_no_file_and_no_prompts_behind(tmp_path, stop):
+    """`kill` or a closed terminal before the first row left an empty -o file, and the
+    prompts read from stdin in the temp folder: only Ctrl-C cleaned up."""
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    out = tmp_path / "new" / "out.jsonl"
+    process = subprocess.Popen([EQZ, "batch", "-", "-o", str(out), "-n", "2000", "--temperature", "0"],
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(spool)})
+    process.stdin.write("Count from one to a thousand, one number per line.\n")
+    process.stdin.close()
+    assert "= 1 rows" in process.stderr.readline()  # planned: the model is loaded and the file open
+    process.send_signal(stop)
+    process.wait(timeout=60)
+    assert process.returncode == -stop and not out.exists() and not list(spool.iterdir())
 
 
 def test_existing_output_needs_resume(tmp_path, prompt_file):

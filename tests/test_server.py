@@ -421,10 +421,11 @@ def test_a_client_that_leaves_frees_its_slot_or_its_place_and_a_full_queue_answe
         served.close()
 
 
-def test_ctrl_c_ends_running_replies_with_their_last_chunk_or_a_503_and_no_traceback():
+@pytest.mark.parametrize("stop,code", [(signal.SIGINT, 130), (signal.SIGHUP, -signal.SIGHUP)])
+def test_ctrl_c_ends_running_replies_with_their_last_chunk_or_a_503_and_no_traceback(stop, code):
     """uvicorn's graceful wait cancelled running replies after 2 s: a plain client got a text/plain 500, a stream
     ended without its last chunk or [DONE], and the log held tracebacks (the decode thread's "Event loop is closed"
-    too)."""
+    too). SIGHUP (the server's terminal closed) cut every reply off at once; now it ends them as Ctrl-C does."""
     served = Served("--parallel", "2", "--no-access-log")
     counting = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0}
     with ThreadPoolExecutor(1) as pool:
@@ -432,10 +433,10 @@ def test_ctrl_c_ends_running_replies_with_their_last_chunk_or_a_503_and_no_trace
         stream.readline()
         plain = pool.submit(served.post, "/v1/completions", counting)
         time.sleep(1)  # the plain request reaches the other slot
-        served.process.send_signal(signal.SIGINT)
+        served.process.send_signal(stop)
         rest = stream.read().decode()
         status, answer = plain.result(timeout=30)
-    assert served.process.wait(timeout=30) == 130
+    assert served.process.wait(timeout=30) == code
     served.reading.join(timeout=10)
     events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
     assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-2]["eqz"]["finish_reason"] == "cancelled"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -153,6 +154,24 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
             time.sleep(0.2)
         modes = modes_file.read_text()
         assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
+
+
+def test_a_chat_killed_mid_reply_gives_the_terminal_back(tmp_path):
+    """SIGTERM (`kill`, a closed window) mid-reply left the terminal in cbreak mode without echo: Ctrl-C restored it,
+    these signals did not."""
+    modes_file = tmp_path / "stty.txt"
+    then = f"stty -a > {modes_file}.part; mv {modes_file}.part {modes_file}; "
+    with chat_in_tmux("eqz-tui-kill", 80, 24, then=then) as session:
+        wait_for(session, r"\b[1-9]\d* tok/s")  # streaming: the keys are read in cbreak mode
+        shell = subprocess.run([*TMUX, "display", "-p", "-t", session, "#{pane_pid}"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        (chat,) = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True).stdout.split()
+        os.kill(int(chat), signal.SIGTERM)
+        deadline = time.time() + 30
+        while time.time() < deadline and not modes_file.exists():
+            time.sleep(0.2)
+        modes = modes_file.read_text()
+        assert " icanon" in modes and " echo" in modes
 
 
 def test_a_long_message_says_it_is_being_read():
