@@ -209,9 +209,10 @@ def discover(bands: tuple[str, ...] = BANDS) -> dict[str, PresetEntry]:
                 loaded.append((path, load_preset_file(path, bands), None))
             except EqzError as error:
                 loaded.append((path, None, str(error)))
-        # files named for their preset first (a broken one is taken to be, as names are looked up: lower case), so
-        # they win the name even when broken; then those naming another preset
-        loaded.sort(key=lambda item: (item[1] is not None and item[1].name != item[0].stem.lower(), item[0]))
+        # files named for their preset first, then broken ones (taken to be named for theirs, as names are looked up:
+        # in lower case), so they win the name over a copy naming itself so; then those naming another preset
+        loaded.sort(key=lambda item: (1 if item[1] is None else 0 if item[1].name == item[0].stem.lower() else 2,
+                                      item[0]))
         here: dict[str, PresetEntry] = {}
         for path, preset, error in loaded:
             if preset is not None and preset.name in here:  # two files of one folder, one name: say so
@@ -247,7 +248,8 @@ def save_preset(preset: Preset, replace: bool = False) -> Path:
     directory = user_dir()
     saved = discover().get(preset.name)
     saved = saved if saved is not None and saved.source == "user" else None
-    path = saved.path if saved is not None and saved.path.stem == preset.name else directory / f"{preset.name}.yaml"
+    path = (saved.path if saved is not None and saved.path.stem.lower() == preset.name
+            else directory / f"{preset.name}.yaml")
     if not replace:
         if saved is not None:
             raise EqzError(f"a preset '{preset.name}' is already saved ({saved.path}); pass --replace (replace=True "
