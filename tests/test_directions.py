@@ -160,12 +160,17 @@ def test_bank_mix_uses_the_negative_ratio():
     assert bank.mix({"joy": 0.0}) is None
 
 
+# a record of `eqz eval` with as many reply tokens as calibration read, or more: it revises calibration's verdicts
+HELD_OUT_SETUP = {"prompts": 16, "samples": 2, "reply_tokens": 64}
+
+
 def test_a_held_band_is_judged_by_its_level_and_forgets_the_vectors_held_out_figures():
     """Holding swaps what +1 does, so the slider's problems and its recorded figures stop applying: a level set by
     hand is uncalibrated, a measured one is weak only where its own check says so, and the export adds vectors."""
     bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD)), "fear": D.unit(RNG.normal(size=EMBD))})
     bank.bands["joy"].problems = ["weak", "lexicon"]
     bank.quality["dose_response"] = {"joy": {"1.0": {"clear": True}}, "fear": {"1.0": {"clear": False}}}
+    bank.quality["dose_response_setup"] = HELD_OUT_SETUP
     assert bank.open_problems("joy") == ["lexicon"]
     bank.hold("joy", 2)
     assert bank.open_problems("joy") == ["uncalibrated"] and "joy" not in bank.quality["dose_response"]
@@ -190,6 +195,7 @@ def test_held_out_replies_outside_the_fluency_bounds_open_a_problem():
     bank = tiny_bank({"joy": D.unit(RNG.normal(size=EMBD))})
     bank.bands["joy"].problems = ["weak"]
     bank.quality["dose_response"] = {"joy": {"1.0": {"clear": True, "fluent": False}}}
+    bank.quality["dose_response_setup"] = HELD_OUT_SETUP
     assert bank.open_problems("joy") == ["fluency (eval)"]
     assert "left the fluency bounds on the held-out prompts" in bank.doubtful({"joy": 1.0})[0]
     bank.bands["joy"].problems = ["fluency"]  # calibration found it too: said once
