@@ -431,8 +431,8 @@ class EqzModel:
             prompts = [_text(prompt, "each prompt") for prompt in prompts]
         max_tokens = _whole(max_tokens, "max_tokens", EVAL_MIN_TOKENS)
         samples = _whole(samples, "samples", 1)
-        setup = recording_setup(prompts or prompt_sets()["eval"], max_tokens, samples, gain_list)
-        into = self._record_into(bank, chosen, setup) if record else None
+        into = self._record_into(bank, chosen, recording_setup(prompts or prompt_sets()["eval"], max_tokens, samples,
+                                                                gain_list)) if record else None
         extra = {"progress": progress} if progress else {}
         with editing(into, "recording eval figures") if record and into else nullcontext():
             if record and bank.changed_on_disk():

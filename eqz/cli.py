@@ -383,8 +383,12 @@ def batch(
     preset_names = _listed(presets, "--presets") or []
     source = PromptFile(prompts, skip_bad=skip_bad)
     sink = Output(output, resume)  # a bad -o fails here, before the model loads
+    def release() -> None:
+        source.close()
+        sink.close()
+
     # `kill` or a closed terminal left an empty -o file before the first row, and stdin's prompts in the temp folder
-    with undone_if_killed(lambda: (source.close(), sink.close())):
+    with undone_if_killed(release):
         try:
             with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
                 sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -412,8 +416,7 @@ def batch(
                         "--resume goes on from a file: give -o FILE next time.\n"))
                     raise typer.Exit(130)
         finally:
-            source.close()
-            sink.close()
+            release()
     sys.stderr.write(
         f"eqz batch: {stats.written} rows written ({stats.skipped_existing} already there), {stats.tokens} tokens "
         f"in {stats.seconds:.1f} s, {stats.tokens_per_second:.1f} tok/s -> {output}\n"
