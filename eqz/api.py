@@ -40,7 +40,7 @@ from .presets import Preset, PresetEntry, check_name, discover, get_preset, load
 from .presets import save_preset as write_preset
 from .reading import common_prefix_length
 from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, SETTING_NAMES, as_number, check_setting, is_whole
-from .session import ChatSession, Turn, model_record
+from .session import ChatSession, Turn, model_record, read_conversation
 from .steering import Steering
 from .vector_files import ControlVector
 
@@ -132,15 +132,30 @@ class EqzModel:
         ablate: Iterable[str] = (),
         meter: bool = False,
         n_ctx: int = 4096,
+        resume: str | Path | None = None,
     ) -> ChatSession:
-        """A conversation set up from a preset, then the explicit settings on top of it (they win)."""
+        """A conversation set up from a preset, then the explicit settings on top of it (they win). ``resume``: a
+        file ``/save`` wrote (or ``eqz chat`` kept on leaving), whose messages it goes on with and whose last
+        settings stand in for a preset."""
         return self._session_maker(preset=preset, sliders=sliders, vectors=vectors, system=system, sampling=sampling,
-                                   clamp=clamp, ablate=ablate, meter=meter, n_ctx=n_ctx)()
+                                   clamp=clamp, ablate=ablate, meter=meter, n_ctx=n_ctx, resume=resume)()
 
     def _session_maker(self, preset=None, sliders=None, vectors=(), system=None, sampling=None, clamp=None, ablate=(),
-                       meter=False, n_ctx=4096) -> Callable[[], ChatSession]:
+                       meter=False, n_ctx=4096, resume=None) -> Callable[[], ChatSession]:
         """``session``'s settings checked and merged now (bad ones raise, warnings are given); the session, with its
         context (a KV cache of ``n_ctx`` tokens), is made when the returned function is called."""
+        messages = []
+        if resume is not None:
+            if preset is not None:
+                raise EqzError("a resumed conversation brings its own settings, so give it or a preset, not both (a "
+                               "preset can follow: /preset in chat, session.apply_preset in Python)")
+            if not isinstance(resume, (str, Path)):
+                raise EqzError(f"resume takes a saved conversation's path, such as 'chat.json'; got {resume!r}")
+            saved = read_conversation(Path(resume).expanduser())
+            if saved.model.get("fingerprint") != model_record(self.model)["fingerprint"]:
+                self._warn(f"{resume} was a conversation with {saved.model.get('name') or 'another model'}; it goes "
+                           f"on with {self.info.name}")
+            preset, vectors, messages = saved.settings, [*saved.vectors, *_vector_pairs(vectors)], saved.messages
         sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
         if n_ctx > self.info.n_ctx_train:  # it was cut to that in silence
@@ -163,6 +178,7 @@ class EqzModel:
             session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering,
                                   n_ctx=n_ctx, bank=bank, meter=meter, filters=resolved.filters)
             session.preset = resolved.preset
+            session.history = list(messages)
             session.own_sampling = {key: getattr(resolved.sampling, key) for key in ("seed", "max_tokens")
                                     if (sampling or {}).get(key) is not None}
             return session
@@ -671,6 +687,14 @@ class Chat:
         """The conversation so far: user and assistant messages ({"role": ..., "content": ...}), each assistant
         message with its reply's record under "reply"; the system prompt is not among them."""
         return self.session.history
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation with every setting as JSON (as `eqz chat`'s /save does), to go on with later:
+        ``model.chat(resume=path)``."""
+        if not isinstance(path, (str, Path)):
+            raise EqzError(f"save takes a file's path, such as 'chat.json'; got {path!r}")
+        self.session.save(Path(path).expanduser())
+        return Path(path).expanduser()
 
     def close(self) -> None:
         """Free the conversation's context (its KV cache); the model stays loaded."""

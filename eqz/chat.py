@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import shlex
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from functools import partial
 from typing import Callable
 
 from .bands import BANDS, band_key, gain_warning, parse_set
 from .errors import EqzError
-from .files import replacing
 from .presets import get_preset
 from .sampling import as_number, make_sampling
 from .session import ChatSession
+
+def chats_dir() -> Path:
+    """Where eqz chat keeps a conversation left unsaved (``$XDG_STATE_HOME/eqz/chats``)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "eqz" / "chats"
+
 
 KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"  # while a reply streams under the panel
 
@@ -41,6 +46,7 @@ class ChatCommands:
     def __init__(self, session: ChatSession):
         self.session = session
         self.saved_to: set[Path] = set()  # files this conversation was saved to, which /save may write again
+        self._written = list(session.history)  # the messages as last written (a resumed file's): leaving keeps newer
 
     def handle(self, line: str) -> CommandResult:
         """Run one slash command line; raises EqzError with a one-line message for bad input."""
@@ -161,9 +167,10 @@ class ChatCommands:
         return {"clamp": dict(filters.clamp), "ablate": list(filters.ablate)} if filters else {"clamp": {}, "ablate": []}
 
     def reset(self, _args: list[str], _rest: str) -> CommandResult:
+        kept = self.keep()
         self.session.reset()
         self.saved_to.clear()  # another conversation now: saving it over the last one's file needs --replace
-        return CommandResult("history cleared")
+        return CommandResult(f"history cleared (the conversation is kept in {kept})" if kept else "history cleared")
 
     def save(self, args: list[str], _rest: str) -> CommandResult:
         replace = "--replace" in args
@@ -175,14 +182,32 @@ class ChatCommands:
             raise EqzError(f"{path} is a folder; give a file name, such as {path / 'chat.json'}")
         if path.is_file() and not replace and path.resolve() not in self.saved_to:  # another conversation's, maybe
             raise EqzError(f"{path} exists; /save {names[0]} --replace writes over it, or choose another name")
-        text = json.dumps(self.session.transcript(), indent=2, ensure_ascii=False) + "\n"
-        try:
-            with replacing(path) as temporary:  # whole or not at all: a full disk kept half a transcript
-                temporary.write_text(text)
-        except OSError as error:
-            raise EqzError(f"could not write {path}: {error.strerror}") from None
+        self._write(path)
         self.saved_to.add(path.resolve())
         return CommandResult(f"saved {len(self.session.history)} messages to {path}")
+
+    def keep(self) -> Path | None:
+        """Write the conversation to a new file in ``chats_dir()`` unless /save wrote it since its last message
+        (eqz chat does this on leaving, however it ends); the file, or None when there was nothing to keep."""
+        history = self.session.history
+        if not history or history == self._written:
+            return None
+        folder = chats_dir()
+        stamp = datetime.now().strftime("%Y-%m-%d-%H%M%S")
+        path, count = folder / f"{stamp}.json", 1
+        while path.exists():  # two chats left in one second
+            count += 1
+            path = folder / f"{stamp}-{count}.json"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise EqzError(f"could not make {folder}: {error.strerror}") from None
+        self._write(path)
+        return path
+
+    def _write(self, path: Path) -> None:
+        self.session.save(path)
+        self._written = list(self.session.history)
 
     def quit(self, _args: list[str], _rest: str) -> CommandResult:
         return CommandResult(quit=True)

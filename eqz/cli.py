@@ -108,14 +108,15 @@ def _gains(sets: list[str] | None, valid: tuple[str, ...] | None) -> dict[str, f
 
 
 def _open_session(library, *, preset, sets, vectors, system, sampling: dict, ctx: int, meter: bool = False,
-                  clamp=None, ablate=None):
-    """A ChatSession from the command line's flags, through the library: the preset first, then the flags."""
+                  clamp=None, ablate=None, resume=None):
+    """A ChatSession from the command line's flags, through the library: the preset (or the resumed conversation's
+    settings) first, then the flags."""
     from .vector_files import parse_scaled_path
 
     clamps, ablates = _clamp_ablate(clamp, ablate)
     return library.session(preset=preset, sliders=dict(_sets(sets)),
                            vectors=[parse_scaled_path(spec) for spec in vectors or []], system=system,
-                           sampling=sampling, clamp=clamps, ablate=ablates, meter=meter, n_ctx=ctx)
+                           sampling=sampling, clamp=clamps, ablate=ablates, meter=meter, n_ctx=ctx, resume=resume)
 
 
 def _clamp_ablate(clamp: list[str] | None, ablate: list[str] | None) -> tuple[dict[str, float], list[str]]:
@@ -320,6 +321,8 @@ def chat(
     meter: Annotated[bool, typer.Option("--meter/--no-meter", metavar="", help="live readout of the model's own state, in the panel and /save's records")] = True,
     clamp: ClampOpt = None,
     ablate: AblateOpt = None,
+    keep: Annotated[bool, typer.Option("--keep/--no-keep", metavar="", help="on leaving, write a conversation not /saved to ~/.local/state/eqz/chats")] = True,
+    resume: Annotated[Optional[Path], typer.Option("--resume", metavar="FILE", help="go on with a conversation /save wrote or eqz chat kept, in its last settings (options given win)")] = None,
 ) -> None:
     """Chat in the terminal with streamed replies and live sliders; /help lists the slash commands."""
     from .tui import run_chat
@@ -328,9 +331,9 @@ def chat(
                     min_p=min_p, repeat_penalty=repeat_penalty)
     with _load_model(model, threads, chatting=True, gpu_layers=gpu_layers) as loaded:
         session = _open_session(loaded, preset=preset, sets=set_, vectors=vector, system=system,
-                                sampling=sampling, ctx=ctx, meter=meter, clamp=clamp, ablate=ablate)
+                                sampling=sampling, ctx=ctx, meter=meter, clamp=clamp, ablate=ablate, resume=resume)
         try:
-            run_chat(session, panel=panel, debug=_state["debug"])
+            run_chat(session, panel=panel, debug=_state["debug"], keep=keep)
         finally:
             session.close()
 

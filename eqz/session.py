@@ -6,6 +6,7 @@ output; everything that decides what the model sees lives here.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -14,6 +15,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +28,7 @@ from .presets import Preset
 from .sampling import Sampling, make_sampling
 from .bank import Bank
 from .errors import EqzError
+from .files import replacing
 from .meter import Filters, Instruments, metered_bands
 from .steering import Steerer, Steering
 
@@ -270,7 +273,9 @@ class ChatSession:
             dropped += cut
 
     def transcript(self) -> dict:
-        """The whole conversation with every setting, as ``/save`` writes it."""
+        """The whole conversation with every setting, as ``/save`` writes it; a reply streaming now as it is so far."""
+        turn = self._turn() if self._turn else None
+        streaming = turn.message_so_far() if turn else None
         return {
             "eqz_version": __version__,
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -279,8 +284,56 @@ class ChatSession:
             "preset": self.preset,
             "sampling": self.sampling.to_dict(),
             **self.steering_record(),
-            "messages": self.history,
+            "filters": {"clamp": dict(self._asked_filters.get("clamp", {})),
+                        "ablate": list(self._asked_filters.get("ablate", []))},
+            "messages": self.history + ([streaming] if streaming else []),
         }
+
+
+    def save(self, path: Path) -> None:
+        """Write ``transcript()`` to ``path`` as JSON, whole or not at all (a full disk kept half a transcript)."""
+        text = json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n"
+        try:
+            with replacing(path) as temporary:
+                temporary.write_text(text)
+        except OSError as error:
+            raise EqzError(f"could not write {path}: {error.strerror}") from None
+
+
+@dataclass(frozen=True)
+class SavedConversation:
+    """A conversation as ``/save`` (or leaving ``eqz chat``) wrote it, to go on with: its settings as a preset (the
+    sliders, sampling, system prompt and filters it had last), its control-vector files, messages and model."""
+
+    settings: Preset
+    vectors: list[tuple[str, float]]
+    messages: list[dict]
+    model: dict
+
+
+def read_conversation(path: Path) -> SavedConversation:
+    """The conversation in ``path``; EqzError in one line where it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EqzError(f"{path} does not exist; give a file that /save wrote, or one eqz chat kept on leaving") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EqzError(f"could not read {path} as a saved conversation: {error}") from None
+    try:
+        messages = data["messages"]
+        for message in messages:
+            if message["role"] not in ("user", "assistant") or not isinstance(message["content"], str):
+                raise ValueError
+        sliders = {band: gain for band, gain in (data.get("sliders") or {}).items() if gain != 0}  # every band is listed
+        sampling = {key: value for key, value in (data.get("sampling") or {}).items() if value is not None}
+        vectors = [(entry["path"], entry["scale"]) for entry in data.get("vectors") or []]
+        filters = {key: value for key, value in (data.get("filters") or {}).items() if value}
+        settings = Preset(data.get("preset"), "", sliders, sampling, data.get("system"), filters, path)
+        model = dict(data.get("model") or {})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise EqzError(f"{path} is not a conversation eqz chat saved (it needs messages with a role and content, "
+                       "as /save writes them)") from None
+    return SavedConversation(settings, vectors, [dict(message) for message in messages], model)
 
 
 class Turn:
@@ -397,10 +450,20 @@ class Turn:
                 self.record.filters = self.session.filters.describe() if self.session.filters else None
             history = self.session.history
             if history and history[-1] is self._asked:  # not after its question was forgotten (reset, Ctrl-C)
-                history.append({"role": "assistant", "content": self._stream.text, "reply": self.record.to_dict()})
+                history.append(self._message(self.record))
             self._finished = True
             self._sampler.close()
             self._release_instruments()
+
+    def _message(self, record: ReplyRecord) -> dict:
+        return {"role": "assistant", "content": self._stream.text, "reply": record.to_dict()}
+
+    def message_so_far(self) -> dict | None:
+        """The reply as the history will hold it, for a transcript written while it streams (a chat killed
+        mid-reply); None once it is in the history, or before it started."""
+        if not self._started or self._finished:
+            return None
+        return self._message(replace(self.record, n_tokens=len(self._stream.tokens), finish_reason="interrupted"))
 
     def _apply(self, steering: Steering, matrix: np.ndarray | None) -> None:
         self.session._steer(steering, matrix)

@@ -12,22 +12,32 @@ from typing import Callable, Iterator
 
 @contextmanager
 def undone_if_killed(undo: Callable[[], None]) -> Iterator[None]:
-    """Run ``undo`` if SIGTERM or SIGHUP ends the process meanwhile, then die of that signal as before. Main thread
-    only, and only over default handlers (an outer one stays in charge)."""
+    """Run ``undo`` if SIGTERM or SIGHUP ends the process meanwhile, then die of that signal as before; nested, the
+    inner undo runs first. Main thread only, and only over default handlers or its own (a handler of another's,
+    such as the server's, stays in charge).
+
+    Undone in the handler, not by raising there: an exception raised in a ctypes callback (the meter's taps run
+    inside llama_decode) or in a ``__del__`` is printed and dropped, and the process went on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signals = [number for number in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(number) == signal.SIG_DFL]
+    outer = {number: handler for number in (signal.SIGTERM, signal.SIGHUP)
+             if (handler := signal.getsignal(number)) == signal.SIG_DFL or getattr(handler, "undoes", False)}
 
-    def undo_and_die(number: int, _frame) -> None:
-        undo()
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
+    def undo_and_die(number: int, frame) -> None:
+        try:
+            undo()
+        finally:
+            if outer[number] != signal.SIG_DFL:
+                outer[number](number, frame)
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
 
-    for number in signals:
+    undo_and_die.undoes = True
+    for number in outer:
         signal.signal(number, undo_and_die)
     try:
         yield
     finally:
-        for number in signals:
-            signal.signal(number, signal.SIG_DFL)
+        for number, handler in outer.items():
+            signal.signal(number, handler)

@@ -16,7 +16,7 @@ import termios
 import threading
 import time
 import tty
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Callable
 
 from rich.console import Console, Group
@@ -396,15 +396,44 @@ def _read_line(console: Console, typed: str = "") -> str | None:
             console.print("\n[dim](Ctrl-D or /quit to leave)[/dim]")
 
 
-def run_chat(session: ChatSession, panel: bool = True, console: Console | None = None, debug: bool = False) -> None:
-    """The chat loop. No error ends it: the conversation so far stays, for the next line or for /save."""
+def run_chat(session: ChatSession, panel: bool = True, console: Console | None = None, debug: bool = False,
+             keep: bool = True) -> None:
+    """The chat loop. No error ends it: the conversation so far stays, for the next line or for /save. Leaving,
+    however it happens (Ctrl-D, /quit, `kill`, a closed window), ``keep`` writes a conversation not yet saved to
+    the chats folder."""
     console = console or Console(highlight=False)
-    panel = panel and console.is_terminal and sys.stdin.isatty()
-    equalizer = Equalizer(session)
     commands = ChatCommands(session)
+    with undone_if_killed(lambda: _keep(commands, console)) if keep else nullcontext():
+        try:
+            _converse(session, commands, console, panel and console.is_terminal and sys.stdin.isatty(), debug)
+        finally:
+            if keep:
+                _keep(commands, console)
+
+
+def _keep(commands: ChatCommands, console: Console) -> None:
+    """Keep the conversation on leaving, and say where (the terminal may be gone: a closed window)."""
+    try:
+        kept = commands.keep()
+    except EqzError as error:
+        message = f"[red]error:[/red] {escape(str(error))}; the conversation was not kept"
+    else:
+        if kept is None:
+            return
+        message = f"[dim]kept this conversation in {escape(str(kept))}; eqz chat --resume FILE goes on with it[/dim]"
+    with suppress(OSError):
+        console.print(message)
+
+
+def _converse(session: ChatSession, commands: ChatCommands, console: Console, panel: bool, debug: bool) -> None:
+    equalizer = Equalizer(session)
     info = session.model.info
     console.print(f"[bold]eqz chat[/bold] · {escape(info.name)} · /help for commands, Ctrl-C stops a reply, "
                   "Ctrl-D leaves")
+    if session.history:  # resumed: where it left off
+        console.print(f"[dim](going on with {len(session.history)} messages; the last:)[/dim]")
+        for message in session.history[-2:]:
+            console.print(("you> " if message["role"] == "user" else "") + message["content"], markup=False)
     if panel and equalizer.bands:
         console.print(_panel(equalizer, console))
     while True:

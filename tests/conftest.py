@@ -17,9 +17,10 @@ from eqz.engine import Model
 from eqz.models import default_model_path
 from eqz.vector_files import write_control_vector
 
-# Tests never read or write the real user's presets and banks.
+# Tests never read or write the real user's presets, banks and chats.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="eqz-test-config-")
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="eqz-test-data-")
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="eqz-test-state-")  # the conversations eqz chat keeps
 # A run started in the background (`make test &` from a script) inherits an ignored SIGINT, and every eqz it starts
 # would too (Python keeps an inherited SIG_IGN); the tests that press Ctrl-C need it delivered. A handler here
 # becomes the default disposition in the children.

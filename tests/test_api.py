@@ -146,6 +146,21 @@ def test_a_notebooks_habits_leave_the_model_and_its_chats_sound(library):
     assert library.generate("Hi", sampling=None, seed=3, max_tokens=2) == library.generate("Hi", seed=3, max_tokens=2)
 
 
+def test_a_saved_chat_goes_on_where_it_left_off_in_its_settings(library, tmp_path):
+    with library.chat(seed=2, max_tokens=6, sliders={"joy": 0.5}, clamp={"fear": 0}, system="Be brief.") as chat:
+        first = "".join(chat.send("Hello"))
+        saved = chat.save(tmp_path / "chat.json")
+    with library.chat(resume=saved, sliders={"trust": 0.3}) as chat:  # options given win over the file's
+        assert [m["content"] for m in chat.history] == ["Hello", first]
+        "".join(chat.send("And then?"))
+        record = chat.history[-1]["reply"]
+        assert record["sliders"]["joy"] == 0.5 and record["sliders"]["trust"] == 0.3
+        assert record["filters"]["clamp"] == {"fear": 0.0} and record["sampling"]["max_tokens"] == 6
+        assert chat.session.system == "Be brief."
+    with pytest.raises(eqz.EqzError, match="give it or a preset, not both"):
+        library.chat(resume=saved, preset="calm")
+
+
 USED_AFTER_CLOSE = """
 import eqz
 def said(use):

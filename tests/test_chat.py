@@ -185,3 +185,44 @@ def test_save_writes_over_only_its_own_conversations_file(tmp_path):
     assert len(json.loads(saved.read_text())["messages"]) == 4
     again = run_eqz("chat", "-n", "6", input=f"/save {saved} --replace\n/quit\n")
     assert "saved 0 messages" in again.stdout and json.loads(saved.read_text())["messages"] == []
+
+
+def test_leaving_keeps_a_conversation_not_saved(tmp_path):
+    """Ctrl-D, /quit or /reset after replies nobody /saved lost them: they are kept in the chats folder now, once."""
+    state = tmp_path / "state"
+    chats = state / "eqz" / "chats"
+    saved = tmp_path / "chat.json"
+    lines = f"Hello\n/save {saved}\n/reset\nHi again\n/reset\nBye\n"  # then end of input: Ctrl-D
+    ran = run_eqz("chat", "--seed", "1", "-n", "6", "--set", "joy=0.4", input=lines,
+                  env={"XDG_STATE_HOME": str(state), "COLUMNS": "300"})
+    assert ran.returncode == 0, ran.stderr
+    kept = sorted(chats.glob("*.json"), key=lambda path: path.stat().st_mtime_ns)
+    assert len(kept) == 2  # not the saved conversation, which the first /reset dropped
+    assert f"history cleared (the conversation is kept in {kept[0]})" in ran.stdout
+    assert f"kept this conversation in {kept[1]}" in ran.stdout
+    contents = [[m["content"] for m in json.loads(path.read_text())["messages"] if m["role"] == "user"] for path in kept]
+    assert contents == [["Hi again"], ["Bye"]]
+    assert json.loads(kept[1].read_text())["messages"][1]["reply"]["n_tokens"] > 0
+    unkept = run_eqz("chat", "--no-keep", "-n", "4", input="Hello\n", env={"XDG_STATE_HOME": str(state)})
+    assert unkept.returncode == 0 and "kept" not in unkept.stdout and len(list(chats.iterdir())) == 2
+    # --resume goes on with a kept conversation in its settings; what was only read back is not kept again
+    resumed = run_eqz("chat", "--resume", str(kept[1]), "-n", "6", input="And more\n",
+                      env={"XDG_STATE_HOME": str(state), "COLUMNS": "300"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(going on with 2 messages; the last:)\nyou> Bye\n" in resumed.stdout
+    (grown,) = set(chats.glob("*.json")) - set(kept)
+    transcript = json.loads(grown.read_text())
+    assert [m["content"] for m in transcript["messages"] if m["role"] == "user"] == ["Bye", "And more"]
+    assert transcript["sliders"]["joy"] == 0.4 and transcript["messages"][3]["reply"]["sliders"]["joy"] == 0.4
+    again = run_eqz("chat", "--resume", str(grown), input="", env={"XDG_STATE_HOME": str(state)})
+    assert again.returncode == 0 and "kept" not in again.stdout and len(list(chats.iterdir())) == 3
+
+
+def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
+    not_chat = tmp_path / "rows.json"
+    not_chat.write_text('{"messages": [{"role": "narrator", "content": "Once"}]}')
+    for args, message in [(["--resume", str(not_chat)], f"{not_chat} is not a conversation eqz chat saved"),
+                          (["--resume", str(tmp_path / "none.json")], "does not exist; give a file that /save wrote"),
+                          (["--resume", str(not_chat), "-p", "calm"], "give it or a preset, not both")]:
+        ran = run_eqz("chat", *args, input="")
+        assert ran.returncode == 2 and message in ran.stderr and "Traceback" not in ran.stderr

@@ -3,12 +3,14 @@ record of every change, and the terminal restored afterwards."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -118,12 +120,13 @@ def test_a_key_move_the_filters_cannot_hold_is_refused_on_the_panel(tmp_path):
 
 
 @contextmanager
-def chat_in_tmux(session: str, cols: int, rows: int, tokens: int = 400, then: str = ""):
+def chat_in_tmux(session: str, cols: int, rows: int, tokens: int = 400, then: str = "", state: Path | None = None):
     """`eqz chat` in a detached tmux session of ``cols`` x ``rows``, the long story asked for; ``then`` runs after
-    the chat exits. The session is killed afterwards."""
+    the chat exits; ``state``: its XDG_STATE_HOME. The session is killed afterwards."""
     subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
+    environment = f"{SIZED_BY_TERMINAL} XDG_STATE_HOME={state}" if state else SIZED_BY_TERMINAL
     subprocess.run([*TMUX, "new-session", "-d", "-s", session, "-x", str(cols), "-y", str(rows),
-                    f"{SIZED_BY_TERMINAL} {EQZ} chat --seed 3 -n {tokens}; {then}sleep 30"], check=True)
+                    f"{environment} {EQZ} chat --seed 3 -n {tokens}; {then}sleep 30"], check=True)
     try:
         wait_for(session, "you>")  # capture-pane drops trailing spaces
         tmux(session, "send-keys", STORY, "Enter")
@@ -156,22 +159,28 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
         assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
 
 
-def test_a_chat_killed_mid_reply_gives_the_terminal_back(tmp_path):
-    """SIGTERM (`kill`, a closed window) mid-reply left the terminal in cbreak mode without echo: Ctrl-C restored it,
-    these signals did not."""
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_a_chat_killed_mid_reply_gives_the_terminal_back_and_keeps_the_conversation(tmp_path, number):
+    """SIGTERM (`kill`) or SIGHUP (a closed window) mid-reply left the terminal in cbreak mode without echo, and the
+    conversation was lost: Ctrl-C restored the one and kept the other, these signals did neither."""
     modes_file = tmp_path / "stty.txt"
-    then = f"stty -a > {modes_file}.part; mv {modes_file}.part {modes_file}; "
-    with chat_in_tmux("eqz-tui-kill", 80, 24, then=then) as session:
+    then = f"echo $? > {tmp_path}/status; stty -a > {modes_file}.part; mv {modes_file}.part {modes_file}; "
+    with chat_in_tmux(f"eqz-tui-kill-{number}", 80, 24, then=then, state=tmp_path) as session:
         wait_for(session, r"\b[1-9]\d* tok/s")  # streaming: the keys are read in cbreak mode
         shell = subprocess.run([*TMUX, "display", "-p", "-t", session, "#{pane_pid}"], capture_output=True,
                                text=True, check=True).stdout.strip()
         (chat,) = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True).stdout.split()
-        os.kill(int(chat), signal.SIGTERM)
+        os.kill(int(chat), number)
         deadline = time.time() + 30
         while time.time() < deadline and not modes_file.exists():
             time.sleep(0.2)
         modes = modes_file.read_text()
         assert " icanon" in modes and " echo" in modes
+        assert (tmp_path / "status").read_text().strip() == str(128 + number)  # it still died of the signal
+        (kept,) = (tmp_path / "eqz" / "chats").glob("*.json")
+        story, reply = json.loads(kept.read_text())["messages"]
+        assert story["content"] == STORY and reply["reply"]["finish_reason"] == "interrupted"
+        assert 0 < reply["reply"]["n_tokens"] < 400 and reply["content"]
 
 
 def test_a_long_message_says_it_is_being_read():
