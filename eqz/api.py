@@ -15,6 +15,7 @@ failed its direction check) go to ``model.on_warning``, by default Python's ``wa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -25,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .analyze import Analysis, analyze
 from .bands import band_key, check_described, check_gain, gain_warnings, keyed_by_band
@@ -48,6 +51,30 @@ if TYPE_CHECKING:
     from .batch import BatchPlan
     from .eval import EvalResult
     from .serving import BatchServer, Request
+
+
+def _flags_checked(function):
+    """Refuse anything but True or False for a parameter annotated ``bool``: ``replace="no"`` is true in Python, and
+    did what it did not say."""
+    signature = inspect.signature(function)
+    flags = [name for name, parameter in signature.parameters.items()
+             if parameter.annotation in ("bool", "bool | None")]
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        try:
+            given = signature.bind(*args, **kwargs).arguments
+        except TypeError:  # a missing or unknown argument: Python's own error says it best
+            return function(*args, **kwargs)
+        for name in flags:
+            value = given.get(name, False)
+            optional = signature.parameters[name].annotation != "bool"
+            if not isinstance(value, (bool, np.bool_)) and not (value is None and optional):
+                raise EqzError(f"{name} takes True or False, got {value!r}")
+        return function(*args, **kwargs)
+
+    return checked
+
 
 
 class EqzWarning(UserWarning):
@@ -120,6 +147,7 @@ class EqzModel:
 
     # -- the one place presets, sliders, vectors, sampling and filters are merged
 
+    @_flags_checked
     def session(
         self,
         *,
@@ -210,6 +238,7 @@ class EqzModel:
                        f"{'s' if one else ''} less clearly (docs/steering-limits.md section 10)")
         return bank.vector(gains)
 
+    @_flags_checked
     def import_vector(self, path: str | Path, band: str, replace: bool = False) -> Path:
         """Adopt a repeng or llama.cpp control-vector file as slider ``band`` (gain 1 = the file as it is; unmetered:
         the meter, analyze and filters do not read it). Returns the bank's directory."""
@@ -315,6 +344,7 @@ class EqzModel:
         """A conversation whose sliders can change at any time (see ``stream`` for the settings)."""
         return Chat(self.session(**_split_sampling(settings)), self._warn)
 
+    @_flags_checked
     def batch(self, prompts, output, *, preset: str | Path | Preset | None = None,
               presets: Iterable[str | Path | Preset] = (),
               sliders: dict[str, float] | None = None, sweeps: Iterable[tuple[str, list[float]]] = (),
@@ -381,6 +411,7 @@ class EqzModel:
         sink.take_over()  # an earlier plan of this file that never ran ends only now that this one is made
         return made
 
+    @_flags_checked
     def request(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                 preset: str | Path | Preset | None = None, sliders: dict[str, float] | None = None,
                 sampling: dict | None = None, stop: Iterable[str] = (), clamp: dict[str, float] | None = None,
@@ -424,6 +455,7 @@ class EqzModel:
         per_sequence = _whole(per_sequence, "per_sequence", MIN_CONTEXT)
         return BatchServer(self.model, self.bank_if_any(), parallel, per_sequence, max_waiting)
 
+    @_flags_checked
     def evaluate(self, bands: Iterable[str] | None = None, gains: Iterable[float] = (-1, 0, 1, 2),
                  prompts: list[str] | None = None, max_tokens: int = 64, samples: int = 1, progress=None,
                  record: bool = False) -> "EvalResult":
@@ -487,6 +519,7 @@ class EqzModel:
         read)."""
         return analyze(self.model, self.bank, _text(text, "text"), by)
 
+    @_flags_checked
     def train(self, bands: Iterable[str] | None = None, described: dict[str, str] | None = None, quick: bool = False,
               orthogonalize: bool = False, into: Path | None = None, progress=None, hold: bool | None = None,
               seed: int | None = None, replace: bool = False) -> Bank:
@@ -733,6 +766,7 @@ def read_preset(name: str | Path) -> Preset:
     return _preset_of(name if isinstance(name, Path) else _text(name, "name"), known_band_names())
 
 
+@_flags_checked
 def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on: str | Path | Preset | None = None,
                 description: str | None = None, system: str | None = None, sampling: dict | None = None,
                 clamp: dict[str, float] | None = None, ablate: Iterable[str] = (), replace: bool = False) -> Path:
@@ -759,6 +793,7 @@ def save_preset(name: str, *, sliders: dict[str, float] | None = None, based_on:
     return write_preset(saved, replace)
 
 
+@_flags_checked
 def show_backend_log(on: bool = True) -> None:
     """Let llama.cpp's own log through to stderr (it is kept out of the way otherwise)."""
     from .engine import set_verbose

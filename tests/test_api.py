@@ -430,6 +430,8 @@ def test_the_bank_commands_are_library_calls_on_the_users_own_copy(tmp_path, mon
             model.import_vector(random_vector_file, "mine")
         with pytest.raises(eqz.EqzError, match="import_vector takes a control vector file's path"):
             model.import_vector(123, "mine")
+        with pytest.raises(eqz.EqzError, match="replace takes True or False, got 'no'"):  # "no" was true: replaced
+            model.import_vector(random_vector_file, "mine", replace="no")
         with pytest.raises(eqz.EqzError, match="replace=True in the library"):  # before any work
             model.train(described={"Mine": "wistful, longing for the past"})
         with pytest.raises(eqz.EqzError, match="hold=True, orthogonalize=True in the library"):
