@@ -31,9 +31,9 @@ import numpy as np
 
 from .analyze import Analysis, analyze
 from .bands import band_key, check_described, check_gain, gain_warnings, keyed_by_band
-from .bank import (MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, describe_setup, editing, find_bank,
-                   known_band_names, own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed,
-                   shipped_bank, writable_bank)
+from .bank import (CALIBRATION_REPLY_TOKENS, MANIFEST, SHIPPED_DIR, Bank, FoundBank, adopt_vector, describe_setup,
+                   editing, find_bank, known_band_names, own_bank_directory, require_bank, reset_user_bank, resolve_bank, shadowed,
+                   shipped_bank, weighs_as_calibration, writable_bank)
 from .bank import list_banks as found_banks
 from .engine import Model, backends, gpu_offload
 from .errors import EqzError
@@ -42,6 +42,7 @@ from .models import ModelInfo, resolve_model_path
 from .presets import Preset, PresetEntry, check_name, discover, get_preset, load_preset_file, resolve
 from .presets import save_preset as write_preset
 from .reading import common_prefix_length
+from .scoring import lexicon_missing
 from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, SETTING_NAMES, as_number, check_setting, is_whole
 from .session import ChatSession, Turn, model_record, read_conversation
 from .steering import Steering
@@ -481,6 +482,8 @@ class EqzModel:
         samples = _whole(samples, "samples", 1)
         into = self._record_into(bank, chosen, recording_setup(prompts or prompt_sets()["eval"], max_tokens, samples,
                                                                 gain_list)) if record else None
+        if missing := lexicon_missing():
+            self._warn(missing)
         extra = {"progress": progress} if progress else {}
         with editing(into, "recording eval figures") if record and into else nullcontext():
             if record and bank.changed_on_disk():
@@ -499,11 +502,17 @@ class EqzModel:
         from .eval import recorded_alike
 
         recorded = bank.quality.get("dose_response", {})
+        recorded_setup = bank.quality.get("dose_response_setup", {})
+        if recorded and weighs_as_calibration(recorded_setup) and not weighs_as_calibration(setup):
+            raise EqzError(f"the figures recorded in this bank ({describe_setup(recorded_setup)}) revise its bands' "
+                           f"verdicts, and this run's ({describe_setup(setup)}) are too few reply tokens to: recording "
+                           f"them would undo those verdicts; measure at least {CALIBRATION_REPLY_TOKENS} reply tokens "
+                           "per setting (prompts x samples x tokens), or do not record")
         unmeasured = [band for band in recorded if band in bank.bands and band not in bands]
         if unmeasured and not recorded_alike(bank, setup):
             raise EqzError(f"{', '.join(unmeasured)} would lose their recorded figures, which a record keeps only "
                            f"where measured alike: they were measured with "
-                           f"{describe_setup(bank.quality.get('dose_response_setup', {}))}, this run with "
+                           f"{describe_setup(recorded_setup)}, this run with "
                            f"{describe_setup(setup)}; measure every band, or as they were, or do not record")
         if bank.directory is None or Path(bank.directory).parent != SHIPPED_DIR:
             return bank.directory
@@ -553,6 +562,8 @@ class EqzModel:
                 base = writable_bank(self.info)
         if base is not None:
             _check_extending(base, described, replace, hold, orthogonalize)
+        if missing := lexicon_missing():  # calibration scores with it
+            self._warn(missing)
         with self.model.unpacked() as model:  # training works in batches, which f16 runs ~2x faster than Q4_1
             if base is not None:
                 return add_described_bands(model, base, settings, **extra)

@@ -493,8 +493,9 @@ def describe_setup(setup: dict) -> str:
     gains = ", ".join("0" if gain == 0 else f"{gain:+g}" for gain in setup["gains"]) if "gains" in setup else \
         "unrecorded gains"
     which = "" if "prompts_sha256" in setup else ", which ones unrecorded"
+    scorer = f", scored by the {setup['scorer']} lexicon" if "scorer" in setup else ""
     return f"{counted('prompts', 'prompt')}{which} x {counted('samples', 'sample')} x " \
-           f"{counted('reply_tokens', 'token')} at {gains}"
+           f"{counted('reply_tokens', 'token')} at {gains}{scorer}"
 
 
 def _seen(directory: Path) -> tuple[Path, tuple]:

@@ -511,8 +511,10 @@ def eval_command(
     unsteered model's judgement of the replies' emotion, readout, crosstalk and fluency on held-out neutral prompts."""
     from .bank import weighs_as_calibration, writable_directory
     from .display import print_eval, progress_bars
-    from .eval import OUTPUT_NAMES, non_fluent_gains, write_outputs
+    from .eval import OUTPUT_NAMES, non_fluent_gains, pyplot, write_outputs
 
+    if plot:
+        pyplot()
     try:
         gain_list = tuple(float(g) for g in gains.split(","))
     except ValueError:

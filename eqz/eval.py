@@ -735,9 +735,9 @@ def write_outputs(result: EvalResult, directory: Path, plot: bool = False) -> li
     return written
 
 
-def plot_dose_response(result: EvalResult, path: Path) -> Path:
-    """One panel per band: the lexicon effect and the readout against gain, the prompt-only effect as a
-    dotted line and asked-and-steered as a triangle at +1, perplexity ratio on a second axis."""
+def pyplot():
+    """matplotlib's pyplot, drawing into files; one line naming the pip command where it is not installed (eval asks
+    before its replies, not after minutes of them)."""
     try:
         import matplotlib
 
@@ -745,6 +745,13 @@ def plot_dose_response(result: EvalResult, path: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise EqzError("--plot needs matplotlib: pip install 'eqz[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def plot_dose_response(result: EvalResult, path: Path) -> Path:
+    """One panel per band: the lexicon effect and the readout against gain, the prompt-only effect as a
+    dotted line and asked-and-steered as a triangle at +1, perplexity ratio on a second axis."""
+    plt = pyplot()
     columns = 5
     rows = math.ceil(len(result.bands) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)

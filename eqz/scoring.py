@@ -132,6 +132,15 @@ def emotion_scorer() -> EmotionScorer:
     return EmotionScorer("nrc" if nrc_lexicon() is not None else "eqz-words")
 
 
+def lexicon_missing() -> str | None:
+    """A warning where the NRC lexicon is not installed: eqz's own word list scores instead, which changes every
+    lexicon figure (and which records can be merged with which); None where it is."""
+    if nrc_lexicon() is not None:
+        return None
+    return ("the NRC Emotion Lexicon is not installed, so eqz's own word list scores the replies and the lexicon "
+            "figures differ from the README's; pip install 'eqz[lexicon]' (make setup installs it)")
+
+
 # Rates are per 100 words; this prior keeps lifts finite where the unsteered replies have no such word.
 LIFT_PRIOR = 0.25
 

@@ -349,10 +349,12 @@ def test_a_training_that_could_not_be_saved_is_refused_before_it_starts(tmp_path
     assert "vectors reset" not in refused.stderr
 
 
-def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measured_alike(tmp_path):
+def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measured_alike(tmp_path,
+                                                                                         random_vector_file):
     """--record wrote into eqz's own shipped files; recording some bands wiped the others' figures; an -o naming a file
     failed after the whole eval, its tables unwritten. Then recording a band again (one added, say) meant measuring
-    every band again: now a band measured as the others were replaces only its own figures."""
+    every band again: now a band measured as the others were replaces only its own figures. A record too light to
+    revise verdicts put over one that did undid them, saying they stood."""
     env = {"XDG_DATA_HOME": str(tmp_path / "data")}
     (tmp_path / "afile").write_text("")
     assert_one_line_error(run_eqz("eval", "-o", str(tmp_path / "afile"), env=env), "is a file; --output takes")
@@ -362,10 +364,20 @@ def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measu
     assert "--skip-bad" not in bad.stderr  # eval has no such flag
     assert_one_line_error(run_eqz("eval", "--bands", "joy", "--record", env=env), "trust, fear",
                           "would lose their recorded figures", "measured with 16 prompts x 2 samples x 64 tokens at "
-                          "-1, 0, +1, +2, this run with 16 prompts x 1 sample")
+                          "-1, 0, +1, +2, scored by the nrc lexicon, this run with 16 prompts x 1 sample")
     shipped = (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes()
     (tmp_path / "one.txt").write_text("Describe your morning.\n")
     alike = ("--prompts", str(tmp_path / "one.txt"), "-n", "8", "--gains", "1", "--record")
+    assert_one_line_error(run_eqz("eval", *alike, env=env), "(16 prompts x 2 samples x 64 tokens at -1, 0, +1, +2, "
+                          "scored by the nrc lexicon) revise its bands' verdicts", "(1 prompt x 1 sample x 8 tokens",
+                          "would undo those verdicts")
+    for step in (("import", str(random_vector_file), "--band", "scratch"), ("remove", "scratch")):  # own copy...
+        assert run_eqz("vectors", *step, env=env).returncode == 0
+    (own,) = (tmp_path / "data").glob("eqz/vectors/*/bank.yaml")
+    data = yaml.safe_load(own.read_text())
+    for key in ("dose_response", "dose_response_setup"):  # ...with no record yet, as a bank just trained
+        del data["quality"][key]
+    own.write_text(yaml.safe_dump(data, sort_keys=False))
     ran = run_eqz("eval", *alike, "-o", str(tmp_path / "eval"), env=env)
     assert ran.returncode == 0, ran.stderr
     assert "recorded the figures of joy, trust" in ran.stdout and "so its verdicts and warnings stand" in ran.stdout
@@ -377,7 +389,6 @@ def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measu
     assert said.startswith("eqz: error: cannot write ") and "eval.json: File too large" in said
     assert {path.name: path.read_bytes() for path in (tmp_path / "eval").iterdir()} == first
     assert (ROOT / "vectors" / "smollm2-135m-instruct" / "bank.yaml").read_bytes() == shipped
-    (own,) = (tmp_path / "data").glob("eqz/vectors/*/bank.yaml")
     data = yaml.safe_load(own.read_text())
     assert data["quality"]["dose_response_setup"]["prompts"] == 1 and len(data["quality"]["dose_response"]) == 10
     data["quality"]["dose_response"]["joy"] = data["quality"]["dose_response"]["trust"] = {"marked": True}
@@ -389,7 +400,17 @@ def test_eval_records_into_the_users_copy_of_the_bank_and_some_bands_where_measu
     recorded = yaml.safe_load(own.read_text())["quality"]["dose_response"]
     assert "1.0" in recorded["joy"] and recorded["trust"] == {"marked": True} and len(recorded) == 10
     assert_one_line_error(run_eqz("eval", "--bands", "joy", *alike, "--samples", "2", env=env),
-                          "measured with 1 prompt x 1 sample x 8 tokens at +1, this run with 1 prompt x 2 samples")
+                          "measured with 1 prompt x 1 sample x 8 tokens at +1, scored by the nrc lexicon, this run with 1 "
+                          "prompt x 2 samples")
+
+
+def test_eval_plot_without_matplotlib_is_refused_before_any_reply(tmp_path):
+    """--plot without matplotlib failed after the whole eval (minutes to hours), its record made, no "wrote" said."""
+    without = "import sys; sys.modules['matplotlib'] = None; from eqz.cli import main; sys.argv[0] = 'eqz'; main()"
+    ran = subprocess.run([sys.executable, "-c", without, "eval", "--plot", "--record", "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "XDG_DATA_HOME": str(tmp_path)})
+    assert_one_line_error(ran, "--plot needs matplotlib: pip install 'eqz[plot]'")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "eqz").exists()
 
 
 def _written_defaults() -> list[tuple[tuple[str, ...], list[str]]]:
