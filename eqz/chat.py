@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from functools import partial
@@ -38,6 +38,7 @@ class Command:
     usage: str
     summary: str
     run: Callable[["ChatCommands", list[str], str], CommandResult]
+    text: bool = False  # takes the rest of the line as written (quotes and apostrophes are text, not shell syntax)
 
 
 class ChatCommands:
@@ -54,8 +55,10 @@ class ChatCommands:
         command = COMMANDS.get(name.lower())
         if command is None:
             raise EqzError(f"unknown command /{name}; type /help for the list")
+        if " " not in command.usage and rest.strip():  # "/quit now" quit, "/reset all" went unread
+            raise EqzError(f"/{name.lower()} takes nothing after it; usage: {command.usage}")
         try:
-            args = shlex.split(rest)
+            args = [] if command.text else shlex.split(rest)
         except ValueError as error:
             raise EqzError(f"could not parse /{name} arguments ({error}); usage: {command.usage}") from None
         return command.run(self, args, rest.strip())
@@ -100,7 +103,8 @@ class ChatCommands:
             return CommandResult("no emotion bank for this model; run `eqz train` to make one")
         steering = self.session.pending_or_current_steering()
         listing = "  ".join(f"{band} {steering.gain(band):+.2f}" for band in bands)
-        return CommandResult(listing, show_panel=True, panel_says_it=True)
+        vectors = "\nvectors: " + ", ".join(f"{path} x{scale:g}" for path, scale in steering.vectors)
+        return CommandResult(listing + vectors * bool(steering.vectors), show_panel=True, panel_says_it=True)
 
     def preset(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 1:
@@ -114,17 +118,23 @@ class ChatCommands:
         command = next(name for name, each in SAMPLING_COMMANDS.items() if each == setting)
         if len(args) != 1:
             raise EqzError(f"usage: /{command} VALUE")  # was /temperature for /temp
+        if setting == "seed" and args[0].lower() == "random":  # a seed once set could not be let go
+            self.session.sampling = replace(self.session.sampling, seed=None)
+            self.session.own_sampling.pop("seed", None)
+            return CommandResult("seed = random (each reply draws its own, recorded in /save)")
         try:
             self.session.sampling = make_sampling(self.session.sampling, **{setting: args[0]})
         except EqzError as error:  # named as typed: "/max-tokens must be >= 1", not max_tokens
             raise EqzError(f"/{command} {str(error).removeprefix(f'{setting} ')}") from None
         if setting in ("seed", "max_tokens"):  # the user's own: a /preset after it keeps it
             self.session.own_sampling[setting] = getattr(self.session.sampling, setting)
-        return CommandResult(f"{setting} = {getattr(self.session.sampling, setting)}")
+        return CommandResult(f"{command} = {getattr(self.session.sampling, setting)}")
 
     def clamp(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 2:
             raise EqzError(f"usage: {COMMANDS['clamp'].usage}")
+        if args[1].lower() == "off":
+            return self._unfilter(band_key(args[0]), "clamp")
         band, level = parse_set(f"{args[0]}={args[1]}", self.session.steerer.bands or BANDS, "/clamp")
         current = self._filters()
         current["clamp"][band] = level
@@ -135,6 +145,8 @@ class ChatCommands:
                                        + self._overridden(band)))
 
     def ablate(self, args: list[str], _rest: str) -> CommandResult:
+        if len(args) == 2 and args[1].lower() == "off":
+            return self._unfilter(band_key(args[0]), "ablate")
         if len(args) != 1:
             raise EqzError(f"usage: {COMMANDS['ablate'].usage}")
         band = band_key(args[0])
@@ -155,6 +167,18 @@ class ChatCommands:
         parts = [f"clamp {b} {level:+.2f}" for b, level in current["clamp"].items()]
         parts += [f"ablate {b}" for b in current["ablate"]]
         return CommandResult(", ".join(parts) or "no filters")
+
+    def _unfilter(self, band: str, kind: str) -> CommandResult:
+        """One band's clamp or notch off, the other filters kept (only /filters off took any off, all of them)."""
+        current = self._filters()
+        if band not in current[kind]:
+            raise EqzError(f"{band} is not {'clamped' if kind == 'clamp' else 'notched'}; /filters lists the filters")
+        if kind == "clamp":
+            del current["clamp"][band]
+        else:
+            current["ablate"].remove(band)
+        self.session.set_filters(**current)
+        return CommandResult(f"{band} {'clamp' if kind == 'clamp' else 'notch'} off")
 
     def _overridden(self, band: str | None = None) -> list[str]:
         """Whether ``band``'s slider (default: any) now does nothing, a filter overriding it (``Bank.overridden``):
@@ -225,17 +249,20 @@ SAMPLING_COMMANDS = {
 
 COMMANDS: dict[str, Command] = {
     "help": Command("/help", "show these commands", ChatCommands.help),
-    "system": Command("/system TEXT", "set the system prompt (empty: model default)", ChatCommands.system),
+    "system": Command("/system TEXT", "set the system prompt (empty: model default)", ChatCommands.system, text=True),
     "vector": Command("/vector FILE SCALE", "steer with a llama.cpp control vector (0 removes it)", ChatCommands.vector),
     "set": Command("/set BAND GAIN", "move a slider (gain -2..2; 1 = calibrated strength)", ChatCommands.set),
     "sliders": Command("/sliders", "show every band's gain", ChatCommands.sliders),
     "preset": Command("/preset NAME", "switch to a preset mood: its sliders, sampling, system prompt, filters", ChatCommands.preset),
     **{
-        alias: Command(f"/{alias} VALUE", f"set {setting}", partial(ChatCommands.sampling, setting=setting))
+        alias: Command(f"/{alias} VALUE", f"set {setting}" + " (random: each reply its own)" * (setting == "seed"),
+                       partial(ChatCommands.sampling, setting=setting))
         for alias, setting in SAMPLING_COMMANDS.items()
     },
-    "clamp": Command("/clamp BAND LEVEL", "hold a band at a level inside the model", ChatCommands.clamp),
-    "ablate": Command("/ablate BAND", "notch a band to the model's neutral level", ChatCommands.ablate),
+    "clamp": Command("/clamp BAND LEVEL", "hold a band at a level inside the model (LEVEL off: let it go)",
+                     ChatCommands.clamp),
+    "ablate": Command("/ablate BAND", "notch a band to the model's neutral level (/ablate BAND off: let it go)",
+                      ChatCommands.ablate),
     "filters": Command("/filters [off]", "show the filters, or turn them all off", ChatCommands.filters),
     "reset": Command("/reset", "forget the conversation", ChatCommands.reset),
     "save": Command("/save FILE [--replace]", "write the transcript with every setting as JSON (--replace: over a "

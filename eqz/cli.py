@@ -935,10 +935,13 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def main() -> None:
     """Run the CLI: bad input becomes one line on stderr and a non-zero exit (a traceback only with --debug)."""
-    command = typer.main.get_command(app)
-    for _, each in _command_tree(command):
-        _bare_help_flag(each, app.info.context_settings["help_option_names"])
-        _one_line_summary(each)
+    try:
+        command = typer.main.get_command(app)
+        for _, each in _command_tree(command):
+            _bare_help_flag(each, app.info.context_settings["help_option_names"])
+            _one_line_summary(each)
+    except KeyboardInterrupt:  # Ctrl-C at once: quiet, as later
+        sys.exit(130)
     args = sys.argv[1:]
     cut = args.index("--") if "--" in args else len(args)  # after "--" everything is text
     if "--debug" in args[:cut]:  # accepted after the command too

@@ -67,6 +67,24 @@ _log = _LlamaLog()
 L.llama_backend_init()
 
 
+@contextmanager
+def ctrl_c_held(wanted: bool = True) -> Iterator[list]:
+    """Hold Ctrl-C until a llama.cpp call that runs Python inside it returns (its log; a decode's taps): a
+    KeyboardInterrupt raised in a ctypes callback is printed ("Exception ignored") and dropped, and the call went on
+    (Ctrl-C while a model loaded printed a traceback, and the chat started). Yields a list that is non-empty once
+    Ctrl-C was pressed, for the caller to raise after. A handler of the caller's own is left alone."""
+    pressed: list = []
+    if (not wanted or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def set_verbose(verbose: bool) -> None:
     """Show llama.cpp's own log on stderr (``--debug``)."""
     _log.verbose = verbose
@@ -242,7 +260,12 @@ class Model:
         params = L.llama_model_default_params()
         params.n_gpu_layers = _LLAMA_ALL_LAYERS if self.gpu_layers == ALL_LAYERS else self.gpu_layers
         _log.take_errors()
-        self._model = L.llama_model_load_from_file(str(self.path).encode(), params)
+        with ctrl_c_held() as pressed:  # llama.cpp logs through Python while it loads
+            self._model = L.llama_model_load_from_file(str(self.path).encode(), params)
+        if pressed:
+            if self._model:
+                L.llama_model_free(self._model)
+            raise KeyboardInterrupt
         if not self._model:
             raise _explain_load_failure(self.path, _log.take_errors())
         # freed when the model is dropped too (a notebook cell run again), not only by close(); the process's end
@@ -547,7 +570,12 @@ class Context:
         self._stop_after: int | None = None
         self._tap_error: BaseException | None = None
         _log.take_errors()
-        self._ctx = L.llama_init_from_model(model._model, params)
+        with ctrl_c_held() as pressed:
+            self._ctx = L.llama_init_from_model(model._model, params)
+        if pressed:
+            if self._ctx:
+                L.llama_free(self._ctx)
+            raise KeyboardInterrupt
         if not self._ctx:
             detail = "; ".join(_log.take_errors()) or "out of memory?"
             raise EqzError(f"llama.cpp could not create a context of {n_ctx} tokens: {detail}", exit_code=1)
@@ -676,7 +704,7 @@ class Context:
                 for k, owner in enumerate(owners):
                     batch.seq_id[i][k] = owner
             batch.logits[i] = logits[i]
-        with self._ctrl_c_held() as pressed:
+        with ctrl_c_held(self.has_taps) as pressed:
             status = L.llama_decode(self._ctx, batch)
         error, self._tap_error = self._tap_error, None
         if pressed:
@@ -688,22 +716,6 @@ class Context:
                            exit_code=1)
         if status != 0:
             raise EqzError(f"llama.cpp failed to decode (status {status})", exit_code=1)
-
-    @contextmanager
-    def _ctrl_c_held(self) -> Iterator[list]:
-        """Hold Ctrl-C until the decode returns when taps run Python inside it: a KeyboardInterrupt raised in a
-        ctypes callback outside its try is printed ("Exception ignored") and dropped, and the decode goes on.
-        Yields a list that is non-empty once Ctrl-C was pressed. A handler of the caller's own is left alone."""
-        pressed: list = []
-        if (not self.has_taps or threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-            yield pressed
-            return
-        previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
-        try:
-            yield pressed
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     @_while_open
     def sample(self, chain, row: int) -> int:

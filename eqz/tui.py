@@ -17,6 +17,7 @@ import threading
 import time
 import tty
 from contextlib import nullcontext, suppress
+from pathlib import Path
 from typing import Callable
 
 from rich.console import Console, Group
@@ -126,6 +127,17 @@ class Equalizer:
 # -------------------------------------------------------------------------------------------------- drawing
 
 
+def shown_gain(gain: float) -> str:
+    """A gain as the panel and the summaries show it: to 0.1, unless that would hide it (a held band at +0.04 is
+    clamped, though "+0.0" said it was off)."""
+    return f"{gain:+.1f}" if round(gain, 1) == round(gain, 2) else f"{gain:+.2f}"
+
+
+def vectors_in_use(steering) -> str:
+    """The control-vector files steering beside the sliders, by file name: "vectors: sad.gguf x1.5"."""
+    return "vectors: " + ", ".join(f"{Path(path).name} x{scale:g}" for path, scale in steering.vectors)
+
+
 def _bar_cells(gain: float) -> tuple[str, str, str, str]:
     """Four cells, top to bottom: two above the zero line (1.0 each), two below."""
     up = [min(max(gain - offset, 0.0), 1.0) for offset in (1.0, 0.0)]
@@ -196,7 +208,7 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
                 lines.append(Text("   0 " + "─" * (column * len(in_view) + 1), style="dim"))
         values = Text(" set  ", style="green")  # the row names in their bars' colours: the legend
         for gain in gains:
-            values.append(f"{gain:+.1f}".center(column - 1), style="green" if gain > 0 else "red" if gain < 0 else "dim")
+            values.append(shown_gain(gain).center(column - 1), style="green" if gain > 0 else "red" if gain < 0 else "dim")
             values.append(" ")
         lines.append(values)
         if levels is not None:
@@ -219,6 +231,8 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
     lines.append(Text(status, style="dim"))
     if filters and (filters["clamp"] or filters["ablate"]):
         lines.append(Text("filters: " + describe_filters(filters), style="yellow"))
+    if steering.vectors:  # they steer beside the sliders, which do not show them
+        lines.append(Text(vectors_in_use(steering), style="yellow", overflow="ellipsis", no_wrap=True))
     if equalizer.refused:
         lines.append(Text(f"not moved: {equalizer.refused}", style="red", overflow="ellipsis", no_wrap=True))
     elif equalizer.noted:
@@ -241,7 +255,7 @@ def reply_text(text: str, changes: list[dict], start: dict[str, float]) -> Text:
         offset = change["text_offset"]
         rendered.append(text[cursor:offset])
         gains = change["sliders"]
-        moved = [f"{b} {g:+.1f}" for b, g in gains.items() if previous.get(b, 0.0) != g] or ["vectors"]
+        moved = [f"{b} {shown_gain(g)}" for b, g in gains.items() if previous.get(b, 0.0) != g] or ["vectors"]
         rendered.append(f"⟨{', '.join(moved)}⟩", style="dim italic")
         previous = gains
         cursor = offset
@@ -386,8 +400,8 @@ def _read_line(console: Console, typed: str = "") -> str | None:
             finally:  # once: Ctrl-C at the prompt clears the typed text too
                 if readline:
                     readline.set_startup_hook(None)
-            if not sys.stdin.isatty():  # piped: the terminal never showed the line, so a transcript would lack it
-                console.print(line, markup=False, highlight=False)
+            if not (sys.stdin.isatty() and console.is_terminal):  # piped in or out (`| tee log`): the output never
+                console.print(line, markup=False, highlight=False)  # held the line, so a transcript would lack it
             return line
         except EOFError:
             console.print()
@@ -402,6 +416,7 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
     however it happens (Ctrl-D, /quit, `kill`, a closed window), ``keep`` writes a conversation not yet saved to
     the chats folder."""
     console = console or Console(highlight=False)
+    console.soft_wrap = not console.is_terminal  # a file or a pipe gets lines whole, not cut at 80 columns
     commands = ChatCommands(session)
     with undone_if_killed(lambda: _keep(commands, console)) if keep else nullcontext():
         try:
@@ -444,6 +459,8 @@ def _converse(session: ChatSession, commands: ChatCommands, console: Console, pa
             return
         if not line.strip():
             continue
+        with equalizer.lock:  # said of the last reply's key presses; a command or a new message makes it stale
+            equalizer.refused = equalizer.noted = None
         try:
             if line.lstrip().startswith("/"):
                 result = commands.handle(line)
@@ -527,7 +544,9 @@ def _stream_with_panel(turn: Turn, equalizer: Equalizer, console: Console) -> No
             equalizer.update_meter()
     console.print(reply_text(turn.text, turn.record.changes, start))
     _report_end(turn, console)
-    summary = "  ".join(f"{b} {g:+.1f}" for b, g in turn.session.steering.gains) or "all sliders at 0"
+    steering = turn.session.steering
+    summary = "  ".join([f"{b} {shown_gain(g)}" for b, g in steering.gains]
+                        + [vectors_in_use(steering)] * bool(steering.vectors)) or "all sliders at 0"
     console.print(f"[dim]{summary} · {turn.record.n_tokens} tokens · {equalizer.tokens_per_second:.0f} tok/s[/dim]")
     hint = crowding_hint(turn.session.model.threads, turn.record.n_tokens)
     if hint:

@@ -116,7 +116,10 @@ def test_ctrl_c_at_the_prompt_does_not_quit():
                                               ("/vector x.gguf 0", "x.gguf was not in use"),  # was "removed"
                                               ("/save", "usage"), ("/preset [/b]", "[/b]: cannot read"),  # not markup
                                               ("/temp", "usage: /temp VALUE"),  # was /temperature, no command
-                                              ("/max-tokens 0", "/max-tokens must be >= 1")])  # was max_tokens
+                                              ("/max-tokens 0", "/max-tokens must be >= 1"),  # was max_tokens
+                                              ("/quit now", "/quit takes nothing after it"),  # it quit
+                                              ("/reset all", "/reset takes nothing after it"),
+                                              ("/clamp joy off", "joy is not clamped; /filters lists the filters")])
 def test_bad_commands_give_one_line_and_keep_the_chat(command, fragment):
     child = spawn_chat(cols=200)  # wide enough that no message wraps
     child.sendline(command)
@@ -142,6 +145,28 @@ def test_a_slider_a_filter_overrides_is_said_to_do_nothing():
     assert "does nothing" not in child.before
     child.sendline("/quit")
     child.expect(pexpect.EOF)
+
+
+def test_commands_take_text_as_written_and_let_one_setting_go(tmp_path, random_vector_file):
+    """/system refused an apostrophe ("No closing quotation"); one clamp or notch could not be let go alone, nor a
+    seed once set; /sliders did not show the vectors steering beside the sliders; a line piped out was cut at 80
+    columns."""
+    saved = tmp_path / "chat.json"
+    lines = ["/system You're a pirate. Don't say \"arr\".", "/seed 5", "/seed random", "/clamp fear 0",
+             "/ablate anger", "/clamp fear off", "/ablate anger off", "/filters", f"/vector {random_vector_file} 0.5",
+             "/sliders", "/preset nosuch", f"/save {saved}", "/quit"]
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    ran = subprocess.run([EQZ, "chat", "--no-keep"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    transcript = json.loads(saved.read_text())
+    assert transcript["system"] == "You're a pirate. Don't say \"arr\"."
+    assert transcript["sampling"]["seed"] is None and transcript["filters"] == {"clamp": {}, "ablate": []}
+    said = ran.stdout
+    assert "seed = random" in said and "fear clamp off" in said and "anger notch off" in said
+    assert "no filters" in said and f"vectors: {random_vector_file} x0.5" in said
+    (error,) = [line for line in said.splitlines() if line.startswith("error: no preset named 'nosuch'")]
+    assert error.rstrip().endswith("tender")  # one line, whole: it was cut at 80 columns
 
 
 def test_a_pasted_text_of_several_lines_is_one_message(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -357,3 +359,35 @@ def test_training_reads_an_f16_copy_that_reads_as_the_model_does_and_is_removed_
     assert cosine.min() > 0.99, cosine  # measured 0.997 or more on 95 stimulus texts at every capture layer
     with Model(gemma_path) as gemma, gemma.unpacked() as same:
         assert same is gemma  # Q4_K_M batches as fast as f16: no copy
+
+
+LOADS = """
+import sys, time
+from eqz.engine import Model
+print("ready", flush=True)
+model = Model(sys.argv[1])
+print("loaded", flush=True)
+time.sleep(30)
+"""
+
+
+def test_ctrl_c_while_a_model_loads_is_raised_after_the_load(model_path):
+    """llama.cpp logs through a Python callback while it loads: Ctrl-C there was raised inside the ctypes callback,
+    printed as "Exception ignored" and dropped, and the load went on (`eqz chat` started as if nothing was pressed).
+    Pressed later and later after the imports, until the load is over."""
+    import subprocess
+    import sys
+    import time
+
+    for step in range(60):
+        child = subprocess.Popen([sys.executable, "-c", LOADS, str(model_path)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "ready\n"
+        time.sleep(step * 0.02)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+        assert "Exception ignored" not in err and child.returncode != 0, err
+        if "loaded" in out:  # pressed after the load: raised in the sleep
+            break
+        assert err.rstrip().endswith("KeyboardInterrupt")
+    assert step > 0  # some came while it loaded

@@ -114,9 +114,22 @@ def test_a_key_move_the_filters_cannot_hold_is_refused_on_the_panel(tmp_path):
     child.send("\x1b[A")
     expect_on_screen(child, r"note: the joy slider \(\+1\.10\) does nothing while a clamp holds joy at \+0\.50")
     child.expect_exact(PROMPT, timeout=120)
+    child.sendline("/sliders")  # the note was of that reply's key press: it stayed on every panel after, even one
+    child.expect_exact(PROMPT)  # where no filter was left to override the slider
+    assert "note:" not in ANSI.sub("", child.before) and "not moved:" not in ANSI.sub("", child.before)
     record = save_and_leave(child, tmp_path / "chat.json", "saved")["messages"][1]["reply"]
     (change,) = record["changes"]  # the joy move alone: anticipation's was not made
     assert change["sliders"]["anticipation"] == 0.0 and change["sliders"]["joy"] == pytest.approx(1.1)
+
+
+def test_the_panel_shows_the_vectors_and_a_gain_under_0_05(random_vector_file):
+    """A vector file steered with nothing on the panel ("all sliders at 0"); a held band at +0.04, clamped, read
+    +0.0."""
+    child = spawn("--vector", f"{random_vector_file}:1.5", "--set", "joy=0.04")
+    screen = ANSI.sub("", child.before)
+    assert f"vectors: {random_vector_file.name} x1.5" in screen and re.search(r"set\s+\+0\.04\s+\+0\.0\s", screen)
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
 
 
 @contextmanager
