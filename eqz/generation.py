@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .engine import Context, Model, Sampler, consecutive_runs
+from .engine import Context, Model, Sampler, SpeakerLine, consecutive_runs
 from .errors import EqzError
 from .reading import PrefixCache, common_prefix_length
 from .sampling import Sampling
@@ -127,14 +127,17 @@ class Stream:
             yield Step(None, tail)
 
 
-def _split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+def _split_at_stop(text: str, stops: Sequence[str | SpeakerLine]) -> tuple[str, str, bool]:
     """Split ``text`` into (safe to show, held back, stopped): hold back a possible start of a stop string."""
     for stop in stops:
-        index = text.find(stop)
+        index = stop.find(text) if isinstance(stop, SpeakerLine) else text.find(stop)
         if index >= 0:
             return text[:index], "", True
     hold = 0
     for stop in stops:
+        if isinstance(stop, SpeakerLine):
+            hold = max(hold, stop.pending(text))
+            continue
         for size in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:size]):
                 hold = max(hold, size)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,9 @@ from eqz.sampling import Sampling
 from eqz.session import ChatSession
 from eqz.steering import Steering
 
-from .conftest import random_direction_matrix
+from .conftest import random_direction_matrix, run_eqz
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # runs the real model (the fast tier: pytest -m 'not slow')
 
@@ -229,7 +234,22 @@ def test_chat_template_from_gguf_and_plain_fallback(model, gemma_path):
         assert not gemma.info.has_chat_template
         prompt, stops = gemma.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     assert prompt == "Be brief.\n\nUser: hi\nAssistant:"
-    assert "\nUser:" in stops
+    assert [stop.find(text) for stop in stops for text in ("hi\nUser: x", "a\nDoctor: b", "a\nAt 5: b", "a: b\nc")] == \
+        [2, 1, 1, -1]
+
+
+def test_a_speaker_line_ends_a_streamed_reply_and_only_its_start_is_held_back():
+    """A base model in the plain transcript went on as "Doctor:", "Master:" or the system prompt's "You are
+    joyful:"; the text before such a line streams as it comes, a new line held back only while it may be one."""
+    from eqz.engine import FALLBACK_STOPS
+    from eqz.generation import _split_at_stop
+
+    assert _split_at_stop(" I am up.\nDoc", FALLBACK_STOPS) == (" I am up.", "\nDoc", False)
+    assert _split_at_stop(" I am up.\nDoctor: go", FALLBACK_STOPS) == (" I am up.", "", True)
+    assert _split_at_stop(" I am up.\n\nYou are joyful: happy", FALLBACK_STOPS) == (" I am up.\n", "", True)
+    line = "\nThen I went to the kitchen to make"  # longer than a label: shown
+    assert _split_at_stop(" Up." + line, FALLBACK_STOPS) == (" Up." + line, "", False)
+    assert _split_at_stop(" Up.\nI ate.\nTh", FALLBACK_STOPS) == (" Up.\nI ate.", "\nTh", False)
 
 
 def test_stop_strings_end_a_fallback_reply(gemma_path):
@@ -240,6 +260,17 @@ def test_stop_strings_end_a_fallback_reply(gemma_path):
         session.close()
     assert "User:" not in text and "Assistant:" not in text
     assert text == turn.text
+
+
+def test_a_base_models_steered_reply_ends_before_a_speaker_it_makes_up(gemma_path):
+    """`eqz generate "Describe your morning." --set fear=1 --seed 3` on Gemma went on as "Doctor: You are being
+    watched." and "Master: Do not go,"."""
+    ran = run_eqz("generate", "Describe your morning.", "-m", str(gemma_path), "-n", "25", "--seed", "3", "--set",
+                  "fear=1", "--json", env={"EQZ_VECTORS": str(ROOT / "docs" / "banks")})
+    assert ran.returncode == 0, ran.stderr
+    record = json.loads(ran.stdout)
+    assert record["output"].strip() and not re.search(r"\n[^\n:]{1,30}:", record["output"])
+    assert record["finish_reason"] == "stop" and record["n_tokens"] < 25
 
 
 def test_a_character_cut_by_the_replys_end_is_dropped_not_shown_as_a_replacement_mark(model):
