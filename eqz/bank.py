@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .bands import BANDS, MAX_LEVEL, check_band_name, check_gain, keyed_by_band
+from .bands import AXES, BANDS, MAX_LEVEL, check_band_name, check_gain, keyed_by_band
 from .errors import EqzError
 from .models import ModelInfo, fingerprint
 from .sampling import as_number
@@ -48,11 +48,12 @@ PROBLEMS = {
     "weak": "at +1 it does not clearly lift its emotion on most redraws of the calibration prompts",
     "uncalibrated": "it holds a level set by hand (`eqz vectors hold`), which nothing has measured",
     "lexicon": "its emotion words do not rise from -1 to +1",
-    "judge": "the unsteered model does not judge its replies closer to the band (an axis: higher on it) from -1 to +1",
+    "judge": "the unsteered model does not judge its replies closer to the band from -1 to +1",
     "readout": "the model's readout does not rise from -1 to +1",
     "fluency": "replies at +1 leave the fluency bounds",
     "fluency (eval)": "replies at +1 left the fluency bounds on the held-out prompts of `eqz eval --record`",
 }
+AXIS_JUDGE = "the unsteered model does not judge its replies higher on the axis from -1 to +1"  # valence, arousal
 
 
 def record_date() -> str:
@@ -276,7 +277,7 @@ class Bank:
         for name, gain in gains.items():
             problems = self.open_problems(name) if gain != 0 and name in self.bands else []
             if problems:
-                why = "; ".join(PROBLEMS.get(p, p) for p in problems)
+                why = "; ".join(AXIS_JUDGE if p == "judge" and name in AXES else PROBLEMS.get(p, p) for p in problems)
                 lines.append(f"{name} may not move the text as named in this bank ({why}); see `eqz vectors show`")
         return lines
 
@@ -324,6 +325,12 @@ class Bank:
             mix = np.zeros((self.model.n_layer, self.model.n_embd), dtype=np.float32)
         return ControlVector(mix, self.model.architecture)
 
+    def _no_band(self, name: str) -> EqzError:
+        if not self.bands:  # an empty bank stands in where none fits the model: "its bands: " and nothing
+            return EqzError(f"no emotion bank fits {self.model.name} yet, so it has no band '{name}'; run "
+                            "`eqz train --model MODEL` (this model's file) to make one")
+        return EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
+
     def hold(self, name: str, level: float | None, check: dict | None = None) -> bool:
         """Make band ``name``'s +1 hold its component at ``level`` (meter units) instead of adding its vector;
         None: add the vector again. ``check``: the level's figures on the calibration prompts, if measured. The
@@ -331,7 +338,7 @@ class Bank:
         the level changed."""
         band = self.bands.get(name)
         if band is None:
-            raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
+            raise self._no_band(name)
         if level is not None:
             if not band.readout:
                 raise EqzError(f"'{name}' is unmetered ({'described' if band.description else 'imported'}), so it "
@@ -371,7 +378,7 @@ class Bank:
         bank as it was."""
         for name in names:
             if name not in self.bands:
-                raise EqzError(f"no band '{name}' in this bank; its bands: {', '.join(self.names)}")
+                raise self._no_band(name)
         for name in names:
             del self.bands[name]
             self.forget_recorded(name)
@@ -641,11 +648,13 @@ def shipped_bank(info: ModelInfo) -> Bank | None:
 def require_bank(info: ModelInfo) -> Bank:
     bank = find_bank(info)
     if bank is None:
-        raise EqzError(
-            f"no emotion bank fits {info.name} ({model_fingerprint(info)}); "
-            f"run `eqz train --model {info.path}` to make one"
-        )
+        raise EqzError(f"no emotion bank fits {info.name} ({model_fingerprint(info)}); {train_hint(info)}")
     return bank
+
+
+def train_hint(info: ModelInfo) -> str:
+    """What makes a bank for this model, with its file named: `eqz train` alone trains the default model."""
+    return f"run `eqz train --model {info.path}` to make one"
 
 
 def resolve_bank(spec: str | None, info: ModelInfo | None) -> Bank:

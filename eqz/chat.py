@@ -12,6 +12,7 @@ from functools import partial
 from typing import Callable
 
 from .bands import BANDS, band_key, gain_warning, parse_set
+from .bank import train_hint
 from .errors import EqzError
 from .presets import get_preset
 from .sampling import as_number, make_sampling
@@ -100,7 +101,7 @@ class ChatCommands:
     def sliders(self, _args: list[str], _rest: str) -> CommandResult:
         bands = self.session.steerer.bands
         if not bands:
-            return CommandResult("no emotion bank for this model; run `eqz train` to make one")
+            return CommandResult(f"no emotion bank for this model; {train_hint(self.session.model.info)}")
         steering = self.session.pending_or_current_steering()
         listing = "  ".join(f"{band} {steering.gain(band):+.2f}" for band in bands)
         vectors = "\nvectors: " + ", ".join(f"{path} x{scale:g}" for path, scale in steering.vectors)

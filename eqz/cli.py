@@ -619,6 +619,9 @@ def train(
                                  user_data_dir() / slug(loaded.info.name))
         if target is not None or not extending:
             check_training_target(destination, loaded.info, None if extending else (*chosen, *descriptions))
+        doing = f"adding {', '.join(descriptions)} to the bank" if extending else "training a bank"
+        sys.stderr.write(f"eqz train: {doing} for {loaded.info.name} ({loaded.info.path}) in {destination}"
+                         f"{'' if model else '; --model FILE trains another model'}\n")
         started = time.monotonic()
         with editing(destination, "eqz train"):  # from reading the bank it extends to saving what it made
             had = Bank.load(destination).names if (destination / MANIFEST).exists() else ()  # --replace: retrained

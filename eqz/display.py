@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +44,15 @@ def reading(text: str, shown_on: Console = err_console):
 def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
     """``progress(stage, total)`` starts a bar and returns ``advance(n)``; bars go to stderr. The display opens
     with the first bar: an error before any work is one line, not a blank one and then the error."""
+    if not err_console.is_terminal:  # a log file: a line as each stage starts (bars drew nothing there until the end)
+        began = time.monotonic()
+
+        def logged(stage: str, total: int) -> Callable[[int], None]:
+            err_console.print(f"{stage}: {total:,} ({time.monotonic() - began:.0f} s in)", soft_wrap=True)
+            return lambda n: None
+
+        yield logged
+        return
     columns = (TextColumn("{task.description:<42}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with ExitStack() as opened:
         bars: Progress | None = None
@@ -324,7 +335,7 @@ def _judged(row: dict) -> str:
     return f"{row['judged_effect']:.2f}" + (" *" if row["judged_clear"] else "")
 
 
-def print_eval(result, flagged: dict[str, list[float]]) -> None:
+def print_eval(result, flagged: dict[str, dict[float, list[str]]]) -> None:
     """One table per band: gain (and the band asked for in the prompt, alone and with the slider at +1) against the
     lexicon effect, the readout and fluency. Short headers and no side borders: the ten columns fit 80 (a pipe)."""
     for band in result.bands:
@@ -346,8 +357,9 @@ def print_eval(result, flagged: dict[str, list[float]]) -> None:
                           f"{row['repeated_3grams']:.0%}", f"{row['distinct_2']:.2f}", f"{row['length']:.0f}",
                           style=style)
         console.print(table)
-        if flagged.get(band):
-            console.print(f"[red]  not fluent at gain {', '.join(f'{g:+g}' for g in flagged[band])}[/red]")
+        for gain, bounds in (flagged.get(band) or {}).items():
+            console.print(f"  not fluent at gain {gain:+g}: {', '.join(bounds) or 'outside a bound'}", style="red",
+                          markup=False)
     console.print(f"[dim]effect: the band's own emotion words over the unsteered replies' ({result.scorer} lexicon; "
                   "axes: + words per 100; described bands: + nats/token the unsteered model prefers the replies "
                   "for the description over the primaries); * = clearly lifted and the most lifted; most: the emotion "

@@ -694,9 +694,29 @@ def record(result: EvalResult, bank: Bank, **extra) -> None:
     bank.save()
 
 
-def non_fluent_gains(result: EvalResult) -> dict[str, list[float]]:
-    """Per band, the gains whose replies left the fluency bounds."""
-    return {band: [row["gain"] for row in result.table(band) if not row["fluent"]] for band in result.bands}
+def non_fluent_gains(result: EvalResult) -> dict[str, dict[float, list[str]]]:
+    """Per band, the gains whose replies left the fluency bounds, each with the bounds it left in words (the table
+    shows neither the Latin share nor words per token, and "not fluent" beside columns in bounds said nothing)."""
+    flagged = {}
+    for band in result.bands:
+        rows = result.table(band)
+        unsteered = next((row for row in rows if row["gain"] == 0), None)
+        flagged[band] = {row["gain"]: broken_bounds(row, unsteered) for row in rows if not row["fluent"]}
+    return flagged
+
+
+def broken_bounds(row: dict, unsteered: dict | None) -> list[str]:
+    """The fluency bounds (``ReplySet.fluent``) a table row is outside, as "words per token 0.56 < 0.7 x 0.81"."""
+    broken = []
+    if row["repeated_3grams"] > MAX_REPEATED_TRIGRAMS:
+        broken.append(f"repeated 3-grams {row['repeated_3grams']:.0%} > {MAX_REPEATED_TRIGRAMS:.0%}")
+    for name, key, least in (("distinct-2", "distinct_2", MIN_DISTINCT_RATIO), ("Latin letters", "latin", MIN_LATIN_RATIO),
+                             ("words per token", "words_per_token", MIN_WORDS_PER_TOKEN_RATIO)):
+        if unsteered is not None and row[key] < least * unsteered[key]:
+            broken.append(f"{name} {row[key]:.2f} < {least:g} x {unsteered[key]:.2f}")
+    if (ratio := row.get("ppl_ratio")) is not None and ratio > MAX_PPL_RATIO:
+        broken.append(f"perplexity {ratio:.2f}x > {MAX_PPL_RATIO:g}x")
+    return broken
 
 
 OUTPUT_NAMES = ("eval.json", "eval.csv", "dose_response.png", "replies.jsonl")

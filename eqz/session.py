@@ -26,7 +26,7 @@ from .generation import Stream
 from .models import fingerprint
 from .presets import Preset
 from .sampling import Sampling, make_sampling
-from .bank import Bank
+from .bank import Bank, train_hint
 from .errors import EqzError
 from .files import replacing
 from .meter import Filters, Instruments, metered_bands
@@ -182,8 +182,13 @@ class ChatSession:
     def _filters_for(self, steering: Steering, asked: dict) -> Filters:
         """The filters for ``steering``'s held sliders and the user's ``asked`` clamps and notches; EqzError where
         they cannot be made."""
-        if not self.context.has_taps or self.steerer.bank is None:
-            raise EqzError("filters need the model's bank and the meter: start eqz chat with a bank and --meter")
+        if self.steerer.bank is None:
+            raise EqzError(f"filters act on the bands of an emotion bank, and none fits this model; "
+                           f"{train_hint(self.model.info)}")
+        if not metered_bands(self.steerer.bank):
+            raise EqzError("filters work on metered bands, and this bank has none (imported or described bands only)")
+        if not self.context.has_taps:
+            raise EqzError("filters need the meter's taps: start eqz chat with --meter")
         return self.steerer.filters(steering, asked)
 
     def _refilter(self) -> None:

@@ -27,6 +27,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from .bands import SHORT_NAMES
+from .bank import train_hint
 from .chat import KEY_HELP, ChatCommands
 from .display import reading
 from .errors import EqzError
@@ -219,7 +220,7 @@ def render_panel(equalizer: Equalizer, width: int, compact: bool = False) -> Pan
                 meter.append(" ")
             lines.append(meter)
     else:
-        lines.append(Text("no emotion bank for this model: run `eqz train` to get sliders", style="yellow"))
+        lines.append(Text(f"no emotion bank for this model: {train_hint(session.model.info)}", style="yellow"))
     s = session.sampling
     filters = session.filters.describe() if session.filters else None
     status = (

@@ -200,6 +200,12 @@ def test_a_model_without_a_bank_says_how_to_make_one_when_a_chat_moves_a_slider(
             chat.set(joy=1)
         chat.set()  # moving nothing needs no bank
         "".join(chat.send("Hi"))  # and the chat goes on
+        # a filter asked for "a bank and --meter" (the meter was on), and `eqz train` without --model trains another
+        with pytest.raises(eqz.EqzError, match=rf"none fits this model; run `eqz train --model {gemma_path}`"):
+            chat.session.set_filters(clamp={"joy": 1.0})
+        # hold and remove listed "its bands: " and nothing
+        with pytest.raises(eqz.EqzError, match="no emotion bank fits Gemma 3 270m yet, so it has no band 'joy'"):
+            plain.hold("joy", 3)
 
 
 def test_a_library_batch_resumes_closes_its_file_and_counts_its_rows(library, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import gguf
@@ -246,6 +247,10 @@ def test_a_band_described_in_words_joins_the_bank_and_steers(tmp_path):
     assert trained.returncode == 0, trained.stderr
     bank_dir = next((data / "eqz" / "vectors").iterdir())
     assert "added nostalgia" in trained.stdout and f"to the bank in {bank_dir}" in trained.stdout.replace("\n", "")
+    # which model it trains, and its stages as they start, in a log (it said nothing for minutes, then everything)
+    assert trained.stderr.startswith("eqz train: adding nostalgia to the bank for Smollm2 135M")
+    assert "--model FILE trains another model" in trained.stderr.splitlines()[0]
+    assert any(re.fullmatch(r".+: [\d,]+ \(\d+ s in\)", line) for line in trained.stderr.splitlines())
     for extra, refusal in (((), "pass --replace"), (("--replace", "--hold"), "--hold and --orthogonalize")):
         again = run_eqz("train", "--quick", "--band", NOSTALGIA, *extra, env=env, timeout=BEFORE_TRAINING)
         assert again.returncode == 2 and refusal in again.stderr  # the band trained above is not silently replaced

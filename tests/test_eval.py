@@ -174,6 +174,17 @@ def test_a_record_keeps_bands_measured_alike_and_one_that_cannot_say_how_matches
         "16 prompts, which ones unrecorded x unrecorded samples x 64 tokens at unrecorded gains")
 
 
+def test_not_fluent_names_the_bounds_a_setting_left():
+    """"not fluent at gain +1" stood beside columns all in bounds: words per token and the Latin share are not shown."""
+    from eqz.eval import broken_bounds
+
+    unsteered = {"repeated_3grams": 0.0, "distinct_2": 1.0, "latin": 1.0, "words_per_token": 0.8, "ppl_ratio": 1.0}
+    assert broken_bounds(unsteered, unsteered) == []
+    row = {**unsteered, "words_per_token": 0.5, "ppl_ratio": 5.0, "repeated_3grams": 0.08}
+    assert broken_bounds(row, unsteered) == ["repeated 3-grams 8% > 5%", "words per token 0.50 < 0.7 x 0.80",
+                                             "perplexity 5.00x > 4x"]
+
+
 def test_calibration_takes_the_smallest_strength_whose_clear_verdict_holds_over_redrawn_prompts():
     baseline = _counted([{"joy": 1, "fear": 1}] * 10)
     chance = _counted([{"joy": 31, "fear": 1}] + [{"joy": 1, "fear": 1}] * 9)  # 4x overall, all from one reply
