@@ -564,7 +564,7 @@ def _mend(manifest_path: Path) -> str:
     """What to do about a broken bank.yaml: any bank's folder can go; `eqz vectors reset` removes only the model's
     own (it cannot tell whose a broken bank is otherwise)."""
     if manifest_path.parent.parent == SHIPPED_DIR:
-        return "reinstall eqz (make clean && make test)"
+        return "reinstall eqz (in a checkout: make clean && make setup; else pip install --force-reinstall eqz)"
     reset = (" (`eqz vectors reset` does that, if it is the bank of the model you use)"
              if manifest_path.parent.parent == user_data_dir() else "")
     return f"mend it, or delete the folder {manifest_path.parent}{reset}"

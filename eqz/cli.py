@@ -141,11 +141,12 @@ def _load_model(model: str | None, threads: int | None, chatting: bool = False, 
     """The library's model (eqz.api) for a command, warnings printed as one line each. Commands that only read a
     model's facts keep it off the GPU (``gpu_layers`` "0")."""
     from .api import llama_build, load
+    from .display import GPU_BUILD_HINT
 
     layers = _gpu_layers(gpu_layers)
     if layers and not llama_build()["gpu_offload"]:
         _warn("this llama.cpp was built for the CPU only, so --gpu-layers/EQZ_GPU_LAYERS does nothing; "
-              "`make setup GPU=cuda` (or metal, vulkan) builds it for a GPU")
+              f"{GPU_BUILD_HINT} builds it for a GPU")
     library = load(model, threads=threads, gpu_layers=layers)
     library.on_warning = _warn
     if chatting and not library.info.has_chat_template:

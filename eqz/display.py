@@ -29,6 +29,10 @@ from .presets import Preset, PresetEntry, describe_filters
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+# how to get llama.cpp built for a GPU, from a checkout or a pip install (the CLI says it where offload cannot happen)
+GPU_BUILD_HINT = ("`make setup GPU=cuda` in a checkout (or metal, vulkan; installed with pip: CMAKE_ARGS=-DGGML_CUDA=on "
+                  "pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python==0.3.36)")
+
 LONG_MESSAGE_CHARS = 600  # about 150 tokens: a second or more of reading on two cores
 
 
@@ -86,7 +90,7 @@ def print_models(infos: list[dict]) -> None:
         console.print(f"  memory: {_mib(memory['weights'])} weights + {_mib(memory['kv_cache'])} KV cache at "
                       f"{memory['context']} tokens")
         console.print(f"  llama.cpp built for {' + '.join(gpu)}, all layers offloaded by default" if gpu else
-                      "  llama.cpp built for the CPU only (`make setup GPU=cuda` builds it for a GPU)")
+                      f"  llama.cpp built for the CPU only ({GPU_BUILD_HINT} builds it for a GPU)")
         console.print(f"  {escape(info['path'])}", soft_wrap=True)
 
 

@@ -162,7 +162,8 @@ def _load_tap_filter() -> ctypes.CDLL:
         candidate = here / f"_tapfilter{suffix}"
         if candidate.exists():
             return ctypes.CDLL(str(candidate))
-    raise EqzError("eqz's compiled tap filter is missing; reinstall eqz (make clean && make test)", exit_code=1)
+    raise EqzError("eqz's compiled tap filter is missing; reinstall eqz (in a checkout: make clean && make setup; "
+                   "else pip install --force-reinstall eqz)", exit_code=1)
 
 
 _tap_filter_lib = _load_tap_filter()
