@@ -11,6 +11,7 @@ import codecs
 import os
 import re
 import select
+import signal
 import sys
 import termios
 import threading
@@ -351,13 +352,24 @@ class KeyReader:
         # `kill` or a closed window mid-reply left the terminal without echo, the cursor hidden by the live panel
         self._guard = undone_if_killed(self._restore)
         self._guard.__enter__()
+        self._suspend_default = signal.signal(signal.SIGTSTP, self._suspend)
         self.thread.start()
         return self
+
+    def _suspend(self, number: int, _frame) -> None:
+        """Ctrl-Z mid-reply: the shell gets the terminal back as it was (echo, the cursor the panel hides), and the
+        reply goes on in cbreak mode after `fg` (the shell's prompt had no cursor)."""
+        self._restore()
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)  # stopped here until SIGCONT
+        signal.signal(number, self._suspend)
+        tty.setcbreak(self.fd, termios.TCSANOW)
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join(timeout=1)
         self._guard.__exit__(None, None, None)
+        signal.signal(signal.SIGTSTP, self._suspend_default)
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
     def _restore(self) -> None:

@@ -196,6 +196,33 @@ def test_a_chat_killed_mid_reply_gives_the_terminal_back_and_keeps_the_conversat
         assert 0 < reply["reply"]["n_tokens"] < 400 and reply["content"]
 
 
+def test_ctrl_z_mid_reply_gives_the_shell_its_terminal_and_fg_goes_on():
+    """Ctrl-Z mid-reply left the shell's prompt without a cursor and without echo (cbreak mode, the panel's hidden
+    cursor); `fg` must find the reply going on and the chat usable after it."""
+    session = "eqz-tui-suspend"
+    subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
+    subprocess.run([*TMUX, "new-session", "-d", "-s", session, "-x", "80", "-y", "24", "bash --norc"], check=True)
+    try:
+        tmux(session, "send-keys", f"PS1='$ '; {SIZED_BY_TERMINAL} {EQZ} chat --no-keep --seed 3 -n 200", "Enter")
+        wait_for(session, "you>")
+        tmux(session, "send-keys", STORY, "Enter")
+        wait_for(session, r"\b[1-9]\d* tok/s")
+        tmux(session, "send-keys", "C-z")
+        wait_for(session, r"Stopped")
+        cursor = subprocess.run([*TMUX, "display", "-p", "-t", session, "#{cursor_flag}"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        assert cursor == "1"  # the shell's prompt shows its cursor
+        tmux(session, "send-keys", "stty -a | grep -o ' -*echo ' | head -1", "Enter")
+        echo = re.search(r"^ (-?)echo *$", wait_for(session, r"(?m)^ -?echo *$"), re.M)  # capture-pane drops the space
+        assert echo.group(1) == ""  # and echoes what is typed
+        tmux(session, "send-keys", "fg", "Enter")
+        wait_for(session, r" 200 tokens · ", timeout=180)  # the reply went on to its end
+        tmux(session, "send-keys", "/quit", "Enter")
+        wait_for(session, r"you> /quit\n\$")  # the chat left, the shell prompt back
+    finally:
+        subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
+
+
 def test_a_long_message_says_it_is_being_read():
     """A long paste was read in for seconds with nothing on the screen, which looked like a hang; Ctrl-C while it was
     read lost the message."""
