@@ -629,8 +629,9 @@ def _sliders(sliders, valid: tuple[str, ...] | None, param: str) -> dict[str, fl
         raise BadRequest(str(error), param) from None
     checked = {}
     for sent, gain in sliders.items():  # the param names the key as the client sent it
+        band = band_key(sent)
         try:
-            checked[band_key(sent)] = check_gain(band_key(sent), gain, valid)
+            checked[band] = check_gain(band, gain, valid)
         except EqzError as error:  # an unknown band, or a gain out of range
             raise BadRequest(str(error), f"{param}.{sent}") from None
     return checked
