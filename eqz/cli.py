@@ -896,10 +896,14 @@ def presets_validate(file: Annotated[str, typer.Argument(metavar="FILE", help="a
     """Check a preset file: prints 'ok' or the one problem found (and exits non-zero)."""
     from .api import read_preset
 
+    from .bands import gain_warnings
+
     preset = read_preset(Path(file))
     sliders, settings = len(preset.sliders), len(preset.sampling)
     typer.echo(f"ok: {preset.name} ({sliders} slider{'s' * (sliders != 1)}, "
                f"{settings} sampling setting{'s' * (settings != 1)})")
+    for line in gain_warnings(preset.sliders.items()):  # said when it is used; a check of the file says it first
+        _warn(line)
 
 
 # -- entry point ---------------------------------------------------------------------------------------------

@@ -31,6 +31,15 @@ def test_bundled_preset_is_valid(path):
     assert set(preset.sliders) <= set(BANDS)
     result = run_eqz("presets", "validate", str(path))
     assert result.returncode == 0 and result.stdout.startswith("ok")
+    assert result.stderr == ""  # eqz's own moods keep to the calibrated range
+
+
+def test_validate_warns_of_a_gain_past_the_calibrated_range(tmp_path):
+    """It said "ok" and nothing else; the warning came only when the preset was used."""
+    path = write(tmp_path, {"name": "loud", "description": "x", "sliders": {"joy": 1.5, "fear": 0.5}})
+    result = run_eqz("presets", "validate", str(path))
+    assert result.returncode == 0 and result.stdout.startswith("ok: loud")
+    assert result.stderr == "eqz: warning: joy=1.5 (beyond the calibrated ±1 for joy: expect less fluent text)\n"
 
 
 def write(tmp_path: Path, data, name="mood.yaml") -> Path:
