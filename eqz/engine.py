@@ -175,12 +175,16 @@ _tap_filter_eval = L.ggml_backend_sched_eval_callback(("eqz_tap_filter_eval", _t
 
 
 class SpeakerLine:
-    """A stop at a new line that opens with a short label and a colon ("\nUser:", "\nDoctor:", "\nYou are joyful:"):
-    in a plain 'User:/Assistant:' transcript a base model goes on as speakers it makes up, or repeats the system
-    prompt, and the chat fed those lines back to it (Gemma 3 270M: a fifth of eval's replies ran on so)."""
+    """A stop at a new line that opens like a speaker's turn: a name of letters (spaces, apostrophes, periods and
+    hyphens within), a colon and text ("\nUser: hi", "\nDoctor: Do not go", "\nYou are joyful: happy"). In a plain
+    'User:/Assistant:' transcript a base model goes on as speakers it makes up, or repeats the system prompt, and
+    the chat fed those lines back to it (Gemma 3 270M: a fifth of eval's replies ran on so). A numbered or bulleted
+    line ("1. Sleep: early"), a heading ("Tips:" and a line break), a time or an address ("https://") goes on."""
 
-    LONGEST = 30  # characters of a label
-    _LINE = re.compile(r"\n[^\n:]{1,%d}:" % LONGEST)
+    LONGEST = 30  # characters of a name
+    _NAME = r"[^\W\d_](?:[^\W\d_]|[ .'-]){0,%d}" % (LONGEST - 1)
+    _LINE = re.compile(r"\n%s:[ \t]+\S" % _NAME)
+    _OPENING = re.compile(r"\n(?:%s(?::[ \t]*)?)?\Z" % _NAME)  # what may still become such a line
 
     def find(self, text: str) -> int:
         """Where the first such line begins in ``text`` (its line break), or -1."""
@@ -189,9 +193,8 @@ class SpeakerLine:
 
     def pending(self, text: str) -> int:
         """How many characters at the end of ``text`` may still become such a line's start (held back, unshown)."""
-        start = text.rfind("\n")
-        tail = text[start:]
-        return len(tail) if start >= 0 and len(tail) <= self.LONGEST + 1 and ":" not in tail else 0
+        opening = self._OPENING.search(text)
+        return len(text) - opening.start() if opening else 0
 
     def __repr__(self) -> str:
         return "SpeakerLine()"

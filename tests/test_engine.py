@@ -235,7 +235,7 @@ def test_chat_template_from_gguf_and_plain_fallback(model, gemma_path):
         prompt, stops = gemma.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     assert prompt == "Be brief.\n\nUser: hi\nAssistant:"
     assert [stop.find(text) for stop in stops for text in ("hi\nUser: x", "a\nDoctor: b", "a\nAt 5: b", "a: b\nc")] == \
-        [2, 1, 1, -1]
+        [2, 1, -1, -1]
 
 
 def test_a_speaker_line_ends_a_streamed_reply_and_only_its_start_is_held_back():
@@ -250,6 +250,11 @@ def test_a_speaker_line_ends_a_streamed_reply_and_only_its_start_is_held_back():
     line = "\nThen I went to the kitchen to make"  # longer than a label: shown
     assert _split_at_stop(" Up." + line, FALLBACK_STOPS) == (" Up." + line, "", False)
     assert _split_at_stop(" Up.\nI ate.\nTh", FALLBACK_STOPS) == (" Up.\nI ate.", "\nTh", False)
+    assert _split_at_stop(" Up.\nDoctor: ", FALLBACK_STOPS) == (" Up.", "\nDoctor: ", False)  # a name and a colon
+    # lists, headings, times and addresses are text (the first rule cut at any short line with a colon)
+    for text in (" Tips:\n1. Sleep: early.", " x\n- Flour: 2 cups", " x\nIngredients:\n- a", " x\n10:30 the train",
+                 " x\nhttps://example.com"):
+        assert _split_at_stop(text, FALLBACK_STOPS) == (text, "", False)
 
 
 def test_stop_strings_end_a_fallback_reply(gemma_path):
