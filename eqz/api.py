@@ -184,7 +184,7 @@ class EqzModel:
             if saved.model.get("fingerprint") != model_record(self.model)["fingerprint"]:
                 self._warn(f"{resume} was a conversation with {saved.model.get('name') or 'another model'}; it goes "
                            f"on with {self.info.name}")
-            preset, vectors, messages = saved.settings, [*saved.vectors, *_vector_pairs(vectors)], saved.messages
+            vectors, messages = [*saved.vectors, *_vector_pairs(vectors)], saved.messages
         sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
         if n_ctx > self.info.n_ctx_train:  # it was cut to that in silence
@@ -193,8 +193,10 @@ class EqzModel:
         if system is not None:
             _text(system, "system")
         sampling, vectors = _mapping(sampling, "sampling", "{'temperature': 0.7}"), _vector_pairs(vectors)
-        bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate))
-        valid = bank.names if bank else ()
+        bank = self.bank_if_any(required=bool(sliders or preset or clamp or ablate))  # a resumed file asks for none:
+        valid = bank.names if bank else ()  # its bands this model lacks are left out, and said
+        if resume is not None:
+            preset = _within_bank(saved.settings, valid, resume, self._warn)
         resolved = resolve(_preset_of(preset, valid), valid, sliders, sampling, system, clamp, ablate)
         steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:
@@ -568,6 +570,23 @@ class EqzModel:
             if base is not None:
                 return add_described_bands(model, base, settings, **extra)
             return train_bank(model, settings, **extra)
+
+
+def _within_bank(settings: Preset, valid: tuple[str, ...], where, warn: Callable[[str], None]) -> Preset:
+    """A resumed conversation's settings without the bands this model's bank lacks (another model's, one removed
+    since, or every band where the model has no bank), said in one warning: the file cannot be changed from the
+    command line, so refusing it would leave no way to go on."""
+    clamps = {band: level for band, level in settings.filters.get("clamp", {}).items() if band_key(band) in valid}
+    ablates = [band for band in settings.filters.get("ablate", []) if band_key(band) in valid]
+    sliders = {band: gain for band, gain in settings.sliders.items() if band_key(band) in valid}
+    dropped = [band for band in dict.fromkeys([*settings.sliders, *settings.filters.get("clamp", {}),
+                                               *settings.filters.get("ablate", [])])
+               if band not in sliders and band not in clamps and band not in ablates]
+    if dropped:
+        lacking = "this model's bank lacks" if valid else "need an emotion bank, which this model has not"
+        warn(f"{where} moves {', '.join(dropped)}, which {lacking}; it goes on without them")
+    filters = {key: value for key, value in (("clamp", clamps), ("ablate", ablates)) if value}
+    return dataclasses.replace(settings, sliders=sliders, filters=filters)
 
 
 def _check_extending(bank: Bank, described: dict[str, str], replace: bool, hold: bool | None,

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from .bands import AXES, BANDS, MAX_LEVEL, check_band_name, check_gain, keyed_by_band
-from .errors import EqzError
+from .errors import REINSTALL, EqzError
 from .models import ModelInfo, fingerprint
 from .sampling import as_number
 from .shipped import shipped_dir
@@ -564,7 +564,7 @@ def _mend(manifest_path: Path) -> str:
     """What to do about a broken bank.yaml: any bank's folder can go; `eqz vectors reset` removes only the model's
     own (it cannot tell whose a broken bank is otherwise)."""
     if manifest_path.parent.parent == SHIPPED_DIR:
-        return "reinstall eqz (in a checkout: make clean && make setup; else pip install --force-reinstall eqz)"
+        return REINSTALL
     reset = (" (`eqz vectors reset` does that, if it is the bank of the model you use)"
              if manifest_path.parent.parent == user_data_dir() else "")
     return f"mend it, or delete the folder {manifest_path.parent}{reset}"

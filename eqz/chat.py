@@ -17,10 +17,18 @@ from .errors import EqzError
 from .presets import get_preset
 from .sampling import as_number, make_sampling
 from .session import ChatSession
+from .steering import Steering
 
 def chats_dir() -> Path:
     """Where eqz chat keeps a conversation left unsaved (``$XDG_STATE_HOME/eqz/chats``)."""
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "eqz" / "chats"
+
+
+def vectors_in_use(steering: Steering, whole_paths: bool = False) -> str:
+    """The control-vector files steering beside the sliders: "vectors: sad.gguf x1.5" (the panel has room for the
+    file's name; /sliders gives the path)."""
+    return "vectors: " + ", ".join(f"{path if whole_paths else Path(path).name} x{scale:g}"
+                                   for path, scale in steering.vectors)
 
 
 KEY_HELP = "←→/1-0 band  ↑↓ ±0.1  z zero  r all to 0  Ctrl-C stop"  # while a reply streams under the panel
@@ -104,8 +112,8 @@ class ChatCommands:
             return CommandResult(f"no emotion bank for this model; {train_hint(self.session.model.info)}")
         steering = self.session.pending_or_current_steering()
         listing = "  ".join(f"{band} {steering.gain(band):+.2f}" for band in bands)
-        vectors = "\nvectors: " + ", ".join(f"{path} x{scale:g}" for path, scale in steering.vectors)
-        return CommandResult(listing + vectors * bool(steering.vectors), show_panel=True, panel_says_it=True)
+        vectors = "\n" + vectors_in_use(steering, whole_paths=True) if steering.vectors else ""
+        return CommandResult(listing + vectors, show_panel=True, panel_says_it=True)
 
     def preset(self, args: list[str], _rest: str) -> CommandResult:
         if len(args) != 1:

@@ -146,7 +146,7 @@ def _load_model(model: str | None, threads: int | None, chatting: bool = False, 
     layers = _gpu_layers(gpu_layers)
     if layers and not llama_build()["gpu_offload"]:
         _warn("this llama.cpp was built for the CPU only, so --gpu-layers/EQZ_GPU_LAYERS does nothing; "
-              f"{GPU_BUILD_HINT} builds it for a GPU")
+              f"{GPU_BUILD_HINT}")
     library = load(model, threads=threads, gpu_layers=layers)
     library.on_warning = _warn
     if chatting and not library.info.has_chat_template:

@@ -30,8 +30,9 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 # how to get llama.cpp built for a GPU, from a checkout or a pip install (the CLI says it where offload cannot happen)
-GPU_BUILD_HINT = ("`make setup GPU=cuda` in a checkout (or metal, vulkan; installed with pip: CMAKE_ARGS=-DGGML_CUDA=on "
-                  "pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python==0.3.36)")
+GPU_BUILD_HINT = ("to build it for a GPU, run `make setup GPU=cuda` (or metal, vulkan) in a checkout, or `CMAKE_ARGS="
+                  "-DGGML_CUDA=on pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python==0.3.36` "
+                  "where eqz was installed with pip")
 
 LONG_MESSAGE_CHARS = 600  # about 150 tokens: a second or more of reading on two cores
 
@@ -90,7 +91,7 @@ def print_models(infos: list[dict]) -> None:
         console.print(f"  memory: {_mib(memory['weights'])} weights + {_mib(memory['kv_cache'])} KV cache at "
                       f"{memory['context']} tokens")
         console.print(f"  llama.cpp built for {' + '.join(gpu)}, all layers offloaded by default" if gpu else
-                      f"  llama.cpp built for the CPU only ({GPU_BUILD_HINT} builds it for a GPU)")
+                      f"  llama.cpp built for the CPU only; {GPU_BUILD_HINT}")
         console.print(f"  {escape(info['path'])}", soft_wrap=True)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import llama_cpp as L
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from .errors import EqzError
+from .errors import REINSTALL, EqzError
 from .signals import undone_if_killed
 from .threads import default_threads
 from .models import ModelInfo
@@ -162,8 +162,7 @@ def _load_tap_filter() -> ctypes.CDLL:
         candidate = here / f"_tapfilter{suffix}"
         if candidate.exists():
             return ctypes.CDLL(str(candidate))
-    raise EqzError("eqz's compiled tap filter is missing; reinstall eqz (in a checkout: make clean && make setup; "
-                   "else pip install --force-reinstall eqz)", exit_code=1)
+    raise EqzError(f"eqz's compiled tap filter is missing; {REINSTALL}", exit_code=1)
 
 
 _tap_filter_lib = _load_tap_filter()

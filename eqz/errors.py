@@ -10,3 +10,7 @@ class EqzError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# what to do about a file eqz ships that is missing or broken
+REINSTALL = "reinstall eqz (in a checkout: make clean && make setup; else pip install --force-reinstall eqz)"

@@ -329,10 +329,11 @@ def read_conversation(path: Path) -> SavedConversation:
         for message in messages:
             if message["role"] not in ("user", "assistant") or not isinstance(message["content"], str):
                 raise ValueError
-        sliders = {band: gain for band, gain in (data.get("sliders") or {}).items() if gain != 0}  # every band is listed
-        sampling = {key: value for key, value in (data.get("sampling") or {}).items() if value is not None}
+        sliders = {band: gain for band, gain in dict(data.get("sliders") or {}).items() if gain != 0}  # all listed
+        sampling = {key: value for key, value in dict(data.get("sampling") or {}).items() if value is not None}
         vectors = [(entry["path"], entry["scale"]) for entry in data.get("vectors") or []]
-        filters = {key: value for key, value in (data.get("filters") or {}).items() if value}
+        filters = dict(data.get("filters") or {})
+        filters = {"clamp": dict(filters.get("clamp") or {}), "ablate": list(filters.get("ablate") or [])}
         settings = Preset(data.get("preset"), "", sliders, sampling, data.get("system"), filters, path)
         model = dict(data.get("model") or {})
     except (KeyError, TypeError, ValueError, AttributeError):

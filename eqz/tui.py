@@ -18,7 +18,6 @@ import threading
 import time
 import tty
 from contextlib import nullcontext, suppress
-from pathlib import Path
 from typing import Callable
 
 from rich.console import Console, Group
@@ -29,7 +28,7 @@ from rich.text import Text
 
 from .bands import SHORT_NAMES
 from .bank import train_hint
-from .chat import KEY_HELP, ChatCommands
+from .chat import KEY_HELP, ChatCommands, vectors_in_use
 from .display import reading
 from .errors import EqzError
 from .presets import describe_filters
@@ -130,14 +129,11 @@ class Equalizer:
 
 
 def shown_gain(gain: float) -> str:
-    """A gain as the panel and the summaries show it: to 0.1, unless that would hide it (a held band at +0.04 is
-    clamped, though "+0.0" said it was off)."""
-    return f"{gain:+.1f}" if round(gain, 1) == round(gain, 2) else f"{gain:+.2f}"
-
-
-def vectors_in_use(steering) -> str:
-    """The control-vector files steering beside the sliders, by file name: "vectors: sad.gguf x1.5"."""
-    return "vectors: " + ", ".join(f"{Path(path).name} x{scale:g}" for path, scale in steering.vectors)
+    """A gain as the panel and the summaries show it, in at most 4 characters (a narrow panel's column): to 0.1,
+    unless that would hide it (a held band at +0.04 is clamped, though "+0.0" said it was off): "+.04"."""
+    if gain != 0 and round(gain, 1) == 0:
+        return f"{gain:+.2f}".replace("0.", ".", 1)
+    return f"{gain:+.1f}"
 
 
 def _bar_cells(gain: float) -> tuple[str, str, str, str]:
@@ -431,26 +427,33 @@ def run_chat(session: ChatSession, panel: bool = True, console: Console | None =
     console = console or Console(highlight=False)
     console.soft_wrap = not console.is_terminal  # a file or a pipe gets lines whole, not cut at 80 columns
     commands = ChatCommands(session)
-    with undone_if_killed(lambda: _keep(commands, console)) if keep else nullcontext():
+    with undone_if_killed(lambda: _keep(commands, _written_raw)) if keep else nullcontext():
         try:
             _converse(session, commands, console, panel and console.is_terminal and sys.stdin.isatty(), debug)
         finally:
             if keep:
-                _keep(commands, console)
+                _keep(commands, lambda line: console.print(line, style="dim", markup=False))
 
 
-def _keep(commands: ChatCommands, console: Console) -> None:
+def _keep(commands: ChatCommands, say: Callable[[str], None]) -> None:
     """Keep the conversation on leaving, and say where (the terminal may be gone: a closed window)."""
     try:
         kept = commands.keep()
     except EqzError as error:
-        message = f"[red]error:[/red] {escape(str(error))}; the conversation was not kept"
+        message = f"error: {error}; the conversation was not kept"
     else:
         if kept is None:
             return
-        message = f"[dim]kept this conversation in {escape(str(kept))}; eqz chat --resume FILE goes on with it[/dim]"
+        message = f"kept this conversation in {kept}; eqz chat --resume FILE goes on with it"
     with suppress(OSError):
-        console.print(message)
+        say(message)
+
+
+def _written_raw(line: str) -> None:
+    """A line straight to the terminal, from a signal handler: rich's console waits for the live panel's lock, whose
+    refresh thread may wait for the equalizer's lock, which the interrupted main thread may hold; on a line of its
+    own (a plain reply's text ran on into it)."""
+    os.write(sys.stdout.fileno(), f"\n{line}\n".encode())
 
 
 def _converse(session: ChatSession, commands: ChatCommands, console: Console, panel: bool, debug: bool) -> None:

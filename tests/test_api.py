@@ -161,6 +161,31 @@ def test_a_saved_chat_goes_on_where_it_left_off_in_its_settings(library, tmp_pat
         library.chat(resume=saved, preset="calm")
 
 
+def test_a_saved_chat_goes_on_with_a_model_that_lacks_its_bands(library, gemma_path, tmp_path):
+    """A conversation with a model without a bank could never be resumed ("no emotion bank fits"), nor one whose
+    file moves a band this bank lacks ("unknown band", which no option could override)."""
+    with eqz.load(gemma_path) as plain:
+        with plain.chat(max_tokens=4, seed=1) as chat:
+            "".join(chat.send("Good morning"))
+            saved = chat.save(tmp_path / "plain.json")
+        with plain.chat(resume=saved) as chat:  # nothing moved: nothing said
+            assert len(chat.history) == 2
+        with pytest.warns(eqz.EqzWarning, match="moves joy, fear, which need an emotion bank, which this model has "
+                                                "not; it goes on without them"):
+            plain.chat(resume=_edited(saved, "moved", sliders={"joy": 0.5}, filters={"clamp": {"fear": 0}, "ablate": []}))
+    with pytest.warns(eqz.EqzWarning, match="moves nostalgia, which this model's bank lacks"):
+        chat = library.chat(resume=_edited(saved, "nostalgic", sliders={"joy": 0.5, "nostalgia": 1}))
+    assert dict(chat.session.steering.gains) == {"joy": 0.5}
+    chat.close()
+
+
+def _edited(path: Path, name: str, **changes) -> Path:
+    """A copy of the saved conversation in ``path`` named ``name``, with ``changes`` to its top-level keys."""
+    edited = path.with_name(f"{name}.json")
+    edited.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edited
+
+
 USED_AFTER_CLOSE = """
 import eqz
 def said(use):

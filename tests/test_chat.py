@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -251,3 +252,22 @@ def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
                           (["--resume", str(not_chat), "-p", "calm"], "give it or a preset, not both")]:
         ran = run_eqz("chat", *args, input="")
         assert ran.returncode == 2 and message in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_a_piped_chat_killed_mid_reply_keeps_it_and_says_so_on_a_line_of_its_own(tmp_path):
+    """The line saying where the conversation was kept ran on from the reply's text ("You will bekept this...")."""
+    chat = subprocess.Popen([EQZ, "chat", "--seed", "7", "-n", "400"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    chat.stdin.write(b"Tell me a very long story about a dragon.\n")
+    chat.stdin.flush()
+    said = b""
+    while b"you> Tell me a very long story about a dragon.\n" not in said or len(said.split(b"dragon.\n", 1)[1]) < 40:
+        chunk = os.read(chat.stdout.fileno(), 4096)  # the reply is streaming
+        assert chunk, said  # (the chat ended before it did)
+        said += chunk
+    chat.terminate()
+    said += chat.stdout.read()
+    assert chat.wait(timeout=60) == -signal.SIGTERM
+    (kept,) = (tmp_path / "eqz" / "chats").glob("*.json")
+    assert f"\nkept this conversation in {kept}; eqz chat --resume FILE goes on with it\n" in said.decode()
+    assert json.loads(kept.read_text())["messages"][1]["reply"]["finish_reason"] == "interrupted"

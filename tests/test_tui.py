@@ -127,7 +127,7 @@ def test_the_panel_shows_the_vectors_and_a_gain_under_0_05(random_vector_file):
     +0.0."""
     child = spawn("--vector", f"{random_vector_file}:1.5", "--set", "joy=0.04")
     screen = ANSI.sub("", child.before)
-    assert f"vectors: {random_vector_file.name} x1.5" in screen and re.search(r"set\s+\+0\.04\s+\+0\.0\s", screen)
+    assert f"vectors: {random_vector_file.name} x1.5" in screen and re.search(r"set\s+\+\.04\s+\+0\.0\s", screen)
     child.sendline("/quit")
     child.expect(pexpect.EOF)
 
