@@ -621,15 +621,20 @@ def train(
         if target is not None or not extending:
             check_training_target(destination, loaded.info, None if extending else (*chosen, *descriptions))
         doing = f"adding {', '.join(descriptions)} to the bank" if extending else "training a bank"
-        sys.stderr.write(f"eqz train: {doing} for {loaded.info.name} ({loaded.info.path}) in {destination}"
-                         f"{'' if model else '; --model FILE trains another model'}\n")
+        saying = [f"eqz train: {doing} for {loaded.info.name} ({loaded.info.path}) in {destination}"
+                  f"{'' if model else '; --model FILE trains another model'}\n"]
         started = time.monotonic()
         with editing(destination, "eqz train"):  # from reading the bank it extends to saving what it made
             had = Bank.load(destination).names if (destination / MANIFEST).exists() else ()  # --replace: retrained
             try:
                 with progress_bars() as progress:
+                    def said_first(stage: str, total: int):  # once the work starts: a refusal before is one line
+                        while saying:
+                            sys.stderr.write(saying.pop())
+                        return progress(stage, total)
+
                     bank = loaded.train(chosen if bands else None, descriptions, quick, orthogonalize, into=target,
-                                        progress=progress, hold=hold, seed=seed, replace=replace)
+                                        progress=said_first, hold=hold, seed=seed, replace=replace)
             except KeyboardInterrupt:
                 sys.stderr.write("eqz train: interrupted; nothing of this run was saved (the bank is as it was)\n")
                 raise typer.Exit(130) from None
