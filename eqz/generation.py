@@ -110,6 +110,15 @@ class Stream:
     def finish_reason(self) -> str | None:
         return self._reply.finish_reason
 
+    @property
+    def held(self) -> str:
+        """Text not yet shown because it may begin a stop string ("\nThe" may open a base model's "\nThe man:")."""
+        return self._reply.assembler.held
+
+    def release(self) -> str:
+        """The held text, which is the reply's own once the reply ends here (its end, or cut short by the user)."""
+        return self._reply.assembler.flush()
+
     def __iter__(self) -> Iterator[Step]:
         context, reply = self.context, self._reply
         while reply.finish_reason is None:
@@ -122,8 +131,7 @@ class Stream:
             if reply.finish_reason is None:
                 context.decode([token], [position], [0], [True])
                 context.session_tokens.append(token)
-        tail = reply.assembler.flush()
-        if tail:
+        if tail := self.release():
             yield Step(None, tail)
 
 

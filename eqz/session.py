@@ -441,11 +441,14 @@ class Turn:
             for step in self._stream:
                 yield step.text
                 if self._stop_requested.is_set():
+                    if tail := self._stream.release():  # what was held back as a possible stop: shown, and kept
+                        yield tail
                     break
                 pending = self.session._take_pending()
                 if pending is not None and not pending[0].same_as(self.session.steering):  # moves that cancel out
                     self._apply(*pending)
         finally:
+            self._stream.release()  # a reply closed early keeps the text it held back too
             self.record.seconds = time.perf_counter() - started
             self.record.n_tokens = len(self._stream.tokens)
             self.record.finish_reason = self._stream.finish_reason or "interrupted"
@@ -469,7 +472,9 @@ class Turn:
         mid-reply); None once it is in the history, or before it started."""
         if not self._started or self._finished:
             return None
-        return self._message(replace(self.record, n_tokens=len(self._stream.tokens), finish_reason="interrupted"))
+        message = self._message(replace(self.record, n_tokens=len(self._stream.tokens), finish_reason="interrupted"))
+        message["content"] += self._stream.held
+        return message
 
     def _apply(self, steering: Steering, matrix: np.ndarray | None) -> None:
         self.session._steer(steering, matrix)

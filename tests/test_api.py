@@ -179,6 +179,31 @@ def test_a_saved_chat_goes_on_with_a_model_that_lacks_its_bands(library, gemma_p
     chat.close()
 
 
+def test_a_reply_cut_short_keeps_the_line_it_was_holding_back(gemma_path):
+    """A base model's reply holds a line's start back ("\\nThe", which may open an invented "\\nThe man:") until it
+    knows; stopping the reply there (Ctrl-C) dropped those characters from the screen and the conversation."""
+    settings = dict(max_tokens=48, system="You write poems.")
+    poem = "Write a poem of four lines about the sea."
+    with eqz.load(gemma_path) as plain:
+        for seed in range(1, 13):  # the first seed whose reply holds a line back and then shows it
+            with plain.chat(seed=seed, **settings) as chat:
+                whole = list(chat.send(poem))  # a piece per token, "" while it holds text back
+            opening = [k for k in range(1, len(whole)) if whole[k - 1] and not whole[k]
+                       and next((piece for piece in whole[k:] if piece), "").startswith("\n")]
+            if opening:
+                break
+        assert opening, whole  # (four of the first eight seeds here)
+        shown = "".join(whole[: opening[0] + 1])
+        with plain.chat(seed=seed, **settings) as chat:
+            reply, cut = chat.send(poem), []
+            for piece in reply:
+                cut.append(piece)
+                if len(cut) == opening[0] + 1:
+                    reply.stop()
+            text = "".join(cut)
+            assert text.startswith(shown + "\n") and chat.history[-1]["content"] == text == reply.text
+
+
 def _edited(path: Path, name: str, **changes) -> Path:
     """A copy of the saved conversation in ``path`` named ``name``, with ``changes`` to its top-level keys."""
     edited = path.with_name(f"{name}.json")
