@@ -1,5 +1,5 @@
-"""What the process undoes when SIGTERM or SIGHUP ends it (`kill`, a closed terminal): Ctrl-C unwinds through
-``with`` and ``finally``, and these two do not."""
+"""What the process undoes when SIGTERM, SIGHUP or SIGQUIT ends it (`kill`, a closed terminal, Ctrl-\\): Ctrl-C
+unwinds through ``with`` and ``finally``, and these do not."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+KILLING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
 
 @contextmanager
 def undone_if_killed(undo: Callable[[], None]) -> Iterator[None]:
-    """Run ``undo`` if SIGTERM or SIGHUP ends the process meanwhile, then die of that signal as before; nested, the
-    inner undo runs first. Main thread only, and only over default handlers or its own (a handler of another's,
-    such as the server's, stays in charge).
+    """Run ``undo`` if one of these signals ends the process meanwhile, then die of it as before; nested, the inner
+    undo runs first. Main thread only, and only over default handlers or its own (a handler of another's, such as
+    the server's, stays in charge).
 
     Undone in the handler, not by raising there: an exception raised in a ctypes callback (the meter's taps run
     inside llama_decode) or in a ``__del__`` is printed and dropped, and the process went on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    outer = {number: handler for number in (signal.SIGTERM, signal.SIGHUP)
+    outer = {number: handler for number in KILLING
              if (handler := signal.getsignal(number)) == signal.SIG_DFL or getattr(handler, "undoes", False)}
 
     def undo_and_die(number: int, frame) -> None:

@@ -338,7 +338,7 @@ class KeyReader:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.saved = None
-        self._guard = None  # restores the terminal if SIGTERM or SIGHUP ends the chat mid-reply
+        self._guard = None  # restores the terminal if SIGTERM, SIGHUP or Ctrl-\ ends the chat mid-reply
 
     def __enter__(self) -> "KeyReader":
         self.saved = termios.tcgetattr(self.fd)

@@ -148,6 +148,11 @@ def chat_in_tmux(session: str, cols: int, rows: int, tokens: int = 400, then: st
         subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
 
 
+def cursor_shown(session: str) -> bool:
+    return subprocess.run([*TMUX, "display", "-p", "-t", session, "#{cursor_flag}"], capture_output=True, text=True,
+                          check=True).stdout.strip() == "1"
+
+
 def tmux(session: str, command: str, *args: str) -> None:
     subprocess.run([*TMUX, command, "-t", session, *args], check=True)
 
@@ -172,10 +177,11 @@ def test_panel_fits_80x24_and_the_terminal_is_restored_after_ctrl_c(tmp_path):
         assert " icanon" in modes and " echo" in modes  # cbreak mode was undone
 
 
-@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
 def test_a_chat_killed_mid_reply_gives_the_terminal_back_and_keeps_the_conversation(tmp_path, number):
-    """SIGTERM (`kill`) or SIGHUP (a closed window) mid-reply left the terminal in cbreak mode without echo, and the
-    conversation was lost: Ctrl-C restored the one and kept the other, these signals did neither."""
+    """SIGTERM (`kill`), SIGHUP (a closed window) or SIGQUIT (Ctrl-\\) mid-reply left the terminal in cbreak mode
+    without echo (and its cursor hidden), and the conversation was lost: Ctrl-C restored the one and kept the other,
+    these signals did neither."""
     modes_file = tmp_path / "stty.txt"
     then = f"echo $? > {tmp_path}/status; stty -a > {modes_file}.part; mv {modes_file}.part {modes_file}; "
     with chat_in_tmux(f"eqz-tui-kill-{number}", 80, 24, then=then, state=tmp_path) as session:
@@ -189,6 +195,7 @@ def test_a_chat_killed_mid_reply_gives_the_terminal_back_and_keeps_the_conversat
             time.sleep(0.2)
         modes = modes_file.read_text()
         assert " icanon" in modes and " echo" in modes
+        assert cursor_shown(session)  # at the shell's prompt
         assert (tmp_path / "status").read_text().strip() == str(128 + number)  # it still died of the signal
         (kept,) = (tmp_path / "eqz" / "chats").glob("*.json")
         story, reply = json.loads(kept.read_text())["messages"]
@@ -209,9 +216,7 @@ def test_ctrl_z_mid_reply_gives_the_shell_its_terminal_and_fg_goes_on():
         wait_for(session, r"\b[1-9]\d* tok/s")
         tmux(session, "send-keys", "C-z")
         wait_for(session, r"Stopped")
-        cursor = subprocess.run([*TMUX, "display", "-p", "-t", session, "#{cursor_flag}"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        assert cursor == "1"  # the shell's prompt shows its cursor
+        assert cursor_shown(session)  # at the shell's prompt
         tmux(session, "send-keys", "stty -a | grep -o ' -*echo ' | head -1", "Enter")
         echo = re.search(r"^ (-?)echo *$", wait_for(session, r"(?m)^ -?echo *$"), re.M)  # capture-pane drops the space
         assert echo.group(1) == ""  # and echoes what is typed
