@@ -173,7 +173,7 @@ class EqzModel:
                        meter=False, n_ctx=4096, resume=None) -> Callable[[], ChatSession]:
         """``session``'s settings checked and merged now (bad ones raise, warnings are given); the session, with its
         context (a KV cache of ``n_ctx`` tokens), is made when the returned function is called."""
-        messages = []
+        messages, own_sampling = [], {}
         if resume is not None:
             if preset is not None:
                 raise EqzError("a resumed conversation brings its own settings, so give it or a preset, not both (a "
@@ -185,6 +185,7 @@ class EqzModel:
                 self._warn(f"{resume} was a conversation with {saved.model.get('name') or 'another model'}; it goes "
                            f"on with {self.info.name}")
             vectors, messages = [*saved.vectors, *_vector_pairs(vectors)], saved.messages
+            own_sampling = saved.own_sampling  # the seed and reply length its user chose, kept under a later preset
         sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
         if n_ctx > self.info.n_ctx_train:  # it was cut to that in silence
@@ -210,8 +211,8 @@ class EqzModel:
                                   n_ctx=n_ctx, bank=bank, meter=meter, filters=resolved.filters)
             session.preset = resolved.preset
             session.history = list(messages)
-            session.own_sampling = {key: getattr(resolved.sampling, key) for key in ("seed", "max_tokens")
-                                    if (sampling or {}).get(key) is not None}
+            session.own_sampling = {**own_sampling, **{key: getattr(resolved.sampling, key) for key in
+                                                       ("seed", "max_tokens") if (sampling or {}).get(key) is not None}}
             return session
 
         return make

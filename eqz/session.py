@@ -25,7 +25,7 @@ from .engine import Model, Sampler
 from .generation import Stream
 from .models import fingerprint
 from .presets import Preset
-from .sampling import Sampling, make_sampling
+from .sampling import Sampling, check_setting, make_sampling
 from .bank import Bank, train_hint
 from .errors import EqzError
 from .files import replacing
@@ -288,6 +288,7 @@ class ChatSession:
             "system": self.system,
             "preset": self.preset,
             "sampling": self.sampling.to_dict(),
+            "own_sampling": dict(self.own_sampling),  # the user's seed and reply length, which a later preset keeps
             **self.steering_record(),
             "filters": {"clamp": dict(self._asked_filters.get("clamp", {})),
                         "ablate": list(self._asked_filters.get("ablate", []))},
@@ -314,6 +315,7 @@ class SavedConversation:
     vectors: list[tuple[str, float]]
     messages: list[dict]
     model: dict
+    own_sampling: dict  # of settings.sampling, what the user chose (ChatSession.own_sampling)
 
 
 def read_conversation(path: Path) -> SavedConversation:
@@ -336,10 +338,12 @@ def read_conversation(path: Path) -> SavedConversation:
         filters = {"clamp": dict(filters.get("clamp") or {}), "ablate": list(filters.get("ablate") or [])}
         settings = Preset(data.get("preset"), "", sliders, sampling, data.get("system"), filters, path)
         model = dict(data.get("model") or {})
+        own = {key: check_setting(key, value) for key, value in dict(data.get("own_sampling") or {}).items()
+               if key in ("seed", "max_tokens") and value is not None}
     except (KeyError, TypeError, ValueError, AttributeError):
         raise EqzError(f"{path} is not a conversation eqz chat saved (it needs messages with a role and content, "
                        "as /save writes them)") from None
-    return SavedConversation(settings, vectors, [dict(message) for message in messages], model)
+    return SavedConversation(settings, vectors, [dict(message) for message in messages], model, own)
 
 
 class Turn:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import eqz
+from eqz.presets import get_preset
 from eqz.vector_files import read_control_vector
 
 from .conftest import run_eqz
@@ -157,6 +158,8 @@ def test_a_saved_chat_goes_on_where_it_left_off_in_its_settings(library, tmp_pat
         assert record["sliders"]["joy"] == 0.5 and record["sliders"]["trust"] == 0.3
         assert record["filters"]["clamp"] == {"fear": 0.0} and record["sampling"]["max_tokens"] == 6
         assert chat.session.system == "Be brief."
+        chat.session.apply_preset(get_preset("serene"))  # a mood keeps the user's seed and reply length: the
+        assert (chat.session.sampling.seed, chat.session.sampling.max_tokens) == (2, 6)  # file's were dropped
     with pytest.raises(eqz.EqzError, match="give it or a preset, not both"):
         library.chat(resume=saved, preset="calm")
 
