@@ -239,7 +239,7 @@ class EqzModel:
             one = len(held) == 1
             self._warn(f"{', '.join(held)} {'holds' if one else 'hold'} a level in eqz, which a control vector cannot "
                        f"do: the file adds {'its vector' if one else 'their vectors'} instead, which steer"
-                       f"{'s' if one else ''} less clearly (docs/steering-limits.md section 10)")
+                       f"{'s' if one else ''} less clearly on held-out prompts")
         return bank.vector(gains)
 
     @_flags_checked
