@@ -644,6 +644,8 @@ def _preset_of(preset: str | Path | Preset | None, valid: tuple[str, ...]) -> Pr
         return get_preset(preset, valid)
     if preset is not None and not isinstance(preset, Preset):
         raise EqzError(f"preset must be a preset's name or file (or an eqz.presets.Preset), got {preset!r}")
+    if preset is not None and preset.system is not None:  # a file's is checked as it is read; a Preset made in
+        _text(preset.system, "a preset's system prompt")  # Python failed at the first message, in the template
     return preset
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import eqz
-from eqz.presets import get_preset
+from eqz.presets import Preset, get_preset
 from eqz.vector_files import read_control_vector
 
 from .conftest import run_eqz
@@ -364,6 +364,8 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                    duplicated, out, sampling=[1]),
                "preset must be a preset's name or file": lambda: library.generate("Hi", preset=123),
                "system must be a string": lambda: library.generate("Hi", system=5),
+               "a preset's system prompt must be a string": lambda: library.chat(  # failed at the first message
+                   preset=Preset("made", "", {}, {}, system=5)),
                "messages must be a list of dicts": lambda: library.request("Hi"),
                "ablate takes a list of band names": lambda: library.request([{"role": "user", "content": "Hi"}],
                                                                             ablate="joy"),
@@ -424,7 +426,6 @@ def test_a_second_preset_replaces_the_first_ones_sampling_and_system(library):
     """`/preset melancholy` after `/preset serene` kept serene's system prompt and top-p (and the reply's record
     said melancholy); a preset now replaces what a preset sets, as if the chat had started with it. The seed and
     the reply length stay (`-n 60` went back to 256 at every /preset)."""
-    from eqz.presets import Preset, get_preset
     from eqz.sampling import Sampling
 
     with library.chat(preset="serene", seed=5, max_tokens=60) as chat:
