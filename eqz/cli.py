@@ -759,8 +759,8 @@ def vectors_hold(
 ) -> None:
     """Make a slider hold its band at a level instead of adding its vector. Gain g holds g x LEVEL at every steered
     layer, like --clamp: on held-out prompts this steered more clearly than adding the vector, and five of the
-    default model's primaries ship held. 'off' makes it add its vector again. A new level
-    set here is unmeasured, and moving the slider says so. Changes your own copy of the bank."""
+    default model's primaries ship held. 'off' makes it add its vector again. A new level set here is unmeasured,
+    and moving the slider says so. Changes your own copy of the bank."""
     from .bands import band_key
     from .sampling import as_number
 

@@ -315,7 +315,7 @@ class SavedConversation:
     vectors: list[tuple[str, float]]
     messages: list[dict]
     model: dict
-    own_sampling: dict  # of settings.sampling, what the user chose (ChatSession.own_sampling)
+    own_sampling: dict  # the seed and reply length its user chose, which a preset does not replace
 
 
 def read_conversation(path: Path) -> SavedConversation:

@@ -14,9 +14,9 @@ KILLING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 @contextmanager
 def undone_if_killed(undo: Callable[[], None]) -> Iterator[None]:
-    """Run ``undo`` if one of these signals ends the process meanwhile, then die of it as before; nested, the inner
-    undo runs first. Main thread only, and only over default handlers or its own (a handler of another's, such as
-    the server's, stays in charge).
+    """Run ``undo`` if a signal of ``KILLING`` ends the process meanwhile, then die of it as before; nested, the
+    inner undo runs first. Main thread only, and only over default handlers or its own (a handler of another's,
+    such as the server's, stays in charge).
 
     Undone in the handler, not by raising there: an exception raised in a ctypes callback (the meter's taps run
     inside llama_decode) or in a ``__del__`` is printed and dropped, and the process went on."""
