@@ -45,7 +45,7 @@ from .reading import common_prefix_length
 from .scoring import lexicon_missing
 from .sampling import EVAL_MIN_TOKENS, MIN_CONTEXT, SETTING_NAMES, as_number, check_setting, is_whole
 from .session import ChatSession, Turn, model_record, read_conversation
-from .steering import Steering
+from .steering import Steerer, Steering, absolute_path
 from .vector_files import ControlVector
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ class EqzModel:
                        meter=False, n_ctx=4096, resume=None) -> Callable[[], ChatSession]:
         """``session``'s settings checked and merged now (bad ones raise, warnings are given); the session, with its
         context (a KV cache of ``n_ctx`` tokens), is made when the returned function is called."""
-        messages, own_sampling = [], {}
+        messages, own_sampling, file_vectors, unanswered = [], {}, [], None
         if resume is not None:
             if preset is not None:
                 raise EqzError("a resumed conversation brings its own settings, so give it or a preset, not both (a "
@@ -184,7 +184,11 @@ class EqzModel:
             if saved.model.get("fingerprint") != model_record(self.model)["fingerprint"]:
                 self._warn(f"{resume} was a conversation with {saved.model.get('name') or 'another model'}; it goes "
                            f"on with {self.info.name}")
-            vectors, messages = [*saved.vectors, *_vector_pairs(vectors)], saved.messages
+            messages, file_vectors = saved.messages, saved.vectors
+            if messages and messages[-1]["role"] == "user":  # the next reply dropped it in silence
+                unanswered, messages = messages[-1]["content"], messages[:-1]
+                self._warn(f"{resume} ends with a message that got no reply (the chat ended while the model read "
+                           "it); send it again for one")
             own_sampling = saved.own_sampling  # the seed and reply length its user chose, kept under a later preset
         sliders, clamp, ablate = _band_settings(sliders, clamp, ablate)
         n_ctx = _whole(n_ctx, "n_ctx", MIN_CONTEXT)
@@ -202,6 +206,7 @@ class EqzModel:
         steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:
             steering = steering.plus_vector(path, scale)
+        steering = self._under(steering, {absolute_path(path) for path, _ in vectors}, file_vectors, resume)
         _warn_of(self.on_warning, {band: resolved.gains[band] for band in sliders or {}}, bank, dict(steering.gains))
         for line in bank.overridden(dict(steering.gains), resolved.filters) if bank else []:
             self.on_warning(line)
@@ -210,12 +215,27 @@ class EqzModel:
             session = ChatSession(self.model, resolved.sampling, system=resolved.system, steering=steering,
                                   n_ctx=n_ctx, bank=bank, meter=meter, filters=resolved.filters)
             session.preset = resolved.preset
-            session.history = list(messages)
+            session.history, session.unanswered = list(messages), unanswered
             session.own_sampling = {**own_sampling, **{key: getattr(resolved.sampling, key) for key in
                                                        ("seed", "max_tokens") if (sampling or {}).get(key) is not None}}
             return session
 
         return make
+
+    def _under(self, steering: Steering, given: set[str], file_vectors: list[tuple[str, float]], resume) -> Steering:
+        """``steering`` with a resumed file's vector files other than the ``given`` ones (a file given again takes
+        the given scale; 0 leaves it out). One that is gone or made for another model is left out, and said:
+        refusing it left no way to go on but editing the file."""
+        for path, scale in file_vectors:
+            if absolute_path(path) in given:
+                continue
+            try:
+                Steerer(self.info).load(path)
+            except EqzError as error:
+                self._warn(f"{resume}: {error}; it goes on without that vector")
+                continue
+            steering = steering.with_vector(path, scale)
+        return steering
 
     # -- the user's own copy of the model's bank, as `eqz vectors` changes it
 

@@ -34,7 +34,7 @@ from .errors import REINSTALL, EqzError
 from .models import ModelInfo, fingerprint
 from .sampling import as_number
 from .shipped import shipped_dir
-from .files import replacing, try_lock
+from .files import replacing, try_lock, xdg_home
 from .vector_files import ControlVector, read_control_vector, write_control_vector
 
 MANIFEST = "bank.yaml"
@@ -63,7 +63,7 @@ def record_date() -> str:
 
 
 def user_data_dir() -> Path:
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "eqz" / "vectors"
+    return xdg_home("XDG_DATA_HOME", ".local/share") / "eqz" / "vectors"
 
 
 _EDITING: set[str] = set()  # the banks this process holds the edit lock of: an edit inside another is not refused

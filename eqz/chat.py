@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shlex
@@ -14,6 +15,7 @@ from typing import Callable
 from .bands import BANDS, band_key, gain_warning, parse_set
 from .bank import train_hint
 from .errors import EqzError
+from .files import xdg_home
 from .presets import get_preset
 from .sampling import as_number, make_sampling
 from .session import ChatSession
@@ -21,7 +23,7 @@ from .steering import Steering
 
 def chats_dir() -> Path:
     """Where eqz chat keeps a conversation left unsaved (``$XDG_STATE_HOME/eqz/chats``)."""
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "eqz" / "chats"
+    return xdg_home("XDG_STATE_HOME", ".local/state") / "eqz" / "chats"
 
 
 def vectors_in_use(steering: Steering, whole_paths: bool = False) -> str:
@@ -217,7 +219,7 @@ class ChatCommands:
             raise EqzError(f"{path} exists; /save {names[0]} --replace writes over it, or choose another name")
         self._write(path)
         self.saved_to.add(path.resolve())
-        return CommandResult(f"saved {len(self.session.history)} messages to {path}")
+        return CommandResult(f"saved {len(self.session.dropped) + len(self.session.history)} messages to {path}")
 
     def keep(self) -> Path | None:
         """Write the conversation to a new file in ``chats_dir()`` unless /save wrote it since its last message
@@ -227,15 +229,24 @@ class ChatCommands:
             return None
         folder = chats_dir()
         stamp = datetime.now().strftime("%Y-%m-%d-%H%M%S")
-        path, count = folder / f"{stamp}.json", 1
-        while path.exists():  # two chats left in one second
-            count += 1
-            path = folder / f"{stamp}-{count}.json"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are the user's alone
         except OSError as error:
             raise EqzError(f"could not make {folder}: {error.strerror}") from None
-        self._write(path)
+        for count in itertools.count(1):
+            path = folder / (f"{stamp}.json" if count == 1 else f"{stamp}-{count}.json")
+            try:  # claimed, not checked: two chats left in one second (a closed window's) both took one name
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                break
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise EqzError(f"could not write {path}: {error.strerror}") from None
+        try:
+            self._write(path)  # in place of the empty file, keeping its mode
+        except BaseException:
+            path.unlink(missing_ok=True)  # a full disk leaves no empty file behind
+            raise
         return path
 
     def _write(self, path: Path) -> None:
@@ -276,5 +287,5 @@ COMMANDS: dict[str, Command] = {
     "reset": Command("/reset", "forget the conversation", ChatCommands.reset),
     "save": Command("/save FILE [--replace]", "write the transcript with every setting as JSON (--replace: over a "
                     "file this chat did not save)", ChatCommands.save),
-    "quit": Command("/quit", "leave (Ctrl-D works too)", ChatCommands.quit),
+    "quit": Command("/quit", "leave (Ctrl-D too); what /save did not write is kept for --resume, unless --no-keep", ChatCommands.quit),
 }

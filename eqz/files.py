@@ -11,6 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def xdg_home(variable: str, fallback: str) -> Path:
+    """``$XDG_..._HOME``, or ``~/fallback`` where it is unset or relative, as the XDG spec says (``~/st`` made a
+    folder named ~ in the current one, whose files the next command in another folder did not find)."""
+    value = os.environ.get(variable, "")
+    return Path(value) if os.path.isabs(value) else Path.home() / fallback
+
+
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it once written whole: a run stopped while writing (an error,

@@ -7,7 +7,6 @@ moods are named by bands, a preset works on every model that has a bank.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 
 from .bands import BANDS, band_key, check_gain, keyed_by_band, unknown_band
 from .errors import EqzError
+from .files import xdg_home
 from .sampling import SETTING_NAMES, Sampling, check_setting, make_sampling
 from .shipped import shipped_dir
 
@@ -28,7 +28,7 @@ _NAME_RULE = "a lowercase letter, then lowercase letters, digits, - or _, 40 at 
 
 
 def user_dir() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "eqz" / "presets"
+    return xdg_home("XDG_CONFIG_HOME", ".config") / "eqz" / "presets"
 
 
 @dataclass(frozen=True)

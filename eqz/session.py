@@ -121,9 +121,11 @@ class ChatSession:
         self.sampling = sampling
         self.system = system
         self.history: list[dict] = []  # user and assistant messages; assistant ones carry a "reply" record
+        self.dropped: list[dict] = []  # the oldest ones, dropped to fit the context: a transcript keeps them
         self.preset: str | None = None
         # the seed and reply length the user chose (flags, /seed, /max-tokens): a preset applied later keeps them
         self.own_sampling: dict = {}
+        self.unanswered: str | None = None  # a resumed file's last message, which got no reply (eqz chat types it)
         self.steering = Steering()
         self._pending: tuple[Steering, np.ndarray | None] | None = None
         self._pending_lock = threading.Lock()
@@ -241,7 +243,7 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and settings stay)."""
-        self.history = []
+        self.history, self.dropped = [], []
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -274,6 +276,7 @@ class ChatSession:
             if len(tokens) + reserve <= self.context.n_ctx or len(self.history) <= 1:
                 return tokens, stops, dropped
             cut = 2 if len(self.history) > 2 and self.history[1]["role"] == "assistant" else 1
+            self.dropped += self.history[:cut]
             del self.history[:cut]
             dropped += cut
 
@@ -281,6 +284,8 @@ class ChatSession:
         """The whole conversation with every setting, as ``/save`` writes it; a reply streaming now as it is so far."""
         turn = self._turn() if self._turn else None
         streaming = turn.message_so_far() if turn else None
+        pending = self._pending  # a move the next token would take (chat.set between replies); read without the
+        # lock, which a kill's handler would wait on for ever if it interrupted its holder
         return {
             "eqz_version": __version__,
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -289,12 +294,11 @@ class ChatSession:
             "preset": self.preset,
             "sampling": self.sampling.to_dict(),
             "own_sampling": dict(self.own_sampling),  # the user's seed and reply length, which a later preset keeps
-            **self.steering_record(),
+            **self.steering_record(pending[0] if pending else None),
             "filters": {"clamp": dict(self._asked_filters.get("clamp", {})),
                         "ablate": list(self._asked_filters.get("ablate", []))},
-            "messages": self.history + ([streaming] if streaming else []),
+            "messages": self.dropped + self.history + ([streaming] if streaming else []),
         }
-
 
     def save(self, path: Path) -> None:
         """Write ``transcript()`` to ``path`` as JSON, whole or not at all (a full disk kept half a transcript)."""
@@ -356,7 +360,7 @@ class Turn:
     def __init__(self, session: ChatSession, user_text: str):
         self.session = session
         self._asked = {"role": "user", "content": user_text}
-        before = list(session.history)
+        before, dropped_before = list(session.history), len(session.dropped)
         session.history.append(self._asked)
         instruments = session.instruments
         try:
@@ -366,7 +370,8 @@ class Turn:
             session.context.prefill(tokens)
         except BaseException:  # including Ctrl-C during a long prefill: the message was not answered
             session.history[:] = before  # and the turns dropped for it come back (a message too long for the
-            raise  # context emptied the conversation)
+            del session.dropped[dropped_before:]  # context emptied the conversation)
+            raise
         sampling = session.sampling
         seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
         self.record = ReplyRecord(

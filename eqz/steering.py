@@ -18,7 +18,8 @@ from .models import ModelInfo
 from .vector_files import ControlVectorFile, read_control_vector
 
 
-def _absolute(path: str | Path) -> str:
+def absolute_path(path: str | Path) -> str:
+    """A vector file's name in a steering: absolute, so that a record names the file whatever folder reads it."""
     return os.path.abspath(Path(path).expanduser())
 
 
@@ -42,13 +43,13 @@ class Steering:
     def with_vector(self, path: str | Path, scale: float) -> "Steering":
         """Set one file's scale (0 removes it), keeping the others. Paths are absolute: a record names the file
         whatever folder it is read in."""
-        path = _absolute(path)
+        path = absolute_path(path)
         kept = tuple((p, s) for p, s in self.vectors if p != path)
         return replace(self, vectors=kept + (((path, scale),) if scale != 0 else ()))
 
     def plus_vector(self, path: str | Path, scale: float) -> "Steering":
         """Add ``scale`` to one file's scale: a file given twice adds up, as llama.cpp's --control-vector does."""
-        current = dict(self.vectors).get(_absolute(path), 0.0)
+        current = dict(self.vectors).get(absolute_path(path), 0.0)
         return self.with_vector(path, round(current + float(scale), 6))  # 0.1 + 0.2 is recorded as 0.3
 
     def same_as(self, other: "Steering") -> bool:
@@ -85,7 +86,7 @@ class Steerer:
     def load(self, path: str | Path) -> ControlVectorFile:
         """The control vector in ``path``, read again where the file has changed since (a chat's `/vector` after
         `eqz vectors export --replace` steered with the old one); one that has gone since is used as it was read."""
-        key = _absolute(path)
+        key = absolute_path(path)
         try:
             found = os.stat(key)
             stamp = (found.st_mtime_ns, found.st_size, found.st_ino)

@@ -467,6 +467,7 @@ def _converse(session: ChatSession, commands: ChatCommands, console: Console, pa
             console.print(("you> " if message["role"] == "user" else "") + message["content"], markup=False)
     if panel and equalizer.bands:
         console.print(_panel(equalizer, console))
+    equalizer.typed = session.unanswered or ""  # at the prompt again, to send with Enter
     while True:
         with equalizer.lock:
             typed, equalizer.typed = equalizer.typed, ""

@@ -7,6 +7,7 @@ import gc
 import json
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import eqz
+from eqz.chat import ChatCommands, chats_dir
 from eqz.presets import Preset, get_preset
 from eqz.vector_files import read_control_vector
 
@@ -205,6 +207,60 @@ def test_a_reply_cut_short_keeps_the_line_it_was_holding_back(gemma_path):
                     reply.stop()
             text = "".join(cut)
             assert text.startswith(shown + "\n") and chat.history[-1]["content"] == text == reply.text
+
+
+def test_a_saved_chat_keeps_what_the_model_was_not_given(library, tmp_path):
+    """A transcript lost the oldest messages, dropped to fit the context (a larger one could not bring them back),
+    and a slider moved since the last reply; a conversation kept while the model read a message ended with it, and
+    resuming dropped it at the next reply without a word."""
+    questions = ["Tell me about the moon.", "Tell me about the sun.", "And the stars?", "And the sea?", "The wind?"]
+    with library.chat(n_ctx=256, max_tokens=40, seed=1) as chat:
+        for question in questions:
+            "".join(chat.send(question))
+        assert chat.history[0]["content"] != questions[0]  # dropped from what the model reads
+        chat.set(sadness=1)
+        saved = chat.save(tmp_path / "chat.json")
+    transcript = json.loads(saved.read_text())
+    assert [message["content"] for message in transcript["messages"][::2]] == questions
+    assert transcript["sliders"]["sadness"] == 1
+    unanswered = _edited(saved, "unanswered", messages=[*transcript["messages"], {"role": "user", "content": "Bye"}])
+    with pytest.warns(eqz.EqzWarning, match="ends with a message that got no reply .*; send it again for one"):
+        chat = library.chat(resume=unanswered)
+    assert chat.session.unanswered == "Bye" and chat.history[-1]["role"] == "assistant"  # eqz chat types it again
+    chat.close()
+
+
+def test_a_resumed_chats_vector_files_give_way_to_the_ones_given_and_a_lost_one_is_left_out(library, tmp_path,
+                                                                                          random_vector_file):
+    """A vector given beside the file's added to its scale (options given win), and a file gone since, or made for
+    another model, could not be resumed at all: only editing the JSON went on."""
+    vector = tmp_path / "mix.gguf"
+    shutil.copy(random_vector_file, vector)
+    with library.chat(vectors=[(vector, 1.0)], max_tokens=4, seed=1) as chat:
+        "".join(chat.send("Hi"))
+        saved = chat.save(tmp_path / "chat.json")
+    for given, steering in ([(vector, 0.5)], ((str(vector), 0.5),)), ([(vector, 0)], ()):
+        with library.chat(resume=saved, vectors=given) as chat:
+            assert chat.session.steering.vectors == steering
+    vector.unlink()
+    with pytest.warns(eqz.EqzWarning, match="control vector not found: .*; it goes on without that vector"):
+        chat = library.chat(resume=saved)
+    assert chat.session.steering.vectors == ()
+    chat.close()
+
+
+def test_kept_conversations_are_the_users_alone_and_never_share_a_file(library, tmp_path, monkeypatch):
+    """Kept chats were readable by everyone (644, in a 755 folder); two chats left in one second could both be
+    given one name (checked, then written); a relative $XDG_STATE_HOME made a folder named ~ where eqz ran."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    with library.chat(max_tokens=2, seed=1) as chat:
+        leaving = [ChatCommands(chat.session) for _ in range(3)]  # three chats' screens, as it were
+        "".join(chat.send("Hi"))
+        kept = [commands.keep() for commands in leaving]
+    assert len(set(kept)) == 3 and {stat.S_IMODE(path.stat().st_mode) for path in kept} == {0o600}
+    assert stat.S_IMODE(kept[0].parent.stat().st_mode) == 0o700
+    monkeypatch.setenv("XDG_STATE_HOME", "~/state")  # the spec: ignore a relative one
+    assert chats_dir() == Path.home() / ".local" / "state" / "eqz" / "chats"
 
 
 def _edited(path: Path, name: str, **changes) -> Path:

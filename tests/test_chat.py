@@ -244,6 +244,22 @@ def test_leaving_keeps_a_conversation_not_saved(tmp_path):
     assert again.returncode == 0 and "kept" not in again.stdout and len(list(chats.iterdir())) == 3
 
 
+def test_a_resumed_message_that_got_no_reply_waits_at_the_prompt(tmp_path):
+    """A chat killed while the model read a message kept it without a reply; resuming showed it as the last line,
+    and the next message dropped it without a word."""
+    saved = tmp_path / "chat.json"
+    assert run_eqz("chat", "-n", "4", "--seed", "1", "--no-keep", input=f"Hello\n/save {saved}\n").returncode == 0
+    transcript = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**transcript, "messages": [*transcript["messages"],
+                                                            {"role": "user", "content": "Tell me a joke."}]}))
+    child = spawn_chat("--resume", str(saved), "-n", "4", "--no-keep")
+    child.expect_exact("Tell me a joke.")  # typed again, for Enter to send
+    child.sendline("")
+    child.expect_exact(PROMPT)
+    messages = save_and_leave(child, tmp_path / "after.json", "saved 4 messages")["messages"]
+    assert [message["content"] for message in messages[::2]] == ["Hello", "Tell me a joke."]
+
+
 def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
     not_chat = tmp_path / "rows.json"
     not_chat.write_text('{"messages": [{"role": "narrator", "content": "Once"}]}')
