@@ -226,7 +226,7 @@ class EqzModel:
         """``steering`` with a resumed file's vector files other than the ``given`` ones (a file given again takes
         the given scale; 0 leaves it out). One that is gone or made for another model is left out, and said:
         refusing it left no way to go on but editing the file."""
-        for path, scale in file_vectors:
+        for path, scale in _vector_pairs(file_vectors):
             if absolute_path(path) in given:
                 continue
             try:
@@ -234,7 +234,7 @@ class EqzModel:
             except EqzError as error:
                 self._warn(f"{resume}: {error}; it goes on without that vector")
                 continue
-            steering = steering.with_vector(path, scale)
+            steering = steering.plus_vector(path, scale)
         return steering
 
     # -- the user's own copy of the model's bank, as `eqz vectors` changes it
@@ -664,8 +664,6 @@ def _preset_of(preset: str | Path | Preset | None, valid: tuple[str, ...]) -> Pr
         return get_preset(preset, valid)
     if preset is not None and not isinstance(preset, Preset):
         raise EqzError(f"preset must be a preset's name or file (or an eqz.presets.Preset), got {preset!r}")
-    if preset is not None and preset.system is not None:  # a file's is checked as it is read; a Preset made in
-        _text(preset.system, "a preset's system prompt")  # Python failed at the first message, in the template
     return preset
 
 

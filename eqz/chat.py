@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
 import shlex
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -15,7 +13,7 @@ from typing import Callable
 from .bands import BANDS, band_key, gain_warning, parse_set
 from .bank import train_hint
 from .errors import EqzError
-from .files import xdg_home
+from .files import write_new, xdg_home
 from .presets import get_preset
 from .sampling import as_number, make_sampling
 from .session import ChatSession
@@ -58,7 +56,7 @@ class ChatCommands:
     def __init__(self, session: ChatSession):
         self.session = session
         self.saved_to: set[Path] = set()  # files this conversation was saved to, which /save may write again
-        self._written = list(session.history)  # the messages as last written (a resumed file's): leaving keeps newer
+        self._written = session.transcribed  # the messages as last written (a resumed file's): leaving keeps newer
 
     def handle(self, line: str) -> CommandResult:
         """Run one slash command line; raises EqzError with a one-line message for bad input."""
@@ -219,39 +217,28 @@ class ChatCommands:
             raise EqzError(f"{path} exists; /save {names[0]} --replace writes over it, or choose another name")
         self._write(path)
         self.saved_to.add(path.resolve())
-        return CommandResult(f"saved {len(self.session.dropped) + len(self.session.history)} messages to {path}")
+        return CommandResult(f"saved {len(self.session.transcribed)} messages to {path}")
 
     def keep(self) -> Path | None:
         """Write the conversation to a new file in ``chats_dir()`` unless /save wrote it since its last message
         (eqz chat does this on leaving, however it ends); the file, or None when there was nothing to keep."""
-        history = self.session.history
-        if not history or history == self._written:
+        messages = self.session.transcribed
+        if not messages or messages == self._written:
             return None
         folder = chats_dir()
         stamp = datetime.now().strftime("%Y-%m-%d-%H%M%S")
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are the user's alone
+            path = write_new(folder, lambda count: f"{stamp}.json" if count == 1 else f"{stamp}-{count}.json",
+                             self.session.transcript_text())
         except OSError as error:
-            raise EqzError(f"could not make {folder}: {error.strerror}") from None
-        for count in itertools.count(1):
-            path = folder / (f"{stamp}.json" if count == 1 else f"{stamp}-{count}.json")
-            try:  # claimed, not checked: two chats left in one second (a closed window's) both took one name
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                break
-            except FileExistsError:
-                continue
-            except OSError as error:
-                raise EqzError(f"could not write {path}: {error.strerror}") from None
-        try:
-            self._write(path)  # in place of the empty file, keeping its mode
-        except BaseException:
-            path.unlink(missing_ok=True)  # a full disk leaves no empty file behind
-            raise
+            raise EqzError(f"could not keep the conversation in {folder}: {error.strerror}") from None
+        self._written = messages
         return path
 
     def _write(self, path: Path) -> None:
         self.session.save(path)
-        self._written = list(self.session.history)
+        self._written = self.session.transcribed
 
     def quit(self, _args: list[str], _rest: str) -> CommandResult:
         return CommandResult(quit=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,24 @@ def xdg_home(variable: str, fallback: str) -> Path:
     folder named ~ in the current one, whose files the next command in another folder did not find)."""
     value = os.environ.get(variable, "")
     return Path(value) if os.path.isabs(value) else Path.home() / fallback
+
+
+def write_new(folder: Path, name: Callable[[int], str], text: str) -> Path:
+    """``text`` in a new file of ``folder``, readable by its owner alone, named ``name(1)``, else ``name(2)``...:
+    written to a temporary file, then linked in, so that no name is taken empty (a kill in between left a file no
+    resume could read) nor by two writers (checking, then writing, gave two chats left in one second one file)."""
+    temporary = folder / f".new.{os.getpid()}.tmp"
+    try:
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
+            out.write(text)
+        for count in itertools.count(1):
+            try:
+                os.link(temporary, folder / name(count))
+                return folder / name(count)
+            except FileExistsError:
+                continue
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @contextmanager

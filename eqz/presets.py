@@ -41,6 +41,12 @@ class Preset:
     filters: dict = field(default_factory=dict)  # {"clamp": {band: level}, "ablate": [band, ...]}
     path: Path | None = None
 
+    def __post_init__(self):
+        """A file's settings are checked as it is read and everyone's sliders, sampling and filters where they are
+        used; a system prompt made in Python that was not text failed at the first message, in the template."""
+        if self.system is not None and not isinstance(self.system, str):
+            raise EqzError(f"a preset's system prompt must be text, got {type(self.system).__name__}")
+
     def to_yaml(self) -> str:
         data: dict = {"name": self.name, "description": self.description, "sliders": self.sliders}
         if self.sampling:

@@ -122,6 +122,7 @@ class ChatSession:
         self.system = system
         self.history: list[dict] = []  # user and assistant messages; assistant ones carry a "reply" record
         self.dropped: list[dict] = []  # the oldest ones, dropped to fit the context: a transcript keeps them
+        self._dropped_before_last = 0  # len(dropped) before the last message was fitted in
         self.preset: str | None = None
         # the seed and reply length the user chose (flags, /seed, /max-tokens): a preset applied later keeps them
         self.own_sampling: dict = {}
@@ -237,17 +238,26 @@ class ChatSession:
         return (steering or self.steering).to_dict(self.steerer.bands)
 
     def forget_unanswered(self) -> None:
-        """Drop a last user message that got no reply (its reply was stopped before it started)."""
+        """Drop a last user message that got no reply (its reply was stopped before it started); the messages
+        dropped to fit it in come back, since the model never read it."""
         if self.history and self.history[-1]["role"] == "user":
             self.history.pop()
+            self.history[:0] = self.dropped[self._dropped_before_last:]
+            del self.dropped[self._dropped_before_last:]
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and settings stay)."""
-        self.history, self.dropped = [], []
+        self.history, self.dropped, self._dropped_before_last = [], [], 0
 
-    def messages(self) -> list[dict]:
+    @property
+    def transcribed(self) -> list[dict]:
+        """Every message of the conversation: the ones dropped to fit the context, then the ones the model reads."""
+        return self.dropped + self.history
+
+    def messages(self, start: int = 0) -> list[dict]:
+        """The system prompt and the messages from ``history[start]`` on, as a chat template takes them."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + [{"role": m["role"], "content": m["content"]} for m in self.history]
+        return system + [{"role": m["role"], "content": m["content"]} for m in self.history[start:]]
 
     # -- replies
 
@@ -268,17 +278,30 @@ class ChatSession:
     def _fit_prompt(self) -> tuple[list[int], tuple[str, ...], int]:
         """Tokens of the conversation, dropping the oldest turns until a reply has room; with the stop strings and
         the count of messages dropped."""
-        dropped = 0
-        reserve = self.sampling.reply_room(self.context.n_ctx)
-        while True:
-            text, stops = self.model.chat_prompt(self.messages())
-            tokens = self.model.tokenize(text, add_special=True, parse_special=True)
-            if len(tokens) + reserve <= self.context.n_ctx or len(self.history) <= 1:
-                return tokens, stops, dropped
-            cut = 2 if len(self.history) > 2 and self.history[1]["role"] == "assistant" else 1
-            self.dropped += self.history[:cut]
-            del self.history[:cut]
-            dropped += cut
+        room = self.context.n_ctx - self.sampling.reply_room(self.context.n_ctx)
+        prompts: dict[int, tuple[list[int], tuple[str, ...]]] = {}
+
+        def fits(start: int) -> bool:  # the prompt of the messages from history[start] on
+            text, stops = self.model.chat_prompt(self.messages(start))
+            prompts[start] = self.model.tokenize(text, add_special=True, parse_special=True), stops
+            return len(prompts[start][0]) <= room
+
+        if fits(0):
+            return *prompts[0], 0
+        # the fewest whole turns dropped, oldest first, that leave room (all but the last message at most), found by
+        # bisection: dropping a turn at a time read a long resumed conversation again for every turn
+        history = self.history
+        starts = [i for i in range(1, len(history)) if history[i]["role"] == "user"] or [len(history) - 1]
+        low, high = 0, len(starts) - 1
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(starts[middle]) else (middle + 1, high)
+        start = starts[low]
+        if start not in prompts:
+            fits(start)
+        self.dropped += self.history[:start]
+        del self.history[:start]
+        return *prompts[start], start
 
     def transcript(self) -> dict:
         """The whole conversation with every setting, as ``/save`` writes it; a reply streaming now as it is so far."""
@@ -297,12 +320,16 @@ class ChatSession:
             **self.steering_record(pending[0] if pending else None),
             "filters": {"clamp": dict(self._asked_filters.get("clamp", {})),
                         "ablate": list(self._asked_filters.get("ablate", []))},
-            "messages": self.dropped + self.history + ([streaming] if streaming else []),
+            "messages": self.transcribed + ([streaming] if streaming else []),
         }
+
+    def transcript_text(self) -> str:
+        """``transcript()`` as the JSON ``/save`` writes."""
+        return json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n"
 
     def save(self, path: Path) -> None:
         """Write ``transcript()`` to ``path`` as JSON, whole or not at all (a full disk kept half a transcript)."""
-        text = json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n"
+        text = self.transcript_text()
         try:
             with replacing(path) as temporary:
                 temporary.write_text(text)
@@ -340,6 +367,8 @@ def read_conversation(path: Path) -> SavedConversation:
         vectors = [(entry["path"], entry["scale"]) for entry in data.get("vectors") or []]
         filters = dict(data.get("filters") or {})
         filters = {"clamp": dict(filters.get("clamp") or {}), "ablate": list(filters.get("ablate") or [])}
+        if not isinstance(data.get("system"), (str, type(None))):
+            raise ValueError
         settings = Preset(data.get("preset"), "", sliders, sampling, data.get("system"), filters, path)
         model = dict(data.get("model") or {})
         own = {key: check_setting(key, value) for key, value in dict(data.get("own_sampling") or {}).items()
@@ -354,13 +383,15 @@ class Turn:
     """One assistant reply, streamed. Iterating yields text pieces; ``record`` says how it was made.
 
     Steering requested while it streams is applied between two tokens and logged in ``record.changes``
-    with the index of the first token it steered. Stopping the iteration early (Ctrl-C) keeps the text so far.
+    with the index of the first token it steered. Stopping the iteration early (Ctrl-C) keeps the text so far,
+    with what was held back as a possible stop string's start: ``stop()`` yields it last, and a loop left early
+    finds it in ``text`` and the history.
     """
 
     def __init__(self, session: ChatSession, user_text: str):
         self.session = session
         self._asked = {"role": "user", "content": user_text}
-        before, dropped_before = list(session.history), len(session.dropped)
+        session._dropped_before_last = len(session.dropped)
         session.history.append(self._asked)
         instruments = session.instruments
         try:
@@ -368,9 +399,8 @@ class Turn:
             if instruments:
                 instruments.owners(None)  # the prompt is not part of the reply's readout
             session.context.prefill(tokens)
-        except BaseException:  # including Ctrl-C during a long prefill: the message was not answered
-            session.history[:] = before  # and the turns dropped for it come back (a message too long for the
-            del session.dropped[dropped_before:]  # context emptied the conversation)
+        except BaseException:  # including Ctrl-C during a long prefill: the message was not answered, and the
+            session.forget_unanswered()  # turns dropped for it come back (one too long for the context emptied it)
             raise
         sampling = session.sampling
         seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
@@ -435,7 +465,7 @@ class Turn:
     def _forget_asked(self) -> None:
         history = self.session.history
         if history and history[-1] is self._asked:
-            history.pop()
+            self.session.forget_unanswered()
 
     def _release_instruments(self) -> None:
         if self.session.instruments is not None:

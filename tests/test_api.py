@@ -218,6 +218,9 @@ def test_a_saved_chat_keeps_what_the_model_was_not_given(library, tmp_path):
         for question in questions:
             "".join(chat.send(question))
         assert chat.history[0]["content"] != questions[0]  # dropped from what the model reads
+        read = list(chat.history)
+        chat.send("Say it again. " * 30).close()  # never read in: the model forgets nothing for it
+        assert chat.history == read
         chat.set(sadness=1)
         saved = chat.save(tmp_path / "chat.json")
     transcript = json.loads(saved.read_text())
@@ -250,8 +253,9 @@ def test_a_resumed_chats_vector_files_give_way_to_the_ones_given_and_a_lost_one_
 
 
 def test_kept_conversations_are_the_users_alone_and_never_share_a_file(library, tmp_path, monkeypatch):
-    """Kept chats were readable by everyone (644, in a 755 folder); two chats left in one second could both be
-    given one name (checked, then written); a relative $XDG_STATE_HOME made a folder named ~ where eqz ran."""
+    """Kept chats were readable by everyone (644, in a 755 folder); a relative $XDG_STATE_HOME made a folder named ~
+    where eqz ran. (Two chats left in one second could both be given one name, checked and then written: a race
+    this test cannot time; three in a row get three names either way.)"""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     with library.chat(max_tokens=2, seed=1) as chat:
         leaving = [ChatCommands(chat.session) for _ in range(3)]  # three chats' screens, as it were
@@ -420,8 +424,8 @@ def test_library_errors_are_one_line_and_name_no_flags(library, tmp_path):
                    duplicated, out, sampling=[1]),
                "preset must be a preset's name or file": lambda: library.generate("Hi", preset=123),
                "system must be a string": lambda: library.generate("Hi", system=5),
-               "a preset's system prompt must be a string": lambda: library.chat(  # failed at the first message
-                   preset=Preset("made", "", {}, {}, system=5)),
+               "a preset's system prompt must be text": lambda: Preset("made", "", {}, {}, system=5),  # it failed
+               # at the first message, in the template (with model.chat(preset=...) or session.apply_preset)
                "messages must be a list of dicts": lambda: library.request("Hi"),
                "ablate takes a list of band names": lambda: library.request([{"role": "user", "content": "Hi"}],
                                                                             ablate="joy"),
