@@ -465,6 +465,8 @@ def _converse(session: ChatSession, commands: ChatCommands, console: Console, pa
         console.print(f"[dim](going on with {len(session.history)} messages; the last:)[/dim]")
         for message in session.history[-2:]:
             console.print(("you> " if message["role"] == "user" else "") + message["content"], markup=False)
+        if (session.history[-1].get("reply") or {}).get("finish_reason") == "interrupted":
+            console.print("[dim]\\[stopped][/dim]")  # as it ended on the screen
     if panel and equalizer.bands:
         console.print(_panel(equalizer, console))
     equalizer.typed = session.unanswered or ""  # at the prompt again, to send with Enter

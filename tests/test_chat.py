@@ -287,3 +287,5 @@ def test_a_piped_chat_killed_mid_reply_keeps_it_and_says_so_on_a_line_of_its_own
     (kept,) = (tmp_path / "eqz" / "chats").glob("*.json")
     assert f"\nkept this conversation in {kept}; eqz chat --resume FILE goes on with it\n" in said.decode()
     assert json.loads(kept.read_text())["messages"][1]["reply"]["finish_reason"] == "interrupted"
+    resumed = run_eqz("chat", "--resume", str(kept), "--no-keep", input="", env={"COLUMNS": "300"})
+    assert resumed.stdout.split("the last:)\n", 1)[1].endswith("\n[stopped]\nyou> \n")  # as it ended: cut short
