@@ -274,5 +274,6 @@ COMMANDS: dict[str, Command] = {
     "reset": Command("/reset", "forget the conversation", ChatCommands.reset),
     "save": Command("/save FILE [--replace]", "write the transcript with every setting as JSON (--replace: over a "
                     "file this chat did not save)", ChatCommands.save),
-    "quit": Command("/quit", "leave (Ctrl-D too); what /save did not write is kept for --resume, unless --no-keep", ChatCommands.quit),
+    "quit": Command("/quit", "leave (Ctrl-D too); what /save did not write is kept for --resume, unless --no-keep",
+                    ChatCommands.quit),
 }
