@@ -202,6 +202,10 @@ class EqzModel:
         valid = bank.names if bank else ()  # its bands this model lacks are left out, and said
         if resume is not None:
             preset = _within_bank(saved.settings, valid, resume, self._warn)
+            try:  # the file's own settings, apart from the options given beside it
+                resolve(preset, valid, {band: check_gain(band, gain, valid) for band, gain in preset.sliders.items()})
+            except EqzError as error:  # a hand-edited file: say which
+                raise EqzError(f"{resume}: {error}") from None
         resolved = resolve(_preset_of(preset, valid), valid, sliders, sampling, system, clamp, ablate)
         steering = Steering().with_gains(resolved.gains)
         for path, scale in vectors:

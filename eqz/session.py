@@ -373,6 +373,8 @@ def read_conversation(path: Path) -> SavedConversation:
         model = dict(data.get("model") or {})
         own = {key: check_setting(key, value) for key, value in dict(data.get("own_sampling") or {}).items()
                if key in ("seed", "max_tokens") and value is not None}
+    except EqzError as error:  # a setting of a hand-edited file
+        raise EqzError(f"{path}: {error}") from None
     except (KeyError, TypeError, ValueError, AttributeError):
         raise EqzError(f"{path} is not a conversation eqz chat saved (it needs messages with a role and content, "
                        "as /save writes them)") from None

@@ -261,11 +261,16 @@ def test_a_resumed_message_that_got_no_reply_waits_at_the_prompt(tmp_path):
 
 
 def test_resume_refuses_what_it_cannot_go_on_with(tmp_path):
-    not_chat = tmp_path / "rows.json"
+    """A hand-edited file's bad setting was named without the file, as if an option given were wrong."""
+    not_chat, hot, sour = tmp_path / "rows.json", tmp_path / "hot.json", tmp_path / "sour.json"
     not_chat.write_text('{"messages": [{"role": "narrator", "content": "Once"}]}')
+    hot.write_text('{"messages": [], "sampling": {"temperature": -3}}')
+    sour.write_text('{"messages": [], "sliders": {"joy": "lots"}}')
     for args, message in [(["--resume", str(not_chat)], f"{not_chat} is not a conversation eqz chat saved"),
                           (["--resume", str(tmp_path / "none.json")], "does not exist; give a file that /save wrote"),
-                          (["--resume", str(not_chat), "-p", "calm"], "give it or a preset, not both")]:
+                          (["--resume", str(not_chat), "-p", "calm"], "give it or a preset, not both"),
+                          (["--resume", str(hot)], f"{hot}: temperature must be a finite number"),
+                          (["--resume", str(sour)], f"{sour}: gain for joy must be a number, got 'lots'")]:
         ran = run_eqz("chat", *args, input="")
         assert ran.returncode == 2 and message in ran.stderr and "Traceback" not in ran.stderr
 
