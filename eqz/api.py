@@ -203,7 +203,7 @@ class EqzModel:
         if resume is not None:
             preset = _within_bank(saved.settings, valid, resume, self._warn)
             try:  # the file's own settings, apart from the options given beside it
-                resolve(preset, valid, {band: check_gain(band, gain, valid) for band, gain in preset.sliders.items()})
+                resolve(preset, valid)
             except EqzError as error:  # a hand-edited file: say which
                 raise EqzError(f"{resume}: {error}") from None
         resolved = resolve(_preset_of(preset, valid), valid, sliders, sampling, system, clamp, ablate)
@@ -230,11 +230,12 @@ class EqzModel:
         """``steering`` with a resumed file's vector files other than the ``given`` ones (a file given again takes
         the given scale; 0 leaves it out). One that is gone or made for another model is left out, and said:
         refusing it left no way to go on but editing the file."""
+        steerer = Steerer(self.info)
         for path, scale in _vector_pairs(file_vectors):
             if absolute_path(path) in given:
                 continue
             try:
-                Steerer(self.info).load(path)
+                steerer.load(path)
             except EqzError as error:
                 self._warn(f"{resume}: {error}; it goes on without that vector")
                 continue

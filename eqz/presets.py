@@ -302,7 +302,10 @@ def resolve(preset: Preset | None, valid: tuple[str, ...], sliders: dict[str, fl
             ablate: Iterable[str] = ()) -> Resolved:
     """The one merge of a preset and explicit sliders, sampling, system prompt and filters: generate, chat and
     batch all go through it. Bands are checked against ``valid``."""
-    gains = keyed_by_band(preset.sliders, "the preset's sliders") if preset else {}
+    # a preset's gains are numbers in range: a file's were checked as it was read, not one made in Python or saved
+    # with a conversation (its bands are the caller's to check: a resumed file's are left out where the bank lacks them)
+    preset_sliders = keyed_by_band(preset.sliders, "the preset's sliders") if preset else {}
+    gains = {band: check_gain(band, gain, None) for band, gain in preset_sliders.items()}
     gains.update({band: check_gain(band, gain, valid) for band, gain in (sliders or {}).items()})
     base = make_sampling(None, **preset.sampling) if preset else None
     return Resolved(preset.name if preset else None, gains, make_sampling(base, **(sampling or {})),

@@ -122,7 +122,7 @@ class ChatSession:
         self.system = system
         self.history: list[dict] = []  # user and assistant messages; assistant ones carry a "reply" record
         self.dropped: list[dict] = []  # the oldest ones, dropped to fit the context: a transcript keeps them
-        self._dropped_before_last = 0  # len(dropped) before the last message was fitted in
+        self._dropped_before_last = 0  # len(dropped) before the last prompt was fitted (forget_unanswered)
         self.preset: str | None = None
         # the seed and reply length the user chose (flags, /seed, /max-tokens): a preset applied later keeps them
         self.own_sampling: dict = {}
@@ -278,6 +278,7 @@ class ChatSession:
     def _fit_prompt(self) -> tuple[list[int], tuple[str, ...], int]:
         """Tokens of the conversation, dropping the oldest turns until a reply has room; with the stop strings and
         the count of messages dropped."""
+        self._dropped_before_last = len(self.dropped)
         room = self.context.n_ctx - self.sampling.reply_room(self.context.n_ctx)
         prompts: dict[int, tuple[list[int], tuple[str, ...]]] = {}
 
@@ -393,7 +394,6 @@ class Turn:
     def __init__(self, session: ChatSession, user_text: str):
         self.session = session
         self._asked = {"role": "user", "content": user_text}
-        session._dropped_before_last = len(session.dropped)
         session.history.append(self._asked)
         instruments = session.instruments
         try:
